@@ -1,0 +1,106 @@
+//! The admin listener: health, readiness, metrics, discovered models and
+//! endpoints. Kept off the proxy port so probes and scrapes never queue
+//! behind client traffic.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use crate::discovery::PodStore;
+use crate::metrics::Metrics;
+use crate::proxy::{json_response, models_response};
+
+/// Shared state the admin endpoints report on.
+pub struct Admin {
+    pub store: Arc<PodStore>,
+    pub metrics: Arc<Metrics>,
+    /// Set on SIGTERM: `/readyz` fails at once so load balancers stop
+    /// sending while in-flight requests drain.
+    pub draining: AtomicBool,
+}
+
+impl Admin {
+    pub fn new(store: Arc<PodStore>, metrics: Arc<Metrics>) -> Self {
+        Self { store, metrics, draining: AtomicBool::new(false) }
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Serves one admin request.
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = request.uri().path();
+        let method = request.method();
+        match (path, method) {
+            ("/healthz", &Method::GET) => text(StatusCode::OK, "ok\n"),
+            ("/readyz", &Method::GET) => self.readiness(),
+            ("/metrics", &Method::GET) => {
+                let mut response = text(StatusCode::OK, &self.metrics.render());
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(prometheus_client::encoding::prometheus_text::CONTENT_TYPE),
+                );
+                response
+            }
+            ("/v1/models", &Method::GET) => models_response(&self.store),
+            ("/debug/endpoints", &Method::GET) => self.endpoints(),
+            ("/healthz" | "/readyz" | "/metrics" | "/v1/models" | "/debug/endpoints", _) => {
+                json_response(StatusCode::METHOD_NOT_ALLOWED, &serde_json::json!({"error": "method not allowed"}))
+            }
+            _ => json_response(StatusCode::NOT_FOUND, &serde_json::json!({"error": "not found"})),
+        }
+    }
+
+    fn readiness(&self) -> Response<Full<Bytes>> {
+        let synced = self.store.is_synced();
+        let draining = self.draining.load(Ordering::Acquire);
+        let ready = synced && !draining;
+        let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        json_response(
+            status,
+            &serde_json::json!({
+                "ready": ready,
+                "discovery": if synced { "synced" } else { "waiting for the first pod list" },
+                "draining": draining,
+            }),
+        )
+    }
+
+    fn endpoints(&self) -> Response<Full<Bytes>> {
+        let snapshot = self.store.snapshot();
+        let models: serde_json::Map<String, serde_json::Value> = snapshot
+            .model_names()
+            .into_iter()
+            .filter_map(|name| snapshot.model(name))
+            .map(|model| {
+                let pods: Vec<serde_json::Value> = model
+                    .pods
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "pod": p.key, "address": p.addr_text, "ready": p.ready,
+                            "in_flight": p.load.in_flight(), "engine": p.engine,
+                            "roleset": p.roleset, "role": format!("{:?}", p.role).to_lowercase(),
+                        })
+                    })
+                    .collect();
+                let body = serde_json::json!({"pods": pods, "has_config": model.config.is_some()});
+                (model.name.to_string(), body)
+            })
+            .collect();
+        json_response(StatusCode::OK, &serde_json::Value::Object(models))
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}

@@ -1,0 +1,182 @@
+//! Discovery from a local pods file: a Kubernetes `v1 List` of Pods, exactly
+//! what `kubectl get pods -l model.aibrix.ai/name -o yaml` prints (YAML or JSON).
+//!
+//! The file is polled rather than watched with inotify: polling also sees
+//! ConfigMap-style symlink swaps and editors that replace the file, and
+//! reading a few kilobytes a few times a second costs nothing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use super::pod::PodInfo;
+use super::store::PodStore;
+
+/// Why a pods file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PodsFileError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("not a Kubernetes list of pods: {0}")]
+    Parse(String),
+    #[error("kind {0:?} is not a List or PodList")]
+    WrongKind(String),
+}
+
+#[derive(Deserialize)]
+struct PodListDoc {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    items: Vec<Pod>,
+}
+
+/// Parses the text of a pods file into the pods that serve a model.
+/// Pods without the model label are skipped; pods with unusable labels are
+/// skipped with a warning, since one bad pod must not hide the others.
+pub fn parse_pods(text: &str) -> Result<Vec<PodInfo>, PodsFileError> {
+    let doc: PodListDoc = if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).map_err(|e| PodsFileError::Parse(e.to_string()))?
+    } else {
+        serde_norway::from_str(text).map_err(|e| PodsFileError::Parse(e.to_string()))?
+    };
+    match doc.kind.as_deref() {
+        None | Some("List") | Some("PodList") => {}
+        Some(other) => return Err(PodsFileError::WrongKind(other.to_owned())),
+    }
+    let mut pods = Vec::with_capacity(doc.items.len());
+    for pod in &doc.items {
+        match PodInfo::from_pod(pod) {
+            Ok(Some(info)) => pods.push(info),
+            Ok(None) => {}
+            Err(err) => {
+                let name = pod.metadata.name.as_deref().unwrap_or("<unnamed>");
+                tracing::warn!(pod = name, error = %err, "skipping pod");
+            }
+        }
+    }
+    Ok(pods)
+}
+
+/// Loads the pods file once into the store.
+pub fn load_once(path: &Path, store: &PodStore) -> Result<usize, PodsFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PodsFileError::Read { path: path.to_owned(), source })?;
+    let pods = parse_pods(&text)?;
+    let count = pods.len();
+    store.replace_all(pods);
+    Ok(count)
+}
+
+/// Keeps the store in step with the file until shutdown. An unreadable or
+/// invalid file leaves the last good state in place; the reason is logged
+/// once per distinct file content.
+pub async fn watch(path: PathBuf, store: Arc<PodStore>, poll: Duration, shutdown: CancellationToken) {
+    let mut last_seen: Option<Result<String, String>> = None;
+    loop {
+        let current = tokio::fs::read_to_string(&path).await.map_err(|e| e.to_string());
+        if last_seen.as_ref() != Some(&current) {
+            match &current {
+                Ok(text) => match parse_pods(text) {
+                    Ok(pods) => {
+                        let (total, ready) = (pods.len(), pods.iter().filter(|p| p.ready).count());
+                        store.replace_all(pods);
+                        tracing::info!(path = %path.display(), pods = total, ready, "pods file loaded");
+                    }
+                    Err(err) => tracing::error!(path = %path.display(), error = %err,
+                        "pods file is invalid; keeping the last good pod set"),
+                },
+                Err(err) => tracing::error!(path = %path.display(), error = %err,
+                    "cannot read pods file; keeping the last good pod set"),
+            }
+            last_seen = Some(current);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(poll) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    const LIST: &str = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    name: a-0
+    labels: {model.aibrix.ai/name: a, model.aibrix.ai/port: "8001"}
+  status: {podIP: 127.0.0.1, conditions: [{type: Ready, status: "True"}]}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: web, labels: {app: web}}
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    name: bad-port
+    labels: {model.aibrix.ai/name: a, model.aibrix.ai/port: "eighty"}
+"#;
+
+    #[test]
+    fn yaml_list_keeps_model_pods_only() {
+        let pods = parse_pods(LIST).expect("valid list");
+        assert_eq!(pods.len(), 1);
+        assert_eq!(pods[0].name, "a-0");
+        assert_eq!(pods[0].addr_text, "127.0.0.1:8001");
+    }
+
+    #[test]
+    fn json_list_is_accepted() {
+        let json = r#"{"apiVersion":"v1","kind":"List","items":[{"metadata":{"name":"j","labels":{"model.aibrix.ai/name":"m"}},"status":{"podIP":"10.1.1.1","conditions":[{"type":"Ready","status":"True"}]}}]}"#;
+        let pods = parse_pods(json).expect("valid");
+        assert_eq!(pods[0].addr_text, "10.1.1.1:8000");
+        assert!(pods[0].ready);
+    }
+
+    #[test]
+    fn garbage_and_wrong_kind_are_errors() {
+        assert!(matches!(parse_pods("items: [1, 2"), Err(PodsFileError::Parse(_))));
+        assert!(matches!(parse_pods("kind: Deployment\nitems: []"), Err(PodsFileError::WrongKind(_))));
+        assert!(matches!(parse_pods("items: 5"), Err(PodsFileError::Parse(_))));
+    }
+
+    async fn wait_until(store: &PodStore, pred: impl Fn(&PodStore) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !pred(store) {
+            assert!(tokio::time::Instant::now() < deadline, "store never reached the expected state");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_rewrite_keeps_last_good_state_and_valid_rewrite_applies() {
+        let dir = std::env::temp_dir().join(format!("turnstile-podsfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("pods.yaml");
+        std::fs::write(&path, LIST).expect("write");
+        let store = Arc::new(PodStore::new(Arc::new(Metrics::new())));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(watch(path.clone(), Arc::clone(&store), Duration::from_millis(10), shutdown.clone()));
+
+        wait_until(&store, |s| s.snapshot().model("a").is_some()).await;
+        std::fs::write(&path, "items: [oops").expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(store.snapshot().model("a").expect("last good state kept").pods[0].name, "a-0");
+
+        std::fs::write(&path, LIST.replace("name: a-0", "name: a-1")).expect("write");
+        wait_until(&store, |s| s.snapshot().model("a").is_some_and(|m| m.pods[0].name == "a-1")).await;
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(2), task).await.expect("watcher stops on shutdown").expect("join");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

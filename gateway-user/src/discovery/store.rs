@@ -1,0 +1,213 @@
+//! The pod store: the one place routing reads pods from.
+//!
+//! Discovery sources (pods file, Kubernetes) hand the store the full set of
+//! pods they know; the store publishes an immutable [`Snapshot`] that request
+//! handlers load without locking. Per-pod load counters are carried over from
+//! one snapshot to the next, so a reload never forgets requests in flight.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+
+use super::pod::PodInfo;
+use crate::metrics::Metrics;
+use crate::profiles::ModelConfig;
+
+/// All pods of one model in one snapshot.
+#[derive(Debug)]
+pub struct ModelPods {
+    /// Shared so metrics and request records label by it without copying.
+    pub name: Arc<str>,
+    /// Every pod of the model, ready or not, ordered by `namespace/name`.
+    pub pods: Vec<Arc<PodInfo>>,
+    /// The pods that may take new requests.
+    pub ready: Vec<Arc<PodInfo>>,
+    /// Config profiles from the first pod whose annotation parses.
+    pub config: Option<Arc<ModelConfig>>,
+}
+
+/// An immutable view of every known model and pod.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub models: HashMap<String, Arc<ModelPods>>,
+}
+
+impl Snapshot {
+    /// The pods of `model`, if any pod serves it.
+    pub fn model(&self, model: &str) -> Option<&Arc<ModelPods>> {
+        self.models.get(model)
+    }
+
+    /// Model names in a stable order.
+    pub fn model_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.models.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    fn pod(&self, model: &str, key: &str) -> Option<&Arc<PodInfo>> {
+        self.models.get(model)?.pods.iter().find(|p| p.key == key)
+    }
+}
+
+/// Shared, lock-free-to-read pod state.
+pub struct PodStore {
+    current: ArcSwap<Snapshot>,
+    synced: AtomicBool,
+    metrics: Arc<Metrics>,
+    /// `(pod key, annotation)` pairs already reported as invalid, so a bad
+    /// annotation is logged once rather than on every reload.
+    reported_configs: Mutex<HashSet<(String, String)>>,
+}
+
+impl PodStore {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            synced: AtomicBool::new(false),
+            metrics,
+            reported_configs: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The current snapshot. Cheap: one atomic load and a reference count.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// True once a discovery source has delivered a complete pod list.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Replaces the whole pod set with `pods`, as one complete list from a
+    /// discovery source.
+    pub fn replace_all(&self, pods: Vec<PodInfo>) {
+        let previous = self.current.load();
+        let mut by_model: HashMap<String, Vec<Arc<PodInfo>>> = HashMap::new();
+        for mut pod in pods {
+            if let Some(old) = previous.pod(&pod.model, &pod.key) {
+                pod.load = Arc::clone(&old.load);
+                if old.ready != pod.ready {
+                    self.metrics.pod_readiness_transition(&pod.model, &pod.key, pod.ready);
+                }
+            }
+            by_model.entry(pod.model.clone()).or_default().push(Arc::new(pod));
+        }
+        let models = by_model
+            .into_iter()
+            .map(|(name, mut pods)| {
+                pods.sort_by(|a, b| a.key.cmp(&b.key));
+                let ready = pods.iter().filter(|p| p.ready).cloned().collect();
+                let config = self.first_valid_config(&pods);
+                let entry = ModelPods { name: Arc::from(name.as_str()), pods, ready, config };
+                (name, Arc::new(entry))
+            })
+            .collect();
+        self.current.store(Arc::new(Snapshot { models }));
+        self.synced.store(true, Ordering::Release);
+    }
+
+    fn first_valid_config(&self, pods: &[Arc<PodInfo>]) -> Option<Arc<ModelConfig>> {
+        for pod in pods {
+            let Some(raw) = pod.config_annotation.as_deref() else {
+                continue;
+            };
+            match ModelConfig::parse(raw) {
+                Ok(config) => return Some(Arc::new(config)),
+                Err(err) => self.report_invalid_config(pod, raw, &err),
+            }
+        }
+        None
+    }
+
+    fn report_invalid_config(&self, pod: &PodInfo, raw: &str, err: &crate::profiles::ConfigError) {
+        let first_time =
+            self.reported_configs.lock().map(|mut seen| seen.insert((pod.key.clone(), raw.to_owned()))).unwrap_or(true);
+        if first_time {
+            tracing::warn!(pod = %pod.key, model = %pod.model, error = %err,
+                "ignoring invalid model.aibrix.ai/config annotation");
+            self.metrics.invalid_config(&pod.model);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::pod::Role;
+    use std::collections::BTreeMap;
+
+    pub(crate) fn test_pod(model: &str, name: &str, port: u16, ready: bool) -> PodInfo {
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        PodInfo {
+            key: format!("default/{name}"),
+            name: name.to_owned(),
+            namespace: "default".to_owned(),
+            model: model.to_owned(),
+            addr: Some(addr),
+            addr_text: addr.to_string(),
+            metric_port: port,
+            engine: "vllm".to_owned(),
+            roleset: None,
+            role: Role::Combined,
+            labels: BTreeMap::new(),
+            config_annotation: None,
+            ready,
+            load: Arc::default(),
+        }
+    }
+
+    fn store() -> PodStore {
+        PodStore::new(Arc::new(Metrics::new()))
+    }
+
+    #[test]
+    fn groups_pods_by_model_and_filters_ready() {
+        let store = store();
+        assert!(!store.is_synced());
+        store.replace_all(vec![
+            test_pod("a", "a-1", 1, true),
+            test_pod("a", "a-0", 2, false),
+            test_pod("b", "b-0", 3, true),
+        ]);
+        assert!(store.is_synced());
+        let snap = store.snapshot();
+        assert_eq!(snap.model_names(), vec!["a", "b"]);
+        let a = snap.model("a").expect("model a");
+        assert_eq!(a.pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["a-0", "a-1"]);
+        assert_eq!(a.ready.len(), 1);
+        assert_eq!(a.ready[0].name, "a-1");
+    }
+
+    #[test]
+    fn in_flight_counts_survive_a_reload() {
+        let store = store();
+        store.replace_all(vec![test_pod("a", "a-0", 1, true)]);
+        let guard = store.snapshot().model("a").expect("a").ready[0].load.start();
+        // Pod turns not-ready: it keeps its in-flight request.
+        store.replace_all(vec![test_pod("a", "a-0", 1, false)]);
+        let snap = store.snapshot();
+        let pod = &snap.model("a").expect("a").pods[0];
+        assert!(!pod.ready);
+        assert_eq!(pod.load.in_flight(), 1);
+        drop(guard);
+        assert_eq!(pod.load.in_flight(), 0);
+    }
+
+    #[test]
+    fn first_parsable_config_wins_and_bad_one_is_skipped() {
+        let store = store();
+        let mut bad = test_pod("a", "a-0", 1, true);
+        bad.config_annotation = Some("{not json".to_owned());
+        let mut good = test_pod("a", "a-1", 2, true);
+        good.config_annotation = Some(r#"{"profiles":{"default":{"routingStrategy":"random"}}}"#.to_owned());
+        store.replace_all(vec![bad, good]);
+        let snap = store.snapshot();
+        let config = snap.model("a").expect("a").config.as_ref().expect("config");
+        assert_eq!(config.profiles["default"].routing_strategy.as_deref(), Some("random"));
+    }
+}

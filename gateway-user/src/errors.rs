@@ -1,0 +1,259 @@
+//! Every way a request can fail, classified once.
+//!
+//! Each failure is one [`GatewayError`] variant. Its status, OpenAI-style body,
+//! error header and origin are decided here and nowhere else, so the wire
+//! contract (section 6) reads as one table and the proxy only says *what* went
+//! wrong.
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+
+/// Which side of the gateway a failure came from; used in logs and to decide
+/// whether another pod may be tried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The client sent something we cannot serve.
+    Client,
+    /// The gateway has no way to serve it right now (no pods, draining).
+    Gateway,
+    /// The engine pod failed or timed out.
+    Upstream,
+}
+
+/// A request failure, before it is turned into a response.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("error processing request body")]
+    BodyNotJson,
+    #[error("'model' is a required property")]
+    ModelMissing,
+    #[error("no messages in the request body")]
+    NoMessages,
+    #[error("request body exceeds {limit_bytes} bytes")]
+    BodyTooLarge { limit_bytes: usize },
+    #[error("failed to read the request body: {reason}")]
+    BodyRead { reason: String },
+    #[error("request body not received within {timeout_seconds} s")]
+    BodyTimeout { timeout_seconds: u64 },
+    #[error("model {model} does not exist")]
+    UnknownModel { model: String },
+    #[error("no ready pods for model {model}")]
+    NoReadyPods { model: String },
+    #[error("incorrect routing strategy {name}")]
+    UnknownStrategy { name: String },
+    #[error("routing strategy {name} is not available in this build")]
+    StrategyUnavailable { name: String },
+    #[error("upstream {pod} failed before answering: {reason}")]
+    UpstreamFailed { pod: String, reason: String },
+    #[error("upstream {pod} did not answer within {timeout_seconds} s")]
+    UpstreamTimeout { pod: String, timeout_seconds: u64 },
+    #[error("unknown request path {path}")]
+    UnknownPath { path: String },
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+/// The body of every error the gateway itself produces.
+#[derive(Serialize)]
+struct ErrorEnvelope<'a> {
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    code: Option<&'static str>,
+    param: Option<&'static str>,
+}
+
+const TRUE: HeaderValue = HeaderValue::from_static("true");
+
+impl GatewayError {
+    /// The HTTP status this failure answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BodyNotJson
+            | Self::ModelMissing
+            | Self::NoMessages
+            | Self::UnknownModel { .. }
+            | Self::UnknownStrategy { .. }
+            | Self::StrategyUnavailable { .. } => StatusCode::BAD_REQUEST,
+            Self::BodyRead { .. } => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::NoReadyPods { .. } | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::UnknownPath { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    /// Where the failure came from.
+    pub fn origin(&self) -> Origin {
+        match self {
+            Self::NoReadyPods { .. } | Self::ShuttingDown => Origin::Gateway,
+            Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } => Origin::Upstream,
+            _ => Origin::Client,
+        }
+    }
+
+    /// OpenAI `code` field.
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::UnknownModel { .. } => Some("model_not_found"),
+            _ => None,
+        }
+    }
+
+    /// OpenAI `param` field: the request field at fault, when there is one.
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::ModelMissing | Self::UnknownModel { .. } => Some("model"),
+            Self::NoMessages => Some("messages"),
+            _ => None,
+        }
+    }
+
+    /// The `x-error-*` header that tells a client (or an Envoy in front of
+    /// us) which check failed without parsing the body.
+    fn header(&self) -> Option<(HeaderName, HeaderValue)> {
+        let name = |n: &'static str| HeaderName::from_static(n);
+        match self {
+            Self::BodyNotJson | Self::ModelMissing | Self::NoMessages | Self::BodyRead { .. } => {
+                Some((name("x-error-request-body-processing"), TRUE))
+            }
+            // AIBrix echoes the unknown model name; a name that is not a
+            // valid header value (it came from the client) degrades to "true".
+            Self::UnknownModel { model } => {
+                Some((name("x-error-no-model-backends"), HeaderValue::from_str(model).unwrap_or(TRUE)))
+            }
+            Self::NoReadyPods { .. } => Some((name("x-error-no-model-backends"), TRUE)),
+            Self::UnknownStrategy { .. } | Self::StrategyUnavailable { .. } => Some((name("x-error-routing"), TRUE)),
+            Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } => Some((name("x-error-upstream"), TRUE)),
+            _ => None,
+        }
+    }
+}
+
+/// OpenAI error `type` by status, as in contract section 6.
+fn error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 404 | 405 | 408 | 413 => "invalid_request_error",
+        401 => "authentication_error",
+        429 => "rate_limit_error",
+        503 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+/// Builds the OpenAI-style JSON error body for `status` and `message`.
+pub fn error_body(status: StatusCode, message: &str, code: Option<&'static str>, param: Option<&'static str>) -> Bytes {
+    let envelope = ErrorEnvelope { error: ErrorBody { message, kind: error_type(status), code, param } };
+    // Serialising a struct of strings cannot fail; fall back to a fixed body
+    // rather than panic if it ever did.
+    serde_json::to_vec(&envelope).map(Bytes::from).unwrap_or_else(|_| {
+        Bytes::from_static(br#"{"error":{"message":"internal error","type":"api_error","code":null,"param":null}}"#)
+    })
+}
+
+/// Turns a failure into the response the client sees.
+pub fn respond(err: &GatewayError) -> Response<Full<Bytes>> {
+    let status = err.status();
+    let body = error_body(status, &err.to_string(), err.code(), err.param());
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some((name, value)) = err.header() {
+        headers.insert(name, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use rstest::rstest;
+
+    async fn parts(err: GatewayError) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+        let response = respond(&err);
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.expect("full body").to_bytes();
+        (parts.status, parts.headers, serde_json::from_slice(&bytes).expect("json body"))
+    }
+
+    #[rstest]
+    #[case::not_json(
+        GatewayError::BodyNotJson,
+        400,
+        "error processing request body",
+        "x-error-request-body-processing",
+        "true"
+    )]
+    #[case::no_model(
+        GatewayError::ModelMissing,
+        400,
+        "'model' is a required property",
+        "x-error-request-body-processing",
+        "true"
+    )]
+    #[case::no_messages(
+        GatewayError::NoMessages,
+        400,
+        "no messages in the request body",
+        "x-error-request-body-processing",
+        "true"
+    )]
+    #[case::unknown_model(GatewayError::UnknownModel { model: "m1".into() }, 400, "model m1 does not exist", "x-error-no-model-backends", "m1")]
+    #[case::no_pods(GatewayError::NoReadyPods { model: "m1".into() }, 503, "no ready pods for model m1", "x-error-no-model-backends", "true")]
+    #[case::bad_strategy(GatewayError::UnknownStrategy { name: "nope".into() }, 400, "incorrect routing strategy nope", "x-error-routing", "true")]
+    #[case::upstream(GatewayError::UpstreamFailed { pod: "p".into(), reason: "reset".into() }, 502, "upstream p failed before answering: reset", "x-error-upstream", "true")]
+    #[tokio::test]
+    async fn contract_error_table(
+        #[case] err: GatewayError,
+        #[case] status: u16,
+        #[case] message: &str,
+        #[case] header: &str,
+        #[case] header_value: &str,
+    ) {
+        let (got_status, headers, body) = parts(err).await;
+        assert_eq!(got_status.as_u16(), status);
+        assert_eq!(body["error"]["message"], message);
+        assert_eq!(headers[header], header_value);
+        assert_eq!(headers["content-type"], "application/json");
+        let kind = body["error"]["type"].as_str().expect("type");
+        assert_eq!(kind, error_type(got_status));
+    }
+
+    #[tokio::test]
+    async fn unknown_model_carries_openai_code_and_param() {
+        let (_, _, body) = parts(GatewayError::UnknownModel { model: "m".into() }).await;
+        assert_eq!(body["error"]["code"], "model_not_found");
+        assert_eq!(body["error"]["param"], "model");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+
+    #[tokio::test]
+    async fn model_name_that_is_no_header_value_still_answers() {
+        let (status, headers, _) = parts(GatewayError::UnknownModel { model: "bad\nname".into() }).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(headers["x-error-no-model-backends"], "true");
+    }
+
+    #[test]
+    fn error_types_follow_status() {
+        assert_eq!(error_type(StatusCode::TOO_MANY_REQUESTS), "rate_limit_error");
+        assert_eq!(error_type(StatusCode::UNAUTHORIZED), "authentication_error");
+        assert_eq!(error_type(StatusCode::SERVICE_UNAVAILABLE), "overloaded_error");
+        assert_eq!(error_type(StatusCode::BAD_GATEWAY), "api_error");
+    }
+}

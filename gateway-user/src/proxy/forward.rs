@@ -1,0 +1,349 @@
+//! Forwarding to an engine pod and streaming its answer back.
+//!
+//! The response body is passed through frame by frame ([`TrackedBody`]): no
+//! buffering, no copies. On the way it releases the pod's in-flight slot,
+//! records time to first byte, reads token usage and writes the one log line
+//! per request, whether the response completes, the engine breaks off, or the
+//! client goes away.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::usage::{Usage, UsageTap};
+use crate::discovery::{InFlightGuard, PodInfo};
+use crate::errors::GatewayError;
+use crate::metrics::{InFlightMetric, Metrics};
+
+/// Pooled HTTP/1.1 client to engine pods.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+    response_timeout: Duration,
+}
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1),
+/// plus the ones the gateway sets itself.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in &named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+impl Upstream {
+    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Self { client, response_timeout }
+    }
+
+    /// Sends one request to `pod` and waits for its response headers.
+    pub async fn send(
+        &self,
+        parts: &http::request::Parts,
+        body: Bytes,
+        pod: &PodInfo,
+        request_id: &HeaderValue,
+    ) -> Result<Response<Incoming>, SendError> {
+        let request = build_request(parts, body, pod, request_id).map_err(SendError::Other)?;
+        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(error_chain(&err))),
+            Ok(Err(err)) => Err(SendError::Other(error_chain(&err))),
+            Err(_) => Err(SendError::Timeout(self.response_timeout)),
+        }
+    }
+}
+
+/// How sending to a pod failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made: nothing reached the pod, another may be tried.
+    Connect(String),
+    /// The pod did not answer in time.
+    Timeout(Duration),
+    /// The connection broke after the request may have reached the pod.
+    Other(String),
+}
+
+impl SendError {
+    pub fn into_gateway_error(self, pod: &PodInfo) -> GatewayError {
+        match self {
+            Self::Connect(reason) | Self::Other(reason) => {
+                GatewayError::UpstreamFailed { pod: pod.name.clone(), reason }
+            }
+            Self::Timeout(limit) => {
+                GatewayError::UpstreamTimeout { pod: pod.name.clone(), timeout_seconds: limit.as_secs() }
+            }
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn build_request(
+    parts: &http::request::Parts,
+    body: Bytes,
+    pod: &PodInfo,
+    request_id: &HeaderValue,
+) -> Result<Request<Full<Bytes>>, String> {
+    let authority =
+        Authority::try_from(pod.addr_text.as_str()).map_err(|e| format!("pod address {}: {e}", pod.addr_text))?;
+    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::HOST);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    headers.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// Everything needed to account for a request once its response ends.
+pub struct RequestRecord {
+    pub metrics: Arc<Metrics>,
+    pub request_id: HeaderValue,
+    pub model: Arc<str>,
+    pub profile: String,
+    pub strategy: &'static str,
+    pub pod: Arc<PodInfo>,
+    pub status: u16,
+    pub started: Instant,
+    pub routing_time: Duration,
+    /// Held until the response ends: the pod's in-flight slot and gauge.
+    pub guards: (InFlightGuard, InFlightMetric),
+}
+
+/// How a proxied response ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Completed,
+    UpstreamBroken,
+    ClientGone,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::UpstreamBroken => "upstream_broken",
+            Self::ClientGone => "client_gone",
+        }
+    }
+}
+
+/// The engine's response body on its way to the client.
+pub struct TrackedBody {
+    inner: Incoming,
+    tap: UsageTap,
+    sse: bool,
+    first_byte: Option<Duration>,
+    record: Option<RequestRecord>,
+    done: bool,
+}
+
+/// Sent to a streaming client when the engine breaks off mid-stream, so the
+/// client sees why its stream ended instead of a silent truncation.
+const SSE_UPSTREAM_ERROR: &[u8] = b"data: {\"error\":{\"message\":\"upstream connection lost mid-stream\",\"type\":\"api_error\",\"code\":\"upstream_error\",\"param\":null}}\n\n";
+
+impl TrackedBody {
+    pub fn new(inner: Incoming, content_type: Option<&str>, record: RequestRecord) -> Self {
+        let sse = content_type.is_some_and(|ct| ct.starts_with("text/event-stream"));
+        Self {
+            inner,
+            tap: UsageTap::for_content_type(content_type),
+            sse,
+            first_byte: None,
+            record: Some(record),
+            done: false,
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.done = true;
+        let Some(record) = self.record.take() else { return };
+        let usage = if outcome == Outcome::Completed { self.tap.finish() } else { None };
+        log_request_end(&record, self.first_byte, usage, outcome);
+        record.metrics.request_finished(&record.model, record.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    if this.first_byte.is_none()
+                        && let Some(record) = &this.record
+                    {
+                        let elapsed = record.started.elapsed();
+                        record.metrics.upstream_first_byte(&record.model, elapsed.as_secs_f64());
+                        this.first_byte = Some(elapsed);
+                    }
+                    this.tap.observe(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(err)) => {
+                this.finish(Outcome::UpstreamBroken);
+                if this.sse {
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(SSE_UPSTREAM_ERROR)))))
+                } else {
+                    Poll::Ready(Some(Err(err)))
+                }
+            }
+            None => {
+                this.finish(Outcome::Completed);
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.done { SizeHint::with_exact(0) } else { self.inner.size_hint() }
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(Outcome::ClientGone);
+        }
+    }
+}
+
+fn log_request_end(record: &RequestRecord, first_byte: Option<Duration>, usage: Option<Usage>, outcome: Outcome) {
+    let usage = usage.unwrap_or_default();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    tracing::info!(
+        target: "turnstile::access",
+        request_id = record.request_id.to_str().unwrap_or(""),
+        model = &*record.model,
+        profile = %record.profile,
+        strategy = record.strategy,
+        pod = %record.pod.name,
+        pod_ip = %record.pod.addr_text,
+        status = record.status,
+        outcome = outcome.as_str(),
+        prompt_tokens = usage.prompt_tokens,
+        completion_tokens = usage.completion_tokens,
+        total_tokens = usage.total_tokens,
+        routing_ms = ms(record.routing_time),
+        ttft_ms = first_byte.map(ms),
+        total_ms = ms(record.started.elapsed()),
+        "request end"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert("authorization", HeaderValue::from_static("Bearer k"));
+        headers.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "x-keep"]);
+    }
+
+    #[test]
+    fn upstream_request_targets_pod_with_request_id() {
+        let (parts, ()) = Request::builder()
+            .method("POST")
+            .uri("http://gateway:8888/v1/completions?x=1")
+            .header(header::HOST, "gateway:8888")
+            .header(header::CONTENT_LENGTH, "999")
+            .header("user", "alice")
+            .body(())
+            .expect("request")
+            .into_parts();
+        let (pod, _) = crate::routing::test_support::pod(1, 0);
+        let request =
+            build_request(&parts, Bytes::from_static(b"{}"), &pod, &HeaderValue::from_static("rid-1")).expect("built");
+        assert_eq!(request.uri().to_string(), "http://127.0.0.1:9001/v1/completions?x=1");
+        assert_eq!(request.headers()["content-length"], "2");
+        assert_eq!(request.headers()["x-request-id"], "rid-1");
+        assert_eq!(request.headers()["user"], "alice");
+        assert!(request.headers().get(header::HOST).is_none());
+        assert_eq!(request.version(), Version::HTTP_11);
+    }
+}

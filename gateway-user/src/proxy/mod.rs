@@ -1,0 +1,330 @@
+//! The request lifecycle, one phase after another:
+//! parse → resolve profile → limit → pick → forward → account.
+
+pub mod forward;
+pub mod listener;
+pub mod request;
+pub mod usage;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::discovery::{ModelPods, PodInfo, PodStore};
+use crate::errors::{self, GatewayError};
+use crate::metrics::{Metrics, UNKNOWN_MODEL};
+use crate::profiles::{self, RequestFeatures};
+use crate::routing::{RouteRequest, Router, StrategyError};
+use forward::{RequestRecord, SendError, TrackedBody, Upstream};
+use request::Endpoint;
+
+/// Response body of the proxy listener: a gateway-made body, or an engine's
+/// answer streaming through.
+pub type ProxyBody = Either<Full<Bytes>, TrackedBody>;
+
+/// Tunables of the request path.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    /// Strategy when neither config nor header names one.
+    pub default_strategy: String,
+    pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
+    /// Pods tried for one request when connecting fails (nothing was sent).
+    pub max_connect_attempts: usize,
+}
+
+/// The proxy: shared state for every request.
+pub struct Proxy {
+    store: Arc<PodStore>,
+    router: Router,
+    metrics: Arc<Metrics>,
+    upstream: Upstream,
+    settings: ProxySettings,
+}
+
+/// Headers the gateway reads or sets.
+mod names {
+    use http::header::HeaderName;
+    pub const CONFIG_PROFILE: HeaderName = HeaderName::from_static("config-profile");
+    pub const ROUTING_STRATEGY: HeaderName = HeaderName::from_static("routing-strategy");
+    pub const TARGET_POD: HeaderName = HeaderName::from_static("target-pod");
+    pub const TARGET_POD_IP: HeaderName = HeaderName::from_static("target-pod-ip");
+    pub const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+    pub const CHOSEN_PROFILE: HeaderName = HeaderName::from_static("x-aibrix-config-profile");
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+}
+
+/// A failed request and what was known about it when it failed.
+struct Failure {
+    error: GatewayError,
+    model: Option<Arc<str>>,
+}
+
+impl From<GatewayError> for Failure {
+    fn from(error: GatewayError) -> Self {
+        Self { error, model: None }
+    }
+}
+
+impl Proxy {
+    pub fn new(store: Arc<PodStore>, metrics: Arc<Metrics>, upstream: Upstream, settings: ProxySettings) -> Self {
+        Self { store, router: Router::new(), metrics, upstream, settings }
+    }
+
+    /// Validates a strategy name at start-up, so a typo in a flag fails fast.
+    pub fn check_strategy(&self, name: &str) -> Result<(), String> {
+        match self.router.strategy(name) {
+            Ok(_) => Ok(()),
+            Err(StrategyError::Unknown) => Err(format!("incorrect routing strategy {name}")),
+            Err(StrategyError::Unavailable) => Err(format!("routing strategy {name} is not available in this build")),
+        }
+    }
+
+    /// Serves one client request.
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let request_id = request_id(request.headers());
+        let path = request.uri().path().to_owned();
+        match self.serve(request, started, &request_id).await {
+            Ok(response) => response,
+            Err(Failure { error, model }) => {
+                let status = error.status();
+                let model = model.unwrap_or_else(|| Arc::from(UNKNOWN_MODEL));
+                self.metrics.request_done(&model, status.as_u16());
+                tracing::info!(
+                    target: "turnstile::access",
+                    request_id = request_id.to_str().unwrap_or(""),
+                    model = &*model,
+                    path,
+                    client = %peer,
+                    status = status.as_u16(),
+                    origin = ?error.origin(),
+                    error = %error,
+                    total_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "request end"
+                );
+                let mut response = errors::respond(&error).map(Either::Left);
+                response.headers_mut().insert(names::REQUEST_ID, request_id);
+                response
+            }
+        }
+    }
+
+    async fn serve(
+        &self,
+        request: Request<Incoming>,
+        started: Instant,
+        request_id: &HeaderValue,
+    ) -> Result<Response<ProxyBody>, Failure> {
+        // Phase 1: parse.
+        let path = request.uri().path();
+        let Some(endpoint) = Endpoint::from_path(path) else {
+            if path == "/v1/models" && request.method() == Method::GET {
+                return Ok(models_response(&self.store).map(Either::Left));
+            }
+            return Err(GatewayError::UnknownPath { path: path.to_owned() }.into());
+        };
+        if request.method() != Method::POST {
+            return Err(
+                GatewayError::MethodNotAllowed { method: request.method().to_string(), path: path.to_owned() }.into()
+            );
+        }
+        let (parts, body) = request.into_parts();
+        let body = self.read_body(&parts.headers, body).await?;
+        let shape = request::inspect(endpoint, &body)?;
+
+        let snapshot = self.store.snapshot();
+        let Some(model) = snapshot.model(&shape.model) else {
+            return Err(GatewayError::UnknownModel { model: shape.model }.into());
+        };
+        let model_label: Arc<str> = Arc::clone(&model.name);
+        let fail = |error: GatewayError| Failure { error, model: Some(Arc::clone(&model_label)) };
+
+        // Phase 2: resolve profile and strategy.
+        let config = model.config.as_deref();
+        let profile =
+            profiles::resolve_profile(config, header_str(&parts.headers, &names::CONFIG_PROFILE), || RequestFeatures {
+                prompt_tokens: Some(profiles::count_tokens(&request::prompt_text(&body))),
+                max_tokens: shape.max_tokens,
+            });
+        let strategy_name = profiles::resolve_strategy(
+            config,
+            profile.profile,
+            header_str(&parts.headers, &names::ROUTING_STRATEGY),
+            &self.settings.default_strategy,
+        );
+        let strategy = self.router.strategy(strategy_name).map_err(|err| {
+            fail(match err {
+                StrategyError::Unknown => GatewayError::UnknownStrategy { name: strategy_name.to_owned() },
+                StrategyError::Unavailable => GatewayError::StrategyUnavailable { name: strategy_name.to_owned() },
+            })
+        })?;
+
+        // Phase 3: limits (model RPS, user RPM/TPM) plug in here.
+
+        // Phase 4: pick a pod.
+        if model.ready.is_empty() {
+            return Err(fail(GatewayError::NoReadyPods { model: shape.model }));
+        }
+        let route_request = RouteRequest { body: &body };
+        let mut pod = Arc::clone(&model.ready[strategy.pick(&route_request, &model.ready)]);
+        let routing_time = started.elapsed();
+        self.metrics.routed(&model_label, strategy.name(), routing_time.as_secs_f64());
+
+        // Phase 5: forward; a pod that refuses the connection got nothing,
+        // so the request moves to another ready pod.
+        let mut tried: Vec<Arc<PodInfo>> = Vec::new();
+        let (upstream_response, guards) = loop {
+            let guards = (pod.load.start(), self.metrics.in_flight(&model_label));
+            match self.upstream.send(&parts, body.clone(), &pod, request_id).await {
+                Ok(response) => break (response, guards),
+                Err(SendError::Connect(reason)) if tried.len() + 1 < self.settings.max_connect_attempts => {
+                    tracing::warn!(pod = %pod.key, reason, "connect to pod failed; trying another pod");
+                    tried.push(Arc::clone(&pod));
+                    let Some(next) = next_candidate(model, &tried, strategy.as_ref(), &route_request) else {
+                        return Err(fail(SendError::Connect(reason).into_gateway_error(&pod)));
+                    };
+                    pod = next;
+                }
+                Err(err) => return Err(fail(err.into_gateway_error(&pod))),
+            }
+        };
+
+        // Phase 6: account while the answer streams back.
+        let (mut response_parts, upstream_body) = upstream_response.into_parts();
+        forward::strip_hop_by_hop(&mut response_parts.headers);
+        let status = response_parts.status.as_u16();
+        self.metrics.request_done(&model_label, status);
+        let headers = &mut response_parts.headers;
+        headers.insert(names::TARGET_POD, header_value(&pod.name));
+        headers.insert(names::TARGET_POD_IP, header_value(&pod.addr_text));
+        headers.insert(names::ROUTING_STRATEGY, HeaderValue::from_static(strategy.name()));
+        headers.insert(names::REQUEST_ID, request_id.clone());
+        if profile.auto_selected {
+            headers.insert(names::CHOSEN_PROFILE, header_value(profile.name));
+        }
+        let content_type = header_str(headers, &header::CONTENT_TYPE).map(str::to_owned);
+        let record = RequestRecord {
+            metrics: Arc::clone(&self.metrics),
+            request_id: request_id.clone(),
+            model: model_label,
+            profile: profile.name.to_owned(),
+            strategy: strategy.name(),
+            pod,
+            status,
+            started,
+            routing_time,
+            guards,
+        };
+        let body = TrackedBody::new(upstream_body, content_type.as_deref(), record);
+        Ok(Response::from_parts(response_parts, Either::Right(body)))
+    }
+
+    /// Reads the whole request body, within the size limit and the time limit.
+    async fn read_body(&self, headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, GatewayError> {
+        let limit = self.settings.max_body_bytes;
+        let declared = header_str(headers, &header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Err(GatewayError::BodyTooLarge { limit_bytes: limit });
+        }
+        let collect = Limited::new(body, limit).collect();
+        match tokio::time::timeout(self.settings.body_read_timeout, collect).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
+                Err(GatewayError::BodyTooLarge { limit_bytes: limit })
+            }
+            Ok(Err(err)) => Err(GatewayError::BodyRead { reason: err.to_string() }),
+            Err(_) => Err(GatewayError::BodyTimeout { timeout_seconds: self.settings.body_read_timeout.as_secs() }),
+        }
+    }
+}
+
+/// The next pod to try after connection failures: the strategy's choice
+/// among the ready pods not tried yet.
+fn next_candidate(
+    model: &ModelPods,
+    tried: &[Arc<PodInfo>],
+    strategy: &dyn crate::routing::Strategy,
+    request: &RouteRequest<'_>,
+) -> Option<Arc<PodInfo>> {
+    let rest: Vec<Arc<PodInfo>> =
+        model.ready.iter().filter(|p| !tried.iter().any(|t| t.key == p.key)).cloned().collect();
+    if rest.is_empty() {
+        return None;
+    }
+    Some(Arc::clone(&rest[strategy.pick(request, &rest)]))
+}
+
+fn header_str<'a>(headers: &'a http::HeaderMap, name: &HeaderName) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// The request id: the trace id of a W3C `traceparent` when the client sent
+/// one (so gateway logs join the client's trace), else a fresh UUIDv4.
+fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+    let trace_id = header_str(headers, &names::TRACEPARENT).and_then(|tp| {
+        let mut fields = tp.split('-');
+        let (_version, trace, _span) = (fields.next()?, fields.next()?, fields.next()?);
+        (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()) && trace.bytes().any(|b| b != b'0'))
+            .then_some(trace)
+    });
+    match trace_id {
+        Some(id) => header_value(id),
+        None => {
+            let mut buf = uuid::Uuid::encode_buffer();
+            header_value(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf))
+        }
+    }
+}
+
+/// `GET /v1/models`: discovered models in the OpenAI list format.
+pub fn models_response(store: &PodStore) -> Response<Full<Bytes>> {
+    let snapshot = store.snapshot();
+    let data: Vec<serde_json::Value> = snapshot
+        .model_names()
+        .into_iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "aibrix"}))
+        .collect();
+    json_response(StatusCode::OK, &serde_json::json!({"object": "list", "data": data}))
+}
+
+/// A JSON response with the right content type.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_from_traceparent_or_fresh_uuid() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            names::TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        assert_eq!(request_id(&headers), "4bf92f3577b34da6a3ce929d0e0e4736");
+        headers.insert(
+            names::TRACEPARENT,
+            HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+        );
+        let fresh = request_id(&headers);
+        assert_eq!(fresh.len(), 36, "invalid all-zero trace id replaced by a UUID");
+        assert_ne!(request_id(&http::HeaderMap::new()), fresh);
+    }
+}
