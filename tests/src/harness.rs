@@ -1,0 +1,459 @@
+//! Small builders for integration tests: start mock engines, start the real
+//! `turnstile` binary pointing at them through a pods file, send requests.
+//!
+//! Every process is killed when its handle drops, every wait is bounded, and
+//! all traffic goes to 127.0.0.1.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// How long a process may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The directory holding this build's binaries (`target/debug` or `target/release`).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().expect("exe dir");
+    // Integration tests live in target/<profile>/deps.
+    if dir.ends_with("deps") { dir.parent().expect("profile dir").to_owned() } else { dir.to_owned() }
+}
+
+/// Path of the `turnstile` binary, built on first use so a test run never
+/// exercises a stale gateway (a no-op when it is up to date).
+pub fn turnstile_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = bin_dir();
+        let release = dir.ends_with("release");
+        if std::env::var_os("TURNSTILE_TEST_NO_BUILD").is_none() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--quiet", "-p", "gateway-user", "--bin", "turnstile"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build for turnstile");
+            assert!(status.success(), "building turnstile failed");
+        }
+        let bin = dir.join("turnstile");
+        assert!(bin.exists(), "{} does not exist", bin.display());
+        bin
+    })
+}
+
+/// Path of the `mock-engine` binary.
+pub fn mock_engine_bin() -> PathBuf {
+    bin_dir().join("mock-engine")
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "turnstile-test-{}-{}-{tag}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("addr").port()
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    /// Sends SIGTERM (for graceful-shutdown tests).
+    pub fn terminate(&self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+
+    /// Waits for the process to exit, at most `timeout`; `None` if it did not.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running mock vLLM engine.
+pub struct Engine {
+    pub name: String,
+    pub addr: SocketAddr,
+    _proc: Proc,
+}
+
+impl Engine {
+    /// Starts `mock-engine --name NAME --model MODEL ARGS...` on a free port.
+    pub fn start(name: &str, model: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(mock_engine_bin())
+            .args(["--listen", "127.0.0.1:0", "--name", name, "--model", model])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn mock-engine");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let proc = Proc { child };
+        let line = rx.recv_timeout(START_TIMEOUT).expect("mock-engine announced its address");
+        let addr = line
+            .trim()
+            .strip_prefix("mock-engine listening on ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected mock-engine banner {line:?}"));
+        Self { name: name.to_owned(), addr, _proc: proc }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `GET /mock/stats` as JSON.
+    pub async fn stats(&self) -> serde_json::Value {
+        get_json(&self.url("/mock/stats")).await
+    }
+
+    /// Inference requests this engine has received.
+    pub async fn requests_total(&self) -> u64 {
+        self.stats().await["requests_total"].as_u64().unwrap_or(0)
+    }
+
+    /// Changes fault switches at runtime (`POST /mock/faults`).
+    pub async fn set_faults(&self, faults: serde_json::Value) {
+        let r = send(post(&self.url("/mock/faults"), &faults.to_string(), &[])).await;
+        assert_eq!(r.status, StatusCode::OK, "set faults: {}", r.text());
+    }
+}
+
+/// One pod in a pods file.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub model: String,
+    pub port: u16,
+    pub ready: bool,
+    pub config: Option<String>,
+    pub labels: Vec<(String, String)>,
+}
+
+impl PodSpec {
+    /// A ready pod named `name` serving `model` on 127.0.0.1:`port`.
+    pub fn new(name: &str, model: &str, port: u16) -> Self {
+        Self { name: name.into(), model: model.into(), port, ready: true, config: None, labels: Vec::new() }
+    }
+
+    /// A ready pod backed by `engine`.
+    pub fn for_engine(engine: &Engine, model: &str) -> Self {
+        Self::new(&engine.name, model, engine.port())
+    }
+
+    pub fn ready(mut self, ready: bool) -> Self {
+        self.ready = ready;
+        self
+    }
+
+    /// Sets the `model.aibrix.ai/config` annotation.
+    pub fn config(mut self, json: &str) -> Self {
+        self.config = Some(json.into());
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// Renders pods as `kubectl get pods -o yaml` would (a v1 List). JSON
+/// strings are valid YAML scalars, which keeps quoting simple and exact.
+pub fn pods_yaml(pods: &[PodSpec]) -> String {
+    let q = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
+    let mut out = String::from("apiVersion: v1\nkind: List\nitems:\n");
+    for pod in pods {
+        out.push_str(&format!(
+            "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: {}\n    namespace: default\n    labels:\n      model.aibrix.ai/name: {}\n      model.aibrix.ai/port: {}\n",
+            q(&pod.name),
+            q(&pod.model),
+            q(&pod.port.to_string())
+        ));
+        for (k, v) in &pod.labels {
+            out.push_str(&format!("      {}: {}\n", q(k), q(v)));
+        }
+        if let Some(config) = &pod.config {
+            out.push_str(&format!("    annotations:\n      model.aibrix.ai/config: {}\n", q(config)));
+        }
+        out.push_str(&format!(
+            "  status:\n    podIP: 127.0.0.1\n    conditions:\n    - type: Ready\n      status: {}\n",
+            q(if pod.ready { "True" } else { "False" })
+        ));
+    }
+    out
+}
+
+/// A running `turnstile serve` with its pods file.
+pub struct Gateway {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub pods_file: PathBuf,
+    pub log_file: PathBuf,
+    pub proc: Proc,
+}
+
+impl Gateway {
+    /// Starts the gateway on free ports with `pods` and extra `args`, and
+    /// waits until `/readyz` answers 200.
+    pub async fn start(pods: &[PodSpec], args: &[&str]) -> Self {
+        let gw = Self::spawn(pods, args, &[]);
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// Starts the gateway without waiting for readiness; `env` is added to
+    /// its environment.
+    pub fn spawn(pods: &[PodSpec], args: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = scratch_dir("gw");
+        let pods_file = dir.join("pods.yaml");
+        std::fs::write(&pods_file, pods_yaml(pods)).expect("write pods file");
+        let log_file = dir.join("turnstile.log");
+        let log = std::fs::File::create(&log_file).expect("log file");
+        let proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let child = Command::new(turnstile_bin())
+            .arg("serve")
+            .args(["--listen", &proxy.to_string(), "--admin-listen", &admin.to_string()])
+            .arg("--discovery")
+            .arg(format!("file:{}", pods_file.display()))
+            .args(["--pods-file-poll-ms", "50"])
+            .args(args)
+            .envs(env.iter().copied())
+            .env_remove("ROUTING_ALGORITHM")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn turnstile");
+        Self { proxy, admin, pods_file, log_file, proc: Proc { child } }
+    }
+
+    /// Waits (bounded) for `/readyz` to answer 200.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(r) = try_send(get(&self.admin_url("/readyz"))).await
+                && r.status == StatusCode::OK
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "gateway not ready in time; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Rewrites the pods file (the gateway polls it every 50 ms in tests).
+    pub fn write_pods(&self, pods: &[PodSpec]) {
+        write_atomically(&self.pods_file, &pods_yaml(pods));
+    }
+
+    /// Writes raw text into the pods file.
+    pub fn write_pods_text(&self, text: &str) {
+        write_atomically(&self.pods_file, text);
+    }
+
+    /// The gateway's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// The admin `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        send(get(&self.admin_url("/metrics"))).await.text()
+    }
+
+    /// Posts a chat completion for `model` with extra headers.
+    pub async fn chat(&self, model: &str, headers: &[(&str, &str)]) -> Reply {
+        send(post(&self.url("/v1/chat/completions"), &chat_body(model, false), headers)).await
+    }
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write tmp pods file");
+    std::fs::rename(&tmp, path).expect("replace pods file");
+}
+
+/// A minimal chat completion body.
+pub fn chat_body(model: &str, stream: bool) -> String {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello to the gateway"}],
+        "stream": stream,
+        "stream_options": {"include_usage": stream},
+    })
+    .to_string()
+}
+
+/// A complete response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+    }
+
+    /// A header as text ("" when absent).
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+}
+
+fn client() -> &'static Client<HttpConnector, Full<Bytes>> {
+    static CLIENT: OnceLock<Client<HttpConnector, Full<Bytes>>> = OnceLock::new();
+    CLIENT.get_or_init(|| Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http())
+}
+
+/// A GET request.
+pub fn get(url: &str) -> Request<Full<Bytes>> {
+    Request::get(url).body(Full::new(Bytes::new())).expect("request")
+}
+
+/// A POST with a JSON body and extra headers.
+pub fn post(url: &str, body: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut builder = Request::post(url).header("content-type", "application/json");
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    builder.body(Full::new(Bytes::from(body.to_owned()))).expect("request")
+}
+
+/// Sends a request and reads the whole answer (bounded to 30 s).
+pub async fn send(request: Request<Full<Bytes>>) -> Reply {
+    try_send(request).await.expect("request failed")
+}
+
+/// Like [`send`], but returns transport errors instead of panicking.
+pub async fn try_send(request: Request<Full<Bytes>>) -> Result<Reply, String> {
+    let work = async {
+        let response = client().request(request).await.map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Reply { status: parts.status, headers: parts.headers, body })
+    };
+    tokio::time::timeout(Duration::from_secs(30), work).await.map_err(|_| "timed out".to_owned())?
+}
+
+/// Starts a request and returns its response head with the body unread, for
+/// watching a stream frame by frame.
+pub async fn open_stream(request: Request<Full<Bytes>>) -> http::Response<Incoming> {
+    tokio::time::timeout(Duration::from_secs(30), client().request(request))
+        .await
+        .expect("response head in time")
+        .expect("request sent")
+}
+
+/// The next data frame of a body, `None` at the end (bounded to 30 s).
+pub async fn next_data(body: &mut Incoming) -> Option<Result<Bytes, String>> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), body.frame()).await.expect("frame in time")?;
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    return Some(Ok(data));
+                }
+            }
+            Err(e) => return Some(Err(e.to_string())),
+        }
+    }
+}
+
+/// GET a URL and parse the JSON answer.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    send(get(url)).await.json()
+}
+
+/// Polls `check` every 20 ms until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_yaml_quotes_values_exactly() {
+        let yaml = pods_yaml(&[PodSpec::new("p0", "org/m", 9000).config(r#"{"profiles":{"a":{}}}"#).ready(false)]);
+        assert!(yaml.contains(r#"model.aibrix.ai/name: "org/m""#), "{yaml}");
+        assert!(yaml.contains(r#"model.aibrix.ai/config: "{\"profiles\":{\"a\":{}}}""#), "{yaml}");
+        assert!(yaml.contains(r#"status: "False""#), "{yaml}");
+    }
+}

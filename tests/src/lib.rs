@@ -1,0 +1,4 @@
+//! Test harness for Turnstile: test-only binaries and the helpers integration tests share.
+
+pub mod harness;
+pub mod mock_engine;

@@ -1,0 +1,101 @@
+//! Command-line flags of the `mock-engine` binary.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+
+/// Longest accepted time to first token or inter-token delay. The cap keeps every
+/// `Instant + delay × tokens` sum far from overflow.
+pub const MAX_DELAY_MS: u64 = 3_600_000;
+
+/// Most completion tokens one request may ask for.
+pub const MAX_COMPLETION_TOKENS: u32 = 4096;
+
+/// A fake vLLM server: OpenAI-compatible endpoints, vLLM's `/metrics`, a simple load model
+/// (bounded running batch, FIFO queue, KV cache fill) and switchable faults.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "mock-engine", version)]
+pub struct MockEngineArgs {
+    /// Address to listen on. Port 0 picks a free port; the bound address is printed on
+    /// stdout as `mock-engine listening on ADDR`.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+
+    /// Pod name, sent back on every response as `x-mock-engine: NAME`.
+    #[arg(long, default_value = "mock")]
+    pub name: String,
+
+    /// A served model id (repeatable). The first one labels `/metrics`.
+    #[arg(long = "model", default_value = "mock-model")]
+    pub models: Vec<String>,
+
+    /// Time to first token, counted from when the request starts running.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=MAX_DELAY_MS))]
+    pub ttft_ms: u64,
+
+    /// Delay between two tokens of one request.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=MAX_DELAY_MS))]
+    pub itl_ms: u64,
+
+    /// Completion tokens when the request names no `max_tokens` / `max_completion_tokens`.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_COMPLETION_TOKENS)))]
+    pub tokens: u32,
+
+    /// Requests running at once; the rest wait in FIFO order.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_running: u32,
+
+    /// KV cache size in tokens; usage is the running requests' prompt and generated tokens
+    /// over this.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_capacity_tokens: u64,
+
+    /// Tokio worker threads; 1 runs a single-threaded runtime.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: u32,
+
+    /// Answer every inference request with this status (200-599) and an error body.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(200..=599))]
+    pub fail_status: Option<u16>,
+
+    /// Streaming: reset the connection after N SSE events. Non-streaming: reset it after
+    /// reading the request, before any response byte.
+    #[arg(long)]
+    pub reset_after_chunks: Option<u32>,
+
+    /// Read inference requests and never answer them.
+    #[arg(long)]
+    pub hang: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        MockEngineArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_and_repeated_models() {
+        let args = MockEngineArgs::parse_from(["mock-engine"]);
+        assert_eq!(args.models, ["mock-model"]);
+        assert_eq!(args.tokens, 16);
+        assert_eq!(args.max_running, 256);
+        assert_eq!(args.listen.port(), 0);
+
+        let args = MockEngineArgs::parse_from(["mock-engine", "--model", "a", "--model", "b"]);
+        assert_eq!(args.models, ["a", "b"]);
+    }
+
+    #[test]
+    fn rejects_out_of_range_values() {
+        for bad in [["--max-running", "0"], ["--tokens", "5000"], ["--fail-status", "99"], ["--itl-ms", "99999999"]] {
+            let argv = std::iter::once("mock-engine").chain(bad);
+            assert!(MockEngineArgs::try_parse_from(argv).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! A mock vLLM engine for Turnstile's integration tests, demo and benchmarks.
+//!
+//! It speaks the OpenAI endpoints a vLLM pod serves (`/v1/chat/completions`,
+//! `/v1/completions`, `/v1/embeddings`, `/v1/responses`, `/v1/models`, `/health`) and
+//! exports vLLM's `/metrics` series from a small load model: a running batch of bounded
+//! size, a FIFO queue before it, a KV cache filled by running requests, and fixed token
+//! timing. Faults (error status, connection reset, hang) and timing can be switched at run
+//! time through `POST /mock/faults`; `GET /mock/stats` reports the traffic received.
+//!
+//! Layout, in request order: `server` accepts connections (`connection` can end them with a
+//! reset); `inference` takes an inference request through `faults`, `request` parsing and a
+//! `generation` on the `load` model, answering with `openai` bodies (streamed by `body`);
+//! `control` serves health, models, `metrics` and `stats`. `state` is what they share.
+
+mod body;
+mod cli;
+mod connection;
+mod control;
+mod faults;
+mod generation;
+mod inference;
+mod load;
+mod metrics;
+mod openai;
+mod request;
+mod server;
+mod state;
+mod stats;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+pub use cli::MockEngineArgs;
+pub use faults::{Faults, FaultsPatch};
+pub use generation::TokenTiming;
+pub use load::{LoadModel, LoadSnapshot, RunningSlot};
+pub use metrics::EngineMetrics;
+pub use request::{Endpoint, InferenceRequest, InputCount, WordCount};
+
+use state::EngineState;
+
+/// A bound, not yet serving engine.
+#[derive(Debug)]
+pub struct MockEngine {
+    listener: TcpListener,
+    state: Arc<EngineState>,
+}
+
+impl MockEngine {
+    /// Binds `args.listen` and builds the engine's state.
+    pub async fn bind(args: &MockEngineArgs) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        let local_addr = listener.local_addr().context("reading the bound address")?;
+        let state = Arc::new(EngineState::new(args, local_addr)?);
+        Ok(Self { listener, state })
+    }
+
+    /// The address actually bound (the real port when `--listen` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.state.local_addr
+    }
+
+    /// Serves until the process ends.
+    pub async fn serve(self) {
+        server::serve(self.listener, self.state).await;
+    }
+}
+
+/// The `mock-engine` binary: builds the runtime, binds, announces the address on stdout
+/// and serves forever.
+pub fn run(args: &MockEngineArgs) -> anyhow::Result<()> {
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads as usize).enable_all().build()
+    }
+    .context("building the tokio runtime")?;
+    runtime.block_on(async {
+        let engine = MockEngine::bind(args).await?;
+        // Harnesses that pass port 0 read the port from this line.
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "mock-engine listening on {}", engine.local_addr())?;
+        stdout.flush()?;
+        drop(stdout);
+        engine.serve().await;
+        Ok(())
+    })
+}

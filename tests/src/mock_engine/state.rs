@@ -1,0 +1,90 @@
+//! Everything the engine's connections share.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+
+use super::body::MockBody;
+use super::cli::MockEngineArgs;
+use super::faults::{FaultSwitch, Faults};
+use super::load::LoadModel;
+use super::metrics::EngineMetrics;
+use super::openai::{ErrorBody, ResponseIds};
+use super::stats::RequestStats;
+
+/// Names the engine on every response, so tests see which pod answered.
+const ENGINE_HEADER: HeaderName = HeaderName::from_static("x-mock-engine");
+
+/// The shared state of one engine.
+#[derive(Debug)]
+pub struct EngineState {
+    /// Pod name.
+    pub name: String,
+    name_header: HeaderValue,
+    /// Served model ids; never empty.
+    pub models: Vec<String>,
+    /// Completion tokens when a request names no cap.
+    pub default_completion_tokens: u32,
+    /// Where the engine listens, reported to disaggregated prefill callers.
+    pub local_addr: SocketAddr,
+    /// Faults and latency in force.
+    pub faults: FaultSwitch,
+    /// Running batch, queue and KV cache.
+    pub load: Arc<LoadModel>,
+    /// Prometheus counters and histograms.
+    pub metrics: Arc<EngineMetrics>,
+    /// Inference request counts for `/mock/stats`.
+    pub stats: Arc<RequestStats>,
+    /// Response ids.
+    pub ids: ResponseIds,
+}
+
+impl EngineState {
+    /// The state of an engine configured by `args`, listening on `local_addr`.
+    pub fn new(args: &MockEngineArgs, local_addr: SocketAddr) -> anyhow::Result<Self> {
+        let name_header = HeaderValue::from_str(&args.name)
+            .with_context(|| format!("--name {:?} is not a valid header value", args.name))?;
+        let models = if args.models.is_empty() { vec!["mock-model".to_owned()] } else { args.models.clone() };
+        Ok(Self {
+            name: args.name.clone(),
+            name_header,
+            models,
+            default_completion_tokens: args.tokens,
+            local_addr,
+            faults: FaultSwitch::new(Faults::from_args(args)),
+            load: Arc::new(LoadModel::new(args.max_running, args.kv_capacity_tokens)),
+            metrics: Arc::new(EngineMetrics::default()),
+            stats: Arc::new(RequestStats::default()),
+            ids: ResponseIds::new(),
+        })
+    }
+
+    /// The model that labels `/metrics` and answers requests that name none.
+    pub fn first_model(&self) -> &str {
+        self.models.first().map_or("mock-model", String::as_str)
+    }
+
+    /// A response with the engine's header.
+    pub fn respond(&self, status: StatusCode, content_type: &'static str, body: MockBody) -> Response<MockBody> {
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        if !content_type.is_empty() {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        }
+        headers.insert(ENGINE_HEADER, self.name_header.clone());
+        response
+    }
+
+    /// A JSON response.
+    pub fn json(&self, status: StatusCode, body: bytes::Bytes) -> Response<MockBody> {
+        self.respond(status, "application/json", MockBody::full(body))
+    }
+
+    /// A vLLM-style error response; `kind` is vLLM's exception name.
+    pub fn error(&self, status: StatusCode, kind: &str, message: &str, param: Option<&str>) -> Response<MockBody> {
+        self.json(status, ErrorBody::new(status.as_u16(), kind, message, param).to_bytes())
+    }
+}
