@@ -12,6 +12,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::discovery::PodStore;
+use crate::kernel::KernelAssist;
 use crate::metrics::Metrics;
 use crate::proxy::{json_response, models_response};
 
@@ -22,11 +23,19 @@ pub struct Admin {
     /// Set on SIGTERM: `/readyz` fails at once so load balancers stop
     /// sending while in-flight requests drain.
     pub draining: AtomicBool,
+    /// Kernel assist, whose state `/readyz` details (active or why not).
+    pub kernel: Option<Arc<KernelAssist>>,
 }
 
 impl Admin {
     pub fn new(store: Arc<PodStore>, metrics: Arc<Metrics>) -> Self {
-        Self { store, metrics, draining: AtomicBool::new(false) }
+        Self { store, metrics, draining: AtomicBool::new(false), kernel: None }
+    }
+
+    /// Reports kernel assist's state in `/readyz`.
+    pub fn with_kernel(mut self, kernel: Arc<KernelAssist>) -> Self {
+        self.kernel = Some(kernel);
+        self
     }
 
     pub fn start_draining(&self) {
@@ -62,14 +71,15 @@ impl Admin {
         let draining = self.draining.load(Ordering::Acquire);
         let ready = synced && !draining;
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-        json_response(
-            status,
-            &serde_json::json!({
-                "ready": ready,
-                "discovery": if synced { "synced" } else { "waiting for the first pod list" },
-                "draining": draining,
-            }),
-        )
+        let mut body = serde_json::json!({
+            "ready": ready,
+            "discovery": if synced { "synced" } else { "waiting for the first pod list" },
+            "draining": draining,
+        });
+        if let Some(kernel) = &self.kernel {
+            body["kernel_assist"] = kernel.readiness();
+        }
+        json_response(status, &body)
     }
 
     fn endpoints(&self) -> Response<Full<Bytes>> {

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
-use crate::discovery::{DiscoverySource, PodStore, pods_file};
+use crate::discovery::{DiscoverySource, PodStore, kubernetes, pods_file};
 use crate::metrics::Metrics;
 use crate::proxy::forward::Upstream;
 use crate::proxy::listener::{self, HttpLimits};
@@ -29,6 +29,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway: the OpenAI proxy listener and the admin listener.
     Serve(Box<ServeArgs>),
+    /// Set and show per-user RPM/TPM limits (AIBrix records `aibrix-users/<name>` in Redis).
+    Users(UsersArgs),
+    /// Print kernel assist's pinned maps (per-model counters, penalties) as tables.
+    Inspect(crate::kernel::inspect::InspectArgs),
 }
 
 /// Log line format.
@@ -57,6 +61,11 @@ pub struct ServeArgs {
     /// How often the pods file is checked for changes, in milliseconds.
     #[arg(long, env = "TURNSTILE_PODS_FILE_POLL_MS", default_value_t = 250)]
     pub pods_file_poll_ms: u64,
+
+    /// Namespace whose pods `--discovery kubernetes` watches.
+    /// [default: all namespaces]
+    #[arg(long, env = "TURNSTILE_NAMESPACE")]
+    pub namespace: Option<String>,
 
     /// Gateway default routing strategy, used when neither the model's config
     /// nor the request names one. Also read from ROUTING_ALGORITHM (AIBrix).
@@ -109,6 +118,167 @@ pub struct ServeArgs {
     /// Tokio worker threads (0: one per CPU).
     #[arg(long, env = "TURNSTILE_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
+
+    #[command(flatten)]
+    pub limits: LimitArgs,
+
+    #[command(flatten)]
+    pub kernel: crate::kernel::KernelArgs,
+
+    #[command(flatten)]
+    pub engine_metrics: crate::engine_metrics::EngineMetricsArgs,
+
+    #[command(flatten)]
+    pub routing: crate::routing::RoutingArgs,
+}
+
+/// Where the shared rate-limit counters and user records live.
+#[derive(Args, Debug, Clone)]
+pub struct RedisArgs {
+    /// Redis for rate-limit counters shared by all replicas and for user
+    /// records, e.g. `redis://:PASSWORD@redis:6379/0`. When unset, AIBrix's
+    /// REDIS_HOST / REDIS_PORT (default 6379) / REDIS_PASSWORD build it;
+    /// without either, limits are counted per replica in process.
+    #[arg(long, env = "TURNSTILE_REDIS_URL", hide_env_values = true, global = true)]
+    pub redis_url: Option<String>,
+}
+
+impl RedisArgs {
+    /// The Redis URL: flag or TURNSTILE_REDIS_URL, else built from REDIS_HOST.
+    pub fn url(&self) -> Option<String> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        self.redis_url.clone().filter(|u| !u.trim().is_empty()).or_else(|| {
+            let host = env("REDIS_HOST")?;
+            Some(crate::limits::redis_store::url_from_parts(
+                host.trim(),
+                env("REDIS_PORT").as_deref(),
+                env("REDIS_PASSWORD").as_deref(),
+            ))
+        })
+    }
+}
+
+/// Model RPS caps, per-user limits and auth (contract section 5).
+#[derive(Args, Debug, Clone)]
+pub struct LimitArgs {
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// When Redis fails or is slow: `open` admits and enforces the limits per
+    /// replica in process; `closed` answers 503.
+    #[arg(long, env = "TURNSTILE_RATELIMIT_FAILURE_MODE", default_value = "open")]
+    pub ratelimit_failure_mode: crate::limits::FailureMode,
+
+    /// Longest wait for one Redis call before it counts as failed.
+    #[arg(long, env = "TURNSTILE_REDIS_TIMEOUT_MS", default_value_t = 50)]
+    pub redis_timeout_ms: u64,
+
+    /// Consecutive Redis failures after which limit checks stop waiting on
+    /// Redis (circuit open) until a probe succeeds.
+    #[arg(long, env = "TURNSTILE_REDIS_BREAKER_FAILURES", default_value_t = 3)]
+    pub redis_breaker_failures: u32,
+
+    /// Time between probes of an unreachable Redis.
+    #[arg(long, env = "TURNSTILE_REDIS_BREAKER_COOLDOWN_MS", default_value_t = 500)]
+    pub redis_breaker_cooldown_ms: u64,
+
+    /// Users and their limits: a JSON or YAML list of {name, rpm, tpm}.
+    /// Wins over records in Redis.
+    #[arg(long, env = "TURNSTILE_USERS_FILE")]
+    pub users_file: Option<std::path::PathBuf>,
+
+    /// Requests per minute of a user (header `user`) with no record or no
+    /// rpm in it. [default: no limit]
+    #[arg(long, env = "TURNSTILE_DEFAULT_USER_RPM")]
+    pub default_user_rpm: Option<u64>,
+
+    /// Tokens per minute of a user with no record or no tpm in it.
+    /// [default: no limit]
+    #[arg(long, env = "TURNSTILE_DEFAULT_USER_TPM")]
+    pub default_user_tpm: Option<u64>,
+
+    /// Require `Authorization: Bearer <token>` on the proxy listener.
+    #[arg(long, env = "AIBRIX_AUTH_BEARER_TOKEN", hide_env_values = true)]
+    pub auth_bearer_token: Option<String>,
+}
+
+impl LimitArgs {
+    /// The limiter configuration, with the users file read.
+    pub fn config(&self) -> anyhow::Result<crate::limits::LimitsConfig> {
+        let users = match &self.users_file {
+            Some(path) => crate::limits::users::load_users_file(path)?,
+            None => Vec::new(),
+        };
+        let positive = |n: Option<u64>| n.filter(|n| *n > 0);
+        Ok(crate::limits::LimitsConfig {
+            redis_url: self.redis.url(),
+            failure_mode: self.ratelimit_failure_mode,
+            redis_call_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
+            breaker_failures: self.redis_breaker_failures,
+            breaker_cool_down: Duration::from_millis(self.redis_breaker_cooldown_ms),
+            users,
+            default_user: crate::limits::UserLimits {
+                rpm: positive(self.default_user_rpm),
+                tpm: positive(self.default_user_tpm),
+            },
+            bearer_token: self.auth_bearer_token.clone(),
+        })
+    }
+}
+
+/// `turnstile users`.
+#[derive(Args, Debug, Clone)]
+pub struct UsersArgs {
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(subcommand)]
+    pub action: UsersAction,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum UsersAction {
+    /// Create or update a user; limits not given keep their stored value.
+    Set {
+        name: String,
+        /// Requests per minute (0: the gateway's default).
+        #[arg(long)]
+        rpm: Option<i64>,
+        /// Tokens per minute (0: the gateway's default).
+        #[arg(long)]
+        tpm: Option<i64>,
+    },
+    /// Print a user's record.
+    Show { name: String },
+    /// Print every user record, one JSON line each.
+    List,
+}
+
+/// Runs `turnstile users`.
+fn users_command(args: UsersArgs) -> anyhow::Result<()> {
+    use crate::limits::users;
+    let Some(url) = args.redis.url() else {
+        anyhow::bail!("no Redis configured: pass --redis-url or set REDIS_HOST");
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        match args.action {
+            UsersAction::Set { name, rpm, tpm } => {
+                let record = users::set_user(&url, &name, rpm, tpm).await?;
+                println!("{}", serde_json::to_string(&record)?);
+            }
+            UsersAction::Show { name } => match users::show_user(&url, &name).await? {
+                Some(raw) => println!("{raw}"),
+                None => anyhow::bail!("no user {name:?}"),
+            },
+            UsersAction::List => {
+                for raw in users::list_users(&url).await? {
+                    println!("{raw}");
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 impl ServeArgs {
@@ -150,12 +320,29 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Users(args) => match users_command(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("turnstile users: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Inspect(args) => match crate::kernel::inspect::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("turnstile inspect: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TURNSTILE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // TURNSTILE_LOG first; RUST_LOG is honoured too because operators expect it.
+    let filter = EnvFilter::try_from_env("TURNSTILE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
@@ -178,11 +365,33 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         body_read_timeout: Duration::from_secs(args.body_read_timeout_seconds),
         max_connect_attempts: args.max_connect_attempts.max(1),
     };
-    let upstream = Upstream::new(
+    // Kernel assist first: the upstream connector and the proxy tag sockets through it.
+    let kernel = crate::kernel::KernelAssist::start(&args.kernel, args.limits.redis.url(), &metrics, shutdown.clone())?;
+    let upstream = Upstream::with_kernel(
         Duration::from_millis(args.upstream_connect_timeout_ms),
         Duration::from_secs(args.upstream_timeout_seconds),
+        Some(Arc::clone(&kernel)),
     );
-    let proxy = Arc::new(Proxy::new(Arc::clone(&store), Arc::clone(&metrics), upstream, settings.clone()));
+    let limits_config = args.limits.config()?;
+    tracing::info!(
+        redis = limits_config.redis_url.as_deref().map(crate::limits::redis_store::redacted).as_deref(),
+        failure_mode = ?limits_config.failure_mode,
+        users_in_file = limits_config.users.len(),
+        auth = limits_config.bearer_token.is_some(),
+        "limits configured"
+    );
+    let limits = Arc::new(crate::limits::Limits::new(limits_config, Arc::clone(&metrics))?);
+    // Engine metrics of every ready pod, scraped once discovery runs.
+    let engine_metrics = Arc::new(crate::engine_metrics::EngineMetrics::new(Duration::from_millis(
+        args.engine_metrics.pod_metric_stale_ms,
+    )));
+    metrics.routing.report_pod_ages(Arc::clone(&engine_metrics) as Arc<dyn crate::metrics::PodAges>);
+    let proxy = Arc::new(
+        Proxy::new(Arc::clone(&store), Arc::clone(&metrics), upstream, settings.clone())
+            .with_limits(limits)
+            .with_routing(&args.routing, Arc::clone(&engine_metrics))
+            .with_kernel(Arc::clone(&kernel)),
+    );
     proxy
         .check_strategy(&settings.default_strategy)
         .map_err(|e| anyhow::anyhow!("--routing-algorithm / ROUTING_ALGORITHM: {e}"))?;
@@ -197,15 +406,27 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tokio::spawn(pods_file::watch(path.clone(), Arc::clone(&store), poll, shutdown.clone()));
         }
         DiscoverySource::Kubernetes => {
-            anyhow::bail!("--discovery kubernetes is not available in this build yet; use file:PATH")
+            let (store, metrics) = (Arc::clone(&store), Arc::clone(&metrics));
+            kubernetes::spawn(args.namespace.clone(), store, metrics, shutdown.clone())
+                .await
+                .context("--discovery kubernetes")?;
         }
     }
+
+    crate::engine_metrics::scraper::spawn(
+        Arc::clone(&store),
+        Arc::clone(&engine_metrics),
+        Arc::clone(&metrics),
+        (&args.engine_metrics).into(),
+        shutdown.clone(),
+    );
 
     let proxy_listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("binding proxy listener {}", args.listen))?;
     let admin_listener = TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("binding admin listener {}", args.admin_listen))?;
+    kernel.guard_port(proxy_listener.local_addr()?.port());
     tracing::info!(
         proxy = %proxy_listener.local_addr()?,
         admin = %admin_listener.local_addr()?,
@@ -218,15 +439,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_headers: args.max_headers,
         max_header_bytes: args.max_header_bytes,
     };
-    let admin = Arc::new(Admin::new(Arc::clone(&store), Arc::clone(&metrics)));
+    let admin = Arc::new(Admin::new(Arc::clone(&store), Arc::clone(&metrics)).with_kernel(Arc::clone(&kernel)));
     let proxy_shutdown = CancellationToken::new();
-    let proxy_task = tokio::spawn(listener::serve(
+    let proxy_task = tokio::spawn(listener::serve_tracked(
         "proxy",
         proxy_listener,
         limits,
         move |request, peer| Arc::clone(&proxy).handle(request, peer),
         proxy_shutdown.clone(),
         grace,
+        Some(kernel),
     ));
     let admin_for_handler = Arc::clone(&admin);
     let admin_task = tokio::spawn(listener::serve(
@@ -282,8 +504,40 @@ mod tests {
     #[test]
     fn defaults_match_the_contract() {
         let cli = Cli::try_parse_from(["turnstile", "serve"]).expect("parses");
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else { panic!("serve expected") };
         assert_eq!(args.listen.to_string(), "0.0.0.0:8888");
         assert_eq!(args.admin_listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(args.limits.ratelimit_failure_mode, crate::limits::FailureMode::Open);
+        assert_eq!(args.limits.redis_timeout_ms, 50);
+        assert_eq!((args.limits.default_user_rpm, args.limits.default_user_tpm), (None, None));
+    }
+
+    #[test]
+    fn limit_flags_and_users_subcommand_parse() {
+        let cli = Cli::try_parse_from([
+            "turnstile",
+            "serve",
+            "--redis-url",
+            "redis://127.0.0.1:6390/",
+            "--ratelimit-failure-mode",
+            "closed",
+            "--default-user-rpm",
+            "0",
+            "--default-user-tpm",
+            "1000",
+        ])
+        .expect("parses");
+        let Command::Serve(args) = cli.command else { panic!("serve expected") };
+        let config = args.limits.config().expect("config");
+        assert_eq!(config.redis_url.as_deref(), Some("redis://127.0.0.1:6390/"));
+        assert_eq!(config.failure_mode, crate::limits::FailureMode::Closed);
+        assert_eq!(config.default_user, crate::limits::UserLimits { rpm: None, tpm: Some(1000) }, "0 is no limit");
+        assert!(Cli::try_parse_from(["turnstile", "serve", "--ratelimit-failure-mode", "maybe"]).is_err());
+
+        let cli = Cli::try_parse_from(["turnstile", "users", "set", "alice", "--rpm", "3"]).expect("parses");
+        let Command::Users(UsersArgs { action: UsersAction::Set { name, rpm, tpm }, .. }) = cli.command else {
+            panic!("users set expected")
+        };
+        assert_eq!((name.as_str(), rpm, tpm), ("alice", Some(3), None));
     }
 }

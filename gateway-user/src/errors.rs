@@ -46,6 +46,8 @@ pub enum GatewayError {
     UnknownStrategy { name: String },
     #[error("routing strategy {name} is not available in this build")]
     StrategyUnavailable { name: String },
+    #[error("invalid external-filter {filter:?}: {reason}")]
+    InvalidExternalFilter { filter: String, reason: String },
     #[error("upstream {pod} failed before answering: {reason}")]
     UpstreamFailed { pod: String, reason: String },
     #[error("upstream {pod} did not answer within {timeout_seconds} s")]
@@ -56,6 +58,17 @@ pub enum GatewayError {
     MethodNotAllowed { method: String, path: String },
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    #[error("Incorrect API key provided")]
+    Unauthorized,
+    #[error("model: {model} has exceeded RPS: {limit}")]
+    ModelRpsExceeded { model: String, limit: u64 },
+    #[error("user: {user} has exceeded RPM: {limit}")]
+    UserRpmExceeded { user: String, limit: u64 },
+    #[error("user: {user} has exceeded TPM: {limit}")]
+    UserTpmExceeded { user: String, limit: u64 },
+    /// The rate-limit store (Redis) failed and the failure mode is closed.
+    #[error("rate limit store unavailable")]
+    LimitStoreUnavailable,
 }
 
 /// The body of every error the gateway itself produces.
@@ -84,11 +97,18 @@ impl GatewayError {
             | Self::NoMessages
             | Self::UnknownModel { .. }
             | Self::UnknownStrategy { .. }
-            | Self::StrategyUnavailable { .. } => StatusCode::BAD_REQUEST,
+            | Self::StrategyUnavailable { .. }
+            | Self::InvalidExternalFilter { .. } => StatusCode::BAD_REQUEST,
             Self::BodyRead { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Self::NoReadyPods { .. } | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoReadyPods { .. } | Self::ShuttingDown | Self::LimitStoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::ModelRpsExceeded { .. } | Self::UserRpmExceeded { .. } | Self::UserTpmExceeded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UnknownPath { .. } => StatusCode::NOT_FOUND,
@@ -99,7 +119,7 @@ impl GatewayError {
     /// Where the failure came from.
     pub fn origin(&self) -> Origin {
         match self {
-            Self::NoReadyPods { .. } | Self::ShuttingDown => Origin::Gateway,
+            Self::NoReadyPods { .. } | Self::ShuttingDown | Self::LimitStoreUnavailable => Origin::Gateway,
             Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } => Origin::Upstream,
             _ => Origin::Client,
         }
@@ -109,6 +129,11 @@ impl GatewayError {
     fn code(&self) -> Option<&'static str> {
         match self {
             Self::UnknownModel { .. } => Some("model_not_found"),
+            Self::Unauthorized => Some("invalid_api_key"),
+            Self::ModelRpsExceeded { .. } | Self::UserRpmExceeded { .. } | Self::UserTpmExceeded { .. } => {
+                Some("rate_limit_exceeded")
+            }
+            Self::LimitStoreUnavailable => Some("service_unavailable"),
             _ => None,
         }
     }
@@ -118,6 +143,7 @@ impl GatewayError {
         match self {
             Self::ModelMissing | Self::UnknownModel { .. } => Some("model"),
             Self::NoMessages => Some("messages"),
+            Self::Unauthorized => Some("api_key"),
             _ => None,
         }
     }
@@ -136,8 +162,14 @@ impl GatewayError {
                 Some((name("x-error-no-model-backends"), HeaderValue::from_str(model).unwrap_or(TRUE)))
             }
             Self::NoReadyPods { .. } => Some((name("x-error-no-model-backends"), TRUE)),
-            Self::UnknownStrategy { .. } | Self::StrategyUnavailable { .. } => Some((name("x-error-routing"), TRUE)),
+            Self::UnknownStrategy { .. } | Self::StrategyUnavailable { .. } | Self::InvalidExternalFilter { .. } => {
+                Some((name("x-error-routing"), TRUE))
+            }
             Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } => Some((name("x-error-upstream"), TRUE)),
+            Self::ModelRpsExceeded { .. } => Some((name("x-error-model-rps-exceeded"), TRUE)),
+            Self::UserRpmExceeded { .. } => Some((name("x-error-rpm-exceeded"), TRUE)),
+            Self::UserTpmExceeded { .. } => Some((name("x-error-tpm-exceeded"), TRUE)),
+            Self::LimitStoreUnavailable => Some((name("x-error-ratelimit-unavailable"), TRUE)),
             _ => None,
         }
     }
@@ -216,6 +248,17 @@ mod tests {
     #[case::unknown_model(GatewayError::UnknownModel { model: "m1".into() }, 400, "model m1 does not exist", "x-error-no-model-backends", "m1")]
     #[case::no_pods(GatewayError::NoReadyPods { model: "m1".into() }, 503, "no ready pods for model m1", "x-error-no-model-backends", "true")]
     #[case::bad_strategy(GatewayError::UnknownStrategy { name: "nope".into() }, 400, "incorrect routing strategy nope", "x-error-routing", "true")]
+    #[case::bad_filter(GatewayError::InvalidExternalFilter { filter: "a in b".into(), reason: "expected a list".into() }, 400, "invalid external-filter \"a in b\": expected a list", "x-error-routing", "true")]
+    #[case::model_rps(GatewayError::ModelRpsExceeded { model: "m1".into(), limit: 5 }, 429, "model: m1 has exceeded RPS: 5", "x-error-model-rps-exceeded", "true")]
+    #[case::user_rpm(GatewayError::UserRpmExceeded { user: "u".into(), limit: 3 }, 429, "user: u has exceeded RPM: 3", "x-error-rpm-exceeded", "true")]
+    #[case::user_tpm(GatewayError::UserTpmExceeded { user: "u".into(), limit: 30 }, 429, "user: u has exceeded TPM: 30", "x-error-tpm-exceeded", "true")]
+    #[case::store_closed(
+        GatewayError::LimitStoreUnavailable,
+        503,
+        "rate limit store unavailable",
+        "x-error-ratelimit-unavailable",
+        "true"
+    )]
     #[case::upstream(GatewayError::UpstreamFailed { pod: "p".into(), reason: "reset".into() }, 502, "upstream p failed before answering: reset", "x-error-upstream", "true")]
     #[tokio::test]
     async fn contract_error_table(
@@ -240,6 +283,23 @@ mod tests {
         assert_eq!(body["error"]["code"], "model_not_found");
         assert_eq!(body["error"]["param"], "model");
         assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+
+    #[tokio::test]
+    async fn rate_limit_bodies_are_exactly_the_contract() {
+        let (_, _, body) = parts(GatewayError::ModelRpsExceeded { model: "my-model".into(), limit: 50 }).await;
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"message": "model: my-model has exceeded RPS: 50", "type": "rate_limit_error",
+                "code": "rate_limit_exceeded", "param": null}})
+        );
+        let (status, _, body) = parts(GatewayError::Unauthorized).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"message": "Incorrect API key provided", "type": "authentication_error",
+                "code": "invalid_api_key", "param": "api_key"}})
+        );
     }
 
     #[tokio::test]

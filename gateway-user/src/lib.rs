@@ -1,13 +1,17 @@
 //! Turnstile: an AIBrix-compatible LLM inference gateway.
 //!
-//! The proxy (request lifecycle) calls profiles, routing and metrics; routing
-//! and profiles read the pod store; discovery feeds the pod store.
+//! The proxy (request lifecycle) calls profiles, limits, routing, kernel and metrics;
+//! routing and profiles read the pod store; discovery feeds the pod store; the
+//! kernel side (eBPF counters and fast reject) is called and never calls back.
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod admin;
 pub mod cli;
 pub mod discovery;
+pub mod engine_metrics;
 pub mod errors;
+pub mod kernel;
+pub mod limits;
 pub mod metrics;
 pub mod profiles;
 pub mod proxy;

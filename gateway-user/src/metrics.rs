@@ -13,6 +13,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+mod discovery;
+mod routing;
+pub use discovery::{DiscoveryEvent, DiscoveryMetrics};
+pub use routing::{PodAges, RoutingMetrics};
+
 /// Model label for requests that never matched a discovered model.
 pub const UNKNOWN_MODEL: &str = "unknown";
 
@@ -40,6 +45,28 @@ struct ReadinessLabels {
     ready: bool,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RateLimitLabels {
+    model: Arc<str>,
+    profile: Arc<str>,
+    /// rps | rpm | tpm
+    limit: &'static str,
+    /// allowed | limited | store_error_allowed | store_error_denied
+    decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreOpLabels {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreErrorLabels {
+    op: &'static str,
+    /// timeout | circuit_open | error
+    kind: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// All gateway metric families.
@@ -51,12 +78,41 @@ pub struct Metrics {
     request_duration: HistogramFamily<ModelLabels>,
     in_flight: Family<ModelLabels, Gauge>,
     readiness_transitions: Family<ReadinessLabels, Counter>,
+    /// Discovery source events and the age of its last sync.
+    pub discovery: DiscoveryMetrics,
+    /// Strategy fallbacks, prefix-cache hits, engine metrics scrapes.
+    pub routing: RoutingMetrics,
     invalid_configs: Family<ModelLabels, Counter>,
+    ratelimit_decisions: Family<RateLimitLabels, Counter>,
+    ratelimit_store_latency: HistogramFamily<StoreOpLabels>,
+    ratelimit_store_errors: Family<StoreErrorLabels, Counter>,
+    ratelimit_breaker_state: Gauge,
+    /// Kernel assist's series (`aibrix_gateway_kernel_*`), read at scrape time
+    /// from the eBPF maps or userspace tallies once kernel assist has started.
+    kernel: LateCollector,
+}
+
+/// A collector registered at start whose source arrives later.
+#[derive(Clone, Debug, Default)]
+struct LateCollector(Arc<std::sync::OnceLock<Box<dyn prometheus_client::collector::Collector>>>);
+
+impl prometheus_client::collector::Collector for LateCollector {
+    fn encode(&self, encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        match self.0.get() {
+            Some(collector) => collector.encode(encoder),
+            None => Ok(()),
+        }
+    }
 }
 
 fn routing_histogram() -> Histogram {
     // 1 µs .. ~16 ms: routing is in-memory work.
     Histogram::new(exponential_buckets(1e-6, 2.0, 15))
+}
+
+fn store_histogram() -> Histogram {
+    // 50 µs .. ~0.8 s: Redis answers in well under a millisecond when healthy.
+    Histogram::new(exponential_buckets(5e-5, 2.0, 15))
 }
 
 fn latency_histogram() -> Histogram {
@@ -103,12 +159,40 @@ impl Metrics {
             "Pod readiness changes seen by discovery (churn)",
             readiness_transitions.clone(),
         );
+        let discovery = DiscoveryMetrics::register(&mut registry);
+        let routing = RoutingMetrics::register(&mut registry);
         let invalid_configs = Family::default();
         registry.register(
             "aibrix_gateway_invalid_config",
             "model.aibrix.ai/config annotations ignored because they do not parse",
             invalid_configs.clone(),
         );
+        let ratelimit_decisions = Family::default();
+        registry.register(
+            "aibrix_gateway_ratelimit_decisions",
+            "Limit checks by model, profile, limit (rps, rpm, tpm) and decision",
+            ratelimit_decisions.clone(),
+        );
+        let ratelimit_store_latency: HistogramFamily<_> = Family::new_with_constructor(store_histogram);
+        registry.register(
+            "aibrix_gateway_ratelimit_store_latency_seconds",
+            "Duration of rate-limit store (Redis) calls, by operation",
+            ratelimit_store_latency.clone(),
+        );
+        let ratelimit_store_errors = Family::default();
+        registry.register(
+            "aibrix_gateway_ratelimit_store_errors",
+            "Rate-limit store calls that failed, timed out or were skipped by the open circuit",
+            ratelimit_store_errors.clone(),
+        );
+        let ratelimit_breaker_state = Gauge::default();
+        registry.register(
+            "aibrix_gateway_ratelimit_breaker_state",
+            "Circuit breaker in front of the rate-limit store: 0 closed, 1 half-open, 2 open",
+            ratelimit_breaker_state.clone(),
+        );
+        let kernel = LateCollector::default();
+        registry.register_collector(Box::new(kernel.clone()));
         Self {
             registry,
             requests,
@@ -117,8 +201,20 @@ impl Metrics {
             request_duration,
             in_flight,
             readiness_transitions,
+            discovery,
+            routing,
             invalid_configs,
+            ratelimit_decisions,
+            ratelimit_store_latency,
+            ratelimit_store_errors,
+            ratelimit_breaker_state,
+            kernel,
         }
+    }
+
+    /// Installs kernel assist's scrape-time collector (once; later calls are ignored).
+    pub fn set_kernel_collector(&self, collector: Box<dyn prometheus_client::collector::Collector>) {
+        let _ = self.kernel.0.set(collector);
     }
 
     /// Renders every family in the Prometheus text format.
@@ -160,6 +256,25 @@ impl Metrics {
 
     pub fn invalid_config(&self, model: &str) {
         self.invalid_configs.get_or_create(&ModelLabels { model: Arc::from(model) }).inc();
+    }
+
+    /// One limit check's outcome. `profile` comes from the model's config
+    /// (bounded); user ids are never labels.
+    pub fn ratelimit_decision(&self, model: &Arc<str>, profile: &str, limit: &'static str, decision: &'static str) {
+        let labels = RateLimitLabels { model: Arc::clone(model), profile: Arc::from(profile), limit, decision };
+        self.ratelimit_decisions.get_or_create(&labels).inc();
+    }
+
+    pub fn ratelimit_store_latency(&self, op: &'static str, seconds: f64) {
+        self.ratelimit_store_latency.get_or_create(&StoreOpLabels { op }).observe(seconds);
+    }
+
+    pub fn ratelimit_store_error(&self, op: &'static str, kind: &'static str) {
+        self.ratelimit_store_errors.get_or_create(&StoreErrorLabels { op, kind }).inc();
+    }
+
+    pub fn ratelimit_breaker_state(&self, value: i64) {
+        self.ratelimit_breaker_state.set(value);
     }
 }
 

@@ -196,20 +196,27 @@ pub fn resolve_strategy<'a>(
 /// Counts prompt tokens with the cl100k tokenizer AIBrix uses. The BPE tables
 /// load on first use (only `config-profile: auto` needs them).
 pub fn count_tokens(text: &str) -> i64 {
-    static BPE: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
-    let bpe = BPE.get_or_init(|| match tiktoken_rs::cl100k_base() {
-        Ok(bpe) => Some(bpe),
-        Err(err) => {
-            tracing::error!(error = %err, "cl100k tokenizer failed to load; estimating tokens from length");
-            None
-        }
-    });
-    let count = match bpe {
+    let count = match cl100k() {
         Some(bpe) => bpe.encode_ordinary(text).len(),
         // A rough, documented fallback: about four bytes per token.
         None => text.len().div_ceil(4),
     };
     i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+/// The cl100k tokenizer, loaded on first use and shared (profiles count
+/// prompt tokens with it, prefix-aware routing may hash its tokens); `None`
+/// if its tables failed to load, which is logged once.
+pub fn cl100k() -> Option<&'static tiktoken_rs::CoreBPE> {
+    static BPE: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+    BPE.get_or_init(|| match tiktoken_rs::cl100k_base() {
+        Ok(bpe) => Some(bpe),
+        Err(err) => {
+            tracing::error!(error = %err, "cl100k tokenizer failed to load; estimating tokens from length");
+            None
+        }
+    })
+    .as_ref()
 }
 
 #[cfg(test)]

@@ -236,10 +236,21 @@ pub fn pods_yaml(pods: &[PodSpec]) -> String {
     out
 }
 
+/// Where a gateway started by [`Gateway::spawn_with_discovery`] learns its pods.
+#[derive(Clone, Copy, Debug)]
+pub enum Discovery<'a> {
+    /// `--discovery file:` with these pods, polled every 50 ms.
+    PodsFile(&'a [PodSpec]),
+    /// `--discovery kubernetes` with `KUBECONFIG` set to this file (see
+    /// [`crate::fake_apiserver::FakeApiServer::write_kubeconfig`]).
+    Kubernetes { kubeconfig: &'a Path },
+}
+
 /// A running `turnstile serve` with its pods file.
 pub struct Gateway {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The pods file (not read by a gateway using Kubernetes discovery).
     pub pods_file: PathBuf,
     pub log_file: PathBuf,
     pub proc: Proc,
@@ -257,19 +268,56 @@ impl Gateway {
     /// Starts the gateway without waiting for readiness; `env` is added to
     /// its environment.
     pub fn spawn(pods: &[PodSpec], args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn_with_discovery(Discovery::PodsFile(pods), args, env)
+    }
+
+    /// Like [`Gateway::spawn`], with the discovery source chosen by the caller.
+    pub fn spawn_with_discovery(discovery: Discovery<'_>, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn_wrapped(&discovery, args, env, &[])
+    }
+
+    /// Like [`Gateway::spawn_with_discovery`], run through `wrapper` (a
+    /// program and its arguments, e.g. `setpriv ... --`), when not empty.
+    pub fn spawn_wrapped(discovery: &Discovery<'_>, args: &[&str], env: &[(&str, &str)], wrapper: &[&str]) -> Self {
         let dir = scratch_dir("gw");
         let pods_file = dir.join("pods.yaml");
-        std::fs::write(&pods_file, pods_yaml(pods)).expect("write pods file");
         let log_file = dir.join("turnstile.log");
         let log = std::fs::File::create(&log_file).expect("log file");
         let proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let child = Command::new(turnstile_bin())
-            .arg("serve")
-            .args(["--listen", &proxy.to_string(), "--admin-listen", &admin.to_string()])
-            .arg("--discovery")
-            .arg(format!("file:{}", pods_file.display()))
-            .args(["--pods-file-poll-ms", "50"])
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(turnstile_bin());
+                command
+            }
+            None => Command::new(turnstile_bin()),
+        };
+        command.arg("serve").args(["--listen", &proxy.to_string(), "--admin-listen", &admin.to_string()]);
+        match discovery {
+            Discovery::PodsFile(pods) => {
+                std::fs::write(&pods_file, pods_yaml(pods)).expect("write pods file");
+                command.arg("--discovery").arg(format!("file:{}", pods_file.display()));
+                command.args(["--pods-file-poll-ms", "50"]);
+            }
+            Discovery::Kubernetes { kubeconfig } => {
+                command.args(["--discovery", "kubernetes"]).env("KUBECONFIG", kubeconfig);
+                // Only the test's kubeconfig may decide where the API server is.
+                for var in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "TURNSTILE_NAMESPACE"] {
+                    command.env_remove(var);
+                }
+            }
+        }
+        // Kernel assist and client penalties stay out of tests that do not ask
+        // for them (flags and `env` below win): no kernel state on the host,
+        // and a rate-limit test may send many over-limit requests.
+        command.env("TURNSTILE_EBPF", "off").env("TURNSTILE_PENALTY_THRESHOLD", "0");
+        // A developer's shell must not point test gateways at its own Redis
+        // or require its token (`env` below still sets them for a test).
+        for var in ["TURNSTILE_REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "AIBRIX_AUTH_BEARER_TOKEN"] {
+            command.env_remove(var);
+        }
+        let child = command
             .args(args)
             .envs(env.iter().copied())
             .env_remove("ROUTING_ALGORITHM")
@@ -442,6 +490,105 @@ where
     while !check().await {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A throwaway `redis-server` on a free loopback port, without persistence,
+/// killed when dropped. `cargo xtask setup` installs redis-server.
+pub struct Redis {
+    pub port: u16,
+    dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Redis {
+    /// Starts a server and waits (bounded) until it answers PING.
+    pub fn start() -> Self {
+        let mut redis = Self { port: free_port(), dir: scratch_dir("redis"), proc: None };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        self.proc = None;
+    }
+
+    /// Starts the server again on the same port, empty, and waits until it answers.
+    pub fn restart(&mut self) {
+        self.proc = None;
+        let bin = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("redis-server");
+        let child = Command::new(bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--loglevel", "warning"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {bin} (install it with `cargo xtask setup`): {e}"));
+        self.proc = Some(Proc { child });
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(redis::Value::SimpleString(pong)) = self.try_cmd(&["PING"])
+                && pong == "PONG"
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server on port {} did not come up", self.port);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn try_cmd(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let client = redis::Client::open(self.url())?;
+        let mut connection = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        connection.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query(&mut connection)
+    }
+
+    /// Runs one command (a fresh connection each time: simple, and it works
+    /// across kills and restarts).
+    pub fn cmd(&self, args: &[&str]) -> redis::Value {
+        self.try_cmd(args).unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
+    }
+
+    /// An integer key's value (`None` when absent).
+    pub fn get_int(&self, key: &str) -> Option<i64> {
+        match self.cmd(&["GET", key]) {
+            redis::Value::Nil => None,
+            redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).parse().ok(),
+            other => panic!("GET {key}: {other:?}"),
+        }
+    }
+
+    /// Server time (`TIME`) as (unix seconds, microseconds).
+    pub fn time(&self) -> (u64, u64) {
+        let redis::Value::Array(parts) = self.cmd(&["TIME"]) else { panic!("TIME is an array") };
+        let number = |v: &redis::Value| match v {
+            redis::Value::BulkString(bytes) => String::from_utf8_lossy(bytes).parse::<u64>().expect("number"),
+            other => panic!("TIME part {other:?}"),
+        };
+        (number(&parts[0]), number(&parts[1]))
+    }
+
+    /// Sleeps until `offset` past the start of the next second of Redis
+    /// time, and returns that second: the window a burst sent now lands in.
+    pub async fn next_window(&self, offset: Duration) -> u64 {
+        let (second, micros) = self.time();
+        tokio::time::sleep(Duration::from_micros(1_000_000 - micros) + offset).await;
+        second + 1
     }
 }
 

@@ -62,6 +62,14 @@ async fn success_headers_and_request_id_reach_both_sides() {
     assert_eq!(request_id.len(), 36, "a UUID: {request_id}");
     assert_eq!(reply.json()["usage"]["total_tokens"].as_u64().map(|t| t > 0), Some(true));
 
+    // One access-log line per request, with the answer's usage.
+    let total_tokens = reply.json()["usage"]["total_tokens"].as_u64().expect("usage");
+    let log = gw.log();
+    let line =
+        log.lines().find(|l| l.contains(&request_id)).unwrap_or_else(|| panic!("no log line for {request_id}:\n{log}"));
+    assert!(line.contains(r#"outcome="completed""#), "{line}");
+    assert!(line.contains(&format!("total_tokens={total_tokens}")), "{line}");
+
     let upstream = engine.stats().await["last_request"].clone();
     assert_eq!(upstream["headers"]["x-request-id"], request_id.as_str());
     assert_eq!(upstream["body"]["model"], MODEL, "body forwarded unchanged");

@@ -2,6 +2,7 @@
 //!
 //! Sources feed one [`PodStore`]; routing and profiles only read the store.
 
+pub mod kubernetes;
 pub mod pod;
 pub mod pods_file;
 pub mod store;

@@ -67,7 +67,8 @@ pub enum Role {
 }
 
 /// One engine pod, immutable for the lifetime of a pod-store generation.
-#[derive(Debug)]
+/// A clone shares the original's [`PodLoad`].
+#[derive(Clone, Debug)]
 pub struct PodInfo {
     /// `namespace/name`: unique across the cluster, stable across reloads.
     pub key: String,

@@ -4,7 +4,9 @@
 //! buffering, no copies. On the way it releases the pod's in-flight slot,
 //! records time to first byte, reads token usage and writes the one log line
 //! per request, whether the response completes, the engine breaks off, or the
-//! client goes away.
+//! client goes away. When the user has a TPM limit, the answer's tokens are
+//! charged before the end of the body reaches the client, so the client's
+//! next request already sees them.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,15 +24,18 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::upstream_conn::TrackingConnector;
 use super::usage::{Usage, UsageTap};
 use crate::discovery::{InFlightGuard, PodInfo};
 use crate::errors::GatewayError;
+use crate::limits::{Settling, TokenCharge};
 use crate::metrics::{InFlightMetric, Metrics};
+use crate::routing::{TokenUsage, UsageCallback};
 
 /// Pooled HTTP/1.1 client to engine pods.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<TrackingConnector, Full<Bytes>>,
     response_timeout: Duration,
 }
 
@@ -67,6 +72,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 impl Upstream {
     pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Self {
+        Self::with_kernel(connect_timeout, response_timeout, None)
+    }
+
+    /// Like [`Upstream::new`], registering each new pod connection with
+    /// kernel assist so the proxy can tag it with its model.
+    pub fn with_kernel(
+        connect_timeout: Duration,
+        response_timeout: Duration,
+        kernel: Option<Arc<crate::kernel::KernelAssist>>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -74,7 +89,7 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+            .build(TrackingConnector::new(connector, kernel));
         Self { client, response_timeout }
     }
 
@@ -172,6 +187,10 @@ pub struct RequestRecord {
     pub routing_time: Duration,
     /// Held until the response ends: the pod's in-flight slot and gauge.
     pub guards: (InFlightGuard, InFlightMetric),
+    /// Bills `usage.total_tokens` to the user's TPM when the response ends.
+    pub token_charge: Option<TokenCharge>,
+    /// Tells the routing strategy the answer's usage (`vtc-basic` counts user tokens).
+    pub on_usage: Option<UsageCallback>,
 }
 
 /// How a proxied response ended.
@@ -199,6 +218,12 @@ pub struct TrackedBody {
     sse: bool,
     first_byte: Option<Duration>,
     record: Option<RequestRecord>,
+    /// The TPM charge in progress; the end of the body waits for it.
+    settling: Option<Settling>,
+    /// Usage read once the body ended (the tap is spent by then).
+    final_usage: Option<Usage>,
+    /// The engine's last frame, held until the TPM charge lands.
+    held_frame: Option<Frame<Bytes>>,
     done: bool,
 }
 
@@ -215,14 +240,35 @@ impl TrackedBody {
             sse,
             first_byte: None,
             record: Some(record),
+            settling: None,
+            final_usage: None,
+            held_frame: None,
             done: false,
         }
     }
 
+    /// At the end of the body: starts charging the answer's tokens, if the
+    /// user has a TPM limit and the answer reported usage.
+    fn start_settling(&mut self) -> Option<Settling> {
+        let charge = self.record.as_mut()?.token_charge.take()?;
+        self.final_usage = self.tap.finish();
+        Some(charge.settle(self.final_usage?.total_tokens))
+    }
+
     fn finish(&mut self, outcome: Outcome) {
         self.done = true;
-        let Some(record) = self.record.take() else { return };
-        let usage = if outcome == Outcome::Completed { self.tap.finish() } else { None };
+        let Some(mut record) = self.record.take() else { return };
+        let usage = self.final_usage.take().or_else(|| self.tap.finish());
+        // Broken off or abandoned: still bill the tokens the stream reported.
+        if let (Some(charge), Some(usage)) = (record.token_charge.take(), usage) {
+            charge.settle_in_background(usage.total_tokens);
+        }
+        if let Some(on_usage) = record.on_usage.take() {
+            on_usage.call(
+                usage.map(|u| TokenUsage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens }),
+            );
+        }
+        let usage = if outcome == Outcome::Completed { usage } else { None };
         log_request_end(&record, self.first_byte, usage, outcome);
         record.metrics.request_finished(&record.model, record.started.elapsed().as_secs_f64());
     }
@@ -234,40 +280,66 @@ impl Body for TrackedBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    if this.first_byte.is_none()
-                        && let Some(record) = &this.record
-                    {
-                        let elapsed = record.started.elapsed();
-                        record.metrics.upstream_first_byte(&record.model, elapsed.as_secs_f64());
-                        this.first_byte = Some(elapsed);
-                    }
-                    this.tap.observe(data);
-                }
-                Poll::Ready(Some(Ok(frame)))
+        loop {
+            if this.done {
+                return Poll::Ready(None);
             }
-            Some(Err(err)) => {
-                this.finish(Outcome::UpstreamBroken);
-                if this.sse {
-                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(SSE_UPSTREAM_ERROR)))))
-                } else {
-                    Poll::Ready(Some(Err(err)))
-                }
-            }
-            None => {
+            if let Some(settling) = &mut this.settling {
+                ready!(settling.as_mut().poll(cx));
+                this.settling = None;
                 this.finish(Outcome::Completed);
-                Poll::Ready(None)
+                // The engine's last frame was held back until the charge landed.
+                return Poll::Ready(this.held_frame.take().map(Ok));
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        if this.first_byte.is_none()
+                            && let Some(record) = &this.record
+                        {
+                            let elapsed = record.started.elapsed();
+                            record.metrics.upstream_first_byte(&record.model, elapsed.as_secs_f64());
+                            this.first_byte = Some(elapsed);
+                        }
+                        this.tap.observe(data);
+                    }
+                    // A body with a known length ends with its last frame:
+                    // hyper will not poll again, so the response ends here.
+                    if this.inner.is_end_stream() {
+                        if let Some(settling) = this.start_settling() {
+                            this.held_frame = Some(frame);
+                            this.settling = Some(settling);
+                            continue;
+                        }
+                        this.finish(Outcome::Completed);
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Some(Err(err)) => {
+                    this.finish(Outcome::UpstreamBroken);
+                    return if this.sse {
+                        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(SSE_UPSTREAM_ERROR)))))
+                    } else {
+                        Poll::Ready(Some(Err(err)))
+                    };
+                }
+                None => {
+                    if let Some(settling) = this.start_settling() {
+                        this.settling = Some(settling);
+                        continue;
+                    }
+                    this.finish(Outcome::Completed);
+                    return Poll::Ready(None);
+                }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        // Only once accounting is done: reporting the engine's end-of-stream
+        // early would let hyper drop the body before the last frame (held
+        // for a TPM charge) is sent and before the request is accounted.
+        self.done
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -277,6 +349,12 @@ impl Body for TrackedBody {
 
 impl Drop for TrackedBody {
     fn drop(&mut self) {
+        // The client left while the TPM charge was in flight: let it finish.
+        if let Some(settling) = self.settling.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(settling);
+        }
         if !self.done {
             self.finish(Outcome::ClientGone);
         }

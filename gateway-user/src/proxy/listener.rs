@@ -4,6 +4,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +17,9 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::kernel::KernelAssist;
+use crate::kernel::tagging::{ClientConn, Side, TaggedStream};
 
 /// What one client connection may send.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +54,27 @@ pub async fn serve<H, F, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    serve_tracked(name, listener, limits, handler, shutdown, grace, None).await;
+}
+
+/// [`serve`] with kernel assist: a penalised client's connection is closed
+/// right after accept, and every other one is tracked; its [`ClientConn`]
+/// travels in each request's extensions so the proxy can tag the socket with
+/// the request's model.
+pub async fn serve_tracked<H, F, B>(
+    name: &'static str,
+    listener: TcpListener,
+    limits: HttpLimits,
+    handler: H,
+    shutdown: CancellationToken,
+    grace: Duration,
+    kernel: Option<Arc<KernelAssist>>,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -77,9 +103,23 @@ pub async fn serve<H, F, B>(
                 continue;
             }
         };
+        let conn = match &kernel {
+            Some(kernel) if !kernel.admit(peer.ip()) => {
+                // Penalised: closed before anything is read, with a reset
+                // (no TIME_WAIT left behind).
+                let _ = stream.set_zero_linger();
+                continue;
+            }
+            Some(kernel) => Some(ClientConn(kernel.track(stream.as_raw_fd(), Side::Client))),
+            None => None,
+        };
         let _ = stream.set_nodelay(true);
+        let stream = TaggedStream::new(stream, conn.as_ref().map(|c| Arc::clone(&c.0)));
         let handler = handler.clone();
-        let service = service_fn(move |request| {
+        let service = service_fn(move |mut request: Request<Incoming>| {
+            if let Some(conn) = &conn {
+                request.extensions_mut().insert(conn.clone());
+            }
             let response = handler(request, peer);
             async move { Ok::<_, Infallible>(response.await) }
         });

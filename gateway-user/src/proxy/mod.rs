@@ -4,6 +4,7 @@
 pub mod forward;
 pub mod listener;
 pub mod request;
+pub mod upstream_conn;
 pub mod usage;
 
 use std::net::SocketAddr;
@@ -16,11 +17,15 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 
-use crate::discovery::{ModelPods, PodInfo, PodStore};
+use crate::discovery::{PodInfo, PodStore};
+use crate::engine_metrics::EngineMetrics;
 use crate::errors::{self, GatewayError};
+use crate::kernel::KernelAssist;
+use crate::kernel::tagging::{ClientConn, UpstreamConn};
+use crate::limits::{LimitRequest, Limits};
 use crate::metrics::{Metrics, UNKNOWN_MODEL};
-use crate::profiles::{self, RequestFeatures};
-use crate::routing::{RouteRequest, Router, StrategyError};
+use crate::profiles::{self, Profile, RequestFeatures};
+use crate::routing::{self, LabelSelector, RouteDecision, RouteRequest, Router, RoutingArgs, Strategy, StrategyError};
 use forward::{RequestRecord, SendError, TrackedBody, Upstream};
 use request::Endpoint;
 
@@ -43,9 +48,15 @@ pub struct ProxySettings {
 pub struct Proxy {
     store: Arc<PodStore>,
     router: Router,
+    /// Engine metrics of every ready pod, read by metric-driven strategies.
+    engine_metrics: Arc<EngineMetrics>,
     metrics: Arc<Metrics>,
+    limits: Arc<Limits>,
     upstream: Upstream,
     settings: ProxySettings,
+    /// Kernel assist: socket tagging and penalties for clients that keep
+    /// sending after 429 (none in embedded tests).
+    kernel: Option<Arc<KernelAssist>>,
 }
 
 /// Headers the gateway reads or sets.
@@ -58,6 +69,7 @@ mod names {
     pub const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
     pub const CHOSEN_PROFILE: HeaderName = HeaderName::from_static("x-aibrix-config-profile");
     pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    pub const USER: HeaderName = HeaderName::from_static("user");
 }
 
 /// A failed request and what was known about it when it failed.
@@ -74,7 +86,32 @@ impl From<GatewayError> for Failure {
 
 impl Proxy {
     pub fn new(store: Arc<PodStore>, metrics: Arc<Metrics>, upstream: Upstream, settings: ProxySettings) -> Self {
-        Self { store, router: Router::new(), metrics, upstream, settings }
+        let limits = Arc::new(Limits::in_process(Arc::clone(&metrics)));
+        let router = Router::new(&RoutingArgs::default(), &metrics.routing);
+        // No scraper: metric-driven strategies fall back until `with_routing`.
+        let engine_metrics = Arc::new(EngineMetrics::new(Duration::from_secs(2)));
+        Self { store, router, engine_metrics, metrics, limits, upstream, settings, kernel: None }
+    }
+
+    /// Tags sockets with their model and reports 429s to kernel assist.
+    pub fn with_kernel(mut self, kernel: Arc<KernelAssist>) -> Self {
+        self.kernel = Some(kernel);
+        self
+    }
+
+    /// Replaces the default strategy settings and the (empty) engine metrics
+    /// the strategies read.
+    pub fn with_routing(mut self, config: &RoutingArgs, engine_metrics: Arc<EngineMetrics>) -> Self {
+        self.router = Router::new(config, &self.metrics.routing);
+        self.engine_metrics = engine_metrics;
+        self
+    }
+
+    /// Replaces the default limiter (in-process model RPS caps, no users,
+    /// no auth).
+    pub fn with_limits(mut self, limits: Arc<Limits>) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Validates a strategy name at start-up, so a typo in a flag fails fast.
@@ -91,6 +128,7 @@ impl Proxy {
         let started = Instant::now();
         let request_id = request_id(request.headers());
         let path = request.uri().path().to_owned();
+        let http1 = request.version() < http::Version::HTTP_2;
         match self.serve(request, started, &request_id).await {
             Ok(response) => response,
             Err(Failure { error, model }) => {
@@ -111,6 +149,15 @@ impl Proxy {
                 );
                 let mut response = errors::respond(&error).map(Either::Left);
                 response.headers_mut().insert(names::REQUEST_ID, request_id);
+                if status == StatusCode::TOO_MANY_REQUESTS
+                    && let Some(kernel) = &self.kernel
+                {
+                    kernel.rate_limited(peer.ip());
+                    // A penalised HTTP/1 client must reconnect, and so meets the refusal.
+                    if http1 && kernel.is_penalised(peer.ip()) {
+                        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                }
                 response
             }
         }
@@ -122,7 +169,8 @@ impl Proxy {
         started: Instant,
         request_id: &HeaderValue,
     ) -> Result<Response<ProxyBody>, Failure> {
-        // Phase 1: parse.
+        // Phase 1: authenticate, then parse.
+        self.limits.authorize(request.headers())?;
         let path = request.uri().path();
         let Some(endpoint) = Endpoint::from_path(path) else {
             if path == "/v1/models" && request.method() == Method::GET {
@@ -145,6 +193,9 @@ impl Proxy {
         };
         let model_label: Arc<str> = Arc::clone(&model.name);
         let fail = |error: GatewayError| Failure { error, model: Some(Arc::clone(&model_label)) };
+        if let (Some(kernel), Some(ClientConn(conn))) = (&self.kernel, parts.extensions.get::<ClientConn>()) {
+            kernel.tag(conn, &model_label);
+        }
 
         // Phase 2: resolve profile and strategy.
         let config = model.config.as_deref();
@@ -165,15 +216,44 @@ impl Proxy {
                 StrategyError::Unavailable => GatewayError::StrategyUnavailable { name: strategy_name.to_owned() },
             })
         })?;
+        let filter = external_filter(&parts.headers).map_err(fail)?;
 
-        // Phase 3: limits (model RPS, user RPM/TPM) plug in here.
+        // Phase 3: limits: the user's RPM/TPM, then the model's RPS cap.
+        let limit_request = LimitRequest {
+            model: &model_label,
+            profile: profile.name,
+            rps_cap: profile.profile.and_then(Profile::rps_cap),
+            user: header_str(&parts.headers, &names::USER),
+        };
+        let admission = self.limits.admit(&limit_request).await.map_err(fail)?;
 
-        // Phase 4: pick a pod.
-        if model.ready.is_empty() {
+        // Phase 4: pick a pod among the ready ones the external filter
+        // leaves. A request that cannot be routed gives its quota back
+        // before answering.
+        let filtered: Vec<Arc<PodInfo>>;
+        let candidates: &[Arc<PodInfo>] = match &filter {
+            None => &model.ready,
+            Some(selector) => {
+                filtered = model.ready.iter().filter(|p| selector.matches(&p.labels)).cloned().collect();
+                &filtered
+            }
+        };
+        let route_request = RouteRequest::new(&model_label, &body)
+            .with_headers(&parts.headers)
+            .with_metrics(self.engine_metrics.view())
+            .with_prompt_extractor(request::prompt_text);
+        let mut decision = match candidates {
+            [] => RouteDecision::default(),
+            _ => self.router.route(strategy.as_ref(), &route_request, candidates),
+        };
+        let Some(mut pod) = candidates.get(decision.index).cloned() else {
+            admission.release().await;
             return Err(fail(GatewayError::NoReadyPods { model: shape.model }));
-        }
-        let route_request = RouteRequest { body: &body };
-        let mut pod = Arc::clone(&model.ready[strategy.pick(&route_request, &model.ready)]);
+        };
+        // Counted in flight at once, so the next request's strategy sees it
+        // (no window between choosing a pod and counting it, AIBrix #2422).
+        let mut reserved = Some(pod.load.start());
+        let token_charge = admission.commit();
         let routing_time = started.elapsed();
         self.metrics.routed(&model_label, strategy.name(), routing_time.as_secs_f64());
 
@@ -181,16 +261,19 @@ impl Proxy {
         // so the request moves to another ready pod.
         let mut tried: Vec<Arc<PodInfo>> = Vec::new();
         let (upstream_response, guards) = loop {
-            let guards = (pod.load.start(), self.metrics.in_flight(&model_label));
+            let guards = (reserved.take().unwrap_or_else(|| pod.load.start()), self.metrics.in_flight(&model_label));
             match self.upstream.send(&parts, body.clone(), &pod, request_id).await {
                 Ok(response) => break (response, guards),
                 Err(SendError::Connect(reason)) if tried.len() + 1 < self.settings.max_connect_attempts => {
                     tracing::warn!(pod = %pod.key, reason, "connect to pod failed; trying another pod");
                     tried.push(Arc::clone(&pod));
-                    let Some(next) = next_candidate(model, &tried, strategy.as_ref(), &route_request) else {
+                    let Some((next, next_decision)) =
+                        self.next_candidate(candidates, &tried, strategy.as_ref(), &route_request)
+                    else {
                         return Err(fail(SendError::Connect(reason).into_gateway_error(&pod)));
                     };
                     pod = next;
+                    decision = next_decision;
                 }
                 Err(err) => return Err(fail(err.into_gateway_error(&pod))),
             }
@@ -198,13 +281,22 @@ impl Proxy {
 
         // Phase 6: account while the answer streams back.
         let (mut response_parts, upstream_body) = upstream_response.into_parts();
+        if let (Some(kernel), Some(UpstreamConn(conn))) =
+            (&self.kernel, response_parts.extensions.remove::<UpstreamConn>())
+        {
+            kernel.tag(&conn, &model_label);
+        }
         forward::strip_hop_by_hop(&mut response_parts.headers);
         let status = response_parts.status.as_u16();
         self.metrics.request_done(&model_label, status);
         let headers = &mut response_parts.headers;
         headers.insert(names::TARGET_POD, header_value(&pod.name));
         headers.insert(names::TARGET_POD_IP, header_value(&pod.addr_text));
-        headers.insert(names::ROUTING_STRATEGY, HeaderValue::from_static(strategy.name()));
+        // The name as resolved: a weighted mix is echoed as written.
+        headers.insert(names::ROUTING_STRATEGY, header_value(strategy_name));
+        for (name, value) in decision.headers {
+            headers.insert(name, value);
+        }
         headers.insert(names::REQUEST_ID, request_id.clone());
         if profile.auto_selected {
             headers.insert(names::CHOSEN_PROFILE, header_value(profile.name));
@@ -221,6 +313,8 @@ impl Proxy {
             started,
             routing_time,
             guards,
+            token_charge,
+            on_usage: decision.on_usage,
         };
         let body = TrackedBody::new(upstream_body, content_type.as_deref(), record);
         Ok(Response::from_parts(response_parts, Either::Right(body)))
@@ -245,20 +339,38 @@ impl Proxy {
     }
 }
 
-/// The next pod to try after connection failures: the strategy's choice
-/// among the ready pods not tried yet.
-fn next_candidate(
-    model: &ModelPods,
-    tried: &[Arc<PodInfo>],
-    strategy: &dyn crate::routing::Strategy,
-    request: &RouteRequest<'_>,
-) -> Option<Arc<PodInfo>> {
-    let rest: Vec<Arc<PodInfo>> =
-        model.ready.iter().filter(|p| !tried.iter().any(|t| t.key == p.key)).cloned().collect();
-    if rest.is_empty() {
-        return None;
+impl Proxy {
+    /// The next pod to try after connection failures: the strategy's choice
+    /// among the candidates not tried yet.
+    fn next_candidate(
+        &self,
+        candidates: &[Arc<PodInfo>],
+        tried: &[Arc<PodInfo>],
+        strategy: &dyn Strategy,
+        request: &RouteRequest<'_>,
+    ) -> Option<(Arc<PodInfo>, RouteDecision)> {
+        let rest: Vec<Arc<PodInfo>> =
+            candidates.iter().filter(|p| !tried.iter().any(|t| t.key == p.key)).cloned().collect();
+        if rest.is_empty() {
+            return None;
+        }
+        let decision = self.router.route(strategy, request, &rest);
+        Some((rest.get(decision.index).cloned()?, decision))
     }
-    Some(Arc::clone(&rest[strategy.pick(request, &rest)]))
+}
+
+/// The `external-filter` label selector, if the request has one.
+fn external_filter(headers: &http::HeaderMap) -> Result<Option<LabelSelector>, GatewayError> {
+    let Some(value) = headers.get(&routing::headers::EXTERNAL_FILTER) else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| GatewayError::InvalidExternalFilter {
+        filter: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        reason: "not visible ASCII".to_owned(),
+    })?;
+    LabelSelector::parse(text)
+        .map(Some)
+        .map_err(|reason| GatewayError::InvalidExternalFilter { filter: text.to_owned(), reason })
 }
 
 fn header_str<'a>(headers: &'a http::HeaderMap, name: &HeaderName) -> Option<&'a str> {

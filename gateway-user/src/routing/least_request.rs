@@ -1,11 +1,12 @@
 //! `least-request`: the pod with the fewest requests in flight through this
 //! gateway, ties broken at random. The count is the gateway's own (taken when
 //! a request is routed, released when its response ends), so it reacts to a
-//! burst at once instead of waiting for the next engine metrics scrape.
+//! burst at once instead of waiting for the next engine metrics scrape. It is
+//! also what every other strategy falls back to.
 
 use std::sync::Arc;
 
-use super::{RouteRequest, Strategy, least_in_flight};
+use super::{RouteRequest, Strategy, Unscored, least_in_flight};
 use crate::discovery::PodInfo;
 
 pub struct LeastRequest;
@@ -15,22 +16,29 @@ impl Strategy for LeastRequest {
         "least-request"
     }
 
-    fn pick(&self, _request: &RouteRequest<'_>, candidates: &[Arc<PodInfo>]) -> usize {
-        least_in_flight(candidates)
+    fn score(&self, _: &RouteRequest<'_>, candidates: &[Arc<PodInfo>], scores: &mut Vec<f64>) -> Result<(), Unscored> {
+        scores.clear();
+        scores.extend(candidates.iter().map(|pod| pod.load.in_flight() as f64));
+        Ok(())
+    }
+
+    fn pick(&self, _request: &RouteRequest<'_>, candidates: &[Arc<PodInfo>]) -> Result<usize, Unscored> {
+        Ok(least_in_flight(candidates))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::test_support::pod;
+    use crate::routing::test_support::*;
 
     #[test]
     fn picks_least_loaded() {
         let (a, _ga) = pod(0, 3);
         let (b, _gb) = pod(1, 1);
         let (c, _gc) = pod(2, 2);
-        assert_eq!(LeastRequest.pick(&RouteRequest::default(), &[a, b, c]), 1);
+        let model = model();
+        assert_eq!(LeastRequest.pick(&RouteRequest::new(&model, b"{}"), &[a, b, c]), Ok(1));
     }
 
     #[test]
@@ -39,27 +47,36 @@ mod tests {
         let (b, _gb) = pod(1, 1);
         let (c, _gc) = pod(2, 4);
         let pods = [a, b, c];
-        let mut seen = [0usize; 3];
-        for _ in 0..400 {
-            seen[LeastRequest.pick(&RouteRequest::default(), &pods)] += 1;
-        }
+        let model = model();
+        let request = RouteRequest::new(&model, b"{}");
+        let seen = spread(3, 400, || LeastRequest.pick(&request, &pods).expect("picks"));
         assert_eq!(seen[2], 0);
         assert!(seen[0] > 100 && seen[1] > 100, "ties not shared: {seen:?}");
     }
 
     #[test]
     fn follows_load_as_it_changes() {
-        let (a, _ga) = pod(0, 0);
-        let (b, _gb) = pod(1, 0);
-        let pods = [a, b];
+        let pods = pods(2);
+        let model = model();
+        let request = RouteRequest::new(&model, b"{}");
         // Route four requests holding each one open: they alternate.
         let mut guards = Vec::new();
         let mut counts = [0; 2];
         for _ in 0..4 {
-            let i = LeastRequest.pick(&RouteRequest::default(), &pods);
+            let i = LeastRequest.pick(&request, &pods).expect("picks");
             counts[i] += 1;
             guards.push(pods[i].load.start());
         }
         assert_eq!(counts, [2, 2]);
+    }
+
+    #[test]
+    fn scores_are_in_flight_counts() {
+        let (a, _ga) = pod(0, 2);
+        let (b, _gb) = pod(1, 0);
+        let model = model();
+        let mut scores = Vec::new();
+        LeastRequest.score(&RouteRequest::new(&model, b"{}"), &[a, b], &mut scores).expect("scores");
+        assert_eq!(scores, [2.0, 0.0]);
     }
 }

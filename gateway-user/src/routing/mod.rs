@@ -1,15 +1,49 @@
 //! Routing: choosing one ready pod for a request.
 //!
 //! Every strategy is one file implementing [`Strategy`] and one line in
-//! [`Router::new`]. Strategies choose from state; they never forward.
+//! [`Router::new`]. Strategies choose from state (the gateway's in-flight
+//! counts, the engine metrics snapshot, their own indexes); they never do IO
+//! and never forward.
+//!
+//! A strategy scores the candidates, lower is better, and the default pick is
+//! the lowest score, ties going to the pod with fewer requests in flight,
+//! then to chance. Scores are what the weighted mix `name:weight,...`
+//! combines. A strategy whose inputs are missing (no fresh engine metrics,
+//! no `user` header...) says why; the [`Router`] then routes by least-request,
+//! counts the fallback and logs it (rate-limited).
 
+mod config;
+mod filter;
+mod mix;
+mod prefix_index;
+
+mod least_busy_time;
+mod least_gpu_cache;
+mod least_kv_cache;
+mod least_latency;
 mod least_request;
+mod least_utilization;
+mod power_of_two;
+mod prefix_cache;
+mod prefix_cache_preble;
 mod random;
+mod session_affinity;
+mod throughput;
+mod vtc_basic;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+use http::header::{HeaderName, HeaderValue};
+
+pub use config::{PrefixTokenizer, RoutingArgs};
+pub use filter::LabelSelector;
 
 use crate::discovery::PodInfo;
+use crate::engine_metrics::{MetricsView, PodMetrics, Reading};
+use crate::metrics::RoutingMetrics;
 
 /// Every strategy name of contract section 4, recognised whether or not this
 /// build implements it, so that a typo (400 `incorrect routing strategy`) is
@@ -31,73 +65,329 @@ pub const KNOWN_STRATEGIES: &[&str] = &[
     "pd",
 ];
 
+/// Request headers strategies read.
+pub mod headers {
+    use http::header::HeaderName;
+    /// The user, for `vtc-basic` (and limits).
+    pub const USER: HeaderName = HeaderName::from_static("user");
+    /// `session-affinity`: base64 of the `IP:port` of the pod to stay on.
+    pub const SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
+    /// `session-affinity`: any key, mapped to a pod by rendezvous hashing.
+    pub const SESSION_KEY: HeaderName = HeaderName::from_static("x-aibrix-session-key");
+    /// A label selector restricting the candidate pods.
+    pub const EXTERNAL_FILTER: HeaderName = HeaderName::from_static("external-filter");
+}
+
+/// Why a strategy could not score a request. The label of
+/// `aibrix_gateway_routing_fallbacks_total{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Unscored {
+    /// A candidate has no engine metrics (never scraped, or the series its
+    /// score needs is not exported).
+    MetricsMissing,
+    /// A candidate's engine metrics are older than the staleness cut-off.
+    MetricsStale,
+    /// `vtc-basic` without a `user` header.
+    NoUser,
+    /// `session-affinity` without a usable `x-session-id` or `x-aibrix-session-key`.
+    NoSession,
+    /// The strategy has no scores (random, power-of-two).
+    NotScorable,
+}
+
+impl Unscored {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MetricsMissing => "metrics_missing",
+            Self::MetricsStale => "metrics_stale",
+            Self::NoUser => "no_user",
+            Self::NoSession => "no_session",
+            Self::NotScorable => "not_scorable",
+        }
+    }
+}
+
 /// What a strategy may look at besides the pods.
-#[derive(Debug, Default, Clone, Copy)]
 pub struct RouteRequest<'a> {
-    /// The request body, for strategies that hash the prompt.
+    /// The model, as discovered (a bounded metric label).
+    pub model: &'a Arc<str>,
+    /// The request body.
     pub body: &'a [u8],
+    /// Header `user`.
+    pub user: Option<&'a str>,
+    /// Header `x-session-id`.
+    pub session_id: Option<&'a str>,
+    /// Header `x-aibrix-session-key`.
+    pub session_key: Option<&'a str>,
+    /// Every pod's engine metrics as of this request.
+    pub metrics: MetricsView,
+    prompt_of: fn(&[u8]) -> String,
+    prompt: OnceLock<String>,
+    prefix_hashes: OnceLock<Vec<u64>>,
+}
+
+impl<'a> RouteRequest<'a> {
+    /// A request for `model` with `body`; headers and metrics are added with
+    /// the `with_*` methods. The prompt is the body itself until
+    /// [`Self::with_prompt_extractor`] says how to find it.
+    pub fn new(model: &'a Arc<str>, body: &'a [u8]) -> Self {
+        Self {
+            model,
+            body,
+            user: None,
+            session_id: None,
+            session_key: None,
+            metrics: MetricsView::empty(),
+            prompt_of: |body| String::from_utf8_lossy(body).into_owned(),
+            prompt: OnceLock::new(),
+            prefix_hashes: OnceLock::new(),
+        }
+    }
+
+    /// Reads the headers strategies use.
+    pub fn with_headers(mut self, map: &'a HeaderMap) -> Self {
+        let text = |name: &HeaderName| map.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        self.user = text(&headers::USER).filter(|u| !u.is_empty());
+        self.session_id = text(&headers::SESSION_ID).filter(|s| !s.is_empty());
+        self.session_key = text(&headers::SESSION_KEY).filter(|s| !s.is_empty());
+        self
+    }
+
+    /// The engine metrics strategies read.
+    pub fn with_metrics(mut self, metrics: MetricsView) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// How to find the prompt text in the body (run at most once, and only
+    /// when a strategy asks for the prompt).
+    pub fn with_prompt_extractor(mut self, extract: fn(&[u8]) -> String) -> Self {
+        self.prompt_of = extract;
+        self
+    }
+
+    /// The prompt text.
+    pub fn prompt(&self) -> &str {
+        self.prompt.get_or_init(|| (self.prompt_of)(self.body))
+    }
+
+    /// The prompt's chained block hashes, computed once per request by
+    /// whichever prefix-aware strategy asks first (they share one hasher).
+    fn prefix_hashes(&self, hasher: &prefix_index::PrefixHasher) -> &[u64] {
+        self.prefix_hashes.get_or_init(|| hasher.hashes(self.prompt()))
+    }
+
+    /// Engine metrics of `pod`, or why there are none.
+    pub fn pod_metrics(&self, pod: &PodInfo) -> Result<Arc<PodMetrics>, Unscored> {
+        match self.metrics.reading(&pod.key) {
+            Reading::Fresh(metrics) => Ok(metrics),
+            Reading::Stale => Err(Unscored::MetricsStale),
+            Reading::Missing => Err(Unscored::MetricsMissing),
+        }
+    }
+}
+
+/// Token counts of a finished answer, as reported in its `usage`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// Called once when the response ends, with its usage if it reported one.
+pub struct UsageCallback(Box<dyn FnOnce(Option<TokenUsage>) + Send + Sync>);
+
+impl UsageCallback {
+    pub fn new(f: impl FnOnce(Option<TokenUsage>) + Send + Sync + 'static) -> Self {
+        Self(Box::new(f))
+    }
+
+    pub fn call(self, usage: Option<TokenUsage>) {
+        (self.0)(usage)
+    }
+}
+
+impl std::fmt::Debug for UsageCallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UsageCallback")
+    }
+}
+
+/// The outcome of routing: the chosen candidate and what goes back to the
+/// proxy with it.
+#[derive(Debug, Default)]
+pub struct RouteDecision {
+    /// Index into the candidates.
+    pub index: usize,
+    /// Response headers the strategy sets (`x-session-id`).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Told the answer's token usage when it ends (`vtc-basic`).
+    pub on_usage: Option<UsageCallback>,
 }
 
 /// One routing strategy.
 pub trait Strategy: Send + Sync {
-    /// The name clients use in `routing-strategy`.
+    /// The name clients use in `routing-strategy`; the metric label.
     fn name(&self) -> &'static str;
 
-    /// Picks one of `candidates` (never empty, all ready) and returns its index.
-    fn pick(&self, request: &RouteRequest<'_>, candidates: &[Arc<PodInfo>]) -> usize;
+    /// Replaces `scores` with one score per candidate, lower is better, or
+    /// says why the request cannot be scored.
+    fn score(
+        &self,
+        request: &RouteRequest<'_>,
+        candidates: &[Arc<PodInfo>],
+        scores: &mut Vec<f64>,
+    ) -> Result<(), Unscored>;
+
+    /// Picks one of `candidates` (never empty, all ready). By default the
+    /// lowest score, ties to fewer in flight, then at random.
+    fn pick(&self, request: &RouteRequest<'_>, candidates: &[Arc<PodInfo>]) -> Result<usize, Unscored> {
+        let mut scores = Vec::with_capacity(candidates.len());
+        self.score(request, candidates, &mut scores)?;
+        lowest(&scores, candidates).ok_or(Unscored::NotScorable)
+    }
+
+    /// Runs once the pod is chosen, whoever chose it (this strategy, a mix
+    /// holding it, or the fallback): indexes learn, headers are set.
+    fn chosen(&self, _request: &RouteRequest<'_>, _pod: &PodInfo, _decision: &mut RouteDecision) {}
+
+    /// Whether the strategy may be part of a weighted mix.
+    fn mixable(&self) -> bool {
+        true
+    }
 }
 
 /// Why a strategy name cannot be used.
 #[derive(Debug, PartialEq, Eq)]
 pub enum StrategyError {
-    /// Not a strategy name at all.
+    /// Not a strategy name at all, or a malformed weighted mix.
     Unknown,
-    /// A contract strategy this build does not implement yet.
+    /// A contract strategy this build does not implement (`pd`).
     Unavailable,
 }
 
-/// The registry of implemented strategies.
+/// Counts fallbacks and logs each (strategy, reason) at most every ten seconds.
+struct Fallbacks {
+    metrics: RoutingMetrics,
+    /// Per (strategy, reason): when it was last logged, and how many since.
+    logged: Mutex<HashMap<(&'static str, Unscored), LogState>>,
+}
+
+const FALLBACK_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// When a fallback was last logged, and how many were not logged since.
+type LogState = (Option<Instant>, u64);
+
+impl Fallbacks {
+    fn record(&self, strategy: &'static str, reason: Unscored) {
+        self.metrics.fallback(strategy, reason.as_str());
+        let suppressed = {
+            let mut logged = self.logged.lock().unwrap_or_else(PoisonError::into_inner);
+            let entry = logged.entry((strategy, reason)).or_insert((None, 0));
+            if entry.0.is_some_and(|at| at.elapsed() < FALLBACK_LOG_INTERVAL) {
+                entry.1 += 1;
+                return;
+            }
+            let suppressed = entry.1;
+            *entry = (Some(Instant::now()), 0);
+            suppressed
+        };
+        tracing::warn!(
+            strategy,
+            reason = reason.as_str(),
+            suppressed,
+            "routing strategy cannot score this request; routed by least-request instead"
+        );
+    }
+}
+
+/// The registry of strategies, and where requests are routed.
 pub struct Router {
     strategies: HashMap<&'static str, Arc<dyn Strategy>>,
+    /// Parsed weighted mixes by their text, so each distinct string is parsed once.
+    mixes: Mutex<HashMap<String, Arc<dyn Strategy>>>,
+    fallbacks: Arc<Fallbacks>,
 }
+
+/// Distinct weighted-mix strings kept parsed; beyond this they are parsed per request.
+const MAX_CACHED_MIXES: usize = 256;
 
 impl Router {
-    pub fn new() -> Self {
-        let all: Vec<Arc<dyn Strategy>> = vec![Arc::new(random::Random), Arc::new(least_request::LeastRequest)];
-        Self { strategies: all.into_iter().map(|s| (s.name(), s)).collect() }
+    pub fn new(config: &RoutingArgs, metrics: &RoutingMetrics) -> Self {
+        let hasher = Arc::new(prefix_index::PrefixHasher::new(config));
+        let all: Vec<Arc<dyn Strategy>> = vec![
+            Arc::new(random::Random),
+            Arc::new(least_request::LeastRequest),
+            Arc::new(least_busy_time::LeastBusyTime),
+            Arc::new(least_latency::LeastLatency),
+            Arc::new(least_kv_cache::LeastKvCache),
+            Arc::new(least_gpu_cache::LeastGpuCache),
+            Arc::new(least_utilization::LeastUtilization),
+            Arc::new(throughput::Throughput),
+            Arc::new(power_of_two::PowerOfTwo),
+            Arc::new(prefix_cache::PrefixCache::new(config, Arc::clone(&hasher), metrics.clone())),
+            Arc::new(prefix_cache_preble::PrefixCachePreble::new(config, hasher, metrics.clone())),
+            Arc::new(vtc_basic::VtcBasic::new(config)),
+            Arc::new(session_affinity::SessionAffinity),
+        ];
+        let fallbacks = Arc::new(Fallbacks { metrics: metrics.clone(), logged: Mutex::new(HashMap::new()) });
+        Self { strategies: all.into_iter().map(|s| (s.name(), s)).collect(), mixes: Mutex::default(), fallbacks }
     }
 
-    /// Looks up a strategy by the name a client, profile or flag gave.
-    pub fn strategy(&self, name: &str) -> Result<&Arc<dyn Strategy>, StrategyError> {
+    /// Looks up a strategy by the name a client, profile or flag gave: one
+    /// of [`KNOWN_STRATEGIES`] or a weighted mix `name:weight,name:weight`.
+    pub fn strategy(&self, name: &str) -> Result<Arc<dyn Strategy>, StrategyError> {
         if let Some(strategy) = self.strategies.get(name) {
-            return Ok(strategy);
+            return Ok(Arc::clone(strategy));
         }
-        if KNOWN_STRATEGIES.contains(&name) || is_weighted_mix(name) {
-            Err(StrategyError::Unavailable)
-        } else {
-            Err(StrategyError::Unknown)
+        if KNOWN_STRATEGIES.contains(&name) {
+            return Err(StrategyError::Unavailable);
         }
+        if !(name.contains(',') || name.contains(':')) {
+            return Err(StrategyError::Unknown);
+        }
+        if let Some(mix) = self.mixes.lock().unwrap_or_else(PoisonError::into_inner).get(name) {
+            return Ok(Arc::clone(mix));
+        }
+        let mix: Arc<dyn Strategy> =
+            Arc::new(mix::WeightedMix::parse(name, &self.strategies, Arc::clone(&self.fallbacks))?);
+        let mut cache = self.mixes.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() < MAX_CACHED_MIXES {
+            cache.insert(name.to_owned(), Arc::clone(&mix));
+        }
+        Ok(mix)
+    }
+
+    /// Chooses among `candidates` (never empty) with `strategy`, falling back
+    /// to least-request when it cannot score the request.
+    pub fn route(
+        &self,
+        strategy: &dyn Strategy,
+        request: &RouteRequest<'_>,
+        candidates: &[Arc<PodInfo>],
+    ) -> RouteDecision {
+        let index = match strategy.pick(request, candidates) {
+            Ok(index) if index < candidates.len() => index,
+            Ok(_) => {
+                self.fallbacks.record(strategy.name(), Unscored::NotScorable);
+                least_in_flight(candidates)
+            }
+            Err(reason) => {
+                self.fallbacks.record(strategy.name(), reason);
+                least_in_flight(candidates)
+            }
+        };
+        let mut decision = RouteDecision { index, headers: Vec::new(), on_usage: None };
+        if let Some(pod) = candidates.get(index) {
+            strategy.chosen(request, pod, &mut decision);
+        }
+        decision
     }
 }
 
-impl Default for Router {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// `name:weight,name:weight` with known names and non-negative weights.
-fn is_weighted_mix(spec: &str) -> bool {
-    (spec.contains(',') || spec.contains(':')) && {
-        spec.split(',').all(|part| {
-            let (name, weight) = part.split_once(':').unwrap_or((part, "1"));
-            KNOWN_STRATEGIES.contains(&name.trim()) && weight.trim().parse::<f64>().is_ok_and(|w| w >= 0.0)
-        })
-    }
-}
-
-/// Index of the pod with the fewest requests in flight; ties broken at random
-/// so equal pods share the load instead of the first one taking it all.
+/// Index of the pod with the fewest requests in flight through this
+/// gateway; ties broken at random so equal pods share the load instead of
+/// the first one taking it all.
 pub(crate) fn least_in_flight(candidates: &[Arc<PodInfo>]) -> usize {
     let mut best = 0;
     let mut best_load = usize::MAX;
@@ -117,6 +407,66 @@ pub(crate) fn least_in_flight(candidates: &[Arc<PodInfo>]) -> usize {
         }
     }
     best
+}
+
+/// Index of the lowest score; scores within a hair of each other tie, and
+/// ties go to fewer in flight, then at random. `None` when `scores` does not
+/// hold one finite score per candidate.
+pub(crate) fn lowest(scores: &[f64], candidates: &[Arc<PodInfo>]) -> Option<usize> {
+    if scores.len() != candidates.len() || scores.iter().any(|s| s.is_nan()) {
+        return None;
+    }
+    let min = scores.iter().copied().fold(f64::INFINITY, f64::min);
+    let tolerance = 1e-9 * min.abs().max(1.0);
+    let mut best = None;
+    let mut best_load = usize::MAX;
+    let mut ties = 0u32;
+    for (i, (score, pod)) in scores.iter().zip(candidates).enumerate() {
+        if *score > min + tolerance {
+            continue;
+        }
+        let load = pod.load.in_flight();
+        if load < best_load {
+            (best, best_load, ties) = (Some(i), load, 1);
+        } else if load == best_load {
+            ties += 1;
+            if rand::random_range(0..ties) == 0 {
+                best = Some(i);
+            }
+        }
+    }
+    best
+}
+
+/// Scores in whole steps above the lowest. Engine metrics are up to a scrape
+/// interval old and every request routed since is missing from them, so
+/// strategies compare them at a resolution below which differences are
+/// noise: pods within a step of the best tie and the live in-flight count
+/// decides, instead of every request herding onto whichever pod read lowest.
+pub(crate) fn coarsen(scores: &mut [f64], step: f64) {
+    let min = scores.iter().copied().fold(f64::INFINITY, f64::min);
+    if step > 0.0 && min.is_finite() {
+        for score in scores.iter_mut() {
+            *score = ((*score - min) / step).floor();
+        }
+    }
+}
+
+/// Scores every candidate from its fresh engine metrics; a candidate whose
+/// metrics are stale, missing, or lack what `score` reads makes the request
+/// unscorable (the router falls back rather than guess).
+pub(crate) fn score_by_metrics(
+    request: &RouteRequest<'_>,
+    candidates: &[Arc<PodInfo>],
+    scores: &mut Vec<f64>,
+    score: impl Fn(&PodMetrics, &PodInfo) -> Option<f64>,
+) -> Result<(), Unscored> {
+    scores.clear();
+    for pod in candidates {
+        let metrics = request.pod_metrics(pod)?;
+        scores.push(score(&metrics, pod).filter(|s| s.is_finite()).ok_or(Unscored::MetricsMissing)?);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -148,22 +498,133 @@ pub(crate) mod test_support {
         };
         (Arc::new(info), guards)
     }
+
+    /// `n` idle pods `p0..p<n>` (their in-flight guards are dropped).
+    pub fn pods(n: u16) -> Vec<Arc<PodInfo>> {
+        (0..n).map(|i| pod(i, 0).0).collect()
+    }
+
+    /// The model name tests route for.
+    pub fn model() -> Arc<str> {
+        Arc::from("m")
+    }
+
+    /// Engine metrics scraped just now, filled in by `fill`.
+    pub fn fresh(fill: impl FnOnce(&mut PodMetrics)) -> PodMetrics {
+        let mut metrics = PodMetrics::empty(Instant::now());
+        fill(&mut metrics);
+        metrics
+    }
+
+    /// Engine metrics scraped a minute ago (past any staleness cut-off).
+    pub fn stale(fill: impl FnOnce(&mut PodMetrics)) -> PodMetrics {
+        let now = Instant::now();
+        let mut metrics = PodMetrics::empty(now.checked_sub(Duration::from_secs(60)).unwrap_or(now));
+        fill(&mut metrics);
+        metrics
+    }
+
+    /// A view holding `metrics[i]` for pod `p<i>` (`None`: never scraped).
+    pub fn view(metrics: Vec<Option<PodMetrics>>) -> MetricsView {
+        let readings = metrics.into_iter().enumerate().filter_map(|(i, m)| Some((format!("default/p{i}"), m?)));
+        MetricsView::fixed(readings, Duration::from_secs(2))
+    }
+
+    /// A router with default settings and throw-away metrics.
+    pub fn router() -> Router {
+        Router::new(&RoutingArgs::default(), &crate::metrics::Metrics::new().routing)
+    }
+
+    /// How often each of `n` pods is chosen over `rounds` picks.
+    pub fn spread(n: usize, rounds: usize, mut pick: impl FnMut() -> usize) -> Vec<usize> {
+        let mut seen = vec![0; n];
+        for _ in 0..rounds {
+            seen[pick()] += 1;
+        }
+        seen
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::test_support::*;
     use super::*;
 
     #[test]
-    fn registry_tells_unknown_from_unavailable() {
-        let router = Router::new();
-        assert_eq!(router.strategy("random").map(|s| s.name()).ok(), Some("random"));
-        assert_eq!(router.strategy("least-request").map(|s| s.name()).ok(), Some("least-request"));
+    fn every_contract_name_but_pd_is_available() {
+        let router = router();
+        for name in KNOWN_STRATEGIES {
+            let found = router.strategy(name);
+            if *name == "pd" {
+                assert_eq!(found.err(), Some(StrategyError::Unavailable));
+            } else {
+                assert_eq!(found.map(|s| s.name()).ok(), Some(*name));
+            }
+        }
         assert_eq!(router.strategy("nope").err(), Some(StrategyError::Unknown));
         assert_eq!(router.strategy("Random").err(), Some(StrategyError::Unknown));
-        assert_eq!(router.strategy("prefix-cache").err(), Some(StrategyError::Unavailable));
-        assert_eq!(router.strategy("least-request:1,throughput:2").err(), Some(StrategyError::Unavailable));
+        assert_eq!(router.strategy("least-request:1,throughput:2").map(|s| s.name()).ok(), Some("weighted-mix"));
         assert_eq!(router.strategy("least-request:1,bogus:2").err(), Some(StrategyError::Unknown));
         assert_eq!(router.strategy("least-request:x").err(), Some(StrategyError::Unknown));
+    }
+
+    #[test]
+    fn mixes_are_parsed_once_per_distinct_string() {
+        let router = router();
+        let a = router.strategy("least-request:1,least-kv-cache:1").expect("valid");
+        let b = router.strategy("least-request:1,least-kv-cache:1").expect("valid");
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn lowest_breaks_ties_by_in_flight_then_chance() {
+        let (a, _ga) = pod(0, 2);
+        let (b, _gb) = pod(1, 0);
+        let (c, _gc) = pod(2, 0);
+        let pods = [a, b, c];
+        assert_eq!(lowest(&[1.0, 1.0, 2.0], &pods), Some(1), "tie on score, fewer in flight wins");
+        let seen = spread(3, 300, || lowest(&[1.0, 1.0, 1.0], &pods).expect("a pick"));
+        assert_eq!(seen[0], 0);
+        assert!(seen[1] > 100 && seen[2] > 100, "{seen:?}");
+        assert_eq!(lowest(&[1.0, f64::NAN, 2.0], &pods), None);
+        assert_eq!(lowest(&[1.0], &pods), None, "one score per candidate");
+    }
+
+    #[test]
+    fn unscorable_requests_fall_back_to_least_request_and_are_counted() {
+        let metrics = crate::metrics::Metrics::new();
+        let router = Router::new(&RoutingArgs::default(), &metrics.routing);
+        let (busy, _g) = pod(0, 3);
+        let pods = [busy, pod(1, 0).0];
+        let model = model();
+        // No engine metrics at all: least-kv-cache cannot score.
+        let request = RouteRequest::new(&model, b"{}");
+        let strategy = router.strategy("least-kv-cache").expect("registered");
+        for _ in 0..5 {
+            assert_eq!(router.route(strategy.as_ref(), &request, &pods).index, 1);
+        }
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                r#"aibrix_gateway_routing_fallbacks_total{strategy="least-kv-cache",reason="metrics_missing"} 5"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn request_reads_headers_and_extracts_the_prompt_once() {
+        let mut map = HeaderMap::new();
+        map.insert("user", HeaderValue::from_static(" alice "));
+        map.insert("x-session-id", HeaderValue::from_static(""));
+        map.insert("x-aibrix-session-key", HeaderValue::from_static("k1"));
+        let model = model();
+        let request = RouteRequest::new(&model, br#"{"prompt":"hi"}"#)
+            .with_headers(&map)
+            .with_prompt_extractor(|body| format!("extracted {}", body.len()));
+        assert_eq!(request.user, Some("alice"));
+        assert_eq!(request.session_id, None, "blank header is absent");
+        assert_eq!(request.session_key, Some("k1"));
+        assert_eq!(request.prompt(), "extracted 15");
     }
 }

@@ -37,6 +37,24 @@ pub struct MockEngineArgs {
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=MAX_DELAY_MS))]
     pub itl_ms: u64,
 
+    /// Time to first token added per other request already running when a request starts:
+    /// a busier batch prefills more slowly.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=MAX_DELAY_MS * 1000))]
+    pub ttft_per_running_us: u64,
+
+    /// Time to first token added per prompt token not found in the prefix cache.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=MAX_DELAY_MS * 1000))]
+    pub ttft_per_uncached_token_us: u64,
+
+    /// Prefix cache size in blocks of `--prefix-block-tokens` tokens; 0 turns it off (every
+    /// prompt token counts as uncached).
+    #[arg(long, default_value_t = 0)]
+    pub prefix_cache_blocks: u64,
+
+    /// Tokens (words) per prefix cache block.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub prefix_block_tokens: u32,
+
     /// Completion tokens when the request names no `max_tokens` / `max_completion_tokens`.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_COMPLETION_TOKENS)))]
     pub tokens: u32,
@@ -86,6 +104,7 @@ mod tests {
         assert_eq!(args.tokens, 16);
         assert_eq!(args.max_running, 256);
         assert_eq!(args.listen.port(), 0);
+        assert_eq!((args.ttft_per_running_us, args.ttft_per_uncached_token_us, args.prefix_cache_blocks), (0, 0, 0));
 
         let args = MockEngineArgs::parse_from(["mock-engine", "--model", "a", "--model", "b"]);
         assert_eq!(args.models, ["a", "b"]);

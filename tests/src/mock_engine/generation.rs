@@ -17,14 +17,25 @@ use tokio::time::{Instant, Sleep};
 use super::load::{LoadModel, RunningSlot};
 use super::metrics::EngineMetrics;
 
-/// How long a request takes once it runs. Constant today; the place to make it depend on
-/// prompt length or batch size for routing-quality benchmarks.
+/// How long a request takes once it runs: the time to first token grows with the batch it
+/// joins (and, decided before it runs, with the prompt tokens it must compute).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenTiming {
-    /// From the start of running to the first token.
+    /// From the start of running to the first token, in an otherwise empty batch.
     pub ttft: Duration,
     /// Between two tokens.
     pub itl: Duration,
+    /// Added to the time to first token per other request running when this one starts.
+    pub per_running: Duration,
+}
+
+impl TokenTiming {
+    /// When the first token is due for a request starting to run now, `running` requests
+    /// (itself included) in the batch.
+    fn first_token_due(&self, running: u64) -> Instant {
+        let others = u32::try_from(running.saturating_sub(1)).unwrap_or(u32::MAX);
+        Instant::now() + self.ttft + self.per_running.saturating_mul(others)
+    }
 }
 
 type Admission = Pin<Box<dyn Future<Output = RunningSlot> + Send>>;
@@ -37,6 +48,7 @@ enum Phase {
 
 /// A request being generated. Dropping it early (client gone, fault) frees its slot.
 pub struct Generation {
+    load: Arc<LoadModel>,
     metrics: Arc<EngineMetrics>,
     timing: TokenTiming,
     arrival: Instant,
@@ -60,10 +72,11 @@ impl Generation {
         completion_tokens: u32,
     ) -> Self {
         let phase = match load.try_admit(prompt_tokens) {
-            Some(slot) => Phase::Running { slot, first_token_due: Instant::now() + timing.ttft },
+            Some(slot) => Phase::Running { slot, first_token_due: timing.first_token_due(load.snapshot().running) },
             None => Phase::Queued(Box::pin(load.admit(prompt_tokens))),
         };
         Self {
+            load: Arc::clone(load),
             metrics,
             timing,
             arrival,
@@ -94,7 +107,8 @@ impl Generation {
                 Phase::Finished => return Poll::Ready(None),
                 Phase::Queued(admission) => {
                     let slot = ready!(admission.as_mut().poll(cx));
-                    self.phase = Phase::Running { slot, first_token_due: Instant::now() + self.timing.ttft };
+                    let first_token_due = self.timing.first_token_due(self.load.snapshot().running);
+                    self.phase = Phase::Running { slot, first_token_due };
                     continue;
                 }
                 Phase::Running { first_token_due, .. } => *first_token_due,
@@ -160,7 +174,28 @@ mod tests {
     use super::*;
 
     fn timing(ttft_ms: u64, itl_ms: u64) -> TokenTiming {
-        TokenTiming { ttft: Duration::from_millis(ttft_ms), itl: Duration::from_millis(itl_ms) }
+        TokenTiming {
+            ttft: Duration::from_millis(ttft_ms),
+            itl: Duration::from_millis(itl_ms),
+            per_running: Duration::ZERO,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busier_batch_delays_the_first_token() {
+        let load = Arc::new(LoadModel::new(4, 100));
+        let metrics = Arc::new(EngineMetrics::default());
+        let timing = TokenTiming { per_running: Duration::from_millis(5), ..timing(10, 1) };
+        let start = Instant::now();
+        let mut first = Generation::start(&load, Arc::clone(&metrics), timing, start, 1, 1);
+        let mut second = Generation::start(&load, Arc::clone(&metrics), timing, start, 1, 1);
+        let mut third = Generation::start(&load, Arc::clone(&metrics), timing, start, 1, 1);
+        first.run_to_end().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(10), "alone in the batch");
+        second.run_to_end().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(15), "one other running");
+        third.run_to_end().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(20), "two others running");
     }
 
     fn metric(metrics: &EngineMetrics, series: &str) -> String {

@@ -89,7 +89,15 @@ pub async fn handle(
         Endpoint::Embeddings => 0,
         _ => request.completion_tokens(state.default_completion_tokens),
     };
-    let timing = TokenTiming { ttft: faults.ttft(), itl: faults.itl() };
+    // Prompt tokens the prefix cache holds cost no prefill time.
+    let cached_tokens = state.prefix_cache.lookup_and_insert(&body).min(prompt_tokens);
+    state.metrics.prefix_cache_lookup(prompt_tokens, cached_tokens);
+    let uncached = u32::try_from(prompt_tokens - cached_tokens).unwrap_or(u32::MAX);
+    let timing = TokenTiming {
+        ttft: faults.ttft().saturating_add(state.ttft_per_uncached_token.saturating_mul(uncached)),
+        itl: faults.itl(),
+        per_running: state.ttft_per_running,
+    };
     let mut generation =
         Generation::start(&state.load, Arc::clone(&state.metrics), timing, arrival, prompt_tokens, completion_tokens);
     let completion = Completion::new(&state.ids, endpoint, model, completion_tokens);

@@ -31,6 +31,8 @@ pub struct EngineMetrics {
     prompt_tokens: AtomicU64,
     generation_tokens: AtomicU64,
     request_success: AtomicU64,
+    prefix_cache_queries: AtomicU64,
+    prefix_cache_hits: AtomicU64,
     time_to_first_token: Histogram,
     time_per_output_token: Histogram,
     e2e_request_latency: Histogram,
@@ -42,6 +44,8 @@ impl Default for EngineMetrics {
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             request_success: AtomicU64::new(0),
+            prefix_cache_queries: AtomicU64::new(0),
+            prefix_cache_hits: AtomicU64::new(0),
             time_to_first_token: Histogram::new(TTFT_BUCKETS),
             time_per_output_token: Histogram::new(TPOT_BUCKETS),
             e2e_request_latency: Histogram::new(E2E_BUCKETS),
@@ -60,6 +64,12 @@ impl EngineMetrics {
     /// time to first token.
     pub fn prompt_processed(&self, prompt_tokens: u64) {
         self.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
+    }
+
+    /// A prompt of `queried` tokens was looked up in the prefix cache, `hits` of them found.
+    pub fn prefix_cache_lookup(&self, queried: u64, hits: u64) {
+        self.prefix_cache_queries.fetch_add(queried, Ordering::Relaxed);
+        self.prefix_cache_hits.fetch_add(hits, Ordering::Relaxed);
     }
 
     /// One token was generated.
@@ -111,6 +121,18 @@ impl EngineMetrics {
                 "Count of successfully processed requests.",
                 &self.request_success,
                 ",finished_reason=\"length\"",
+            ),
+            (
+                "vllm:prefix_cache_queries_total",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                &self.prefix_cache_queries,
+                "",
+            ),
+            (
+                "vllm:prefix_cache_hits_total",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                &self.prefix_cache_hits,
+                "",
             ),
         ];
         for (name, help, counter, extra_labels) in counters {
@@ -243,7 +265,10 @@ mod tests {
         metrics.token_generated();
         metrics.token_generated();
         metrics.request_succeeded(Duration::from_millis(400));
+        metrics.prefix_cache_lookup(12, 8);
         let text = metrics.render("m", idle());
+        assert_eq!(sample(&text, r#"vllm:prefix_cache_queries_total{model_name="m"}"#), "12");
+        assert_eq!(sample(&text, r#"vllm:prefix_cache_hits_total{model_name="m"}"#), "8");
 
         let labels = r#"{model_name="m"}"#;
         assert_eq!(sample(&text, &format!("vllm:prompt_tokens_total{labels}")), "10");

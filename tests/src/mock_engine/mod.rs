@@ -3,8 +3,9 @@
 //! It speaks the OpenAI endpoints a vLLM pod serves (`/v1/chat/completions`,
 //! `/v1/completions`, `/v1/embeddings`, `/v1/responses`, `/v1/models`, `/health`) and
 //! exports vLLM's `/metrics` series from a small load model: a running batch of bounded
-//! size, a FIFO queue before it, a KV cache filled by running requests, and fixed token
-//! timing. Faults (error status, connection reset, hang) and timing can be switched at run
+//! size, a FIFO queue before it, a KV cache filled by running requests, a prefix cache, and
+//! token timing where the time to first token can grow with the batch and with the prompt
+//! tokens the prefix cache did not hold. Faults (error status, connection reset, hang) and timing can be switched at run
 //! time through `POST /mock/faults`; `GET /mock/stats` reports the traffic received.
 //!
 //! Layout, in request order: `server` accepts connections (`connection` can end them with a
@@ -22,6 +23,7 @@ mod inference;
 mod load;
 mod metrics;
 mod openai;
+mod prefix;
 mod request;
 mod server;
 mod state;
@@ -39,6 +41,7 @@ pub use faults::{Faults, FaultsPatch};
 pub use generation::TokenTiming;
 pub use load::{LoadModel, LoadSnapshot, RunningSlot};
 pub use metrics::EngineMetrics;
+pub use prefix::PrefixCache;
 pub use request::{Endpoint, InferenceRequest, InputCount, WordCount};
 
 use state::EngineState;

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use http::{HeaderName, HeaderValue, Response, StatusCode, header};
@@ -12,6 +13,7 @@ use super::faults::{FaultSwitch, Faults};
 use super::load::LoadModel;
 use super::metrics::EngineMetrics;
 use super::openai::{ErrorBody, ResponseIds};
+use super::prefix::PrefixCache;
 use super::stats::RequestStats;
 
 /// Names the engine on every response, so tests see which pod answered.
@@ -37,6 +39,12 @@ pub struct EngineState {
     pub metrics: Arc<EngineMetrics>,
     /// Inference request counts for `/mock/stats`.
     pub stats: Arc<RequestStats>,
+    /// Prompt blocks computed recently.
+    pub prefix_cache: PrefixCache,
+    /// Time to first token added per other running request.
+    pub ttft_per_running: Duration,
+    /// Time to first token added per uncached prompt token.
+    pub ttft_per_uncached_token: Duration,
     /// Response ids.
     pub ids: ResponseIds,
 }
@@ -57,6 +65,9 @@ impl EngineState {
             load: Arc::new(LoadModel::new(args.max_running, args.kv_capacity_tokens)),
             metrics: Arc::new(EngineMetrics::default()),
             stats: Arc::new(RequestStats::default()),
+            prefix_cache: PrefixCache::new(args.prefix_cache_blocks, args.prefix_block_tokens),
+            ttft_per_running: Duration::from_micros(args.ttft_per_running_us),
+            ttft_per_uncached_token: Duration::from_micros(args.ttft_per_uncached_token_us),
             ids: ResponseIds::new(),
         })
     }

@@ -1,0 +1,291 @@
+//! Engine metrics: what each ready pod's inference engine reports about
+//! itself on `/metrics`, scraped in the background and read lock-free by
+//! routing strategies.
+//!
+//! The [`scraper`] runs one small task per ready pod (every 50 ms by default,
+//! `AIBRIX_POD_METRIC_REFRESH_INTERVAL_MS`), with a timeout per scrape and a
+//! bound on scrapes in flight. Each task turns the text into [`PodMetrics`]
+//! ([`parse`] reads vLLM or SGLang names by the pod's engine label, [`window`]
+//! turns cumulative histograms and counters into recent means and rates) and
+//! publishes it in the pod's slot. A request loads the slot map once
+//! ([`EngineMetrics::view`]) and reads each candidate's latest metrics; past
+//! the staleness cut-off they count as missing.
+
+mod names;
+mod parse;
+pub mod scraper;
+mod window;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use clap::Args;
+
+use crate::metrics::PodAges;
+
+/// Scraper settings (`turnstile serve` flags).
+#[derive(Args, Debug, Clone)]
+pub struct EngineMetricsArgs {
+    /// How often each ready pod's `/metrics` is scraped, in milliseconds.
+    #[arg(long, env = "AIBRIX_POD_METRIC_REFRESH_INTERVAL_MS", default_value_t = 50)]
+    pub pod_metric_refresh_interval_ms: u64,
+
+    /// Time one scrape may take (connect and body) before it counts as failed.
+    #[arg(long, env = "TURNSTILE_POD_METRIC_TIMEOUT_MS", default_value_t = 1000)]
+    pub pod_metric_timeout_ms: u64,
+
+    /// Age after which a pod's last scrape counts as missing for routing.
+    #[arg(long, env = "TURNSTILE_POD_METRIC_STALE_MS", default_value_t = 2000)]
+    pub pod_metric_stale_ms: u64,
+
+    /// Most scrapes in flight at once, over all pods.
+    #[arg(long, env = "TURNSTILE_POD_METRIC_CONCURRENCY", default_value_t = 16)]
+    pub pod_metric_concurrency: usize,
+
+    /// Length of the recent window histogram means and token rates are taken over.
+    #[arg(long, env = "TURNSTILE_POD_METRIC_WINDOW_SECONDS", default_value_t = 5)]
+    pub pod_metric_window_seconds: u64,
+}
+
+impl Default for EngineMetricsArgs {
+    fn default() -> Self {
+        Self {
+            pod_metric_refresh_interval_ms: 50,
+            pod_metric_timeout_ms: 1000,
+            pod_metric_stale_ms: 2000,
+            pod_metric_concurrency: 16,
+            pod_metric_window_seconds: 5,
+        }
+    }
+}
+
+/// What one pod's engine reported at its last scrape, with recent-window
+/// means and rates. `None` where the engine exports no such series (or, for
+/// means, where no request finished within the window).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodMetrics {
+    pub scraped_at: Instant,
+    /// Requests in the running batch.
+    pub running: Option<f64>,
+    /// Requests queued for the batch.
+    pub waiting: Option<f64>,
+    /// KV cache in use, 0..1 (`vllm:kv_cache_usage_perc`, else the v0 name).
+    pub kv_cache_usage: Option<f64>,
+    /// GPU KV cache in use, 0..1 (`vllm:gpu_cache_usage_perc`, else the v1 name).
+    pub gpu_cache_usage: Option<f64>,
+    /// Mean time to first token, seconds, over the window.
+    pub time_to_first_token: Option<f64>,
+    /// Mean time per output token, seconds, over the window.
+    pub time_per_output_token: Option<f64>,
+    /// Mean end-to-end request latency, seconds, over the window.
+    pub e2e_latency: Option<f64>,
+    /// Mean queueing time, seconds, over the window (newer engines only).
+    pub queue_time: Option<f64>,
+    /// Prompt tokens processed per second over the window.
+    pub prompt_tokens_per_second: Option<f64>,
+    /// Tokens generated per second over the window.
+    pub generation_tokens_per_second: Option<f64>,
+    /// Tokens generated per finished request over the window.
+    pub generation_tokens_per_request: Option<f64>,
+    /// Share of the window with at least one request running.
+    pub busy_fraction: Option<f64>,
+    /// Prompt tokens found in the engine's prefix cache over those looked up.
+    pub prefix_cache_hit_rate: Option<f64>,
+}
+
+impl PodMetrics {
+    /// Metrics of a pod that reported nothing but a scrape time; tests fill
+    /// in the fields they need.
+    pub fn empty(scraped_at: Instant) -> Self {
+        Self {
+            scraped_at,
+            running: None,
+            waiting: None,
+            kv_cache_usage: None,
+            gpu_cache_usage: None,
+            time_to_first_token: None,
+            time_per_output_token: None,
+            e2e_latency: None,
+            queue_time: None,
+            prompt_tokens_per_second: None,
+            generation_tokens_per_second: None,
+            generation_tokens_per_request: None,
+            busy_fraction: None,
+            prefix_cache_hit_rate: None,
+        }
+    }
+}
+
+/// The latest metrics of one pod, written by its scrape task only.
+#[derive(Debug)]
+pub struct PodSlot {
+    model: Arc<str>,
+    latest: ArcSwapOption<PodMetrics>,
+}
+
+impl PodSlot {
+    fn new(model: &str) -> Self {
+        Self { model: Arc::from(model), latest: ArcSwapOption::empty() }
+    }
+
+    fn publish(&self, metrics: PodMetrics) {
+        self.latest.store(Some(Arc::new(metrics)));
+    }
+}
+
+type Slots = HashMap<String, Arc<PodSlot>>;
+
+/// Every scraped pod's latest metrics, keyed by pod key (`namespace/name`).
+#[derive(Debug)]
+pub struct EngineMetrics {
+    slots: ArcSwap<Slots>,
+    stale_after: Duration,
+    /// Serialises the scraper's slot-map updates (request paths never take it).
+    writer: Mutex<()>,
+}
+
+impl EngineMetrics {
+    /// An empty store whose readings go stale after `stale_after`.
+    pub fn new(stale_after: Duration) -> Self {
+        Self { slots: ArcSwap::from_pointee(HashMap::new()), stale_after, writer: Mutex::new(()) }
+    }
+
+    /// What a request reads: one atomic load, then plain lookups.
+    pub fn view(&self) -> MetricsView {
+        MetricsView {
+            source: ViewSource::Slots(self.slots.load_full()),
+            now: Instant::now(),
+            stale_after: self.stale_after,
+        }
+    }
+
+    /// The slot of `key`, created if the pod is new. Used by the scraper.
+    fn slot(&self, key: &str, model: &str) -> Arc<PodSlot> {
+        let _guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.slots.load();
+        if let Some(slot) = current.get(key).filter(|s| &*s.model == model) {
+            return Arc::clone(slot);
+        }
+        let slot = Arc::new(PodSlot::new(model));
+        let mut next: Slots = (**current).clone();
+        next.insert(key.to_owned(), Arc::clone(&slot));
+        self.slots.store(Arc::new(next));
+        slot
+    }
+
+    /// Keeps only the slots of `keys` (pods that left lose their state).
+    fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let _guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.slots.load();
+        if current.keys().all(|k| keep(k)) {
+            return;
+        }
+        let next: Slots = current.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), Arc::clone(v))).collect();
+        self.slots.store(Arc::new(next));
+    }
+}
+
+impl PodAges for EngineMetrics {
+    fn visit(&self, visit: &mut dyn FnMut(&str, &str, f64)) {
+        let now = Instant::now();
+        for (key, slot) in self.slots.load().iter() {
+            if let Some(latest) = slot.latest.load().as_ref() {
+                visit(&slot.model, key, now.saturating_duration_since(latest.scraped_at).as_secs_f64());
+            }
+        }
+    }
+}
+
+/// One pod's metrics as a request sees them.
+#[derive(Clone, Debug)]
+pub enum Reading {
+    /// Scraped within the staleness cut-off.
+    Fresh(Arc<PodMetrics>),
+    /// Last scraped longer ago than the cut-off.
+    Stale,
+    /// Never scraped successfully (or not scraped at all).
+    Missing,
+}
+
+#[derive(Clone, Debug)]
+enum ViewSource {
+    Slots(Arc<Slots>),
+    /// Fixed readings, for strategy tests.
+    Fixed(Arc<HashMap<String, Arc<PodMetrics>>>),
+}
+
+/// The engine metrics of every pod at the moment a request is routed.
+#[derive(Clone, Debug)]
+pub struct MetricsView {
+    source: ViewSource,
+    now: Instant,
+    stale_after: Duration,
+}
+
+impl MetricsView {
+    /// A view with no metrics at all (every pod reads as missing).
+    pub fn empty() -> Self {
+        Self::fixed(std::iter::empty(), Duration::from_secs(2))
+    }
+
+    /// A view of fixed readings, staleness judged against now.
+    pub fn fixed(pods: impl IntoIterator<Item = (String, PodMetrics)>, stale_after: Duration) -> Self {
+        let map = pods.into_iter().map(|(k, m)| (k, Arc::new(m))).collect();
+        Self { source: ViewSource::Fixed(Arc::new(map)), now: Instant::now(), stale_after }
+    }
+
+    /// The metrics of the pod `key`.
+    pub fn reading(&self, key: &str) -> Reading {
+        let latest = match &self.source {
+            ViewSource::Slots(slots) => slots.get(key).and_then(|slot| slot.latest.load_full()),
+            ViewSource::Fixed(map) => map.get(key).cloned(),
+        };
+        match latest {
+            None => Reading::Missing,
+            Some(m) if self.now.saturating_duration_since(m.scraped_at) > self.stale_after => Reading::Stale,
+            Some(m) => Reading::Fresh(m),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_are_fresh_stale_or_missing() {
+        let now = Instant::now();
+        let old = now.checked_sub(Duration::from_secs(10)).unwrap_or(now);
+        let view = MetricsView::fixed(
+            [("ns/a".to_owned(), PodMetrics::empty(now)), ("ns/b".to_owned(), PodMetrics::empty(old))],
+            Duration::from_secs(2),
+        );
+        assert!(matches!(view.reading("ns/a"), Reading::Fresh(_)));
+        assert!(matches!(view.reading("ns/b"), Reading::Stale));
+        assert!(matches!(view.reading("ns/c"), Reading::Missing));
+    }
+
+    #[test]
+    fn slots_follow_pods_and_report_ages() {
+        let store = EngineMetrics::new(Duration::from_secs(2));
+        let a = store.slot("ns/a", "m");
+        let b = store.slot("ns/b", "m");
+        assert!(Arc::ptr_eq(&a, &store.slot("ns/a", "m")), "same pod, same slot");
+        assert!(matches!(store.view().reading("ns/a"), Reading::Missing), "not scraped yet");
+        a.publish(PodMetrics { running: Some(3.0), ..PodMetrics::empty(Instant::now()) });
+        b.publish(PodMetrics::empty(Instant::now()));
+        let Reading::Fresh(m) = store.view().reading("ns/a") else { panic!("fresh") };
+        assert_eq!(m.running, Some(3.0));
+        let mut ages = Vec::new();
+        store.visit(&mut |model, pod, age| ages.push((model.to_owned(), pod.to_owned(), age)));
+        ages.sort_by(|x, y| x.1.cmp(&y.1));
+        assert_eq!(ages.len(), 2);
+        assert!(ages.iter().all(|(model, _, age)| model == "m" && *age < 1.0));
+
+        store.retain(|key| key == "ns/b");
+        assert!(matches!(store.view().reading("ns/a"), Reading::Missing), "pod left, state dropped");
+        assert!(matches!(store.view().reading("ns/b"), Reading::Fresh(_)));
+    }
+}

@@ -1,0 +1,618 @@
+//! Limits (contract section 5): model RPS caps per (model, profile), per-user
+//! RPM/TPM keyed by the `user` header, and optional bearer auth.
+//!
+//! The proxy calls [`Limits::authorize`] before reading the body and
+//! [`Limits::admit`] in its limit phase. Admission returns an [`Admission`]:
+//! the counted requests, to roll back if routing fails, and a
+//! [`TokenCharge`] that bills the answer's tokens to the user's TPM when the
+//! response ends.
+//!
+//! Counters live in Redis when `--redis-url` is set (shared by all replicas,
+//! windows from Redis time, each check one atomic script), else in process.
+//! Redis failures are handled in `counters.rs`: timeout, circuit breaker, then
+//! fail open to the in-process backstop or fail closed with 503.
+
+pub mod auth;
+pub mod breaker;
+mod counters;
+pub mod local_store;
+pub mod redis_store;
+pub mod users;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+
+use crate::errors::GatewayError;
+use crate::metrics::Metrics;
+pub use auth::BearerAuth;
+use counters::{Counters, Placement, Served, Shared};
+pub use users::{UserDirectory, UserRecord};
+
+/// What to do when Redis cannot answer a limit check in time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Admit, enforcing the limits per replica with the in-process backstop.
+    #[default]
+    Open,
+    /// Refuse with 503.
+    Closed,
+}
+
+impl std::str::FromStr for FailureMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "open" => Ok(Self::Open),
+            "closed" => Ok(Self::Closed),
+            other => Err(format!("expected `open` or `closed`, got `{other}`")),
+        }
+    }
+}
+
+/// A user's limits; `None` is no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserLimits {
+    /// Requests per minute.
+    pub rpm: Option<u64>,
+    /// Tokens (`usage.total_tokens`) per minute.
+    pub tpm: Option<u64>,
+}
+
+impl UserLimits {
+    pub fn any(&self) -> bool {
+        self.rpm.is_some() || self.tpm.is_some()
+    }
+}
+
+/// One user check handed to a store.
+#[derive(Clone, Copy, Debug)]
+pub struct UserCheck<'a> {
+    pub user: &'a str,
+    /// Limits to apply when the user has no Redis record (or it is not read).
+    pub limits: UserLimits,
+    /// Read the user's `aibrix-users/<user>` record, whose limits win.
+    pub lookup_record: bool,
+}
+
+/// A counted request: its counter and window, for a rollback.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// Counter key without the window.
+    pub key: String,
+    /// The window (store-specific number) the request was counted in.
+    pub window: u64,
+}
+
+/// Answer to a window check.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WindowVerdict {
+    Admitted(Slot),
+    Limited,
+}
+
+/// Answer to a user check. Refused requests are not counted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UserVerdict {
+    /// Within both limits; the RPM slot when RPM is limited.
+    Admitted {
+        limits: UserLimits,
+        rpm_slot: Option<Slot>,
+    },
+    RpmExceeded {
+        limit: u64,
+    },
+    TpmExceeded {
+        limit: u64,
+    },
+}
+
+/// Why the counter store did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("circuit open after repeated failures")]
+    CircuitOpen,
+    #[error("{0}")]
+    Redis(String),
+}
+
+impl StoreError {
+    /// Metric label value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Timeout(_) => "timeout",
+            Self::CircuitOpen => "circuit_open",
+            Self::Redis(_) => "error",
+        }
+    }
+}
+
+/// Fixed-window counters. Every check-and-count is one atomic step in the
+/// store, so concurrent requests (and replicas sharing the store) never
+/// admit more than the limit.
+pub trait CounterStore: Send + Sync {
+    /// Counts one request in the current 1-second window of `key`, unless
+    /// `limit` requests are counted there already.
+    fn admit_window(&self, key: &str, limit: u64) -> impl Future<Output = Result<WindowVerdict, StoreError>> + Send;
+
+    /// Checks the user's RPM and TPM in the current minute and counts the
+    /// request against RPM when both allow it.
+    fn admit_user(&self, check: &UserCheck<'_>) -> impl Future<Output = Result<UserVerdict, StoreError>> + Send;
+
+    /// Takes back one counted request (routing failed after admission).
+    fn release(&self, slot: &Slot) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Adds an answer's tokens to the user's TPM counter of the current minute.
+    fn charge_tokens(&self, user: &str, tokens: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Model RPS counter of a (model, profile), without the window second.
+pub fn rps_counter_key(model: &str, profile: &str) -> String {
+    format!("aibrix_model:{model}:{profile}:rps")
+}
+
+/// A user's RPM counter (AIBrix's name), without the minute bin.
+pub fn rpm_counter_key(user: &str) -> String {
+    format!("aibrix:{user}_RPM_CURRENT")
+}
+
+/// A user's TPM counter (AIBrix's name), without the minute bin.
+pub fn tpm_counter_key(user: &str) -> String {
+    format!("aibrix:{user}_TPM_CURRENT")
+}
+
+/// A user's record (AIBrix's name).
+pub fn user_record_key(user: &str) -> String {
+    format!("aibrix-users/{user}")
+}
+
+/// Which limit a decision is about (metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitKind {
+    Rps,
+    Rpm,
+    Tpm,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rps => "rps",
+            Self::Rpm => "rpm",
+            Self::Tpm => "tpm",
+        }
+    }
+}
+
+/// How a limit check ended (metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allowed,
+    Limited,
+    /// Redis failed; admitted (fail-open).
+    StoreErrorAllowed,
+    /// Redis failed; refused (fail-closed).
+    StoreErrorDenied,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Limited => "limited",
+            Self::StoreErrorAllowed => "store_error_allowed",
+            Self::StoreErrorDenied => "store_error_denied",
+        }
+    }
+}
+
+/// Settings of the limiter.
+#[derive(Clone, Debug)]
+pub struct LimitsConfig {
+    /// Shared counters; `None` counts in process (per replica).
+    pub redis_url: Option<String>,
+    pub failure_mode: FailureMode,
+    /// Bound of one Redis call.
+    pub redis_call_timeout: Duration,
+    /// Consecutive Redis failures that open the circuit.
+    pub breaker_failures: u32,
+    /// Time the circuit stays open before a probe.
+    pub breaker_cool_down: Duration,
+    /// Users from a users file (win over Redis records).
+    pub users: Vec<UserRecord>,
+    /// Limits of users without a record.
+    pub default_user: UserLimits,
+    /// Required `Authorization: Bearer` token; `None` disables auth.
+    pub bearer_token: Option<String>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            failure_mode: FailureMode::Open,
+            redis_call_timeout: Duration::from_millis(50),
+            breaker_failures: 3,
+            breaker_cool_down: Duration::from_millis(500),
+            users: Vec::new(),
+            default_user: UserLimits::default(),
+            bearer_token: None,
+        }
+    }
+}
+
+/// What the limit phase knows about a request.
+#[derive(Clone, Copy, Debug)]
+pub struct LimitRequest<'a> {
+    /// Discovered model name (metric label and counter key).
+    pub model: &'a Arc<str>,
+    /// Resolved profile name.
+    pub profile: &'a str,
+    /// The profile's `requestsPerSecond`, when it caps.
+    pub rps_cap: Option<u64>,
+    /// The `user` header.
+    pub user: Option<&'a str>,
+}
+
+/// The gateway's limits.
+pub struct Limits {
+    auth: Option<BearerAuth>,
+    users: UserDirectory,
+    counters: Arc<Counters>,
+    metrics: Arc<Metrics>,
+}
+
+impl Limits {
+    /// Builds the limiter. With a Redis URL this must run inside the tokio
+    /// runtime; it does not connect (the first check does), so the gateway
+    /// starts while Redis is down.
+    pub fn new(config: LimitsConfig, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let LimitsConfig {
+            redis_url,
+            failure_mode,
+            redis_call_timeout,
+            breaker_failures,
+            breaker_cool_down,
+            users,
+            default_user,
+            bearer_token,
+        } = config;
+        let shared = match redis_url {
+            Some(url) => Some(Shared {
+                store: redis_store::RedisStore::connect_lazily(&url, redis_call_timeout)?,
+                breaker: breaker::Breaker::new(breaker_failures, breaker_cool_down),
+                call_timeout: redis_call_timeout,
+            }),
+            None => None,
+        };
+        let users = UserDirectory::new(&users, default_user, shared.is_some());
+        Ok(Self {
+            auth: BearerAuth::new(bearer_token.as_deref()),
+            users,
+            counters: Arc::new(Counters::new(shared, failure_mode, Arc::clone(&metrics))),
+            metrics,
+        })
+    }
+
+    /// In-process limiter with no users and no auth: model RPS caps still apply.
+    pub fn in_process(metrics: Arc<Metrics>) -> Self {
+        let counters = Arc::new(Counters::new(None, FailureMode::Open, Arc::clone(&metrics)));
+        Self { auth: None, users: UserDirectory::new(&[], UserLimits::default(), false), counters, metrics }
+    }
+
+    /// Bearer auth, when configured.
+    pub fn authorize(&self, headers: &HeaderMap) -> Result<(), GatewayError> {
+        match &self.auth {
+            Some(auth) if !auth.allows(headers) => Err(GatewayError::Unauthorized),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks and counts the user's RPM/TPM, then the model's RPS cap. On
+    /// refusal nothing stays counted.
+    pub async fn admit(&self, request: &LimitRequest<'_>) -> Result<Admission, GatewayError> {
+        let mut admission = Admission { counters: Arc::clone(&self.counters), held: Vec::new(), charge: None };
+        if let Some(user) = request.user.filter(|u| !u.is_empty())
+            && let Some(check) = self.users.check(user)
+        {
+            let served = self.counters.admit_user(&check, || self.users.backstop_check(user)).await;
+            let (verdict, placement, decision) = match served {
+                Served::Counted { value, placement } => {
+                    if let (UserVerdict::Admitted { limits, .. }, Placement::Shared) = (&value, placement) {
+                        self.users.remember(user, *limits);
+                    }
+                    (value, placement, Decision::Allowed)
+                }
+                Served::Backstop(value) => (value, Placement::Local, Decision::StoreErrorAllowed),
+                Served::Unavailable => {
+                    let kind = if check.limits.rpm.is_none() && check.limits.tpm.is_some() {
+                        LimitKind::Tpm
+                    } else {
+                        LimitKind::Rpm
+                    };
+                    self.decided(request, kind, Decision::StoreErrorDenied);
+                    return Err(GatewayError::LimitStoreUnavailable);
+                }
+            };
+            match verdict {
+                UserVerdict::Admitted { limits, rpm_slot } => {
+                    if limits.rpm.is_some() {
+                        self.decided(request, LimitKind::Rpm, decision);
+                    }
+                    if limits.tpm.is_some() {
+                        self.decided(request, LimitKind::Tpm, decision);
+                        admission.charge =
+                            Some(TokenCharge { counters: Arc::clone(&self.counters), user: user.to_owned() });
+                    }
+                    admission.held.extend(rpm_slot.map(|slot| (slot, placement)));
+                }
+                UserVerdict::RpmExceeded { limit } => {
+                    self.decided(request, LimitKind::Rpm, Decision::Limited);
+                    return Err(GatewayError::UserRpmExceeded { user: user.to_owned(), limit });
+                }
+                UserVerdict::TpmExceeded { limit } => {
+                    self.decided(request, LimitKind::Tpm, Decision::Limited);
+                    return Err(GatewayError::UserTpmExceeded { user: user.to_owned(), limit });
+                }
+            }
+        }
+
+        if let Some(cap) = request.rps_cap {
+            let key = rps_counter_key(request.model, request.profile);
+            let (verdict, placement, decision) = match self.counters.admit_window(&key, cap).await {
+                Served::Counted { value, placement } => (value, placement, Decision::Allowed),
+                Served::Backstop(value) => (value, Placement::Local, Decision::StoreErrorAllowed),
+                Served::Unavailable => {
+                    self.decided(request, LimitKind::Rps, Decision::StoreErrorDenied);
+                    admission.release().await;
+                    return Err(GatewayError::LimitStoreUnavailable);
+                }
+            };
+            match verdict {
+                WindowVerdict::Admitted(slot) => {
+                    self.decided(request, LimitKind::Rps, decision);
+                    admission.held.push((slot, placement));
+                }
+                WindowVerdict::Limited => {
+                    self.decided(request, LimitKind::Rps, Decision::Limited);
+                    admission.release().await;
+                    return Err(GatewayError::ModelRpsExceeded { model: request.model.to_string(), limit: cap });
+                }
+            }
+        }
+        Ok(admission)
+    }
+
+    fn decided(&self, request: &LimitRequest<'_>, limit: LimitKind, decision: Decision) {
+        self.metrics.ratelimit_decision(request.model, request.profile, limit.as_str(), decision.as_str());
+    }
+}
+
+/// Requests counted for one admitted request. [`Admission::release`] takes
+/// them back (routing failed); [`Admission::commit`] keeps them (the request
+/// was routed). Dropped undecided, it is released in the background.
+#[must_use = "commit the admission once routed, or release it"]
+pub struct Admission {
+    counters: Arc<Counters>,
+    held: Vec<(Slot, Placement)>,
+    charge: Option<TokenCharge>,
+}
+
+impl Admission {
+    /// Rolls back every counted request; awaited so the very next request
+    /// already sees the freed quota.
+    pub async fn release(mut self) {
+        // One at a time: if this future is dropped half-way, the slots not
+        // yet released stay held and `Drop` releases them.
+        while let Some((slot, placement)) = self.held.pop() {
+            self.counters.release(&slot, placement).await;
+        }
+    }
+
+    /// Keeps the counted requests; returns the TPM charge to settle when
+    /// the response ends (when the user has a TPM limit).
+    pub fn commit(mut self) -> Option<TokenCharge> {
+        self.held.clear();
+        self.charge.take()
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut self.held);
+        let counters = Arc::clone(&self.counters);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for (slot, placement) in held {
+                    counters.release(&slot, placement).await;
+                }
+            });
+        }
+    }
+}
+
+/// A boxed future that settles a TPM charge.
+pub type Settling = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Bills an answer's tokens to its user's TPM once the response ends.
+pub struct TokenCharge {
+    counters: Arc<Counters>,
+    user: String,
+}
+
+impl std::fmt::Debug for TokenCharge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCharge").finish_non_exhaustive()
+    }
+}
+
+impl TokenCharge {
+    /// Charges `tokens`; finishes within the Redis call timeout.
+    pub fn settle(self, tokens: u64) -> Settling {
+        Box::pin(async move {
+            if tokens > 0 {
+                self.counters.charge_tokens(&self.user, tokens).await;
+            }
+        })
+    }
+
+    /// Charges `tokens` without waiting (the response is gone already).
+    pub fn settle_in_background(self, tokens: u64) {
+        if tokens > 0
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(self.settle(tokens));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::local_store::unix_now;
+
+    const MODEL: &str = "llama";
+
+    fn request<'a>(model: &'a Arc<str>, rps_cap: Option<u64>, user: Option<&'a str>) -> LimitRequest<'a> {
+        LimitRequest { model, profile: "default", rps_cap, user }
+    }
+
+    /// Runs `body` until one run stays within one wall-clock second, so the
+    /// in-process 1-second window does not roll over mid-test.
+    async fn within_one_second<F, Fut>(mut body: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        for _ in 0..3 {
+            let second = unix_now();
+            body().await;
+            if unix_now() == second {
+                return;
+            }
+        }
+        panic!("three runs each crossed a second boundary");
+    }
+
+    #[tokio::test]
+    async fn in_process_rps_cap_admits_exactly_n_and_release_frees_a_slot() {
+        within_one_second(|| async {
+            let metrics = Arc::new(Metrics::new());
+            let limits = Limits::in_process(Arc::clone(&metrics));
+            let model: Arc<str> = Arc::from(MODEL);
+            let capped = request(&model, Some(2), None);
+            let first = limits.admit(&capped).await.expect("first admitted");
+            let _second = limits.admit(&capped).await.expect("second admitted");
+            let refused = limits.admit(&capped).await.err().expect("third refused");
+            assert_eq!(refused.to_string(), "model: llama has exceeded RPS: 2");
+            first.release().await;
+            limits.admit(&capped).await.expect("released slot reused").commit();
+            assert!(limits.admit(&request(&model, None, None)).await.is_ok(), "no cap, no limit");
+            let text = metrics.render();
+            assert!(text.contains(r#"limit="rps",decision="limited"} 1"#), "{text}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn dropped_admission_is_released_in_the_background() {
+        within_one_second(|| async {
+            let limits = Limits::in_process(Arc::new(Metrics::new()));
+            let model: Arc<str> = Arc::from(MODEL);
+            drop(limits.admit(&request(&model, Some(1), None)).await.expect("admitted"));
+            tokio::task::yield_now().await;
+            limits.admit(&request(&model, Some(1), None)).await.expect("slot came back").commit();
+        })
+        .await;
+    }
+
+    fn users_config(redis_url: Option<String>, failure_mode: FailureMode) -> LimitsConfig {
+        LimitsConfig {
+            redis_url,
+            failure_mode,
+            breaker_failures: 2,
+            users: vec![UserRecord { name: "alice".into(), rpm: Some(2), tpm: Some(100) }],
+            ..LimitsConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn user_rpm_and_tpm_from_the_users_file() {
+        let limits = Limits::new(users_config(None, FailureMode::Open), Arc::new(Metrics::new())).expect("limits");
+        let model: Arc<str> = Arc::from(MODEL);
+        let alice = request(&model, None, Some("alice"));
+        let charge = limits.admit(&alice).await.expect("admitted").commit().expect("alice has a TPM limit");
+        charge.settle(100).await;
+        let refused = limits.admit(&alice).await.err().expect("over TPM");
+        assert_eq!(refused.to_string(), "user: alice has exceeded TPM: 100");
+        assert!(limits.admit(&request(&model, None, Some("bob"))).await.is_ok(), "unknown user: no default");
+        assert!(limits.admit(&request(&model, None, None)).await.is_ok(), "no user header");
+    }
+
+    /// A port nothing listens on: every call is refused at once.
+    fn dead_redis() -> Option<String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        Some(format!("redis://127.0.0.1:{port}/"))
+    }
+
+    #[tokio::test]
+    async fn dead_redis_fails_open_to_the_per_replica_backstop() {
+        within_one_second(|| async {
+            let metrics = Arc::new(Metrics::new());
+            let limits = Limits::new(users_config(dead_redis(), FailureMode::Open), Arc::clone(&metrics)).expect("ok");
+            let model: Arc<str> = Arc::from(MODEL);
+            let capped = request(&model, Some(1), None);
+            limits.admit(&capped).await.expect("fail-open admits").commit();
+            let refused = limits.admit(&capped).await.err().expect("backstop enforces the cap");
+            assert!(matches!(refused, GatewayError::ModelRpsExceeded { limit: 1, .. }));
+            // Two failures opened the circuit: the next check does not even try Redis.
+            assert!(limits.admit(&capped).await.is_err());
+            let text = metrics.render();
+            assert!(text.contains(r#"limit="rps",decision="store_error_allowed"} 1"#), "{text}");
+            assert!(text.contains("aibrix_gateway_ratelimit_breaker_state 2"), "breaker open:\n{text}");
+            assert!(text.contains(r#"op="admit_window",kind="circuit_open"}"#), "{text}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn dead_redis_fails_closed_with_503() {
+        let metrics = Arc::new(Metrics::new());
+        let limits = Limits::new(users_config(dead_redis(), FailureMode::Closed), Arc::clone(&metrics)).expect("ok");
+        let model: Arc<str> = Arc::from(MODEL);
+        let refused = limits.admit(&request(&model, Some(10), None)).await.err().expect("closed refuses");
+        assert!(matches!(refused, GatewayError::LimitStoreUnavailable));
+        let refused = limits.admit(&request(&model, None, Some("alice"))).await.err().expect("user checks too");
+        assert!(matches!(refused, GatewayError::LimitStoreUnavailable));
+        assert!(limits.admit(&request(&model, None, None)).await.is_ok(), "nothing to check: no store needed");
+        assert!(metrics.render().contains(r#"limit="rps",decision="store_error_denied"} 1"#));
+    }
+
+    #[test]
+    fn auth_applies_only_when_configured() {
+        let headers = HeaderMap::new();
+        let open = Limits::in_process(Arc::new(Metrics::new()));
+        assert!(open.authorize(&headers).is_ok());
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let _guard = runtime.enter();
+        let config = LimitsConfig { bearer_token: Some("t0ken".into()), ..LimitsConfig::default() };
+        let locked = Limits::new(config, Arc::new(Metrics::new())).expect("limits");
+        assert!(matches!(locked.authorize(&headers), Err(GatewayError::Unauthorized)));
+    }
+
+    #[test]
+    fn failure_mode_parses() {
+        assert_eq!("open".parse::<FailureMode>(), Ok(FailureMode::Open));
+        assert_eq!(" Closed ".parse::<FailureMode>(), Ok(FailureMode::Closed));
+        assert!("half".parse::<FailureMode>().is_err());
+    }
+}

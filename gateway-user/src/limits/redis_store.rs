@@ -1,0 +1,280 @@
+//! Counters in Redis, shared by every gateway replica.
+//!
+//! Each check is one Lua script, so reading the window from Redis `TIME`,
+//! comparing and incrementing happen in one atomic step: replicas agree on the
+//! window and exactly `limit` requests get in per window, whatever the clock
+//! skew between gateway hosts.
+//!
+//! The scripts build the windowed key from `TIME` inside Redis, so that key
+//! is not declared in `KEYS`: fine for a standalone Redis (what AIBrix uses),
+//! not for Redis Cluster.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script};
+
+use super::{
+    CounterStore, Slot, StoreError, UserCheck, UserLimits, UserVerdict, WindowVerdict, rpm_counter_key,
+    tpm_counter_key, user_record_key,
+};
+
+/// Lifetime of an RPS window key: the window itself plus one second for
+/// a late rollback; within the contract's "TTL ≤ 2 s".
+const RPS_KEY_TTL_MS: u64 = 2000;
+
+/// Old Redis versions (< 5) need effects replication before writing after
+/// `TIME`; newer ones always do it and keep the call as a no-op.
+const PRELUDE: &str = "if redis.replicate_commands then redis.replicate_commands() end\n";
+
+/// KEYS[1] = counter key without the window; ARGV[1] = limit, ARGV[2] = TTL ms.
+/// Returns {admitted 0|1, count, unix second}. A refused request is not
+/// counted, so a rollback of an admitted one frees a slot for someone else.
+const WINDOW_SCRIPT: &str = r"
+local second = redis.call('TIME')[1]
+local key = KEYS[1] .. ':' .. second
+local count = tonumber(redis.call('GET', key) or '0')
+if count >= tonumber(ARGV[1]) then
+  return {0, count, tonumber(second)}
+end
+count = redis.call('INCR', key)
+redis.call('PEXPIRE', key, ARGV[2])
+return {1, count, tonumber(second)}
+";
+
+/// KEYS[1] = full counter key. Decrements only a key that still exists, so
+/// a late rollback never creates a counter without a TTL.
+const RELEASE_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('DECR', KEYS[1])
+end
+return 0
+";
+
+/// KEYS[1] = user record (`aibrix-users/<user>`), KEYS[2] / KEYS[3] = RPM /
+/// TPM counters without the minute bin. ARGV[1] / ARGV[2] = RPM / TPM limits
+/// to use when the record has none (0 = none), ARGV[3] = '1' to read the
+/// record. Bins are AIBrix's: `(unix / 60) % 64`, TTL 60 s, from Redis time.
+/// Returns {verdict 0 ok | 1 rpm | 2 tpm, rpm limit, tpm limit, bin, rpm counted 0|1}.
+const USER_SCRIPT: &str = r"
+local rpm_limit = tonumber(ARGV[1])
+local tpm_limit = tonumber(ARGV[2])
+if ARGV[3] == '1' then
+  local raw = redis.call('GET', KEYS[1])
+  if raw then
+    local ok, record = pcall(cjson.decode, raw)
+    if ok and type(record) == 'table' then
+      if type(record.rpm) == 'number' and record.rpm >= 1 then rpm_limit = math.floor(record.rpm) end
+      if type(record.tpm) == 'number' and record.tpm >= 1 then tpm_limit = math.floor(record.tpm) end
+    end
+  end
+end
+local bin = math.floor(tonumber(redis.call('TIME')[1]) / 60) % 64
+local rpm_key = KEYS[2] .. ':' .. bin
+if rpm_limit > 0 and tonumber(redis.call('GET', rpm_key) or '0') >= rpm_limit then
+  return {1, rpm_limit, tpm_limit, bin, 0}
+end
+if tpm_limit > 0 and tonumber(redis.call('GET', KEYS[3] .. ':' .. bin) or '0') >= tpm_limit then
+  return {2, rpm_limit, tpm_limit, bin, 0}
+end
+if rpm_limit > 0 then
+  redis.call('INCR', rpm_key)
+  redis.call('EXPIRE', rpm_key, 60)
+  return {0, rpm_limit, tpm_limit, bin, 1}
+end
+return {0, rpm_limit, tpm_limit, bin, 0}
+";
+
+/// KEYS[1] = TPM counter without the bin; ARGV[1] = tokens.
+const CHARGE_SCRIPT: &str = r"
+local bin = math.floor(tonumber(redis.call('TIME')[1]) / 60) % 64
+local key = KEYS[1] .. ':' .. bin
+local total = redis.call('INCRBY', key, ARGV[1])
+redis.call('EXPIRE', key, 60)
+return total
+";
+
+/// The limiter's scripts over one auto-reconnecting connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    connection: ConnectionManager,
+    window: Script,
+    release: Script,
+    user: Script,
+    charge: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore").finish_non_exhaustive()
+    }
+}
+
+/// Opens a client for `url` (`redis://[:password@]host:port[/db]`).
+pub fn client(url: &str) -> Result<redis::Client, StoreError> {
+    redis::Client::open(url).map_err(|e| StoreError::Redis(format!("invalid Redis URL: {e}")))
+}
+
+impl RedisStore {
+    /// Creates the store without connecting: the first call connects, so a
+    /// gateway starts (and fails open or closed) while Redis is still down.
+    /// Must run inside the tokio runtime.
+    ///
+    /// `call_timeout` bounds each command; the caller also bounds each call.
+    pub fn connect_lazily(url: &str, call_timeout: Duration) -> Result<Self, StoreError> {
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(call_timeout))
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            // One connect attempt per trigger: the circuit breaker paces the
+            // calls (and so the reconnects) while Redis is down.
+            .set_number_of_retries(0);
+        let connection = ConnectionManager::new_lazy_with_config(client(url)?, config).map_err(StoreError::from)?;
+        Ok(Self {
+            connection,
+            window: Script::new(&format!("{PRELUDE}{WINDOW_SCRIPT}")),
+            release: Script::new(RELEASE_SCRIPT),
+            user: Script::new(&format!("{PRELUDE}{USER_SCRIPT}")),
+            charge: Script::new(&format!("{PRELUDE}{CHARGE_SCRIPT}")),
+        })
+    }
+
+    /// Runs one script invocation. A connection refused means the command
+    /// never left: the manager is reconnecting (a failed earlier attempt is
+    /// what this call saw), so one immediate retry waits on the fresh attempt.
+    /// That makes the first probe after Redis returns succeed.
+    async fn invoke<T: redis::FromRedisValue>(&self, invocation: redis::ScriptInvocation<'_>) -> Result<T, StoreError> {
+        let mut connection = self.connection.clone();
+        match invocation.invoke_async(&mut connection).await {
+            Err(err) if err.is_connection_refusal() => Ok(invocation.invoke_async(&mut connection).await?),
+            result => Ok(result?),
+        }
+    }
+}
+
+impl From<RedisError> for StoreError {
+    fn from(err: RedisError) -> Self {
+        Self::Redis(err.to_string())
+    }
+}
+
+fn bad_reply(what: &str, reply: &[i64]) -> StoreError {
+    StoreError::Redis(format!("unexpected {what} script reply {reply:?}"))
+}
+
+fn limit(raw: i64) -> Option<u64> {
+    u64::try_from(raw).ok().filter(|n| *n > 0)
+}
+
+impl CounterStore for RedisStore {
+    async fn admit_window(&self, key: &str, limit: u64) -> Result<WindowVerdict, StoreError> {
+        let mut invocation = self.window.prepare_invoke();
+        invocation.key(key).arg(limit).arg(RPS_KEY_TTL_MS);
+        let reply: Vec<i64> = self.invoke(invocation).await?;
+        match reply.as_slice() {
+            [1, _count, second] => {
+                let window = u64::try_from(*second).map_err(|_| bad_reply("window", &reply))?;
+                Ok(WindowVerdict::Admitted(Slot { key: key.to_owned(), window }))
+            }
+            [0, _count, _second] => Ok(WindowVerdict::Limited),
+            _ => Err(bad_reply("window", &reply)),
+        }
+    }
+
+    async fn admit_user(&self, check: &UserCheck<'_>) -> Result<UserVerdict, StoreError> {
+        let rpm_key = rpm_counter_key(check.user);
+        let mut invocation = self.user.prepare_invoke();
+        invocation
+            .key(user_record_key(check.user))
+            .key(&rpm_key)
+            .key(tpm_counter_key(check.user))
+            .arg(check.limits.rpm.unwrap_or(0))
+            .arg(check.limits.tpm.unwrap_or(0))
+            .arg(if check.lookup_record { "1" } else { "0" });
+        let reply: Vec<i64> = self.invoke(invocation).await?;
+        let &[verdict, rpm, tpm, bin, rpm_counted] = reply.as_slice() else {
+            return Err(bad_reply("user", &reply));
+        };
+        let limits = UserLimits { rpm: limit(rpm), tpm: limit(tpm) };
+        match (verdict, limits) {
+            (0, _) => {
+                let window = u64::try_from(bin).map_err(|_| bad_reply("user", &reply))?;
+                let rpm_slot = (rpm_counted == 1).then_some(Slot { key: rpm_key, window });
+                Ok(UserVerdict::Admitted { limits, rpm_slot })
+            }
+            (1, UserLimits { rpm: Some(limit), .. }) => Ok(UserVerdict::RpmExceeded { limit }),
+            (2, UserLimits { tpm: Some(limit), .. }) => Ok(UserVerdict::TpmExceeded { limit }),
+            _ => Err(bad_reply("user", &reply)),
+        }
+    }
+
+    async fn release(&self, slot: &Slot) -> Result<(), StoreError> {
+        let mut invocation = self.release.prepare_invoke();
+        invocation.key(format!("{}:{}", slot.key, slot.window));
+        let _: i64 = self.invoke(invocation).await?;
+        Ok(())
+    }
+
+    async fn charge_tokens(&self, user: &str, tokens: u64) -> Result<(), StoreError> {
+        let mut invocation = self.charge.prepare_invoke();
+        invocation.key(tpm_counter_key(user)).arg(tokens);
+        let _: i64 = self.invoke(invocation).await?;
+        Ok(())
+    }
+}
+
+/// A Redis URL from AIBrix's `REDIS_HOST` / `REDIS_PORT` / `REDIS_PASSWORD`.
+pub fn url_from_parts(host: &str, port: Option<&str>, password: Option<&str>) -> String {
+    let port = port.map(str::trim).filter(|p| !p.is_empty()).unwrap_or("6379");
+    let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
+    match password.filter(|p| !p.is_empty()) {
+        Some(password) => format!("redis://:{}@{host}:{port}/", percent_encode(password)),
+        None => format!("redis://{host}:{port}/"),
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The URL without its password, for logs.
+pub fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(at)) if at > scheme.len() => {
+            let host = &url[at + 1..];
+            let user = rest.split_once(':').map_or("", |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aibrix_env_parts_make_a_url() {
+        assert_eq!(url_from_parts("redis.svc", None, None), "redis://redis.svc:6379/");
+        assert_eq!(url_from_parts("10.0.0.1", Some("6380"), Some("")), "redis://10.0.0.1:6380/");
+        assert_eq!(url_from_parts("h", Some("1"), Some("p@ss:w/rd")), "redis://:p%40ss%3Aw%2Frd@h:1/");
+        assert_eq!(url_from_parts("::1", None, None), "redis://[::1]:6379/");
+        let client = client(&url_from_parts("h", Some("1"), Some("p@ss:w/rd"))).expect("parses");
+        assert_eq!(client.get_connection_info().redis_settings().password(), Some("p@ss:w/rd"));
+    }
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(redacted("redis://:secret@h:6379/"), "redis://:***@h:6379/");
+        assert_eq!(redacted("redis://u:secret@h:6379/0"), "redis://u:***@h:6379/0");
+        assert_eq!(redacted("redis://h:6379/"), "redis://h:6379/");
+    }
+}

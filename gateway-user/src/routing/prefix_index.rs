@@ -1,0 +1,264 @@
+//! What prefix-aware strategies remember: which pods recently served which
+//! prompt prefixes.
+//!
+//! A prompt is cut into fixed-size blocks (of its UTF-8 bytes, or of its
+//! cl100k tokens at four bytes each) and each block hashed with xxhash64
+//! chained over the previous block's hash, as AIBrix does:
+//! `h_i = xxh64(seed, le64(h_{i-1}) || block_i)`, `h_{-1} = seed`. A block's
+//! hash thus names the whole prefix up to it, so the flat map from block hash
+//! to pods below is a prefix tree with its edges left implicit: walking a
+//! prompt's hashes in order walks down the tree.
+//!
+//! The map is an LRU bounded in blocks; a pod's hold on a block also lapses
+//! when the block has not been routed to that pod for the eviction duration.
+
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+use xxhash_rust::xxh64::Xxh64;
+
+use super::config::{PrefixTokenizer, RoutingArgs};
+
+/// Pods remembered per block; the longest unused is replaced beyond this.
+const MAX_HOLDERS: usize = 16;
+/// Seed of pod ids, apart from the block hash seed.
+const POD_ID_SEED: u64 = 0x706f_6469;
+
+/// Cuts prompts into blocks and hashes them.
+#[derive(Debug)]
+pub struct PrefixHasher {
+    block_size: usize,
+    seed: u64,
+    tokenizer: PrefixTokenizer,
+}
+
+impl PrefixHasher {
+    pub fn new(config: &RoutingArgs) -> Self {
+        Self {
+            block_size: usize::try_from(config.prefix_cache_block_size).unwrap_or(128).max(1),
+            seed: config.prefix_cache_hash_seed,
+            tokenizer: config.prefix_cache_tokenizer_type,
+        }
+    }
+
+    /// The chained hashes of the prompt's whole blocks.
+    pub fn hashes(&self, prompt: &str) -> Vec<u64> {
+        match self.tokenizer {
+            PrefixTokenizer::Character => self.chain(prompt.as_bytes()),
+            PrefixTokenizer::Tiktoken => match crate::profiles::cl100k() {
+                Some(bpe) => {
+                    let bytes: Vec<u8> =
+                        bpe.encode_ordinary(prompt).into_iter().flat_map(|t| t.to_be_bytes()).collect();
+                    self.chain(&bytes)
+                }
+                // The tokenizer failed to load (logged once): hash the text.
+                None => self.chain(prompt.as_bytes()),
+            },
+        }
+    }
+
+    fn chain(&self, bytes: &[u8]) -> Vec<u64> {
+        let mut previous = self.seed;
+        bytes
+            .chunks_exact(self.block_size)
+            .map(|block| {
+                let mut hasher = Xxh64::new(self.seed);
+                hasher.update(&previous.to_le_bytes());
+                hasher.update(block);
+                previous = hasher.digest();
+                previous
+            })
+            .collect()
+    }
+}
+
+/// A pod's identity in the index: a hash of its key, so a pod that comes back
+/// under the same name keeps what it learned.
+pub fn pod_id(key: &str) -> u64 {
+    xxhash_rust::xxh64::xxh64(key.as_bytes(), POD_ID_SEED)
+}
+
+#[derive(Debug)]
+struct Holders(Vec<(u64, Instant)>);
+
+impl Holders {
+    fn holds(&self, pod: u64, now: Instant, idle_limit: Duration) -> bool {
+        self.0.iter().any(|(id, at)| *id == pod && now.saturating_duration_since(*at) <= idle_limit)
+    }
+
+    /// Marks `pod` as holding the block now; true if it already held it.
+    fn touch(&mut self, pod: u64, now: Instant, idle_limit: Duration) -> bool {
+        if let Some(entry) = self.0.iter_mut().find(|(id, _)| *id == pod) {
+            let held = now.saturating_duration_since(entry.1) <= idle_limit;
+            entry.1 = now;
+            return held;
+        }
+        if self.0.len() >= MAX_HOLDERS
+            && let Some(oldest) = self.0.iter_mut().min_by_key(|(_, at)| *at)
+        {
+            *oldest = (pod, now);
+            return false;
+        }
+        self.0.push((pod, now));
+        false
+    }
+}
+
+/// Block hash → pods that were sent a prompt containing that block.
+#[derive(Debug)]
+pub struct PrefixIndex {
+    /// Unbounded to the `lru` crate (which would allocate the whole capacity up
+    /// front); [`PrefixIndex::record`] keeps it within `capacity`.
+    blocks: Mutex<LruCache<u64, Holders>>,
+    capacity: usize,
+    idle_limit: Duration,
+}
+
+impl PrefixIndex {
+    pub fn new(capacity_blocks: usize, idle_limit: Duration) -> Self {
+        Self { blocks: Mutex::new(LruCache::unbounded()), capacity: capacity_blocks.max(1), idle_limit }
+    }
+
+    /// For each of `pods`, how many leading blocks of `hashes` it holds.
+    pub fn match_depths(&self, hashes: &[u64], pods: &[u64], depths: &mut Vec<usize>) {
+        depths.clear();
+        depths.resize(pods.len(), 0);
+        let now = Instant::now();
+        let mut blocks = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
+        for (i, hash) in hashes.iter().enumerate() {
+            let Some(holders) = blocks.get(hash) else { break };
+            let mut deeper = false;
+            for (depth, pod) in depths.iter_mut().zip(pods) {
+                if *depth == i && holders.holds(*pod, now, self.idle_limit) {
+                    *depth = i + 1;
+                    deeper = true;
+                }
+            }
+            if !deeper {
+                break;
+            }
+        }
+    }
+
+    /// Records that `pod` was sent these blocks; returns how many leading
+    /// blocks it already held.
+    pub fn record(&self, hashes: &[u64], pod: u64) -> usize {
+        let now = Instant::now();
+        let mut held = 0;
+        let mut leading = true;
+        let mut blocks = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
+        for hash in hashes {
+            let had = match blocks.get_mut(hash) {
+                Some(holders) => holders.touch(pod, now, self.idle_limit),
+                None => {
+                    if blocks.len() >= self.capacity {
+                        blocks.pop_lru();
+                    }
+                    blocks.put(*hash, Holders(vec![(pod, now)]));
+                    false
+                }
+            };
+            leading &= had;
+            if leading {
+                held += 1;
+            }
+        }
+        held
+    }
+
+    /// Blocks remembered.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.blocks.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hasher(block_size: u32) -> PrefixHasher {
+        PrefixHasher::new(&RoutingArgs { prefix_cache_block_size: block_size, ..RoutingArgs::default() })
+    }
+
+    #[test]
+    fn hashes_whole_blocks_chained() {
+        let h = hasher(4);
+        let abc = h.hashes("aaaabbbbcc");
+        assert_eq!(abc.len(), 2, "the partial block is not hashed");
+        assert_eq!(h.hashes("aaaabbbbzz"), abc, "only whole blocks count");
+        let other_start = h.hashes("zzzzbbbb");
+        assert_ne!(other_start[1], abc[1], "a block's hash depends on everything before it");
+        // The AIBrix chain: h0 = xxh64(seed, le64(seed) || block0).
+        let mut expected = Xxh64::new(0);
+        expected.update(&0u64.to_le_bytes());
+        expected.update(b"aaaa");
+        assert_eq!(abc[0], expected.digest());
+        assert!(h.hashes("abc").is_empty());
+    }
+
+    #[test]
+    fn tiktoken_blocks_are_four_bytes_per_token() {
+        let h = PrefixHasher::new(&RoutingArgs {
+            prefix_cache_block_size: 8,
+            prefix_cache_tokenizer_type: PrefixTokenizer::Tiktoken,
+            ..RoutingArgs::default()
+        });
+        let text = "hello world, this is a prompt with several tokens";
+        let tokens = crate::profiles::count_tokens(text) as usize;
+        assert_eq!(h.hashes(text).len(), tokens / 2);
+    }
+
+    #[test]
+    fn depths_follow_the_longest_held_prefix() {
+        let index = PrefixIndex::new(100, Duration::from_secs(60));
+        let h = hasher(2);
+        let long = h.hashes("aabbccdd");
+        let (a, b, c) = (pod_id("ns/a"), pod_id("ns/b"), pod_id("ns/c"));
+        assert_eq!(index.record(&long, a), 0);
+        assert_eq!(index.record(&long[..2], b), 0);
+        assert_eq!(index.record(&long, a), 4, "a held all four");
+        let mut depths = Vec::new();
+        index.match_depths(&long, &[a, b, c], &mut depths);
+        assert_eq!(depths, [4, 2, 0]);
+        let diverging = h.hashes("aabbxxdd");
+        index.match_depths(&diverging, &[a, b, c], &mut depths);
+        assert_eq!(depths, [2, 2, 0], "shared prefix only");
+    }
+
+    #[test]
+    fn bounded_in_blocks_and_in_time() {
+        let h = hasher(1);
+        let pod = pod_id("ns/a");
+        let index = PrefixIndex::new(3, Duration::from_secs(60));
+        index.record(&h.hashes("abcdef"), pod);
+        assert_eq!(index.len(), 3, "least recently used blocks went");
+        let mut depths = Vec::new();
+        index.match_depths(&h.hashes("abcdef"), &[pod], &mut depths);
+        assert_eq!(depths, [0], "the first blocks were evicted");
+
+        let lapsing = PrefixIndex::new(100, Duration::from_millis(1));
+        lapsing.record(&h.hashes("ab"), pod);
+        lapsing.match_depths(&h.hashes("ab"), &[pod], &mut depths);
+        assert_eq!(depths, [2]);
+        std::thread::sleep(Duration::from_millis(5));
+        lapsing.match_depths(&h.hashes("ab"), &[pod], &mut depths);
+        assert_eq!(depths, [0], "idle holds lapse");
+        assert_eq!(lapsing.record(&h.hashes("ab"), pod), 0, "a lapsed hold is no hit");
+    }
+
+    #[test]
+    fn holders_per_block_are_capped() {
+        let index = PrefixIndex::new(10, Duration::from_secs(60));
+        let hashes = hasher(1).hashes("a");
+        for i in 0..(MAX_HOLDERS + 4) {
+            index.record(&hashes, pod_id(&format!("ns/p{i}")));
+        }
+        let last = pod_id(&format!("ns/p{}", MAX_HOLDERS + 3));
+        let first = pod_id("ns/p0");
+        let mut depths = Vec::new();
+        index.match_depths(&hashes, &[first, last], &mut depths);
+        assert_eq!(depths, [0, 1]);
+    }
+}

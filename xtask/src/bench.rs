@@ -1,0 +1,383 @@
+//! `cargo xtask bench [SUITE]`: performance measurements written to `target/bench/`.
+//!
+//! `core` (the default) measures what the gateway costs on the request path: the same load
+//! sent straight to two mock engines (client-side round robin) and through the gateway, in one
+//! run, non-streaming and streaming. The numbers to watch are the ratios gateway/direct and the
+//! gateway's CPU time per request (compare with `shared/notes/peer-benchmark.md`).
+//!
+//! `routing` compares the placement quality of every routing strategy against `random` on
+//! mock engines whose time to first token depends on load and prefix reuse (see `routing.rs`).
+//!
+//! `kernel` measures what a penalised client's connection flood costs the gateway with kernel
+//! assist and userspace-only, in one run (root; see `kernel.rs`).
+
+mod kernel;
+mod routing;
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, ValueEnum};
+
+use crate::client::Client;
+use crate::loadgen::{self, LoadReport, LoadSpec, Schedule};
+use crate::pods::{PodSpec, render_pods_yaml};
+use crate::procs::{self, run_streaming};
+use crate::setup::{self, Strictness};
+use crate::stack::{self, Binaries, EngineSpec, GatewaySpec, Stack};
+use crate::stop;
+use crate::ui;
+
+/// Which benchmark suite to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Suite {
+    /// Gateway overhead vs direct-to-engine, non-stream and stream.
+    Core,
+    /// Routing quality of every strategy against random: TTFT, load spread, prefix reuse.
+    Routing,
+    /// Kernel assist on vs off: gateway CPU per refused connection under a flood (root).
+    Kernel,
+    /// Turnstile next to other gateways (not yet implemented).
+    Peers,
+}
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Suite to run.
+    #[arg(value_enum, default_value = "core")]
+    pub suite: Suite,
+    /// Concurrent keep-alive connections of the load generator.
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
+    /// Measured period of each run, seconds.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Warm-up before each measured period, seconds.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_seconds: u64,
+}
+
+const MODEL: &str = "bench-model";
+/// Tokens per answer; the engines add no delay, so this is pure proxying work.
+const TOKENS: u32 = 16;
+
+/// Runs the chosen suite.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    match args.suite {
+        Suite::Core => run_core(args),
+        Suite::Routing => routing::run(),
+        Suite::Kernel => kernel::run(args),
+        other => bail!(
+            "bench suite `{}` is not yet implemented (only `core` is)",
+            other.to_possible_value().map(|value| value.get_name().to_owned()).unwrap_or_default()
+        ),
+    }
+}
+
+/// Where each process runs: with two or more CPUs and taskset, the gateway gets CPU 0 alone
+/// and the engines plus the load generator share CPU 1, so the gateway's numbers are its own.
+#[derive(Debug, Clone, Copy)]
+struct Pinning {
+    gateway: Option<usize>,
+    others: Option<usize>,
+    /// CPUs available before pinning (pinning xtask itself hides the others from it).
+    cpus: usize,
+}
+
+fn choose_pinning() -> Pinning {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus >= 2 && procs::find_program("taskset").is_some() {
+        Pinning { gateway: Some(0), others: Some(1), cpus }
+    } else {
+        Pinning { gateway: None, others: None, cpus }
+    }
+}
+
+fn run_core(args: &BenchArgs) -> Result<()> {
+    if args.connections == 0 || args.seconds == 0 {
+        bail!("--connections and --seconds must be at least 1");
+    }
+    setup::run(Strictness::Lenient)?;
+    let step = ui::step("bench: build release binaries");
+    run_streaming(
+        &mut procs::cargo_command(["build", "--release", "-p", "gateway-user", "-p", "turnstile-tests", "--bins"]),
+        Duration::from_secs(40 * 60),
+    )?;
+    let binaries = Binaries::of_profile("release")?;
+    step.done();
+
+    let pinning = choose_pinning();
+    match pinning.others {
+        Some(cpu) => {
+            // Pinned before the runtime starts so every runtime thread inherits it.
+            let pid = std::process::id().to_string();
+            procs::capture(
+                std::process::Command::new("taskset").args(["-a", "-p", "-c", &cpu.to_string(), &pid]),
+                Duration::from_secs(10),
+            )
+            .context("pinning the load generator with taskset")?;
+            ui::info(format!(
+                "pinning: gateway on CPU {}, engines and load generator on CPU {cpu} (taskset)",
+                pinning.gateway.unwrap_or(0)
+            ));
+        }
+        None => ui::info("pinning: none (needs taskset and two CPUs); numbers are noisier"),
+    }
+
+    // One thread: the load generator shares its CPU with the engines, and a single-threaded
+    // runtime wastes none of it on work stealing.
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
+    // A stop signal drops the run, and with it the stack, whose guards kill the children.
+    runtime.block_on(async {
+        tokio::select! {
+            result = core_async(args, &binaries, pinning) => result,
+            name = stop::requested_async() => Err(anyhow!("interrupted by {name}")),
+        }
+    })
+}
+
+/// One measured run: a scenario against a target.
+struct Row {
+    scenario: &'static str,
+    target: &'static str,
+    report: LoadReport,
+    /// Gateway CPU per successful request, microseconds (gateway target only).
+    gateway_cpu_us: Option<f64>,
+}
+
+async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> Result<()> {
+    let out_dir = procs::target_dir().join("bench");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let client = Client::new();
+
+    let step = ui::step("bench: start 2 mock engines and the gateway (release)");
+    let mut stack = Stack { engines: Vec::new(), gateway: None };
+    for index in 0..2 {
+        let spec = EngineSpec {
+            pod: format!("engine-{index}"),
+            model: MODEL.into(),
+            ttft_ms: 0,
+            itl_ms: 0,
+            tokens: TOKENS,
+            // The engines share one CPU with the load generator; more threads only contend.
+            threads: pinning.others.map(|_| 1),
+            extra_args: Vec::new(),
+        };
+        let engine = stack::start_engine(&binaries.engine, &spec, &out_dir, pinning.others).await?;
+        ui::info(format!("{} on {}", engine.pod, engine.addr));
+        stack.engines.push(engine);
+    }
+    let pods: Vec<PodSpec> = stack
+        .engines
+        .iter()
+        .map(|engine| PodSpec {
+            name: engine.pod.clone(),
+            model: engine.model.clone(),
+            port: engine.addr.port(),
+            config: None,
+        })
+        .collect();
+    let pods_file = out_dir.join("pods.yaml");
+    std::fs::write(&pods_file, render_pods_yaml(&pods)).with_context(|| format!("writing {}", pods_file.display()))?;
+    // Per-request log lines at info would fill the disk at tens of thousands of requests per
+    // second; RUST_LOG from the caller still wins.
+    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    let gateway = stack::start_gateway(
+        GatewaySpec {
+            binary: &binaries.gateway,
+            listen: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
+            admin: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
+            pods_file: &pods_file,
+            routing_algorithm: Some("least-request"),
+            log_format: "json",
+            log: out_dir.join("gateway.log"),
+            env: vec![("RUST_LOG".into(), rust_log.clone())],
+            cpu: pinning.gateway,
+        },
+        &client,
+    )
+    .await?;
+    ui::info(format!("gateway on {} (admin {}), least-request, RUST_LOG={rust_log}", gateway.listen, gateway.admin));
+    let gateway_addr = gateway.listen;
+    let gateway_pid = gateway.child.pid().context("the gateway has no pid (exited?)")?;
+    stack.gateway = Some(gateway);
+    stack::wait_models_listed(&client, gateway_addr, &[MODEL], Duration::from_secs(10)).await?;
+    step.done();
+
+    let engine_addrs: Vec<_> = stack.engines.iter().map(|engine| engine.addr).collect();
+    let mut rows = Vec::new();
+    for (scenario, stream) in [("chat", false), ("chat stream", true)] {
+        for (target, targets) in [("direct", engine_addrs.clone()), ("gateway", vec![gateway_addr])] {
+            let step = ui::step(format!(
+                "bench: {scenario} → {target}: {} connections, {} s warm-up + {} s",
+                args.connections, args.warmup_seconds, args.seconds
+            ));
+            let spec =
+                LoadSpec { targets, connections: args.connections, model: MODEL.into(), stream, max_tokens: TOKENS };
+            let schedule =
+                Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
+            let sample_pid = (target == "gateway").then_some(gateway_pid);
+            let (report, cpu) = tokio::join!(loadgen::run(&spec, schedule), cpu_over(sample_pid, schedule));
+            let report = report?;
+            let gateway_cpu_us = cpu?.map(|cpu| cpu.as_secs_f64() * 1e6 / (report.completed.max(1) as f64));
+            if let Some(reason) = stack.exited_child() {
+                bail!("a child died during the run: {reason}");
+            }
+            ui::info(format!(
+                "{:.0} req/s, p50 {} ms, p99 {} ms, {} errors{}",
+                report.requests_per_second(),
+                format_ms(report.percentile_ms(50.0)),
+                format_ms(report.percentile_ms(99.0)),
+                report.errors,
+                report.first_error.as_deref().map(|err| format!(" (first: {err})")).unwrap_or_default()
+            ));
+            rows.push(Row { scenario, target, report, gateway_cpu_us });
+            step.done();
+        }
+    }
+    stack.stop().await?;
+
+    let markdown = render_markdown(args, pinning, &revision(), &rows);
+    let path = out_dir.join("core.md");
+    std::fs::write(&path, &markdown).with_context(|| format!("writing {}", path.display()))?;
+    println!("\n{markdown}");
+    ui::info(format!("written to {}", path.display()));
+    let failed: u64 = rows.iter().map(|row| row.report.errors).sum();
+    let empty = rows.iter().any(|row| row.report.completed == 0);
+    if empty {
+        bail!("a run completed no request; see the logs in {}", out_dir.display());
+    }
+    if failed > 0 {
+        ui::warn(format!("{failed} requests failed; see the errors column"));
+    }
+    Ok(())
+}
+
+/// CPU time `pid` used during the measured period of `schedule` (None without a pid).
+async fn cpu_over(pid: Option<u32>, schedule: Schedule) -> Result<Option<Duration>> {
+    let Some(pid) = pid else {
+        return Ok(None);
+    };
+    tokio::time::sleep_until(schedule.measure_start.into()).await;
+    let before = procs::process_cpu_time(pid)?;
+    tokio::time::sleep_until(schedule.measure_end.into()).await;
+    let after = procs::process_cpu_time(pid)?;
+    Ok(Some(after.saturating_sub(before)))
+}
+
+/// The measured source tree, `git describe --always --dirty`, so a saved report says what it
+/// measured.
+fn revision() -> String {
+    procs::capture(&mut procs::git_command(["describe", "--always", "--dirty"]), Duration::from_secs(10))
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| out.stdout.trim().to_owned())
+        .filter(|revision| !revision.is_empty())
+        .unwrap_or_else(|| "unknown revision".into())
+}
+
+fn format_ms(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "-".into(), |ms| format!("{ms:.2}"))
+}
+
+fn ratio(numerator: Option<f64>, denominator: Option<f64>) -> String {
+    match (numerator, denominator) {
+        (Some(n), Some(d)) if d > 0.0 => format!("{:.2}", n / d),
+        _ => "-".into(),
+    }
+}
+
+/// The report: one row per run, then the gateway/direct ratios per scenario.
+fn render_markdown(args: &BenchArgs, pinning: Pinning, revision: &str, rows: &[Row]) -> String {
+    let mut out = format!("# Turnstile core benchmark ({revision})\n\n");
+    let pinned = match (pinning.gateway, pinning.others) {
+        (Some(gateway), Some(others)) => {
+            format!("gateway pinned to CPU {gateway}, engines and load generator to CPU {others}")
+        }
+        _ => "no CPU pinning".into(),
+    };
+    let _ = writeln!(
+        out,
+        "POST /v1/chat/completions, {} keep-alive HTTP/1.1 connections, {} s warm-up + {} s \
+         measured per row, 2 mock engines (ttft 0, itl 0, {TOKENS} tokens), gateway with \
+         least-request; {pinned}; {} CPUs.\n",
+        args.connections, args.warmup_seconds, args.seconds, pinning.cpus,
+    );
+    out.push_str(
+        "| scenario | target | req/s | p50 ms | p90 ms | p99 ms | errors | gateway CPU µs/request |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for Row { scenario, target, report, gateway_cpu_us } in rows {
+        let _ = writeln!(
+            out,
+            "| {scenario} | {target} | {:.0} | {} | {} | {} | {} | {} |",
+            report.requests_per_second(),
+            format_ms(report.percentile_ms(50.0)),
+            format_ms(report.percentile_ms(90.0)),
+            format_ms(report.percentile_ms(99.0)),
+            report.errors,
+            gateway_cpu_us.map_or_else(|| "–".into(), |us| format!("{us:.1}")),
+        );
+    }
+    out.push_str(
+        "\n| scenario | req/s gateway/direct | p50 gateway/direct | p99 gateway/direct |\n\
+         |---|---:|---:|---:|\n",
+    );
+    let mut scenarios: Vec<&str> = rows.iter().map(|row| row.scenario).collect();
+    scenarios.dedup();
+    for scenario in scenarios {
+        let find = |target: &str| {
+            rows.iter().find(|row| row.scenario == scenario && row.target == target).map(|row| &row.report)
+        };
+        let (Some(direct), Some(gateway)) = (find("direct"), find("gateway")) else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "| {scenario} | {} | {} | {} |",
+            ratio(Some(gateway.requests_per_second()), Some(direct.requests_per_second())),
+            ratio(gateway.percentile_ms(50.0), direct.percentile_ms(50.0)),
+            ratio(gateway.percentile_ms(99.0), direct.percentile_ms(99.0)),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(completed: u64, latencies_us: Vec<u32>) -> LoadReport {
+        LoadReport { completed, errors: 0, first_error: None, latencies_us, measured: Duration::from_secs(10) }
+    }
+
+    #[test]
+    fn markdown_has_rows_and_ratios() {
+        let args = BenchArgs { suite: Suite::Core, connections: 32, seconds: 10, warmup_seconds: 2 };
+        let rows = vec![
+            Row {
+                scenario: "chat",
+                target: "direct",
+                report: report(100_000, vec![1000, 1000, 2000]),
+                gateway_cpu_us: None,
+            },
+            Row {
+                scenario: "chat",
+                target: "gateway",
+                report: report(50_000, vec![2000, 2000, 4000]),
+                gateway_cpu_us: Some(21.5),
+            },
+        ];
+        let pinning = Pinning { gateway: Some(0), others: Some(1), cpus: 2 };
+        let markdown = render_markdown(&args, pinning, "abc1234", &rows);
+        assert!(markdown.contains("| chat | direct | 10000 | 1.00 | 2.00 | 2.00 | 0 | – |"));
+        assert!(markdown.contains("| chat | gateway | 5000 | 2.00 | 4.00 | 4.00 | 0 | 21.5 |"));
+        assert!(markdown.contains("| chat | 0.50 | 2.00 | 2.00 |"));
+        assert!(markdown.contains("gateway pinned to CPU 0"));
+        assert!(markdown.contains("; 2 CPUs"));
+        assert!(markdown.starts_with("# Turnstile core benchmark (abc1234)"));
+    }
+}

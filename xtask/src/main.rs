@@ -1,0 +1,67 @@
+//! Project automation for Turnstile, run as `cargo xtask <command>`.
+//!
+//! This file only parses the command line and dispatches; each subcommand is one module.
+
+mod bench;
+mod ci;
+mod client;
+mod demo;
+mod loadgen;
+mod pods;
+mod procs;
+mod setup;
+mod stack;
+mod stop;
+mod ui;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+/// Turnstile's developer commands.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what the project needs (nightly rust-src, bpf-linker, redis-server, bpftool).
+    Setup,
+    /// Run the gateway in front of three mock engines and show it answering real requests.
+    Demo(demo::DemoArgs),
+    /// Everything CI checks: setup, fmt, clippy, build, test.
+    Ci,
+    /// Measure the gateway against direct-to-engine traffic; results in target/bench/.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let started = Instant::now();
+    if let Err(err) = stop::install() {
+        eprintln!("xtask: error: {err:#}");
+        return ExitCode::FAILURE;
+    }
+    let result = match &cli.command {
+        Command::Setup => setup::run(setup::Strictness::Strict),
+        Command::Demo(args) => demo::run(args),
+        Command::Ci => ci::run(),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The cause chain, without a backtrace even when RUST_BACKTRACE is set: these are
+            // operator-facing messages, not bugs.
+            eprintln!("xtask: error after {}: {err}", ui::human(started.elapsed()));
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! `cargo xtask setup`: make sure what the project needs is on this machine, installing what
+//! is missing. Idempotent, and quick (well under a second) when everything is there.
+//!
+//! Two groups:
+//! - the eBPF toolchain (nightly `rust-src`, `bpf-linker`): without it the gateway still builds
+//!   userspace-only, so problems here are warnings;
+//! - Debian packages the tests and demo run (`redis-server`, `bpftool`; `kubectl` optional):
+//!   missing ones are installed with apt-get, and in strict mode (`setup`, `ci`) a required one
+//!   that stays missing is an error.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::procs::{self, capture, run_streaming};
+use crate::stop;
+use crate::ui;
+
+/// How strictly missing pieces are judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strictness {
+    /// A required Debian package that cannot be installed is an error (`setup`, `ci`).
+    Strict,
+    /// Everything missing is a warning (`demo`, `bench`, which need none of it).
+    Lenient,
+}
+
+/// A quick query (rustup, rustc, --version).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Downloading a rustup component.
+const RUSTUP_ADD_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// Compiling bpf-linker from crates.io.
+const CARGO_INSTALL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// apt-get update or install.
+const APT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// A Debian package the project uses, found by one of its binaries.
+struct DebianPackage {
+    package: &'static str,
+    binary: &'static str,
+    required: bool,
+    why: &'static str,
+}
+
+const DEBIAN_PACKAGES: &[DebianPackage] = &[
+    DebianPackage {
+        package: "redis-server",
+        binary: "redis-server",
+        required: true,
+        why: "shared rate limits in the integration tests",
+    },
+    DebianPackage { package: "bpftool", binary: "bpftool", required: true, why: "inspecting the kernel side in tests" },
+    DebianPackage {
+        package: "kubectl",
+        binary: "kubectl",
+        required: false,
+        why: "only for deploy/ against a real cluster",
+    },
+];
+
+/// Runs every check, installing what is missing.
+pub fn run(strictness: Strictness) -> Result<()> {
+    let step = ui::step("setup: toolchain and packages");
+    if let Err(err) = ensure_rust_src() {
+        ui::warn(format!("nightly rust-src: {err:#} (the eBPF program will not build; userspace still does)"));
+    }
+    stop::check()?;
+    if let Err(err) = ensure_bpf_linker() {
+        ui::warn(format!("bpf-linker: {err:#} (the eBPF program will not build; userspace still does)"));
+    }
+    stop::check()?;
+    let missing = ensure_debian_packages()?;
+    if !missing.is_empty() {
+        let message = format!("required packages still missing: {}", missing.join(", "));
+        match strictness {
+            Strictness::Strict => bail!(message),
+            Strictness::Lenient => ui::warn(message),
+        }
+    }
+    step.done();
+    Ok(())
+}
+
+/// Nightly `rust-src`, which `-Z build-std` needs to build core for the bpf target.
+fn ensure_rust_src() -> Result<()> {
+    let listed = capture(
+        Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]),
+        QUERY_TIMEOUT,
+    )
+    .context("running rustup")?;
+    if !listed.status.success() {
+        bail!("no nightly toolchain: {}", first_line(&listed.stderr));
+    }
+    if lists_component(&listed.stdout, "rust-src") {
+        ui::info("ok       nightly rust-src");
+        return Ok(());
+    }
+    ui::info("install  nightly rust-src");
+    run_streaming(
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        RUSTUP_ADD_TIMEOUT,
+    )
+}
+
+/// The first non-empty line of a tool's error output (rustup appends a backtrace when
+/// RUST_BACKTRACE is set).
+fn first_line(text: &str) -> &str {
+    text.lines().map(str::trim).find(|line| !line.is_empty()).unwrap_or("(no message)")
+}
+
+/// Whether `rustup component list --installed` output names the component.
+fn lists_component(listing: &str, component: &str) -> bool {
+    listing.lines().any(|line| {
+        let name = line.split_whitespace().next().unwrap_or("");
+        // Installed components carry the host triple: `rust-src` has none, others do.
+        name == component || name.starts_with(&format!("{component}-"))
+    })
+}
+
+/// `bpf-linker`, built against the nightly toolchain's own libLLVM so that the bitcode rustc
+/// emits and the LLVM that links it always agree.
+fn ensure_bpf_linker() -> Result<()> {
+    if let Ok(version) = capture(Command::new("bpf-linker").arg("--version"), QUERY_TIMEOUT)
+        && version.status.success()
+    {
+        ui::info(format!("ok       {}", version.stdout.trim()));
+        return Ok(());
+    }
+    // An interrupted probe is not a missing linker.
+    stop::check()?;
+    let vv = capture(Command::new("rustc").args(["+nightly", "-vV"]), QUERY_TIMEOUT)?;
+    if !vv.status.success() {
+        bail!("no nightly toolchain: {}", first_line(&vv.stderr));
+    }
+    let llvm = NightlyLlvm::parse(&vv.stdout)?;
+    let sysroot = capture(Command::new("rustc").args(["+nightly", "--print", "sysroot"]), QUERY_TIMEOUT)?;
+    let sysroot_lib = PathBuf::from(sysroot.stdout.trim()).join("lib");
+    let libllvm = find_libllvm(&sysroot_lib, &llvm)?;
+    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set"))?;
+    let prefix = llvm.prefix_dir(Path::new(&home));
+    ui::info(format!(
+        "install  bpf-linker (LLVM {} from {}, prefix {})",
+        llvm.version,
+        libllvm.display(),
+        prefix.display()
+    ));
+    build_llvm_prefix(&prefix, &libllvm)?;
+    run_streaming(
+        procs::cargo_command([
+            "install",
+            "bpf-linker",
+            "--force",
+            "--no-default-features",
+            "--features",
+            &llvm.cargo_feature(),
+        ])
+        .env("LLVM_PREFIX", &prefix),
+        CARGO_INSTALL_TIMEOUT,
+    )
+}
+
+/// The LLVM inside the nightly toolchain, from `rustc +nightly -vV`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NightlyLlvm {
+    /// Full version, `22.1.4`.
+    pub version: String,
+    /// Major version, `22`.
+    pub major: u32,
+    /// Minor version, `1`.
+    pub minor: u32,
+    /// rustc's release, `1.97.0-nightly`.
+    pub rust_release: String,
+}
+
+impl NightlyLlvm {
+    /// Reads the `release:` and `LLVM version:` lines of `rustc -vV`.
+    pub fn parse(rustc_vv: &str) -> Result<Self> {
+        let field = |key: &str| {
+            rustc_vv
+                .lines()
+                .find_map(|line| line.strip_prefix(key))
+                .map(|value| value.trim().to_owned())
+                .ok_or_else(|| anyhow!("no `{key}` line in rustc -vV output:\n{rustc_vv}"))
+        };
+        let version = field("LLVM version:")?;
+        let rust_release = field("release:")?;
+        let mut parts = version.split('.');
+        let mut number = |name: &str| -> Result<u32> {
+            parts
+                .next()
+                .and_then(|part| part.parse().ok())
+                .ok_or_else(|| anyhow!("no {name} number in LLVM version {version:?}"))
+        };
+        let major = number("major")?;
+        let minor = number("minor")?;
+        Ok(Self { version, major, minor, rust_release })
+    }
+
+    /// The lasting prefix bpf-linker is built against (its runpath points here, so the prefix
+    /// must outlive the build): `$HOME/.local/share/turnstile/llvm-prefix/llvm-22.1.4`.
+    pub fn prefix_dir(&self, home: &Path) -> PathBuf {
+        home.join(".local/share/turnstile/llvm-prefix").join(format!("llvm-{}", self.version))
+    }
+
+    /// The shared library rustup ships: `libLLVM.so.22.1-rust-1.97.0-nightly`.
+    pub fn lib_file_name(&self) -> String {
+        format!("libLLVM.so.{}.{}-rust-{}", self.major, self.minor, self.rust_release)
+    }
+
+    /// bpf-linker's cargo feature for this LLVM: `llvm-22`.
+    pub fn cargo_feature(&self) -> String {
+        format!("llvm-{}", self.major)
+    }
+}
+
+/// The real libLLVM file in the nightly sysroot: the expected name, else any
+/// `libLLVM.so.<major>.*` (rustup has changed the suffix before).
+fn find_libllvm(sysroot_lib: &Path, llvm: &NightlyLlvm) -> Result<PathBuf> {
+    let expected = sysroot_lib.join(llvm.lib_file_name());
+    if expected.is_file() {
+        return Ok(expected);
+    }
+    let wanted = format!("libLLVM.so.{}.", llvm.major);
+    let mut found: Vec<PathBuf> = std::fs::read_dir(sysroot_lib)
+        .with_context(|| format!("listing {}", sysroot_lib.display()))?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| path.file_name().and_then(|name| name.to_str()).is_some_and(|name| name.starts_with(&wanted)))
+        .collect();
+    found.sort();
+    found
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("no {} (nor {wanted}*) in {}", llvm.lib_file_name(), sysroot_lib.display()))
+}
+
+/// The files an LLVM prefix needs for bpf-linker's build script: `(path, symlink target)`
+/// pairs, and the `bin/llvm-config` stub (found but not relied on with `LLVM_PREFIX`).
+fn prefix_links(prefix: &Path, libllvm: &Path) -> Vec<(PathBuf, PathBuf)> {
+    let lib = prefix.join("lib");
+    let real_name = libllvm.file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("libLLVM.so"));
+    vec![(lib.join("libLLVM.so"), libllvm.to_path_buf()), (lib.join(real_name), libllvm.to_path_buf())]
+}
+
+const LLVM_CONFIG_STUB: &str = "#!/bin/sh\nexit 0\n";
+
+/// Creates (or repairs) the prefix: idempotent, so a second run changes nothing.
+fn build_llvm_prefix(prefix: &Path, libllvm: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = prefix.join("bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let llvm_config = bin.join("llvm-config");
+    if std::fs::read_to_string(&llvm_config).ok().as_deref() != Some(LLVM_CONFIG_STUB) {
+        std::fs::write(&llvm_config, LLVM_CONFIG_STUB).with_context(|| format!("writing {}", llvm_config.display()))?;
+    }
+    std::fs::set_permissions(&llvm_config, std::fs::Permissions::from_mode(0o755))?;
+    for (link, target) in prefix_links(prefix, libllvm) {
+        if std::fs::read_link(&link).ok().as_deref() == Some(target.as_path()) {
+            continue;
+        }
+        if link.symlink_metadata().is_ok() {
+            std::fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?;
+        }
+        std::os::unix::fs::symlink(&target, &link)
+            .with_context(|| format!("linking {} -> {}", link.display(), target.display()))?;
+    }
+    Ok(())
+}
+
+/// Installs missing Debian packages; returns the required ones still missing afterwards.
+fn ensure_debian_packages() -> Result<Vec<&'static str>> {
+    let mut apt = Apt::default();
+    let mut still_missing = Vec::new();
+    for package in DEBIAN_PACKAGES {
+        stop::check()?;
+        let DebianPackage { package: name, binary, required, why } = *package;
+        let label = if required { name.to_owned() } else { format!("{name} (optional: {why})") };
+        if let Some(path) = procs::find_program(binary) {
+            ui::info(format!("ok       {label} ({})", path.display()));
+            continue;
+        }
+        // An optional package is tried only where apt already knows it (kubectl is not in
+        // Debian's own archive), so its absence costs no apt-get update.
+        if !required && !apt.has_candidate(name) {
+            ui::info(format!("skip     {label}: not installed, and apt has no candidate"));
+            continue;
+        }
+        ui::info(format!("install  {name} ({why})"));
+        match apt.install(name) {
+            Ok(()) if procs::find_program(binary).is_some() => {}
+            Ok(()) => ui::warn(format!("{name} installed but `{binary}` is still not found")),
+            Err(err) => ui::warn(format!("installing {name}: {err:#}")),
+        }
+        if required && procs::find_program(binary).is_none() {
+            still_missing.push(name);
+        }
+    }
+    Ok(still_missing)
+}
+
+/// apt-get, with `update` run at most once per invocation and only before an install.
+#[derive(Default)]
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn command(&self) -> Result<Command> {
+        let root = rustix::process::geteuid().is_root();
+        let mut command = if root {
+            Command::new("apt-get")
+        } else if procs::find_program("sudo").is_some() {
+            // Non-interactive sudo: fail at once rather than wait for a password.
+            let mut sudo = Command::new("sudo");
+            sudo.args(["-n", "apt-get"]);
+            sudo
+        } else {
+            bail!("not root and no sudo: install it by hand");
+        };
+        command.env("DEBIAN_FRONTEND", "noninteractive");
+        Ok(command)
+    }
+
+    fn has_candidate(&self, package: &str) -> bool {
+        capture(Command::new("apt-cache").args(["policy", package]), QUERY_TIMEOUT)
+            .map(|out| {
+                out.stdout.lines().any(|line| {
+                    line.trim().strip_prefix("Candidate:").is_some_and(|candidate| candidate.trim() != "(none)")
+                })
+            })
+            .unwrap_or(false)
+    }
+
+    fn install(&mut self, package: &str) -> Result<()> {
+        if !self.updated {
+            run_streaming(self.command()?.args(["update", "-q"]), APT_TIMEOUT)?;
+            self.updated = true;
+        }
+        run_streaming(self.command()?.args(["install", "-y", "-q", package]), APT_TIMEOUT)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RUSTC_VV: &str = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\n\
+        binary: rustc\n\
+        commit-hash: e50aa6fba4e63ab34c72bf9acfd2c307c1155d1a\n\
+        commit-date: 2026-05-19\n\
+        host: x86_64-unknown-linux-gnu\n\
+        release: 1.97.0-nightly\n\
+        LLVM version: 22.1.4\n";
+
+    #[test]
+    fn parses_llvm_of_nightly() {
+        let llvm = NightlyLlvm::parse(RUSTC_VV).unwrap();
+        assert_eq!(
+            llvm,
+            NightlyLlvm { version: "22.1.4".into(), major: 22, minor: 1, rust_release: "1.97.0-nightly".into() }
+        );
+        assert_eq!(llvm.cargo_feature(), "llvm-22");
+        assert_eq!(llvm.lib_file_name(), "libLLVM.so.22.1-rust-1.97.0-nightly");
+        assert_eq!(
+            llvm.prefix_dir(Path::new("/root")),
+            PathBuf::from("/root/.local/share/turnstile/llvm-prefix/llvm-22.1.4")
+        );
+    }
+
+    #[test]
+    fn rejects_output_without_llvm() {
+        assert!(NightlyLlvm::parse("rustc 1.0\nrelease: 1.0.0\n").is_err());
+        assert!(NightlyLlvm::parse("release: 1.0.0\nLLVM version: x.y\n").is_err());
+    }
+
+    #[test]
+    fn prefix_links_point_at_the_real_library() {
+        let lib = Path::new("/tc/lib/libLLVM.so.22.1-rust-1.97.0-nightly");
+        let prefix = Path::new("/p/llvm-22.1.4");
+        assert_eq!(
+            prefix_links(prefix, lib),
+            vec![
+                (PathBuf::from("/p/llvm-22.1.4/lib/libLLVM.so"), lib.to_path_buf()),
+                (PathBuf::from("/p/llvm-22.1.4/lib/libLLVM.so.22.1-rust-1.97.0-nightly"), lib.to_path_buf()),
+            ]
+        );
+    }
+
+    #[test]
+    fn builds_prefix_idempotently() {
+        let dir = std::env::temp_dir().join(format!("xtask-prefix-{}", std::process::id()));
+        let sysroot_lib = dir.join("sysroot/lib");
+        std::fs::create_dir_all(&sysroot_lib).unwrap();
+        let llvm = NightlyLlvm::parse(RUSTC_VV).unwrap();
+        // A differently named library is still found by its major version.
+        let real = sysroot_lib.join("libLLVM.so.22.1-rust-1.97.0-nightly-2");
+        std::fs::write(&real, b"").unwrap();
+        let found = find_libllvm(&sysroot_lib, &llvm).unwrap();
+        assert_eq!(found, real);
+
+        let prefix = llvm.prefix_dir(&dir);
+        build_llvm_prefix(&prefix, &found).unwrap();
+        build_llvm_prefix(&prefix, &found).unwrap();
+        assert_eq!(std::fs::read_link(prefix.join("lib/libLLVM.so")).unwrap(), real);
+        assert!(prefix.join("lib/libLLVM.so.22.1-rust-1.97.0-nightly-2").exists());
+        assert!(procs::find_program("true").is_some());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(prefix.join("bin/llvm-config")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o111, 0o111);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn component_listing() {
+        let listing = "cargo-x86_64-unknown-linux-gnu\nrust-src\nrustc-x86_64-unknown-linux-gnu\n";
+        assert!(lists_component(listing, "rust-src"));
+        assert!(lists_component(listing, "rustc"));
+        assert!(!lists_component(listing, "rust-std"));
+        assert!(!lists_component("", "rust-src"));
+    }
+}
