@@ -71,6 +71,13 @@ mod tests {
     }
 
     #[test]
+    fn single_pod() {
+        let (only, _g) = pod(0, 9);
+        let model = model();
+        assert_eq!(LeastRequest.pick(&RouteRequest::new(&model, b"{}"), &[only]), Ok(0));
+    }
+
+    #[test]
     fn scores_are_in_flight_counts() {
         let (a, _ga) = pod(0, 2);
         let (b, _gb) = pod(1, 0);

@@ -143,6 +143,16 @@ mod tests {
     }
 
     #[test]
+    fn new_prompts_on_equal_pods_are_shared() {
+        let s = strategy();
+        let pods = pods(3);
+        let model = model();
+        let request = RouteRequest::new(&model, b"never seen before, long enough for blocks");
+        let seen = spread(3, 300, || s.pick(&request, &pods).expect("picks"));
+        assert!(seen.iter().all(|&n| n > 50), "ties at random: {seen:?}");
+    }
+
+    #[test]
     fn single_pod_and_empty_prompt() {
         let s = strategy();
         let pods = pods(1);
