@@ -335,6 +335,31 @@ async fn config_annotation_from_the_api_server_sets_the_routing_strategy() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn config_annotation_from_the_api_server_sets_the_rps_cap() {
+    let config = r#"{"profiles":{"default":{"routingStrategy":"least-request","requestsPerSecond":3}}}"#;
+    let AnnotatedModel { api: _api, engine: _engine, gw } = gateway_with_config_annotation(config).await;
+    assert_eq!(gw.chat(MODEL, &[]).await.status, StatusCode::OK, "warm-up");
+
+    // Twelve concurrent requests just after a second boundary: the in-process
+    // limiter (no Redis here) admits exactly the annotation's cap.
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock");
+    let to_next_second = Duration::from_nanos(1_000_000_000 - u64::from(since.subsec_nanos()));
+    tokio::time::sleep(to_next_second + Duration::from_millis(20)).await;
+    let url = gw.url("/v1/chat/completions");
+    let handles: Vec<_> = (0..12).map(|_| tokio::spawn(send(post(&url, &chat_body(MODEL, false), &[])))).collect();
+    let mut statuses = Vec::new();
+    for handle in handles {
+        statuses.push(handle.await.expect("task"));
+    }
+    let admitted = statuses.iter().filter(|r| r.status == StatusCode::OK).count();
+    let limited: Vec<&Reply> = statuses.iter().filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS).collect();
+    assert_eq!(admitted, 3, "cap from the annotation delivered by the API server");
+    assert_eq!(limited.len(), 9);
+    assert_eq!(limited[0].header("x-error-model-rps-exceeded"), "true");
+    assert_eq!(limited[0].json()["error"]["message"], format!("model: {MODEL} has exceeded RPS: 3"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_flag_limits_discovery_to_one_namespace() {
     let a = Engine::start("pod-a", "model-a", &[]);
