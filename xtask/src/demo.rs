@@ -559,6 +559,19 @@ async fn show_metrics(client: &Client, admin: SocketAddr) -> Result<Vec<String>>
     if !reply.status.is_success() || lines.is_empty() {
         problems.push(format!("/metrics ({}) has no aibrix_gateway_requests_total series", reply.status));
     }
+    // Kernel assist loads when it can (root, BPF, bpffs); say which mode the demo runs in.
+    let ready = client.get(admin, "/readyz", REQUEST_TIMEOUT).await?;
+    let kernel = serde_json::from_slice::<serde_json::Value>(&ready.body)
+        .ok()
+        .map(|body| body["kernel_assist"].clone())
+        .unwrap_or(serde_json::Value::Null);
+    ui::info(format!("kernel assist (from /readyz): {kernel}"));
+    let kernel_lines = text.lines().filter(|line| {
+        line.starts_with("aibrix_gateway_kernel_bytes_total") || line.starts_with("aibrix_gateway_kernel_assist_active")
+    });
+    for line in kernel_lines.take(6) {
+        ui::info(line);
+    }
     Ok(problems)
 }
 
