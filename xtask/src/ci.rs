@@ -21,8 +21,9 @@ struct Step {
     command: fn() -> Command,
 }
 
-/// The CI steps, in order. Later work adds steps here (manifest validation, kernel tests);
-/// a step is any command, cargo or not.
+/// The CI steps, in order. Later work adds steps here (manifest validation); a step is any
+/// command, cargo or not. Kernel tests run inside `cargo test --workspace`: they load the real
+/// programs in their own network namespaces and need root, which CI has.
 fn steps() -> Vec<Step> {
     vec![
         Step { name: "format", command: || procs::cargo_command(["fmt", "--all", "--", "--check"]) },
