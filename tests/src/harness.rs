@@ -72,9 +72,34 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// A free loopback port (bound and released; good enough for tests).
+/// A free loopback port for a listener the test starts later.
+///
+/// Ports come from below the kernel's ephemeral range: a port released by
+/// `bind(:0)` sits in that range and any outgoing connection (a gateway's
+/// upstream pool, a client) may take it before the test's process binds
+/// it, which made gateway starts fail now and then with EADDRINUSE. Each
+/// test process walks its own stride of the range, and a port is handed
+/// out only after a bind on it succeeded.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("addr").port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let (low, high) = (10_000usize, ephemeral_low().clamp(12_000, 32_768));
+    let span = high - low;
+    let base = (std::process::id() as usize).wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let port = (low + (base + NEXT.fetch_add(1, Ordering::Relaxed) * 13) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below the ephemeral range");
+}
+
+/// The first port of the kernel's ephemeral range (32768 when unknown).
+fn ephemeral_low() -> usize {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32_768)
 }
 
 /// A child process that is killed when dropped.
