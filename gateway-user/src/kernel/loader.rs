@@ -311,6 +311,13 @@ pub fn prepare_bpffs(dir: &Path) -> Result<PathBuf, LoadError> {
     if is_bpffs(dir) {
         return Ok(dir.to_owned());
     }
+    // Two gateways starting at once on a host without a bpffs would each
+    // mount one on the parent, and the second mount hides what the first
+    // pinned beneath it: check and mount under a host-wide lock.
+    let _lock = mount_lock().map_err(|e| fail(format!("taking the bpffs mount lock: {e}")))?;
+    if is_bpffs(dir) {
+        return Ok(dir.to_owned());
+    }
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("/"));
     if is_bpffs(parent) {
         std::fs::create_dir_all(dir).map_err(|e| fail(format!("creating it: {e}")))?;
@@ -331,6 +338,19 @@ pub fn prepare_bpffs(dir: &Path) -> Result<PathBuf, LoadError> {
     }
     tracing::info!(dir = %dir.display(), "mounted a bpffs for kernel assist");
     Ok(dir.to_owned())
+}
+
+/// An exclusive `flock` on a host-wide file, held until dropped.
+fn mount_lock() -> io::Result<File> {
+    let path = ["/run/lock", "/run", "/tmp"]
+        .iter()
+        .map(Path::new)
+        .find(|d| d.is_dir())
+        .unwrap_or(Path::new("/tmp"))
+        .join("turnstile-bpffs.lock");
+    let file = File::options().create(true).truncate(false).write(true).open(path)?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
+    Ok(file)
 }
 
 /// Removes what a previous run pinned here (maps, programs, links), so a
