@@ -21,9 +21,10 @@ struct Step {
     command: fn() -> Command,
 }
 
-/// The CI steps, in order. Later work adds steps here (manifest validation); a step is any
-/// command, cargo or not. Kernel tests run inside `cargo test --workspace`: they load the real
-/// programs in their own network namespaces and need root, which CI has.
+/// The CI steps, in order; a step is any command, cargo or not (`manifests` renders deploy/ and
+/// validates it against the Kubernetes schemas). Kernel tests run inside `cargo test
+/// --workspace`: they load the real programs in their own network namespaces and need root,
+/// which CI has.
 fn steps() -> Vec<Step> {
     vec![
         Step { name: "format", command: || procs::cargo_command(["fmt", "--all", "--", "--check"]) },
@@ -32,8 +33,16 @@ fn steps() -> Vec<Step> {
             command: || procs::cargo_command(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
         },
         Step { name: "build", command: || procs::cargo_command(["build", "--workspace", "--bins"]) },
+        Step { name: "manifests", command: || xtask_command("manifests") },
         Step { name: "test", command: || procs::cargo_command(["test", "--workspace"]) },
     ]
+}
+
+/// One of xtask's own subcommands, as a step of its own. Through `cargo run`, not
+/// `current_exe()`: the build step relinks xtask (workspace feature unification), which
+/// leaves this process's executable deleted.
+fn xtask_command(subcommand: &str) -> Command {
+    procs::cargo_command(["run", "--quiet", "--package", "xtask", "--", subcommand])
 }
 
 /// Runs setup and every step; the first failure ends the run with an error.
