@@ -38,6 +38,8 @@ pub enum GatewayError {
     BodyRead { reason: String },
     #[error("request body not received within {timeout_seconds} s")]
     BodyTimeout { timeout_seconds: u64 },
+    #[error("request target exceeds {limit_bytes} bytes")]
+    UriTooLong { limit_bytes: usize },
     #[error("model {model} does not exist")]
     UnknownModel { model: String },
     #[error("no ready pods for model {model}")]
@@ -69,6 +71,15 @@ pub enum GatewayError {
     /// The rate-limit store (Redis) failed and the failure mode is closed.
     #[error("rate limit store unavailable")]
     LimitStoreUnavailable,
+    /// `pd`: no roleset has both a ready prefill and a ready decode pod.
+    #[error(
+        "no roleset of model {model} has a ready prefill and a ready decode pod \
+         (ready prefill pods: {prefill}, ready decode pods: {decode})"
+    )]
+    NoPdRoleset { model: String, prefill: usize, decode: usize },
+    /// `pd`: the prefill request failed or timed out; no decode was sent.
+    #[error("prefill request to pod {pod} failed: {reason}")]
+    PrefillFailed { pod: String, reason: String },
 }
 
 /// The body of every error the gateway itself produces.
@@ -102,9 +113,12 @@ impl GatewayError {
             Self::BodyRead { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Self::NoReadyPods { .. } | Self::ShuttingDown | Self::LimitStoreUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            Self::NoReadyPods { .. }
+            | Self::ShuttingDown
+            | Self::LimitStoreUnavailable
+            | Self::NoPdRoleset { .. }
+            | Self::PrefillFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ModelRpsExceeded { .. } | Self::UserRpmExceeded { .. } | Self::UserTpmExceeded { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -119,8 +133,10 @@ impl GatewayError {
     /// Where the failure came from.
     pub fn origin(&self) -> Origin {
         match self {
-            Self::NoReadyPods { .. } | Self::ShuttingDown | Self::LimitStoreUnavailable => Origin::Gateway,
-            Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } => Origin::Upstream,
+            Self::NoReadyPods { .. } | Self::ShuttingDown | Self::LimitStoreUnavailable | Self::NoPdRoleset { .. } => {
+                Origin::Gateway
+            }
+            Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } | Self::PrefillFailed { .. } => Origin::Upstream,
             _ => Origin::Client,
         }
     }
@@ -134,6 +150,7 @@ impl GatewayError {
                 Some("rate_limit_exceeded")
             }
             Self::LimitStoreUnavailable => Some("service_unavailable"),
+            Self::PrefillFailed { .. } => Some("prefill_failed"),
             _ => None,
         }
     }
@@ -161,11 +178,13 @@ impl GatewayError {
             Self::UnknownModel { model } => {
                 Some((name("x-error-no-model-backends"), HeaderValue::from_str(model).unwrap_or(TRUE)))
             }
-            Self::NoReadyPods { .. } => Some((name("x-error-no-model-backends"), TRUE)),
+            Self::NoReadyPods { .. } | Self::NoPdRoleset { .. } => Some((name("x-error-no-model-backends"), TRUE)),
             Self::UnknownStrategy { .. } | Self::StrategyUnavailable { .. } | Self::InvalidExternalFilter { .. } => {
                 Some((name("x-error-routing"), TRUE))
             }
-            Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } => Some((name("x-error-upstream"), TRUE)),
+            Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } | Self::PrefillFailed { .. } => {
+                Some((name("x-error-upstream"), TRUE))
+            }
             Self::ModelRpsExceeded { .. } => Some((name("x-error-model-rps-exceeded"), TRUE)),
             Self::UserRpmExceeded { .. } => Some((name("x-error-rpm-exceeded"), TRUE)),
             Self::UserTpmExceeded { .. } => Some((name("x-error-tpm-exceeded"), TRUE)),
@@ -178,7 +197,7 @@ impl GatewayError {
 /// OpenAI error `type` by status, as in contract section 6.
 fn error_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        400 | 404 | 405 | 408 | 413 => "invalid_request_error",
+        400 | 404 | 405 | 408 | 413 | 414 | 431 => "invalid_request_error",
         401 => "authentication_error",
         429 => "rate_limit_error",
         503 => "overloaded_error",
@@ -260,6 +279,8 @@ mod tests {
         "true"
     )]
     #[case::upstream(GatewayError::UpstreamFailed { pod: "p".into(), reason: "reset".into() }, 502, "upstream p failed before answering: reset", "x-error-upstream", "true")]
+    #[case::no_pd_roleset(GatewayError::NoPdRoleset { model: "m1".into(), prefill: 1, decode: 0 }, 503, "no roleset of model m1 has a ready prefill and a ready decode pod (ready prefill pods: 1, ready decode pods: 0)", "x-error-no-model-backends", "true")]
+    #[case::prefill_failed(GatewayError::PrefillFailed { pod: "p".into(), reason: "no answer within 1 s".into() }, 503, "prefill request to pod p failed: no answer within 1 s", "x-error-upstream", "true")]
     #[tokio::test]
     async fn contract_error_table(
         #[case] err: GatewayError,

@@ -267,9 +267,13 @@ async fn weighted_mix_combines_strategies_and_bad_names_are_refused() {
         assert_eq!(reply.json()["error"]["message"], format!("incorrect routing strategy {bad}"));
         assert_eq!(reply.header("x-error-routing"), "true");
     }
+    // `pd` needs prefill and decode pods (tests/tests/pd.rs); these pods have no PD role.
     let pd = send(post(&gw.url("/v1/chat/completions"), &chat("x", 1, false), &[("routing-strategy", "pd")])).await;
-    assert_eq!(pd.status, StatusCode::BAD_REQUEST);
-    assert_eq!(pd.json()["error"]["message"], "routing strategy pd is not available in this build");
+    assert_eq!(pd.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        pd.json()["error"]["message"],
+        "no roleset of model llama has a ready prefill and a ready decode pod (ready prefill pods: 0, ready decode pods: 0)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

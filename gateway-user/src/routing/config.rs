@@ -75,6 +75,12 @@ pub struct RoutingArgs {
     /// vtc-basic: weight of a generated token in a user's count.
     #[arg(long, env = "AIBRIX_ROUTER_VTC_BASIC_OUTPUT_TOKEN_WEIGHT", default_value_t = 2.0)]
     pub vtc_output_token_weight: f64,
+
+    /// pd: time the prefill pod has to answer the prefill request, in seconds
+    /// (503 and no decode request after).
+    #[arg(long, env = "AIBRIX_PREFILL_REQUEST_TIMEOUT", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub prefill_request_timeout_seconds: u64,
 }
 
 impl Default for RoutingArgs {
@@ -94,6 +100,7 @@ impl Default for RoutingArgs {
             vtc_max_pod_load: 100.0,
             vtc_input_token_weight: 1.0,
             vtc_output_token_weight: 2.0,
+            prefill_request_timeout_seconds: 30,
         }
     }
 }

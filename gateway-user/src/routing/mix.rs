@@ -3,8 +3,8 @@
 //! weight; the highest total wins.
 //!
 //! As in AIBrix: weights are integers 0..=1000000, default 1, and a weight
-//! of 0 drops the entry; names must be strategies that score (not `random`
-//! or `power-of-two`); an empty name, a bad weight or an all-zero list make
+//! of 0 drops the entry; names must be strategies that score (not `random`,
+//! `power-of-two` or `pd`); an empty name, a bad weight or an all-zero list make
 //! the whole string invalid. A strategy that cannot score this request adds
 //! nothing (its fallback is counted under its own name); if none can, the
 //! router falls back as for a single strategy.
@@ -36,9 +36,6 @@ impl WeightedMix {
                 Some((name, weight)) => (name.trim(), weight.trim()),
                 None => (item.trim(), "1"),
             };
-            if name == "pd" {
-                return Err(StrategyError::Unavailable);
-            }
             let strategy = strategies.get(name).filter(|s| s.mixable()).ok_or(StrategyError::Unknown)?;
             let weight: u32 = weight.parse().map_err(|_| StrategyError::Unknown)?;
             if weight > MAX_WEIGHT {
@@ -146,7 +143,7 @@ mod tests {
     #[case::all_zero("least-request:0,throughput:0", StrategyError::Unknown)]
     #[case::random_does_not_score("random:1,least-request:1", StrategyError::Unknown)]
     #[case::power_of_two_does_not_score("power-of-two:1,least-request:1", StrategyError::Unknown)]
-    #[case::pd_unavailable("pd:1,least-request:1", StrategyError::Unavailable)]
+    #[case::pd_is_exclusive("pd:1,least-request:1", StrategyError::Unknown)]
     #[case::double_colon("least-request:1:2", StrategyError::Unknown)]
     fn invalid_mixes(#[case] spec: &str, #[case] error: StrategyError) {
         assert_eq!(router().strategy(spec).err(), Some(error), "{spec}");

@@ -23,6 +23,7 @@ mod least_kv_cache;
 mod least_latency;
 mod least_request;
 mod least_utilization;
+pub mod pd;
 mod power_of_two;
 mod prefix_cache;
 mod prefix_cache_preble;
@@ -307,6 +308,8 @@ pub struct Router {
     /// Parsed weighted mixes by their text, so each distinct string is parsed once.
     mixes: Mutex<HashMap<String, Arc<dyn Strategy>>>,
     fallbacks: Arc<Fallbacks>,
+    /// `pd` chooses a prefill and a decode pod; the proxy asks it directly.
+    pd: Arc<pd::PdRouter>,
 }
 
 /// Distinct weighted-mix strings kept parsed; beyond this they are parsed per request.
@@ -315,6 +318,7 @@ const MAX_CACHED_MIXES: usize = 256;
 impl Router {
     pub fn new(config: &RoutingArgs, metrics: &RoutingMetrics) -> Self {
         let hasher = Arc::new(prefix_index::PrefixHasher::new(config));
+        let pd = Arc::new(pd::PdRouter::new(config, Arc::clone(&hasher)));
         let all: Vec<Arc<dyn Strategy>> = vec![
             Arc::new(random::Random),
             Arc::new(least_request::LeastRequest),
@@ -329,9 +333,15 @@ impl Router {
             Arc::new(prefix_cache_preble::PrefixCachePreble::new(config, hasher, metrics.clone())),
             Arc::new(vtc_basic::VtcBasic::new(config)),
             Arc::new(session_affinity::SessionAffinity),
+            Arc::clone(&pd) as Arc<dyn Strategy>,
         ];
         let fallbacks = Arc::new(Fallbacks { metrics: metrics.clone(), logged: Mutex::new(HashMap::new()) });
-        Self { strategies: all.into_iter().map(|s| (s.name(), s)).collect(), mixes: Mutex::default(), fallbacks }
+        Self { strategies: all.into_iter().map(|s| (s.name(), s)).collect(), mixes: Mutex::default(), fallbacks, pd }
+    }
+
+    /// The `pd` strategy, for the proxy's two-request flow.
+    pub fn pd(&self) -> &pd::PdRouter {
+        &self.pd
     }
 
     /// Looks up a strategy by the name a client, profile or flag gave: one
@@ -551,15 +561,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_contract_name_but_pd_is_available() {
+    fn every_contract_name_is_available() {
         let router = router();
         for name in KNOWN_STRATEGIES {
-            let found = router.strategy(name);
-            if *name == "pd" {
-                assert_eq!(found.err(), Some(StrategyError::Unavailable));
-            } else {
-                assert_eq!(found.map(|s| s.name()).ok(), Some(*name));
-            }
+            assert_eq!(router.strategy(name).map(|s| s.name()).ok(), Some(*name));
         }
         assert_eq!(router.strategy("nope").err(), Some(StrategyError::Unknown));
         assert_eq!(router.strategy("Random").err(), Some(StrategyError::Unknown));

@@ -84,6 +84,16 @@ pub struct MockEngineArgs {
     /// Read inference requests and never answer them.
     #[arg(long)]
     pub hang: bool,
+
+    /// Prefill/decode disaggregation role: `prefill` serves only prefill requests and says
+    /// where it left the KV blocks; `decode` serves only requests carrying those
+    /// `kv_transfer_params`. Without it the engine serves whole requests.
+    #[arg(long, value_enum)]
+    pub role: Option<super::pd::PdRole>,
+
+    /// Decode role: the IP `kv_transfer_params.remote_host` must name (the prefill pods' IP).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub prefill_host: String,
 }
 
 #[cfg(test)]

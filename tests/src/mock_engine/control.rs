@@ -22,7 +22,11 @@ pub async fn handle(state: &EngineState, request: Request<Incoming>) -> Response
             let text = state.metrics.render(state.first_model(), state.load.snapshot());
             state.respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", MockBody::full(text))
         }
-        (&Method::GET, "/mock/stats") => state.json(StatusCode::OK, json_bytes(&state.stats.to_json(&state.name))),
+        (&Method::GET, "/mock/stats") => {
+            let mut stats = state.stats.to_json(&state.name);
+            stats["pd"] = state.pd.to_json();
+            state.json(StatusCode::OK, json_bytes(&stats))
+        }
         (&Method::GET, "/mock/faults") => state.json(StatusCode::OK, json_bytes(&state.faults.current())),
         (&Method::POST, "/mock/faults") => update_faults(state, request).await,
         (_, "/health" | "/v1/models" | "/metrics" | "/mock/stats" | "/mock/faults") => method_not_allowed(state),

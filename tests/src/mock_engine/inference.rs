@@ -14,6 +14,7 @@ use super::body::{MockBody, TokenStream};
 use super::connection::{ConnectionAborted, ResetSwitch};
 use super::generation::{Generation, TokenTiming};
 use super::openai::{Completion, KvTransferOut, Usage};
+use super::pd::PdOutcome;
 use super::request::{Endpoint, InferenceRequest};
 use super::state::EngineState;
 use super::stats::RecordedRequest;
@@ -32,6 +33,7 @@ pub async fn handle(
     let in_flight = state.stats.enter(endpoint);
 
     let (parts, body) = request.into_parts();
+    let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let body = match read_body(body, MAX_BODY_BYTES).await {
         Ok(body) => body,
         Err(ReadError::TooLarge) => {
@@ -85,6 +87,13 @@ pub async fn handle(
     };
 
     let prompt_tokens = request.prompt_tokens();
+    let prefilled = match state.pd.check(endpoint, &body, request_id.as_deref(), prompt_tokens) {
+        Ok(PdOutcome::Prefilled(kv_transfer)) => Some(kv_transfer),
+        Ok(PdOutcome::Plain | PdOutcome::Decoded) => None,
+        Err(message) => {
+            return Ok(state.error(StatusCode::BAD_REQUEST, "BadRequestError", &message, Some("kv_transfer_params")));
+        }
+    };
     let completion_tokens = match endpoint {
         Endpoint::Embeddings => 0,
         _ => request.completion_tokens(state.default_completion_tokens),
@@ -112,8 +121,9 @@ pub async fn handle(
     let usage = Usage::new(prompt_tokens, u64::from(completion_tokens));
     let body = match endpoint {
         Endpoint::ChatCompletions | Endpoint::Completions => {
-            let kv_transfer =
-                request.is_remote_decode_prefill().then(|| KvTransferOut::new(&state.name, state.local_addr));
+            let kv_transfer = prefilled.or_else(|| {
+                request.is_remote_decode_prefill().then(|| KvTransferOut::new(&state.name, state.local_addr))
+            });
             completion.full_body(usage, kv_transfer.as_ref())
         }
         Endpoint::Embeddings => completion.embeddings_body(request.embedding_count(), prompt_tokens),

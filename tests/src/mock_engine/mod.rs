@@ -11,7 +11,9 @@
 //! Layout, in request order: `server` accepts connections (`connection` can end them with a
 //! reset); `inference` takes an inference request through `faults`, `request` parsing and a
 //! `generation` on the `load` model, answering with `openai` bodies (streamed by `body`);
-//! `control` serves health, models, `metrics` and `stats`. `state` is what they share.
+//! `control` serves health, models, `metrics` and `stats`. `state` is what they share. With
+//! `--role prefill|decode` the engine plays one half of a disaggregated request and `pd`
+//! checks the `kv_transfer_params` handover a PD gateway must perform.
 
 mod body;
 mod cli;
@@ -23,6 +25,7 @@ mod inference;
 mod load;
 mod metrics;
 mod openai;
+mod pd;
 mod prefix;
 mod request;
 mod server;
@@ -41,6 +44,7 @@ pub use faults::{Faults, FaultsPatch};
 pub use generation::TokenTiming;
 pub use load::{LoadModel, LoadSnapshot, RunningSlot};
 pub use metrics::EngineMetrics;
+pub use pd::PdRole;
 pub use prefix::PrefixCache;
 pub use request::{Endpoint, InferenceRequest, InputCount, WordCount};
 

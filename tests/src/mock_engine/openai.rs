@@ -109,10 +109,13 @@ impl Usage {
 pub struct KvTransferOut {
     do_remote_prefill: bool,
     do_remote_decode: bool,
-    remote_block_ids: [u32; 1],
+    remote_block_ids: Vec<u64>,
     remote_engine_id: String,
     remote_host: String,
     remote_port: u16,
+    /// Names this transfer; a decode engine checks it was made for its prompt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote_request_id: Option<String>,
 }
 
 impl KvTransferOut {
@@ -121,10 +124,25 @@ impl KvTransferOut {
         Self {
             do_remote_prefill: true,
             do_remote_decode: false,
-            remote_block_ids: [0],
+            remote_block_ids: vec![0],
             remote_engine_id: name.to_owned(),
             remote_host: addr.ip().to_string(),
             remote_port: addr.port(),
+            remote_request_id: None,
+        }
+    }
+
+    /// The parameters of prefill `transfer_id` by engine `name`, which knows itself as
+    /// `host:port` and keeps the prompt in `block_ids`.
+    pub fn transfer(name: &str, host: &str, port: u16, block_ids: Vec<u64>, transfer_id: String) -> Self {
+        Self {
+            do_remote_prefill: true,
+            do_remote_decode: false,
+            remote_block_ids: block_ids,
+            remote_engine_id: name.to_owned(),
+            remote_host: host.to_owned(),
+            remote_port: port,
+            remote_request_id: Some(transfer_id),
         }
     }
 }

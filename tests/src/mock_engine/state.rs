@@ -13,6 +13,7 @@ use super::faults::{FaultSwitch, Faults};
 use super::load::LoadModel;
 use super::metrics::EngineMetrics;
 use super::openai::{ErrorBody, ResponseIds};
+use super::pd::PdState;
 use super::prefix::PrefixCache;
 use super::stats::RequestStats;
 
@@ -47,6 +48,8 @@ pub struct EngineState {
     pub ttft_per_uncached_token: Duration,
     /// Response ids.
     pub ids: ResponseIds,
+    /// Prefill/decode role and the transfers seen.
+    pub pd: PdState,
 }
 
 impl EngineState {
@@ -69,6 +72,7 @@ impl EngineState {
             ttft_per_running: Duration::from_micros(args.ttft_per_running_us),
             ttft_per_uncached_token: Duration::from_micros(args.ttft_per_uncached_token_us),
             ids: ResponseIds::new(),
+            pd: PdState::new(args.role, &args.name, local_addr.port(), &args.prefill_host),
         })
     }
 
