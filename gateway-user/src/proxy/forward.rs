@@ -224,8 +224,22 @@ pub struct TrackedBody {
     final_usage: Option<Usage>,
     /// The engine's last frame, held until the TPM charge lands.
     held_frame: Option<Frame<Bytes>>,
+    /// SSE data read from the engine and not yet passed on (see `poll_frame`).
+    coalesced: Vec<Bytes>,
+    coalesced_len: usize,
+    /// Whether the body already stepped aside once since its last engine
+    /// frame, so the engine connection could deliver what it has read.
+    yielded: bool,
+    /// A non-data frame that arrived behind coalesced data, passed on next.
+    next_frame: Option<Frame<Bytes>>,
     done: bool,
 }
+
+/// Most SSE bytes merged into one frame: a burst of events the engine has
+/// already sent becomes one write to the client, not one write per event.
+const COALESCE_MAX_BYTES: usize = 16 * 1024;
+/// Most engine frames merged into one.
+const COALESCE_MAX_FRAMES: usize = 64;
 
 /// Sent to a streaming client when the engine breaks off mid-stream, so the
 /// client sees why its stream ended instead of a silent truncation.
@@ -243,7 +257,35 @@ impl TrackedBody {
             settling: None,
             final_usage: None,
             held_frame: None,
+            coalesced: Vec::new(),
+            coalesced_len: 0,
+            yielded: false,
+            next_frame: None,
             done: false,
+        }
+    }
+
+    /// Keeps `data` to be passed on with the data that follows it.
+    fn coalesce(&mut self, data: Bytes) {
+        self.coalesced_len += data.len();
+        self.coalesced.push(data);
+    }
+
+    /// The coalesced data as one buffer (copied only when there are several
+    /// pieces: a few kilobytes, against a write and a wake-up per piece).
+    fn take_coalesced(&mut self) -> Bytes {
+        self.coalesced_len = 0;
+        self.yielded = false;
+        match self.coalesced.len() {
+            0 => Bytes::new(),
+            1 => self.coalesced.pop().unwrap_or_default(),
+            _ => {
+                let mut merged = bytes::BytesMut::with_capacity(self.coalesced.iter().map(Bytes::len).sum());
+                for piece in self.coalesced.drain(..) {
+                    merged.extend_from_slice(&piece);
+                }
+                merged.freeze()
+            }
         }
     }
 
@@ -278,6 +320,15 @@ impl Body for TrackedBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
+    /// SSE answers are coalesced: hyper's client hands the engine's events
+    /// over one per poll (each wakes this task once), and passing each on
+    /// alone costs the client connection one write per event. So data frames
+    /// are kept while more follow at once: when the engine body has nothing
+    /// ready, this body steps aside once (wakes itself and returns Pending) so
+    /// the engine connection can decode what it has already read, and passes
+    /// the kept data on as one frame when there is still nothing new, or at
+    /// `COALESCE_MAX_BYTES` / `COALESCE_MAX_FRAMES`. A token that arrives
+    /// alone waits one scheduler round, never for the next token.
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         loop {
@@ -291,18 +342,58 @@ impl Body for TrackedBody {
                 // The engine's last frame was held back until the charge landed.
                 return Poll::Ready(this.held_frame.take().map(Ok));
             }
-            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            let polled = match this.next_frame.take() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => Pin::new(&mut this.inner).poll_frame(cx),
+            };
+            let polled = match polled {
+                Poll::Pending if this.coalesced.is_empty() => return Poll::Pending,
+                Poll::Pending if !this.yielded => {
+                    this.yielded = true;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                // Still nothing after stepping aside: pass on what is kept.
+                Poll::Pending => return Poll::Ready(Some(Ok(Frame::data(this.take_coalesced())))),
+                Poll::Ready(polled) => polled,
+            };
+            match polled {
                 Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        if this.first_byte.is_none()
-                            && let Some(record) = &this.record
-                        {
-                            let elapsed = record.started.elapsed();
-                            record.metrics.upstream_first_byte(&record.model, elapsed.as_secs_f64());
-                            this.first_byte = Some(elapsed);
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            if this.first_byte.is_none()
+                                && let Some(record) = &this.record
+                            {
+                                let elapsed = record.started.elapsed();
+                                record.metrics.upstream_first_byte(&record.model, elapsed.as_secs_f64());
+                                this.first_byte = Some(elapsed);
+                            }
+                            this.tap.observe(&data);
+                            let end = this.inner.is_end_stream();
+                            if this.sse && !end {
+                                this.coalesce(data);
+                                this.yielded = false;
+                                if this.coalesced_len >= COALESCE_MAX_BYTES
+                                    || this.coalesced.len() >= COALESCE_MAX_FRAMES
+                                {
+                                    return Poll::Ready(Some(Ok(Frame::data(this.take_coalesced()))));
+                                }
+                                continue;
+                            }
+                            if this.coalesced.is_empty() {
+                                Frame::data(data)
+                            } else {
+                                this.coalesce(data);
+                                Frame::data(this.take_coalesced())
+                            }
                         }
-                        this.tap.observe(data);
-                    }
+                        // Trailers: the kept data goes first.
+                        Err(frame) if !this.coalesced.is_empty() => {
+                            this.next_frame = Some(frame);
+                            return Poll::Ready(Some(Ok(Frame::data(this.take_coalesced()))));
+                        }
+                        Err(frame) => frame,
+                    };
                     // A body with a known length ends with its last frame:
                     // hyper will not poll again, so the response ends here.
                     if this.inner.is_end_stream() {
@@ -318,18 +409,24 @@ impl Body for TrackedBody {
                 Some(Err(err)) => {
                     this.finish(Outcome::UpstreamBroken);
                     return if this.sse {
-                        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(SSE_UPSTREAM_ERROR)))))
+                        // The kept events, then the error event, in one frame.
+                        this.coalesce(Bytes::from_static(SSE_UPSTREAM_ERROR));
+                        Poll::Ready(Some(Ok(Frame::data(this.take_coalesced()))))
                     } else {
                         Poll::Ready(Some(Err(err)))
                     };
                 }
                 None => {
+                    // The kept data is the last frame (finish marks the body
+                    // done, so hyper ends the response after it).
+                    let last = (!this.coalesced.is_empty()).then(|| Frame::data(this.take_coalesced()));
                     if let Some(settling) = this.start_settling() {
                         this.settling = Some(settling);
+                        this.held_frame = last;
                         continue;
                     }
                     this.finish(Outcome::Completed);
-                    return Poll::Ready(None);
+                    return Poll::Ready(last.map(Ok));
                 }
             }
         }
