@@ -93,9 +93,13 @@ pub struct ServeArgs {
     #[arg(long, env = "TURNSTILE_MAX_HEADERS", default_value_t = 100)]
     pub max_headers: usize,
 
-    /// Largest request line plus headers in bytes (414/431 above).
+    /// Largest request line plus headers in bytes (431 above; at least 8192).
     #[arg(long, env = "TURNSTILE_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,
+
+    /// Longest request target (path and query) in bytes (414 above).
+    #[arg(long, env = "TURNSTILE_MAX_URI_BYTES", default_value_t = 8 * 1024)]
+    pub max_uri_bytes: usize,
 
     /// Time to connect to an engine pod before trying another one.
     #[arg(long, env = "TURNSTILE_UPSTREAM_CONNECT_TIMEOUT_MS", default_value_t = 2000)]
@@ -438,6 +442,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds.max(1)),
         max_headers: args.max_headers,
         max_header_bytes: args.max_header_bytes,
+        max_uri_bytes: args.max_uri_bytes,
     };
     let admin = Arc::new(Admin::new(Arc::clone(&store), Arc::clone(&metrics)).with_kernel(Arc::clone(&kernel)));
     let proxy_shutdown = CancellationToken::new();

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, Uri};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -18,6 +19,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::errors::{self, GatewayError};
 use crate::kernel::KernelAssist;
 use crate::kernel::tagging::{ClientConn, Side, TaggedStream};
 
@@ -28,14 +30,33 @@ pub struct HttpLimits {
     pub header_read_timeout: Duration,
     /// Most header fields in one request (431 above).
     pub max_headers: usize,
-    /// Largest read buffer, which bounds request line plus headers.
+    /// Largest read buffer, which bounds request line plus headers (431 above).
     pub max_header_bytes: usize,
+    /// Longest request target (path and query) in bytes (414 above).
+    pub max_uri_bytes: usize,
 }
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        Self { header_read_timeout: Duration::from_secs(10), max_headers: 100, max_header_bytes: 64 * 1024 }
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+            max_uri_bytes: 8 * 1024,
+        }
     }
+}
+
+/// Length of a request target as the client sent it (origin or absolute form).
+fn target_len(uri: &Uri) -> usize {
+    let scheme = uri.scheme_str().map_or(0, |s| s.len() + 3);
+    let authority = uri.authority().map_or(0, |a| a.as_str().len());
+    scheme + authority + uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+}
+
+/// The 414 answer for a request target over the limit.
+fn uri_too_long<B>(limit_bytes: usize) -> Response<Either<Full<Bytes>, B>> {
+    errors::respond(&GatewayError::UriTooLong { limit_bytes }).map(Either::Left)
 }
 
 /// Serves `handler` on every connection `listener` accepts until `shutdown`
@@ -116,16 +137,46 @@ pub async fn serve_tracked<H, F, B>(
         let _ = stream.set_nodelay(true);
         let stream = TaggedStream::new(stream, conn.as_ref().map(|c| Arc::clone(&c.0)));
         let handler = handler.clone();
+        let first_request = CancellationToken::new();
+        let request_seen = first_request.clone();
+        let max_uri_bytes = limits.max_uri_bytes;
         let service = service_fn(move |mut request: Request<Incoming>| {
-            if let Some(conn) = &conn {
-                request.extensions_mut().insert(conn.clone());
+            request_seen.cancel();
+            // hyper answers 431 for oversized heads itself, but only says 414
+            // for targets past 64 KiB, which the head limit stops first.
+            let response = if target_len(request.uri()) > max_uri_bytes {
+                None
+            } else {
+                if let Some(conn) = &conn {
+                    request.extensions_mut().insert(conn.clone());
+                }
+                Some(handler(request, peer))
+            };
+            async move {
+                Ok::<_, Infallible>(match response {
+                    Some(response) => response.await.map(Either::Right),
+                    None => uri_too_long(max_uri_bytes),
+                })
             }
-            let response = handler(request, peer);
-            async move { Ok::<_, Infallible>(response.await) }
         });
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+        let first_request_deadline = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            // hyper's header timeout starts once it reads a head, after the
+            // HTTP/1-or-2 sniff, which waits for bytes without a limit: a
+            // client that connects and sends nothing (or one byte of the h2
+            // preface) would hold its socket forever. The first request's
+            // head must therefore arrive within the header timeout of accept.
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = first_request.cancelled() => connection.await,
+                () = tokio::time::sleep(first_request_deadline) => {
+                    tracing::debug!(listener = name, client = %peer, "no request head within the header timeout; closing");
+                    return;
+                }
+            };
+            if let Err(err) = result {
                 tracing::debug!(listener = name, client = %peer, error = %err, "connection ended with an error");
             }
         });
@@ -143,5 +194,17 @@ pub async fn serve_tracked<H, F, B>(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!(listener = name, "all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!(listener = name, "grace period over; closing remaining connections"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_length_counts_what_the_client_sent() {
+        assert_eq!(target_len(&Uri::from_static("/v1/completions?x=1")), "/v1/completions?x=1".len());
+        assert_eq!(target_len(&Uri::from_static("http://gw:8888/v1/models")), "http://gw:8888/v1/models".len());
+        assert_eq!(target_len(&Uri::from_static("*")), 1);
     }
 }
