@@ -390,6 +390,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.engine_metrics.pod_metric_stale_ms,
     )));
     metrics.routing.report_pod_ages(Arc::clone(&engine_metrics) as Arc<dyn crate::metrics::PodAges>);
+    let pod_in_flight: Arc<dyn crate::metrics::PodInFlight> = Arc::clone(&store) as _;
+    metrics.report_pod_in_flight(Arc::downgrade(&pod_in_flight));
     let proxy = Arc::new(
         Proxy::new(Arc::clone(&store), Arc::clone(&metrics), upstream, settings.clone())
             .with_limits(limits)
@@ -515,6 +517,7 @@ mod tests {
         assert_eq!(args.limits.ratelimit_failure_mode, crate::limits::FailureMode::Open);
         assert_eq!(args.limits.redis_timeout_ms, 50);
         assert_eq!((args.limits.default_user_rpm, args.limits.default_user_tpm), (None, None));
+        assert_eq!(args.routing.prefill_request_timeout_seconds, 30, "AIBRIX_PREFILL_REQUEST_TIMEOUT default");
     }
 
     #[test]

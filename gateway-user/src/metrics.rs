@@ -4,18 +4,20 @@
 //! (a model a client merely asked for is `unknown`), status codes, strategy
 //! names and pod keys. Never user ids or request ids.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 mod discovery;
+mod pd;
 mod routing;
 pub use discovery::{DiscoveryEvent, DiscoveryMetrics};
+pub use pd::{PdMetrics, PrefillErrorReason};
 pub use routing::{PodAges, RoutingMetrics};
 
 /// Model label for requests that never matched a discovered model.
@@ -56,6 +58,14 @@ struct RateLimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectionLabels {
+    model: Arc<str>,
+    profile: Arc<str>,
+    /// rps | rpm | tpm
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StoreOpLabels {
     op: &'static str,
 }
@@ -82,8 +92,13 @@ pub struct Metrics {
     pub discovery: DiscoveryMetrics,
     /// Strategy fallbacks, prefix-cache hits, engine metrics scrapes.
     pub routing: RoutingMetrics,
+    /// Prefill/decode disaggregation: selections, prefill latency and errors.
+    pub pd: PdMetrics,
     invalid_configs: Family<ModelLabels, Counter>,
     ratelimit_decisions: Family<RateLimitLabels, Counter>,
+    ratelimit_rejections: Family<RejectionLabels, Counter>,
+    /// Requests in flight per pod, read from the pod store at scrape time.
+    pod_in_flight: Arc<PodInFlightGauge>,
     ratelimit_store_latency: HistogramFamily<StoreOpLabels>,
     ratelimit_store_errors: Family<StoreErrorLabels, Counter>,
     ratelimit_breaker_state: Gauge,
@@ -161,6 +176,7 @@ impl Metrics {
         );
         let discovery = DiscoveryMetrics::register(&mut registry);
         let routing = RoutingMetrics::register(&mut registry);
+        let pd = PdMetrics::register(&mut registry);
         let invalid_configs = Family::default();
         registry.register(
             "aibrix_gateway_invalid_config",
@@ -173,6 +189,14 @@ impl Metrics {
             "Limit checks by model, profile, limit (rps, rpm, tpm) and decision",
             ratelimit_decisions.clone(),
         );
+        let ratelimit_rejections = Family::default();
+        registry.register(
+            "aibrix_gateway_ratelimit_rejections",
+            "Requests answered 429 by a limit: model RPS (rps) or the user's RPM/TPM (rpm, tpm), by model and profile",
+            ratelimit_rejections.clone(),
+        );
+        let pod_in_flight = Arc::new(PodInFlightGauge::default());
+        registry.register_collector(Box::new(Arc::clone(&pod_in_flight)));
         let ratelimit_store_latency: HistogramFamily<_> = Family::new_with_constructor(store_histogram);
         registry.register(
             "aibrix_gateway_ratelimit_store_latency_seconds",
@@ -203,8 +227,11 @@ impl Metrics {
             readiness_transitions,
             discovery,
             routing,
+            pd,
             invalid_configs,
             ratelimit_decisions,
+            ratelimit_rejections,
+            pod_in_flight,
             ratelimit_store_latency,
             ratelimit_store_errors,
             ratelimit_breaker_state,
@@ -261,8 +288,19 @@ impl Metrics {
     /// One limit check's outcome. `profile` comes from the model's config
     /// (bounded); user ids are never labels.
     pub fn ratelimit_decision(&self, model: &Arc<str>, profile: &str, limit: &'static str, decision: &'static str) {
-        let labels = RateLimitLabels { model: Arc::clone(model), profile: Arc::from(profile), limit, decision };
+        let profile: Arc<str> = Arc::from(profile);
+        if decision == "limited" {
+            let labels = RejectionLabels { model: Arc::clone(model), profile: Arc::clone(&profile), limit };
+            self.ratelimit_rejections.get_or_create(&labels).inc();
+        }
+        let labels = RateLimitLabels { model: Arc::clone(model), profile, limit, decision };
         self.ratelimit_decisions.get_or_create(&labels).inc();
+    }
+
+    /// Makes the per-pod in-flight gauge report `source` (held weakly: the
+    /// pod store owns these metrics) from now on.
+    pub fn report_pod_in_flight(&self, source: Weak<dyn PodInFlight>) {
+        *self.pod_in_flight.source.lock().unwrap_or_else(PoisonError::into_inner) = Some(source);
     }
 
     pub fn ratelimit_store_latency(&self, op: &'static str, seconds: f64) {
@@ -281,6 +319,57 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Where the per-pod in-flight gauge reads from: the pod store.
+pub trait PodInFlight: Send + Sync {
+    /// Calls `visit(model, pod key, requests in flight)` for every known pod.
+    fn visit(&self, visit: &mut dyn FnMut(&str, &str, i64));
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabels {
+    model: String,
+    pod: String,
+}
+
+const POD_IN_FLIGHT: &str = "aibrix_gateway_pod_in_flight_requests";
+const POD_IN_FLIGHT_HELP: &str = "Requests routed to the pod whose response has not ended";
+
+/// `aibrix_gateway_pod_in_flight_requests`, read from the pod store's
+/// counters (the ones routing uses) when `/metrics` is scraped.
+#[derive(Default)]
+struct PodInFlightGauge {
+    source: Mutex<Option<Weak<dyn PodInFlight>>>,
+}
+
+impl std::fmt::Debug for PodInFlightGauge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PodInFlightGauge")
+    }
+}
+
+impl prometheus_client::collector::Collector for PodInFlightGauge {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let source = self.source.lock().unwrap_or_else(PoisonError::into_inner).as_ref().and_then(Weak::upgrade);
+        let Some(source) = source else { return Ok(()) };
+        let mut metric = encoder.encode_descriptor(
+            POD_IN_FLIGHT,
+            POD_IN_FLIGHT_HELP,
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        let mut result = Ok(());
+        source.visit(&mut |model, pod, in_flight| {
+            if result.is_ok() {
+                result = metric
+                    .encode_family(&PodLabels { model: model.to_owned(), pod: pod.to_owned() })
+                    .and_then(|family| ConstGauge::new(in_flight).encode(family));
+            }
+        });
+        result
     }
 }
 
@@ -309,6 +398,37 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains(r#"aibrix_gateway_requests_total{model="llama",status_code="200"} 2"#), "{text}");
         assert!(text.contains(r#"aibrix_gateway_requests_total{model="unknown",status_code="400"} 1"#), "{text}");
+    }
+
+    #[test]
+    fn rejections_and_per_pod_in_flight_render() {
+        #[derive(Debug)]
+        struct TwoPods;
+        impl PodInFlight for TwoPods {
+            fn visit(&self, visit: &mut dyn FnMut(&str, &str, i64)) {
+                visit("m", "ns/a", 3);
+                visit("m", "ns/b", 0);
+            }
+        }
+        let metrics = Metrics::new();
+        let model: Arc<str> = Arc::from("m");
+        metrics.ratelimit_decision(&model, "batch", "rps", "allowed");
+        metrics.ratelimit_decision(&model, "batch", "rps", "limited");
+        metrics.ratelimit_decision(&model, "default", "rpm", "limited");
+        assert!(!metrics.render().contains(POD_IN_FLIGHT), "no source, no series");
+        let source: Arc<dyn PodInFlight> = Arc::new(TwoPods);
+        metrics.report_pod_in_flight(Arc::downgrade(&source));
+        let text = metrics.render();
+        for line in [
+            r#"aibrix_gateway_ratelimit_rejections_total{model="m",profile="batch",limit="rps"} 1"#,
+            r#"aibrix_gateway_ratelimit_rejections_total{model="m",profile="default",limit="rpm"} 1"#,
+            r#"aibrix_gateway_pod_in_flight_requests{model="m",pod="ns/a"} 3"#,
+            r#"aibrix_gateway_pod_in_flight_requests{model="m",pod="ns/b"} 0"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        drop(source);
+        assert!(!metrics.render().contains(POD_IN_FLIGHT), "source gone, series gone");
     }
 
     #[test]

@@ -53,6 +53,17 @@ impl Snapshot {
     }
 }
 
+impl crate::metrics::PodInFlight for PodStore {
+    fn visit(&self, visit: &mut dyn FnMut(&str, &str, i64)) {
+        let snapshot = self.snapshot();
+        for name in snapshot.model_names() {
+            for pod in snapshot.model(name).map(|m| m.pods.as_slice()).unwrap_or_default() {
+                visit(name, &pod.key, i64::try_from(pod.load.in_flight()).unwrap_or(i64::MAX));
+            }
+        }
+    }
+}
+
 /// Shared, lock-free-to-read pod state.
 pub struct PodStore {
     current: ArcSwap<Snapshot>,

@@ -458,6 +458,56 @@ impl Drop for TrackedBody {
     }
 }
 
+/// What was decided about a request before it ended in an answer the
+/// gateway made itself (an error, or `GET /v1/models`), for its request-end
+/// line. Filled in phase by phase; what a request never reached stays empty.
+#[derive(Debug, Default)]
+pub struct RequestFacts {
+    pub model: Option<Arc<str>>,
+    pub profile: Option<String>,
+    /// The strategy resolved (or asked for, when it is unknown).
+    pub strategy: Option<String>,
+    /// The pod chosen, or last tried.
+    pub pod: Option<Arc<PodInfo>>,
+    pub routing_time: Option<Duration>,
+}
+
+/// The one "request end" line of a request the gateway answered itself,
+/// with the same fields as a proxied request's (tokens are zero: no engine
+/// answered) plus the error, where it came from, the path and the client.
+pub fn log_gateway_answer(
+    request_id: &HeaderValue,
+    facts: &RequestFacts,
+    status: u16,
+    error: Option<&GatewayError>,
+    path: &str,
+    client: std::net::SocketAddr,
+    started: Instant,
+) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    tracing::info!(
+        target: "turnstile::access",
+        request_id = request_id.to_str().unwrap_or(""),
+        model = facts.model.as_deref().unwrap_or(crate::metrics::UNKNOWN_MODEL),
+        profile = facts.profile.as_deref(),
+        strategy = facts.strategy.as_deref(),
+        pod = facts.pod.as_ref().map(|p| p.name.as_str()),
+        pod_ip = facts.pod.as_ref().map(|p| p.addr_text.as_str()),
+        status,
+        outcome = if error.is_some() { "error" } else { "completed" },
+        prompt_tokens = 0u64,
+        completion_tokens = 0u64,
+        total_tokens = 0u64,
+        routing_ms = facts.routing_time.map(ms),
+        total_ms = ms(started.elapsed()),
+        path,
+        client = %client,
+        origin = error.map(|e| tracing::field::debug(e.origin())),
+        error = error.map(tracing::field::display),
+        "request end"
+    );
+}
+
 fn log_request_end(record: &RequestRecord, first_byte: Option<Duration>, usage: Option<Usage>, outcome: Outcome) {
     let usage = usage.unwrap_or_default();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;

@@ -3,6 +3,7 @@
 
 pub mod forward;
 pub mod listener;
+pub mod pd;
 pub mod request;
 pub mod upstream_conn;
 pub mod usage;
@@ -26,7 +27,7 @@ use crate::limits::{LimitRequest, Limits};
 use crate::metrics::{Metrics, UNKNOWN_MODEL};
 use crate::profiles::{self, Profile, RequestFeatures};
 use crate::routing::{self, LabelSelector, RouteDecision, RouteRequest, Router, RoutingArgs, Strategy, StrategyError};
-use forward::{RequestRecord, SendError, TrackedBody, Upstream};
+use forward::{RequestFacts, RequestRecord, SendError, TrackedBody, Upstream};
 use request::Endpoint;
 
 /// Response body of the proxy listener: a gateway-made body, or an engine's
@@ -129,24 +130,23 @@ impl Proxy {
         let request_id = request_id(request.headers());
         let path = request.uri().path().to_owned();
         let http1 = request.version() < http::Version::HTTP_2;
-        match self.serve(request, started, &request_id).await {
-            Ok(response) => response,
+        let mut facts = RequestFacts::default();
+        match self.serve(request, started, &request_id, &mut facts).await {
+            Ok(mut response) => {
+                // A proxied answer logs its own end when its body ends.
+                if let Either::Left(_) = response.body() {
+                    let status = response.status().as_u16();
+                    forward::log_gateway_answer(&request_id, &facts, status, None, &path, peer, started);
+                    response.headers_mut().insert(names::REQUEST_ID, request_id);
+                }
+                response
+            }
             Err(Failure { error, model }) => {
                 let status = error.status();
-                let model = model.unwrap_or_else(|| Arc::from(UNKNOWN_MODEL));
+                let model = model.or_else(|| facts.model.clone()).unwrap_or_else(|| Arc::from(UNKNOWN_MODEL));
                 self.metrics.request_done(&model, status.as_u16());
-                tracing::info!(
-                    target: "turnstile::access",
-                    request_id = request_id.to_str().unwrap_or(""),
-                    model = &*model,
-                    path,
-                    client = %peer,
-                    status = status.as_u16(),
-                    origin = ?error.origin(),
-                    error = %error,
-                    total_ms = started.elapsed().as_secs_f64() * 1e3,
-                    "request end"
-                );
+                facts.model = Some(model);
+                forward::log_gateway_answer(&request_id, &facts, status.as_u16(), Some(&error), &path, peer, started);
                 let mut response = errors::respond(&error).map(Either::Left);
                 response.headers_mut().insert(names::REQUEST_ID, request_id);
                 if status == StatusCode::TOO_MANY_REQUESTS
@@ -168,6 +168,7 @@ impl Proxy {
         request: Request<Incoming>,
         started: Instant,
         request_id: &HeaderValue,
+        facts: &mut RequestFacts,
     ) -> Result<Response<ProxyBody>, Failure> {
         // Phase 1: authenticate, then parse.
         self.limits.authorize(request.headers())?;
@@ -192,6 +193,7 @@ impl Proxy {
             return Err(GatewayError::UnknownModel { model: shape.model }.into());
         };
         let model_label: Arc<str> = Arc::clone(&model.name);
+        facts.model = Some(Arc::clone(&model_label));
         let fail = |error: GatewayError| Failure { error, model: Some(Arc::clone(&model_label)) };
         if let (Some(kernel), Some(ClientConn(conn))) = (&self.kernel, parts.extensions.get::<ClientConn>()) {
             kernel.tag(conn, &model_label);
@@ -210,6 +212,8 @@ impl Proxy {
             header_str(&parts.headers, &names::ROUTING_STRATEGY),
             &self.settings.default_strategy,
         );
+        facts.profile = Some(profile.name.to_owned());
+        facts.strategy = Some(strategy_name.to_owned());
         let strategy = self.router.strategy(strategy_name).map_err(|err| {
             fail(match err {
                 StrategyError::Unknown => GatewayError::UnknownStrategy { name: strategy_name.to_owned() },
@@ -242,9 +246,30 @@ impl Proxy {
             .with_headers(&parts.headers)
             .with_metrics(self.engine_metrics.view())
             .with_prompt_extractor(request::prompt_text);
-        let mut decision = match candidates {
-            [] => RouteDecision::default(),
-            _ => self.router.route(strategy.as_ref(), &route_request, candidates),
+        // `pd` chooses a prefill/decode pair and runs the prefill now; the
+        // decode pod is then the only candidate, with its own body.
+        let pd_route = match candidates {
+            [_, ..] if strategy.name() == routing::pd::NAME => {
+                let pd_request =
+                    pd::PdRequest { endpoint, parts: &parts, body: &body, model: &model_label, request_id, started };
+                match self.route_pd(pd_request, &route_request, candidates).await {
+                    Ok(route) => Some(route),
+                    Err(error) => {
+                        admission.release().await;
+                        return Err(fail(error));
+                    }
+                }
+            }
+            _ => None,
+        };
+        let (candidates, body) = match &pd_route {
+            Some(route) => (std::slice::from_ref(&route.pod), route.body.clone()),
+            None => (candidates, body.clone()),
+        };
+        let mut decision = match (&pd_route, candidates) {
+            (Some(route), _) => route.decision(),
+            (None, []) => RouteDecision::default(),
+            (None, _) => self.router.route(strategy.as_ref(), &route_request, candidates),
         };
         let Some(mut pod) = candidates.get(decision.index).cloned() else {
             admission.release().await;
@@ -254,14 +279,16 @@ impl Proxy {
         // (no window between choosing a pod and counting it, AIBrix #2422).
         let mut reserved = Some(pod.load.start());
         let token_charge = admission.commit();
-        let routing_time = started.elapsed();
+        let routing_time = pd_route.as_ref().map_or_else(|| started.elapsed(), |route| route.routing_time);
         self.metrics.routed(&model_label, strategy.name(), routing_time.as_secs_f64());
+        facts.routing_time = Some(routing_time);
 
         // Phase 5: forward; a pod that refuses the connection got nothing,
         // so the request moves to another ready pod.
         let mut tried: Vec<Arc<PodInfo>> = Vec::new();
         let (upstream_response, guards) = loop {
             let guards = (reserved.take().unwrap_or_else(|| pod.load.start()), self.metrics.in_flight(&model_label));
+            facts.pod = Some(Arc::clone(&pod));
             match self.upstream.send(&parts, body.clone(), &pod, request_id).await {
                 Ok(response) => break (response, guards),
                 Err(SendError::Connect(reason)) if tried.len() + 1 < self.settings.max_connect_attempts => {
