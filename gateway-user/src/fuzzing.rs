@@ -1,0 +1,102 @@
+//! Entry points shared by the cargo-fuzz targets in `fuzz/` and the test
+//! that replays their seed corpora (`gateway-user/tests/fuzz_corpus.rs`).
+//!
+//! Each takes arbitrary bytes, runs one parser the way the gateway runs it on
+//! untrusted input, and asserts what must hold for every input. Not part of
+//! the gateway's API.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+
+use crate::discovery::{PodStore, pods_file};
+use crate::metrics::Metrics;
+use crate::profiles::{self, ModelConfig, RequestFeatures};
+use crate::proxy::request::{self, Endpoint};
+use crate::proxy::usage::{self, UsageTap};
+use crate::routing::{Router, RoutingArgs};
+
+const ENDPOINTS: [Endpoint; 4] =
+    [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings, Endpoint::Responses];
+
+/// Longest prompt the request-body target tokenizes (keeps executions fast).
+const MAX_TOKENIZED_BYTES: usize = 4096;
+
+/// The request body probe: the first byte picks the endpoint, the rest is
+/// the body a client sent.
+pub fn request_body(data: &[u8]) {
+    let Some((&selector, body)) = data.split_first() else { return };
+    let endpoint = ENDPOINTS[usize::from(selector) % ENDPOINTS.len()];
+    if let Ok(shape) = request::inspect(endpoint, body) {
+        assert!(!shape.model.trim().is_empty(), "a blank model was accepted");
+    }
+    let prompt = request::prompt_text(body);
+    if prompt.len() <= MAX_TOKENIZED_BYTES {
+        assert!(profiles::count_tokens(&prompt) >= 0);
+    }
+}
+
+/// The usage tap on a response body: the first byte picks the content type
+/// and the frame size. The same body must report the same usage whether it
+/// arrives in one frame or in many.
+pub fn sse_usage(data: &[u8]) {
+    let Some((&selector, body)) = data.split_first() else { return };
+    let content_type = match selector % 3 {
+        0 => "text/event-stream; charset=utf-8",
+        1 => "application/json",
+        _ => "text/plain",
+    };
+    let piece = usize::from(selector / 3).max(1);
+    let whole = tap(content_type, body, body.len().max(1));
+    let framed = tap(content_type, body, piece);
+    assert_eq!(whole, framed, "usage depends on frame boundaries (frames of {piece} bytes)");
+    let _ = usage::parse_usage_json(body);
+}
+
+fn tap(content_type: &str, body: &[u8], piece: usize) -> Option<usage::Usage> {
+    let mut tap = UsageTap::for_content_type(Some(content_type));
+    for frame in body.chunks(piece) {
+        tap.observe(&Bytes::copy_from_slice(frame));
+    }
+    tap.finish()
+}
+
+/// The `model.aibrix.ai/config` annotation, then profile choice and the
+/// strategy precedence on what it parsed to.
+pub fn config_annotation(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(config) = ModelConfig::parse(text) else { return };
+    assert!(!config.profiles.is_empty(), "a config without profiles was accepted");
+    let len = i64::try_from(text.len()).unwrap_or(i64::MAX);
+    let features = RequestFeatures { prompt_tokens: Some(len), max_tokens: Some(len % 5000) };
+    let first = config.profiles.keys().next().map(String::as_str);
+    for header in [None, Some("auto"), Some("default"), first] {
+        let resolved = profiles::resolve_profile(Some(&config), header, || features);
+        let _ = resolved.profile.and_then(profiles::Profile::rps_cap);
+        let strategy = profiles::resolve_strategy(Some(&config), resolved.profile, None, "least-request");
+        assert!(!strategy.trim().is_empty(), "a blank strategy was chosen");
+        // A strategy name from an annotation is looked up like any other.
+        let _ = router().strategy(strategy);
+    }
+}
+
+fn router() -> &'static Router {
+    static ROUTER: OnceLock<Router> = OnceLock::new();
+    ROUTER.get_or_init(|| Router::new(&RoutingArgs::default(), &Metrics::new().routing))
+}
+
+/// A pods file, loaded into a pod store as discovery does.
+pub fn pods_file(data: &[u8]) {
+    static STORE: OnceLock<PodStore> = OnceLock::new();
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(pods) = pods_file::parse_pods(text) else { return };
+    for pod in &pods {
+        assert!(!pod.model.trim().is_empty(), "a pod without a model was kept");
+        assert_eq!(pod.key, format!("{}/{}", pod.namespace, pod.name));
+        assert!(!pod.ready || pod.addr.is_some(), "a ready pod without an address");
+        if let Some(config) = &pod.config_annotation {
+            config_annotation(config.as_bytes());
+        }
+    }
+    STORE.get_or_init(|| PodStore::new(Arc::new(Metrics::new()))).replace_all(pods);
+}
