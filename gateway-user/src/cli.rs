@@ -33,6 +33,9 @@ pub enum Command {
     Users(UsersArgs),
     /// Print kernel assist's pinned maps (per-model counters, penalties) as tables.
     Inspect(crate::kernel::inspect::InspectArgs),
+    /// Measure one replica's sustainable QPS through the gateway and print
+    /// how many replicas a target load needs.
+    Plan(Box<crate::plan::PlanArgs>),
 }
 
 /// Log line format.
@@ -335,6 +338,13 @@ pub fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("turnstile inspect: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Plan(args) => match crate::plan::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("turnstile plan: {err:#}");
                 ExitCode::FAILURE
             }
         },

@@ -10,9 +10,12 @@ pub mod cli;
 pub mod discovery;
 pub mod engine_metrics;
 pub mod errors;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kernel;
 pub mod limits;
 pub mod metrics;
+pub mod plan;
 pub mod profiles;
 pub mod proxy;
 pub mod routing;
