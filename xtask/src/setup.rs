@@ -4,9 +4,12 @@
 //! Two groups:
 //! - the eBPF toolchain (nightly `rust-src`, `bpf-linker`): without it the gateway still builds
 //!   userspace-only, so problems here are warnings;
-//! - Debian packages the tests and demo run (`redis-server`, `bpftool`; `kubectl` optional):
-//!   missing ones are installed with apt-get, and in strict mode (`setup`, `ci`) a required one
-//!   that stays missing is an error.
+//! - Debian packages the tests and demo run (`redis-server`, `bpftool`, `kubectl`): missing ones
+//!   are installed with apt-get, and in strict mode (`setup`, `ci`) a required one that stays
+//!   missing is an error;
+//! - the manifest validator (`kubernetes-validate`, pinned, with the Kubernetes API schemas it
+//!   bundles) in a venv of its own under `~/.local/share/turnstile/`, for `cargo xtask
+//!   manifests`: an error in strict mode too.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,6 +38,24 @@ const RUSTUP_ADD_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 const CARGO_INSTALL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// apt-get update or install.
 const APT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Creating the validator's venv and installing into it from PyPI.
+const PIP_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// `kubernetes-validate` and every package it imports, pinned exactly (installed with
+/// `--no-deps`), so every machine validates with the same code and schemas.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+const KUBERNETES_VALIDATE_REQUIREMENTS: &[&str] = &[
+    "kubernetes-validate==1.37.0",
+    "attrs==26.1.0",
+    "importlib_resources==7.1.0",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "packaging==26.3",
+    "PyYAML==6.0.4",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",
+    "typing_extensions==4.16.0",
+];
 
 /// A Debian package the project uses, found by one of its binaries.
 struct DebianPackage {
@@ -55,8 +76,8 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
     DebianPackage {
         package: "kubectl",
         binary: "kubectl",
-        required: false,
-        why: "only for deploy/ against a real cluster",
+        required: true,
+        why: "rendering deploy/ with `kubectl kustomize` (cargo xtask manifests, tests/tests/manifests.rs)",
     },
 ];
 
@@ -79,8 +100,74 @@ pub fn run(strictness: Strictness) -> Result<()> {
             Strictness::Lenient => ui::warn(message),
         }
     }
+    stop::check()?;
+    if let Err(err) = ensure_kubernetes_validate() {
+        match strictness {
+            Strictness::Strict => return Err(err.context("kubernetes-validate (cargo xtask manifests needs it)")),
+            Strictness::Lenient => ui::warn(format!("kubernetes-validate: {err:#} (cargo xtask manifests needs it)")),
+        }
+    }
     step.done();
     Ok(())
+}
+
+/// The programs `cargo xtask manifests` runs.
+pub struct ManifestTools {
+    pub kubectl: PathBuf,
+    pub kubernetes_validate: PathBuf,
+}
+
+/// Finds (installing when missing) `kubectl` and the pinned `kubernetes-validate`.
+pub fn ensure_manifest_tools() -> Result<ManifestTools> {
+    let kubectl = match procs::find_program("kubectl") {
+        Some(path) => path,
+        None => {
+            ensure_debian_packages()?;
+            procs::find_program("kubectl")
+                .ok_or_else(|| anyhow!("kubectl is not installed and apt-get could not install it"))?
+        }
+    };
+    let kubernetes_validate = ensure_kubernetes_validate()?;
+    Ok(ManifestTools { kubectl, kubernetes_validate })
+}
+
+/// The venv `kubernetes-validate` lives in, lasting across work trees:
+/// `$HOME/.local/share/turnstile/kubernetes-validate-1.37.0`.
+fn kubernetes_validate_venv(home: &Path) -> PathBuf {
+    home.join(".local/share/turnstile").join(format!("kubernetes-validate-{KUBERNETES_VALIDATE_VERSION}"))
+}
+
+/// Installs the pinned `kubernetes-validate` into its venv unless it answers with its version
+/// already; returns the path of its command.
+fn ensure_kubernetes_validate() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set"))?;
+    let venv = kubernetes_validate_venv(Path::new(&home));
+    let program = venv.join("bin/kubernetes-validate");
+    let installed = || {
+        capture(Command::new(&program).arg("--version"), QUERY_TIMEOUT)
+            .is_ok_and(|out| out.status.success() && out.stdout.trim() == KUBERNETES_VALIDATE_VERSION)
+    };
+    if installed() {
+        ui::info(format!("ok       kubernetes-validate {KUBERNETES_VALIDATE_VERSION} ({})", program.display()));
+        return Ok(program);
+    }
+    stop::check()?;
+    let python = procs::find_program("python3").ok_or_else(|| anyhow!("python3 is not installed"))?;
+    ui::info(format!("install  kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (venv {})", venv.display()));
+    // `--clear`: a half-made venv from an interrupted run is rebuilt, not patched.
+    run_streaming(Command::new(&python).args(["-m", "venv", "--clear"]).arg(&venv), PIP_TIMEOUT)
+        .context("creating the venv")?;
+    run_streaming(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", "--no-deps"])
+            .args(KUBERNETES_VALIDATE_REQUIREMENTS),
+        PIP_TIMEOUT,
+    )
+    .context("pip install")?;
+    if !installed() {
+        bail!("{} does not answer --version with {KUBERNETES_VALIDATE_VERSION}", program.display());
+    }
+    Ok(program)
 }
 
 /// Nightly `rust-src`, which `-Z build-std` needs to build core for the bpf target.
@@ -281,8 +368,9 @@ fn ensure_debian_packages() -> Result<Vec<&'static str>> {
             ui::info(format!("ok       {label} ({})", path.display()));
             continue;
         }
-        // An optional package is tried only where apt already knows it (kubectl is not in
-        // Debian's own archive), so its absence costs no apt-get update.
+        // An optional package is tried only where apt already knows it, so its absence costs
+        // no apt-get update. (kubectl is not in Debian's own archive; this machine image
+        // ships it from the Google Cloud SDK's apt source.)
         if !required && !apt.has_candidate(name) {
             ui::info(format!("skip     {label}: not installed, and apt has no candidate"));
             continue;
@@ -410,6 +498,17 @@ mod tests {
         let mode = std::fs::metadata(prefix.join("bin/llvm-config")).unwrap().permissions().mode();
         assert_eq!(mode & 0o111, 0o111);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn validator_venv_is_versioned_and_lasting() {
+        assert_eq!(
+            kubernetes_validate_venv(Path::new("/root")),
+            PathBuf::from("/root/.local/share/turnstile/kubernetes-validate-1.37.0")
+        );
+        assert!(KUBERNETES_VALIDATE_REQUIREMENTS.iter().all(|requirement| requirement.contains("==")));
+        let pinned = format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}");
+        assert!(KUBERNETES_VALIDATE_REQUIREMENTS.contains(&pinned.as_str()));
     }
 
     #[test]

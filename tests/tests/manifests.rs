@@ -1,0 +1,465 @@
+//! deploy/ as an operator meets it: the manifests `kubectl kustomize` renders
+//! mean what the README says (capabilities, probes, ports, rollout settings,
+//! labels), the example config annotations are accepted by the real gateway,
+//! and every series the Grafana dashboard queries is one the gateway exports.
+//!
+//! Schema validation of every rendered document is `cargo xtask manifests`.
+//! These tests need `kubectl` (`cargo xtask setup` installs it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use turnstile_tests::fake_apiserver::FakeApiServer;
+use turnstile_tests::harness::{
+    Discovery, Engine, Gateway, PodSpec, chat_body, eventually, get_json, post, scratch_dir, send, turnstile_bin,
+};
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").join("deploy")
+}
+
+/// `kubectl kustomize deploy/<dir>`, one JSON value per rendered document.
+fn render(dir: &str) -> Vec<Value> {
+    let path = deploy_dir().join(dir);
+    let output = match Command::new("kubectl").arg("kustomize").arg(&path).output() {
+        Ok(output) => output,
+        Err(err) => panic!(
+            "kubectl could not be run ({err}): these tests render deploy/ with `kubectl kustomize`; \
+             `cargo xtask setup` installs kubectl"
+        ),
+    };
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {} failed:\n{}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).expect("rendered YAML is UTF-8");
+    serde_norway::Deserializer::from_str(&text)
+        .map(|document| Value::deserialize(document).expect("rendered document parses"))
+        .filter(|document| !document.is_null())
+        .collect()
+}
+
+fn find<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    documents
+        .iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} among {:?}", names(documents)))
+}
+
+fn names(documents: &[Value]) -> Vec<String> {
+    documents.iter().map(|d| format!("{}/{}", d["kind"].as_str().unwrap_or(""), d["metadata"]["name"])).collect()
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no container {name} in {}", workload["metadata"]["name"]))
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|items| items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+/// The value of `--name=VALUE` or `--name VALUE` in a container's args.
+fn flag(args: &[String], name: &str) -> Option<String> {
+    let long = format!("--{name}");
+    args.iter().enumerate().find_map(|(i, arg)| {
+        if let Some(value) = arg.strip_prefix(&format!("{long}=")) {
+            Some(value.to_owned())
+        } else if *arg == long {
+            args.get(i + 1).cloned()
+        } else {
+            None
+        }
+    })
+}
+
+fn port_of(listen: &str) -> u64 {
+    listen.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in {listen}"))
+}
+
+/// The number of the container port a probe or Service names (by name or number).
+fn resolve_port(container: &Value, port: &Value) -> u64 {
+    if let Some(number) = port.as_u64() {
+        return number;
+    }
+    let name = port.as_str().expect("port is a name or a number");
+    container["ports"]
+        .as_array()
+        .and_then(|ports| ports.iter().find(|p| p["name"] == name))
+        .and_then(|p| p["containerPort"].as_u64())
+        .unwrap_or_else(|| panic!("container {} has no port named {name}", container["name"]))
+}
+
+/// What an operator relies on in a gateway workload, base or overlay.
+fn check_gateway_workload(documents: &[Value], workload: &Value) {
+    let pod = &workload["spec"]["template"]["spec"];
+    let gateway = container(workload, "turnstile");
+    let args = strings(&gateway["args"]);
+    assert_eq!(args.first().map(String::as_str), Some("serve"), "{args:?}");
+
+    // Every flag is one `turnstile serve` knows.
+    let help = Command::new(turnstile_bin()).args(["serve", "--help"]).output().expect("turnstile serve --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for arg in args.iter().filter(|a| a.starts_with("--")) {
+        let name = arg.split('=').next().unwrap_or(arg);
+        assert!(help.contains(&format!("{name} ")), "`turnstile serve` has no flag {name}");
+    }
+
+    // The Service and the probes reach the ports the gateway listens on.
+    let proxy_port = port_of(&flag(&args, "listen").unwrap_or_else(|| "0.0.0.0:8888".into()));
+    let admin_port = port_of(&flag(&args, "admin-listen").unwrap_or_else(|| "0.0.0.0:8080".into()));
+    let service = find(documents, "Service", "turnstile");
+    let selector = service["spec"]["selector"].as_object().expect("selector");
+    for (key, value) in selector {
+        assert_eq!(&workload["spec"]["template"]["metadata"]["labels"][key], value, "Service selector {key}");
+    }
+    for port in service["spec"]["ports"].as_array().expect("ports") {
+        let target = resolve_port(gateway, &port["targetPort"]);
+        let expected = if port["name"] == "proxy" { proxy_port } else { admin_port };
+        assert_eq!(target, expected, "Service port {} does not reach the gateway", port["name"]);
+    }
+    assert_eq!(gateway["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(resolve_port(gateway, &gateway["readinessProbe"]["httpGet"]["port"]), admin_port);
+    assert_eq!(gateway["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(resolve_port(gateway, &gateway["livenessProbe"]["httpGet"]["port"]), admin_port);
+
+    // Redis is the one in the same namespace, on its Service's port.
+    let redis_url = gateway["env"]
+        .as_array()
+        .and_then(|env| env.iter().find(|e| e["name"] == "TURNSTILE_REDIS_URL"))
+        .and_then(|e| e["value"].as_str())
+        .expect("TURNSTILE_REDIS_URL");
+    let redis = find(documents, "Service", "redis");
+    let expected = format!(
+        "redis://redis.{}.svc.cluster.local:{}/",
+        redis["metadata"]["namespace"].as_str().expect("namespace"),
+        redis["spec"]["ports"][0]["port"]
+    );
+    assert_eq!(redis_url, expected);
+
+    // Draining finishes before the kubelet kills the gateway.
+    let grace: u64 = flag(&args, "shutdown-grace-seconds").map_or(30, |g| g.parse().expect("grace"));
+    let pre_stop = gateway["lifecycle"]["preStop"]["sleep"]["seconds"].as_u64().unwrap_or(0);
+    let termination = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    assert!(termination > pre_stop + grace, "terminationGracePeriodSeconds {termination} <= {pre_stop} + {grace}");
+
+    // Its ServiceAccount is the one the RBAC binds.
+    let account = pod["serviceAccountName"].as_str().expect("serviceAccountName");
+    let binding = find(documents, "ClusterRoleBinding", "turnstile-pod-reader");
+    assert_eq!(binding["subjects"][0]["name"], account);
+    assert_eq!(binding["subjects"][0]["namespace"], workload["metadata"]["namespace"]);
+}
+
+#[test]
+fn base_runs_the_gateway_per_node_with_bpf_net_admin_and_perfmon_only() {
+    let documents = render("base");
+    let daemonset = find(&documents, "DaemonSet", "turnstile");
+    check_gateway_workload(&documents, daemonset);
+    let pod = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+
+    let gateway = container(daemonset, "turnstile");
+    let security = &gateway["securityContext"];
+    let added: BTreeSet<String> = strings(&security["capabilities"]["add"]).into_iter().collect();
+    let expected: BTreeSet<String> = ["BPF", "NET_ADMIN", "PERFMON"].map(String::from).into();
+    assert_eq!(added, expected, "capabilities added to the gateway");
+    assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
+    assert_ne!(security["privileged"], true);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    let args = strings(&gateway["args"]);
+    assert_eq!(flag(&args, "ebpf").as_deref(), Some("auto"));
+    assert_eq!(flag(&args, "discovery").as_deref(), Some("kubernetes"));
+
+    // The bpffs: a hostPath at /sys/fs/bpf, mounted by a privileged init step if missing.
+    let bpffs = pod["volumes"]
+        .as_array()
+        .and_then(|volumes| volumes.iter().find(|v| v["hostPath"]["path"] == "/sys/fs/bpf"))
+        .expect("a hostPath volume at /sys/fs/bpf");
+    let mounted_at =
+        |c: &Value| c["volumeMounts"].as_array().and_then(|m| m.iter().find(|m| m["name"] == bpffs["name"])).cloned();
+    let gateway_mount = mounted_at(gateway).expect("the gateway mounts the bpffs");
+    let bpffs_dir = flag(&args, "bpffs-dir").unwrap_or_else(|| "/sys/fs/bpf/turnstile".into());
+    assert!(bpffs_dir.starts_with(gateway_mount["mountPath"].as_str().expect("mountPath")), "{bpffs_dir}");
+    let init = &pod["initContainers"][0];
+    assert!(init["command"].to_string().contains("mount -t bpf bpf /sys/fs/bpf"), "{init}");
+    assert_eq!(mounted_at(init).expect("the init container mounts the bpffs")["mountPropagation"], "Bidirectional");
+
+    // Redis, and read-only RBAC on pods.
+    find(&documents, "Deployment", "redis");
+    let role = find(&documents, "ClusterRole", "turnstile-pod-reader");
+    assert_eq!(role["rules"], json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]));
+    // No engine comes with the gateway.
+    assert!(!documents.iter().any(|d| d["spec"]["template"]["metadata"]["labels"]["model.aibrix.ai/name"].is_string()));
+}
+
+#[test]
+fn overlays_make_the_gateway_privileged_or_userspace_only() {
+    let documents = render("overlays/privileged");
+    let daemonset = find(&documents, "DaemonSet", "turnstile");
+    check_gateway_workload(&documents, daemonset);
+    assert_eq!(container(daemonset, "turnstile")["securityContext"]["privileged"], true);
+
+    let documents = render("overlays/userspace");
+    assert!(!documents.iter().any(|d| d["kind"] == "DaemonSet"), "{:?}", names(&documents));
+    let deployment = find(&documents, "Deployment", "turnstile");
+    check_gateway_workload(&documents, deployment);
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_ne!(pod["hostNetwork"], true);
+    assert!(pod["initContainers"].is_null() && !pod["volumes"].to_string().contains("hostPath"), "{pod}");
+    let gateway = container(deployment, "turnstile");
+    assert!(gateway["securityContext"]["capabilities"]["add"].is_null(), "no capability added");
+    assert_eq!(strings(&gateway["securityContext"]["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(flag(&strings(&gateway["args"]), "ebpf").as_deref(), Some("off"));
+    assert_eq!(deployment["spec"]["strategy"]["rollingUpdate"], json!({"maxUnavailable": 0, "maxSurge": 1}));
+    let namespace = find(&documents, "Namespace", "turnstile");
+    assert_eq!(namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "restricted");
+}
+
+/// The example model Deployments, each with its pod template's labels and config annotation.
+fn example_models() -> Vec<Value> {
+    let documents = render("examples");
+    assert!(!documents.is_empty());
+    for deployment in &documents {
+        assert_eq!(deployment["kind"], "Deployment", "examples hold engine Deployments only");
+    }
+    documents
+}
+
+#[test]
+fn example_models_carry_the_labels_probe_and_rollout_settings_of_the_seed() {
+    let mut roles: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for deployment in example_models() {
+        let name = &deployment["metadata"]["name"];
+        assert_eq!(
+            deployment["spec"]["strategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}),
+            "{name}: a rollout must not lose capacity"
+        );
+        let template = &deployment["spec"]["template"];
+        let labels = &template["metadata"]["labels"];
+        assert!(labels["model.aibrix.ai/name"].is_string(), "{name}: model name label");
+        let port: u64 = labels["model.aibrix.ai/port"].as_str().and_then(|p| p.parse().ok()).expect("port label");
+        let engine = &template["spec"]["containers"][0];
+        assert!(
+            engine["ports"].as_array().expect("ports").iter().any(|p| p["containerPort"] == port),
+            "{name}: the port label names a container port"
+        );
+        assert_eq!(
+            engine["readinessProbe"],
+            json!({"httpGet": {"path": "/health", "port": port}, "initialDelaySeconds": 60, "periodSeconds": 10,
+                   "failureThreshold": 30}),
+            "{name}: the seed's readiness probe"
+        );
+        let config = template["metadata"]["annotations"]["model.aibrix.ai/config"].as_str().expect("config");
+        let config: Value = serde_json::from_str(config).expect("config annotation is JSON");
+        assert!(config["profiles"].as_object().is_some_and(|p| !p.is_empty()), "{name}: profiles");
+        if let Some(roleset) = labels["roleset-name"].as_str() {
+            let role = labels["role-name"].as_str().expect("role-name beside roleset-name");
+            assert!(["prefill", "decode"].contains(&role), "{name}: role {role}");
+            roles.entry(roleset.to_owned()).or_default().insert(role.to_owned());
+        }
+    }
+    assert!(!roles.is_empty(), "a PD example");
+    for (roleset, present) in roles {
+        assert_eq!(present.len(), 2, "roleset {roleset} needs a prefill and a decode Deployment: {present:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_accepts_the_example_config_annotations_and_enforces_their_caps() {
+    let models = example_models();
+    let mut engines = Vec::new();
+    let mut pods = Vec::new();
+    for deployment in &models {
+        let template = &deployment["spec"]["template"];
+        let labels = template["metadata"]["labels"].as_object().expect("labels");
+        let model = labels["model.aibrix.ai/name"].as_str().expect("model");
+        let name = deployment["metadata"]["name"].as_str().expect("name");
+        let engine = Engine::start(&format!("{name}-0"), model, &[]);
+        let mut pod = PodSpec::for_engine(&engine, model);
+        for (key, value) in labels {
+            if !key.starts_with("model.aibrix.ai/name") && key != "model.aibrix.ai/port" {
+                pod = pod.label(key, value.as_str().expect("label value"));
+            }
+        }
+        let config = template["metadata"]["annotations"]["model.aibrix.ai/config"].as_str().expect("config");
+        pods.push(pod.config(config));
+        engines.push(engine);
+    }
+    let gw = Gateway::start(&pods, &[]).await;
+
+    // The gateway's own parser took every annotation.
+    let endpoints = get_json(&gw.admin_url("/debug/endpoints")).await;
+    for pod in &pods {
+        assert_eq!(endpoints[&pod.model]["has_config"], true, "{}: annotation ignored:\n{}", pod.model, gw.log());
+    }
+    assert!(!gw.metrics().await.contains("aibrix_gateway_invalid_config_total{"), "{}", gw.log());
+
+    // Each profile of the plain model routes with its strategy.
+    let plain = models.iter().find(|d| d["spec"]["template"]["metadata"]["labels"]["role-name"].is_null());
+    let template = &plain.expect("a model without PD roles")["spec"]["template"];
+    let model = template["metadata"]["labels"]["model.aibrix.ai/name"].as_str().expect("model");
+    let config: Value =
+        serde_json::from_str(template["metadata"]["annotations"]["model.aibrix.ai/config"].as_str().expect("config"))
+            .expect("json");
+    let profiles = config["profiles"].as_object().expect("profiles");
+    for (profile, settings) in profiles {
+        let reply = gw.chat(model, &[("config-profile", profile)]).await;
+        assert_eq!(reply.status, StatusCode::OK, "profile {profile}: {}", reply.text());
+        assert_eq!(reply.header("routing-strategy"), settings["routingStrategy"], "profile {profile}");
+    }
+
+    // The lowest requestsPerSecond is enforced: a burst of well over two windows' worth gets 429s.
+    let (profile, cap) = profiles
+        .iter()
+        .filter_map(|(name, p)| Some((name.clone(), p["requestsPerSecond"].as_u64().filter(|n| *n > 0)?)))
+        .min_by_key(|(_, cap)| *cap)
+        .expect("a profile with requestsPerSecond");
+    let burst = usize::try_from(cap).expect("cap") * 3;
+    let replies = futures_burst(&gw, model, &profile, burst).await;
+    let limited = replies.iter().filter(|(status, rps)| *status == 429 && *rps).count();
+    let served = replies.iter().filter(|(status, _)| *status == 200).count();
+    assert!(limited > 0, "no 429 with x-error-model-rps-exceeded among {burst} requests capped at {cap}/s");
+    assert!(served > 0, "none served");
+    assert_eq!(served + limited, burst, "every request either served or refused by the cap: {replies:?}");
+    drop(engines);
+}
+
+/// Sends `count` requests under `profile`, eight at a time; (status, rps-exceeded header) each.
+async fn futures_burst(gw: &Gateway, model: &str, profile: &str, count: usize) -> Vec<(u16, bool)> {
+    let mut replies = Vec::with_capacity(count);
+    let body = chat_body(model, false);
+    let url = gw.url("/v1/chat/completions");
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let (url, body, profile) = (url.clone(), body.clone(), profile.to_owned());
+        tasks.spawn(async move {
+            let reply = send(post(&url, &body, &[("config-profile", &profile)])).await;
+            (reply.status.as_u16(), reply.header("x-error-model-rps-exceeded") == "true")
+        });
+        if i % 8 == 7 || i + 1 == count {
+            while let Some(result) = tasks.join_next().await {
+                replies.push(result.expect("request task"));
+            }
+        }
+    }
+    replies
+}
+
+/// The `aibrix_gateway_*` names in PromQL text.
+fn series_names(promql: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut rest = promql;
+    while let Some(start) = rest.find("aibrix_gateway_") {
+        let tail = &rest[start..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        found.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    found
+}
+
+/// Every PromQL string of a Grafana dashboard: panel targets and variable queries.
+fn dashboard_queries(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("expr" | "query" | "definition", Value::String(text)) => out.push(text.clone()),
+                    _ => dashboard_queries(value, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| dashboard_queries(item, out)),
+        _ => {}
+    }
+}
+
+/// The sample names in Prometheus text.
+fn exported_series(metrics: &str) -> BTreeSet<String> {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| line.split(['{', ' ']).next().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_query_uses_series_the_gateway_exports() {
+    let path = deploy_dir().join("grafana/turnstile-dashboard.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard")).expect("JSON");
+    let mut queries = Vec::new();
+    dashboard_queries(&dashboard, &mut queries);
+    let used: BTreeSet<String> = queries.iter().flat_map(|q| series_names(q)).collect();
+    // The seed's observability checklist, one series each at least.
+    for needed in [
+        "aibrix_gateway_requests_total",
+        "aibrix_gateway_routing_latency_seconds_bucket",
+        "aibrix_gateway_ratelimit_rejections_total",
+        "aibrix_gateway_pod_readiness_transitions_total",
+        "aibrix_gateway_pd_prefill_errors_total",
+        "aibrix_gateway_kernel_assist_active",
+        "aibrix_gateway_kernel_bytes_total",
+    ] {
+        assert!(used.contains(needed), "the dashboard has no panel on {needed}");
+    }
+
+    // A gateway as deployed (Kubernetes discovery), made to produce every
+    // kind of series once: traffic, a stream, 429s, a readiness flip, an
+    // ignored annotation, a strategy fallback, a failed PD prefill, Redis errors.
+    let chat = Engine::start("chat-0", "chat", &[]);
+    let chat_b = Engine::start("chat-1", "chat", &[]);
+    let capped = Engine::start("capped-0", "capped", &[]);
+    let prefill = Engine::start("pd-prefill-0", "pd-model", &["--fail-status", "500"]);
+    let decode = Engine::start("pd-decode-0", "pd-model", &[]);
+    let api = FakeApiServer::start().await;
+    api.add_pod(&PodSpec::for_engine(&chat, "chat"));
+    api.add_pod(&PodSpec::for_engine(&chat_b, "chat"));
+    api.add_pod(&PodSpec::for_engine(&capped, "capped").config(r#"{"profiles":{"default":{"requestsPerSecond":1}}}"#));
+    api.add_pod(&PodSpec::new("broken-0", "broken", chat.port()).config("{not json"));
+    let pd_config = r#"{"profiles":{"default":{"routingStrategy":"pd"}}}"#;
+    for (engine, role) in [(&prefill, "prefill"), (&decode, "decode")] {
+        let pod = PodSpec::for_engine(engine, "pd-model").config(pd_config);
+        api.add_pod(&pod.label("roleset-name", "rs-0").label("role-name", role));
+    }
+    let kubeconfig = api.write_kubeconfig(&scratch_dir("kube"));
+    // Redis that refuses connections: limit checks fail open and are counted as store errors.
+    let args = ["--redis-url", "redis://127.0.0.1:1/"];
+    let gw = Gateway::spawn_with_discovery(Discovery::Kubernetes { kubeconfig: &kubeconfig }, &args, &[]);
+    gw.wait_ready().await;
+
+    assert_eq!(gw.chat("chat", &[]).await.status, StatusCode::OK);
+    let stream = send(post(&gw.url("/v1/chat/completions"), &chat_body("chat", true), &[])).await;
+    assert_eq!(stream.status, StatusCode::OK);
+    assert_eq!(gw.chat("chat", &[("routing-strategy", "vtc-basic")]).await.status, StatusCode::OK);
+    let statuses: Vec<u16> = futures_burst(&gw, "capped", "default", 4).await.iter().map(|r| r.0).collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let pd = gw.chat("pd-model", &[]).await;
+    assert_eq!(pd.status, StatusCode::SERVICE_UNAVAILABLE, "failed prefill: {}", pd.text());
+    api.set_ready("chat-1", false);
+    eventually(Duration::from_secs(5), "the readiness flip is counted", || async {
+        gw.metrics().await.contains("aibrix_gateway_pod_readiness_transitions_total{")
+    })
+    .await;
+
+    let metrics = gw.metrics().await;
+    let exported = exported_series(&metrics);
+    let missing: Vec<&String> = used.iter().filter(|name| !exported.contains(*name)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries series the gateway does not export: {missing:?}\nexported: {exported:?}"
+    );
+}
