@@ -10,8 +10,13 @@
 //!
 //! `kernel` measures what a penalised client's connection flood costs the gateway with kernel
 //! assist and userspace-only, in one run (root; see `kernel.rs`).
+//!
+//! `peers` runs the same engines and load against nginx, Envoy, the vLLM router, the SGLang
+//! router and Turnstile in one run: added latency over direct, CPU per request, peak RSS
+//! (see `peers.rs`).
 
 mod kernel;
+mod peers;
 mod routing;
 
 use std::fmt::Write as _;
@@ -38,7 +43,7 @@ pub enum Suite {
     Routing,
     /// Kernel assist on vs off: gateway CPU per refused connection under a flood (root).
     Kernel,
-    /// Turnstile next to other gateways (not yet implemented).
+    /// Turnstile next to nginx, Envoy, the vLLM and SGLang routers on the same engines and load.
     Peers,
 }
 
@@ -49,7 +54,7 @@ pub struct BenchArgs {
     #[arg(value_enum, default_value = "core")]
     pub suite: Suite,
     /// Concurrent keep-alive connections of the load generator.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, visible_alias = "concurrency", default_value_t = 32)]
     pub connections: usize,
     /// Measured period of each run, seconds.
     #[arg(long, default_value_t = 10)]
@@ -57,6 +62,9 @@ pub struct BenchArgs {
     /// Warm-up before each measured period, seconds.
     #[arg(long, default_value_t = 2)]
     pub warmup_seconds: u64,
+    /// Options of the peers suite.
+    #[command(flatten)]
+    pub peers: peers::PeerArgs,
 }
 
 const MODEL: &str = "bench-model";
@@ -69,10 +77,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Suite::Core => run_core(args),
         Suite::Routing => routing::run(),
         Suite::Kernel => kernel::run(args),
-        other => bail!(
-            "bench suite `{}` is not yet implemented (only `core` is)",
-            other.to_possible_value().map(|value| value.get_name().to_owned()).unwrap_or_default()
-        ),
+        Suite::Peers => peers::run(args),
     }
 }
 
@@ -356,7 +361,13 @@ mod tests {
 
     #[test]
     fn markdown_has_rows_and_ratios() {
-        let args = BenchArgs { suite: Suite::Core, connections: 32, seconds: 10, warmup_seconds: 2 };
+        let args = BenchArgs {
+            suite: Suite::Core,
+            connections: 32,
+            seconds: 10,
+            warmup_seconds: 2,
+            peers: peers::PeerArgs::default(),
+        };
         let rows = vec![
             Row {
                 scenario: "chat",

@@ -6,10 +6,13 @@ mod bench;
 mod ci;
 mod client;
 mod demo;
+mod fuzz;
 mod loadgen;
+mod manifests;
 mod pods;
 mod procs;
 mod setup;
+mod soak;
 mod stack;
 mod stop;
 mod ui;
@@ -29,14 +32,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Install what the project needs (nightly rust-src, bpf-linker, redis-server, bpftool).
+    /// Install what the project needs (nightly rust-src, bpf-linker, redis-server, bpftool, kubectl,
+    /// kubernetes-validate).
     Setup,
     /// Run the gateway in front of three mock engines and show it answering real requests.
     Demo(demo::DemoArgs),
-    /// Everything CI checks: setup, fmt, clippy, build, test.
+    /// Everything CI checks: setup, fmt, clippy, build, manifests, test.
     Ci,
+    /// Render every kustomization under deploy/ and validate it against the Kubernetes schemas.
+    Manifests,
     /// Measure the gateway against direct-to-engine traffic; results in target/bench/.
     Bench(bench::BenchArgs),
+    /// Run each cargo-fuzz target in fuzz/ for --seconds (installs cargo-fuzz when missing).
+    Fuzz(fuzz::FuzzArgs),
+    /// Soak the gateway for --minutes under mixed load and pod churn; fails on RSS or fd growth.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,7 +60,10 @@ fn main() -> ExitCode {
         Command::Setup => setup::run(setup::Strictness::Strict),
         Command::Demo(args) => demo::run(args),
         Command::Ci => ci::run(),
+        Command::Manifests => manifests::run(),
         Command::Bench(args) => bench::run(args),
+        Command::Fuzz(args) => fuzz::run(args),
+        Command::Soak(args) => soak::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -510,13 +510,13 @@ fn render_markdown(args: &BenchArgs, pinning: Pinning, revision: &str, results: 
     out
 }
 
-/// The benchmark's network namespace, deleted on drop.
-struct Namespace {
+/// The benchmark's network namespace, deleted on drop (also used by `peers`).
+pub(super) struct Namespace {
     name: String,
 }
 
 impl Namespace {
-    fn create() -> Result<Self> {
+    pub(super) fn create() -> Result<Self> {
         let name = format!("turnstile-bench-{}", std::process::id());
         ip(&["netns", "add", &name])?;
         let namespace = Self { name };
@@ -529,7 +529,7 @@ impl Namespace {
     }
 
     /// Moves this thread into the namespace; back out when the guard drops.
-    fn enter(&self) -> Result<Entered> {
+    pub(super) fn enter(&self) -> Result<Entered> {
         use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
         let original = std::fs::File::open("/proc/thread-self/ns/net")?;
         let target = std::fs::File::open(format!("/var/run/netns/{}", self.name))?;
@@ -545,7 +545,7 @@ impl Drop for Namespace {
     }
 }
 
-struct Entered {
+pub(super) struct Entered {
     original: std::fs::File,
 }
 
@@ -606,7 +606,13 @@ mod tests {
         let failing = [result(Mode::Kernel, 300, 50_000), result(Mode::Userspace, 700, 50_000)];
         assert!(acceptance(&failing).failure.is_some());
         let markdown = render_markdown(
-            &BenchArgs { suite: super::super::Suite::Kernel, connections: 4, seconds: 10, warmup_seconds: 2 },
+            &BenchArgs {
+                suite: super::super::Suite::Kernel,
+                connections: 4,
+                seconds: 10,
+                warmup_seconds: 2,
+                peers: super::super::peers::PeerArgs::default(),
+            },
             Pinning { gateway: Some(0), others: Some(1), cpus: 2 },
             "abc",
             &passing,
