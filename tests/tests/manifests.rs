@@ -454,6 +454,11 @@ async fn every_dashboard_query_uses_series_the_gateway_exports() {
         gw.metrics().await.contains("aibrix_gateway_pod_readiness_transitions_total{")
     })
     .await;
+    // Scrape ages appear once an engine's /metrics was first read.
+    eventually(Duration::from_secs(5), "an engine scrape is reported", || async {
+        gw.metrics().await.contains("aibrix_gateway_pod_metrics_age_seconds{")
+    })
+    .await;
 
     let metrics = gw.metrics().await;
     let exported = exported_series(&metrics);
