@@ -91,6 +91,16 @@ struct Pinning {
     cpus: usize,
 }
 
+impl Pinning {
+    /// How the run was pinned, for a report: `{pinned} pinned to CPU 0, {others} to CPU 1`.
+    fn describe(self, pinned: &str, others: &str) -> String {
+        match (self.gateway, self.others) {
+            (Some(cpu), Some(other_cpu)) => format!("{pinned} pinned to CPU {cpu}, {others} to CPU {other_cpu}"),
+            _ => "no CPU pinning".into(),
+        }
+    }
+}
+
 fn choose_pinning() -> Pinning {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     if cpus >= 2 && procs::find_program("taskset").is_some() {
@@ -298,12 +308,7 @@ fn ratio(numerator: Option<f64>, denominator: Option<f64>) -> String {
 /// The report: one row per run, then the gateway/direct ratios per scenario.
 fn render_markdown(args: &BenchArgs, pinning: Pinning, revision: &str, rows: &[Row]) -> String {
     let mut out = format!("# Turnstile core benchmark ({revision})\n\n");
-    let pinned = match (pinning.gateway, pinning.others) {
-        (Some(gateway), Some(others)) => {
-            format!("gateway pinned to CPU {gateway}, engines and load generator to CPU {others}")
-        }
-        _ => "no CPU pinning".into(),
-    };
+    let pinned = pinning.describe("gateway", "engines and load generator");
     let _ = writeln!(
         out,
         "POST /v1/chat/completions, {} keep-alive HTTP/1.1 connections, {} s warm-up + {} s \

@@ -458,12 +458,7 @@ fn acceptance(results: &[ModeResult]) -> Acceptance {
 
 fn render_markdown(args: &BenchArgs, pinning: Pinning, revision: &str, results: &[ModeResult]) -> String {
     let mut out = format!("# Turnstile kernel-assist benchmark ({revision})\n\n");
-    let pinned = match (pinning.gateway, pinning.others) {
-        (Some(gateway), Some(others)) => {
-            format!("gateway pinned to CPU {gateway}, engine, clients and flooder to CPU {others}")
-        }
-        _ => "no CPU pinning".into(),
-    };
+    let pinned = pinning.describe("gateway", "engine, clients and flooder");
     let _ = writeln!(
         out,
         "A penalised client ({FLOODER}) opens connections in a loop paced at {FLOOD_PER_SECOND} per second \

@@ -867,12 +867,7 @@ fn added_ms(value: Option<f64>, direct: Option<f64>) -> String {
 /// The report: per scenario one table, then the acceptance check against the routers.
 fn render_markdown(args: &BenchArgs, pinning: Pinning, revision: &str, rows: &[Row]) -> String {
     let mut out = format!("# Turnstile next to other gateways ({revision})\n\n");
-    let pinned = match (pinning.gateway, pinning.others) {
-        (Some(proxy), Some(others)) => {
-            format!("proxy pinned to CPU {proxy}, engines and load generator to CPU {others}")
-        }
-        _ => "no CPU pinning".into(),
-    };
+    let pinned = pinning.describe("proxy", "engines and load generator");
     let _ = writeln!(
         out,
         "POST /v1/chat/completions, {} keep-alive HTTP/1.1 connections, {} s warm-up + {} s measured per \
