@@ -49,6 +49,28 @@ async fn stream_reaches_client_before_engine_finishes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_events_reaches_client_in_few_writes() {
+    // No delay between tokens: the engine sends its 64 events at once, and
+    // the gateway passes them on in a few writes, not one write per event
+    // (which costs the gateway CPU and the client wake-ups).
+    let engine = Engine::start("fast-0", MODEL, &["--tokens", "64"]);
+    let gw = Gateway::start(&[PodSpec::for_engine(&engine, MODEL)], &[]).await;
+
+    let response = open_stream(post(&gw.url("/v1/chat/completions"), &chat_body(MODEL, true), &[])).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let (mut text, mut frames) = (String::new(), 0);
+    while let Some(chunk) = next_data(&mut body).await {
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("stream intact")));
+        frames += 1;
+    }
+    let events = text.matches("data: ").count();
+    assert!(events >= 65, "64 tokens and [DONE]: {events} events");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "stream ends with [DONE]: {text}");
+    assert!(frames <= 16, "{events} events arrived in {frames} writes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn success_headers_and_request_id_reach_both_sides() {
     let engine = Engine::start("pod-a", MODEL, &[]);
     let gw = Gateway::start(&[PodSpec::for_engine(&engine, MODEL)], &[]).await;
