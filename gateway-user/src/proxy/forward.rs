@@ -272,8 +272,10 @@ impl TrackedBody {
         }
     }
 
-    /// Keeps `data` to be passed on with the data that follows it.
+    /// Keeps `data` to be passed on with the data that follows it; the wait
+    /// for more starts over.
     fn coalesce(&mut self, data: Bytes) {
+        self.stepped_aside = 0;
         self.coalesced_len += data.len();
         self.coalesced.push(data);
     }
@@ -282,7 +284,6 @@ impl TrackedBody {
     /// pieces: a few kilobytes, against a write and a wake-up per piece).
     fn take_coalesced(&mut self) -> Bytes {
         self.coalesced_len = 0;
-        self.stepped_aside = 0;
         match self.coalesced.len() {
             0 => Bytes::new(),
             1 => self.coalesced.pop().unwrap_or_default(),
@@ -331,11 +332,12 @@ impl Body for TrackedBody {
     /// over one per poll (each wakes this task once), and passing each on
     /// alone costs the client connection one write per event. So data frames
     /// are kept while more follow at once: when the engine body has nothing
-    /// ready, this body steps aside ([`step_aside`], `STEP_ASIDE_ROUNDS`
-    /// times) so the engine connection can decode what it has already read,
-    /// and passes the kept data on as one frame when there is still nothing
-    /// new, or at `COALESCE_MAX_BYTES` / `COALESCE_MAX_FRAMES`. A token that
-    /// arrives alone waits two scheduler rounds, never for the next token.
+    /// ready, this body steps aside (wakes itself and returns Pending,
+    /// `STEP_ASIDE_ROUNDS` times) so the engine connection can decode what it
+    /// has already read, and passes the kept data on as one frame when there
+    /// is still nothing new, or at `COALESCE_MAX_BYTES` / `COALESCE_MAX_FRAMES`.
+    /// A token that arrives alone waits two scheduler rounds, never for the
+    /// next token.
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         loop {
@@ -357,7 +359,7 @@ impl Body for TrackedBody {
                 Poll::Pending if this.coalesced.is_empty() => return Poll::Pending,
                 Poll::Pending if this.stepped_aside < STEP_ASIDE_ROUNDS => {
                     this.stepped_aside += 1;
-                    step_aside(cx);
+                    cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
                 // Still nothing after stepping aside: pass on what is kept.
@@ -379,7 +381,6 @@ impl Body for TrackedBody {
                             let end = this.inner.is_end_stream();
                             if this.sse && !end {
                                 this.coalesce(data);
-                                this.stepped_aside = 0;
                                 if this.coalesced_len >= COALESCE_MAX_BYTES
                                     || this.coalesced.len() >= COALESCE_MAX_FRAMES
                                 {
@@ -449,16 +450,6 @@ impl Body for TrackedBody {
     fn size_hint(&self) -> SizeHint {
         if self.done { SizeHint::with_exact(0) } else { self.inner.size_hint() }
     }
-}
-
-/// Returns this task to the scheduler behind every task that is ready and
-/// behind the I/O driver's next poll (what `tokio::task::yield_now` does; its
-/// first poll hands the waker over, so it need not be kept). Waking the task
-/// directly would not do: tokio runs a task that wakes itself next, in its LIFO
-/// slot, before the engine connection's task could decode another event.
-fn step_aside(cx: &mut Context<'_>) {
-    let mut yield_now = std::pin::pin!(tokio::task::yield_now());
-    let _ = yield_now.as_mut().poll(cx);
 }
 
 impl Drop for TrackedBody {
