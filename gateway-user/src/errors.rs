@@ -6,7 +6,7 @@
 //! wrong.
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
@@ -225,6 +225,11 @@ pub fn respond(err: &GatewayError) -> Response<Full<Bytes>> {
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some((name, value)) = err.header() {
         headers.insert(name, value);
+    }
+    // The rest of a too-large body is only read to be dropped: the
+    // connection ends once it is (see `proxy::discard_rest`).
+    if matches!(err, GatewayError::BodyTooLarge { .. }) {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }

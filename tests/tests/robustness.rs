@@ -193,6 +193,43 @@ async fn oversized_heads_targets_and_bodies_get_431_414_413() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_large_body_is_read_to_its_end_before_the_connection_closes() {
+    let engine = Engine::start("pod-a", MODEL, &[]);
+    let gw = Gateway::start(&[PodSpec::for_engine(&engine, MODEL)], &["--max-body-bytes", "4096"]).await;
+
+    // A client that sends the head, reads the 413, and only then sends the
+    // 2 MiB body it announced: the gateway reads it to its end and closes
+    // cleanly. Closing with it unread would reset the connection, and a
+    // client still writing would lose the 413.
+    let len = 2 << 20;
+    let mut stream = TcpStream::connect(gw.proxy).await.expect("connect to the gateway");
+    let head = format!("POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: {len}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.expect("head written");
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let answered = tokio::time::timeout(Duration::from_secs(5), async {
+        while parse_responses(&received).is_empty() {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    answered.await.expect("413 within 5 s");
+    let responses = parse_responses(&received);
+    let response = responses.first().unwrap_or_else(|| panic!("no answer: {:?}", String::from_utf8_lossy(&received)));
+    assert_eq!(response.status, 413);
+    assert_eq!(response.header("connection"), Some("close"));
+    assert_openai_error(response, "invalid_request_error", "413 before the body");
+
+    let sent = tokio::time::timeout(Duration::from_secs(10), stream.write_all(&vec![b'y'; len])).await;
+    assert!(matches!(sent, Ok(Ok(()))), "body refused mid-way: {sent:?}");
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await;
+    assert!(matches!(end, Ok(Ok(0))), "clean close expected after the body, got {end:?}");
+    assert_eq!(engine.requests_total().await, 0, "a refused request reached the engine");
+}
+
 /// Connects, writes `head`, then trickles `trickle` one byte every 200 ms;
 /// returns when the gateway closed the connection (None: still open after
 /// `bound`) and everything it answered.

@@ -348,22 +348,47 @@ impl Proxy {
     }
 
     /// Reads the whole request body, within the size limit and the time limit.
-    async fn read_body(&self, headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, GatewayError> {
+    async fn read_body(&self, headers: &http::HeaderMap, mut body: Incoming) -> Result<Bytes, GatewayError> {
         let limit = self.settings.max_body_bytes;
+        let too_large = GatewayError::BodyTooLarge { limit_bytes: limit };
         let declared = header_str(headers, &header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > limit as u64) {
-            return Err(GatewayError::BodyTooLarge { limit_bytes: limit });
+            discard_rest(body, self.settings.body_read_timeout);
+            return Err(too_large);
         }
-        let collect = Limited::new(body, limit).collect();
+        let collect = Limited::new(&mut body, limit).collect();
         match tokio::time::timeout(self.settings.body_read_timeout, collect).await {
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
             Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
-                Err(GatewayError::BodyTooLarge { limit_bytes: limit })
+                discard_rest(body, self.settings.body_read_timeout);
+                Err(too_large)
             }
             Ok(Err(err)) => Err(GatewayError::BodyRead { reason: err.to_string() }),
             Err(_) => Err(GatewayError::BodyTimeout { timeout_seconds: self.settings.body_read_timeout.as_secs() }),
         }
     }
+}
+
+/// Most bytes of a refused body read and dropped (see [`discard_rest`]).
+const DISCARD_MAX_BYTES: usize = 64 << 20;
+
+/// Reads and drops the rest of a body refused as too large, for at most
+/// `within` and `DISCARD_MAX_BYTES`, while the 413 goes out (with
+/// `Connection: close`). Closing with the body unread would reset the
+/// connection, and a client still sending would see the reset instead of
+/// the 413 (nginx's lingering close does the same).
+fn discard_rest(mut body: Incoming, within: Duration) {
+    tokio::spawn(async move {
+        let drain = async {
+            let mut left = DISCARD_MAX_BYTES;
+            while let Some(Ok(frame)) = body.frame().await {
+                let len = frame.data_ref().map_or(0, Bytes::len);
+                let Some(rest) = left.checked_sub(len) else { break };
+                left = rest;
+            }
+        };
+        let _ = tokio::time::timeout(within, drain).await;
+    });
 }
 
 impl Proxy {
