@@ -126,6 +126,15 @@ pub struct ServeArgs {
     #[arg(long, env = "TURNSTILE_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
 
+    /// Proxies (ingress controllers, load balancers) whose X-Forwarded-For
+    /// or Forwarded header names the client, comma-separated CIDRs or
+    /// addresses. For their requests the client used for penalties and logs
+    /// is the rightmost forwarded hop that is not itself a trusted proxy;
+    /// such clients are penalised with 429s only, never by refusing or
+    /// closing the proxy's connections.
+    #[arg(long, env = "TURNSTILE_TRUSTED_PROXY_CIDRS", value_delimiter = ',')]
+    pub trusted_proxy_cidrs: Vec<crate::kernel::penalties::Cidr>,
+
     #[command(flatten)]
     pub limits: LimitArgs,
 
@@ -378,6 +387,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         body_read_timeout: Duration::from_secs(args.body_read_timeout_seconds),
         max_connect_attempts: args.max_connect_attempts.max(1),
+        trusted_proxies: crate::proxy::client::TrustedProxies::new(args.trusted_proxy_cidrs.clone()),
     };
     // Kernel assist first: the upstream connector and the proxy tag sockets through it.
     let kernel = crate::kernel::KernelAssist::start(&args.kernel, args.limits.redis.url(), &metrics, shutdown.clone())?;

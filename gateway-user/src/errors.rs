@@ -5,11 +5,16 @@
 //! contract (section 6) reads as one table and the proxy only says *what* went
 //! wrong.
 
+use std::net::IpAddr;
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
+
+use crate::limits::quota::{self, Quota, QuotaUnit};
 
 /// Which side of the gateway a failure came from; used in logs and to decide
 /// whether another pod may be tried.
@@ -42,6 +47,10 @@ pub enum GatewayError {
     UriTooLong { limit_bytes: usize },
     #[error("model {model} does not exist")]
     UnknownModel { model: String },
+    /// Discovery has not delivered its first pod list (pods file missing or
+    /// invalid, first Kubernetes list pending): no model is known yet.
+    #[error("the gateway has not loaded its pods yet")]
+    PodsNotLoaded,
     #[error("no ready pods for model {model}")]
     NoReadyPods { model: String },
     #[error("incorrect routing strategy {name}")]
@@ -62,12 +71,16 @@ pub enum GatewayError {
     ShuttingDown,
     #[error("Incorrect API key provided")]
     Unauthorized,
-    #[error("model: {model} has exceeded RPS: {limit}")]
-    ModelRpsExceeded { model: String, limit: u64 },
-    #[error("user: {user} has exceeded RPM: {limit}")]
-    UserRpmExceeded { user: String, limit: u64 },
-    #[error("user: {user} has exceeded TPM: {limit}")]
-    UserTpmExceeded { user: String, limit: u64 },
+    #[error("model: {model} has exceeded RPS: {}", .quota.limit)]
+    ModelRpsExceeded { model: String, quota: Quota },
+    #[error("user: {user} has exceeded RPM: {}", .quota.limit)]
+    UserRpmExceeded { user: String, quota: Quota },
+    #[error("user: {user} has exceeded TPM: {}", .quota.limit)]
+    UserTpmExceeded { user: String, quota: Quota },
+    /// A client behind a trusted proxy kept sending at flood rates after
+    /// 429s; it is refused here, never by closing the proxy's connection.
+    #[error("client {client} is refused for {}s after sending too many requests past their rate limits", quota::retry_after_seconds(*.wait))]
+    ClientPenalised { client: IpAddr, wait: Duration },
     /// The rate-limit store (Redis) failed and the failure mode is closed.
     #[error("rate limit store unavailable")]
     LimitStoreUnavailable,
@@ -115,14 +128,16 @@ impl GatewayError {
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             Self::NoReadyPods { .. }
+            | Self::PodsNotLoaded
             | Self::ShuttingDown
             | Self::LimitStoreUnavailable
             | Self::NoPdRoleset { .. }
             | Self::PrefillFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::ModelRpsExceeded { .. } | Self::UserRpmExceeded { .. } | Self::UserTpmExceeded { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Self::ModelRpsExceeded { .. }
+            | Self::UserRpmExceeded { .. }
+            | Self::UserTpmExceeded { .. }
+            | Self::ClientPenalised { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UnknownPath { .. } => StatusCode::NOT_FOUND,
@@ -133,9 +148,11 @@ impl GatewayError {
     /// Where the failure came from.
     pub fn origin(&self) -> Origin {
         match self {
-            Self::NoReadyPods { .. } | Self::ShuttingDown | Self::LimitStoreUnavailable | Self::NoPdRoleset { .. } => {
-                Origin::Gateway
-            }
+            Self::NoReadyPods { .. }
+            | Self::PodsNotLoaded
+            | Self::ShuttingDown
+            | Self::LimitStoreUnavailable
+            | Self::NoPdRoleset { .. } => Origin::Gateway,
             Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } | Self::PrefillFailed { .. } => Origin::Upstream,
             _ => Origin::Client,
         }
@@ -146,9 +163,11 @@ impl GatewayError {
         match self {
             Self::UnknownModel { .. } => Some("model_not_found"),
             Self::Unauthorized => Some("invalid_api_key"),
-            Self::ModelRpsExceeded { .. } | Self::UserRpmExceeded { .. } | Self::UserTpmExceeded { .. } => {
-                Some("rate_limit_exceeded")
-            }
+            Self::ModelRpsExceeded { .. }
+            | Self::UserRpmExceeded { .. }
+            | Self::UserTpmExceeded { .. }
+            | Self::ClientPenalised { .. } => Some("rate_limit_exceeded"),
+            Self::PodsNotLoaded => Some("service_unavailable"),
             Self::LimitStoreUnavailable => Some("service_unavailable"),
             Self::PrefillFailed { .. } => Some("prefill_failed"),
             _ => None,
@@ -189,6 +208,36 @@ impl GatewayError {
             Self::UserRpmExceeded { .. } => Some((name("x-error-rpm-exceeded"), TRUE)),
             Self::UserTpmExceeded { .. } => Some((name("x-error-tpm-exceeded"), TRUE)),
             Self::LimitStoreUnavailable => Some((name("x-error-ratelimit-unavailable"), TRUE)),
+            Self::PodsNotLoaded => Some((name("x-error-no-model-backends"), TRUE)),
+            _ => None,
+        }
+    }
+
+    /// The limit a 429 is about, for its `x-ratelimit-*` headers.
+    fn quota(&self) -> Option<(QuotaUnit, &Quota)> {
+        match self {
+            Self::ModelRpsExceeded { quota, .. } | Self::UserRpmExceeded { quota, .. } => {
+                Some((QuotaUnit::Requests, quota))
+            }
+            Self::UserTpmExceeded { quota, .. } => Some((QuotaUnit::Tokens, quota)),
+            _ => None,
+        }
+    }
+
+    /// How long a client should wait before trying again (`Retry-After`),
+    /// for the failures that pass: every 429, and the 503s of a gateway that
+    /// is starting, has no ready pod yet, lost its limit store or drains.
+    pub fn retry_after(&self) -> Option<Duration> {
+        if let Some((_, quota)) = self.quota() {
+            return Some(quota.reset);
+        }
+        match self {
+            Self::ClientPenalised { wait, .. } => Some(*wait),
+            Self::PodsNotLoaded
+            | Self::NoReadyPods { .. }
+            | Self::NoPdRoleset { .. }
+            | Self::LimitStoreUnavailable
+            | Self::ShuttingDown => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -226,6 +275,12 @@ pub fn respond(err: &GatewayError) -> Response<Full<Bytes>> {
     if let Some((name, value)) = err.header() {
         headers.insert(name, value);
     }
+    if let Some((unit, quota)) = err.quota() {
+        quota.insert_headers(unit, headers);
+    }
+    if let Some(wait) = err.retry_after() {
+        quota::insert_retry_after(wait, headers);
+    }
     // The rest of a too-large body is only read to be dropped: the
     // connection ends once it is (see `proxy::discard_rest`).
     if matches!(err, GatewayError::BodyTooLarge { .. }) {
@@ -239,6 +294,11 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use rstest::rstest;
+
+    /// A refusal by a limit of `limit` whose window resets in `reset_ms`.
+    fn refused(limit: u64, reset_ms: u64) -> Quota {
+        Quota { limit, remaining: 0, reset: Duration::from_millis(reset_ms) }
+    }
 
     async fn parts(err: GatewayError) -> (StatusCode, http::HeaderMap, serde_json::Value) {
         let response = respond(&err);
@@ -273,9 +333,17 @@ mod tests {
     #[case::no_pods(GatewayError::NoReadyPods { model: "m1".into() }, 503, "no ready pods for model m1", "x-error-no-model-backends", "true")]
     #[case::bad_strategy(GatewayError::UnknownStrategy { name: "nope".into() }, 400, "incorrect routing strategy nope", "x-error-routing", "true")]
     #[case::bad_filter(GatewayError::InvalidExternalFilter { filter: "a in b".into(), reason: "expected a list".into() }, 400, "invalid external-filter \"a in b\": expected a list", "x-error-routing", "true")]
-    #[case::model_rps(GatewayError::ModelRpsExceeded { model: "m1".into(), limit: 5 }, 429, "model: m1 has exceeded RPS: 5", "x-error-model-rps-exceeded", "true")]
-    #[case::user_rpm(GatewayError::UserRpmExceeded { user: "u".into(), limit: 3 }, 429, "user: u has exceeded RPM: 3", "x-error-rpm-exceeded", "true")]
-    #[case::user_tpm(GatewayError::UserTpmExceeded { user: "u".into(), limit: 30 }, 429, "user: u has exceeded TPM: 30", "x-error-tpm-exceeded", "true")]
+    #[case::model_rps(GatewayError::ModelRpsExceeded { model: "m1".into(), quota: refused(5, 300) }, 429, "model: m1 has exceeded RPS: 5", "x-error-model-rps-exceeded", "true")]
+    #[case::user_rpm(GatewayError::UserRpmExceeded { user: "u".into(), quota: refused(3, 20_000) }, 429, "user: u has exceeded RPM: 3", "x-error-rpm-exceeded", "true")]
+    #[case::user_tpm(GatewayError::UserTpmExceeded { user: "u".into(), quota: refused(30, 20_000) }, 429, "user: u has exceeded TPM: 30", "x-error-tpm-exceeded", "true")]
+    #[case::not_loaded(
+        GatewayError::PodsNotLoaded,
+        503,
+        "the gateway has not loaded its pods yet",
+        "x-error-no-model-backends",
+        "true"
+    )]
+    #[case::penalised(GatewayError::ClientPenalised { client: [10, 0, 0, 7].into(), wait: Duration::from_millis(4_200) }, 429, "client 10.0.0.7 is refused for 5s after sending too many requests past their rate limits", "retry-after", "5")]
     #[case::store_closed(
         GatewayError::LimitStoreUnavailable,
         503,
@@ -313,7 +381,8 @@ mod tests {
 
     #[tokio::test]
     async fn rate_limit_bodies_are_exactly_the_contract() {
-        let (_, _, body) = parts(GatewayError::ModelRpsExceeded { model: "my-model".into(), limit: 50 }).await;
+        let (_, _, body) =
+            parts(GatewayError::ModelRpsExceeded { model: "my-model".into(), quota: refused(50, 1) }).await;
         assert_eq!(
             body,
             serde_json::json!({"error": {"message": "model: my-model has exceeded RPS: 50", "type": "rate_limit_error",
@@ -326,6 +395,45 @@ mod tests {
             serde_json::json!({"error": {"message": "Incorrect API key provided", "type": "authentication_error",
                 "code": "invalid_api_key", "param": "api_key"}})
         );
+    }
+
+    #[rstest]
+    #[case::rps(GatewayError::ModelRpsExceeded { model: "m".into(), quota: refused(5, 120) }, "requests", "5", "120ms", "1")]
+    #[case::rpm(GatewayError::UserRpmExceeded { user: "u".into(), quota: refused(60, 41_500) }, "requests", "60", "41.5s", "42")]
+    #[case::tpm(GatewayError::UserTpmExceeded { user: "u".into(), quota: refused(9000, 3_000) }, "tokens", "9000", "3s", "3")]
+    #[tokio::test]
+    async fn every_429_says_when_to_come_back(
+        #[case] err: GatewayError,
+        #[case] unit: &str,
+        #[case] limit: &str,
+        #[case] reset: &str,
+        #[case] retry_after: &str,
+    ) {
+        let (status, headers, _) = parts(err).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(headers["retry-after"], retry_after);
+        assert_eq!(headers[format!("x-ratelimit-limit-{unit}").as_str()], limit);
+        assert_eq!(headers[format!("x-ratelimit-remaining-{unit}").as_str()], "0");
+        assert_eq!(headers[format!("x-ratelimit-reset-{unit}").as_str()], reset);
+    }
+
+    #[rstest]
+    #[case::not_loaded(GatewayError::PodsNotLoaded)]
+    #[case::no_pods(GatewayError::NoReadyPods { model: "m".into() })]
+    #[case::store_closed(GatewayError::LimitStoreUnavailable)]
+    #[case::draining(GatewayError::ShuttingDown)]
+    #[tokio::test]
+    async fn passing_unavailability_is_retryable(#[case] err: GatewayError) {
+        let (status, headers, body) = parts(err).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers["retry-after"], "1");
+        assert_eq!(body["error"]["type"], "overloaded_error");
+    }
+
+    #[tokio::test]
+    async fn final_answers_carry_no_retry_after() {
+        let (_, headers, _) = parts(GatewayError::UnknownModel { model: "m".into() }).await;
+        assert!(headers.get("retry-after").is_none());
     }
 
     #[tokio::test]

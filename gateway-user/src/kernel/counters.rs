@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use super::penalties::PenaltyTable;
+use super::penalties::{PenaltyReason, PenaltyTable};
 use super::tagging::{ModelIds, Side};
 
 /// Per-model tallies kept in userspace when kernel assist is not active.
@@ -127,6 +127,12 @@ struct OriginLabels {
     origin: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ReasonLabels {
+    /// flood | flood_behind_proxy | exempt
+    reason: &'static str,
+}
+
 /// Tallies kept by the kernel-assist façade itself, in both modes.
 #[derive(Debug, Default)]
 pub struct AssistTallies {
@@ -136,6 +142,20 @@ pub struct AssistTallies {
     pub penalties_local: AtomicU64,
     /// Penalties received from other replicas through Redis.
     pub penalties_redis: AtomicU64,
+    /// This replica's decisions about flooding clients, by [`PenaltyReason`].
+    decisions: [AtomicU64; PenaltyReason::ALL.len()],
+}
+
+impl AssistTallies {
+    /// Counts one decision.
+    pub fn decided(&self, reason: PenaltyReason) {
+        self.decisions[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Decisions so far for `reason`.
+    pub fn decisions(&self, reason: PenaltyReason) -> u64 {
+        self.decisions[reason as usize].load(Ordering::Relaxed)
+    }
 }
 
 /// The scrape-time collector of every kernel-assist series.
@@ -228,6 +248,18 @@ impl Collector for KernelCollector {
             "Client penalties applied: decided here after repeated 429s (local) or received from other replicas (redis)",
             None,
             penalties.metric_type(),
+        )?)?;
+
+        let decisions = Family::<ReasonLabels, Counter>::default();
+        for reason in PenaltyReason::ALL {
+            decisions.get_or_create(&ReasonLabels { reason: reason.as_str() }).inc_by(self.tallies.decisions(reason));
+        }
+        decisions.encode(encoder.encode_descriptor(
+            "aibrix_gateway_penalty_decisions",
+            "Decisions about clients over the flood threshold, by reason: flood (refused), flood_behind_proxy \
+             (answered 429, behind a trusted proxy), exempt (in --penalty-exempt-cidrs, not penalised)",
+            None,
+            decisions.metric_type(),
         )?)?;
 
         let penalised = ConstGauge::new(i64::try_from(self.penalties.len()).unwrap_or(i64::MAX));

@@ -36,7 +36,10 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use counters::{AssistTallies, CounterSource, KernelCollector, UserCounters};
 use loader::{LoadConfig, Loaded};
-use penalties::{Enforcer, Origin, PenaltyClock, PenaltyPolicy, PenaltySettings, PenaltyTable};
+use penalties::{
+    Cidr, ClientAddr, Enforcer, Origin, PenaltyClock, PenaltyDecision, PenaltyPolicy, PenaltyReason, PenaltySettings,
+    Scope, Shared,
+};
 use tagging::{ConnTag, ModelIds, Side};
 
 /// `--ebpf`: whether to load the kernel programs.
@@ -79,19 +82,28 @@ pub struct KernelArgs {
     #[arg(long, env = "TURNSTILE_PIN_LINKS")]
     pub pin_links: bool,
 
-    /// Number of 429s within --penalty-window-seconds after which a client
-    /// address is penalised: its new connections are refused (0: never).
-    #[arg(long, env = "TURNSTILE_PENALTY_THRESHOLD", default_value_t = 20)]
+    /// Gateway-made 429s to one client address within one
+    /// --penalty-window-seconds window that mark it as flooding: it is then
+    /// refused (new connections refused; behind a trusted proxy, answered
+    /// 429) for the penalty time (0: never). Clients that honour Retry-After,
+    /// or send up to 100 requests/s into a full limit, never get there.
+    #[arg(long, env = "TURNSTILE_PENALTY_THRESHOLD", default_value_t = PenaltySettings::default().threshold)]
     pub penalty_threshold: u32,
 
     /// Length of the windows 429s are counted in, seconds.
-    #[arg(long, env = "TURNSTILE_PENALTY_WINDOW_SECONDS", default_value_t = 10)]
+    #[arg(long, env = "TURNSTILE_PENALTY_WINDOW_SECONDS", default_value_t = PenaltySettings::default().window.as_secs())]
     pub penalty_window_seconds: u64,
 
     /// How long a penalty lasts, in seconds past the end of the current
     /// rate-limit (RPS) window.
-    #[arg(long, env = "TURNSTILE_PENALTY_SECONDS", default_value_t = 10)]
+    #[arg(long, env = "TURNSTILE_PENALTY_SECONDS", default_value_t = PenaltySettings::default().duration.as_secs())]
     pub penalty_seconds: u64,
+
+    /// Client networks never penalised, whatever they send (ingress
+    /// controllers, load balancers and NAT gateways that carry many users'
+    /// traffic from one address), comma-separated CIDRs or addresses.
+    #[arg(long, env = "TURNSTILE_PENALTY_EXEMPT_CIDRS", value_delimiter = ',')]
+    pub penalty_exempt_cidrs: Vec<Cidr>,
 
     /// How the kernel refuses penalised clients: `sk-lookup` (connection
     /// refused) or `xdp` (SYN dropped; for floods).
@@ -136,7 +148,7 @@ pub struct KernelAssist {
     policy: PenaltyPolicy,
     enforcer: Arc<Enforcer>,
     /// Local penalties on their way to Redis.
-    publish: Option<mpsc::Sender<(IpAddr, u64)>>,
+    publish: Option<mpsc::Sender<Shared>>,
     tallies: Arc<AssistTallies>,
 }
 
@@ -194,14 +206,13 @@ impl KernelAssist {
         };
 
         let tallies = Arc::new(AssistTallies::default());
-        let table = Arc::new(PenaltyTable::default());
-        let enforcer = Arc::new(Enforcer {
-            table: Arc::clone(&table),
-            clock: Arc::new(PenaltyClock::default()),
-            kernel: loaded.as_ref().map(|l| Arc::clone(l) as Arc<dyn penalties::KernelPenalties>),
-            tallies: Arc::clone(&tallies),
-        });
-        let policy = PenaltyPolicy::new(args.penalty_settings());
+        let enforcer = Arc::new(Enforcer::new(
+            PenaltyClock::default(),
+            loaded.as_ref().map(|l| Arc::clone(l) as Arc<dyn penalties::KernelPenalties>),
+            Arc::clone(&tallies),
+        ));
+        let table = Arc::clone(&enforcer.table);
+        let policy = PenaltyPolicy::new(args.penalty_settings(), args.penalty_exempt_cidrs.clone());
         let publish = match redis_url {
             Some(url) if args.penalty_threshold > 0 => {
                 Some(penalties::spawn_redis_sync(&url, Arc::clone(&enforcer), shutdown.clone())?)
@@ -230,20 +241,15 @@ impl KernelAssist {
 
     /// Userspace-only kernel assist with the given penalty settings, no Redis
     /// and no metrics (for embedding the proxy in tests).
-    pub fn userspace_only(settings: PenaltySettings) -> Arc<Self> {
+    pub fn userspace_only(settings: PenaltySettings, exempt: Vec<Cidr>) -> Arc<Self> {
         let tallies = Arc::new(AssistTallies::default());
-        let enforcer = Arc::new(Enforcer {
-            table: Arc::new(PenaltyTable::default()),
-            clock: Arc::new(PenaltyClock::default()),
-            kernel: None,
-            tallies: Arc::clone(&tallies),
-        });
+        let enforcer = Arc::new(Enforcer::new(PenaltyClock::default(), None, Arc::clone(&tallies)));
         Arc::new(Self {
             loaded: None,
             status: Status::Off,
             models: Arc::new(ModelIds::default()),
             user_counters: Some(Arc::new(UserCounters::default())),
-            policy: PenaltyPolicy::new(settings),
+            policy: PenaltyPolicy::new(settings, exempt),
             enforcer,
             publish: None,
             tallies,
@@ -320,17 +326,62 @@ impl KernelAssist {
         }
     }
 
-    /// Reports a gateway-made 429 sent to `peer`; penalises it at the threshold.
-    pub fn rate_limited(&self, peer: IpAddr) {
-        let ip = penalties::normalize(peer);
-        let Some(until) = self.policy.record_429(ip, self.enforcer.clock.redis_now_ms()) else {
+    /// How long `client` is still refused, when it is penalised: a request
+    /// of a penalised client that still reaches the proxy (on a connection
+    /// opened before, or through a trusted proxy) is answered 429.
+    pub fn penalty_remaining(&self, client: ClientAddr) -> Option<Duration> {
+        self.enforcer.remaining(client)
+    }
+
+    /// Reports a gateway-made 429 sent to `client`; decides at the threshold.
+    pub fn rate_limited(&self, client: ClientAddr) {
+        let Some(decision) = self.policy.record_429(client, self.enforcer.clock.redis_now_ms()) else {
             return;
         };
-        if self.enforcer.apply(ip, until, Origin::Local)
-            && let Some(publish) = &self.publish
-            && publish.try_send((ip, until)).is_err()
+        let PenaltyDecision { reason, until_ms } = decision;
+        self.tallies.decided(reason);
+        let scope = match reason {
+            PenaltyReason::Exempt => {
+                tracing::info!(
+                    client = %client.ip,
+                    reason = reason.as_str(),
+                    threshold = self.policy.settings().threshold,
+                    window_seconds = self.policy.settings().window.as_secs(),
+                    "client over the flood threshold, not penalised: its address is in --penalty-exempt-cidrs"
+                );
+                return;
+            }
+            PenaltyReason::Flood => Scope::Direct,
+            PenaltyReason::FloodBehindProxy => Scope::BehindProxy,
+        };
+        let was_penalised = self.enforcer.remaining(client).is_some();
+        if !self.enforcer.apply(client.ip, until_ms, scope, Origin::Local) {
+            return;
+        }
+        let until_local = self.enforcer.clock.to_local(until_ms);
+        let in_ms = until_local.saturating_sub(self.enforcer.clock.local_now_ms());
+        if was_penalised {
+            tracing::debug!(client = %client.ip, reason = reason.as_str(), in_ms, "penalty extended: still flooding");
+        } else {
+            tracing::info!(
+                client = %client.ip,
+                reason = reason.as_str(),
+                threshold = self.policy.settings().threshold,
+                window_seconds = self.policy.settings().window.as_secs(),
+                until_unix_ms = until_local,
+                in_ms,
+                refused_by = match (scope, self.is_active()) {
+                    (Scope::BehindProxy, _) => "429 per request (behind a trusted proxy)",
+                    (Scope::Direct, true) => "the kernel (new connections)",
+                    (Scope::Direct, false) => "closing new connections after accept",
+                },
+                "client penalised"
+            );
+        }
+        if let Some(publish) = &self.publish
+            && publish.try_send(Shared { ip: client.ip, until_ms, scope }).is_err()
         {
-            tracing::warn!(client = %ip, "penalty not published: the Redis queue is full");
+            tracing::warn!(client = %client.ip, "penalty not published: the Redis queue is full");
         }
     }
 
@@ -363,30 +414,51 @@ async fn sweep_loop(assist: Arc<KernelAssist>, shutdown: CancellationToken) {
 mod tests {
     use super::*;
 
+    fn two_strikes() -> PenaltySettings {
+        PenaltySettings { threshold: 2, window: Duration::from_secs(10), duration: Duration::from_secs(5) }
+    }
+
     #[tokio::test]
     async fn userspace_only_refuses_a_penalised_client_and_counts_it() {
-        let settings =
-            PenaltySettings { threshold: 2, window: Duration::from_secs(10), duration: Duration::from_secs(5) };
-        let assist = KernelAssist::userspace_only(settings);
+        let assist = KernelAssist::userspace_only(two_strikes(), Vec::new());
         let client: IpAddr = "10.0.0.7".parse().unwrap();
         let other: IpAddr = "10.0.0.8".parse().unwrap();
         assert!(assist.admit(client));
-        assist.rate_limited(client);
+        assist.rate_limited(ClientAddr::direct(client));
         assert!(assist.admit(client), "one 429 is below the threshold");
-        assist.rate_limited("::ffff:10.0.0.7".parse().unwrap());
+        assist.rate_limited(ClientAddr::direct("::ffff:10.0.0.7".parse().unwrap()));
         assert!(!assist.admit(client), "penalised after the second 429");
+        assert!(assist.penalty_remaining(ClientAddr::direct(client)).is_some());
         assert!(assist.admit(other));
         assert_eq!(assist.tallies.refused_userspace.load(Ordering::Relaxed), 1);
         assert_eq!(assist.tallies.penalties_local.load(Ordering::Relaxed), 1);
+        assert_eq!(assist.tallies.decisions(PenaltyReason::Flood), 1);
+    }
+
+    #[tokio::test]
+    async fn exempt_and_proxied_clients_keep_their_connections() {
+        let exempt = vec!["10.0.0.0/24".parse().unwrap()];
+        let assist = KernelAssist::userspace_only(two_strikes(), exempt);
+        let nat: IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..10 {
+            assist.rate_limited(ClientAddr::direct(nat));
+        }
+        assert!(assist.admit(nat), "an exempt address is never refused");
+        assert_eq!(assist.penalty_remaining(ClientAddr::direct(nat)), None);
+        assert_eq!(assist.tallies.decisions(PenaltyReason::Exempt), 5, "one decision per threshold crossing");
+
+        let behind = ClientAddr { ip: "192.0.2.1".parse().unwrap(), behind_proxy: true };
+        assist.rate_limited(behind);
+        assist.rate_limited(behind);
+        assert!(assist.penalty_remaining(behind).is_some(), "answered 429 from now on");
+        assert!(assist.admit(behind.ip), "but its address's connections are not refused");
+        assert_eq!(assist.tallies.decisions(PenaltyReason::FloodBehindProxy), 1);
     }
 
     #[test]
     fn readiness_names_the_mode() {
-        let assist = KernelAssist::userspace_only(PenaltySettings {
-            threshold: 0,
-            window: Duration::from_secs(1),
-            duration: Duration::from_secs(1),
-        });
+        let assist =
+            KernelAssist::userspace_only(PenaltySettings { threshold: 0, ..PenaltySettings::default() }, Vec::new());
         let detail = assist.readiness();
         assert_eq!(detail["active"], false);
         assert_eq!(detail["mode"], "userspace");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::breaker::{Breaker, BreakerState};
-use super::local_store::{LocalStore, unix_now};
+use super::local_store::{LocalStore, unix_now_ms};
 use super::redis_store::RedisStore;
 use super::{CounterStore, FailureMode, Slot, StoreError, UserCheck, UserVerdict, WindowVerdict};
 use crate::metrics::Metrics;
@@ -151,7 +151,7 @@ impl Counters {
         self.serve(
             Op::AdmitWindow,
             |redis| redis.admit_window(key, limit),
-            |local| local.admit_window_at(key, limit, unix_now()),
+            |local| local.admit_window_at(key, limit, unix_now_ms()),
         )
         .await
     }
@@ -166,11 +166,11 @@ impl Counters {
         let shared = self.shared.is_some();
         let local = move |local: &LocalStore| {
             if !shared {
-                local.admit_user_at(check, unix_now())
+                local.admit_user_at(check, unix_now_ms())
             } else if let Some(backstop) = backstop() {
-                local.admit_user_at(&backstop, unix_now())
+                local.admit_user_at(&backstop, unix_now_ms())
             } else {
-                UserVerdict::Admitted { limits: check.limits, rpm_slot: None }
+                UserVerdict::Admitted { limits: check.limits, rpm_slot: None, requests: None, tokens: None }
             }
         };
         self.serve(Op::AdmitUser, |redis| redis.admit_user(check), local).await
@@ -194,7 +194,7 @@ impl Counters {
             .serve(
                 Op::ChargeTokens,
                 |redis| redis.charge_tokens(user, tokens),
-                |local| local.charge_tokens_at(user, tokens, unix_now()),
+                |local| local.charge_tokens_at(user, tokens, unix_now_ms()),
             )
             .await;
         if matches!(served, Served::Unavailable) {

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod breaker;
 mod counters;
 pub mod local_store;
+pub mod quota;
 pub mod redis_store;
 pub mod users;
 
@@ -30,6 +31,7 @@ use crate::errors::GatewayError;
 use crate::metrics::Metrics;
 pub use auth::BearerAuth;
 use counters::{Counters, Placement, Served, Shared};
+pub use quota::{Quota, QuotaUnit};
 pub use users::{UserDirectory, UserRecord};
 
 /// What to do when Redis cannot answer a limit check in time.
@@ -88,27 +90,52 @@ pub struct Slot {
     pub window: u64,
 }
 
-/// Answer to a window check.
+/// Answer to a window check, with where the window stands.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WindowVerdict {
-    Admitted(Slot),
-    Limited,
+    Admitted { slot: Slot, quota: Quota },
+    Limited { quota: Quota },
 }
 
 /// Answer to a user check. Refused requests are not counted.
 #[derive(Debug, PartialEq, Eq)]
 pub enum UserVerdict {
-    /// Within both limits; the RPM slot when RPM is limited.
+    /// Within both limits; the RPM slot when RPM is limited, and what is
+    /// left of each limit the user has.
     Admitted {
         limits: UserLimits,
         rpm_slot: Option<Slot>,
+        requests: Option<Quota>,
+        tokens: Option<Quota>,
     },
     RpmExceeded {
-        limit: u64,
+        quota: Quota,
     },
     TpmExceeded {
-        limit: u64,
+        quota: Quota,
     },
+}
+
+/// What is left of a user's limits after an admitted request: the
+/// `x-ratelimit-*` headers of its answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserQuotas {
+    /// RPM, when the user has one.
+    pub requests: Option<Quota>,
+    /// TPM, when the user has one.
+    pub tokens: Option<Quota>,
+}
+
+impl UserQuotas {
+    /// Writes the headers of each limit the user has.
+    pub fn insert_headers(&self, headers: &mut HeaderMap) {
+        if let Some(requests) = &self.requests {
+            requests.insert_headers(QuotaUnit::Requests, headers);
+        }
+        if let Some(tokens) = &self.tokens {
+            tokens.insert_headers(QuotaUnit::Tokens, headers);
+        }
+    }
 }
 
 /// Why the counter store did not answer.
@@ -317,7 +344,12 @@ impl Limits {
     /// Checks and counts the user's RPM/TPM, then the model's RPS cap. On
     /// refusal nothing stays counted.
     pub async fn admit(&self, request: &LimitRequest<'_>) -> Result<Admission, GatewayError> {
-        let mut admission = Admission { counters: Arc::clone(&self.counters), held: Vec::new(), charge: None };
+        let mut admission = Admission {
+            counters: Arc::clone(&self.counters),
+            held: Vec::new(),
+            charge: None,
+            quotas: UserQuotas::default(),
+        };
         if let Some(user) = request.user.filter(|u| !u.is_empty())
             && let Some(check) = self.users.check(user)
         {
@@ -341,7 +373,8 @@ impl Limits {
                 }
             };
             match verdict {
-                UserVerdict::Admitted { limits, rpm_slot } => {
+                UserVerdict::Admitted { limits, rpm_slot, requests, tokens } => {
+                    admission.quotas = UserQuotas { requests, tokens };
                     if limits.rpm.is_some() {
                         self.decided(request, LimitKind::Rpm, decision);
                     }
@@ -352,13 +385,13 @@ impl Limits {
                     }
                     admission.held.extend(rpm_slot.map(|slot| (slot, placement)));
                 }
-                UserVerdict::RpmExceeded { limit } => {
+                UserVerdict::RpmExceeded { quota } => {
                     self.decided(request, LimitKind::Rpm, Decision::Limited);
-                    return Err(GatewayError::UserRpmExceeded { user: user.to_owned(), limit });
+                    return Err(GatewayError::UserRpmExceeded { user: user.to_owned(), quota });
                 }
-                UserVerdict::TpmExceeded { limit } => {
+                UserVerdict::TpmExceeded { quota } => {
                     self.decided(request, LimitKind::Tpm, Decision::Limited);
-                    return Err(GatewayError::UserTpmExceeded { user: user.to_owned(), limit });
+                    return Err(GatewayError::UserTpmExceeded { user: user.to_owned(), quota });
                 }
             }
         }
@@ -375,14 +408,14 @@ impl Limits {
                 }
             };
             match verdict {
-                WindowVerdict::Admitted(slot) => {
+                WindowVerdict::Admitted { slot, .. } => {
                     self.decided(request, LimitKind::Rps, decision);
                     admission.held.push((slot, placement));
                 }
-                WindowVerdict::Limited => {
+                WindowVerdict::Limited { quota } => {
                     self.decided(request, LimitKind::Rps, Decision::Limited);
                     admission.release().await;
-                    return Err(GatewayError::ModelRpsExceeded { model: request.model.to_string(), limit: cap });
+                    return Err(GatewayError::ModelRpsExceeded { model: request.model.to_string(), quota });
                 }
             }
         }
@@ -402,9 +435,15 @@ pub struct Admission {
     counters: Arc<Counters>,
     held: Vec<(Slot, Placement)>,
     charge: Option<TokenCharge>,
+    quotas: UserQuotas,
 }
 
 impl Admission {
+    /// What is left of the user's limits, for the answer's headers.
+    pub fn user_quotas(&self) -> UserQuotas {
+        self.quotas
+    }
+
     /// Rolls back every counted request; awaited so the very next request
     /// already sees the freed quota.
     pub async fn release(mut self) {
@@ -478,7 +517,7 @@ impl TokenCharge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limits::local_store::unix_now;
+    use crate::limits::local_store::unix_now_ms;
 
     const MODEL: &str = "llama";
 
@@ -494,9 +533,9 @@ mod tests {
         Fut: Future<Output = ()>,
     {
         for _ in 0..3 {
-            let second = unix_now();
+            let second = unix_now_ms() / 1000;
             body().await;
-            if unix_now() == second {
+            if unix_now_ms() / 1000 == second {
                 return;
             }
         }
@@ -550,7 +589,11 @@ mod tests {
         let limits = Limits::new(users_config(None, FailureMode::Open), Arc::new(Metrics::new())).expect("limits");
         let model: Arc<str> = Arc::from(MODEL);
         let alice = request(&model, None, Some("alice"));
-        let charge = limits.admit(&alice).await.expect("admitted").commit().expect("alice has a TPM limit");
+        let admission = limits.admit(&alice).await.expect("admitted");
+        let quotas = admission.user_quotas();
+        assert_eq!((quotas.requests.map(|q| (q.limit, q.remaining))), Some((2, 1)), "{quotas:?}");
+        assert_eq!((quotas.tokens.map(|q| (q.limit, q.remaining))), Some((100, 100)), "{quotas:?}");
+        let charge = admission.commit().expect("alice has a TPM limit");
         charge.settle(100).await;
         let refused = limits.admit(&alice).await.err().expect("over TPM");
         assert_eq!(refused.to_string(), "user: alice has exceeded TPM: 100");
@@ -573,7 +616,10 @@ mod tests {
             let capped = request(&model, Some(1), None);
             limits.admit(&capped).await.expect("fail-open admits").commit();
             let refused = limits.admit(&capped).await.err().expect("backstop enforces the cap");
-            assert!(matches!(refused, GatewayError::ModelRpsExceeded { limit: 1, .. }));
+            assert!(matches!(
+                refused,
+                GatewayError::ModelRpsExceeded { quota: Quota { limit: 1, remaining: 0, .. }, .. }
+            ));
             // Two failures opened the circuit: the next check does not even try Redis.
             assert!(limits.admit(&capped).await.is_err());
             let text = metrics.render();

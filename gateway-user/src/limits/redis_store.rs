@@ -15,7 +15,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
 use super::{
-    CounterStore, Slot, StoreError, UserCheck, UserLimits, UserVerdict, WindowVerdict, rpm_counter_key,
+    CounterStore, Quota, Slot, StoreError, UserCheck, UserLimits, UserVerdict, WindowVerdict, rpm_counter_key,
     tpm_counter_key, user_record_key,
 };
 
@@ -28,18 +28,21 @@ const RPS_KEY_TTL_MS: u64 = 2000;
 const PRELUDE: &str = "if redis.replicate_commands then redis.replicate_commands() end\n";
 
 /// KEYS[1] = counter key without the window; ARGV[1] = limit, ARGV[2] = TTL ms.
-/// Returns {admitted 0|1, count, unix second}. A refused request is not
-/// counted, so a rollback of an admitted one frees a slot for someone else.
+/// Returns {admitted 0|1, count, unix second, ms into the second}. A refused
+/// request is not counted, so a rollback of an admitted one frees a slot for
+/// someone else.
 const WINDOW_SCRIPT: &str = r"
-local second = redis.call('TIME')[1]
+local now = redis.call('TIME')
+local second = now[1]
+local ms = math.floor(tonumber(now[2]) / 1000)
 local key = KEYS[1] .. ':' .. second
 local count = tonumber(redis.call('GET', key) or '0')
 if count >= tonumber(ARGV[1]) then
-  return {0, count, tonumber(second)}
+  return {0, count, tonumber(second), ms}
 end
 count = redis.call('INCR', key)
 redis.call('PEXPIRE', key, ARGV[2])
-return {1, count, tonumber(second)}
+return {1, count, tonumber(second), ms}
 ";
 
 /// KEYS[1] = full counter key. Decrements only a key that still exists, so
@@ -55,7 +58,8 @@ return 0
 /// TPM counters without the minute bin. ARGV[1] / ARGV[2] = RPM / TPM limits
 /// to use when the record has none (0 = none), ARGV[3] = '1' to read the
 /// record. Bins are AIBrix's: `(unix / 60) % 64`, TTL 60 s, from Redis time.
-/// Returns {verdict 0 ok | 1 rpm | 2 tpm, rpm limit, tpm limit, bin, rpm counted 0|1}.
+/// Returns {verdict 0 ok | 1 rpm | 2 tpm, rpm limit, tpm limit, bin, rpm counted 0|1,
+/// requests counted in the bin, tokens charged in the bin, ms into the minute}.
 const USER_SCRIPT: &str = r"
 local rpm_limit = tonumber(ARGV[1])
 local tpm_limit = tonumber(ARGV[2])
@@ -69,20 +73,25 @@ if ARGV[3] == '1' then
     end
   end
 end
-local bin = math.floor(tonumber(redis.call('TIME')[1]) / 60) % 64
+local now = redis.call('TIME')
+local seconds = tonumber(now[1])
+local into = (seconds % 60) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local bin = math.floor(seconds / 60) % 64
 local rpm_key = KEYS[2] .. ':' .. bin
-if rpm_limit > 0 and tonumber(redis.call('GET', rpm_key) or '0') >= rpm_limit then
-  return {1, rpm_limit, tpm_limit, bin, 0}
+local requests = tonumber(redis.call('GET', rpm_key) or '0')
+local tokens = tonumber(redis.call('GET', KEYS[3] .. ':' .. bin) or '0')
+if rpm_limit > 0 and requests >= rpm_limit then
+  return {1, rpm_limit, tpm_limit, bin, 0, requests, tokens, into}
 end
-if tpm_limit > 0 and tonumber(redis.call('GET', KEYS[3] .. ':' .. bin) or '0') >= tpm_limit then
-  return {2, rpm_limit, tpm_limit, bin, 0}
+if tpm_limit > 0 and tokens >= tpm_limit then
+  return {2, rpm_limit, tpm_limit, bin, 0, requests, tokens, into}
 end
 if rpm_limit > 0 then
-  redis.call('INCR', rpm_key)
+  requests = redis.call('INCR', rpm_key)
   redis.call('EXPIRE', rpm_key, 60)
-  return {0, rpm_limit, tpm_limit, bin, 1}
+  return {0, rpm_limit, tpm_limit, bin, 1, requests, tokens, into}
 end
-return {0, rpm_limit, tpm_limit, bin, 0}
+return {0, rpm_limit, tpm_limit, bin, 0, requests, tokens, into}
 ";
 
 /// KEYS[1] = TPM counter without the bin; ARGV[1] = tokens.
@@ -165,17 +174,30 @@ fn limit(raw: i64) -> Option<u64> {
     u64::try_from(raw).ok().filter(|n| *n > 0)
 }
 
+/// Time left in a window of `length_ms` that is `into_ms` old (as the script
+/// read it from Redis `TIME`).
+fn time_left(into_ms: i64, length_ms: u64) -> Duration {
+    let into = u64::try_from(into_ms).unwrap_or(0).min(length_ms - 1);
+    Duration::from_millis(length_ms - into)
+}
+
 impl CounterStore for RedisStore {
     async fn admit_window(&self, key: &str, limit: u64) -> Result<WindowVerdict, StoreError> {
         let mut invocation = self.window.prepare_invoke();
         invocation.key(key).arg(limit).arg(RPS_KEY_TTL_MS);
         let reply: Vec<i64> = self.invoke(invocation).await?;
-        match reply.as_slice() {
-            [1, _count, second] => {
-                let window = u64::try_from(*second).map_err(|_| bad_reply("window", &reply))?;
-                Ok(WindowVerdict::Admitted(Slot { key: key.to_owned(), window }))
+        let &[admitted, count, second, ms] = reply.as_slice() else {
+            return Err(bad_reply("window", &reply));
+        };
+        let reset = time_left(ms, 1000);
+        let count = u64::try_from(count).unwrap_or(0);
+        match admitted {
+            1 => {
+                let window = u64::try_from(second).map_err(|_| bad_reply("window", &reply))?;
+                let quota = Quota { limit, remaining: limit.saturating_sub(count), reset };
+                Ok(WindowVerdict::Admitted { slot: Slot { key: key.to_owned(), window }, quota })
             }
-            [0, _count, _second] => Ok(WindowVerdict::Limited),
+            0 => Ok(WindowVerdict::Limited { quota: Quota { limit, remaining: 0, reset } }),
             _ => Err(bad_reply("window", &reply)),
         }
     }
@@ -191,18 +213,29 @@ impl CounterStore for RedisStore {
             .arg(check.limits.tpm.unwrap_or(0))
             .arg(if check.lookup_record { "1" } else { "0" });
         let reply: Vec<i64> = self.invoke(invocation).await?;
-        let &[verdict, rpm, tpm, bin, rpm_counted] = reply.as_slice() else {
+        let &[verdict, rpm, tpm, bin, rpm_counted, requests, tokens, into_minute] = reply.as_slice() else {
             return Err(bad_reply("user", &reply));
         };
         let limits = UserLimits { rpm: limit(rpm), tpm: limit(tpm) };
+        let reset = time_left(into_minute, 60_000);
+        let left = |limit: u64, used: i64| Quota {
+            limit,
+            remaining: limit.saturating_sub(u64::try_from(used).unwrap_or(0)),
+            reset,
+        };
         match (verdict, limits) {
             (0, _) => {
                 let window = u64::try_from(bin).map_err(|_| bad_reply("user", &reply))?;
                 let rpm_slot = (rpm_counted == 1).then_some(Slot { key: rpm_key, window });
-                Ok(UserVerdict::Admitted { limits, rpm_slot })
+                Ok(UserVerdict::Admitted {
+                    limits,
+                    rpm_slot,
+                    requests: limits.rpm.map(|limit| left(limit, requests)),
+                    tokens: limits.tpm.map(|limit| left(limit, tokens)),
+                })
             }
-            (1, UserLimits { rpm: Some(limit), .. }) => Ok(UserVerdict::RpmExceeded { limit }),
-            (2, UserLimits { tpm: Some(limit), .. }) => Ok(UserVerdict::TpmExceeded { limit }),
+            (1, UserLimits { rpm: Some(limit), .. }) => Ok(UserVerdict::RpmExceeded { quota: left(limit, i64::MAX) }),
+            (2, UserLimits { tpm: Some(limit), .. }) => Ok(UserVerdict::TpmExceeded { quota: left(limit, i64::MAX) }),
             _ => Err(bad_reply("user", &reply)),
         }
     }

@@ -25,7 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::upstream_conn::TrackingConnector;
-use super::usage::{Usage, UsageTap};
+use super::usage::{Usage, UsageChunkFilter, UsageTap};
 use crate::discovery::{InFlightGuard, PodInfo};
 use crate::errors::GatewayError;
 use crate::limits::{Settling, TokenCharge};
@@ -215,6 +215,8 @@ impl Outcome {
 pub struct TrackedBody {
     inner: Incoming,
     tap: UsageTap,
+    /// Removes the usage chunk the gateway asked for on the client's behalf.
+    usage_filter: Option<UsageChunkFilter>,
     sse: bool,
     first_byte: Option<Duration>,
     record: Option<RequestRecord>,
@@ -253,11 +255,14 @@ const STEP_ASIDE_ROUNDS: u8 = 2;
 const SSE_UPSTREAM_ERROR: &[u8] = b"data: {\"error\":{\"message\":\"upstream connection lost mid-stream\",\"type\":\"api_error\",\"code\":\"upstream_error\",\"param\":null}}\n\n";
 
 impl TrackedBody {
-    pub fn new(inner: Incoming, content_type: Option<&str>, record: RequestRecord) -> Self {
+    /// `hide_usage_chunk`: the gateway asked for usage the client did not
+    /// ask for; its chunk is counted, then left out of what the client gets.
+    pub fn new(inner: Incoming, content_type: Option<&str>, record: RequestRecord, hide_usage_chunk: bool) -> Self {
         let sse = content_type.is_some_and(|ct| ct.starts_with("text/event-stream"));
         Self {
             inner,
             tap: UsageTap::for_content_type(content_type),
+            usage_filter: (sse && hide_usage_chunk).then(UsageChunkFilter::default),
             sse,
             first_byte: None,
             record: Some(record),
@@ -269,6 +274,20 @@ impl TrackedBody {
             stepped_aside: 0,
             next_frame: None,
             done: false,
+        }
+    }
+
+    /// What of the engine's `data` the client receives; at the `end` of the
+    /// body, with whatever the usage filter still held.
+    fn for_client(&mut self, data: Bytes, end: bool) -> Bytes {
+        let Some(filter) = &mut self.usage_filter else { return data };
+        let kept = filter.filter(&data);
+        if !end {
+            return kept;
+        }
+        match filter.finish() {
+            rest if rest.is_empty() => kept,
+            rest => [kept, rest].concat().into(),
         }
     }
 
@@ -379,7 +398,11 @@ impl Body for TrackedBody {
                             }
                             this.tap.observe(&data);
                             let end = this.inner.is_end_stream();
+                            let data = this.for_client(data, end);
                             if this.sse && !end {
+                                if data.is_empty() {
+                                    continue;
+                                }
                                 this.coalesce(data);
                                 if this.coalesced_len >= COALESCE_MAX_BYTES
                                     || this.coalesced.len() >= COALESCE_MAX_FRAMES
@@ -425,6 +448,10 @@ impl Body for TrackedBody {
                     };
                 }
                 None => {
+                    let held = this.for_client(Bytes::new(), true);
+                    if !held.is_empty() {
+                        this.coalesce(held);
+                    }
                     // The kept data is the last frame (finish marks the body
                     // done, so hyper ends the response after it).
                     let last = (!this.coalesced.is_empty()).then(|| Frame::data(this.take_coalesced()));
@@ -478,21 +505,28 @@ pub struct RequestFacts {
     /// The pod chosen, or last tried.
     pub pod: Option<Arc<PodInfo>>,
     pub routing_time: Option<Duration>,
+    /// The client the request is accounted to, and the connection's peer.
+    pub client: Option<(crate::kernel::penalties::ClientAddr, std::net::SocketAddr)>,
 }
 
 /// The one "request end" line of a request the gateway answered itself,
 /// with the same fields as a proxied request's (tokens are zero: no engine
-/// answered) plus the error, where it came from, the path and the client.
+/// answered) plus the error, where it came from, the path and the client
+/// (behind a trusted proxy, the forwarded client and the proxy as `via`).
 pub fn log_gateway_answer(
     request_id: &HeaderValue,
     facts: &RequestFacts,
     status: u16,
     error: Option<&GatewayError>,
     path: &str,
-    client: std::net::SocketAddr,
     started: Instant,
 ) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (client, via) = match facts.client {
+        Some((client, peer)) if client.behind_proxy => (Some(client.ip.to_string()), Some(peer)),
+        Some((_, peer)) => (Some(peer.to_string()), None),
+        None => (None, None),
+    };
     tracing::info!(
         target: "turnstile::access",
         request_id = request_id.to_str().unwrap_or(""),
@@ -509,7 +543,8 @@ pub fn log_gateway_answer(
         routing_ms = facts.routing_time.map(ms),
         total_ms = ms(started.elapsed()),
         path,
-        client = %client,
+        client,
+        via = via.map(tracing::field::display),
         origin = error.map(|e| tracing::field::debug(e.origin())),
         error = error.map(tracing::field::display),
         "request end"

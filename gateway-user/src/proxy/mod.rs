@@ -1,6 +1,7 @@
 //! The request lifecycle, one phase after another:
 //! parse → resolve profile → limit → pick → forward → account.
 
+pub mod client;
 pub mod forward;
 pub mod listener;
 pub mod pd;
@@ -22,6 +23,7 @@ use crate::discovery::{PodInfo, PodStore};
 use crate::engine_metrics::EngineMetrics;
 use crate::errors::{self, GatewayError};
 use crate::kernel::KernelAssist;
+use crate::kernel::penalties::ClientAddr;
 use crate::kernel::tagging::{ClientConn, UpstreamConn};
 use crate::limits::{LimitRequest, Limits};
 use crate::metrics::{Metrics, UNKNOWN_MODEL};
@@ -43,6 +45,8 @@ pub struct ProxySettings {
     pub body_read_timeout: Duration,
     /// Pods tried for one request when connecting fails (nothing was sent).
     pub max_connect_attempts: usize,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` name the client.
+    pub trusted_proxies: client::TrustedProxies,
 }
 
 /// The proxy: shared state for every request.
@@ -130,13 +134,14 @@ impl Proxy {
         let request_id = request_id(request.headers());
         let path = request.uri().path().to_owned();
         let http1 = request.version() < http::Version::HTTP_2;
-        let mut facts = RequestFacts::default();
-        match self.serve(request, started, &request_id, &mut facts).await {
+        let client = self.settings.trusted_proxies.client(peer.ip(), request.headers());
+        let mut facts = RequestFacts { client: Some((client, peer)), ..RequestFacts::default() };
+        match self.serve(request, started, &request_id, &mut facts, client).await {
             Ok(mut response) => {
                 // A proxied answer logs its own end when its body ends.
                 if let Either::Left(_) = response.body() {
                     let status = response.status().as_u16();
-                    forward::log_gateway_answer(&request_id, &facts, status, None, &path, peer, started);
+                    forward::log_gateway_answer(&request_id, &facts, status, None, &path, started);
                     response.headers_mut().insert(names::REQUEST_ID, request_id);
                 }
                 response
@@ -146,15 +151,16 @@ impl Proxy {
                 let model = model.or_else(|| facts.model.clone()).unwrap_or_else(|| Arc::from(UNKNOWN_MODEL));
                 self.metrics.request_done(&model, status.as_u16());
                 facts.model = Some(model);
-                forward::log_gateway_answer(&request_id, &facts, status.as_u16(), Some(&error), &path, peer, started);
+                forward::log_gateway_answer(&request_id, &facts, status.as_u16(), Some(&error), &path, started);
                 let mut response = errors::respond(&error).map(Either::Left);
                 response.headers_mut().insert(names::REQUEST_ID, request_id);
                 if status == StatusCode::TOO_MANY_REQUESTS
                     && let Some(kernel) = &self.kernel
                 {
-                    kernel.rate_limited(peer.ip());
-                    // A penalised HTTP/1 client must reconnect, and so meets the refusal.
-                    if http1 && kernel.is_penalised(peer.ip()) {
+                    kernel.rate_limited(client);
+                    // A penalised HTTP/1 client must reconnect, and so meets
+                    // the refusal. Never a trusted proxy's shared connection.
+                    if http1 && !client.behind_proxy && kernel.penalty_remaining(client).is_some() {
                         response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
                     }
                 }
@@ -169,12 +175,16 @@ impl Proxy {
         started: Instant,
         request_id: &HeaderValue,
         facts: &mut RequestFacts,
+        client: ClientAddr,
     ) -> Result<Response<ProxyBody>, Failure> {
         // Phase 1: authenticate, then parse.
         self.limits.authorize(request.headers())?;
         let path = request.uri().path();
         let Some(endpoint) = Endpoint::from_path(path) else {
             if path == "/v1/models" && request.method() == Method::GET {
+                if !self.store.is_synced() {
+                    return Err(GatewayError::PodsNotLoaded.into());
+                }
                 return Ok(models_response(&self.store).map(Either::Left));
             }
             return Err(GatewayError::UnknownPath { path: path.to_owned() }.into());
@@ -186,8 +196,19 @@ impl Proxy {
         }
         let (parts, body) = request.into_parts();
         let body = self.read_body(&parts.headers, body).await?;
+        // A flooding client still reaching the proxy (on a connection opened
+        // before its penalty, or through a trusted proxy) is answered 429 here;
+        // its body was read, so a proxy's shared connection stays usable.
+        if let Some(wait) = self.kernel.as_ref().and_then(|kernel| kernel.penalty_remaining(client)) {
+            return Err(GatewayError::ClientPenalised { client: client.ip, wait }.into());
+        }
         let shape = request::inspect(endpoint, &body)?;
 
+        // Until discovery has delivered its first list, no model is unknown:
+        // the answer is a retryable 503, not a final 400.
+        if !self.store.is_synced() {
+            return Err(GatewayError::PodsNotLoaded.into());
+        }
         let snapshot = self.store.snapshot();
         let Some(model) = snapshot.model(&shape.model) else {
             return Err(GatewayError::UnknownModel { model: shape.model }.into());
@@ -246,12 +267,23 @@ impl Proxy {
             .with_headers(&parts.headers)
             .with_metrics(self.engine_metrics.view())
             .with_prompt_extractor(request::prompt_text);
+        // A stream that does not ask for usage is sent asking for it, so its
+        // tokens are counted; the client never sees the extra chunk.
+        let usage_asked = request::ask_for_usage(endpoint, &shape, &body);
+        let hide_usage_chunk = usage_asked.is_some();
+        let forward_body = usage_asked.unwrap_or_else(|| body.clone());
         // `pd` chooses a prefill/decode pair and runs the prefill now; the
         // decode pod is then the only candidate, with its own body.
         let pd_route = match candidates {
             [_, ..] if strategy.name() == routing::pd::NAME => {
-                let pd_request =
-                    pd::PdRequest { endpoint, parts: &parts, body: &body, model: &model_label, request_id, started };
+                let pd_request = pd::PdRequest {
+                    endpoint,
+                    parts: &parts,
+                    body: &forward_body,
+                    model: &model_label,
+                    request_id,
+                    started,
+                };
                 match self.route_pd(pd_request, &route_request, candidates).await {
                     Ok(route) => Some(route),
                     Err(error) => {
@@ -264,7 +296,7 @@ impl Proxy {
         };
         let (candidates, body) = match &pd_route {
             Some(route) => (std::slice::from_ref(&route.pod), route.body.clone()),
-            None => (candidates, body.clone()),
+            None => (candidates, forward_body),
         };
         let mut decision = match (&pd_route, candidates) {
             (Some(route), _) => route.decision(),
@@ -278,6 +310,7 @@ impl Proxy {
         // Counted in flight at once, so the next request's strategy sees it
         // (no window between choosing a pod and counting it, AIBrix #2422).
         let mut reserved = Some(pod.load.start());
+        let user_quotas = admission.user_quotas();
         let token_charge = admission.commit();
         let routing_time = pd_route.as_ref().map_or_else(|| started.elapsed(), |route| route.routing_time);
         self.metrics.routed(&model_label, strategy.name(), routing_time.as_secs_f64());
@@ -325,6 +358,7 @@ impl Proxy {
             headers.insert(name, value);
         }
         headers.insert(names::REQUEST_ID, request_id.clone());
+        user_quotas.insert_headers(headers);
         if profile.auto_selected {
             headers.insert(names::CHOSEN_PROFILE, header_value(profile.name));
         }
@@ -343,7 +377,7 @@ impl Proxy {
             token_charge,
             on_usage: decision.on_usage,
         };
-        let body = TrackedBody::new(upstream_body, content_type.as_deref(), record);
+        let body = TrackedBody::new(upstream_body, content_type.as_deref(), record, hide_usage_chunk);
         Ok(Response::from_parts(response_parts, Either::Right(body)))
     }
 

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 
+use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -38,6 +39,26 @@ pub struct RequestShape {
     pub stream: bool,
     /// `max_tokens`, else `max_completion_tokens`, else `max_output_tokens`.
     pub max_tokens: Option<i64>,
+    /// What `stream_options` says about usage.
+    pub stream_options: StreamOptions,
+}
+
+/// A request's `stream_options`, as far as usage goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamOptions {
+    /// No `stream_options` (or `null`).
+    #[default]
+    Absent,
+    /// `stream_options` without `include_usage: true`.
+    WithoutUsage,
+    /// `stream_options.include_usage: true`: the client reads usage itself.
+    IncludeUsage,
+}
+
+#[derive(Deserialize)]
+struct StreamOptionsProbe {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +75,15 @@ struct Probe<'a> {
     max_completion_tokens: Option<i64>,
     #[serde(default)]
     max_output_tokens: Option<i64>,
+    /// Present even when `null`: a spliced-in field must never sit beside
+    /// one the engine would read last.
+    #[serde(borrow, default, deserialize_with = "present")]
+    stream_options: Option<&'a RawValue>,
+}
+
+/// `Some` for a field that is there, `null` included.
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// Validates the body and extracts model, stream flag and token budget.
@@ -74,11 +104,60 @@ pub fn inspect(endpoint: Endpoint, body: &[u8]) -> Result<RequestShape, GatewayE
             return Err(GatewayError::NoMessages);
         }
     }
+    let stream_options = match probe.stream_options.map(|raw| serde_json::from_str::<StreamOptionsProbe>(raw.get())) {
+        None => StreamOptions::Absent,
+        Some(Ok(StreamOptionsProbe { include_usage: Some(true) })) => StreamOptions::IncludeUsage,
+        // Anything else is the engine's to judge; the gateway only knows no usage was asked for.
+        Some(_) => StreamOptions::WithoutUsage,
+    };
     Ok(RequestShape {
         model,
         stream: probe.stream.unwrap_or(false),
         max_tokens: probe.max_tokens.or(probe.max_completion_tokens).or(probe.max_output_tokens),
+        stream_options,
     })
+}
+
+/// The body to send instead when a streamed chat or completion does not ask
+/// for usage: the same request with `stream_options.include_usage: true`, so
+/// the engine reports the tokens and TPM, VTC and the access log count every
+/// stream. The usage-only chunk this adds is taken out of what the client
+/// receives ([`super::usage::UsageChunkFilter`]). `None` leaves the body as is.
+pub fn ask_for_usage(endpoint: Endpoint, shape: &RequestShape, body: &Bytes) -> Option<Bytes> {
+    let streams_tokens = matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions) && shape.stream;
+    match shape.stream_options {
+        _ if !streams_tokens => None,
+        StreamOptions::IncludeUsage => None,
+        // The common case: one field spliced in after the opening brace, no
+        // re-encoding of what may be megabytes of prompt. `inspect` has
+        // checked that the body is an object with at least `model` in it.
+        StreamOptions::Absent => {
+            let open = body.iter().position(|b| *b == b'{')?;
+            const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
+            let mut spliced = BytesMut::with_capacity(body.len() + FIELD.len());
+            spliced.extend_from_slice(&body[..=open]);
+            spliced.extend_from_slice(FIELD);
+            spliced.extend_from_slice(&body[open + 1..]);
+            Some(spliced.freeze())
+        }
+        // `stream_options` without usage: rewrite the object. Continuous usage
+        // stats were off (they need `include_usage`) and must stay off, so
+        // the client's chunks do not change.
+        StreamOptions::WithoutUsage => {
+            let mut object = match serde_json::from_slice::<serde_json::Value>(body).ok()? {
+                serde_json::Value::Object(object) => object,
+                _ => return None,
+            };
+            let mut options = match object.remove("stream_options") {
+                Some(serde_json::Value::Object(options)) => options,
+                _ => serde_json::Map::new(),
+            };
+            options.remove("continuous_usage_stats");
+            options.insert("include_usage".into(), serde_json::Value::Bool(true));
+            object.insert("stream_options".into(), serde_json::Value::Object(options));
+            serde_json::to_vec(&object).ok().map(Bytes::from)
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -156,7 +235,38 @@ mod tests {
         #[case] max_tokens: Option<i64>,
     ) {
         let shape = inspect(endpoint, body.as_bytes()).expect("valid body");
-        assert_eq!(shape, RequestShape { model: model.into(), stream, max_tokens });
+        let stream_options = StreamOptions::Absent;
+        assert_eq!(shape, RequestShape { model: model.into(), stream, max_tokens, stream_options });
+    }
+
+    fn asked(endpoint: Endpoint, body: &str) -> Option<serde_json::Value> {
+        let body = Bytes::from(body.to_owned());
+        let shape = inspect(endpoint, &body).expect("valid body");
+        ask_for_usage(endpoint, &shape, &body).map(|b| serde_json::from_slice(&b).expect("still JSON"))
+    }
+
+    #[rstest]
+    #[case::no_options(r#" {"model":"m","messages":[{"content":"x"}],"stream":true}"#)]
+    #[case::options_without_usage(r#"{"model":"m","messages":[{"content":"x"}],"stream":true,"stream_options":{}}"#)]
+    #[case::usage_false(r#"{"model":"m","messages":[{"content":"x"}],"stream":true,"stream_options":{"include_usage":false,"continuous_usage_stats":true}}"#)]
+    #[case::null_options(r#"{"model":"m","messages":[{"content":"x"}],"stream":true,"stream_options":null}"#)]
+    fn streams_without_usage_ask_the_engine_for_it(#[case] body: &str) {
+        let rewritten = asked(Endpoint::ChatCompletions, body).expect("rewritten");
+        assert_eq!(rewritten["stream_options"], serde_json::json!({"include_usage": true}));
+        assert_eq!(rewritten["messages"], serde_json::json!([{"content": "x"}]), "the rest is untouched");
+        assert_eq!(rewritten["stream"], true);
+    }
+
+    #[rstest]
+    #[case::not_streamed(Endpoint::ChatCompletions, r#"{"model":"m","messages":[{"content":"x"}]}"#)]
+    #[case::already_asks(
+        Endpoint::Completions,
+        r#"{"model":"m","prompt":"x","stream":true,"stream_options":{"include_usage":true}}"#
+    )]
+    #[case::responses_report_usage_anyway(Endpoint::Responses, r#"{"model":"m","input":"x","stream":true}"#)]
+    #[case::embeddings(Endpoint::Embeddings, r#"{"model":"m","input":"x","stream":true}"#)]
+    fn other_bodies_are_left_alone(#[case] endpoint: Endpoint, #[case] body: &str) {
+        assert_eq!(asked(endpoint, body), None);
     }
 
     #[rstest]

@@ -5,7 +5,7 @@
 //! Non-stream JSON answers are kept (as shared `Bytes`, no copy) up to a cap
 //! and parsed once at the end.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
 /// Token counts of one answer.
@@ -144,6 +144,82 @@ fn check_sse_line(line: &[u8]) -> Option<Usage> {
     parse_usage_json(payload.trim_ascii())
 }
 
+/// Takes the usage-only chunk (`"choices":[]` with `usage`, and the blank
+/// line that ends its event) out of an SSE stream whose usage the gateway
+/// asked for on the client's behalf ([`super::request::ask_for_usage`]), so
+/// the client receives the stream it asked for, byte for byte.
+///
+/// Frames pass through untouched unless one holds a line mentioning
+/// `"usage"`; only a line split across frames is held (and copied) until its
+/// end shows whether it goes.
+#[derive(Debug, Default)]
+pub struct UsageChunkFilter {
+    /// The start of a line whose end has not arrived yet.
+    partial: Vec<u8>,
+    /// The last line dropped was an event's data: its blank line goes too.
+    drop_blank: bool,
+}
+
+#[derive(Deserialize)]
+struct ChunkProbe {
+    #[serde(default)]
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+    #[serde(default)]
+    usage: Option<serde::de::IgnoredAny>,
+}
+
+impl UsageChunkFilter {
+    /// What of `frame` the client receives.
+    pub fn filter(&mut self, frame: &Bytes) -> Bytes {
+        if self.partial.is_empty() && !self.drop_blank && memchr::memmem::find(frame, b"\"usage\"").is_none() {
+            // Nothing here can go; only an unfinished last line is held.
+            let kept = memchr::memrchr(b'\n', frame).map_or(0, |newline| newline + 1);
+            self.partial.extend_from_slice(&frame[kept..]);
+            return frame.slice(..kept);
+        }
+        let mut out = BytesMut::with_capacity(self.partial.len() + frame.len());
+        let mut rest = &frame[..];
+        while let Some(newline) = memchr::memchr(b'\n', rest) {
+            let (line, tail) = rest.split_at(newline + 1);
+            rest = tail;
+            if self.partial.is_empty() {
+                if !self.drops(line) {
+                    out.extend_from_slice(line);
+                }
+            } else {
+                let mut whole = std::mem::take(&mut self.partial);
+                whole.extend_from_slice(line);
+                if !self.drops(&whole) {
+                    out.extend_from_slice(&whole);
+                }
+            }
+        }
+        self.partial.extend_from_slice(rest);
+        out.freeze()
+    }
+
+    /// At the end of the stream: an unfinished last line, as it came.
+    pub fn finish(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.partial))
+    }
+
+    /// Whether one whole line (with its line ending) is left out.
+    fn drops(&mut self, line: &[u8]) -> bool {
+        let content = line.strip_suffix(b"\n").unwrap_or(line);
+        let content = content.strip_suffix(b"\r").unwrap_or(content);
+        if std::mem::take(&mut self.drop_blank) && content.is_empty() {
+            return true;
+        }
+        let usage_only = content
+            .strip_prefix(b"data:")
+            .filter(|payload| memchr::memmem::find(payload, b"\"usage\"").is_some())
+            .and_then(|payload| serde_json::from_slice::<ChunkProbe>(payload.trim_ascii()).ok())
+            .is_some_and(|chunk| chunk.usage.is_some() && chunk.choices.is_some_and(|c| c.is_empty()));
+        self.drop_blank = usage_only;
+        usage_only
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,5 +293,69 @@ mod tests {
         tap.observe(&big);
         assert!(matches!(tap, UsageTap::Off));
         assert_eq!(tap.finish(), None);
+    }
+
+    const CHUNK_A: &str = "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n";
+    const CHUNK_B: &str = "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"},\"finish_reason\":\"length\"}]}\n\n";
+    const USAGE_CHUNK: &str = "data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    /// Runs `pieces` through a filter, as frames, and returns what the client gets.
+    fn filtered(pieces: &[&[u8]]) -> (Vec<u8>, usize) {
+        let mut filter = UsageChunkFilter::default();
+        let mut out = Vec::new();
+        let mut frames = 0;
+        for piece in pieces {
+            let kept = filter.filter(&Bytes::copy_from_slice(piece));
+            frames += usize::from(!kept.is_empty());
+            out.extend_from_slice(&kept);
+        }
+        out.extend_from_slice(&filter.finish());
+        (out, frames)
+    }
+
+    #[test]
+    fn usage_chunk_is_removed_and_the_rest_kept_byte_for_byte() {
+        let engine = [CHUNK_A, CHUNK_B, USAGE_CHUNK, DONE].concat();
+        let client = [CHUNK_A, CHUNK_B, DONE].concat();
+        // Whole events per frame, one frame for everything, and every split point.
+        let per_event: Vec<&[u8]> = [CHUNK_A, CHUNK_B, USAGE_CHUNK, DONE].iter().map(|e| e.as_bytes()).collect();
+        assert_eq!(filtered(&per_event).0, client.as_bytes());
+        assert_eq!(filtered(&[engine.as_bytes()]).0, client.as_bytes());
+        for cut in 1..engine.len() {
+            let (head, tail) = engine.as_bytes().split_at(cut);
+            assert_eq!(filtered(&[head, tail]).0, client.as_bytes(), "split at {cut}");
+        }
+        // Byte by byte, too.
+        let bytes: Vec<&[u8]> = engine.as_bytes().chunks(1).collect();
+        assert_eq!(filtered(&bytes).0, client.as_bytes());
+    }
+
+    #[test]
+    fn frames_without_usage_pass_through_without_copies() {
+        let mut filter = UsageChunkFilter::default();
+        let frame = Bytes::from_static(CHUNK_A.as_bytes());
+        let kept = filter.filter(&frame);
+        assert_eq!(kept.as_ptr(), frame.as_ptr(), "the same buffer, not a copy");
+        assert_eq!(kept.len(), frame.len());
+    }
+
+    #[test]
+    fn usage_the_client_can_see_is_never_removed() {
+        // Usage riding on a chunk with choices (continuous usage stats) is content.
+        let with_choices = "data: {\"choices\":[{\"index\":0,\"delta\":{}}],\"usage\":{\"total_tokens\":4}}\n\n";
+        assert_eq!(filtered(&[with_choices.as_bytes()]).0, with_choices.as_bytes());
+        let null_usage = "data: {\"choices\":[],\"usage\":null}\n\n";
+        assert_eq!(filtered(&[null_usage.as_bytes()]).0, null_usage.as_bytes());
+        let text = "data: the word \"usage\" in plain text\n\n";
+        assert_eq!(filtered(&[text.as_bytes()]).0, text.as_bytes());
+    }
+
+    #[test]
+    fn crlf_events_and_an_unterminated_tail_come_through() {
+        let engine =
+            "data: {\"choices\":[{}]}\r\n\r\ndata: {\"choices\":[],\"usage\":{\"total_tokens\":1}}\r\n\r\ndata: [DONE]";
+        let (out, _) = filtered(&[engine.as_bytes()]);
+        assert_eq!(out, b"data: {\"choices\":[{}]}\r\n\r\ndata: [DONE]");
     }
 }
