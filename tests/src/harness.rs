@@ -266,6 +266,9 @@ pub fn pods_yaml(pods: &[PodSpec]) -> String {
 pub enum Discovery<'a> {
     /// `--discovery file:` with these pods, polled every 50 ms.
     PodsFile(&'a [PodSpec]),
+    /// `--discovery file:` with no file yet: the test writes it later with
+    /// [`Gateway::write_pods`].
+    PodsFileLater,
     /// `--discovery kubernetes` with `KUBECONFIG` set to this file (see
     /// [`crate::fake_apiserver::FakeApiServer::write_kubeconfig`]).
     Kubernetes { kubeconfig: &'a Path },
@@ -322,6 +325,10 @@ impl Gateway {
         match discovery {
             Discovery::PodsFile(pods) => {
                 std::fs::write(&pods_file, pods_yaml(pods)).expect("write pods file");
+                command.arg("--discovery").arg(format!("file:{}", pods_file.display()));
+                command.args(["--pods-file-poll-ms", "50"]);
+            }
+            Discovery::PodsFileLater => {
                 command.arg("--discovery").arg(format!("file:{}", pods_file.display()));
                 command.args(["--pods-file-poll-ms", "50"]);
             }

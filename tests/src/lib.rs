@@ -2,5 +2,6 @@
 
 pub mod fake_apiserver;
 pub mod harness;
+pub mod load;
 pub mod mock_engine;
 pub mod netns;

@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
 use turnstile_tests::harness::{Discovery, Engine, Gateway, PodSpec, Redis, chat_body, eventually, turnstile_bin};
+use turnstile_tests::load::{self, Outcome, Target, connect_from, sample};
 use turnstile_tests::netns::{Entered, NetNs, kernel_tests_unsupported};
 
 /// The penalised client's address (added to the namespace's loopback).
@@ -105,12 +105,6 @@ struct Exchange {
     response_bytes: usize,
 }
 
-async fn connect_from(from: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
-    let socket = if from.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    socket.bind(SocketAddr::new(from, 0))?;
-    socket.connect(to).await
-}
-
 async fn exchange(from: IpAddr, to: SocketAddr, model: &str) -> io::Result<Exchange> {
     let work = async {
         let mut stream = connect_from(from, to).await?;
@@ -156,16 +150,6 @@ async fn try_connect(from: IpAddr, to: SocketAddr, limit: Duration) -> (io::Resu
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
     };
     (result, started.elapsed())
-}
-
-/// A sample's value from Prometheus text: `name{...}` with all `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-        (metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse().ok())?
-    })
 }
 
 fn unix_ms() -> u64 {
@@ -337,6 +321,37 @@ async fn penalised_client_is_refused_in_the_kernel_and_the_penalty_expires_on_ti
         !bpftool_dump(&pins, "PENALTIES").contains("until_unix_ms")
     })
     .await;
+}
+
+/// With the default penalty flags, a flood of well over 1,000 requests/s is
+/// refused by the kernel within 1 s of crossing the threshold.
+#[tokio::test]
+async fn with_default_flags_a_flood_is_refused_by_the_kernel_within_a_second() {
+    let Some(mut sandbox) = sandbox("flood") else { return };
+    let pins = sandbox.pin_dir();
+    let engine = Engine::start("pod-a", "capped", &[]);
+    let pods = [PodSpec::for_engine(&engine, "capped").config(CAPPED_CONFIG)];
+    let args = ["--ebpf", "required", "--bpffs-dir", pins.to_str().expect("utf-8 path")];
+    let gw = start_gateway(&pods, &args).await;
+
+    let body = chat_body("capped", false);
+    let target = Target { from: BAD, to: gw.proxy, path: "/v1/chat/completions".into(), body, headers: Vec::new() };
+    let events = load::flood(target, 16, Duration::from_secs(3), 30_000).await;
+    let crossed = load::threshold_crossed(&events, 300).expect("the default threshold was crossed");
+    let refused = events
+        .iter()
+        .find(|e| matches!(&e.outcome, Outcome::Refused(reason) if reason.contains("refused")))
+        .unwrap_or_else(|| panic!("the kernel never refused the flood: {:?}", events.last()));
+    let after = refused.at.duration_since(crossed).unwrap_or_default();
+    assert!(after <= Duration::from_secs(1), "refused {after:?} after crossing the threshold");
+    let before: Vec<_> = events.iter().filter(|e| e.at < crossed && e.status().is_none()).collect();
+    assert!(before.is_empty(), "nothing refused before the threshold: {before:?}");
+
+    let metrics = gw.metrics().await;
+    assert!(sample(&metrics, "aibrix_gateway_kernel_refused_connections_total", &[("hook", "sk_lookup")]) >= Some(1.0));
+    assert_eq!(sample(&metrics, "aibrix_gateway_penalty_decisions_total", &[("reason", "flood")]), Some(1.0));
+    let served = exchange(GOOD, gw.proxy, "capped").await.expect("another client is served");
+    assert!([200, 429].contains(&served.status));
 }
 
 #[tokio::test]

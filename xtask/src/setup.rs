@@ -7,9 +7,10 @@
 //! - Debian packages the tests and demo run (`redis-server`, `bpftool`, `kubectl`): missing ones
 //!   are installed with apt-get, and in strict mode (`setup`, `ci`) a required one that stays
 //!   missing is an error;
-//! - the manifest validator (`kubernetes-validate`, pinned, with the Kubernetes API schemas it
-//!   bundles) in a venv of its own under `~/.local/share/turnstile/`, for `cargo xtask
-//!   manifests`: an error in strict mode too.
+//! - Python tools in venvs of their own under `~/.local/share/turnstile/`, pinned exactly: the
+//!   manifest validator (`kubernetes-validate`, with the Kubernetes API schemas it bundles) for
+//!   `cargo xtask manifests`, and the official `openai` SDK the integration tests drive the
+//!   gateway with (`tests/python/requirements-openai.txt`): errors in strict mode too.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -100,11 +101,16 @@ pub fn run(strictness: Strictness) -> Result<()> {
             Strictness::Lenient => ui::warn(message),
         }
     }
-    stop::check()?;
-    if let Err(err) = ensure_kubernetes_validate() {
-        match strictness {
-            Strictness::Strict => return Err(err.context("kubernetes-validate (cargo xtask manifests needs it)")),
-            Strictness::Lenient => ui::warn(format!("kubernetes-validate: {err:#} (cargo xtask manifests needs it)")),
+    for (venv, why) in [
+        (kubernetes_validate(), "cargo xtask manifests needs it"),
+        (openai_sdk(), "the integration tests drive the gateway with it"),
+    ] {
+        stop::check()?;
+        if let Err(err) = venv.ensure() {
+            match strictness {
+                Strictness::Strict => return Err(err.context(format!("{} ({why})", venv.name))),
+                Strictness::Lenient => ui::warn(format!("{}: {err:#} ({why})", venv.name)),
+            }
         }
     }
     step.done();
@@ -127,47 +133,89 @@ pub fn ensure_manifest_tools() -> Result<ManifestTools> {
                 .ok_or_else(|| anyhow!("kubectl is not installed and apt-get could not install it"))?
         }
     };
-    let kubernetes_validate = ensure_kubernetes_validate()?;
+    let kubernetes_validate = kubernetes_validate().ensure()?;
     Ok(ManifestTools { kubectl, kubernetes_validate })
 }
 
-/// The venv `kubernetes-validate` lives in, lasting across work trees:
-/// `$HOME/.local/share/turnstile/kubernetes-validate-1.37.0`.
-fn kubernetes_validate_venv(home: &Path) -> PathBuf {
-    home.join(".local/share/turnstile").join(format!("kubernetes-validate-{KUBERNETES_VALIDATE_VERSION}"))
+/// A pinned Python tool in a venv of its own, lasting across work trees:
+/// `$HOME/.local/share/turnstile/<name>-<version>`.
+struct PythonVenv {
+    name: &'static str,
+    version: &'static str,
+    /// Every package, `name==version`, installed with `--no-deps`.
+    requirements: Vec<&'static str>,
+    /// The venv's program that answers `check_args` with `version` once installed (and is
+    /// returned by [`PythonVenv::ensure`]).
+    program: &'static str,
+    check_args: &'static [&'static str],
 }
 
-/// Installs the pinned `kubernetes-validate` into its venv unless it answers with its version
-/// already; returns the path of its command.
-fn ensure_kubernetes_validate() -> Result<PathBuf> {
-    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set"))?;
-    let venv = kubernetes_validate_venv(Path::new(&home));
-    let program = venv.join("bin/kubernetes-validate");
-    let installed = || {
-        capture(Command::new(&program).arg("--version"), QUERY_TIMEOUT)
-            .is_ok_and(|out| out.status.success() && out.stdout.trim() == KUBERNETES_VALIDATE_VERSION)
-    };
-    if installed() {
-        ui::info(format!("ok       kubernetes-validate {KUBERNETES_VALIDATE_VERSION} ({})", program.display()));
-        return Ok(program);
+/// The manifest validator.
+fn kubernetes_validate() -> PythonVenv {
+    PythonVenv {
+        name: "kubernetes-validate",
+        version: KUBERNETES_VALIDATE_VERSION,
+        requirements: KUBERNETES_VALIDATE_REQUIREMENTS.to_vec(),
+        program: "bin/kubernetes-validate",
+        check_args: &["--version"],
     }
-    stop::check()?;
-    let python = procs::find_program("python3").ok_or_else(|| anyhow!("python3 is not installed"))?;
-    ui::info(format!("install  kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (venv {})", venv.display()));
-    // `--clear`: a half-made venv from an interrupted run is rebuilt, not patched.
-    run_streaming(Command::new(&python).args(["-m", "venv", "--clear"]).arg(&venv), PIP_TIMEOUT)
-        .context("creating the venv")?;
-    run_streaming(
-        Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check", "--no-deps"])
-            .args(KUBERNETES_VALIDATE_REQUIREMENTS),
-        PIP_TIMEOUT,
-    )
-    .context("pip install")?;
-    if !installed() {
-        bail!("{} does not answer --version with {KUBERNETES_VALIDATE_VERSION}", program.display());
+}
+
+/// The pins of the `openai` SDK venv, shared with the tests that use it.
+const OPENAI_REQUIREMENTS: &str = include_str!("../../tests/python/requirements-openai.txt");
+
+/// The official `openai` SDK, for the integration tests (`tests/python/`).
+fn openai_sdk() -> PythonVenv {
+    let requirements: Vec<&'static str> =
+        OPENAI_REQUIREMENTS.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    let version = requirements.iter().find_map(|r| r.strip_prefix("openai==")).unwrap_or("unpinned");
+    PythonVenv {
+        name: "openai",
+        version,
+        requirements,
+        program: "bin/python",
+        check_args: &["-c", "import openai; print(openai.__version__)"],
     }
-    Ok(program)
+}
+
+impl PythonVenv {
+    fn dir(&self, home: &Path) -> PathBuf {
+        home.join(".local/share/turnstile").join(format!("{}-{}", self.name, self.version))
+    }
+
+    /// Installs the pinned packages into the venv unless its program answers with the
+    /// version already; returns the path of the program.
+    fn ensure(&self) -> Result<PathBuf> {
+        let Self { name, version, requirements, program, check_args } = self;
+        let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set"))?;
+        let venv = self.dir(Path::new(&home));
+        let program = venv.join(program);
+        let installed = || {
+            capture(Command::new(&program).args(*check_args), QUERY_TIMEOUT)
+                .is_ok_and(|out| out.status.success() && out.stdout.trim() == *version)
+        };
+        if installed() {
+            ui::info(format!("ok       {name} {version} ({})", program.display()));
+            return Ok(program);
+        }
+        stop::check()?;
+        let python = procs::find_program("python3").ok_or_else(|| anyhow!("python3 is not installed"))?;
+        ui::info(format!("install  {name} {version} (venv {})", venv.display()));
+        // `--clear`: a half-made venv from an interrupted run is rebuilt, not patched.
+        run_streaming(Command::new(&python).args(["-m", "venv", "--clear"]).arg(&venv), PIP_TIMEOUT)
+            .context("creating the venv")?;
+        run_streaming(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check", "--no-deps"])
+                .args(requirements),
+            PIP_TIMEOUT,
+        )
+        .context("pip install")?;
+        if !installed() {
+            bail!("{} does not answer {check_args:?} with {version}", program.display());
+        }
+        Ok(program)
+    }
 }
 
 /// Nightly `rust-src`, which `-Z build-std` needs to build core for the bpf target.
@@ -503,12 +551,21 @@ mod tests {
     #[test]
     fn validator_venv_is_versioned_and_lasting() {
         assert_eq!(
-            kubernetes_validate_venv(Path::new("/root")),
+            kubernetes_validate().dir(Path::new("/root")),
             PathBuf::from("/root/.local/share/turnstile/kubernetes-validate-1.37.0")
         );
         assert!(KUBERNETES_VALIDATE_REQUIREMENTS.iter().all(|requirement| requirement.contains("==")));
         let pinned = format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}");
         assert!(KUBERNETES_VALIDATE_REQUIREMENTS.contains(&pinned.as_str()));
+    }
+
+    #[test]
+    fn openai_venv_is_named_by_the_pinned_sdk() {
+        let sdk = openai_sdk();
+        assert!(sdk.requirements.iter().all(|requirement| requirement.contains("==")), "{:?}", sdk.requirements);
+        assert!(sdk.requirements.contains(&"openai==3.63.0"));
+        // tests/tests/penalties.rs looks for the SDK at this path.
+        assert_eq!(sdk.dir(Path::new("/root")), PathBuf::from("/root/.local/share/turnstile/openai-3.63.0"));
     }
 
     #[test]
