@@ -528,6 +528,36 @@ mod tests {
         }
     }
 
+    /// The README's configuration table lists every `serve` flag with its
+    /// environment variable and default, as `--help` does.
+    #[test]
+    fn readme_configuration_table_matches_the_flags() {
+        let readme = include_str!("../../README.md");
+        let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `--")).collect();
+        let mut serve = Cli::command();
+        let serve = serve.find_subcommand_mut("serve").expect("serve");
+        let mut missing = Vec::new();
+        for arg in serve.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" {
+                continue;
+            }
+            let env = arg.get_env().map_or(String::new(), |e| e.to_string_lossy().into_owned());
+            let defaults: Vec<String> =
+                arg.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect();
+            let mut row = format!("| `--{long}` | `{env}` |");
+            if !defaults.is_empty() {
+                row.push_str(&format!(" `{}` |", defaults.join(",")));
+            }
+            if !rows.iter().any(|r| r.starts_with(&row)) {
+                missing.push(row);
+            }
+        }
+        assert!(missing.is_empty(), "README.md configuration rows missing or stale:\n{}", missing.join("\n"));
+        let flags = serve.get_arguments().filter(|a| a.get_long().is_some_and(|l| l != "help")).count();
+        assert_eq!(rows.len(), flags, "the table lists a flag `serve` does not have");
+    }
+
     #[test]
     fn defaults_match_the_contract() {
         let cli = Cli::try_parse_from(["turnstile", "serve"]).expect("parses");
