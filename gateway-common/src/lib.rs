@@ -55,6 +55,14 @@ pub const SIDE_CLIENT: u32 = 0;
 /// An upstream (engine pod) connection.
 pub const SIDE_UPSTREAM: u32 = 1;
 
+/// A client connection is sending a request (a new connection, or data after
+/// an answer): what it sends is held until the gateway starts answering, by
+/// which time the request's model is tagged on the socket.
+pub const PHASE_REQUEST: u32 = 0;
+/// The gateway has started answering: the request held is charged to the
+/// model tagged, and so is everything until the client sends data again.
+pub const PHASE_ANSWER: u32 = 1;
+
 /// The tag userspace puts on a socket: which model its traffic belongs to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -65,15 +73,16 @@ pub struct SockTag {
     pub side: u32,
 }
 
-/// Kernel-owned state of a tagged socket: traffic seen before the socket was
-/// tagged with a model (the first request is read before its model is known)
-/// and the model its connection was last counted for.
+/// Kernel-owned state of a tagged socket: traffic held until its model is
+/// known, the model its connection was last counted for, and, on client
+/// connections, where the request/answer cycle stands.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnState {
     /// The model this connection was counted under in `*_connections`.
     pub counted_model: u32,
-    pub _pad: u32,
+    /// Client connections: [`PHASE_REQUEST`] or [`PHASE_ANSWER`].
+    pub phase: u32,
     pub pending_in_packets: u64,
     pub pending_in_bytes: u64,
     pub pending_out_packets: u64,

@@ -9,19 +9,29 @@
 //! gateway's sockets after GRO and before GSO, with `skb->sk` set, and
 //! untagged sockets (anyone else's in the cgroup) cost one pointer check.
 //!
-//! Traffic of a connection whose model is not known yet (a client connection
-//! on the proxy port before its first request is read, even before it is
-//! accepted; an upstream connection tagged with model 0 until its answer is
-//! back) is held as pending on the socket and charged to the model tagged
-//! next, so the first request of a connection is counted under its model.
-//! Handshake packets are not counted (the socket does not exist yet). A keep-alive connection that changes model is
-//! attributed to the model last tagged, packet by packet.
+//! Request by request on keep-alive client connections: the proxy learns a
+//! request's model only after reading it, so the socket's tag cannot move to
+//! the next model before that request's bytes arrive. The programs therefore
+//! follow the HTTP/1.1 request/answer cycle themselves ([`ConnState::phase`]):
+//! data from the client after an answer starts a request, and what the client
+//! sends is held on the socket until the gateway sends data back (it answers
+//! only once it has read the request and tagged its model); the client's
+//! first packet after that charges what was held to the model tagged. No tag
+//! change, and so no system call, is needed per request: the proxy tags a
+//! socket only when the model changes. A client connection that is not yet
+//! tagged (before `accept`) is recognised by the proxy port. Upstream
+//! connections carry one model each (the proxy keeps a pool per pod and
+//! model) and are tagged when opened. Handshake packets are not counted (the
+//! socket does not exist yet); the client's last ACKs and FIN after the final
+//! answer are left uncharged.
 
 use aya_ebpf::bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock};
 use aya_ebpf::helpers::generated::{bpf_sk_fullsock, bpf_sk_storage_get};
 use aya_ebpf::macros::cgroup_skb;
 use aya_ebpf::programs::SkBuffContext;
-use gateway_common::{ConnState, MAX_MODELS, ModelStats, SIDE_CLIENT, SIDE_UPSTREAM, SockTag};
+use gateway_common::{
+    ConnState, MAX_MODELS, ModelStats, PHASE_ANSWER, PHASE_REQUEST, SIDE_CLIENT, SIDE_UPSTREAM, SockTag,
+};
 
 use crate::maps::{CONN_STATE, MODEL_STATS, SOCK_TAGS, map_ptr, proxy_port};
 
@@ -92,39 +102,105 @@ fn account(ctx: &SkBuffContext, inbound: bool) {
     let bytes = u64::from(len);
     // SAFETY: `state` is this socket's storage, valid during the program. Each
     // direction only touches its own pending fields, so ingress (softirq) and
-    // egress (process context) on different CPUs do not race on them.
+    // egress (process context) on different CPUs do not race on them. Both
+    // write `phase`, but not at once: a client sends its next request only
+    // after the answer has reached it.
     let state = unsafe { &mut *state };
-    if model == 0 || model >= MAX_MODELS {
+    let upstream = side == SIDE_UPSTREAM;
+    if !upstream {
+        let carries_data = tcp_payload(ctx, len) > 0;
         if inbound {
+            if state.phase == PHASE_ANSWER {
+                // The answer has started, so the held request's model is tagged.
+                if !carries_data {
+                    charge_in(state, model, upstream, packets, bytes);
+                    return;
+                }
+                charge_in(state, model, upstream, 0, 0);
+                state.phase = PHASE_REQUEST;
+            }
             state.pending_in_packets += packets;
             state.pending_in_bytes += bytes;
-        } else {
-            state.pending_out_packets += packets;
-            state.pending_out_bytes += bytes;
+            return;
         }
+        if carries_data {
+            state.phase = PHASE_ANSWER;
+        }
+    }
+    if inbound {
+        charge_in(state, model, upstream, packets, bytes);
+    } else {
+        charge_out(state, model, upstream, packets, bytes);
+    }
+}
+
+/// Charges an inbound packet, and what is held inbound, to `model` (or holds
+/// it while no model is tagged); counts the connection for a new model.
+#[inline(always)]
+fn charge_in(state: &mut ConnState, model: u32, upstream: bool, packets: u64, bytes: u64) {
+    let (p, b) = (packets + state.pending_in_packets, bytes + state.pending_in_bytes);
+    if p == 0 {
         return;
     }
-    let Some(stats) = MODEL_STATS.get_ptr_mut(model) else {
+    let Some(stats) = model_stats(model) else {
+        state.pending_in_packets = p;
+        state.pending_in_bytes = b;
         return;
     };
-    // SAFETY: this CPU's slot of the per-CPU array, valid during the program.
-    let stats = unsafe { &mut *stats };
-    let upstream = side == SIDE_UPSTREAM;
-    if inbound {
-        let (p, b) = (packets + state.pending_in_packets, bytes + state.pending_in_bytes);
-        state.pending_in_packets = 0;
-        state.pending_in_bytes = 0;
-        // Connections are counted on the ingress path only (every connection
-        // receives at least its ACKs and FIN), so one writer owns the field.
-        let new_connection = state.counted_model != model;
-        state.counted_model = model;
-        add_in(stats, upstream, p, b, new_connection);
-    } else {
-        let (p, b) = (packets + state.pending_out_packets, bytes + state.pending_out_bytes);
-        state.pending_out_packets = 0;
-        state.pending_out_bytes = 0;
-        add_out(stats, upstream, p, b);
+    state.pending_in_packets = 0;
+    state.pending_in_bytes = 0;
+    // Connections are counted on the ingress path only (every connection
+    // receives at least its ACKs and FIN), so one writer owns the field.
+    let new_connection = state.counted_model != model;
+    state.counted_model = model;
+    add_in(stats, upstream, p, b, new_connection);
+}
+
+/// Charges an outbound packet, and what is held outbound, to `model` (or
+/// holds it while no model is tagged).
+#[inline(always)]
+fn charge_out(state: &mut ConnState, model: u32, upstream: bool, packets: u64, bytes: u64) {
+    let (p, b) = (packets + state.pending_out_packets, bytes + state.pending_out_bytes);
+    let Some(stats) = model_stats(model) else {
+        state.pending_out_packets = p;
+        state.pending_out_bytes = b;
+        return;
+    };
+    state.pending_out_packets = 0;
+    state.pending_out_bytes = 0;
+    add_out(stats, upstream, p, b);
+}
+
+/// This CPU's counters of `model`; `None` for 0 ("not known yet") and ids out of range.
+#[inline(always)]
+fn model_stats(model: u32) -> Option<&'static mut ModelStats> {
+    if model == 0 || model >= MAX_MODELS {
+        return None;
     }
+    let stats = MODEL_STATS.get_ptr_mut(model)?;
+    #[allow(unsafe_code)]
+    // SAFETY: this CPU's slot of the per-CPU array, valid while the program
+    // runs, and only this program run touches it on this CPU.
+    Some(unsafe { &mut *stats })
+}
+
+/// Bytes of TCP payload in a packet of IP length `len`; 0 when the headers
+/// cannot be read or it is not TCP right after an IPv4 or IPv6 header.
+#[inline(always)]
+fn tcp_payload(ctx: &SkBuffContext, len: u32) -> u32 {
+    // cgroup_skb programs see the packet from its IP header on.
+    let Ok(first) = ctx.load::<u8>(0) else { return 0 };
+    let ip_header = match first >> 4 {
+        4 => u32::from(first & 0x0f) * 4,
+        6 => match ctx.load::<u8>(6) {
+            Ok(next) if u32::from(next) == IPPROTO_TCP => 40,
+            _ => return 0,
+        },
+        _ => return 0,
+    };
+    // The TCP data offset: the high nibble of byte 12, in 32-bit words.
+    let Ok(offset) = ctx.load::<u8>(ip_header as usize + 12) else { return 0 };
+    len.saturating_sub(ip_header + u32::from(offset >> 4) * 4)
 }
 
 /// A connection the proxy listener accepted (or is about to): TCP, local

@@ -135,7 +135,9 @@ fn drop_syn(ctx: &XdpContext) -> Option<bool> {
             return Some(false);
         }
         let header_len = usize::from(byte(ip, 0) & 0x0f) * 4;
-        if header_len < 20 {
+        // A later fragment carries no TCP header: nothing to read a SYN from.
+        let fragment_offset = u16::from_be_bytes([byte(ip, 6), byte(ip, 7)]) & 0x1fff;
+        if header_len < 20 || fragment_offset != 0 {
             return Some(false);
         }
         let key = ClientKey::v4([byte(ip, 12), byte(ip, 13), byte(ip, 14), byte(ip, 15)]);

@@ -242,6 +242,193 @@ async fn counters_match_the_bytes_and_packets_of_each_models_requests() {
     }
 }
 
+/// The kernel-assist and userspace series once they stop moving (the last
+/// ACKs land just after the reads).
+async fn settled_counters(gw: &Gateway) -> String {
+    // Sorted: the series come in no fixed order.
+    let counters = |text: String| -> String {
+        let mut lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("aibrix_gateway_kernel_") || l.starts_with("aibrix_gateway_userspace_"))
+            .collect();
+        lines.sort_unstable();
+        lines.join("\n")
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut text = counters(gw.metrics().await);
+    loop {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let next = counters(gw.metrics().await);
+        let settled = next == text;
+        text = next;
+        if settled || Instant::now() > deadline {
+            return text;
+        }
+    }
+}
+
+/// Each model's kernel bytes, on both sides and in both directions, are the
+/// payload userspace counted for that model plus the IP and TCP headers of
+/// each packet the kernel counted (20 + 32 bytes with TCP timestamps).
+fn assert_kernel_equals_userspace(text: &str, models: &[&str]) {
+    for model in models {
+        for side in ["client", "upstream"] {
+            for direction in ["in", "out"] {
+                let labels = [("model", *model), ("side", side), ("direction", direction)];
+                let value = |name: &str| sample(text, name, &labels).unwrap_or(0.0) as u64;
+                let payload = value("aibrix_gateway_userspace_bytes_total");
+                let bytes = value("aibrix_gateway_kernel_bytes_total");
+                let packets = value("aibrix_gateway_kernel_packets_total");
+                assert!(payload > 0, "{model} {side} {direction}: no traffic counted\n{text}");
+                assert!(
+                    bytes >= payload && (40 * packets..=60 * packets).contains(&(bytes - payload)),
+                    "{model} {side} {direction}: kernel {bytes} bytes in {packets} packets for {payload} payload bytes\n{text}"
+                );
+            }
+        }
+    }
+}
+
+/// [`assert_kernel_equals_userspace`] for the upstream side only.
+fn assert_kernel_equals_userspace_upstream(text: &str, models: &[&str]) {
+    for model in models {
+        for direction in ["in", "out"] {
+            let labels = [("model", *model), ("side", "upstream"), ("direction", direction)];
+            let value = |name: &str| sample(text, name, &labels).unwrap_or(0.0) as u64;
+            let (payload, bytes) =
+                (value("aibrix_gateway_userspace_bytes_total"), value("aibrix_gateway_kernel_bytes_total"));
+            let packets = value("aibrix_gateway_kernel_packets_total");
+            assert!(payload > 0 && bytes >= payload, "{model} upstream {direction}\n{text}");
+            assert!((40 * packets..=60 * packets).contains(&(bytes - payload)), "{model} upstream {direction}\n{text}");
+        }
+    }
+}
+
+/// Two models served by one engine pod (so upstream connections could be shared too).
+fn two_model_pods(engine: &Engine) -> [PodSpec; 2] {
+    [PodSpec::new("pod-alpha", "alpha", engine.port()), PodSpec::new("pod-beta", "beta", engine.port())]
+}
+
+#[tokio::test]
+async fn a_keep_alive_connection_switching_models_is_counted_request_by_request() {
+    let Some(mut sandbox) = sandbox("keepalive") else { return };
+    let pins = sandbox.pin_dir();
+    let engine = Engine::start("pod-a", "alpha", &["--model", "beta"]);
+    let gw = start_gateway(&two_model_pods(&engine), &kernel_args(&pins, &["--userspace-counters"])).await;
+
+    let stream = connect_from(GOOD, gw.proxy).await.expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(connection);
+    let padding = "x".repeat(1500);
+    for i in 0..200 {
+        let (model, content) = if i % 2 == 0 { ("alpha", "hi") } else { ("beta", padding.as_str()) };
+        let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": content}]}).to_string();
+        let request = http::Request::post("/v1/chat/completions")
+            .header("host", gw.proxy.to_string())
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .expect("request");
+        sender.ready().await.expect("connection kept alive");
+        let response = sender.send_request(request).await.expect("answer");
+        assert_eq!(response.status(), 200);
+        http_body_util::BodyExt::collect(response.into_body()).await.expect("body");
+    }
+    drop(sender);
+
+    let text = settled_counters(&gw).await;
+    assert_kernel_equals_userspace(&text, &["alpha", "beta"]);
+    let value = |model: &str| {
+        sample(&text, "aibrix_gateway_kernel_bytes_total", &[("model", model), ("side", "client"), ("direction", "in")])
+    };
+    assert!(value("beta") > value("alpha"), "the larger bodies went to beta: {text}");
+}
+
+#[tokio::test]
+async fn one_openai_client_calling_two_models_is_counted_per_model() {
+    let Some(mut sandbox) = sandbox("sdk") else { return };
+    let pins = sandbox.pin_dir();
+    let engine = Engine::start("pod-a", "alpha", &["--model", "beta"]);
+    let gw = start_gateway(&two_model_pods(&engine), &kernel_args(&pins, &["--userspace-counters"])).await;
+    let pins_file = include_str!("../python/requirements-openai.txt");
+    let version = pins_file.lines().find_map(|l| l.trim().strip_prefix("openai==")).expect("openai pinned");
+    let home = std::env::var_os("HOME").expect("HOME");
+    let python = PathBuf::from(home).join(format!(".local/share/turnstile/openai-{version}/bin/python"));
+    assert!(python.exists(), "{} is missing: run `cargo xtask setup`", python.display());
+    // Run from this thread, which is inside the test's network namespace.
+    let output = Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_two_models.py"))
+        .args([gw.url("/v1").as_str(), "alpha", "beta", "60"])
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(stdout.trim()).expect("json"),
+        serde_json::json!({"alpha": 30, "beta": 30})
+    );
+
+    let text = settled_counters(&gw).await;
+    assert_kernel_equals_userspace(&text, &["alpha", "beta"]);
+    // One pooled connection switched to each model 30 times.
+    for model in ["alpha", "beta"] {
+        let switches =
+            sample(&text, "aibrix_gateway_kernel_connections_total", &[("model", model), ("side", "client")]);
+        assert_eq!(switches, Some(30.0), "{model}: {text}");
+    }
+}
+
+/// HTTP/2 multiplexes models on one connection, packet by packet: its bytes
+/// are counted under `(multiplexed)`, never charged to a model, and traffic
+/// that is not the gateway's (a client talking to an engine directly, from
+/// the gateway's own cgroup) is not counted at all.
+#[tokio::test]
+async fn http2_is_counted_apart_and_other_traffic_not_at_all() {
+    let Some(mut sandbox) = sandbox("scope") else { return };
+    let pins = sandbox.pin_dir();
+    let engine = Engine::start("pod-a", "alpha", &["--model", "beta"]);
+    let gw = start_gateway(&two_model_pods(&engine), &kernel_args(&pins, &["--userspace-counters"])).await;
+
+    let stream = connect_from(GOOD, gw.proxy).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(connection);
+    for model in ["alpha", "beta", "alpha", "beta"] {
+        let request = http::Request::post(format!("http://{}/v1/chat/completions", gw.proxy))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(chat_body(model, false))))
+            .expect("request");
+        let response = sender.send_request(request).await.expect("answer");
+        assert_eq!(response.status(), 200);
+        http_body_util::BodyExt::collect(response.into_body()).await.expect("body");
+    }
+    drop(sender);
+    let text = settled_counters(&gw).await;
+    let client_in = |model: &str| {
+        sample(&text, "aibrix_gateway_kernel_bytes_total", &[("model", model), ("side", "client"), ("direction", "in")])
+    };
+    assert!(client_in("(multiplexed)").is_some_and(|b| b > 0.0), "{text}");
+    assert_eq!((client_in("alpha"), client_in("beta")), (Some(0.0), Some(0.0)), "{text}");
+    assert_kernel_equals_userspace_upstream(&text, &["alpha", "beta"]);
+
+    // Another process's traffic in the same cgroup: straight to the engine.
+    let before = settled_counters(&gw).await;
+    for _ in 0..20 {
+        let reply = turnstile_tests::harness::send(turnstile_tests::harness::post(
+            &engine.url("/v1/chat/completions"),
+            &chat_body("alpha", false),
+            &[],
+        ))
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(settled_counters(&gw).await, before, "nothing counted for traffic that is not the gateway's");
+}
+
 #[tokio::test]
 async fn pinned_maps_dump_with_field_names() {
     let Some(mut sandbox) = sandbox("bpftool") else { return };

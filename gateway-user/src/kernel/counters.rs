@@ -158,6 +158,29 @@ impl AssistTallies {
     }
 }
 
+/// Packets and bytes of every model from `source`, by side and direction.
+fn traffic(source: &dyn CounterSource, models: &ModelIds) -> (TrafficFamily, TrafficFamily) {
+    let packets = TrafficFamily::default();
+    let bytes = TrafficFamily::default();
+    for (id, model) in models.all() {
+        let stats = source.model_stats(id);
+        let rows = [
+            (Side::Client, "in", stats.client_in_packets, stats.client_in_bytes),
+            (Side::Client, "out", stats.client_out_packets, stats.client_out_bytes),
+            (Side::Upstream, "in", stats.upstream_in_packets, stats.upstream_in_bytes),
+            (Side::Upstream, "out", stats.upstream_out_packets, stats.upstream_out_bytes),
+        ];
+        for (side, direction, p, b) in rows {
+            let labels = TrafficLabels { model: Arc::clone(&model), side: side.label(), direction };
+            packets.get_or_create(&labels).inc_by(p);
+            bytes.get_or_create(&labels).inc_by(b);
+        }
+    }
+    (packets, bytes)
+}
+
+type TrafficFamily = Family<TrafficLabels, Counter>;
+
 /// The scrape-time collector of every kernel-assist series.
 #[derive(Debug)]
 pub struct KernelCollector {
@@ -167,6 +190,8 @@ pub struct KernelCollector {
     pub(crate) active: bool,
     /// Clients penalised right now.
     pub(crate) penalties: Arc<PenaltyTable>,
+    /// `--userspace-counters`: payload counted in userspace beside the kernel.
+    pub(crate) userspace: Option<Arc<UserCounters>>,
 }
 
 impl Collector for KernelCollector {
@@ -179,22 +204,10 @@ impl Collector for KernelCollector {
             active.metric_type(),
         )?)?;
 
-        let packets = Family::<TrafficLabels, Counter>::default();
-        let bytes = Family::<TrafficLabels, Counter>::default();
+        let (packets, bytes) = traffic(self.source.as_ref(), &self.models);
         let connections = Family::<ConnectionLabels, Counter>::default();
         for (id, model) in self.models.all() {
             let stats = self.source.model_stats(id);
-            let rows = [
-                (Side::Client, "in", stats.client_in_packets, stats.client_in_bytes),
-                (Side::Client, "out", stats.client_out_packets, stats.client_out_bytes),
-                (Side::Upstream, "in", stats.upstream_in_packets, stats.upstream_in_bytes),
-                (Side::Upstream, "out", stats.upstream_out_packets, stats.upstream_out_bytes),
-            ];
-            for (side, direction, p, b) in rows {
-                let labels = TrafficLabels { model: Arc::clone(&model), side: side.label(), direction };
-                packets.get_or_create(&labels).inc_by(p);
-                bytes.get_or_create(&labels).inc_by(b);
-            }
             for (side, n) in [(Side::Client, stats.client_connections), (Side::Upstream, stats.upstream_connections)] {
                 connections
                     .get_or_create(&ConnectionLabels { model: Arc::clone(&model), side: side.label() })
@@ -216,10 +229,26 @@ impl Collector for KernelCollector {
         )?)?;
         connections.encode(encoder.encode_descriptor(
             "aibrix_gateway_kernel_connections",
-            "Connections that carried a model's traffic, per model and side",
+            "Connections that started carrying a model's traffic (new, or a keep-alive connection switching to \
+             the model), per model and side",
             None,
             connections.metric_type(),
         )?)?;
+        if let Some(userspace) = &self.userspace {
+            let (packets, bytes) = traffic(userspace.as_ref(), &self.models);
+            packets.encode(encoder.encode_descriptor(
+                "aibrix_gateway_userspace_packets",
+                "--userspace-counters: reads and writes that moved a model's data, per side and direction",
+                None,
+                packets.metric_type(),
+            )?)?;
+            bytes.encode(encoder.encode_descriptor(
+                "aibrix_gateway_userspace_bytes",
+                "--userspace-counters: payload bytes of a model's traffic counted in userspace, per side and direction",
+                None,
+                bytes.metric_type(),
+            )?)?;
+        }
 
         let refused = Family::<HookLabels, Counter>::default();
         let kernel = self.source.refused_in_kernel();

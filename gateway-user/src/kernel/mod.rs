@@ -110,6 +110,13 @@ pub struct KernelArgs {
     #[arg(long, env = "TURNSTILE_PENALTY_MODE", value_enum, default_value_t = PenaltyMode::SkLookup)]
     pub penalty_mode: PenaltyMode,
 
+    /// Beside the kernel's counters, also count each connection's payload
+    /// per model in userspace (aibrix_gateway_userspace_bytes_total and
+    /// _packets_total, packets being reads and writes): a check on the
+    /// kernel's attribution, at two atomic adds per read and write.
+    #[arg(long, env = "TURNSTILE_USERSPACE_COUNTERS")]
+    pub userspace_counters: bool,
+
     /// Interfaces the XDP program attaches to with `--penalty-mode xdp`,
     /// comma-separated. [default: every interface]
     #[arg(long, env = "TURNSTILE_XDP_INTERFACES", value_delimiter = ',')]
@@ -219,7 +226,7 @@ impl KernelAssist {
             }
             _ => None,
         };
-        let user_counters = loaded.is_none().then(|| Arc::new(UserCounters::default()));
+        let user_counters = (loaded.is_none() || args.userspace_counters).then(|| Arc::new(UserCounters::default()));
         let models = Arc::new(ModelIds::default());
         let source: Arc<dyn CounterSource> = match (&loaded, &user_counters) {
             (Some(loaded), _) => Arc::clone(loaded) as Arc<dyn CounterSource>,
@@ -232,6 +239,7 @@ impl KernelAssist {
             tallies: Arc::clone(&tallies),
             active: loaded.is_some(),
             penalties: table,
+            userspace: user_counters.clone().filter(|_| args.userspace_counters),
         }));
 
         let assist = Arc::new(Self { loaded, status, models, user_counters, policy, enforcer, publish, tallies });
@@ -289,22 +297,24 @@ impl KernelAssist {
         self.enforcer.table.is_penalised(penalties::normalize(peer), self.enforcer.clock.local_now_ms())
     }
 
-    /// Registers a socket the proxy accepted or opened; returns its tag handle.
-    pub fn track(&self, fd: RawFd, side: Side) -> Arc<ConnTag> {
-        // The kernel recognises client connections by the proxy port; an
-        // upstream one is tagged with model 0 so that its traffic is held as
-        // pending until the first tag (the request goes out before it).
-        if side == Side::Upstream
-            && let Some(loaded) = &self.loaded
-            && let Err(err) = loaded.tag_socket(fd, SockTag { model: 0, side: side.as_u32() })
-        {
-            tracing::debug!(error = %err, "kernel assist: socket not tracked");
-        }
-        Arc::new(ConnTag::new(fd, side, self.user_counters.clone()))
+    /// Registers a client socket the proxy accepted; returns its tag handle.
+    /// The kernel recognises it by the proxy port until its first tag.
+    pub fn track_client(&self, fd: RawFd) -> Arc<ConnTag> {
+        Arc::new(ConnTag::new(fd, Side::Client, self.user_counters.clone()))
     }
 
-    /// Tags a connection with the model of the request it carries.
-    pub fn tag(&self, conn: &ConnTag, model: &str) {
+    /// Registers an upstream socket the proxy opened for model id `model`
+    /// (each pod has a pool per model, so the socket never changes model);
+    /// returns its tag handle.
+    pub fn track_upstream(&self, fd: RawFd, model: u32) -> Arc<ConnTag> {
+        let conn = Arc::new(ConnTag::new(fd, Side::Upstream, self.user_counters.clone()));
+        self.tag_id(&conn, model);
+        conn
+    }
+
+    /// The id the kernel counts `model` under, its name recorded in the
+    /// kernel map when new.
+    pub fn model_id(&self, model: &str) -> u32 {
         let (id, new) = self.models.id(model);
         if new && let Some(loaded) = &self.loaded {
             let name = if id == MAX_MODELS - 1 { ModelIds::OVERFLOW } else { model };
@@ -312,18 +322,27 @@ impl KernelAssist {
                 tracing::debug!(error = %err, model, "kernel assist: model name not recorded");
             }
         }
-        if conn.swap_model(id) == id {
+        id
+    }
+
+    /// Tags a connection with the model of the request it carries. A
+    /// socket is only written when the model changes: the kernel finds
+    /// where one request ends and the next begins by itself.
+    pub fn tag(&self, conn: &ConnTag, model: &str) {
+        self.tag_id(conn, self.model_id(model));
+    }
+
+    fn tag_id(&self, conn: &ConnTag, id: u32) {
+        if id == 0 || conn.swap_model(id) == id {
             return;
         }
-        match &self.loaded {
-            Some(loaded) => {
-                let tag = SockTag { model: id, side: conn.side().as_u32() };
-                if let Some(Err(err)) = conn.with_fd(|fd| loaded.tag_socket(fd, tag)) {
-                    tracing::debug!(error = %err, model, "kernel assist: socket not tagged");
-                }
+        if let Some(loaded) = &self.loaded {
+            let tag = SockTag { model: id, side: conn.side().as_u32() };
+            if let Some(Err(err)) = conn.with_fd(|fd| loaded.tag_socket(fd, tag)) {
+                tracing::debug!(error = %err, model = id, "kernel assist: socket not tagged");
             }
-            None => conn.user_tagged(id),
         }
+        conn.user_tagged(id);
     }
 
     /// How long `client` is still refused, when it is penalised: a request

@@ -93,19 +93,43 @@ impl ConnTag {
         *self.fd.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
-    /// Userspace-only counting of `bytes` moved in one read or write.
+    /// Userspace-only counting of `bytes` moved in one read or write, by
+    /// the kernel programs' rule: on a client connection what is read is a
+    /// request, held until the gateway writes its answer (by then the
+    /// request's model is tagged); upstream connections carry one model.
     fn count(&self, inbound: bool, bytes: usize) {
         let Some(user) = &self.user else {
             return;
         };
         let bytes = bytes as u64;
-        match self.model.load(Ordering::Relaxed) {
-            0 => {
-                let (packets, octets) = if inbound { (0, 1) } else { (2, 3) };
-                self.pending[packets].fetch_add(1, Ordering::Relaxed);
-                self.pending[octets].fetch_add(bytes, Ordering::Relaxed);
-            }
-            model => user.add(model, self.side, inbound, 1, bytes),
+        let model = self.model.load(Ordering::Relaxed);
+        if self.side == Side::Client && inbound {
+            self.hold(true, bytes);
+            return;
+        }
+        if model == 0 {
+            self.hold(inbound, bytes);
+            return;
+        }
+        if self.side == Side::Client {
+            self.charge_held(user, model, true);
+        }
+        user.add(model, self.side, inbound, 1, bytes);
+    }
+
+    fn hold(&self, inbound: bool, bytes: u64) {
+        let (packets, octets) = if inbound { (0, 1) } else { (2, 3) };
+        self.pending[packets].fetch_add(1, Ordering::Relaxed);
+        self.pending[octets].fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Charges what is held in one direction to `model`.
+    fn charge_held(&self, user: &UserCounters, model: u32, inbound: bool) {
+        let (packets, octets) = if inbound { (0, 1) } else { (2, 3) };
+        let packets = self.pending[packets].swap(0, Ordering::Relaxed);
+        let octets = self.pending[octets].swap(0, Ordering::Relaxed);
+        if packets > 0 {
+            user.add(model, self.side, inbound, packets, octets);
         }
     }
 
@@ -116,14 +140,8 @@ impl ConnTag {
             return;
         };
         user.connection(model, self.side);
-        let take = |i: usize| self.pending[i].swap(0, Ordering::Relaxed);
-        let (in_packets, in_bytes, out_packets, out_bytes) = (take(0), take(1), take(2), take(3));
-        if in_packets > 0 {
-            user.add(model, self.side, true, in_packets, in_bytes);
-        }
-        if out_packets > 0 {
-            user.add(model, self.side, false, out_packets, out_bytes);
-        }
+        self.charge_held(user, model, true);
+        self.charge_held(user, model, false);
     }
 }
 
@@ -322,5 +340,39 @@ mod tests {
         assert_eq!((stats.client_in_bytes, stats.client_out_bytes, stats.client_connections), (5, 6, 1));
         drop(stream);
         assert_eq!(tag.with_fd(|fd| fd), None, "fd cleared on close");
+    }
+
+    /// One keep-alive connection, requests for two models in turn, tagged
+    /// the way the proxy does (only when the model changes, after reading).
+    #[tokio::test]
+    async fn keep_alive_requests_are_charged_to_their_own_models() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let user = Arc::new(UserCounters::default());
+        let tag = Arc::new(ConnTag::new(-1, Side::Client, Some(Arc::clone(&user))));
+        let (a, mut client) = tokio::io::duplex(1 << 16);
+        let mut stream = TaggedStream::new(a, Some(Arc::clone(&tag)));
+        let tag_model = |model: u32| {
+            if tag.swap_model(model) != model {
+                tag.user_tagged(model);
+            }
+        };
+        let mut expected = [[0u64; 2]; 3];
+        for (i, model) in [1u32, 2, 2, 1, 2, 1, 1].into_iter().enumerate() {
+            let request = vec![b'q'; 10 + 100 * model as usize + i];
+            client.write_all(&request).await.unwrap();
+            let mut buf = vec![0u8; request.len()];
+            stream.read_exact(&mut buf).await.unwrap();
+            tag_model(model);
+            let answer = vec![b'a'; 1000 * model as usize + i];
+            stream.write_all(&answer).await.unwrap();
+            let mut sink = vec![0u8; answer.len()];
+            client.read_exact(&mut sink).await.unwrap();
+            expected[model as usize][0] += request.len() as u64;
+            expected[model as usize][1] += answer.len() as u64;
+        }
+        for model in [1, 2] {
+            let stats = user.snapshot(model);
+            assert_eq!([stats.client_in_bytes, stats.client_out_bytes], expected[model as usize], "model {model}");
+        }
     }
 }

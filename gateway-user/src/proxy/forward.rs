@@ -93,15 +93,18 @@ impl Upstream {
         Self { client, response_timeout }
     }
 
-    /// Sends one request to `pod` and waits for its response headers.
+    /// Sends one request to `pod` and waits for its response headers; over a
+    /// connection of the pod's pool for model id `pool` when given (see
+    /// `upstream_conn`).
     pub async fn send(
         &self,
         parts: &http::request::Parts,
         body: Bytes,
         pod: &PodInfo,
         request_id: &HeaderValue,
+        pool: Option<u32>,
     ) -> Result<Response<Incoming>, SendError> {
-        let request = build_request(parts, body, pod, request_id).map_err(SendError::Other)?;
+        let request = build_request(parts, body, pod, request_id, pool).map_err(SendError::Other)?;
         match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(error_chain(&err))),
@@ -151,9 +154,10 @@ fn build_request(
     body: Bytes,
     pod: &PodInfo,
     request_id: &HeaderValue,
+    pool: Option<u32>,
 ) -> Result<Request<Full<Bytes>>, String> {
-    let authority =
-        Authority::try_from(pod.addr_text.as_str()).map_err(|e| format!("pod address {}: {e}", pod.addr_text))?;
+    let authority = Authority::try_from(super::upstream_conn::pool_authority(&pod.addr_text, pool))
+        .map_err(|e| format!("pod address {}: {e}", pod.addr_text))?;
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let uri = Uri::builder()
         .scheme(Scheme::HTTP)
@@ -605,9 +609,11 @@ mod tests {
             .expect("request")
             .into_parts();
         let (pod, _) = crate::routing::test_support::pod(1, 0);
-        let request =
-            build_request(&parts, Bytes::from_static(b"{}"), &pod, &HeaderValue::from_static("rid-1")).expect("built");
+        let request = build_request(&parts, Bytes::from_static(b"{}"), &pod, &HeaderValue::from_static("rid-1"), None)
+            .expect("built");
         assert_eq!(request.uri().to_string(), "http://127.0.0.1:9001/v1/completions?x=1");
+        let pooled = build_request(&parts, Bytes::new(), &pod, &HeaderValue::from_static("rid-1"), Some(3)).unwrap();
+        assert_eq!(pooled.uri().to_string(), "http://m3@127.0.0.1:9001/v1/completions?x=1");
         assert_eq!(request.headers()["content-length"], "2");
         assert_eq!(request.headers()["x-request-id"], "rid-1");
         assert_eq!(request.headers()["user"], "alice");

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::errors::{self, GatewayError};
 use crate::kernel::KernelAssist;
-use crate::kernel::tagging::{ClientConn, Side, TaggedStream};
+use crate::kernel::tagging::{ClientConn, TaggedStream};
 
 /// What one client connection may send.
 #[derive(Clone, Copy, Debug)]
@@ -131,7 +131,7 @@ pub async fn serve_tracked<H, F, B>(
                 let _ = stream.set_zero_linger();
                 continue;
             }
-            Some(kernel) => Some(ClientConn(kernel.track(stream.as_raw_fd(), Side::Client))),
+            Some(kernel) => Some(ClientConn(kernel.track_client(stream.as_raw_fd()))),
             None => None,
         };
         let _ = stream.set_nodelay(true);

@@ -135,8 +135,15 @@ impl Proxy {
         let path = request.uri().path().to_owned();
         let http1 = request.version() < http::Version::HTTP_2;
         let client = self.settings.trusted_proxies.client(peer.ip(), request.headers());
+        let conn = self.kernel.as_ref().and(request.extensions().get::<ClientConn>().cloned());
         let mut facts = RequestFacts { client: Some((client, peer)), ..RequestFacts::default() };
-        match self.serve(request, started, &request_id, &mut facts, client).await {
+        let served = self.serve(request, started, &request_id, &mut facts, client).await;
+        if let (Some(kernel), Some(ClientConn(conn))) = (&self.kernel, &conn) {
+            // Before the answer is written: the kernel charges the request it
+            // holds to the model tagged when the answer starts.
+            kernel.tag(conn, client_model(http1, facts.model.as_deref()));
+        }
+        match served {
             Ok(mut response) => {
                 // A proxied answer logs its own end when its body ends.
                 if let Either::Left(_) = response.body() {
@@ -216,9 +223,6 @@ impl Proxy {
         let model_label: Arc<str> = Arc::clone(&model.name);
         facts.model = Some(Arc::clone(&model_label));
         let fail = |error: GatewayError| Failure { error, model: Some(Arc::clone(&model_label)) };
-        if let (Some(kernel), Some(ClientConn(conn))) = (&self.kernel, parts.extensions.get::<ClientConn>()) {
-            kernel.tag(conn, &model_label);
-        }
 
         // Phase 2: resolve profile and strategy.
         let config = model.config.as_deref();
@@ -322,7 +326,7 @@ impl Proxy {
         let (upstream_response, guards) = loop {
             let guards = (reserved.take().unwrap_or_else(|| pod.load.start()), self.metrics.in_flight(&model_label));
             facts.pod = Some(Arc::clone(&pod));
-            match self.upstream.send(&parts, body.clone(), &pod, request_id).await {
+            match self.upstream.send(&parts, body.clone(), &pod, request_id, self.upstream_pool(&model_label)).await {
                 Ok(response) => break (response, guards),
                 Err(SendError::Connect(reason)) if tried.len() + 1 < self.settings.max_connect_attempts => {
                     tracing::warn!(pod = %pod.key, reason, "connect to pod failed; trying another pod");
@@ -426,6 +430,12 @@ fn discard_rest(mut body: Incoming, within: Duration) {
 }
 
 impl Proxy {
+    /// The upstream pool a model's requests go over: with kernel assist, one
+    /// per pod and model, so each upstream socket carries one model.
+    fn upstream_pool(&self, model: &str) -> Option<u32> {
+        self.kernel.as_ref().map(|kernel| kernel.model_id(model))
+    }
+
     /// The next pod to try after connection failures: the strategy's choice
     /// among the candidates not tried yet.
     fn next_candidate(
@@ -442,6 +452,22 @@ impl Proxy {
         }
         let decision = self.router.route(strategy, request, &rest);
         Some((rest.get(decision.index).cloned()?, decision))
+    }
+}
+
+/// Kernel counters of HTTP/2 client connections: one connection multiplexes
+/// requests for several models, packet by packet, so its bytes are counted
+/// under this name and never charged to a model they may not belong to.
+pub const MULTIPLEXED_MODEL: &str = "(multiplexed)";
+
+/// The model a client connection's traffic for one request is counted
+/// under: the request's, `unknown` when the gateway answered before knowing
+/// it, or [`MULTIPLEXED_MODEL`] on HTTP/2.
+fn client_model(http1: bool, model: Option<&str>) -> &str {
+    match model {
+        _ if !http1 => MULTIPLEXED_MODEL,
+        Some(model) => model,
+        None => UNKNOWN_MODEL,
     }
 }
 

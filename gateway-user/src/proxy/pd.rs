@@ -170,17 +170,18 @@ impl Proxy {
         let began = Instant::now();
         let failure = |reason, detail| PrefillFailure { reason, detail, not_sent: false };
         let exchange = async {
-            let response =
-                self.upstream.send(request.parts, body, &plan.prefill, request.request_id).await.map_err(|err| {
-                    match err {
-                        SendError::Timeout(limit) => {
-                            failure(PrefillErrorReason::Timeout, format!("no answer within {} s", limit.as_secs()))
-                        }
-                        SendError::Connect(detail) => {
-                            PrefillFailure { reason: PrefillErrorReason::Connect, detail, not_sent: true }
-                        }
-                        SendError::Other(detail) => failure(PrefillErrorReason::Connect, detail),
+            let response = self
+                .upstream
+                .send(request.parts, body, &plan.prefill, request.request_id, self.upstream_pool(request.model))
+                .await
+                .map_err(|err| match err {
+                    SendError::Timeout(limit) => {
+                        failure(PrefillErrorReason::Timeout, format!("no answer within {} s", limit.as_secs()))
                     }
+                    SendError::Connect(detail) => {
+                        PrefillFailure { reason: PrefillErrorReason::Connect, detail, not_sent: true }
+                    }
+                    SendError::Other(detail) => failure(PrefillErrorReason::Connect, detail),
                 })?;
             // The prefill's bytes count for the model in kernel assist too.
             if let (Some(kernel), Some(UpstreamConn(conn))) =

@@ -1,8 +1,12 @@
 //! The connector of the upstream client: hyper-util's `HttpConnector`, with
-//! each new connection to a pod registered with kernel assist. The
-//! connection's [`UpstreamConn`] then rides in the extensions of every
-//! response read from it, so the proxy can tag the socket with the model of
-//! the request it carries.
+//! each new connection to a pod registered with kernel assist and tagged with
+//! the model of its pool. With kernel assist the proxy keeps one pool per pod
+//! and model (the model id rides in the pool's authority as user info,
+//! `m7@10.0.3.17:8000`, which hyper leaves out of `Host`), so an upstream
+//! socket carries one model all its life and its bytes are that model's, to
+//! the packet: a pooled connection is chosen before anyone could know which
+//! socket to tag. The connection's [`UpstreamConn`] rides in the extensions of
+//! every response read from it.
 
 use std::future::Future;
 use std::os::fd::AsRawFd as _;
@@ -16,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::kernel::KernelAssist;
-use crate::kernel::tagging::{Side, TaggedStream, UpstreamConn};
+use crate::kernel::tagging::{TaggedStream, UpstreamConn};
 
 /// `HttpConnector` plus kernel-assist tracking.
 #[derive(Clone)]
@@ -45,14 +49,32 @@ impl tower::Service<Uri> for TrackingConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        let model = pool_model(&uri);
         let connecting = tower::Service::<Uri>::call(&mut self.http, uri);
         let kernel = self.kernel.clone();
         Box::pin(async move {
             let stream = connecting.await?.into_inner();
-            let tag = kernel.map(|kernel| kernel.track(stream.as_raw_fd(), Side::Upstream));
+            let tag = kernel.map(|kernel| kernel.track_upstream(stream.as_raw_fd(), model));
             Ok(TokioIo::new(TaggedStream::new(stream, tag)))
         })
     }
+}
+
+/// The authority of the pool of model id `model` at pod address `addr`.
+pub fn pool_authority(addr: &str, model: Option<u32>) -> String {
+    match model {
+        Some(model) => format!("m{model}@{addr}"),
+        None => addr.to_owned(),
+    }
+}
+
+/// The model id of a pool's authority (0 when it names none).
+fn pool_model(uri: &Uri) -> u32 {
+    uri.authority()
+        .and_then(|authority| authority.as_str().split_once('@'))
+        .and_then(|(user, _)| user.strip_prefix('m'))
+        .and_then(|id| id.parse().ok())
+        .unwrap_or(0)
 }
 
 impl Connection for TaggedStream<TcpStream> {
@@ -62,5 +84,20 @@ impl Connection for TaggedStream<TcpStream> {
             Some(tag) => connected.extra(UpstreamConn(Arc::clone(tag))),
             None => connected,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_name_their_model_in_the_authority() {
+        let uri: Uri = format!("http://{}/", pool_authority("127.0.0.1:9000", Some(7))).parse().unwrap();
+        assert_eq!(uri.host(), Some("127.0.0.1"), "the connector dials the pod");
+        assert_eq!(uri.port_u16(), Some(9000));
+        assert_eq!(pool_model(&uri), 7);
+        let plain: Uri = format!("http://{}/", pool_authority("127.0.0.1:9000", None)).parse().unwrap();
+        assert_eq!(pool_model(&plain), 0);
     }
 }
