@@ -680,4 +680,134 @@ mod tests {
             .collect();
         assert!(wrong.is_empty(), "{wrong:#?}");
     }
+
+    /// `struct bpf_sk_lookup` as `BPF_PROG_TEST_RUN` takes it (uapi/linux/bpf.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct SkLookupCtx {
+        cookie: u64,
+        family: u32,
+        protocol: u32,
+        remote_ip4: u32,
+        remote_ip6: [u32; 4],
+        remote_port: u16,
+        _pad: u16,
+        local_ip4: u32,
+        local_ip6: [u32; 4],
+        local_port: u32,
+        ingress_ifindex: u32,
+    }
+
+    /// The `test` member of `union bpf_attr` for `BPF_PROG_TEST_RUN`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRunAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+    /// Runs `program` once on `ctx`; its verdict.
+    fn run_sk_lookup(program: &SkLookup, ctx: &SkLookupCtx) -> std::io::Result<u32> {
+        use std::os::fd::AsFd as _;
+        let fd = program.fd().map_err(io::Error::other)?.as_fd().as_raw_fd();
+        let mut attr = TestRunAttr {
+            prog_fd: u32::try_from(fd).map_err(io::Error::other)?,
+            ctx_in: std::ptr::from_ref(ctx) as u64,
+            ctx_size_in: size_of::<SkLookupCtx>() as u32,
+            repeat: 1,
+            ..TestRunAttr::default()
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: bpf(2) with a `test` attribute of the documented layout; the
+        // kernel reads `ctx` (alive for the call) and writes `retval` and
+        // `duration` into `attr`, both owned here.
+        let result = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, std::ptr::from_mut(&mut attr), size_of::<TestRunAttr>())
+        };
+        if result < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(attr.retval)
+    }
+
+    /// The `sk_lookup` program's verdicts, run by the kernel on synthetic
+    /// lookups against a penalty map holding 10.0.0.7 and 2001:db8::7.
+    #[test]
+    fn sk_lookup_refuses_exactly_the_penalised_clients_of_the_proxy_port() {
+        if !rustix::process::geteuid().is_root() || OBJECT.is_empty() {
+            eprintln!("SKIPPED sk_lookup_refuses_exactly_the_penalised_clients_of_the_proxy_port: needs root");
+            return;
+        }
+        let mut ebpf = EbpfLoader::new().load(OBJECT).expect("object loads");
+        let program: &mut SkLookup = program_mut(&mut ebpf, program_names::SK_LOOKUP).expect("sk_lookup program");
+        program.load().expect("verifier accepts the sk_lookup program");
+        let mut config: Array<MapData, Config> = take_map(&mut ebpf, map_names::CONFIG).expect("config map");
+        config.set(0, Config { proxy_port: u32::from(PORT), _pad: 0 }, 0).expect("port set");
+        let mut penalties: BpfHashMap<MapData, ClientKey, Penalty> =
+            take_map(&mut ebpf, map_names::PENALTIES).expect("penalties map");
+        for ip in ["10.0.0.7", "2001:db8::7"] {
+            let penalty = Penalty { expires_ns: u64::MAX, until_unix_ms: 0 };
+            penalties.insert(client_key(ip.parse().unwrap()), penalty, 0).expect("penalty set");
+        }
+        let program: &SkLookup =
+            ebpf.program(program_names::SK_LOOKUP).expect("program").try_into().expect("sk_lookup");
+        let lookup = |remote: &str, protocol: u32, port: u16| {
+            let mut ctx = SkLookupCtx {
+                protocol,
+                local_port: u32::from(port),
+                remote_port: 40000u16.to_be(),
+                ..SkLookupCtx::default()
+            };
+            match remote.parse::<IpAddr>().unwrap() {
+                IpAddr::V4(v4) => {
+                    ctx.family = libc::AF_INET as u32;
+                    ctx.remote_ip4 = u32::from_ne_bytes(v4.octets());
+                    ctx.local_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+                }
+                IpAddr::V6(v6) => {
+                    ctx.family = libc::AF_INET6 as u32;
+                    for (word, chunk) in ctx.remote_ip6.iter_mut().zip(v6.octets().chunks(4)) {
+                        *word = u32::from_ne_bytes(chunk.try_into().unwrap());
+                    }
+                    ctx.local_ip6[3] = u32::from_ne_bytes([0, 0, 0, 1]);
+                }
+            }
+            match run_sk_lookup(program, &ctx).expect("test run") {
+                0 => "drop",
+                1 => "pass",
+                other => panic!("verdict {other}"),
+            }
+        };
+        const TCP: u32 = 6;
+        let cases = [
+            ("IPv4 client under a penalty", lookup("10.0.0.7", TCP, PORT), "drop"),
+            ("IPv6 client under a penalty", lookup("2001:db8::7", TCP, PORT), "drop"),
+            ("another IPv4 client", lookup("10.0.0.8", TCP, PORT), "pass"),
+            ("another IPv6 client", lookup("2001:db8::8", TCP, PORT), "pass"),
+            ("another port", lookup("10.0.0.7", TCP, PORT + 1), "pass"),
+            ("UDP to the proxy port", lookup("10.0.0.7", 17, PORT), "pass"),
+        ];
+        let wrong: Vec<String> = cases
+            .into_iter()
+            .filter(|(_, got, expected)| got != expected)
+            .map(|(name, got, expected)| format!("{name}: {got}, expected {expected}"))
+            .collect();
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
 }
