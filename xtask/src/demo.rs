@@ -566,10 +566,16 @@ async fn show_metrics(client: &Client, admin: SocketAddr) -> Result<Vec<String>>
         .map(|body| body["kernel_assist"].clone())
         .unwrap_or(serde_json::Value::Null);
     ui::info(format!("kernel assist (from /readyz): {kernel}"));
-    let kernel_lines = text.lines().filter(|line| {
-        line.starts_with("aibrix_gateway_kernel_bytes_total") || line.starts_with("aibrix_gateway_kernel_assist_active")
-    });
-    for line in kernel_lines.take(6) {
+    // Every model's client bytes in and out, sorted (the series come in no fixed order).
+    let mut kernel_lines: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            line.starts_with("aibrix_gateway_kernel_assist_active")
+                || (line.starts_with("aibrix_gateway_kernel_bytes_total") && line.contains(r#"side="client""#))
+        })
+        .collect();
+    kernel_lines.sort_unstable();
+    for line in kernel_lines {
         ui::info(line);
     }
     Ok(problems)
