@@ -205,20 +205,7 @@ async fn counters_match_the_bytes_and_packets_of_each_models_requests() {
         }
         sample(text, name, &labels).unwrap_or(0.0) as usize
     };
-    let kernel_lines = |text: String| -> String {
-        text.lines().filter(|l| l.starts_with("aibrix_gateway_kernel_")).collect::<Vec<_>>().join("\n")
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut text = kernel_lines(gw.metrics().await);
-    loop {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        let next = kernel_lines(gw.metrics().await);
-        let settled = next == text;
-        text = next;
-        if settled || Instant::now() > deadline {
-            break;
-        }
-    }
+    let text = settled_counters(&gw).await;
     assert!(text.contains("aibrix_gateway_kernel_assist_active 1"), "{text}");
     for (model, (count, request_bytes, response_bytes)) in sent {
         let conns = value(&text, "aibrix_gateway_kernel_connections_total", model, "client", None);

@@ -335,13 +335,20 @@ fn header_u64(reply: &Reply, name: &str) -> u64 {
     reply.header(name).parse().unwrap_or_else(|_| panic!("{name}: {:?}", reply.header(name)))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn users_learn_their_remaining_quota_and_when_it_resets() {
+/// Redis, an engine for the free model answering `tokens` tokens, and a gateway sharing its
+/// limits through that Redis.
+async fn with_redis(tokens: &str) -> (Redis, Engine, Gateway) {
     let redis = Redis::start();
-    let engine = Engine::start("pod-a", FREE, &["--tokens", "30"]);
+    let engine = Engine::start("pod-a", FREE, &["--tokens", tokens]);
     let url = redis.url();
     let gw = Gateway::start(&[PodSpec::for_engine(&engine, FREE)], &["--redis-url", &url, "--redis-timeout-ms", "500"])
         .await;
+    (redis, engine, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_learn_their_remaining_quota_and_when_it_resets() {
+    let (redis, _engine, gw) = with_redis("30").await;
     set_user(&redis, "ana", 3, 1_000_000);
     set_user(&redis, "tim", 100, 20);
     away_from_minute_end(&redis).await;
@@ -416,11 +423,7 @@ fn comparable(stream: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_without_include_usage_is_counted_and_reaches_the_client_unchanged() {
-    let redis = Redis::start();
-    let engine = Engine::start("pod-a", FREE, &["--tokens", "12"]);
-    let url = redis.url();
-    let gw = Gateway::start(&[PodSpec::for_engine(&engine, FREE)], &["--redis-url", &url, "--redis-timeout-ms", "500"])
-        .await;
+    let (redis, engine, gw) = with_redis("12").await;
     set_user(&redis, "sam", 1000, 1_000_000);
     away_from_minute_end(&redis).await;
 

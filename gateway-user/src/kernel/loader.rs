@@ -616,6 +616,43 @@ mod tests {
 
     const PORT: u16 = 8888;
 
+    /// The object with program `name` loaded (through the verifier), the
+    /// proxy port set to [`PORT`] and 10.0.0.7 and 2001:db8::7 penalised.
+    fn loaded_for_test_run<P>(name: &'static str) -> Ebpf
+    where
+        for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+        P: LoadableProgram,
+    {
+        let mut ebpf = EbpfLoader::new().load(OBJECT).expect("object loads");
+        program_mut::<P>(&mut ebpf, name).expect("program in the object").load_program();
+        let mut config: Array<MapData, Config> = take_map(&mut ebpf, map_names::CONFIG).expect("config map");
+        config.set(0, Config { proxy_port: u32::from(PORT), _pad: 0 }, 0).expect("port set");
+        let mut penalties: BpfHashMap<MapData, ClientKey, Penalty> =
+            take_map(&mut ebpf, map_names::PENALTIES).expect("penalties map");
+        for ip in ["10.0.0.7", "2001:db8::7"] {
+            let penalty = Penalty { expires_ns: u64::MAX, until_unix_ms: 0 };
+            penalties.insert(client_key(ip.parse().unwrap()), penalty, 0).expect("penalty set");
+        }
+        ebpf
+    }
+
+    /// `load()` of the program types tested here (each type has its own).
+    trait LoadableProgram {
+        fn load_program(&mut self);
+    }
+
+    impl LoadableProgram for Xdp {
+        fn load_program(&mut self) {
+            self.load().expect("verifier accepts the XDP program");
+        }
+    }
+
+    impl LoadableProgram for SkLookup {
+        fn load_program(&mut self) {
+            self.load().expect("verifier accepts the sk_lookup program");
+        }
+    }
+
     /// The XDP program's verdicts on synthetic frames, run by the kernel
     /// (`BPF_PROG_TEST_RUN`) against a penalty map holding 10.0.0.7 and
     /// 2001:db8::7. Needs root; skipped, saying so, without it.
@@ -626,17 +663,7 @@ mod tests {
             eprintln!("SKIPPED xdp_drops_exactly_the_syns_of_penalised_clients: needs root and the eBPF object");
             return;
         }
-        let mut ebpf = EbpfLoader::new().load(OBJECT).expect("object loads");
-        let program: &mut Xdp = program_mut(&mut ebpf, program_names::XDP).expect("xdp program");
-        program.load().expect("verifier accepts the XDP program");
-        let mut config: Array<MapData, Config> = take_map(&mut ebpf, map_names::CONFIG).expect("config map");
-        config.set(0, Config { proxy_port: u32::from(PORT), _pad: 0 }, 0).expect("port set");
-        let mut penalties: BpfHashMap<MapData, ClientKey, Penalty> =
-            take_map(&mut ebpf, map_names::PENALTIES).expect("penalties map");
-        for ip in ["10.0.0.7", "2001:db8::7"] {
-            let penalty = Penalty { expires_ns: u64::MAX, until_unix_ms: 0 };
-            penalties.insert(client_key(ip.parse().unwrap()), penalty, 0).expect("penalty set");
-        }
+        let ebpf = loaded_for_test_run::<Xdp>(program_names::XDP);
         let program: &Xdp = ebpf.program(program_names::XDP).expect("program").try_into().expect("xdp");
         let verdict = |frame: Frame| {
             let data = frame.bytes();
@@ -754,17 +781,7 @@ mod tests {
             eprintln!("SKIPPED sk_lookup_refuses_exactly_the_penalised_clients_of_the_proxy_port: needs root");
             return;
         }
-        let mut ebpf = EbpfLoader::new().load(OBJECT).expect("object loads");
-        let program: &mut SkLookup = program_mut(&mut ebpf, program_names::SK_LOOKUP).expect("sk_lookup program");
-        program.load().expect("verifier accepts the sk_lookup program");
-        let mut config: Array<MapData, Config> = take_map(&mut ebpf, map_names::CONFIG).expect("config map");
-        config.set(0, Config { proxy_port: u32::from(PORT), _pad: 0 }, 0).expect("port set");
-        let mut penalties: BpfHashMap<MapData, ClientKey, Penalty> =
-            take_map(&mut ebpf, map_names::PENALTIES).expect("penalties map");
-        for ip in ["10.0.0.7", "2001:db8::7"] {
-            let penalty = Penalty { expires_ns: u64::MAX, until_unix_ms: 0 };
-            penalties.insert(client_key(ip.parse().unwrap()), penalty, 0).expect("penalty set");
-        }
+        let ebpf = loaded_for_test_run::<SkLookup>(program_names::SK_LOOKUP);
         let program: &SkLookup =
             ebpf.program(program_names::SK_LOOKUP).expect("program").try_into().expect("sk_lookup");
         let lookup = |remote: &str, protocol: u32, port: u16| {
