@@ -166,8 +166,11 @@ pub async fn flood(target: Target, workers: usize, duration: Duration, max_reque
         let mut client = Client::new(Arc::clone(&target));
         tasks.spawn(async move {
             let mut events = Vec::with_capacity(per_worker);
+            // An attempt still waiting at the deadline (a SYN the server's
+            // full backlog dropped, say) ends the flood: it decides nothing.
+            let cut_off = tokio::time::Instant::from_std(deadline + Duration::from_millis(500));
             while Instant::now() < deadline && events.len() < per_worker {
-                let outcome = client.send().await;
+                let Ok(outcome) = tokio::time::timeout_at(cut_off, client.send()).await else { break };
                 let refused = matches!(outcome, Outcome::Refused(_));
                 events.push(Event { at: SystemTime::now(), outcome });
                 if refused {
@@ -187,22 +190,31 @@ pub async fn flood(target: Target, workers: usize, duration: Duration, max_reque
     events
 }
 
-/// When `threshold` 429s had come back within one wall-clock second: the
-/// moment a penalty rule counting per second saw the client cross it.
+/// How far a client's view of "429s within one second" may lag the
+/// gateway's: the gateway counts when it sends, the client when a response
+/// arrives, over many connections at once.
+pub const CLIENT_VIEW_SLACK: Duration = Duration::from_millis(100);
+
+/// The first moment `threshold` 429s had come back within one second (plus
+/// [`CLIENT_VIEW_SLACK`]), sliding: never later than the client could see a
+/// rule counting 429s per one-second window cross the threshold.
 pub fn threshold_crossed(events: &[Event], threshold: usize) -> Option<SystemTime> {
-    let mut second = u64::MAX;
-    let mut count = 0;
-    for event in events.iter().filter(|e| e.status() == Some(429)) {
-        let this = event.unix_ms() / 1000;
-        if this != second {
-            (second, count) = (this, 0);
-        }
-        count += 1;
-        if count == threshold {
-            return Some(event.at);
-        }
-    }
-    None
+    let times: Vec<SystemTime> = events.iter().filter(|e| e.status() == Some(429)).map(|e| e.at).collect();
+    let window = Duration::from_secs(1) + CLIENT_VIEW_SLACK;
+    (threshold.max(1) - 1..times.len())
+        .find(|&i| times[i].duration_since(times[i + 1 - threshold.max(1)]).unwrap_or_default() <= window)
+        .map(|i| times[i])
+}
+
+/// 429s that came back within the second (plus [`CLIENT_VIEW_SLACK`])
+/// before `until`.
+pub fn rate_limited_before(events: &[Event], until: SystemTime) -> usize {
+    let window = Duration::from_secs(1) + CLIENT_VIEW_SLACK;
+    events
+        .iter()
+        .filter(|e| e.status() == Some(429) && e.at <= until)
+        .filter(|e| until.duration_since(e.at).unwrap_or_default() <= window)
+        .count()
 }
 
 /// The first request that got no answer at all.
