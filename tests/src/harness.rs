@@ -239,6 +239,10 @@ impl PodSpec {
 /// strings are valid YAML scalars, which keeps quoting simple and exact.
 pub fn pods_yaml(pods: &[PodSpec]) -> String {
     let q = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
+    if pods.is_empty() {
+        // An explicit empty list: a file without items is taken for one cut short.
+        return String::from("apiVersion: v1\nkind: List\nitems: []\n");
+    }
     let mut out = String::from("apiVersion: v1\nkind: List\nitems:\n");
     for pod in pods {
         out.push_str(&format!(

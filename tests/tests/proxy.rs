@@ -435,3 +435,41 @@ where
     }
     out
 }
+
+/// `kubectl get pods -o yaml > pods.yaml` rewrites the file in place: empty
+/// for a moment, then a prefix (kubectl writes `items` first and `kind`
+/// last), then whole. The gateway keeps the last good pods meanwhile, so no
+/// request sent during five such rewrites fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_file_rewritten_in_place_never_drops_the_pods() {
+    let engine = Engine::start("pod-a", MODEL, &[]);
+    let pods = [PodSpec::for_engine(&engine, MODEL)];
+    let gw = Gateway::start(&pods, &[]).await;
+    let harness_text = turnstile_tests::harness::pods_yaml(&pods);
+    let items = harness_text.split_once("items:\n").expect("items").1;
+    let kubectl = format!("apiVersion: v1\nitems:\n{items}kind: List\nmetadata:\n  resourceVersion: \"\"\n");
+
+    let url = gw.url("/v1/chat/completions");
+    let sender = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        for _ in 0..300 {
+            statuses.push(send(post(&url, &chat_body(MODEL, false), &[])).await.status);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        statuses
+    });
+    for _ in 0..5 {
+        // The gateway polls every 50 ms in tests: each state is seen.
+        std::fs::write(&gw.pods_file, "").expect("truncate");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        std::fs::write(&gw.pods_file, &kubectl[..kubectl.len() / 2]).expect("half written");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        std::fs::write(&gw.pods_file, &kubectl).expect("whole file");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    let statuses = sender.await.expect("sender");
+    let failed: Vec<&StatusCode> = statuses.iter().filter(|s| **s != StatusCode::OK).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), statuses.len());
+    let log = gw.log();
+    assert!(log.contains("looks incomplete") && log.contains("keeping the last good pod set"), "{log}");
+}

@@ -18,6 +18,10 @@ pub struct PodSpec {
 
 /// Renders the pods as a ready `v1 List` in YAML.
 pub fn render_pods_yaml(pods: &[PodSpec]) -> String {
+    if pods.is_empty() {
+        // An explicit empty list: a file without items is taken for one cut short.
+        return String::from("apiVersion: v1\nkind: List\nitems: []\n");
+    }
     let mut out = String::from("apiVersion: v1\nkind: List\nitems:\n");
     for pod in pods {
         let PodSpec { name, model, port, config } = pod;

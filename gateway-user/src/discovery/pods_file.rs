@@ -25,31 +25,44 @@ pub enum PodsFileError {
     Parse(String),
     #[error("kind {0:?} is not a List or PodList")]
     WrongKind(String),
+    /// An empty file, or one cut short: a rewrite in progress
+    /// (`kubectl get pods -o yaml > pods.yaml` truncates, then writes, and
+    /// prints `kind` last), never "no pods".
+    #[error("the file looks incomplete ({0}); `items: []` is how to remove every pod")]
+    Incomplete(&'static str),
 }
 
 #[derive(Deserialize)]
 struct PodListDoc {
     #[serde(default)]
     kind: Option<String>,
+    /// `None` when missing or `null`: only an explicit list counts.
     #[serde(default)]
-    items: Vec<Pod>,
+    items: Option<Vec<Pod>>,
 }
 
 /// Parses the text of a pods file into the pods that serve a model.
 /// Pods without the model label are skipped; pods with unusable labels are
 /// skipped with a warning, since one bad pod must not hide the others.
 pub fn parse_pods(text: &str) -> Result<Vec<PodInfo>, PodsFileError> {
+    if text.trim().is_empty() {
+        return Err(PodsFileError::Incomplete("it is empty"));
+    }
     let doc: PodListDoc = if text.trim_start().starts_with('{') {
         serde_json::from_str(text).map_err(|e| PodsFileError::Parse(e.to_string()))?
     } else {
         serde_norway::from_str(text).map_err(|e| PodsFileError::Parse(e.to_string()))?
     };
     match doc.kind.as_deref() {
-        None | Some("List") | Some("PodList") => {}
+        Some("List") | Some("PodList") => {}
+        None => return Err(PodsFileError::Incomplete("no `kind: List`, which kubectl writes last")),
         Some(other) => return Err(PodsFileError::WrongKind(other.to_owned())),
     }
-    let mut pods = Vec::with_capacity(doc.items.len());
-    for pod in &doc.items {
+    let Some(items) = doc.items else {
+        return Err(PodsFileError::Incomplete("no `items` list"));
+    };
+    let mut pods = Vec::with_capacity(items.len());
+    for pod in &items {
         match PodInfo::from_pod(pod) {
             Ok(Some(info)) => pods.push(info),
             Ok(None) => {}
@@ -142,11 +155,31 @@ items:
         assert!(pods[0].ready);
     }
 
+    /// What a reader sees while `kubectl get pods -o yaml > pods.yaml` runs:
+    /// nothing, then a prefix (kubectl writes `items` first, `kind` last).
+    #[test]
+    fn empty_and_cut_short_files_are_incomplete_not_empty() {
+        let kubectl = LIST.replace("kind: List\n", "") + "kind: List\nmetadata:\n  resourceVersion: \"\"\n";
+        assert_eq!(parse_pods(&kubectl).expect("whole file").len(), 1);
+        for cut in [0, 1, 20, kubectl.find("- apiVersion").unwrap(), kubectl.find("kind: List").unwrap()] {
+            let prefix = &kubectl[..cut];
+            let parsed = parse_pods(prefix);
+            assert!(
+                matches!(parsed, Err(PodsFileError::Incomplete(_) | PodsFileError::Parse(_))),
+                "cut at {cut} must not be a pod set: {parsed:?}"
+            );
+        }
+        assert!(matches!(parse_pods(" \n"), Err(PodsFileError::Incomplete(_))));
+        assert!(matches!(parse_pods("apiVersion: v1\nkind: List\nitems:\n"), Err(PodsFileError::Incomplete(_))));
+        assert_eq!(parse_pods("apiVersion: v1\nkind: List\nitems: []\n").expect("explicitly empty").len(), 0);
+        assert!(matches!(parse_pods("{}"), Err(PodsFileError::Incomplete(_))));
+    }
+
     #[test]
     fn garbage_and_wrong_kind_are_errors() {
         assert!(matches!(parse_pods("items: [1, 2"), Err(PodsFileError::Parse(_))));
         assert!(matches!(parse_pods("kind: Deployment\nitems: []"), Err(PodsFileError::WrongKind(_))));
-        assert!(matches!(parse_pods("items: 5"), Err(PodsFileError::Parse(_))));
+        assert!(matches!(parse_pods("kind: List\nitems: 5"), Err(PodsFileError::Parse(_))));
     }
 
     async fn wait_until(store: &PodStore, pred: impl Fn(&PodStore) -> bool) {
