@@ -291,17 +291,20 @@ fn assert_kernel_equals_userspace_upstream(text: &str, models: &[&str]) {
     }
 }
 
-/// Two models served by one engine pod (so upstream connections could be shared too).
-fn two_model_pods(engine: &Engine) -> [PodSpec; 2] {
-    [PodSpec::new("pod-alpha", "alpha", engine.port()), PodSpec::new("pod-beta", "beta", engine.port())]
+/// In a fresh namespace: one engine pod serving two models (so upstream connections could be
+/// shared too), and a gateway with kernel assist counting in userspace as well.
+async fn two_models_counted_both_ways(test: &str) -> Option<(Sandbox, Engine, Gateway)> {
+    let mut sandbox = sandbox(test)?;
+    let pins = sandbox.pin_dir();
+    let engine = Engine::start("pod-a", "alpha", &["--model", "beta"]);
+    let pods = [PodSpec::new("pod-alpha", "alpha", engine.port()), PodSpec::new("pod-beta", "beta", engine.port())];
+    let gw = start_gateway(&pods, &kernel_args(&pins, &["--userspace-counters"])).await;
+    Some((sandbox, engine, gw))
 }
 
 #[tokio::test]
 async fn a_keep_alive_connection_switching_models_is_counted_request_by_request() {
-    let Some(mut sandbox) = sandbox("keepalive") else { return };
-    let pins = sandbox.pin_dir();
-    let engine = Engine::start("pod-a", "alpha", &["--model", "beta"]);
-    let gw = start_gateway(&two_model_pods(&engine), &kernel_args(&pins, &["--userspace-counters"])).await;
+    let Some((_sandbox, _engine, gw)) = two_models_counted_both_ways("keepalive").await else { return };
 
     let stream = connect_from(GOOD, gw.proxy).await.expect("connect");
     let (mut sender, connection) =
@@ -333,10 +336,7 @@ async fn a_keep_alive_connection_switching_models_is_counted_request_by_request(
 
 #[tokio::test]
 async fn one_openai_client_calling_two_models_is_counted_per_model() {
-    let Some(mut sandbox) = sandbox("sdk") else { return };
-    let pins = sandbox.pin_dir();
-    let engine = Engine::start("pod-a", "alpha", &["--model", "beta"]);
-    let gw = start_gateway(&two_model_pods(&engine), &kernel_args(&pins, &["--userspace-counters"])).await;
+    let Some((_sandbox, _engine, gw)) = two_models_counted_both_ways("sdk").await else { return };
     let pins_file = include_str!("../python/requirements-openai.txt");
     let version = pins_file.lines().find_map(|l| l.trim().strip_prefix("openai==")).expect("openai pinned");
     let home = std::env::var_os("HOME").expect("HOME");
@@ -371,10 +371,7 @@ async fn one_openai_client_calling_two_models_is_counted_per_model() {
 /// the gateway's own cgroup) is not counted at all.
 #[tokio::test]
 async fn http2_is_counted_apart_and_other_traffic_not_at_all() {
-    let Some(mut sandbox) = sandbox("scope") else { return };
-    let pins = sandbox.pin_dir();
-    let engine = Engine::start("pod-a", "alpha", &["--model", "beta"]);
-    let gw = start_gateway(&two_model_pods(&engine), &kernel_args(&pins, &["--userspace-counters"])).await;
+    let Some((_sandbox, engine, gw)) = two_models_counted_both_ways("scope").await else { return };
 
     let stream = connect_from(GOOD, gw.proxy).await.expect("connect");
     let (mut sender, connection) = hyper::client::conn::http2::handshake(
