@@ -41,7 +41,10 @@ pub fn turnstile_bin() -> &'static Path {
         if std::env::var_os("TURNSTILE_TEST_NO_BUILD").is_none() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet", "-p", "gateway-user", "--bin", "turnstile"]);
+            // The same selection `cargo xtask ci` builds before testing, so
+            // features unify the same way and this is a no-op there (a narrower
+            // `-p gateway-user` build compiled a second copy of the dependency tree).
+            cmd.args(["build", "--quiet", "--workspace", "--bins"]);
             if release {
                 cmd.arg("--release");
             }
