@@ -12,7 +12,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::discovery::PodStore;
+use crate::errors;
 use crate::kernel::KernelAssist;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::proxy::{json_response, models_response};
 
@@ -25,16 +27,25 @@ pub struct Admin {
     pub draining: AtomicBool,
     /// Kernel assist, whose state `/readyz` details (active or why not).
     pub kernel: Option<Arc<KernelAssist>>,
+    /// The proxy's limiter, whose bearer-token rule `/v1/models` shares:
+    /// the model list is no more public here than on the proxy port.
+    pub limits: Option<Arc<Limits>>,
 }
 
 impl Admin {
     pub fn new(store: Arc<PodStore>, metrics: Arc<Metrics>) -> Self {
-        Self { store, metrics, draining: AtomicBool::new(false), kernel: None }
+        Self { store, metrics, draining: AtomicBool::new(false), kernel: None, limits: None }
     }
 
     /// Reports kernel assist's state in `/readyz`.
     pub fn with_kernel(mut self, kernel: Arc<KernelAssist>) -> Self {
         self.kernel = Some(kernel);
+        self
+    }
+
+    /// Applies the proxy's bearer token (if any) to `/v1/models`.
+    pub fn with_limits(mut self, limits: Arc<Limits>) -> Self {
+        self.limits = Some(limits);
         self
     }
 
@@ -57,7 +68,10 @@ impl Admin {
                 );
                 response
             }
-            ("/v1/models", &Method::GET) => models_response(&self.store),
+            ("/v1/models", &Method::GET) => match self.limits.as_ref().map(|l| l.authorize(request.headers())) {
+                Some(Err(error)) => errors::respond(&error),
+                _ => models_response(&self.store),
+            },
             ("/debug/endpoints", &Method::GET) => self.endpoints(),
             ("/healthz" | "/readyz" | "/metrics" | "/v1/models" | "/debug/endpoints", _) => {
                 json_response(StatusCode::METHOD_NOT_ALLOWED, &serde_json::json!({"error": "method not allowed"}))

@@ -114,6 +114,31 @@ pub struct ServeArgs {
     #[arg(long, env = "TURNSTILE_UPSTREAM_TIMEOUT_SECONDS", default_value_t = 300)]
     pub upstream_timeout_seconds: u64,
 
+    /// Most connections to one engine pod (one per request in flight);
+    /// requests past it wait for a free one, within the upstream timeout.
+    #[arg(long, env = "TURNSTILE_MAX_CONNECTIONS_PER_POD", default_value_t = 256)]
+    pub max_connections_per_pod: usize,
+
+    /// Idle engine connections are closed after this.
+    #[arg(long, env = "TURNSTILE_UPSTREAM_IDLE_TIMEOUT_SECONDS", default_value_t = 90)]
+    pub upstream_idle_timeout_seconds: u64,
+
+    /// Most requests in flight in the whole gateway; past it requests get
+    /// 503 with Retry-After: 1 before their body is read.
+    #[arg(long, env = "TURNSTILE_MAX_IN_FLIGHT", default_value_t = 4096)]
+    pub max_in_flight: usize,
+
+    /// Most concurrent HTTP/2 streams on one client connection (never more
+    /// than --max-in-flight).
+    #[arg(long, env = "TURNSTILE_MAX_STREAMS_PER_CONNECTION", default_value_t = 100)]
+    pub max_streams_per_connection: u32,
+
+    /// A client that leaves an answer unread this long (full TCP window,
+    /// zero HTTP/2 window) has its connection closed and the engine
+    /// requests behind it cancelled; 0: never.
+    #[arg(long, env = "TURNSTILE_CLIENT_WRITE_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub client_write_timeout_seconds: u64,
+
     /// Pods tried for one request when connecting fails (nothing was sent yet).
     #[arg(long, env = "TURNSTILE_MAX_CONNECT_ATTEMPTS", default_value_t = 3)]
     pub max_connect_attempts: usize,
@@ -369,7 +394,7 @@ fn init_tracing(format: LogFormat) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
-        LogFormat::Text => builder.with_ansi(false).init(),
+        LogFormat::Text => builder.with_ansi(false).fmt_fields(crate::logfmt::EscapedFields).init(),
     }
 }
 
@@ -388,12 +413,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         body_read_timeout: Duration::from_secs(args.body_read_timeout_seconds),
         max_connect_attempts: args.max_connect_attempts.max(1),
         trusted_proxies: crate::proxy::client::TrustedProxies::new(args.trusted_proxy_cidrs.clone()),
+        max_in_flight: args.max_in_flight.max(1),
     };
     // Kernel assist first: the upstream connector and the proxy tag sockets through it.
     let kernel = crate::kernel::KernelAssist::start(&args.kernel, args.limits.redis.url(), &metrics, shutdown.clone())?;
     let upstream = Upstream::with_kernel(
-        Duration::from_millis(args.upstream_connect_timeout_ms),
-        Duration::from_secs(args.upstream_timeout_seconds),
+        crate::proxy::forward::UpstreamSettings {
+            connect_timeout: Duration::from_millis(args.upstream_connect_timeout_ms),
+            response_timeout: Duration::from_secs(args.upstream_timeout_seconds),
+            max_connections_per_pod: args.max_connections_per_pod.max(1),
+            idle_timeout: Duration::from_secs(args.upstream_idle_timeout_seconds.max(1)),
+        },
         Some(Arc::clone(&kernel)),
     );
     let limits_config = args.limits.config()?;
@@ -405,6 +435,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "limits configured"
     );
     let limits = Arc::new(crate::limits::Limits::new(limits_config, Arc::clone(&metrics))?);
+    let admin_limits = Arc::clone(&limits);
     // Engine metrics of every ready pod, scraped once discovery runs.
     let engine_metrics = Arc::new(crate::engine_metrics::EngineMetrics::new(Duration::from_millis(
         args.engine_metrics.pod_metric_stale_ms,
@@ -418,6 +449,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_routing(&args.routing, Arc::clone(&engine_metrics))
             .with_kernel(Arc::clone(&kernel)),
     );
+    crate::proxy::memory::spawn_trimmer(proxy.in_flight_counter(), shutdown.clone());
     proxy
         .check_strategy(&settings.default_strategy)
         .map_err(|e| anyhow::anyhow!("--routing-algorithm / ROUTING_ALGORITHM: {e}"))?;
@@ -449,9 +481,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let proxy_listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("binding proxy listener {}", args.listen))?;
-    let admin_listener = TcpListener::bind(args.admin_listen)
-        .await
+    // Bound here, served by its own thread and runtime (below).
+    let admin_listener = std::net::TcpListener::bind(args.admin_listen)
         .with_context(|| format!("binding admin listener {}", args.admin_listen))?;
+    admin_listener.set_nonblocking(true)?;
     kernel.guard_port(proxy_listener.local_addr()?.port());
     tracing::info!(
         proxy = %proxy_listener.local_addr()?,
@@ -465,8 +498,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_headers: args.max_headers,
         max_header_bytes: args.max_header_bytes,
         max_uri_bytes: args.max_uri_bytes,
+        max_streams_per_connection: args
+            .max_streams_per_connection
+            .min(u32::try_from(args.max_in_flight).unwrap_or(u32::MAX))
+            .max(1),
+        client_write_timeout: (args.client_write_timeout_seconds > 0)
+            .then(|| Duration::from_secs(args.client_write_timeout_seconds)),
     };
-    let admin = Arc::new(Admin::new(Arc::clone(&store), Arc::clone(&metrics)).with_kernel(Arc::clone(&kernel)));
+    let admin = Arc::new(
+        Admin::new(Arc::clone(&store), Arc::clone(&metrics)).with_kernel(Arc::clone(&kernel)).with_limits(admin_limits),
+    );
     let proxy_shutdown = CancellationToken::new();
     let proxy_task = tokio::spawn(listener::serve_tracked(
         "proxy",
@@ -477,15 +518,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         grace,
         Some(kernel),
     ));
-    let admin_for_handler = Arc::clone(&admin);
-    let admin_task = tokio::spawn(listener::serve(
-        "admin",
-        admin_listener,
-        HttpLimits::default(),
-        move |request, _peer| Arc::clone(&admin_for_handler).handle(request),
-        shutdown.clone(),
-        Duration::from_secs(1),
-    ));
+    let admin_task = spawn_admin(admin_listener, Arc::clone(&admin), shutdown.clone())?;
 
     wait_for_signal().await;
     tracing::info!(grace_seconds = grace.as_secs(), "shutting down: readiness fails, no new connections, draining");
@@ -494,9 +527,41 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = proxy_task.await;
     // The admin listener outlives the drain so probes see "draining" until the end.
     shutdown.cancel();
-    let _ = admin_task.await;
+    let _ = tokio::task::spawn_blocking(move || admin_task.join()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves the admin listener on a thread and runtime of its own, so
+/// `/healthz`, `/readyz` and `/metrics` answer however busy the proxy's
+/// workers are (a liveness probe that times out restarts the pod).
+fn spawn_admin(
+    listener: std::net::TcpListener,
+    admin: Arc<Admin>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let thread = std::thread::Builder::new().name("turnstile-admin".to_owned()).spawn(move || {
+        runtime.block_on(async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(listener) => listener,
+                Err(err) => {
+                    tracing::error!(error = %err, "admin listener unusable");
+                    return;
+                }
+            };
+            listener::serve(
+                "admin",
+                listener,
+                HttpLimits::default(),
+                move |request, _peer| Arc::clone(&admin).handle(request),
+                shutdown,
+                Duration::from_secs(1),
+            )
+            .await;
+        });
+    })?;
+    Ok(thread)
 }
 
 async fn wait_for_signal() {

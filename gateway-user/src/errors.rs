@@ -69,6 +69,9 @@ pub enum GatewayError {
     MethodNotAllowed { method: String, path: String },
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// `--max-in-flight` requests are in flight already.
+    #[error("the gateway is at its limit of {limit} requests in flight")]
+    Overloaded { limit: usize },
     #[error("Incorrect API key provided")]
     Unauthorized,
     #[error("model: {model} has exceeded RPS: {}", .quota.limit)]
@@ -93,6 +96,32 @@ pub enum GatewayError {
     /// `pd`: the prefill request failed or timed out; no decode was sent.
     #[error("prefill request to pod {pod} failed: {reason}")]
     PrefillFailed { pod: String, reason: String },
+}
+
+/// Most bytes of a client-sent value (model, user, path, strategy, filter)
+/// echoed in an error's message, header or log line.
+pub const ECHO_MAX_BYTES: usize = 256;
+
+/// A client-sent value as the gateway echoes it: control characters escaped
+/// (`\n`, `\u{1b}`: a value can never start a new log line or header), and
+/// cut to [`ECHO_MAX_BYTES`] with `...` so a 6 MB model name costs a few
+/// hundred bytes to report.
+pub fn echo(value: &str) -> String {
+    let mut out = String::with_capacity(value.len().min(ECHO_MAX_BYTES + 3));
+    for c in value.chars() {
+        let before = out.len();
+        if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        if out.len() > ECHO_MAX_BYTES {
+            out.truncate(before);
+            out.push_str("...");
+            break;
+        }
+    }
+    out
 }
 
 /// The body of every error the gateway itself produces.
@@ -130,6 +159,7 @@ impl GatewayError {
             Self::NoReadyPods { .. }
             | Self::PodsNotLoaded
             | Self::ShuttingDown
+            | Self::Overloaded { .. }
             | Self::LimitStoreUnavailable
             | Self::NoPdRoleset { .. }
             | Self::PrefillFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -151,6 +181,7 @@ impl GatewayError {
             Self::NoReadyPods { .. }
             | Self::PodsNotLoaded
             | Self::ShuttingDown
+            | Self::Overloaded { .. }
             | Self::LimitStoreUnavailable
             | Self::NoPdRoleset { .. } => Origin::Gateway,
             Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } | Self::PrefillFailed { .. } => Origin::Upstream,
@@ -169,6 +200,7 @@ impl GatewayError {
             | Self::ClientPenalised { .. } => Some("rate_limit_exceeded"),
             Self::PodsNotLoaded => Some("service_unavailable"),
             Self::LimitStoreUnavailable => Some("service_unavailable"),
+            Self::Overloaded { .. } => Some("overloaded"),
             Self::PrefillFailed { .. } => Some("prefill_failed"),
             _ => None,
         }
@@ -209,6 +241,7 @@ impl GatewayError {
             Self::UserTpmExceeded { .. } => Some((name("x-error-tpm-exceeded"), TRUE)),
             Self::LimitStoreUnavailable => Some((name("x-error-ratelimit-unavailable"), TRUE)),
             Self::PodsNotLoaded => Some((name("x-error-no-model-backends"), TRUE)),
+            Self::Overloaded { .. } => Some((name("x-error-overloaded"), TRUE)),
             _ => None,
         }
     }
@@ -237,6 +270,7 @@ impl GatewayError {
             | Self::NoReadyPods { .. }
             | Self::NoPdRoleset { .. }
             | Self::LimitStoreUnavailable
+            | Self::Overloaded { .. }
             | Self::ShuttingDown => Some(Duration::from_secs(1)),
             _ => None,
         }
@@ -420,6 +454,7 @@ mod tests {
     #[rstest]
     #[case::not_loaded(GatewayError::PodsNotLoaded)]
     #[case::no_pods(GatewayError::NoReadyPods { model: "m".into() })]
+    #[case::overloaded(GatewayError::Overloaded { limit: 10 })]
     #[case::store_closed(GatewayError::LimitStoreUnavailable)]
     #[case::draining(GatewayError::ShuttingDown)]
     #[tokio::test]
@@ -438,9 +473,23 @@ mod tests {
 
     #[tokio::test]
     async fn model_name_that_is_no_header_value_still_answers() {
-        let (status, headers, _) = parts(GatewayError::UnknownModel { model: "bad\nname".into() }).await;
+        let (status, headers, _) = parts(GatewayError::UnknownModel { model: "bad\u{7f}name".into() }).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(headers["x-error-no-model-backends"], "true");
+    }
+
+    #[test]
+    fn echoed_values_are_escaped_and_capped() {
+        assert_eq!(echo("plain-model"), "plain-model");
+        assert_eq!(echo("m\n2026-12-06T00:00:00Z  INFO forged"), "m\\n2026-12-06T00:00:00Z  INFO forged");
+        assert_eq!(echo("a\r\u{1b}[31m\u{2028}b"), "a\\r\\u{1b}[31m\\u{2028}b");
+        let huge = "é".repeat(3 << 20);
+        let echoed = echo(&huge);
+        assert!(echoed.len() <= ECHO_MAX_BYTES + 3, "{}", echoed.len());
+        assert!(echoed.ends_with("..."));
+        assert!(echoed.starts_with("éé"), "cut on a character boundary");
+        let controls = "\n".repeat(1000);
+        assert!(echo(&controls).len() <= ECHO_MAX_BYTES + 3);
     }
 
     #[test]

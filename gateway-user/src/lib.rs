@@ -14,6 +14,7 @@ pub mod errors;
 pub mod fuzzing;
 pub mod kernel;
 pub mod limits;
+pub mod logfmt;
 pub mod metrics;
 pub mod plan;
 pub mod profiles;

@@ -30,12 +30,20 @@ const DEFAULT_PORT: u16 = 8000;
 #[derive(Debug, Default)]
 pub struct PodLoad {
     in_flight: AtomicUsize,
+    /// Upstream connection slots (`--max-connections-per-pod`), made on
+    /// first use; one HTTP/1.1 request in flight holds one connection.
+    connection_slots: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
 }
 
 impl PodLoad {
     /// Requests routed to the pod whose response has not ended yet.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The pod's upstream connection slots, `cap` of them.
+    pub fn connection_slots(&self, cap: usize) -> Arc<tokio::sync::Semaphore> {
+        Arc::clone(self.connection_slots.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(cap))))
     }
 
     /// Marks one more request as running on the pod until the guard drops.

@@ -387,11 +387,11 @@ impl Limits {
                 }
                 UserVerdict::RpmExceeded { quota } => {
                     self.decided(request, LimitKind::Rpm, Decision::Limited);
-                    return Err(GatewayError::UserRpmExceeded { user: user.to_owned(), quota });
+                    return Err(GatewayError::UserRpmExceeded { user: crate::errors::echo(user), quota });
                 }
                 UserVerdict::TpmExceeded { quota } => {
                     self.decided(request, LimitKind::Tpm, Decision::Limited);
-                    return Err(GatewayError::UserTpmExceeded { user: user.to_owned(), quota });
+                    return Err(GatewayError::UserTpmExceeded { user: crate::errors::echo(user), quota });
                 }
             }
         }

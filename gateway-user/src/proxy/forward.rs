@@ -37,7 +37,30 @@ use crate::routing::{TokenUsage, UsageCallback};
 pub struct Upstream {
     client: Client<TrackingConnector, Full<Bytes>>,
     response_timeout: Duration,
+    /// Most connections (requests in flight) to one pod; a request past it
+    /// waits for a slot.
+    max_connections_per_pod: usize,
 }
+
+/// How the gateway pools engine connections.
+#[derive(Clone, Copy, Debug)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub max_connections_per_pod: usize,
+    /// Idle pooled connections close after this.
+    pub idle_timeout: Duration,
+}
+
+impl UpstreamSettings {
+    /// The defaults of the `serve` flags, with the two timeouts given.
+    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Self {
+        Self { connect_timeout, response_timeout, max_connections_per_pod: 256, idle_timeout: Duration::from_secs(90) }
+    }
+}
+
+/// One of a pod's connection slots, held until the answer's body ends.
+pub type ConnectionSlot = tokio::sync::OwnedSemaphorePermit;
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1),
 /// plus the ones the gateway sets itself.
@@ -52,6 +75,20 @@ const HOP_BY_HOP: [&str; 9] = [
     "transfer-encoding",
     "upgrade",
 ];
+
+/// Engine response headers that describe the engine's software, not the
+/// answer: dropped so clients see one gateway, not its backends.
+const ENGINE_INTERNAL: [&str; 3] = ["server", "x-powered-by", "via"];
+
+/// Prepares an engine's response headers for the client: hop-by-hop ones
+/// and the ones naming the engine's software go; the OpenAI, rate-limit and
+/// content headers stay.
+pub fn clean_response_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    for name in ENGINE_INTERNAL {
+        headers.remove(name);
+    }
+}
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -72,25 +109,34 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 impl Upstream {
     pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Self {
-        Self::with_kernel(connect_timeout, response_timeout, None)
+        Self::with_kernel(UpstreamSettings::new(connect_timeout, response_timeout), None)
     }
 
     /// Like [`Upstream::new`], registering each new pod connection with
     /// kernel assist so the proxy can tag it with its model.
-    pub fn with_kernel(
-        connect_timeout: Duration,
-        response_timeout: Duration,
-        kernel: Option<Arc<crate::kernel::KernelAssist>>,
-    ) -> Self {
+    pub fn with_kernel(settings: UpstreamSettings, kernel: Option<Arc<crate::kernel::KernelAssist>>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_keepalive(Some(Duration::from_secs(60)));
+        let max_connections_per_pod = settings.max_connections_per_pod.max(1);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(settings.idle_timeout)
+            .pool_max_idle_per_host(max_connections_per_pod)
             .build(TrackingConnector::new(connector, kernel));
-        Self { client, response_timeout }
+        Self { client, response_timeout: settings.response_timeout, max_connections_per_pod }
+    }
+
+    /// Waits (within the response timeout) for one of `pod`'s connection
+    /// slots.
+    pub async fn connection_slot(&self, pod: &PodInfo) -> Result<ConnectionSlot, SendError> {
+        let slots = pod.load.connection_slots(self.max_connections_per_pod);
+        match tokio::time::timeout(self.response_timeout, slots.acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            Ok(Err(_closed)) => Err(SendError::Other("connection slots closed".to_owned())),
+            Err(_) => Err(SendError::Timeout(self.response_timeout)),
+        }
     }
 
     /// Sends one request to `pod` and waits for its response headers; over a
@@ -191,6 +237,9 @@ pub struct RequestRecord {
     pub routing_time: Duration,
     /// Held until the response ends: the pod's in-flight slot and gauge.
     pub guards: (InFlightGuard, InFlightMetric),
+    /// Held until the response ends: the pod connection slot and the
+    /// gateway-wide in-flight slot.
+    pub slots: (Option<ConnectionSlot>, Option<super::InFlightSlot>),
     /// Bills `usage.total_tokens` to the user's TPM when the response ends.
     pub token_charge: Option<TokenCharge>,
     /// Tells the routing strategy the answer's usage (`vtc-basic` counts user tokens).
@@ -203,6 +252,8 @@ enum Outcome {
     Completed,
     UpstreamBroken,
     ClientGone,
+    /// The client stopped reading for `--client-write-timeout-seconds`.
+    ClientStalled,
 }
 
 impl Outcome {
@@ -211,6 +262,7 @@ impl Outcome {
             Self::Completed => "completed",
             Self::UpstreamBroken => "upstream_broken",
             Self::ClientGone => "client_gone",
+            Self::ClientStalled => "client_stalled",
         }
     }
 }
@@ -228,6 +280,8 @@ pub struct TrackedBody {
     settling: Option<Settling>,
     /// Usage read once the body ended (the tap is spent by then).
     final_usage: Option<Usage>,
+    /// Usage the engine sent in trailer fields.
+    trailer_usage: Option<Usage>,
     /// The engine's last frame, held until the TPM charge lands.
     held_frame: Option<Frame<Bytes>>,
     /// SSE data read from the engine and not yet passed on (see `poll_frame`).
@@ -238,6 +292,8 @@ pub struct TrackedBody {
     stepped_aside: u8,
     /// A non-data frame that arrived behind coalesced data, passed on next.
     next_frame: Option<Frame<Bytes>>,
+    /// Whose turn it is, for `--client-write-timeout-seconds`.
+    clock: Option<Arc<super::write_watch::BodyClock>>,
     done: bool,
 }
 
@@ -261,24 +317,41 @@ const SSE_UPSTREAM_ERROR: &[u8] = b"data: {\"error\":{\"message\":\"upstream con
 impl TrackedBody {
     /// `hide_usage_chunk`: the gateway asked for usage the client did not
     /// ask for; its chunk is counted, then left out of what the client gets.
-    pub fn new(inner: Incoming, content_type: Option<&str>, record: RequestRecord, hide_usage_chunk: bool) -> Self {
+    /// An encoded answer (gzip) is passed on as it came, usage chunk included.
+    pub fn new(
+        inner: Incoming,
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        record: RequestRecord,
+        hide_usage_chunk: bool,
+    ) -> Self {
         let sse = content_type.is_some_and(|ct| ct.starts_with("text/event-stream"));
+        let encoded =
+            content_encoding.is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
         Self {
             inner,
-            tap: UsageTap::for_content_type(content_type),
-            usage_filter: (sse && hide_usage_chunk).then(UsageChunkFilter::default),
+            tap: UsageTap::for_response(content_type, content_encoding),
+            usage_filter: (sse && hide_usage_chunk && !encoded).then(UsageChunkFilter::default),
             sse,
             first_byte: None,
             record: Some(record),
             settling: None,
             final_usage: None,
+            trailer_usage: None,
             held_frame: None,
             coalesced: Vec::new(),
             coalesced_len: 0,
             stepped_aside: 0,
             next_frame: None,
+            clock: None,
             done: false,
         }
+    }
+
+    /// Reports turn-taking with the client to its connection's write watch.
+    pub fn with_clock(mut self, clock: Option<Arc<super::write_watch::BodyClock>>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// What of the engine's `data` the client receives; at the `end` of the
@@ -324,14 +397,14 @@ impl TrackedBody {
     /// user has a TPM limit and the answer reported usage.
     fn start_settling(&mut self) -> Option<Settling> {
         let charge = self.record.as_mut()?.token_charge.take()?;
-        self.final_usage = self.tap.finish();
+        self.final_usage = self.tap.finish().or(self.trailer_usage);
         Some(charge.settle(self.final_usage?.total_tokens))
     }
 
     fn finish(&mut self, outcome: Outcome) {
         self.done = true;
         let Some(mut record) = self.record.take() else { return };
-        let usage = self.final_usage.take().or_else(|| self.tap.finish());
+        let usage = self.final_usage.take().or_else(|| self.tap.finish()).or(self.trailer_usage);
         // Broken off or abandoned: still bill the tokens the stream reported.
         if let (Some(charge), Some(usage)) = (record.token_charge.take(), usage) {
             charge.settle_in_background(usage.total_tokens);
@@ -363,6 +436,31 @@ impl Body for TrackedBody {
     /// next token.
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        let Some(clock) = this.clock.clone() else { return this.poll_tracked(cx) };
+        clock.polled();
+        let polled = this.poll_tracked(cx);
+        if let Poll::Ready(Some(_)) = polled {
+            clock.handed_over();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Only once accounting is done: reporting the engine's end-of-stream
+        // early would let hyper drop the body before the last frame (held
+        // for a TPM charge) is sent and before the request is accounted.
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.done { SizeHint::with_exact(0) } else { self.inner.size_hint() }
+    }
+}
+
+impl TrackedBody {
+    /// [`Body::poll_frame`] without the write watch's bookkeeping.
+    fn poll_tracked(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self;
         loop {
             if this.done {
                 return Poll::Ready(None);
@@ -427,11 +525,17 @@ impl Body for TrackedBody {
                             this.next_frame = Some(frame);
                             return Poll::Ready(Some(Ok(Frame::data(this.take_coalesced()))));
                         }
-                        Err(frame) => frame,
+                        Err(frame) => {
+                            if let Some(trailers) = frame.trailers_ref() {
+                                this.trailer_usage = super::usage::usage_from_trailers(trailers);
+                            }
+                            frame
+                        }
                     };
-                    // A body with a known length ends with its last frame:
-                    // hyper will not poll again, so the response ends here.
-                    if this.inner.is_end_stream() {
+                    // A body with a known length ends with its last frame,
+                    // and trailers always end a body: hyper will not poll
+                    // again, so the response ends here.
+                    if this.inner.is_end_stream() || frame.is_trailers() {
                         if let Some(settling) = this.start_settling() {
                             this.held_frame = Some(frame);
                             this.settling = Some(settling);
@@ -470,17 +574,6 @@ impl Body for TrackedBody {
             }
         }
     }
-
-    fn is_end_stream(&self) -> bool {
-        // Only once accounting is done: reporting the engine's end-of-stream
-        // early would let hyper drop the body before the last frame (held
-        // for a TPM charge) is sent and before the request is accounted.
-        self.done
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        if self.done { SizeHint::with_exact(0) } else { self.inner.size_hint() }
-    }
 }
 
 impl Drop for TrackedBody {
@@ -492,7 +585,8 @@ impl Drop for TrackedBody {
             runtime.spawn(settling);
         }
         if !self.done {
-            self.finish(Outcome::ClientGone);
+            let stalled = self.clock.as_ref().is_some_and(|clock| clock.stalled());
+            self.finish(if stalled { Outcome::ClientStalled } else { Outcome::ClientGone });
         }
     }
 }
@@ -546,7 +640,7 @@ pub fn log_gateway_answer(
         total_tokens = 0u64,
         routing_ms = facts.routing_time.map(ms),
         total_ms = ms(started.elapsed()),
-        path,
+        path = %crate::errors::echo(path),
         client,
         via = via.map(tracing::field::display),
         origin = error.map(|e| tracing::field::debug(e.origin())),

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::errors::{self, GatewayError};
 use crate::kernel::KernelAssist;
 use crate::kernel::tagging::{ClientConn, TaggedStream};
+use crate::proxy::write_watch::WriteWatch;
 
 /// What one client connection may send.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +35,11 @@ pub struct HttpLimits {
     pub max_header_bytes: usize,
     /// Longest request target (path and query) in bytes (414 above).
     pub max_uri_bytes: usize,
+    /// Most concurrent HTTP/2 streams on one connection.
+    pub max_streams_per_connection: u32,
+    /// A connection whose client leaves an answer unread this long is
+    /// closed (see `write_watch`); `None`: never.
+    pub client_write_timeout: Option<Duration>,
 }
 
 impl Default for HttpLimits {
@@ -43,6 +49,8 @@ impl Default for HttpLimits {
             max_headers: 100,
             max_header_bytes: 64 * 1024,
             max_uri_bytes: 8 * 1024,
+            max_streams_per_connection: 100,
+            client_write_timeout: None,
         }
     }
 }
@@ -107,6 +115,7 @@ pub async fn serve_tracked<H, F, B>(
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams_per_connection.max(1))
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
     loop {
@@ -140,6 +149,8 @@ pub async fn serve_tracked<H, F, B>(
         let first_request = CancellationToken::new();
         let request_seen = first_request.clone();
         let max_uri_bytes = limits.max_uri_bytes;
+        let write_watch = limits.client_write_timeout.map(|timeout| Arc::new(WriteWatch::new(timeout)));
+        let watch_for_requests = write_watch.clone();
         let service = service_fn(move |mut request: Request<Incoming>| {
             request_seen.cancel();
             // hyper answers 431 for oversized heads itself, but only says 414
@@ -149,6 +160,9 @@ pub async fn serve_tracked<H, F, B>(
             } else {
                 if let Some(conn) = &conn {
                     request.extensions_mut().insert(conn.clone());
+                }
+                if let Some(watch) = &watch_for_requests {
+                    request.extensions_mut().insert(Arc::clone(watch));
                 }
                 Some(handler(request, peer))
             };
@@ -168,9 +182,23 @@ pub async fn serve_tracked<H, F, B>(
             // client that connects and sends nothing (or one byte of the h2
             // preface) would hold its socket forever. The first request's
             // head must therefore arrive within the header timeout of accept.
+            let stalled = async {
+                match &write_watch {
+                    Some(watch) => watch.stalled().await,
+                    None => std::future::pending().await,
+                }
+            };
             let result = tokio::select! {
                 result = connection.as_mut() => result,
-                () = first_request.cancelled() => connection.await,
+                () = first_request.cancelled() => tokio::select! {
+                    result = connection.as_mut() => result,
+                    () = stalled => {
+                        // Dropping the connection drops its unsent answers,
+                        // which cancels their engine requests.
+                        tracing::warn!(listener = name, client = %peer, "client stopped reading its answers; closing the connection");
+                        return;
+                    }
+                },
                 () = tokio::time::sleep(first_request_deadline) => {
                     tracing::debug!(listener = name, client = %peer, "no request head within the header timeout; closing");
                     return;

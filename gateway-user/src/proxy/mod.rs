@@ -4,10 +4,13 @@
 pub mod client;
 pub mod forward;
 pub mod listener;
+pub mod memory;
+pub mod offload;
 pub mod pd;
 pub mod request;
 pub mod upstream_conn;
 pub mod usage;
+pub mod write_watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,6 +50,30 @@ pub struct ProxySettings {
     pub max_connect_attempts: usize,
     /// Peers whose `X-Forwarded-For` / `Forwarded` name the client.
     pub trusted_proxies: client::TrustedProxies,
+    /// Most requests in flight in the whole gateway (503 above).
+    pub max_in_flight: usize,
+}
+
+/// One of the gateway's `--max-in-flight` request slots, held from the
+/// request's arrival until its answer ends.
+#[derive(Debug)]
+pub struct InFlightSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlightSlot {
+    /// A slot, unless `limit` are taken.
+    fn take(count: &Arc<std::sync::atomic::AtomicUsize>, limit: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| (taken < limit).then_some(taken + 1))
+            .ok()
+            .map(|_| Self(Arc::clone(count)))
+    }
+}
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The proxy: shared state for every request.
@@ -62,6 +89,10 @@ pub struct Proxy {
     /// Kernel assist: socket tagging and penalties for clients that keep
     /// sending after 429 (none in embedded tests).
     kernel: Option<Arc<KernelAssist>>,
+    /// Where large bodies are parsed, tokenized and hashed.
+    offload: offload::Offload,
+    /// Requests in flight, against `settings.max_in_flight`.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Headers the gateway reads or sets.
@@ -95,7 +126,18 @@ impl Proxy {
         let router = Router::new(&RoutingArgs::default(), &metrics.routing);
         // No scraper: metric-driven strategies fall back until `with_routing`.
         let engine_metrics = Arc::new(EngineMetrics::new(Duration::from_secs(2)));
-        Self { store, router, engine_metrics, metrics, limits, upstream, settings, kernel: None }
+        Self {
+            store,
+            router,
+            engine_metrics,
+            metrics,
+            limits,
+            upstream,
+            settings,
+            kernel: None,
+            offload: offload::Offload::default(),
+            in_flight: Arc::default(),
+        }
     }
 
     /// Tags sockets with their model and reports 429s to kernel assist.
@@ -119,6 +161,11 @@ impl Proxy {
         self
     }
 
+    /// The count of requests in flight (for the memory trimmer).
+    pub fn in_flight_counter(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+        Arc::clone(&self.in_flight)
+    }
+
     /// Validates a strategy name at start-up, so a typo in a flag fails fast.
     pub fn check_strategy(&self, name: &str) -> Result<(), String> {
         match self.router.strategy(name) {
@@ -137,7 +184,14 @@ impl Proxy {
         let client = self.settings.trusted_proxies.client(peer.ip(), request.headers());
         let conn = self.kernel.as_ref().and(request.extensions().get::<ClientConn>().cloned());
         let mut facts = RequestFacts { client: Some((client, peer)), ..RequestFacts::default() };
-        let served = self.serve(request, started, &request_id, &mut facts, client).await;
+        let served = match InFlightSlot::take(&self.in_flight, self.settings.max_in_flight) {
+            Some(slot) => self.serve(request, started, &request_id, &mut facts, client, slot).await,
+            None => {
+                // The request is not read: its connection closes after the answer.
+                let limit = self.settings.max_in_flight;
+                Err(Failure::from(GatewayError::Overloaded { limit }))
+            }
+        };
         if let (Some(kernel), Some(ClientConn(conn))) = (&self.kernel, &conn) {
             // Before the answer is written: the kernel charges the request it
             // holds to the model tagged when the answer starts.
@@ -161,6 +215,10 @@ impl Proxy {
                 forward::log_gateway_answer(&request_id, &facts, status.as_u16(), Some(&error), &path, started);
                 let mut response = errors::respond(&error).map(Either::Left);
                 response.headers_mut().insert(names::REQUEST_ID, request_id);
+                if http1 && matches!(error, GatewayError::Overloaded { .. }) {
+                    // Its body was never read, so the connection cannot carry another request.
+                    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 if status == StatusCode::TOO_MANY_REQUESTS
                     && let Some(kernel) = &self.kernel
                 {
@@ -183,6 +241,7 @@ impl Proxy {
         request_id: &HeaderValue,
         facts: &mut RequestFacts,
         client: ClientAddr,
+        slot: InFlightSlot,
     ) -> Result<Response<ProxyBody>, Failure> {
         // Phase 1: authenticate, then parse.
         self.limits.authorize(request.headers())?;
@@ -194,14 +253,17 @@ impl Proxy {
                 }
                 return Ok(models_response(&self.store).map(Either::Left));
             }
-            return Err(GatewayError::UnknownPath { path: path.to_owned() }.into());
+            return Err(GatewayError::UnknownPath { path: errors::echo(path) }.into());
         };
         if request.method() != Method::POST {
-            return Err(
-                GatewayError::MethodNotAllowed { method: request.method().to_string(), path: path.to_owned() }.into()
-            );
+            return Err(GatewayError::MethodNotAllowed {
+                method: errors::echo(request.method().as_str()),
+                path: errors::echo(path),
+            }
+            .into());
         }
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        let write_watch = parts.extensions.remove::<Arc<write_watch::WriteWatch>>();
         let body = self.read_body(&parts.headers, body).await?;
         // A flooding client still reaching the proxy (on a connection opened
         // before its penalty, or through a trusted proxy) is answered 429 here;
@@ -209,7 +271,10 @@ impl Proxy {
         if let Some(wait) = self.kernel.as_ref().and_then(|kernel| kernel.penalty_remaining(client)) {
             return Err(GatewayError::ClientPenalised { client: client.ip, wait }.into());
         }
-        let shape = request::inspect(endpoint, &body)?;
+        let auto_profile = header_str(&parts.headers, &names::CONFIG_PROFILE)
+            .is_some_and(|p| p.trim().eq_ignore_ascii_case(profiles::AUTO_PROFILE));
+        let prepared = self.offload.prepare(endpoint, body.clone(), auto_profile, self.router.prefix_hasher()).await?;
+        let shape = prepared.shape;
 
         // Until discovery has delivered its first list, no model is unknown:
         // the answer is a retryable 503, not a final 400.
@@ -218,7 +283,7 @@ impl Proxy {
         }
         let snapshot = self.store.snapshot();
         let Some(model) = snapshot.model(&shape.model) else {
-            return Err(GatewayError::UnknownModel { model: shape.model }.into());
+            return Err(GatewayError::UnknownModel { model: errors::echo(&shape.model) }.into());
         };
         let model_label: Arc<str> = Arc::clone(&model.name);
         facts.model = Some(Arc::clone(&model_label));
@@ -228,7 +293,9 @@ impl Proxy {
         let config = model.config.as_deref();
         let profile =
             profiles::resolve_profile(config, header_str(&parts.headers, &names::CONFIG_PROFILE), || RequestFeatures {
-                prompt_tokens: Some(profiles::count_tokens(&request::prompt_text(&body))),
+                prompt_tokens: Some(
+                    prepared.prompt_tokens.unwrap_or_else(|| profiles::count_tokens(&request::prompt_text(&body))),
+                ),
                 max_tokens: shape.max_tokens,
             });
         let strategy_name = profiles::resolve_strategy(
@@ -238,11 +305,11 @@ impl Proxy {
             &self.settings.default_strategy,
         );
         facts.profile = Some(profile.name.to_owned());
-        facts.strategy = Some(strategy_name.to_owned());
+        facts.strategy = Some(errors::echo(strategy_name));
         let strategy = self.router.strategy(strategy_name).map_err(|err| {
             fail(match err {
-                StrategyError::Unknown => GatewayError::UnknownStrategy { name: strategy_name.to_owned() },
-                StrategyError::Unavailable => GatewayError::StrategyUnavailable { name: strategy_name.to_owned() },
+                StrategyError::Unknown => GatewayError::UnknownStrategy { name: errors::echo(strategy_name) },
+                StrategyError::Unavailable => GatewayError::StrategyUnavailable { name: errors::echo(strategy_name) },
             })
         })?;
         let filter = external_filter(&parts.headers).map_err(fail)?;
@@ -267,10 +334,13 @@ impl Proxy {
                 &filtered
             }
         };
-        let route_request = RouteRequest::new(&model_label, &body)
+        let mut route_request = RouteRequest::new(&model_label, &body)
             .with_headers(&parts.headers)
             .with_metrics(self.engine_metrics.view())
             .with_prompt_extractor(request::prompt_text);
+        if let Some((prompt, hashes)) = prepared.prompt {
+            route_request = route_request.with_prepared(prompt, hashes);
+        }
         // A stream that does not ask for usage is sent asking for it, so its
         // tokens are counted; the client never sees the extra chunk.
         let usage_asked = request::ask_for_usage(endpoint, &shape, &body);
@@ -323,11 +393,13 @@ impl Proxy {
         // Phase 5: forward; a pod that refuses the connection got nothing,
         // so the request moves to another ready pod.
         let mut tried: Vec<Arc<PodInfo>> = Vec::new();
-        let (upstream_response, guards) = loop {
+        let (upstream_response, guards, connection) = loop {
             let guards = (reserved.take().unwrap_or_else(|| pod.load.start()), self.metrics.in_flight(&model_label));
             facts.pod = Some(Arc::clone(&pod));
+            let connection =
+                self.upstream.connection_slot(&pod).await.map_err(|err| fail(err.into_gateway_error(&pod)))?;
             match self.upstream.send(&parts, body.clone(), &pod, request_id, self.upstream_pool(&model_label)).await {
-                Ok(response) => break (response, guards),
+                Ok(response) => break (response, guards, connection),
                 Err(SendError::Connect(reason)) if tried.len() + 1 < self.settings.max_connect_attempts => {
                     tracing::warn!(pod = %pod.key, reason, "connect to pod failed; trying another pod");
                     tried.push(Arc::clone(&pod));
@@ -350,7 +422,7 @@ impl Proxy {
         {
             kernel.tag(&conn, &model_label);
         }
-        forward::strip_hop_by_hop(&mut response_parts.headers);
+        forward::clean_response_headers(&mut response_parts.headers);
         let status = response_parts.status.as_u16();
         self.metrics.request_done(&model_label, status);
         let headers = &mut response_parts.headers;
@@ -367,6 +439,7 @@ impl Proxy {
             headers.insert(names::CHOSEN_PROFILE, header_value(profile.name));
         }
         let content_type = header_str(headers, &header::CONTENT_TYPE).map(str::to_owned);
+        let content_encoding = header_str(headers, &header::CONTENT_ENCODING).map(str::to_owned);
         let record = RequestRecord {
             metrics: Arc::clone(&self.metrics),
             request_id: request_id.clone(),
@@ -378,10 +451,18 @@ impl Proxy {
             started,
             routing_time,
             guards,
+            slots: (Some(connection), Some(slot)),
             token_charge,
             on_usage: decision.on_usage,
         };
-        let body = TrackedBody::new(upstream_body, content_type.as_deref(), record, hide_usage_chunk);
+        let body = TrackedBody::new(
+            upstream_body,
+            content_type.as_deref(),
+            content_encoding.as_deref(),
+            record,
+            hide_usage_chunk,
+        )
+        .with_clock(write_watch.map(|watch| watch.register()));
         Ok(Response::from_parts(response_parts, Either::Right(body)))
     }
 
@@ -477,12 +558,13 @@ fn external_filter(headers: &http::HeaderMap) -> Result<Option<LabelSelector>, G
         return Ok(None);
     };
     let text = value.to_str().map_err(|_| GatewayError::InvalidExternalFilter {
-        filter: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        filter: errors::echo(&String::from_utf8_lossy(value.as_bytes())),
         reason: "not visible ASCII".to_owned(),
     })?;
-    LabelSelector::parse(text)
-        .map(Some)
-        .map_err(|reason| GatewayError::InvalidExternalFilter { filter: text.to_owned(), reason })
+    LabelSelector::parse(text).map(Some).map_err(|reason| GatewayError::InvalidExternalFilter {
+        filter: errors::echo(text),
+        reason: errors::echo(&reason),
+    })
 }
 
 fn header_str<'a>(headers: &'a http::HeaderMap, name: &HeaderName) -> Option<&'a str> {

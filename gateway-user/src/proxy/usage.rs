@@ -65,6 +65,10 @@ pub fn parse_usage_json(json: &[u8]) -> Option<Usage> {
     Some(fields.into())
 }
 
+/// Most bytes a gzip-encoded answer is decoded to for usage; past this (a
+/// decompression bomb, or just a huge answer) usage is not read.
+const MAX_DECODED_BYTES: usize = 4 * MAX_JSON_BYTES;
+
 /// Watches one response body for usage.
 #[derive(Debug)]
 pub enum UsageTap {
@@ -72,8 +76,20 @@ pub enum UsageTap {
     Sse { partial: Vec<u8>, usage: Option<Usage> },
     /// A JSON answer, kept until it ends.
     Json { frames: Vec<Bytes>, len: usize },
-    /// Anything else, or a JSON body over the cap.
+    /// A gzip-encoded answer: decoded as it passes (the client still gets
+    /// the encoded bytes), the decoded text watched by `inner`.
+    Gzip { decoder: Box<flate2::write::GzDecoder<Vec<u8>>>, inner: Box<UsageTap>, decoded: usize },
+    /// Anything else, a JSON body over the cap, or an encoding not decoded.
     Off,
+}
+
+/// Usage an engine sent in trailer fields: `usage` or `x-usage`, holding the
+/// usage object (or an answer envelope with one).
+pub fn usage_from_trailers(trailers: &http::HeaderMap) -> Option<Usage> {
+    ["usage", "x-usage"].iter().filter_map(|name| trailers.get(*name)).find_map(|value| {
+        let json = value.as_bytes();
+        parse_usage_json(json).or_else(|| serde_json::from_slice::<UsageFields>(json).ok().map(Usage::from))
+    })
 }
 
 impl UsageTap {
@@ -89,9 +105,41 @@ impl UsageTap {
         }
     }
 
+    /// Chooses how to watch a body from its `content-type` and
+    /// `content-encoding`: gzip is decoded on the side, other encodings
+    /// (br, zstd) are not read.
+    pub fn for_response(content_type: Option<&str>, content_encoding: Option<&str>) -> Self {
+        let tap = Self::for_content_type(content_type);
+        match content_encoding.map(str::trim) {
+            None | Some("" | "identity") => tap,
+            _ if matches!(tap, Self::Off) => tap,
+            Some(encoding) if encoding.eq_ignore_ascii_case("gzip") || encoding.eq_ignore_ascii_case("x-gzip") => {
+                Self::Gzip {
+                    decoder: Box::new(flate2::write::GzDecoder::new(Vec::new())),
+                    inner: Box::new(tap),
+                    decoded: 0,
+                }
+            }
+            Some(_) => Self::Off,
+        }
+    }
+
     /// Looks at one body frame.
     pub fn observe(&mut self, frame: &Bytes) {
         match self {
+            Self::Gzip { decoder, inner, decoded } => {
+                use std::io::Write as _;
+                let ok = decoder.write_all(frame).is_ok();
+                let text = std::mem::take(decoder.get_mut());
+                *decoded += text.len();
+                if ok && *decoded <= MAX_DECODED_BYTES && !text.is_empty() {
+                    inner.observe(&Bytes::from(text));
+                }
+                // Past the caps, or once the inner tap gave up, stop decoding.
+                if !ok || *decoded > MAX_DECODED_BYTES || matches!(**inner, Self::Off) {
+                    *self = Self::Off;
+                }
+            }
             Self::Sse { partial, usage } => scan_sse(partial, usage, frame),
             Self::Json { frames, len } => {
                 *len += frame.len();
@@ -113,6 +161,17 @@ impl UsageTap {
                 [one] => parse_usage_json(one),
                 many => parse_usage_json(&many.concat()),
             },
+            Self::Gzip { mut decoder, mut inner, decoded } => {
+                decoder.try_finish().ok()?;
+                let text = std::mem::take(decoder.get_mut());
+                if decoded + text.len() > MAX_DECODED_BYTES {
+                    return None;
+                }
+                if !text.is_empty() {
+                    inner.observe(&Bytes::from(text));
+                }
+                inner.finish()
+            }
             Self::Off => None,
         }
     }
@@ -225,6 +284,58 @@ mod tests {
     use super::*;
 
     const USAGE: Usage = Usage { prompt_tokens: 3, completion_tokens: 5, total_tokens: 8 };
+
+    fn gzip(text: &str) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(text.as_bytes()).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    #[test]
+    fn gzip_answers_are_read_decoded_in_any_split() {
+        let json = r#"{"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
+        for (content_type, body) in [("application/json", json.to_owned()), ("text/event-stream", sse_body())] {
+            let encoded = gzip(&body);
+            for piece in [1, 7, encoded.len()] {
+                let mut tap = UsageTap::for_response(Some(content_type), Some("gzip"));
+                for chunk in encoded.chunks(piece) {
+                    tap.observe(&Bytes::copy_from_slice(chunk));
+                }
+                assert_eq!(tap.finish(), Some(USAGE), "{content_type} in pieces of {piece}");
+            }
+        }
+        let mut brotli = UsageTap::for_response(Some("application/json"), Some("br"));
+        brotli.observe(&Bytes::from_static(b"\x0b\x02"));
+        assert_eq!(brotli.finish(), None, "encodings not decoded report nothing");
+        let mut broken = UsageTap::for_response(Some("application/json"), Some("gzip"));
+        broken.observe(&Bytes::from_static(b"not gzip at all"));
+        assert_eq!(broken.finish(), None);
+    }
+
+    #[test]
+    fn a_gzip_bomb_stops_being_decoded() {
+        let bomb = gzip(&" ".repeat(MAX_DECODED_BYTES + 1024));
+        let mut tap = UsageTap::for_response(Some("application/json"), Some("gzip"));
+        for chunk in bomb.chunks(4096) {
+            tap.observe(&Bytes::copy_from_slice(chunk));
+        }
+        assert!(matches!(tap, UsageTap::Off));
+    }
+
+    #[test]
+    fn usage_in_trailers() {
+        let mut trailers = http::HeaderMap::new();
+        assert_eq!(usage_from_trailers(&trailers), None);
+        trailers.insert("usage", http::HeaderValue::from_static(r#"{"prompt_tokens":3,"completion_tokens":5}"#));
+        assert_eq!(usage_from_trailers(&trailers), Some(USAGE));
+        trailers.clear();
+        trailers.insert(
+            "x-usage",
+            http::HeaderValue::from_static(r#"{"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#),
+        );
+        assert_eq!(usage_from_trailers(&trailers), Some(USAGE));
+    }
 
     fn sse_body() -> String {
         [

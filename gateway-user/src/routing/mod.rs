@@ -15,7 +15,7 @@
 mod config;
 mod filter;
 mod mix;
-mod prefix_index;
+pub mod prefix_index;
 
 mod least_busy_time;
 mod least_gpu_cache;
@@ -167,6 +167,14 @@ impl<'a> RouteRequest<'a> {
         self
     }
 
+    /// The prompt text and its prefix hashes, worked out before routing (off
+    /// the async workers, for large bodies), so strategies do not redo it.
+    pub fn with_prepared(self, prompt: String, prefix_hashes: Vec<u64>) -> Self {
+        let _ = self.prompt.set(prompt);
+        let _ = self.prefix_hashes.set(prefix_hashes);
+        self
+    }
+
     /// The prompt text.
     pub fn prompt(&self) -> &str {
         self.prompt.get_or_init(|| (self.prompt_of)(self.body))
@@ -310,6 +318,8 @@ pub struct Router {
     fallbacks: Arc<Fallbacks>,
     /// `pd` chooses a prefill and a decode pod; the proxy asks it directly.
     pd: Arc<pd::PdRouter>,
+    /// The prefix hasher every prefix-aware strategy shares.
+    hasher: Arc<prefix_index::PrefixHasher>,
 }
 
 /// Distinct weighted-mix strings kept parsed; beyond this they are parsed per request.
@@ -330,13 +340,24 @@ impl Router {
             Arc::new(throughput::Throughput),
             Arc::new(power_of_two::PowerOfTwo),
             Arc::new(prefix_cache::PrefixCache::new(config, Arc::clone(&hasher), metrics.clone())),
-            Arc::new(prefix_cache_preble::PrefixCachePreble::new(config, hasher, metrics.clone())),
+            Arc::new(prefix_cache_preble::PrefixCachePreble::new(config, Arc::clone(&hasher), metrics.clone())),
             Arc::new(vtc_basic::VtcBasic::new(config)),
             Arc::new(session_affinity::SessionAffinity),
             Arc::clone(&pd) as Arc<dyn Strategy>,
         ];
         let fallbacks = Arc::new(Fallbacks { metrics: metrics.clone(), logged: Mutex::new(HashMap::new()) });
-        Self { strategies: all.into_iter().map(|s| (s.name(), s)).collect(), mixes: Mutex::default(), fallbacks, pd }
+        Self {
+            strategies: all.into_iter().map(|s| (s.name(), s)).collect(),
+            mixes: Mutex::default(),
+            fallbacks,
+            pd,
+            hasher,
+        }
+    }
+
+    /// The prefix hasher of the prefix-aware strategies.
+    pub fn prefix_hasher(&self) -> Arc<prefix_index::PrefixHasher> {
+        Arc::clone(&self.hasher)
     }
 
     /// The `pd` strategy, for the proxy's two-request flow.

@@ -22,6 +22,8 @@ use super::config::{PrefixTokenizer, RoutingArgs};
 
 /// Pods remembered per block; the longest unused is replaced beyond this.
 const MAX_HOLDERS: usize = 16;
+/// Prompt bytes cut into blocks and hashed; the rest of a prompt is ignored.
+pub const HASHED_PROMPT_BYTES: usize = 256 * 1024;
 /// Seed of pod ids, apart from the block hash seed.
 const POD_ID_SEED: u64 = 0x706f_6469;
 
@@ -42,14 +44,21 @@ impl PrefixHasher {
         }
     }
 
-    /// The chained hashes of the prompt's whole blocks.
+    /// The chained hashes of the whole blocks of the prompt's first
+    /// [`HASHED_PROMPT_BYTES`]: routing by a longer shared prefix gains
+    /// nothing, and an 8 MB prompt must not cost 8 MB of hashing and
+    /// 60,000 index entries.
     pub fn hashes(&self, prompt: &str) -> Vec<u64> {
+        let prompt = crate::profiles::char_prefix(prompt, HASHED_PROMPT_BYTES);
         match self.tokenizer {
             PrefixTokenizer::Character => self.chain(prompt.as_bytes()),
             PrefixTokenizer::Tiktoken => match crate::profiles::cl100k() {
                 Some(bpe) => {
-                    let bytes: Vec<u8> =
-                        bpe.encode_ordinary(prompt).into_iter().flat_map(|t| t.to_be_bytes()).collect();
+                    // In bounded pieces, as token counting does (see `profiles`).
+                    let bytes: Vec<u8> = crate::profiles::tokenizer_pieces(prompt)
+                        .flat_map(|piece| bpe.encode_ordinary(piece))
+                        .flat_map(|t| t.to_be_bytes())
+                        .collect();
                     self.chain(&bytes)
                 }
                 // The tokenizer failed to load (logged once): hash the text.
@@ -169,7 +178,7 @@ impl PrefixIndex {
 
     /// Blocks remembered.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.blocks.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 }
@@ -208,6 +217,15 @@ mod tests {
         let text = "hello world, this is a prompt with several tokens";
         let tokens = crate::profiles::count_tokens(text) as usize;
         assert_eq!(h.hashes(text).len(), tokens / 2);
+    }
+
+    #[test]
+    fn only_the_head_of_a_huge_prompt_is_hashed() {
+        let h = hasher(128);
+        let huge = "x".repeat(8 << 20);
+        assert_eq!(h.hashes(&huge).len(), HASHED_PROMPT_BYTES / 128);
+        let differs_late = format!("{}y", &huge[..HASHED_PROMPT_BYTES + 10]);
+        assert_eq!(h.hashes(&differs_late), h.hashes(&huge));
     }
 
     #[test]

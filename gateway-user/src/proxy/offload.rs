@@ -1,0 +1,119 @@
+//! Request work whose cost grows with the body, done off the async workers.
+//!
+//! Parsing a multi-megabyte JSON body, extracting its prompt, counting its
+//! tokens and hashing its prefix blocks take milliseconds each; on the
+//! workers that serve every connection, two such requests would stall every
+//! other client (and, before the admin listener got its own thread, the
+//! liveness probe). Bodies of [`OFFLOAD_BYTES`] or more are therefore
+//! prepared on tokio's blocking threads, at most one job per CPU at a time so
+//! a burst of large prompts queues instead of oversubscribing the machine.
+//! The work itself is bounded too (see `profiles::count_tokens` and
+//! `PrefixHasher::hashes`).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+use super::request::{self, Endpoint, RequestShape};
+use crate::errors::GatewayError;
+use crate::profiles;
+use crate::routing::prefix_index::PrefixHasher;
+
+/// Bodies at least this large are prepared off the async workers.
+pub const OFFLOAD_BYTES: usize = 64 * 1024;
+
+/// What the proxy needs from a request body before it routes it.
+#[derive(Debug)]
+pub struct Prepared {
+    pub shape: RequestShape,
+    /// Prompt text and prefix hashes, when they were worked out up front.
+    pub prompt: Option<(String, Vec<u64>)>,
+    /// Prompt tokens, when `config-profile: auto` needs them and they were
+    /// counted up front.
+    pub prompt_tokens: Option<i64>,
+}
+
+/// Runs body-sized work on blocking threads, a bounded number at a time.
+#[derive(Debug)]
+pub struct Offload {
+    permits: Arc<Semaphore>,
+}
+
+impl Default for Offload {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        Self { permits: Arc::new(Semaphore::new(cpus)) }
+    }
+}
+
+impl Offload {
+    /// Inspects `body` (and, when large, extracts its prompt, counts its
+    /// tokens if `count_tokens`, and hashes its prefix) without blocking a
+    /// worker for longer than a small body takes.
+    pub async fn prepare(
+        &self,
+        endpoint: Endpoint,
+        body: Bytes,
+        count_tokens: bool,
+        hasher: Arc<PrefixHasher>,
+    ) -> Result<Prepared, GatewayError> {
+        if body.len() < OFFLOAD_BYTES {
+            let shape = request::inspect(endpoint, &body)?;
+            return Ok(Prepared { shape, prompt: None, prompt_tokens: None });
+        }
+        // Closed only when the proxy is dropped; then run inline.
+        let _permit = Arc::clone(&self.permits).acquire_owned().await.ok();
+        let job = move || {
+            let shape = request::inspect(endpoint, &body)?;
+            let prompt = request::prompt_text(&body);
+            let prompt_tokens = count_tokens.then(|| profiles::count_tokens(&prompt));
+            let hashes = hasher.hashes(&prompt);
+            Ok(Prepared { shape, prompt: Some((prompt, hashes)), prompt_tokens })
+        };
+        match tokio::task::spawn_blocking(job).await {
+            Ok(prepared) => prepared,
+            Err(err) => match err.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Cancelled: only when the runtime shuts down.
+                Err(_) => Err(GatewayError::ShuttingDown),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::RoutingArgs;
+
+    fn body(prompt: &str) -> Bytes {
+        Bytes::from(serde_json::json!({"model": "m", "prompt": prompt}).to_string())
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn large_bodies_are_prepared_whole_and_small_ones_lazily() {
+        let offload = Offload::default();
+        let hasher = Arc::new(PrefixHasher::new(&RoutingArgs::default()));
+        let small = offload.prepare(Endpoint::Completions, body("hi"), true, Arc::clone(&hasher)).await.unwrap();
+        assert_eq!(small.shape.model, "m");
+        assert!(small.prompt.is_none() && small.prompt_tokens.is_none(), "small bodies keep the lazy path");
+
+        // Runs on a current-thread runtime: the job must not need this thread.
+        let prompt = "lorem ipsum ".repeat(OFFLOAD_BYTES / 8);
+        let large = offload.prepare(Endpoint::Completions, body(&prompt), true, Arc::clone(&hasher)).await.unwrap();
+        let (text, hashes) = large.prompt.expect("prompt extracted");
+        assert_eq!(text, prompt);
+        assert_eq!(hashes, hasher.hashes(&prompt));
+        assert_eq!(large.prompt_tokens, Some(profiles::count_tokens(&prompt)));
+        let unasked = offload.prepare(Endpoint::Completions, body(&prompt), false, hasher).await.unwrap();
+        assert_eq!(unasked.prompt_tokens, None);
+
+        let broken = Bytes::from(format!("{{\"model\": \"m\", \"prompt\": \"{prompt}"));
+        let hasher = Arc::new(PrefixHasher::new(&RoutingArgs::default()));
+        assert!(matches!(
+            offload.prepare(Endpoint::Completions, broken, true, hasher).await,
+            Err(GatewayError::BodyNotJson)
+        ));
+    }
+}
