@@ -6,10 +6,15 @@
 //! moved off it, as Kubernetes removes an endpoint before it kills the pod). The gateway's
 //! resident memory (`VmRSS`) and open file descriptors are sampled from `/proc` all along.
 //! After a warm-up the run fails if RSS grew by more than 10%, if the descriptor count kept
-//! climbing, or if more than 1% of requests failed.
+//! climbing, or if more than 1% of requests failed. A hostile mix runs alongside (see
+//! [`hostile`]): large `auto` prompts, HTTP/2 bursts and a stream of new users, held to the
+//! same failure bound.
+
+mod hostile;
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -33,13 +38,18 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(3);
 const RETIRE_AFTER: Duration = Duration::from_secs(3);
 /// Largest RSS growth after warm-up, in percent.
 const MAX_RSS_GROWTH_PERCENT: f64 = 10.0;
+/// The model's config: a long-prompt profile that `config-profile: auto` picks for the
+/// hostile mix's large prompts.
+const MODEL_CONFIG: &str = r#"{"defaultProfile":"default","profiles":{"default":{"routingStrategy":"least-request"},"long":{"routingStrategy":"least-request","routingConfig":{"promptTokensGte":8192}}}}"#;
+/// Per-user RPM limit (every hostile "new user" sends one request).
+const DEFAULT_USER_RPM: &str = "600";
 /// Largest share of failed requests, in percent.
 const MAX_ERROR_PERCENT: f64 = 1.0;
 
 /// Options of `cargo xtask soak`.
 #[derive(Debug, Args)]
 pub struct SoakArgs {
-    /// Length of the run in minutes (the first third, at most one minute, is warm-up).
+    /// Length of the run in minutes (the first third, at most 150 s, is warm-up).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=24 * 60))]
     pub minutes: u64,
 }
@@ -80,7 +90,8 @@ fn pods_yaml(pods: &[(&Engine, bool)]) -> String {
         let _ = write!(
             out,
             "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: '{}'\n    namespace: default\n    labels:\n      \
-             model.aibrix.ai/name: '{MODEL}'\n      model.aibrix.ai/port: \"{}\"\n  status:\n    podIP: 127.0.0.1\n    \
+             model.aibrix.ai/name: '{MODEL}'\n      model.aibrix.ai/port: \"{}\"\n    annotations:\n      \
+             model.aibrix.ai/config: '{MODEL_CONFIG}'\n  status:\n    podIP: 127.0.0.1\n    \
              conditions:\n    - type: Ready\n      status: \"{}\"\n",
             engine.pod,
             engine.addr.port(),
@@ -111,7 +122,9 @@ fn sample_process(pid: u32) -> Result<(u64, u64)> {
 
 async fn soak(args: &SoakArgs, binaries: &Binaries) -> Result<()> {
     let total = Duration::from_secs(args.minutes * 60);
-    let warmup = (total / 3).min(Duration::from_secs(60));
+    // Up to two and a half minutes: the hostile mix's stream of new users fills the per-user
+    // counters until two minute-windows of users are held, then holds steady.
+    let warmup = (total / 3).min(Duration::from_secs(150));
     let out_dir = procs::target_dir().join("soak");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let client = Client::new();
@@ -148,7 +161,11 @@ async fn soak_with(
             routing_algorithm: Some("least-request"),
             log_format: "text",
             log: out_dir.join("gateway.log"),
-            env: vec![("TURNSTILE_PODS_FILE_POLL_MS".into(), "100".into()), ("TURNSTILE_EBPF".into(), "off".into())],
+            env: vec![
+                ("TURNSTILE_PODS_FILE_POLL_MS".into(), "100".into()),
+                ("TURNSTILE_EBPF".into(), "off".into()),
+                ("TURNSTILE_DEFAULT_USER_RPM".into(), DEFAULT_USER_RPM.into()),
+            ],
             cpu: None,
         },
         client,
@@ -172,6 +189,8 @@ async fn soak_with(
         tokio::spawn(async move { loadgen::run(&spec, schedule).await })
     };
     let (streaming, plain) = (load(true), load(false));
+    let hostile_report = Arc::new(hostile::HostileReport::default());
+    let hostile = tokio::spawn(hostile::run(listen, MODEL, Instant::now() + total, Arc::clone(&hostile_report)));
 
     let started = Instant::now();
     let mut samples: Vec<Sample> = Vec::new();
@@ -224,9 +243,11 @@ async fn soak_with(
     }
     let streaming = streaming.await.context("streaming load task")??;
     let plain = plain.await.context("non-streaming load task")??;
+    hostile.await.context("hostile load task")?;
     step.done();
 
-    let verdict = judge(&samples, warmup, &[("streaming", &streaming), ("non-streaming", &plain)]);
+    let mut verdict = judge(&samples, warmup, &[("streaming", &streaming), ("non-streaming", &plain)]);
+    judge_hostile(&hostile_report, &mut verdict);
     print_report(&samples, warmup, toggles, replacements, &[("streaming", &streaming), ("non-streaming", &plain)]);
     for line in &verdict.notes {
         ui::info(line);
@@ -303,6 +324,18 @@ fn judge(samples: &[Sample], warmup: Duration, loads: &[(&str, &LoadReport)]) ->
         }
     }
     verdict
+}
+
+/// The hostile mix: each kind sent and answered, and at most the same share failing.
+fn judge_hostile(report: &hostile::HostileReport, verdict: &mut Verdict) {
+    verdict.notes.extend(report.lines());
+    let (ok, failed) = report.totals();
+    let error_percent = failed as f64 / (ok + failed).max(1) as f64 * 100.0;
+    if !report.each_kind_answered() {
+        verdict.failures.push("hostile mix: a kind of hostile traffic was never answered".to_owned());
+    } else if error_percent > MAX_ERROR_PERCENT {
+        verdict.failures.push(format!("hostile mix: {error_percent:.2}% of requests failed"));
+    }
 }
 
 fn print_report(samples: &[Sample], warmup: Duration, toggles: u32, replacements: u32, loads: &[(&str, &LoadReport)]) {

@@ -9,10 +9,12 @@
 //! load never pays for it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+
+use super::InFlightCount;
 
 /// How often the load is looked at.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -27,33 +29,30 @@ fn trim_due(peak: usize, now: usize) -> bool {
     peak >= PEAK_AT_LEAST && now * 4 < peak
 }
 
-/// Watches `in_flight` (sampled every few milliseconds for the peak) and
-/// trims the allocator after each burst, until `shutdown`.
-pub fn spawn_trimmer(in_flight: Arc<AtomicUsize>, shutdown: CancellationToken) {
+/// Looks at `in_flight` (its current count and the peak since the last
+/// look) every [`CHECK_EVERY`] and trims the allocator after each burst,
+/// until `shutdown`.
+pub fn spawn_trimmer(in_flight: Arc<InFlightCount>, shutdown: CancellationToken) {
     tokio::spawn(async move {
-        let mut peak = 0;
         let mut trims_left = 0u32;
-        let mut sample = tokio::time::interval(Duration::from_millis(10));
         let mut check = tokio::time::interval(CHECK_EVERY);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = sample.tick() => peak = peak.max(in_flight.load(Ordering::Relaxed)),
-                _ = check.tick() => {
-                    let now = in_flight.load(Ordering::Relaxed);
-                    if trim_due(peak, now) {
-                        tracing::debug!(peak, now, "load fell after a burst; returning free memory");
-                        // Connections and pools wind down over the next
-                        // seconds, freeing more: trim again meanwhile.
-                        trims_left = TRIMS_AFTER_BURST;
-                        peak = now;
-                    }
-                    if trims_left > 0 && now * 4 < PEAK_AT_LEAST {
-                        trims_left -= 1;
-                        // Off the workers: trimming a large heap takes a few ms.
-                        let _ = tokio::task::spawn_blocking(trim).await;
-                    }
-                }
+                _ = check.tick() => {}
+            }
+            let now = in_flight.current.load(Ordering::Relaxed);
+            let peak = in_flight.peak.swap(now, Ordering::Relaxed);
+            if trim_due(peak, now) {
+                tracing::debug!(peak, now, "load fell after a burst; returning free memory");
+                // Connections and pools wind down over the next seconds,
+                // freeing more: trim again meanwhile.
+                trims_left = TRIMS_AFTER_BURST;
+            }
+            if trims_left > 0 && now * 4 < PEAK_AT_LEAST {
+                trims_left -= 1;
+                // Off the workers: trimming a large heap takes a few ms.
+                let _ = tokio::task::spawn_blocking(trim).await;
             }
         }
     });

@@ -54,25 +54,35 @@ pub struct ProxySettings {
     pub max_in_flight: usize,
 }
 
+/// The gateway's requests in flight, and the most there were since the
+/// memory trimmer last looked.
+#[derive(Debug, Default)]
+pub struct InFlightCount {
+    pub current: std::sync::atomic::AtomicUsize,
+    pub peak: std::sync::atomic::AtomicUsize,
+}
+
 /// One of the gateway's `--max-in-flight` request slots, held from the
 /// request's arrival until its answer ends.
 #[derive(Debug)]
-pub struct InFlightSlot(Arc<std::sync::atomic::AtomicUsize>);
+pub struct InFlightSlot(Arc<InFlightCount>);
 
 impl InFlightSlot {
     /// A slot, unless `limit` are taken.
-    fn take(count: &Arc<std::sync::atomic::AtomicUsize>, limit: usize) -> Option<Self> {
+    fn take(count: &Arc<InFlightCount>, limit: usize) -> Option<Self> {
         use std::sync::atomic::Ordering;
-        count
+        let taken = count
+            .current
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| (taken < limit).then_some(taken + 1))
-            .ok()
-            .map(|_| Self(Arc::clone(count)))
+            .ok()?;
+        count.peak.fetch_max(taken + 1, Ordering::Relaxed);
+        Some(Self(Arc::clone(count)))
     }
 }
 
 impl Drop for InFlightSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.current.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -92,7 +102,7 @@ pub struct Proxy {
     /// Where large bodies are parsed, tokenized and hashed.
     offload: offload::Offload,
     /// Requests in flight, against `settings.max_in_flight`.
-    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    in_flight: Arc<InFlightCount>,
 }
 
 /// Headers the gateway reads or sets.
@@ -162,7 +172,7 @@ impl Proxy {
     }
 
     /// The count of requests in flight (for the memory trimmer).
-    pub fn in_flight_counter(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+    pub fn in_flight_counter(&self) -> Arc<InFlightCount> {
         Arc::clone(&self.in_flight)
     }
 
