@@ -14,10 +14,14 @@
 //! `peers` runs the same engines and load against nginx, Envoy, the vLLM router, the SGLang
 //! router and Turnstile in one run: added latency over direct, CPU per request, peak RSS
 //! (see `peers.rs`).
+//!
+//! `users` measures per-user RPM counting as distinct users pile up: one user, then a new
+//! user per request after 100k and 1M users (see `users.rs`).
 
 mod kernel;
 mod peers;
 mod routing;
+mod users;
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -45,6 +49,8 @@ pub enum Suite {
     Kernel,
     /// Turnstile next to nginx, Envoy, the vLLM and SGLang routers on the same engines and load.
     Peers,
+    /// Per-user RPM counting: one user, then a new user per request after 100k and 1M users.
+    Users,
 }
 
 /// Options of `cargo xtask bench`.
@@ -78,6 +84,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Suite::Routing => routing::run(),
         Suite::Kernel => kernel::run(args),
         Suite::Peers => peers::run(args),
+        Suite::Users => users::run(args.connections),
     }
 }
 
@@ -110,29 +117,55 @@ fn choose_pinning() -> Pinning {
     }
 }
 
-fn run_core(args: &BenchArgs) -> Result<()> {
-    if args.connections == 0 || args.seconds == 0 {
-        bail!("--connections and --seconds must be at least 1");
-    }
-    setup::run(Strictness::Lenient)?;
-    let step = ui::step("bench: build release binaries");
+/// Builds the release gateway and mock engine, saying so as `suite`.
+pub fn build_release(suite: &str) -> Result<Binaries> {
+    let step = ui::step(format!("{suite}: build release binaries"));
     run_streaming(
         &mut procs::cargo_command(["build", "--release", "-p", "gateway-user", "-p", "turnstile-tests", "--bins"]),
         Duration::from_secs(40 * 60),
     )?;
     let binaries = Binaries::of_profile("release")?;
     step.done();
+    Ok(binaries)
+}
+
+/// Pins this process to `cpu`; called before the runtime starts, so every runtime thread
+/// (and child) inherits it.
+pub fn pin_this_process(cpu: usize) -> Result<()> {
+    let pid = std::process::id().to_string();
+    procs::capture(
+        std::process::Command::new("taskset").args(["-a", "-p", "-c", &cpu.to_string(), &pid]),
+        Duration::from_secs(10),
+    )
+    .context("pinning the load generator with taskset")?;
+    Ok(())
+}
+
+/// Writes a pods file at `path` listing `engines`, each a ready pod of its model.
+pub fn write_engine_pods(engines: &[stack::Engine], path: &std::path::Path) -> Result<()> {
+    let pods: Vec<PodSpec> = engines
+        .iter()
+        .map(|engine| PodSpec {
+            name: engine.pod.clone(),
+            model: engine.model.clone(),
+            port: engine.addr.port(),
+            config: None,
+        })
+        .collect();
+    std::fs::write(path, render_pods_yaml(&pods)).with_context(|| format!("writing {}", path.display()))
+}
+
+fn run_core(args: &BenchArgs) -> Result<()> {
+    if args.connections == 0 || args.seconds == 0 {
+        bail!("--connections and --seconds must be at least 1");
+    }
+    setup::run(Strictness::Lenient)?;
+    let binaries = build_release("bench")?;
 
     let pinning = choose_pinning();
     match pinning.others {
         Some(cpu) => {
-            // Pinned before the runtime starts so every runtime thread inherits it.
-            let pid = std::process::id().to_string();
-            procs::capture(
-                std::process::Command::new("taskset").args(["-a", "-p", "-c", &cpu.to_string(), &pid]),
-                Duration::from_secs(10),
-            )
-            .context("pinning the load generator with taskset")?;
+            pin_this_process(cpu)?;
             ui::info(format!(
                 "pinning: gateway on CPU {}, engines and load generator on CPU {cpu} (taskset)",
                 pinning.gateway.unwrap_or(0)
@@ -185,18 +218,8 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
         ui::info(format!("{} on {}", engine.pod, engine.addr));
         stack.engines.push(engine);
     }
-    let pods: Vec<PodSpec> = stack
-        .engines
-        .iter()
-        .map(|engine| PodSpec {
-            name: engine.pod.clone(),
-            model: engine.model.clone(),
-            port: engine.addr.port(),
-            config: None,
-        })
-        .collect();
     let pods_file = out_dir.join("pods.yaml");
-    std::fs::write(&pods_file, render_pods_yaml(&pods)).with_context(|| format!("writing {}", pods_file.display()))?;
+    write_engine_pods(&stack.engines, &pods_file)?;
     // Per-request log lines at info would fill the disk at tens of thousands of requests per
     // second; RUST_LOG from the caller still wins.
     let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());

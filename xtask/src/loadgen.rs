@@ -199,29 +199,8 @@ async fn drive_connection(
         };
         let body = bodies[next_prompt % bodies.len()].clone();
         next_prompt = next_prompt.wrapping_add(1);
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri("/v1/chat/completions")
-            .header(HOST, &host)
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(body));
-        let request = match request {
-            Ok(request) => request,
-            Err(err) => {
-                record_error(&mut tally, &schedule, format!("building request: {err}"));
-                break;
-            }
-        };
         let started = Instant::now();
-        let outcome = tokio::time::timeout(REQUEST_TIMEOUT, async {
-            conn.ready().await?;
-            let response = conn.send_request(request).await?;
-            let status = response.status();
-            // The whole body, streamed or not: latency is the complete answer.
-            response.into_body().collect().await?;
-            anyhow::Ok(status)
-        })
-        .await;
+        let outcome = send_chat(&mut conn, &host, body, &[]).await;
         let finished = Instant::now();
         match outcome {
             Ok(Ok(StatusCode::OK)) => {
@@ -258,8 +237,36 @@ fn record_error(tally: &mut ConnectionTally, schedule: &Schedule, message: Strin
     }
 }
 
+/// Posts one chat completion with `body` and extra `headers` on `conn` and reads the whole
+/// answer (streamed or not: latency is the complete answer): its status, why it failed, or
+/// `Err(Elapsed)` past [`REQUEST_TIMEOUT`].
+pub async fn send_chat(
+    conn: &mut SendRequest<Full<Bytes>>,
+    host: &str,
+    body: Bytes,
+    headers: &[(&str, &str)],
+) -> Result<Result<StatusCode>, tokio::time::error::Elapsed> {
+    let mut request = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/chat/completions")
+        .header(HOST, host)
+        .header(CONTENT_TYPE, "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let request = request.body(Full::new(body)).context("building request")?;
+        conn.ready().await?;
+        let response = conn.send_request(request).await?;
+        let status = response.status();
+        response.into_body().collect().await?;
+        anyhow::Ok(status)
+    })
+    .await
+}
+
 /// Opens one keep-alive HTTP/1.1 connection; its driver runs as a task until it closes.
-async fn connect(target: SocketAddr) -> Result<SendRequest<Full<Bytes>>> {
+pub async fn connect(target: SocketAddr) -> Result<SendRequest<Full<Bytes>>> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
         .await
         .map_err(|_| anyhow!("connect timed out"))??;

@@ -55,6 +55,15 @@ impl Default for HttpLimits {
     }
 }
 
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Length of a request target as the client sent it (origin or absolute form).
 fn target_len(uri: &Uri) -> usize {
     let scheme = uri.scheme_str().map_or(0, |s| s.len() + 3);
@@ -177,17 +186,23 @@ pub async fn serve_tracked<H, F, B>(
         let first_request_deadline = limits.header_read_timeout;
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
+            // The watch runs as a task of its own: waking it as bodies come
+            // and go must not re-poll this connection (a spurious poll of a
+            // streaming body would cut its coalescing short).
+            let stalled_token = CancellationToken::new();
+            let _watch_task = write_watch.map(|watch| {
+                let stalled_token = stalled_token.clone();
+                AbortOnDrop(tokio::spawn(async move {
+                    watch.stalled().await;
+                    stalled_token.cancel();
+                }))
+            });
+            let stalled = stalled_token.cancelled();
             // hyper's header timeout starts once it reads a head, after the
             // HTTP/1-or-2 sniff, which waits for bytes without a limit: a
             // client that connects and sends nothing (or one byte of the h2
             // preface) would hold its socket forever. The first request's
             // head must therefore arrive within the header timeout of accept.
-            let stalled = async {
-                match &write_watch {
-                    Some(watch) => watch.stalled().await,
-                    None => std::future::pending().await,
-                }
-            };
             let result = tokio::select! {
                 result = connection.as_mut() => result,
                 () = first_request.cancelled() => tokio::select! {

@@ -79,9 +79,14 @@ impl WriteWatch {
             Arc::new(BodyClock { client_turn_since: AtomicU64::new(now_ms()), stalled: AtomicBool::new(false) });
         let mut clocks = self.clocks.lock().unwrap_or_else(PoisonError::into_inner);
         clocks.retain(|c| c.strong_count() > 0);
+        let was_idle = clocks.is_empty();
         clocks.push(Arc::downgrade(&clock));
         drop(clocks);
-        self.opened.notify_one();
+        // Only an idle watch waits to be told; a busy one looks on its own
+        // schedule (waking it per request would poll the connection again).
+        if was_idle {
+            self.opened.notify_one();
+        }
         clock
     }
 
