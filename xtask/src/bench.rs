@@ -118,7 +118,7 @@ fn choose_pinning() -> Pinning {
 }
 
 /// Builds the release gateway and mock engine, saying so as `suite`.
-pub fn build_release(suite: &str) -> Result<Binaries> {
+fn build_release(suite: &str) -> Result<Binaries> {
     let step = ui::step(format!("{suite}: build release binaries"));
     run_streaming(
         &mut procs::cargo_command(["build", "--release", "-p", "gateway-user", "-p", "turnstile-tests", "--bins"]),
@@ -131,7 +131,7 @@ pub fn build_release(suite: &str) -> Result<Binaries> {
 
 /// Pins this process to `cpu`; called before the runtime starts, so every runtime thread
 /// (and child) inherits it.
-pub fn pin_this_process(cpu: usize) -> Result<()> {
+fn pin_this_process(cpu: usize) -> Result<()> {
     let pid = std::process::id().to_string();
     procs::capture(
         std::process::Command::new("taskset").args(["-a", "-p", "-c", &cpu.to_string(), &pid]),
@@ -141,8 +141,55 @@ pub fn pin_this_process(cpu: usize) -> Result<()> {
     Ok(())
 }
 
+/// Starts the release gateway on free loopback ports (least-request, JSON logs) with `env`
+/// added, pinned as `pinning` says; also returns its RUST_LOG.
+async fn start_release_gateway(
+    binaries: &Binaries,
+    pods_file: &std::path::Path,
+    log: std::path::PathBuf,
+    mut env: Vec<(String, String)>,
+    pinning: Pinning,
+    client: &Client,
+) -> Result<(stack::Gateway, String)> {
+    // Per-request log lines at info would fill the disk at tens of thousands of requests per
+    // second; RUST_LOG from the caller still wins.
+    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    env.push(("RUST_LOG".into(), rust_log.clone()));
+    let gateway = stack::start_gateway(
+        GatewaySpec {
+            binary: &binaries.gateway,
+            listen: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
+            admin: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
+            pods_file,
+            routing_algorithm: Some("least-request"),
+            log_format: "json",
+            log,
+            env,
+            cpu: pinning.gateway,
+        },
+        client,
+    )
+    .await?;
+    Ok((gateway, rust_log))
+}
+
+/// A mock engine of [`MODEL`] that answers `tokens` tokens at once (no TTFT, no ITL), so
+/// the time goes to what is measured.
+fn instant_engine(pod: String, tokens: u32, pinning: Pinning) -> EngineSpec {
+    EngineSpec {
+        pod,
+        model: MODEL.into(),
+        ttft_ms: 0,
+        itl_ms: 0,
+        tokens,
+        // The engines share one CPU with the load generator; more threads only contend.
+        threads: pinning.others.map(|_| 1),
+        extra_args: Vec::new(),
+    }
+}
+
 /// Writes a pods file at `path` listing `engines`, each a ready pod of its model.
-pub fn write_engine_pods(engines: &[stack::Engine], path: &std::path::Path) -> Result<()> {
+fn write_engine_pods(engines: &[stack::Engine], path: &std::path::Path) -> Result<()> {
     let pods: Vec<PodSpec> = engines
         .iter()
         .map(|engine| PodSpec {
@@ -204,40 +251,15 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
     let step = ui::step("bench: start 2 mock engines and the gateway (release)");
     let mut stack = Stack { engines: Vec::new(), gateway: None };
     for index in 0..2 {
-        let spec = EngineSpec {
-            pod: format!("engine-{index}"),
-            model: MODEL.into(),
-            ttft_ms: 0,
-            itl_ms: 0,
-            tokens: TOKENS,
-            // The engines share one CPU with the load generator; more threads only contend.
-            threads: pinning.others.map(|_| 1),
-            extra_args: Vec::new(),
-        };
+        let spec = instant_engine(format!("engine-{index}"), TOKENS, pinning);
         let engine = stack::start_engine(&binaries.engine, &spec, &out_dir, pinning.others).await?;
         ui::info(format!("{} on {}", engine.pod, engine.addr));
         stack.engines.push(engine);
     }
     let pods_file = out_dir.join("pods.yaml");
     write_engine_pods(&stack.engines, &pods_file)?;
-    // Per-request log lines at info would fill the disk at tens of thousands of requests per
-    // second; RUST_LOG from the caller still wins.
-    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-    let gateway = stack::start_gateway(
-        GatewaySpec {
-            binary: &binaries.gateway,
-            listen: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
-            admin: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
-            pods_file: &pods_file,
-            routing_algorithm: Some("least-request"),
-            log_format: "json",
-            log: out_dir.join("gateway.log"),
-            env: vec![("RUST_LOG".into(), rust_log.clone())],
-            cpu: pinning.gateway,
-        },
-        &client,
-    )
-    .await?;
+    let (gateway, rust_log) =
+        start_release_gateway(binaries, &pods_file, out_dir.join("gateway.log"), Vec::new(), pinning, &client).await?;
     ui::info(format!("gateway on {} (admin {}), least-request, RUST_LOG={rust_log}", gateway.listen, gateway.admin));
     let gateway_addr = gateway.listen;
     let gateway_pid = gateway.child.pid().context("the gateway has no pid (exited?)")?;

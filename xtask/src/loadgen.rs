@@ -124,11 +124,57 @@ fn prompt(i: usize) -> String {
 
 /// What one connection measured.
 #[derive(Default)]
-struct ConnectionTally {
-    completed: u64,
-    errors: u64,
-    first_error: Option<String>,
-    latencies_us: Vec<u32>,
+pub struct ConnectionTally {
+    pub completed: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub latencies_us: Vec<u32>,
+}
+
+impl ConnectionTally {
+    /// Records one exchange with `target` that started at `started` and ends now (see
+    /// [`send_chat`]); whether its connection can carry the next request.
+    pub fn record(
+        &mut self,
+        schedule: &Schedule,
+        target: SocketAddr,
+        outcome: Result<Result<StatusCode>, tokio::time::error::Elapsed>,
+        started: Instant,
+    ) -> bool {
+        let finished = Instant::now();
+        match outcome {
+            Ok(Ok(StatusCode::OK)) => {
+                if finished >= schedule.measure_start && finished < schedule.measure_end {
+                    self.completed += 1;
+                    let micros = (finished - started).as_micros();
+                    self.latencies_us.push(u32::try_from(micros).unwrap_or(u32::MAX));
+                }
+                true
+            }
+            Ok(Ok(status)) => {
+                self.error(schedule, format!("{target} answered {status}"));
+                true
+            }
+            Ok(Err(err)) => {
+                self.error(schedule, format!("{target}: {err:#}"));
+                false
+            }
+            Err(_) => {
+                self.error(schedule, format!("{target}: no full answer within {REQUEST_TIMEOUT:?}"));
+                false
+            }
+        }
+    }
+
+    /// Counts an error if it happened in the measured period; the first one is kept either way.
+    pub fn error(&mut self, schedule: &Schedule, message: String) {
+        let now = Instant::now();
+        if now >= schedule.measure_start && now < schedule.measure_end {
+            self.errors += 1;
+        }
+        // Warm-up errors are not counted but still explain a failed run.
+        self.first_error.get_or_insert(message);
+    }
 }
 
 /// Runs the load until `schedule.measure_end` and reports the measured period.
@@ -143,6 +189,11 @@ pub async fn run(spec: &LoadSpec, schedule: Schedule) -> Result<LoadReport> {
         let bodies = Arc::clone(&bodies);
         tasks.spawn(drive_connection(id, target, bodies, schedule));
     }
+    gather(tasks, &schedule).await
+}
+
+/// Waits for every connection of a run and sums what they measured.
+pub async fn gather(mut tasks: tokio::task::JoinSet<ConnectionTally>, schedule: &Schedule) -> Result<LoadReport> {
     let mut report = LoadReport {
         completed: 0,
         errors: 0,
@@ -190,7 +241,7 @@ async fn drive_connection(
             _ => match connect(target).await {
                 Ok(conn) => conn,
                 Err(err) => {
-                    record_error(&mut tally, &schedule, format!("connect {target}: {err:#}"));
+                    tally.error(&schedule, format!("connect {target}: {err:#}"));
                     // Back off a little so a dead target does not spin the CPU we measure.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
@@ -201,40 +252,11 @@ async fn drive_connection(
         next_prompt = next_prompt.wrapping_add(1);
         let started = Instant::now();
         let outcome = send_chat(&mut conn, &host, body, &[]).await;
-        let finished = Instant::now();
-        match outcome {
-            Ok(Ok(StatusCode::OK)) => {
-                if finished >= schedule.measure_start && finished < schedule.measure_end {
-                    tally.completed += 1;
-                    let micros = (finished - started).as_micros();
-                    tally.latencies_us.push(u32::try_from(micros).unwrap_or(u32::MAX));
-                }
-                sender = Some(conn);
-            }
-            Ok(Ok(status)) => {
-                record_error(&mut tally, &schedule, format!("{target} answered {status}"));
-                sender = Some(conn);
-            }
-            Ok(Err(err)) => {
-                record_error(&mut tally, &schedule, format!("{target}: {err:#}"));
-            }
-            Err(_) => {
-                record_error(&mut tally, &schedule, format!("{target}: no full answer within {REQUEST_TIMEOUT:?}"));
-            }
+        if tally.record(&schedule, target, outcome, started) {
+            sender = Some(conn);
         }
     }
     tally
-}
-
-fn record_error(tally: &mut ConnectionTally, schedule: &Schedule, message: String) {
-    let now = Instant::now();
-    if now >= schedule.measure_start && now < schedule.measure_end {
-        tally.errors += 1;
-    }
-    // Warm-up errors are not counted but still explain a failed run.
-    if tally.first_error.is_none() {
-        tally.first_error = Some(message);
-    }
 }
 
 /// Posts one chat completion with `body` and extra `headers` on `conn` and reads the whole

@@ -34,7 +34,7 @@ use crate::loadgen::{self, LoadReport, LoadSpec, Schedule};
 use crate::pods::{PodSpec, render_pods_yaml};
 use crate::procs::{self, run_streaming};
 use crate::setup::{self, Strictness};
-use crate::stack::{self, Binaries, EngineSpec, GatewaySpec, Stack};
+use crate::stack::{self, Binaries, EngineSpec, Stack};
 use crate::{stop, ui};
 
 /// The model the penalised client earns its 429s on.
@@ -214,34 +214,20 @@ async fn run_mode(
 ) -> Result<ModeResult> {
     let step = ui::step(format!("bench: gateway with {}", mode.label()));
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/turnstile-bench-{}", std::process::id()));
-    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
     let ebpf = match mode {
         Mode::Kernel => "required",
         Mode::Userspace => "off",
     };
     let env = [
-        ("RUST_LOG", rust_log.as_str()),
         ("TURNSTILE_EBPF", ebpf),
         ("TURNSTILE_BPFFS_DIR", pin_dir.to_str().unwrap_or_default()),
         ("TURNSTILE_PENALTY_THRESHOLD", "3"),
         ("TURNSTILE_PENALTY_WINDOW_SECONDS", "60"),
         ("TURNSTILE_PENALTY_SECONDS", "3600"),
     ];
-    let gateway = stack::start_gateway(
-        GatewaySpec {
-            binary: &binaries.gateway,
-            listen: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
-            admin: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
-            pods_file,
-            routing_algorithm: Some("least-request"),
-            log_format: "json",
-            log: out_dir.join(format!("gateway-{}.log", ebpf)),
-            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-            cpu: pinning.gateway,
-        },
-        client,
-    )
-    .await?;
+    let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    let log = out_dir.join(format!("gateway-{ebpf}.log"));
+    let (gateway, _) = super::start_release_gateway(binaries, pods_file, log, env, pinning, client).await?;
     let (listen, admin) = (gateway.listen, gateway.admin);
     let pid = gateway.child.pid().context("the gateway has no pid (exited?)")?;
     stack.gateway = Some(gateway);

@@ -33,7 +33,7 @@ use clap::{Args, ValueEnum};
 use super::{BenchArgs, MODEL, Pinning, TOKENS, choose_pinning, format_ms, revision};
 use crate::client::Client;
 use crate::loadgen::{self, LoadReport, LoadSpec, Schedule};
-use crate::pods::{PodSpec, render_pods_yaml};
+
 use crate::procs::{self, ChildGuard, ServerSpec, StdoutTo, run_streaming};
 use crate::setup::{self, Strictness};
 use crate::stack::{self, Binaries, Engine, EngineSpec, GatewaySpec};
@@ -633,17 +633,8 @@ async fn start_turnstile(
     engines: &[Engine],
     listen: SocketAddr,
 ) -> Result<Proxy> {
-    let pods: Vec<PodSpec> = engines
-        .iter()
-        .map(|engine| PodSpec {
-            name: engine.pod.clone(),
-            model: engine.model.clone(),
-            port: engine.addr.port(),
-            config: None,
-        })
-        .collect();
     let pods_file = conf_dir.join("pods.yaml");
-    std::fs::write(&pods_file, render_pods_yaml(&pods)).with_context(|| format!("writing {}", pods_file.display()))?;
+    super::write_engine_pods(engines, &pods_file)?;
     let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
     let mut env = vec![("RUST_LOG".to_owned(), rust_log), ("TURNSTILE_EBPF".to_owned(), "off".to_owned())];
     if kernel {

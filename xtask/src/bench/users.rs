@@ -21,15 +21,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::StatusCode;
 use hyper::client::conn::http1::SendRequest;
 
-use super::{MODEL, Pinning, build_release, choose_pinning, format_ms, pin_this_process, revision, write_engine_pods};
+use super::{
+    MODEL, Pinning, build_release, choose_pinning, format_ms, instant_engine, pin_this_process, revision,
+    start_release_gateway, write_engine_pods,
+};
 use crate::client::Client;
-use crate::loadgen::{self, LoadReport};
+use crate::loadgen::{self, ConnectionTally, LoadReport, Schedule};
 use crate::procs;
 use crate::setup::{self, Strictness};
-use crate::stack::{self, Binaries, EngineSpec, GatewaySpec, Stack};
+use crate::stack::{self, Binaries, Stack};
 use crate::{stop, ui};
 
 /// High enough that no user is ever refused: the bench measures counting, not refusing.
@@ -41,9 +43,6 @@ const WARMUP: Duration = Duration::from_secs(1);
 const MEASURED: Duration = Duration::from_secs(5);
 /// Distinct users sent before each measured period of new users, with the fill's deadline.
 const FILLS: [(u64, Duration); 2] = [(100_000, Duration::from_secs(30)), (1_000_000, Duration::from_secs(90))];
-/// A request that takes longer counts as an error and its connection is replaced.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the users suite with `connections` keep-alive connections.
 pub fn run(connections: usize) -> Result<()> {
@@ -86,13 +85,12 @@ impl Users {
     }
 }
 
-/// One period of load: connections send until `end`, or until `stop_at` distinct users have
-/// been sent; requests completing after `measure_start` are measured.
+/// One period of load: connections send until the schedule's end, or until `stop_at`
+/// distinct users have been sent; requests completing after its start are measured.
 #[derive(Clone)]
 struct Period {
     users: Users,
-    measure_start: Instant,
-    end: Instant,
+    schedule: Schedule,
     stop_at: u64,
 }
 
@@ -113,36 +111,14 @@ async fn users_async(binaries: &Binaries, pinning: Pinning, connections: usize) 
 
     let step = ui::step("bench users: start a mock engine and the gateway (release)");
     let mut stack = Stack { engines: Vec::new(), gateway: None };
-    let spec = EngineSpec {
-        pod: "engine-0".into(),
-        model: MODEL.into(),
-        ttft_ms: 0,
-        itl_ms: 0,
-        tokens: TOKENS,
-        // The engine shares one CPU with the load generator; more threads only contend.
-        threads: pinning.others.map(|_| 1),
-        extra_args: Vec::new(),
-    };
+    let spec = instant_engine("engine-0".into(), TOKENS, pinning);
     stack.engines.push(stack::start_engine(&binaries.engine, &spec, &out_dir, pinning.others).await?);
     let pods_file = out_dir.join("users-pods.yaml");
     write_engine_pods(&stack.engines, &pods_file)?;
-    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-    let gateway = stack::start_gateway(
-        GatewaySpec {
-            binary: &binaries.gateway,
-            listen: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
-            admin: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
-            pods_file: &pods_file,
-            routing_algorithm: Some("least-request"),
-            log_format: "json",
-            log: out_dir.join("users-gateway.log"),
-            // The flag's environment form: the stack starts the gateway with fixed flags.
-            env: vec![("RUST_LOG".into(), rust_log), ("TURNSTILE_DEFAULT_USER_RPM".into(), USER_RPM.into())],
-            cpu: pinning.gateway,
-        },
-        &client,
-    )
-    .await?;
+    // The flag's environment form: the stack starts the gateway with fixed flags.
+    let env = vec![("TURNSTILE_DEFAULT_USER_RPM".into(), USER_RPM.into())];
+    let (gateway, _) =
+        start_release_gateway(binaries, &pods_file, out_dir.join("users-gateway.log"), env, pinning, &client).await?;
     let target = gateway.listen;
     let gateway_pid = gateway.child.pid().context("the gateway has no pid (exited?)")?;
     stack.gateway = Some(gateway);
@@ -152,7 +128,11 @@ async fn users_async(binaries: &Binaries, pinning: Pinning, connections: usize) 
     let started = Instant::now();
     let mut bench = Bench { stack, target, connections, gateway_pid };
     let now = Instant::now();
-    let warmup = Period { users: Users::One, measure_start: now + WARMUP, end: now + WARMUP, stop_at: u64::MAX };
+    let warmup = Period {
+        users: Users::One,
+        schedule: Schedule { measure_start: now + WARMUP, measure_end: now + WARMUP },
+        stop_at: u64::MAX,
+    };
     drive(target, connections, warmup).await?;
     let mut rows = vec![bench.measure("one user, repeated", &Users::One, None).await?];
     let new_users = Users::New(Arc::new(AtomicU64::new(0)));
@@ -199,7 +179,8 @@ impl Bench {
             Some((goal, deadline)) => (now + deadline, goal),
             None => (now + MEASURED, u64::MAX),
         };
-        let period = Period { users: users.clone(), measure_start: now, end, stop_at };
+        let period =
+            Period { users: users.clone(), schedule: Schedule { measure_start: now, measure_end: end }, stop_at };
         let cpu_before = procs::process_cpu_time(self.gateway_pid)?;
         let report = drive(self.target, self.connections, period).await?;
         let cpu = procs::process_cpu_time(self.gateway_pid)?.saturating_sub(cpu_before);
@@ -229,15 +210,6 @@ impl Bench {
     }
 }
 
-/// What one connection measured.
-#[derive(Default)]
-struct Tally {
-    completed: u64,
-    errors: u64,
-    first_error: Option<String>,
-    latencies_us: Vec<u32>,
-}
-
 /// Sends the period's load over `connections` keep-alive connections.
 async fn drive(target: SocketAddr, connections: usize, period: Period) -> Result<LoadReport> {
     let body = Bytes::from(
@@ -252,33 +224,19 @@ async fn drive(target: SocketAddr, connections: usize, period: Period) -> Result
     for _ in 0..connections {
         tasks.spawn(drive_connection(target, body.clone(), period.clone()));
     }
-    let mut report =
-        LoadReport { completed: 0, errors: 0, first_error: None, latencies_us: Vec::new(), measured: Duration::ZERO };
-    // Every connection stops by itself within a request timeout of the end; this only
-    // guards against a bug here.
-    let limit = period.end + REQUEST_TIMEOUT + CONNECT_TIMEOUT + Duration::from_secs(5);
-    while let Some(joined) = tokio::time::timeout_at(limit.into(), tasks.join_next())
-        .await
-        .map_err(|_| anyhow!("load connections did not finish in time"))?
-    {
-        let tally = joined.context("a load connection panicked")?;
-        report.completed += tally.completed;
-        report.errors += tally.errors;
-        report.first_error = report.first_error.or(tally.first_error);
-        report.latencies_us.extend(tally.latencies_us);
-    }
+    let mut report = loadgen::gather(tasks, &period.schedule).await?;
     // A fill ends when its users are sent, usually well before its deadline.
-    report.measured = Instant::now().min(period.end).saturating_duration_since(period.measure_start);
-    report.latencies_us.sort_unstable();
+    report.measured =
+        Instant::now().min(period.schedule.measure_end).saturating_duration_since(period.schedule.measure_start);
     Ok(report)
 }
 
 /// One connection's loop: (re)connect, send with the next user, read the whole answer, record.
-async fn drive_connection(target: SocketAddr, body: Bytes, period: Period) -> Tally {
-    let mut tally = Tally::default();
+async fn drive_connection(target: SocketAddr, body: Bytes, period: Period) -> ConnectionTally {
+    let mut tally = ConnectionTally::default();
     let host = target.to_string();
     let mut sender: Option<SendRequest<Full<Bytes>>> = None;
-    while Instant::now() < period.end {
+    while Instant::now() < period.schedule.measure_end {
         let user = match &period.users {
             Users::One => "bench-user".to_owned(),
             Users::New(next) => {
@@ -296,7 +254,7 @@ async fn drive_connection(target: SocketAddr, body: Bytes, period: Period) -> Ta
             _ => match loadgen::connect(target).await {
                 Ok(conn) => conn,
                 Err(err) => {
-                    record_error(&mut tally, &period, format!("connect {target}: {err:#}"));
+                    tally.error(&period.schedule, format!("connect {target}: {err:#}"));
                     // A dead gateway must not spin the CPU the engine and the others share.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
@@ -305,35 +263,11 @@ async fn drive_connection(target: SocketAddr, body: Bytes, period: Period) -> Ta
         };
         let started = Instant::now();
         let outcome = loadgen::send_chat(&mut conn, &host, body.clone(), &[("user", &user)]).await;
-        let finished = Instant::now();
-        match outcome {
-            Ok(Ok(StatusCode::OK)) => {
-                if finished >= period.measure_start && finished < period.end {
-                    tally.completed += 1;
-                    tally.latencies_us.push(u32::try_from((finished - started).as_micros()).unwrap_or(u32::MAX));
-                }
-                sender = Some(conn);
-            }
-            Ok(Ok(status)) => {
-                record_error(&mut tally, &period, format!("{target} answered {status}"));
-                sender = Some(conn);
-            }
-            Ok(Err(err)) => record_error(&mut tally, &period, format!("{target}: {err:#}")),
-            Err(_) => {
-                record_error(&mut tally, &period, format!("{target}: no full answer within {REQUEST_TIMEOUT:?}"));
-            }
+        if tally.record(&period.schedule, target, outcome, started) {
+            sender = Some(conn);
         }
     }
     tally
-}
-
-fn record_error(tally: &mut Tally, period: &Period, message: String) {
-    let now = Instant::now();
-    if now >= period.measure_start && now < period.end {
-        tally.errors += 1;
-    }
-    // Warm-up errors are not counted but still explain a failed run.
-    tally.first_error.get_or_insert(message);
 }
 
 /// Resident memory of `pid`, MiB; `None` when `/proc` cannot tell.
