@@ -68,10 +68,15 @@ impl Admin {
                 );
                 response
             }
-            ("/v1/models", &Method::GET) => match self.limits.as_ref().map(|l| l.authorize(request.headers())) {
-                Some(Err(error)) => errors::respond(&error),
-                _ => models_response(&self.store),
-            },
+            // What the proxy's clients may not see without the token (the
+            // model list, pod addresses) needs it here too; probes and
+            // metrics do not.
+            ("/v1/models" | "/debug/endpoints", &Method::GET)
+                if let Some(Err(error)) = self.limits.as_ref().map(|l| l.authorize(request.headers())) =>
+            {
+                errors::respond(&error)
+            }
+            ("/v1/models", &Method::GET) => models_response(&self.store),
             ("/debug/endpoints", &Method::GET) => self.endpoints(),
             ("/healthz" | "/readyz" | "/metrics" | "/v1/models" | "/debug/endpoints", _) => {
                 json_response(StatusCode::METHOD_NOT_ALLOWED, &serde_json::json!({"error": "method not allowed"}))

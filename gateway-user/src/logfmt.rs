@@ -95,7 +95,14 @@ impl Visit for Visitor<'_> {
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.write(field, format_args!("{value}"), false);
+        // With its causes, as tracing's own formatter writes them.
+        let mut text = value.to_string();
+        let mut source = value.source();
+        while let Some(cause) = source {
+            let _ = write!(text, ": {cause}");
+            source = cause.source();
+        }
+        self.write(field, format_args!("{text}"), false);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {

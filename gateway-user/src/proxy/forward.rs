@@ -368,6 +368,11 @@ impl TrackedBody {
         }
     }
 
+    /// Whether the usage filter holds the start of a line.
+    fn filter_holds(&self) -> bool {
+        self.usage_filter.as_ref().is_some_and(UsageChunkFilter::holds)
+    }
+
     /// Keeps `data` to be passed on with the data that follows it; the wait
     /// for more starts over.
     fn coalesce(&mut self, data: Bytes) {
@@ -520,8 +525,13 @@ impl TrackedBody {
                                 Frame::data(this.take_coalesced())
                             }
                         }
-                        // Trailers: the kept data goes first.
-                        Err(frame) if !this.coalesced.is_empty() => {
+                        // Trailers end the body: the usage filter's held
+                        // line is passed on, and the kept data goes first.
+                        Err(frame) if !this.coalesced.is_empty() || this.filter_holds() => {
+                            let held = this.for_client(Bytes::new(), true);
+                            if !held.is_empty() {
+                                this.coalesce(held);
+                            }
                             this.next_frame = Some(frame);
                             return Poll::Ready(Some(Ok(Frame::data(this.take_coalesced()))));
                         }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::errors::{self, GatewayError};
 use crate::kernel::KernelAssist;
 use crate::kernel::tagging::{ClientConn, TaggedStream};
-use crate::proxy::write_watch::WriteWatch;
+use crate::proxy::write_watch::{WatchedStream, WriteWatch};
 
 /// What one client connection may send.
 #[derive(Clone, Copy, Debug)]
@@ -153,12 +153,14 @@ pub async fn serve_tracked<H, F, B>(
             None => None,
         };
         let _ = stream.set_nodelay(true);
-        let stream = TaggedStream::new(stream, conn.as_ref().map(|c| Arc::clone(&c.0)));
+
         let handler = handler.clone();
         let first_request = CancellationToken::new();
         let request_seen = first_request.clone();
         let max_uri_bytes = limits.max_uri_bytes;
         let write_watch = limits.client_write_timeout.map(|timeout| Arc::new(WriteWatch::new(timeout)));
+        let stream = TaggedStream::new(stream, conn.as_ref().map(|c| Arc::clone(&c.0)));
+        let stream = WatchedStream::new(stream, write_watch.clone());
         let watch_for_requests = write_watch.clone();
         let service = service_fn(move |mut request: Request<Incoming>| {
             request_seen.cancel();

@@ -35,6 +35,8 @@ fn trim_due(peak: usize, now: usize) -> bool {
 pub fn spawn_trimmer(in_flight: Arc<InFlightCount>, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut trims_left = 0u32;
+        // The most requests in flight since the last trim.
+        let mut peak = 0;
         let mut check = tokio::time::interval(CHECK_EVERY);
         loop {
             tokio::select! {
@@ -42,8 +44,9 @@ pub fn spawn_trimmer(in_flight: Arc<InFlightCount>, shutdown: CancellationToken)
                 _ = check.tick() => {}
             }
             let now = in_flight.current.load(Ordering::Relaxed);
-            let peak = in_flight.peak.swap(now, Ordering::Relaxed);
+            peak = peak.max(in_flight.peak.swap(now, Ordering::Relaxed));
             if trim_due(peak, now) {
+                peak = now;
                 tracing::debug!(peak, now, "load fell after a burst; returning free memory");
                 // Connections and pools wind down over the next seconds,
                 // freeing more: trim again meanwhile.

@@ -197,7 +197,10 @@ impl Proxy {
         let served = match InFlightSlot::take(&self.in_flight, self.settings.max_in_flight) {
             Some(slot) => self.serve(request, started, &request_id, &mut facts, client, slot).await,
             None => {
-                // The request is not read: its connection closes after the answer.
+                // The body is not read, only drained (bounded) so a client
+                // still sending it reads the 503 rather than a reset; an
+                // HTTP/1 connection closes after the answer.
+                discard_rest(request.into_body(), self.settings.body_read_timeout);
                 let limit = self.settings.max_in_flight;
                 Err(Failure::from(GatewayError::Overloaded { limit }))
             }

@@ -62,9 +62,11 @@ impl Offload {
             let shape = request::inspect(endpoint, &body)?;
             return Ok(Prepared { shape, prompt: None, prompt_tokens: None });
         }
-        // Closed only when the proxy is dropped; then run inline.
-        let _permit = Arc::clone(&self.permits).acquire_owned().await.ok();
+        // Closed only when the proxy is dropped. The permit goes with the job:
+        // a client that resets its stream drops this future, not the job.
+        let permit = Arc::clone(&self.permits).acquire_owned().await.ok();
         let job = move || {
+            let _permit = permit;
             let shape = request::inspect(endpoint, &body)?;
             let prompt = request::prompt_text(&body);
             let prompt_tokens = count_tokens.then(|| profiles::count_tokens(&prompt));

@@ -69,6 +69,9 @@ pub fn parse_usage_json(json: &[u8]) -> Option<Usage> {
 /// decompression bomb, or just a huge answer) usage is not read.
 const MAX_DECODED_BYTES: usize = 4 * MAX_JSON_BYTES;
 
+/// Compressed bytes given to the gzip decoder at once.
+const GZIP_FEED_BYTES: usize = 4096;
+
 /// Watches one response body for usage.
 #[derive(Debug)]
 pub enum UsageTap {
@@ -129,14 +132,23 @@ impl UsageTap {
         match self {
             Self::Gzip { decoder, inner, decoded } => {
                 use std::io::Write as _;
-                let ok = decoder.write_all(frame).is_ok();
-                let text = std::mem::take(decoder.get_mut());
-                *decoded += text.len();
-                if ok && *decoded <= MAX_DECODED_BYTES && !text.is_empty() {
-                    inner.observe(&Bytes::from(text));
+                // A few kilobytes at a time, so one frame of a gzip bomb
+                // never inflates far past the cap.
+                let mut ok = true;
+                for piece in frame.chunks(GZIP_FEED_BYTES) {
+                    ok = decoder.write_all(piece).is_ok();
+                    let text = std::mem::take(decoder.get_mut());
+                    *decoded += text.len();
+                    if ok && *decoded <= MAX_DECODED_BYTES && !text.is_empty() {
+                        inner.observe(&Bytes::from(text));
+                    }
+                    if !ok || *decoded > MAX_DECODED_BYTES || matches!(**inner, Self::Off) {
+                        ok = false;
+                        break;
+                    }
                 }
                 // Past the caps, or once the inner tap gave up, stop decoding.
-                if !ok || *decoded > MAX_DECODED_BYTES || matches!(**inner, Self::Off) {
+                if !ok {
                     *self = Self::Off;
                 }
             }
@@ -255,6 +267,11 @@ impl UsageChunkFilter {
         }
         self.partial.extend_from_slice(rest);
         out.freeze()
+    }
+
+    /// Whether the start of a line is held, waiting for its end.
+    pub fn holds(&self) -> bool {
+        !self.partial.is_empty()
     }
 
     /// At the end of the stream: an unfinished last line, as it came.

@@ -20,6 +20,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 // tokio's clock: the same as std's in production, pausable in tests.
 use tokio::time::Instant;
@@ -65,11 +69,20 @@ pub struct WriteWatch {
     timeout: Duration,
     clocks: Mutex<Vec<Weak<BodyClock>>>,
     opened: Notify,
+    /// When the connection last wrote bytes to its client (see [`now_ms`]):
+    /// a client that reads slowly still reads, and a large answer waiting in
+    /// hyper's write buffer is not the client stopping.
+    last_write: AtomicU64,
 }
 
 impl WriteWatch {
     pub fn new(timeout: Duration) -> Self {
-        Self { timeout, clocks: Mutex::new(Vec::new()), opened: Notify::new() }
+        Self { timeout, clocks: Mutex::new(Vec::new()), opened: Notify::new(), last_write: AtomicU64::new(0) }
+    }
+
+    /// The connection wrote bytes to its client.
+    pub fn wrote(&self) {
+        self.last_write.store(now_ms(), Ordering::Relaxed);
     }
 
     /// A clock for a new body, running from now: the body has not been
@@ -101,9 +114,10 @@ impl WriteWatch {
                 let mut clocks = self.clocks.lock().unwrap_or_else(PoisonError::into_inner);
                 clocks.retain(|c| c.strong_count() > 0);
                 let now = now_ms();
+                let wrote = self.last_write.load(Ordering::Relaxed);
                 let overdue = clocks.iter().filter_map(Weak::upgrade).find(|clock| {
                     let since = clock.client_turn_since.load(Ordering::Relaxed);
-                    since != 0 && now.saturating_sub(since) >= limit_ms
+                    since != 0 && now.saturating_sub(since.max(wrote)) >= limit_ms
                 });
                 if let Some(clock) = overdue {
                     clock.stalled.store(true, Ordering::Relaxed);
@@ -117,6 +131,62 @@ impl WriteWatch {
                 self.opened.notified().await;
             }
         }
+    }
+}
+
+/// A client connection's stream that tells its [`WriteWatch`] each time
+/// bytes reach the socket.
+#[derive(Debug)]
+pub struct WatchedStream<S> {
+    inner: S,
+    watch: Option<Arc<WriteWatch>>,
+}
+
+impl<S> WatchedStream<S> {
+    pub fn new(inner: S, watch: Option<Arc<WriteWatch>>) -> Self {
+        Self { inner, watch }
+    }
+
+    fn wrote(&self, written: &Poll<std::io::Result<usize>>) {
+        if let (Some(watch), Poll::Ready(Ok(1..))) = (&self.watch, written) {
+            watch.wrote();
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WatchedStream<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedStream<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(&written);
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(&written);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -141,6 +211,23 @@ mod tests {
         assert!(stalled.as_mut().now_or_never().is_some(), "the watch gives up on the client");
         assert!(client_bound.stalled());
         assert!(!engine_bound.stalled(), "a body waiting on the engine is not the client's fault");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_still_reading_a_large_answer_is_not_cut() {
+        let watch = WriteWatch::new(Duration::from_secs(2));
+        let clock = watch.register();
+        clock.polled();
+        clock.handed_over(); // a large frame, drained from hyper's buffer bit by bit
+        let stalled = watch.stalled();
+        tokio::pin!(stalled);
+        for _ in 0..6 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            watch.wrote();
+            assert!(stalled.as_mut().now_or_never().is_none(), "bytes still reach the client");
+        }
+        tokio::time::advance(Duration::from_millis(2100)).await;
+        assert!(stalled.as_mut().now_or_never().is_some(), "then the client stops reading");
     }
 
     #[tokio::test(start_paused = true)]
