@@ -55,12 +55,12 @@ impl Default for HttpLimits {
     }
 }
 
-/// A task that ends with its owner.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Closes a connection's write watch when the connection's task ends.
+struct CloseOnDrop(Arc<WriteWatch>);
 
-impl Drop for AbortOnDrop {
+impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        self.0.close();
     }
 }
 
@@ -186,20 +186,10 @@ pub async fn serve_tracked<H, F, B>(
         });
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
         let first_request_deadline = limits.header_read_timeout;
-        tokio::spawn(async move {
+        let watch_for_task = write_watch.clone();
+        let connection_task = tokio::spawn(async move {
+            let _close_watch = write_watch.map(CloseOnDrop);
             let mut connection = std::pin::pin!(connection);
-            // The watch runs as a task of its own: waking it as bodies come
-            // and go must not re-poll this connection (a spurious poll of a
-            // streaming body would cut its coalescing short).
-            let stalled_token = CancellationToken::new();
-            let _watch_task = write_watch.map(|watch| {
-                let stalled_token = stalled_token.clone();
-                AbortOnDrop(tokio::spawn(async move {
-                    watch.stalled().await;
-                    stalled_token.cancel();
-                }))
-            });
-            let stalled = stalled_token.cancelled();
             // hyper's header timeout starts once it reads a head, after the
             // HTTP/1-or-2 sniff, which waits for bytes without a limit: a
             // client that connects and sends nothing (or one byte of the h2
@@ -207,15 +197,7 @@ pub async fn serve_tracked<H, F, B>(
             // head must therefore arrive within the header timeout of accept.
             let result = tokio::select! {
                 result = connection.as_mut() => result,
-                () = first_request.cancelled() => tokio::select! {
-                    result = connection.as_mut() => result,
-                    () = stalled => {
-                        // Dropping the connection drops its unsent answers,
-                        // which cancels their engine requests.
-                        tracing::warn!(listener = name, client = %peer, "client stopped reading its answers; closing the connection");
-                        return;
-                    }
-                },
+                () = first_request.cancelled() => connection.await,
                 () = tokio::time::sleep(first_request_deadline) => {
                     tracing::debug!(listener = name, client = %peer, "no request head within the header timeout; closing");
                     return;
@@ -225,6 +207,19 @@ pub async fn serve_tracked<H, F, B>(
                 tracing::debug!(listener = name, client = %peer, error = %err, "connection ended with an error");
             }
         });
+        // The write watch runs as a task of its own, so waking it as bodies
+        // come and go never re-polls the connection. When a client stops
+        // reading, it aborts the connection's task: dropping the connection
+        // drops its unsent answers, which cancels their engine requests.
+        if let Some(watch) = watch_for_task {
+            let connection = connection_task.abort_handle();
+            tokio::spawn(async move {
+                if watch.stalled().await {
+                    tracing::warn!(listener = name, client = %peer, "client stopped reading its answers; closing the connection");
+                    connection.abort();
+                }
+            });
+        }
     }
     drop(listener);
     let open = graceful.count();

@@ -73,11 +73,25 @@ pub struct WriteWatch {
     /// a client that reads slowly still reads, and a large answer waiting in
     /// hyper's write buffer is not the client stopping.
     last_write: AtomicU64,
+    /// The connection ended: the watch stops.
+    closed: AtomicBool,
 }
 
 impl WriteWatch {
     pub fn new(timeout: Duration) -> Self {
-        Self { timeout, clocks: Mutex::new(Vec::new()), opened: Notify::new(), last_write: AtomicU64::new(0) }
+        Self {
+            timeout,
+            clocks: Mutex::new(Vec::new()),
+            opened: Notify::new(),
+            last_write: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The connection ended: [`Self::stalled`] returns `false` soon.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.opened.notify_one();
     }
 
     /// The connection wrote bytes to its client.
@@ -96,20 +110,24 @@ impl WriteWatch {
         clocks.push(Arc::downgrade(&clock));
         drop(clocks);
         // Only an idle watch waits to be told; a busy one looks on its own
-        // schedule (waking it per request would poll the connection again).
+        // schedule.
         if was_idle {
             self.opened.notify_one();
         }
         clock
     }
 
-    /// Resolves when a body of this connection has waited for the client
-    /// longer than the timeout (the body is marked stalled). Idle while no
-    /// body is open; checks a few times per timeout while some are.
-    pub async fn stalled(&self) {
+    /// `true` when a body of this connection has waited for the client
+    /// longer than the timeout (the body is marked stalled); `false` once the
+    /// connection is closed. Idle while no body is open; checks a few times
+    /// per timeout while some are.
+    pub async fn stalled(&self) -> bool {
         let tick = (self.timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
         let limit_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
         loop {
+            if self.closed.load(Ordering::Relaxed) {
+                return false;
+            }
             let open = {
                 let mut clocks = self.clocks.lock().unwrap_or_else(PoisonError::into_inner);
                 clocks.retain(|c| c.strong_count() > 0);
@@ -121,7 +139,7 @@ impl WriteWatch {
                 });
                 if let Some(clock) = overdue {
                     clock.stalled.store(true, Ordering::Relaxed);
-                    return;
+                    return true;
                 }
                 !clocks.is_empty()
             };
@@ -208,7 +226,7 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1500)).await;
         assert!(stalled.as_mut().now_or_never().is_none(), "not yet");
         tokio::time::advance(Duration::from_millis(1000)).await;
-        assert!(stalled.as_mut().now_or_never().is_some(), "the watch gives up on the client");
+        assert_eq!(stalled.as_mut().now_or_never(), Some(true), "the watch gives up on the client");
         assert!(client_bound.stalled());
         assert!(!engine_bound.stalled(), "a body waiting on the engine is not the client's fault");
     }
@@ -227,7 +245,7 @@ mod tests {
             assert!(stalled.as_mut().now_or_never().is_none(), "bytes still reach the client");
         }
         tokio::time::advance(Duration::from_millis(2100)).await;
-        assert!(stalled.as_mut().now_or_never().is_some(), "then the client stops reading");
+        assert_eq!(stalled.as_mut().now_or_never(), Some(true), "then the client stops reading");
     }
 
     #[tokio::test(start_paused = true)]
@@ -235,7 +253,7 @@ mod tests {
         let watch = WriteWatch::new(Duration::from_secs(1));
         let never_polled = watch.register();
         tokio::time::advance(Duration::from_millis(1100)).await;
-        assert!(watch.stalled().now_or_never().is_some());
+        assert_eq!(watch.stalled().now_or_never(), Some(true));
         assert!(never_polled.stalled());
     }
 
@@ -254,5 +272,7 @@ mod tests {
         drop(clock);
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(stalled.as_mut().now_or_never().is_none(), "no open body: nothing to wait for");
+        watch.close();
+        assert_eq!(stalled.as_mut().now_or_never(), Some(false), "the watch ends with its connection");
     }
 }
