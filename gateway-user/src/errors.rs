@@ -315,9 +315,9 @@ pub fn respond(err: &GatewayError) -> Response<Full<Bytes>> {
     if let Some(wait) = err.retry_after() {
         quota::insert_retry_after(wait, headers);
     }
-    // The rest of a too-large body is only read to be dropped: the
-    // connection ends once it is (see `proxy::discard_rest`).
-    if matches!(err, GatewayError::BodyTooLarge { .. }) {
+    // The rest of a too-large or over-limit request's body is only read to
+    // be dropped: the connection ends once it is (see `proxy::discard_rest`).
+    if matches!(err, GatewayError::BodyTooLarge { .. } | GatewayError::Overloaded { .. }) {
         headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }
     response

@@ -52,13 +52,6 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
 }
 
-impl UpstreamSettings {
-    /// The defaults of the `serve` flags, with the two timeouts given.
-    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Self {
-        Self { connect_timeout, response_timeout, max_connections_per_pod: 256, idle_timeout: Duration::from_secs(90) }
-    }
-}
-
 /// One of a pod's connection slots, held until the answer's body ends.
 pub type ConnectionSlot = tokio::sync::OwnedSemaphorePermit;
 
@@ -108,12 +101,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 impl Upstream {
-    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Self {
-        Self::with_kernel(UpstreamSettings::new(connect_timeout, response_timeout), None)
-    }
-
-    /// Like [`Upstream::new`], registering each new pod connection with
-    /// kernel assist so the proxy can tag it with its model.
+    /// The pooled client, registering each new pod connection with kernel
+    /// assist (when given) so the proxy can tag it with its model.
     pub fn with_kernel(settings: UpstreamSettings, kernel: Option<Arc<crate::kernel::KernelAssist>>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);

@@ -228,10 +228,6 @@ impl Proxy {
                 forward::log_gateway_answer(&request_id, &facts, status.as_u16(), Some(&error), &path, started);
                 let mut response = errors::respond(&error).map(Either::Left);
                 response.headers_mut().insert(names::REQUEST_ID, request_id);
-                if http1 && matches!(error, GatewayError::Overloaded { .. }) {
-                    // Its body was never read, so the connection cannot carry another request.
-                    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
                 if status == StatusCode::TOO_MANY_REQUESTS
                     && let Some(kernel) = &self.kernel
                 {
