@@ -315,8 +315,7 @@ impl TrackedBody {
         hide_usage_chunk: bool,
     ) -> Self {
         let sse = content_type.is_some_and(|ct| ct.starts_with("text/event-stream"));
-        let encoded =
-            content_encoding.is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
+        let encoded = super::usage::is_encoded(content_encoding);
         Self {
             inner,
             tap: UsageTap::for_response(content_type, content_encoding),

@@ -86,6 +86,12 @@ pub enum UsageTap {
     Off,
 }
 
+/// Whether a `content-encoding` value says the body is encoded (anything
+/// but absent, empty or `identity`).
+pub fn is_encoded(content_encoding: Option<&str>) -> bool {
+    content_encoding.map(str::trim).is_some_and(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
+}
+
 /// Usage an engine sent in trailer fields: `usage` or `x-usage`, holding the
 /// usage object (or an answer envelope with one).
 pub fn usage_from_trailers(trailers: &http::HeaderMap) -> Option<Usage> {
@@ -114,7 +120,7 @@ impl UsageTap {
     pub fn for_response(content_type: Option<&str>, content_encoding: Option<&str>) -> Self {
         let tap = Self::for_content_type(content_type);
         match content_encoding.map(str::trim) {
-            None | Some("" | "identity") => tap,
+            _ if !is_encoded(content_encoding) => tap,
             _ if matches!(tap, Self::Off) => tap,
             Some(encoding) if encoding.eq_ignore_ascii_case("gzip") || encoding.eq_ignore_ascii_case("x-gzip") => {
                 Self::Gzip {
@@ -123,7 +129,7 @@ impl UsageTap {
                     decoded: 0,
                 }
             }
-            Some(_) => Self::Off,
+            _ => Self::Off,
         }
     }
 
