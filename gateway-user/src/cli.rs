@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Admin;
 use crate::discovery::{DiscoverySource, PodStore, kubernetes, pods_file};
 use crate::metrics::Metrics;
-use crate::proxy::forward::Upstream;
 use crate::proxy::listener::{self, HttpLimits};
-use crate::proxy::{Proxy, ProxySettings};
+use crate::proxy::upstream::{HttpUpstream, UpstreamSettings};
+use crate::proxy::{Proxy, ProxyParts, ProxySettings};
 
 /// Turnstile: an AIBrix-compatible LLM inference gateway.
 #[derive(Parser, Debug)]
@@ -407,6 +407,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
 
+    let upstream_settings = UpstreamSettings {
+        connect_timeout: Duration::from_millis(args.upstream_connect_timeout_ms),
+        response_timeout: Duration::from_secs(args.upstream_timeout_seconds),
+        max_connections_per_pod: args.max_connections_per_pod.max(1),
+        idle_timeout: Duration::from_secs(args.upstream_idle_timeout_seconds.max(1)),
+    };
     let settings = ProxySettings {
         default_strategy: args.default_strategy(),
         max_body_bytes: args.max_body_bytes,
@@ -414,18 +420,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connect_attempts: args.max_connect_attempts.max(1),
         trusted_proxies: crate::proxy::client::TrustedProxies::new(args.trusted_proxy_cidrs.clone()),
         max_in_flight: args.max_in_flight.max(1),
+        max_connections_per_pod: upstream_settings.max_connections_per_pod,
+        upstream_timeout: upstream_settings.response_timeout,
+        prefill_timeout: Duration::from_secs(args.routing.prefill_request_timeout_seconds.max(1)),
     };
     // Kernel assist first: the upstream connector and the proxy tag sockets through it.
     let kernel = crate::kernel::KernelAssist::start(&args.kernel, args.limits.redis.url(), &metrics, shutdown.clone())?;
-    let upstream = Upstream::with_kernel(
-        crate::proxy::forward::UpstreamSettings {
-            connect_timeout: Duration::from_millis(args.upstream_connect_timeout_ms),
-            response_timeout: Duration::from_secs(args.upstream_timeout_seconds),
-            max_connections_per_pod: args.max_connections_per_pod.max(1),
-            idle_timeout: Duration::from_secs(args.upstream_idle_timeout_seconds.max(1)),
-        },
-        Some(Arc::clone(&kernel)),
-    );
+    let upstream = HttpUpstream::new(&upstream_settings, Arc::clone(&kernel));
     let limits_config = args.limits.config()?;
     tracing::info!(
         redis = limits_config.redis_url.as_deref().map(crate::limits::redis_store::redacted).as_deref(),
@@ -443,12 +444,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     metrics.routing.report_pod_ages(Arc::clone(&engine_metrics) as Arc<dyn crate::metrics::PodAges>);
     let pod_in_flight: Arc<dyn crate::metrics::PodInFlight> = Arc::clone(&store) as _;
     metrics.report_pod_in_flight(Arc::downgrade(&pod_in_flight));
-    let proxy = Arc::new(
-        Proxy::new(Arc::clone(&store), Arc::clone(&metrics), upstream, settings.clone())
-            .with_limits(limits)
-            .with_routing(&args.routing, Arc::clone(&engine_metrics))
-            .with_kernel(Arc::clone(&kernel)),
-    );
+    let proxy = Arc::new(Proxy::new(ProxyParts {
+        store: Arc::clone(&store),
+        router: crate::routing::Router::new(&args.routing, &metrics.routing),
+        engine_metrics: Arc::clone(&engine_metrics),
+        metrics: Arc::clone(&metrics),
+        limits,
+        upstream,
+        kernel: Arc::clone(&kernel),
+        settings: settings.clone(),
+    }));
     crate::proxy::memory::spawn_trimmer(proxy.in_flight_counter(), shutdown.clone());
     proxy
         .check_strategy(&settings.default_strategy)

@@ -27,12 +27,12 @@ const MAX_TOKENIZED_BYTES: usize = 4096;
 pub fn request_body(data: &[u8]) {
     let Some((&selector, body)) = data.split_first() else { return };
     let endpoint = ENDPOINTS[usize::from(selector) % ENDPOINTS.len()];
-    if let Ok(shape) = request::inspect(endpoint, body) {
-        assert!(!shape.model.trim().is_empty(), "a blank model was accepted");
-    }
-    let prompt = request::prompt_text(body);
-    if prompt.len() <= MAX_TOKENIZED_BYTES {
-        assert!(profiles::count_tokens(&prompt) >= 0);
+    if let Ok(parsed) = request::ParsedRequest::parse(endpoint, Bytes::copy_from_slice(body)) {
+        assert!(!parsed.model.trim().is_empty(), "a blank model was accepted");
+        let prompt = parsed.prompt();
+        if prompt.len() <= MAX_TOKENIZED_BYTES {
+            assert!(profiles::count_tokens(prompt) >= 0);
+        }
     }
 }
 

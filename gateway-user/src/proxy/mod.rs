@@ -1,28 +1,43 @@
-//! The request lifecycle, one phase after another:
-//! parse → resolve profile → limit → pick → forward → account.
+//! The request path: one request, one phase after another, over one
+//! per-request context ([`RequestContext`]):
+//!
+//! admit → authenticate → read the body → parse it (once) → resolve model,
+//! profile and strategy → limits → route and forward (one connect-retry loop
+//! for one pod or a prefill/decode pair, `forward.rs`) → answer, whose body
+//! accounts for the request as it streams (`body/`).
+//!
+//! The engines are behind the [`Upstream`] trait, so the whole path runs in
+//! process in tests against a fake engine.
 
+pub mod access_log;
+pub mod body;
 pub mod client;
-pub mod forward;
+mod forward;
 pub mod listener;
 pub mod memory;
 pub mod offload;
-pub mod pd;
+mod pd;
 pub mod request;
+#[cfg(test)]
+mod tests;
+pub mod upstream;
 pub mod upstream_conn;
 pub mod usage;
 pub mod write_watch;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 
-use crate::discovery::{PodInfo, PodStore};
+use crate::discovery::{ModelPods, PodInfo, PodStore};
 use crate::engine_metrics::EngineMetrics;
 use crate::errors::{self, GatewayError};
 use crate::kernel::KernelAssist;
@@ -30,14 +45,21 @@ use crate::kernel::penalties::ClientAddr;
 use crate::kernel::tagging::{ClientConn, UpstreamConn};
 use crate::limits::{LimitRequest, Limits};
 use crate::metrics::{Metrics, UNKNOWN_MODEL};
-use crate::profiles::{self, Profile, RequestFeatures};
-use crate::routing::{self, LabelSelector, RouteDecision, RouteRequest, Router, RoutingArgs, Strategy, StrategyError};
-use forward::{RequestFacts, RequestRecord, SendError, TrackedBody, Upstream};
+use crate::profiles::{self, RequestFeatures};
+use crate::routing::{self, LabelSelector, Router, Strategy};
+use access_log::{AccessRecord, Ending};
+use body::{AnswerShape, EndRecord, ResponseBody};
+use forward::Forwarded;
+use offload::Prepared;
 use request::Endpoint;
+pub use upstream::{BoxError, HttpUpstream, Upstream};
 
 /// Response body of the proxy listener: a gateway-made body, or an engine's
-/// answer streaming through.
-pub type ProxyBody = Either<Full<Bytes>, TrackedBody>;
+/// answer streaming through its layers.
+pub type ProxyBody<B = Incoming> = Either<Full<Bytes>, ResponseBody<B>>;
+
+/// One of a pod's connection slots, held until the answer's body ends.
+pub type ConnectionSlot = tokio::sync::OwnedSemaphorePermit;
 
 /// Tunables of the request path.
 #[derive(Clone, Debug)]
@@ -52,6 +74,13 @@ pub struct ProxySettings {
     pub trusted_proxies: client::TrustedProxies,
     /// Most requests in flight in the whole gateway (503 above).
     pub max_in_flight: usize,
+    /// Most connections (requests in flight) to one pod; a request past it
+    /// waits for a slot, within `upstream_timeout`.
+    pub max_connections_per_pod: usize,
+    /// How long an engine has to answer (and a request to get a pod's slot).
+    pub upstream_timeout: Duration,
+    /// How long a `pd` prefill may take (`AIBRIX_PREFILL_REQUEST_TIMEOUT`).
+    pub prefill_timeout: Duration,
 }
 
 /// The gateway's requests in flight, and the most there were since the
@@ -86,19 +115,31 @@ impl Drop for InFlightSlot {
     }
 }
 
+/// Everything the proxy is built from.
+pub struct ProxyParts<U> {
+    pub store: Arc<PodStore>,
+    pub router: Router,
+    /// Engine metrics of every ready pod, read by metric-driven strategies.
+    pub engine_metrics: Arc<EngineMetrics>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Arc<Limits>,
+    pub upstream: U,
+    /// Kernel assist: socket tagging, and penalties for clients that keep
+    /// sending after 429 (userspace only when the eBPF programs do not load).
+    pub kernel: Arc<KernelAssist>,
+    pub settings: ProxySettings,
+}
+
 /// The proxy: shared state for every request.
-pub struct Proxy {
+pub struct Proxy<U = HttpUpstream> {
     store: Arc<PodStore>,
     router: Router,
-    /// Engine metrics of every ready pod, read by metric-driven strategies.
     engine_metrics: Arc<EngineMetrics>,
     metrics: Arc<Metrics>,
     limits: Arc<Limits>,
-    upstream: Upstream,
+    upstream: U,
+    kernel: Arc<KernelAssist>,
     settings: ProxySettings,
-    /// Kernel assist: socket tagging and penalties for clients that keep
-    /// sending after 429 (none in embedded tests).
-    kernel: Option<Arc<KernelAssist>>,
     /// Where large bodies are parsed, tokenized and hashed.
     offload: offload::Offload,
     /// Requests in flight, against `settings.max_in_flight`.
@@ -118,24 +159,50 @@ mod names {
     pub const USER: HeaderName = HeaderName::from_static("user");
 }
 
-/// A failed request and what was known about it when it failed.
-struct Failure {
-    error: GatewayError,
-    model: Option<Arc<str>>,
+/// What the proxy knows about one request, filled in phase by phase.
+pub struct RequestContext {
+    /// The request's access-log record (id, client, model, profile, strategy, pod...).
+    pub access: AccessRecord,
+    http1: bool,
+    /// The client connection's kernel tag.
+    conn: Option<ClientConn>,
 }
 
-impl From<GatewayError> for Failure {
-    fn from(error: GatewayError) -> Self {
-        Self { error, model: None }
+/// What a request resolved to: its model's pods, profile and strategy.
+struct Resolved {
+    model: Arc<ModelPods>,
+    model_name: Arc<str>,
+    profile: String,
+    /// Chosen by `config-profile: auto` (echoed in `x-aibrix-config-profile`).
+    auto_profile: bool,
+    rps_cap: Option<u64>,
+    strategy: Arc<dyn Strategy>,
+    /// The strategy as resolved: a weighted mix is echoed as written.
+    strategy_header: HeaderValue,
+    filter: Option<LabelSelector>,
+}
+
+impl Resolved {
+    /// The ready pods the external filter leaves.
+    fn candidates(&self) -> Cow<'_, [Arc<PodInfo>]> {
+        match &self.filter {
+            None => Cow::Borrowed(&self.model.ready),
+            Some(selector) => {
+                Cow::Owned(self.model.ready.iter().filter(|p| selector.matches(&p.labels)).cloned().collect())
+            }
+        }
     }
 }
 
-impl Proxy {
-    pub fn new(store: Arc<PodStore>, metrics: Arc<Metrics>, upstream: Upstream, settings: ProxySettings) -> Self {
-        let limits = Arc::new(Limits::in_process(Arc::clone(&metrics)));
-        let router = Router::new(&RoutingArgs::default(), &metrics.routing);
-        // No scraper: metric-driven strategies fall back until `with_routing`.
-        let engine_metrics = Arc::new(EngineMetrics::new(Duration::from_secs(2)));
+/// What a request asks the gateway for.
+enum Target {
+    Api(Endpoint),
+    Models,
+}
+
+impl<U: Upstream> Proxy<U> {
+    pub fn new(parts: ProxyParts<U>) -> Self {
+        let ProxyParts { store, router, engine_metrics, metrics, limits, upstream, kernel, settings } = parts;
         Self {
             store,
             router,
@@ -143,32 +210,11 @@ impl Proxy {
             metrics,
             limits,
             upstream,
+            kernel,
             settings,
-            kernel: None,
             offload: offload::Offload::default(),
             in_flight: Arc::default(),
         }
-    }
-
-    /// Tags sockets with their model and reports 429s to kernel assist.
-    pub fn with_kernel(mut self, kernel: Arc<KernelAssist>) -> Self {
-        self.kernel = Some(kernel);
-        self
-    }
-
-    /// Replaces the default strategy settings and the (empty) engine metrics
-    /// the strategies read.
-    pub fn with_routing(mut self, config: &RoutingArgs, engine_metrics: Arc<EngineMetrics>) -> Self {
-        self.router = Router::new(config, &self.metrics.routing);
-        self.engine_metrics = engine_metrics;
-        self
-    }
-
-    /// Replaces the default limiter (in-process model RPS caps, no users,
-    /// no auth).
-    pub fn with_limits(mut self, limits: Arc<Limits>) -> Self {
-        self.limits = limits;
-        self
     }
 
     /// The count of requests in flight (for the memory trimmer).
@@ -178,305 +224,233 @@ impl Proxy {
 
     /// Validates a strategy name at start-up, so a typo in a flag fails fast.
     pub fn check_strategy(&self, name: &str) -> Result<(), String> {
-        match self.router.strategy(name) {
-            Ok(_) => Ok(()),
-            Err(StrategyError::Unknown) => Err(format!("incorrect routing strategy {name}")),
-            Err(StrategyError::Unavailable) => Err(format!("routing strategy {name} is not available in this build")),
-        }
+        self.router.strategy(name).map(drop).map_err(|_| format!("incorrect routing strategy {name}"))
     }
 
     /// Serves one client request.
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        let started = Instant::now();
-        let request_id = request_id(request.headers());
-        let path = request.uri().path().to_owned();
-        let http1 = request.version() < http::Version::HTTP_2;
-        let client = self.settings.trusted_proxies.client(peer.ip(), request.headers());
-        let conn = self.kernel.as_ref().and(request.extensions().get::<ClientConn>().cloned());
-        let mut facts = RequestFacts { client: Some((client, peer)), ..RequestFacts::default() };
+    pub async fn handle<RB>(self: Arc<Self>, request: Request<RB>, peer: SocketAddr) -> Response<ProxyBody<U::Body>>
+    where
+        RB: Body<Data = Bytes> + Send + Unpin + 'static,
+        RB::Error: Into<BoxError>,
+    {
+        let mut ctx = self.context(&request, peer);
         let served = match InFlightSlot::take(&self.in_flight, self.settings.max_in_flight) {
-            Some(slot) => self.serve(request, started, &request_id, &mut facts, client, slot).await,
+            Some(slot) => self.serve(request, &mut ctx, slot).await,
             None => {
                 // The body is not read, only drained (bounded) so a client
-                // still sending it reads the 503 rather than a reset; an
-                // HTTP/1 connection closes after the answer.
+                // still sending it reads the 503 rather than a reset.
                 discard_rest(request.into_body(), self.settings.body_read_timeout);
-                let limit = self.settings.max_in_flight;
-                Err(Failure::from(GatewayError::Overloaded { limit }))
+                Err(GatewayError::Overloaded { limit: self.settings.max_in_flight })
             }
         };
-        if let (Some(kernel), Some(ClientConn(conn))) = (&self.kernel, &conn) {
+        if let Some(ClientConn(conn)) = &ctx.conn {
             // Before the answer is written: the kernel charges the request it
             // holds to the model tagged when the answer starts.
-            kernel.tag(conn, client_model(http1, facts.model.as_deref()));
+            self.kernel.tag(conn, client_model(ctx.http1, ctx.access.model.as_deref()));
         }
         match served {
-            Ok(mut response) => {
-                // A proxied answer logs its own end when its body ends.
-                if let Either::Left(_) = response.body() {
-                    let status = response.status().as_u16();
-                    forward::log_gateway_answer(&request_id, &facts, status, None, &path, started);
-                    response.headers_mut().insert(names::REQUEST_ID, request_id);
-                }
-                response
-            }
-            Err(Failure { error, model }) => {
-                let status = error.status();
-                let model = model.or_else(|| facts.model.clone()).unwrap_or_else(|| Arc::from(UNKNOWN_MODEL));
-                self.metrics.request_done(&model, status.as_u16());
-                facts.model = Some(model);
-                forward::log_gateway_answer(&request_id, &facts, status.as_u16(), Some(&error), &path, started);
-                let mut response = errors::respond(&error).map(Either::Left);
-                response.headers_mut().insert(names::REQUEST_ID, request_id);
-                if status == StatusCode::TOO_MANY_REQUESTS
-                    && let Some(kernel) = &self.kernel
-                {
-                    kernel.rate_limited(client);
-                    // A penalised HTTP/1 client must reconnect, and so meets
-                    // the refusal. Never a trusted proxy's shared connection.
-                    if http1 && !client.behind_proxy && kernel.penalty_remaining(client).is_some() {
-                        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-                    }
-                }
-                response
-            }
+            Ok(response) => answered::<U>(response, &ctx),
+            Err(error) => self.failed(&error, &ctx),
         }
     }
 
-    async fn serve(
+    fn context<RB>(&self, request: &Request<RB>, peer: SocketAddr) -> RequestContext {
+        let client = self.settings.trusted_proxies.client(peer.ip(), request.headers());
+        let access = AccessRecord::new(request_id(request.headers()), request.uri().path(), client, peer);
+        let http1 = request.version() < http::Version::HTTP_2;
+        RequestContext { access, http1, conn: request.extensions().get::<ClientConn>().cloned() }
+    }
+
+    /// The phases of a request that gets past the in-flight limit.
+    async fn serve<RB>(
         &self,
-        request: Request<Incoming>,
-        started: Instant,
-        request_id: &HeaderValue,
-        facts: &mut RequestFacts,
-        client: ClientAddr,
+        request: Request<RB>,
+        ctx: &mut RequestContext,
         slot: InFlightSlot,
-    ) -> Result<Response<ProxyBody>, Failure> {
-        // Phase 1: authenticate, then parse.
+    ) -> Result<Response<ProxyBody<U::Body>>, GatewayError>
+    where
+        RB: Body<Data = Bytes> + Send + Unpin + 'static,
+        RB::Error: Into<BoxError>,
+    {
         self.limits.authorize(request.headers())?;
-        let path = request.uri().path();
-        let Some(endpoint) = Endpoint::from_path(path) else {
-            if path == "/v1/models" && request.method() == Method::GET {
-                if !self.store.is_synced() {
-                    return Err(GatewayError::PodsNotLoaded.into());
-                }
-                return Ok(models_response(&self.store).map(Either::Left));
-            }
-            return Err(GatewayError::UnknownPath { path: errors::echo(path) }.into());
+        let endpoint = match self.target(&request)? {
+            Target::Api(endpoint) => endpoint,
+            Target::Models => return Ok(models_response(&self.store).map(Either::Left)),
         };
-        if request.method() != Method::POST {
-            return Err(GatewayError::MethodNotAllowed {
-                method: errors::echo(request.method().as_str()),
-                path: errors::echo(path),
-            }
-            .into());
-        }
         let (mut parts, body) = request.into_parts();
         let write_watch = parts.extensions.remove::<Arc<write_watch::WriteWatch>>();
         let body = self.read_body(&parts.headers, body).await?;
-        // A flooding client still reaching the proxy (on a connection opened
-        // before its penalty, or through a trusted proxy) is answered 429 here;
-        // its body was read, so a proxy's shared connection stays usable.
-        if let Some(wait) = self.kernel.as_ref().and_then(|kernel| kernel.penalty_remaining(client)) {
-            return Err(GatewayError::ClientPenalised { client: client.ip, wait }.into());
-        }
-        let auto_profile = header_str(&parts.headers, &names::CONFIG_PROFILE)
-            .is_some_and(|p| p.trim().eq_ignore_ascii_case(profiles::AUTO_PROFILE));
-        let prepared = self.offload.prepare(endpoint, body.clone(), auto_profile, self.router.prefix_hasher()).await?;
-        let shape = prepared.shape;
+        self.refuse_penalised(ctx.access.client)?;
+        let prepared = self.parse(endpoint, &parts.headers, body).await?;
+        let resolved = self.resolve(&parts.headers, &prepared, ctx)?;
+        let limit_request = LimitRequest {
+            model: &resolved.model_name,
+            profile: &resolved.profile,
+            rps_cap: resolved.rps_cap,
+            user: header_str(&parts.headers, &names::USER),
+        };
+        let admission = self.limits.admit(&limit_request).await?;
+        let forwarded = self.forward(&parts, &prepared, &resolved, admission, ctx).await?;
+        let clock = write_watch.map(|watch| watch.register());
+        Ok(self.respond(forwarded, &resolved, ctx, slot, clock))
+    }
 
+    /// What the request asks for: an API endpoint (POST only) or the model list.
+    fn target<RB>(&self, request: &Request<RB>) -> Result<Target, GatewayError> {
+        let path = request.uri().path();
+        let Some(endpoint) = Endpoint::from_path(path) else {
+            if path == "/v1/models" && request.method() == Method::GET {
+                return if self.store.is_synced() { Ok(Target::Models) } else { Err(GatewayError::PodsNotLoaded) };
+            }
+            return Err(GatewayError::UnknownPath { path: errors::echo(path) });
+        };
+        if request.method() != Method::POST {
+            let method = errors::echo(request.method().as_str());
+            return Err(GatewayError::MethodNotAllowed { method, path: errors::echo(path) });
+        }
+        Ok(Target::Api(endpoint))
+    }
+
+    /// A flooding client still reaching the proxy (on a connection opened
+    /// before its penalty, or through a trusted proxy) is answered 429 here;
+    /// its body was read, so a proxy's shared connection stays usable.
+    fn refuse_penalised(&self, client: ClientAddr) -> Result<(), GatewayError> {
+        match self.kernel.penalty_remaining(client) {
+            Some(wait) => Err(GatewayError::ClientPenalised { client: client.ip, wait }),
+            None => Ok(()),
+        }
+    }
+
+    /// Parses the body once (large bodies off the async workers).
+    async fn parse(
+        &self,
+        endpoint: Endpoint,
+        headers: &http::HeaderMap,
+        body: Bytes,
+    ) -> Result<Prepared, GatewayError> {
+        let auto_profile = header_str(headers, &names::CONFIG_PROFILE)
+            .is_some_and(|p| p.trim().eq_ignore_ascii_case(profiles::AUTO_PROFILE));
+        self.offload.prepare(endpoint, body, auto_profile, self.router.prefix_hasher()).await
+    }
+
+    /// The model's pods, the profile and the strategy.
+    fn resolve(
+        &self,
+        headers: &http::HeaderMap,
+        prepared: &Prepared,
+        ctx: &mut RequestContext,
+    ) -> Result<Resolved, GatewayError> {
         // Until discovery has delivered its first list, no model is unknown:
         // the answer is a retryable 503, not a final 400.
         if !self.store.is_synced() {
-            return Err(GatewayError::PodsNotLoaded.into());
+            return Err(GatewayError::PodsNotLoaded);
         }
+        let request = &prepared.request;
         let snapshot = self.store.snapshot();
-        let Some(model) = snapshot.model(&shape.model) else {
-            return Err(GatewayError::UnknownModel { model: errors::echo(&shape.model) }.into());
+        let Some(model) = snapshot.model(&request.model).cloned() else {
+            return Err(GatewayError::UnknownModel { model: errors::echo(&request.model) });
         };
-        let model_label: Arc<str> = Arc::clone(&model.name);
-        facts.model = Some(Arc::clone(&model_label));
-        let fail = |error: GatewayError| Failure { error, model: Some(Arc::clone(&model_label)) };
-
-        // Phase 2: resolve profile and strategy.
+        ctx.access.model = Some(Arc::clone(&model.name));
         let config = model.config.as_deref();
-        let profile =
-            profiles::resolve_profile(config, header_str(&parts.headers, &names::CONFIG_PROFILE), || RequestFeatures {
-                prompt_tokens: Some(
-                    prepared.prompt_tokens.unwrap_or_else(|| profiles::count_tokens(&request::prompt_text(&body))),
-                ),
-                max_tokens: shape.max_tokens,
-            });
+        let profile = profiles::resolve_profile(config, header_str(headers, &names::CONFIG_PROFILE), || {
+            RequestFeatures { prompt_tokens: Some(prepared.prompt_tokens()), max_tokens: request.max_tokens }
+        });
         let strategy_name = profiles::resolve_strategy(
             config,
             profile.profile,
-            header_str(&parts.headers, &names::ROUTING_STRATEGY),
+            header_str(headers, &names::ROUTING_STRATEGY),
             &self.settings.default_strategy,
         );
-        facts.profile = Some(profile.name.to_owned());
-        facts.strategy = Some(errors::echo(strategy_name));
-        let strategy = self.router.strategy(strategy_name).map_err(|err| {
-            fail(match err {
-                StrategyError::Unknown => GatewayError::UnknownStrategy { name: errors::echo(strategy_name) },
-                StrategyError::Unavailable => GatewayError::StrategyUnavailable { name: errors::echo(strategy_name) },
-            })
-        })?;
-        let filter = external_filter(&parts.headers).map_err(fail)?;
+        ctx.access.profile = Some(profile.name.to_owned());
+        ctx.access.strategy = Some(Cow::Owned(errors::echo(strategy_name)));
+        let strategy = self
+            .router
+            .strategy(strategy_name)
+            .map_err(|_| GatewayError::UnknownStrategy { name: errors::echo(strategy_name) })?;
+        ctx.access.strategy = Some(Cow::Borrowed(strategy.name()));
+        Ok(Resolved {
+            model_name: Arc::clone(&model.name),
+            profile: profile.name.to_owned(),
+            auto_profile: profile.auto_selected,
+            rps_cap: profile.profile.and_then(profiles::Profile::rps_cap),
+            strategy,
+            strategy_header: header_value(strategy_name),
+            filter: external_filter(headers)?,
+            model,
+        })
+    }
 
-        // Phase 3: limits: the user's RPM/TPM, then the model's RPS cap.
-        let limit_request = LimitRequest {
-            model: &model_label,
-            profile: profile.name,
-            rps_cap: profile.profile.and_then(Profile::rps_cap),
-            user: header_str(&parts.headers, &names::USER),
-        };
-        let admission = self.limits.admit(&limit_request).await.map_err(fail)?;
-
-        // Phase 4: pick a pod among the ready ones the external filter
-        // leaves. A request that cannot be routed gives its quota back
-        // before answering.
-        let filtered: Vec<Arc<PodInfo>>;
-        let candidates: &[Arc<PodInfo>] = match &filter {
-            None => &model.ready,
-            Some(selector) => {
-                filtered = model.ready.iter().filter(|p| selector.matches(&p.labels)).cloned().collect();
-                &filtered
-            }
-        };
-        let mut route_request = RouteRequest::new(&model_label, &body)
-            .with_headers(&parts.headers)
-            .with_metrics(self.engine_metrics.view())
-            .with_prompt_extractor(request::prompt_text);
-        if let Some((prompt, hashes)) = prepared.prompt {
-            route_request = route_request.with_prepared(prompt, hashes);
+    /// The engine's answer, with the gateway's headers, its body layered to
+    /// account for the request as it streams.
+    fn respond(
+        &self,
+        forwarded: Forwarded<U::Body>,
+        resolved: &Resolved,
+        ctx: &RequestContext,
+        slot: InFlightSlot,
+        clock: Option<Arc<write_watch::BodyClock>>,
+    ) -> Response<ProxyBody<U::Body>> {
+        let Forwarded { response, pod, headers: route_headers, on_usage, mut held, charge, quotas, hide_usage_chunk } =
+            forwarded;
+        let (mut parts, upstream_body) = response.into_parts();
+        if let Some(UpstreamConn(conn)) = parts.extensions.remove::<UpstreamConn>() {
+            self.kernel.tag(&conn, &resolved.model_name);
         }
-        // A stream that does not ask for usage is sent asking for it, so its
-        // tokens are counted; the client never sees the extra chunk.
-        let usage_asked = request::ask_for_usage(endpoint, &shape, &body);
-        let hide_usage_chunk = usage_asked.is_some();
-        let forward_body = usage_asked.unwrap_or_else(|| body.clone());
-        // `pd` chooses a prefill/decode pair and runs the prefill now; the
-        // decode pod is then the only candidate, with its own body.
-        let pd_route = match candidates {
-            [_, ..] if strategy.name() == routing::pd::NAME => {
-                let pd_request = pd::PdRequest {
-                    endpoint,
-                    parts: &parts,
-                    body: &forward_body,
-                    model: &model_label,
-                    request_id,
-                    started,
-                };
-                match self.route_pd(pd_request, &route_request, candidates).await {
-                    Ok(route) => Some(route),
-                    Err(error) => {
-                        admission.release().await;
-                        return Err(fail(error));
-                    }
-                }
-            }
-            _ => None,
-        };
-        let (candidates, body) = match &pd_route {
-            Some(route) => (std::slice::from_ref(&route.pod), route.body.clone()),
-            None => (candidates, forward_body),
-        };
-        let mut decision = match (&pd_route, candidates) {
-            (Some(route), _) => route.decision(),
-            (None, []) => RouteDecision::default(),
-            (None, _) => self.router.route(strategy.as_ref(), &route_request, candidates),
-        };
-        let Some(mut pod) = candidates.get(decision.index).cloned() else {
-            admission.release().await;
-            return Err(fail(GatewayError::NoReadyPods { model: shape.model }));
-        };
-        // Counted in flight at once, so the next request's strategy sees it
-        // (no window between choosing a pod and counting it, AIBrix #2422).
-        let mut reserved = Some(pod.load.start());
-        let user_quotas = admission.user_quotas();
-        let token_charge = admission.commit();
-        let routing_time = pd_route.as_ref().map_or_else(|| started.elapsed(), |route| route.routing_time);
-        self.metrics.routed(&model_label, strategy.name(), routing_time.as_secs_f64());
-        facts.routing_time = Some(routing_time);
-
-        // Phase 5: forward; a pod that refuses the connection got nothing,
-        // so the request moves to another ready pod.
-        let mut tried: Vec<Arc<PodInfo>> = Vec::new();
-        let (upstream_response, guards, connection) = loop {
-            let guards = (reserved.take().unwrap_or_else(|| pod.load.start()), self.metrics.in_flight(&model_label));
-            facts.pod = Some(Arc::clone(&pod));
-            let connection =
-                self.upstream.connection_slot(&pod).await.map_err(|err| fail(err.into_gateway_error(&pod)))?;
-            match self.upstream.send(&parts, body.clone(), &pod, request_id, self.upstream_pool(&model_label)).await {
-                Ok(response) => break (response, guards, connection),
-                Err(SendError::Connect(reason)) if tried.len() + 1 < self.settings.max_connect_attempts => {
-                    tracing::warn!(pod = %pod.key, reason, "connect to pod failed; trying another pod");
-                    tried.push(Arc::clone(&pod));
-                    let Some((next, next_decision)) =
-                        self.next_candidate(candidates, &tried, strategy.as_ref(), &route_request)
-                    else {
-                        return Err(fail(SendError::Connect(reason).into_gateway_error(&pod)));
-                    };
-                    pod = next;
-                    decision = next_decision;
-                }
-                Err(err) => return Err(fail(err.into_gateway_error(&pod))),
-            }
-        };
-
-        // Phase 6: account while the answer streams back.
-        let (mut response_parts, upstream_body) = upstream_response.into_parts();
-        if let (Some(kernel), Some(UpstreamConn(conn))) =
-            (&self.kernel, response_parts.extensions.remove::<UpstreamConn>())
-        {
-            kernel.tag(&conn, &model_label);
-        }
-        forward::clean_response_headers(&mut response_parts.headers);
-        let status = response_parts.status.as_u16();
-        self.metrics.request_done(&model_label, status);
-        let headers = &mut response_parts.headers;
+        upstream::clean_response_headers(&mut parts.headers);
+        let status = parts.status.as_u16();
+        self.metrics.request_done(&resolved.model_name, status);
+        let headers = &mut parts.headers;
         headers.insert(names::TARGET_POD, header_value(&pod.name));
         headers.insert(names::TARGET_POD_IP, header_value(&pod.addr_text));
-        // The name as resolved: a weighted mix is echoed as written.
-        headers.insert(names::ROUTING_STRATEGY, header_value(strategy_name));
-        for (name, value) in decision.headers {
+        headers.insert(names::ROUTING_STRATEGY, resolved.strategy_header.clone());
+        for (name, value) in route_headers {
             headers.insert(name, value);
         }
-        headers.insert(names::REQUEST_ID, request_id.clone());
-        user_quotas.insert_headers(headers);
-        if profile.auto_selected {
-            headers.insert(names::CHOSEN_PROFILE, header_value(profile.name));
+        headers.insert(names::REQUEST_ID, ctx.access.request_id.clone());
+        quotas.insert_headers(headers);
+        if resolved.auto_profile {
+            headers.insert(names::CHOSEN_PROFILE, header_value(&resolved.profile));
         }
-        let content_type = header_str(headers, &header::CONTENT_TYPE).map(str::to_owned);
-        let content_encoding = header_str(headers, &header::CONTENT_ENCODING).map(str::to_owned);
-        let record = RequestRecord {
-            metrics: Arc::clone(&self.metrics),
-            request_id: request_id.clone(),
-            model: model_label,
-            profile: profile.name.to_owned(),
-            strategy: strategy.name(),
-            pod,
-            status,
-            started,
-            routing_time,
-            guards,
-            slots: (Some(connection), Some(slot)),
-            token_charge,
-            on_usage: decision.on_usage,
-        };
-        let body = TrackedBody::new(
-            upstream_body,
-            content_type.as_deref(),
-            content_encoding.as_deref(),
-            record,
+        let shape = AnswerShape {
+            content_type: header_str(headers, &header::CONTENT_TYPE),
+            content_encoding: header_str(headers, &header::CONTENT_ENCODING),
             hide_usage_chunk,
-        )
-        .with_clock(write_watch.map(|watch| watch.register()));
-        Ok(Response::from_parts(response_parts, Either::Right(body)))
+        };
+        held.gateway = Some(slot);
+        let mut access = ctx.access.clone();
+        access.pod = Some(pod);
+        let record = EndRecord { metrics: Arc::clone(&self.metrics), access, status, held, on_usage };
+        let charge = charge.map(|charge| Box::new(charge) as Box<dyn body::Charge>);
+        let body = body::response_body(upstream_body, &shape, charge, record, clock);
+        Response::from_parts(parts, Either::Right(body))
+    }
+
+    /// The answer to a request that failed: counted, logged, and (for 429s)
+    /// reported to kernel assist.
+    fn failed(&self, error: &GatewayError, ctx: &RequestContext) -> Response<ProxyBody<U::Body>> {
+        let status = error.status();
+        self.metrics.request_done(&ctx.access.model_label(), status.as_u16());
+        ctx.access.write(&Ending { status: status.as_u16(), error: Some(error), ..Ending::default() });
+        let mut response = errors::respond(error).map(Either::Left);
+        response.headers_mut().insert(names::REQUEST_ID, ctx.access.request_id.clone());
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let client = ctx.access.client;
+            self.kernel.rate_limited(client);
+            // A penalised HTTP/1 client must reconnect, and so meets the
+            // refusal. Never a trusted proxy's shared connection.
+            if ctx.http1 && !client.behind_proxy && self.kernel.penalty_remaining(client).is_some() {
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+        }
+        response
     }
 
     /// Reads the whole request body, within the size limit and the time limit.
-    async fn read_body(&self, headers: &http::HeaderMap, mut body: Incoming) -> Result<Bytes, GatewayError> {
+    async fn read_body<RB>(&self, headers: &http::HeaderMap, mut body: RB) -> Result<Bytes, GatewayError>
+    where
+        RB: Body<Data = Bytes> + Send + Unpin + 'static,
+        RB::Error: Into<BoxError>,
+    {
         let limit = self.settings.max_body_bytes;
         let too_large = GatewayError::BodyTooLarge { limit_bytes: limit };
         let declared = header_str(headers, &header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
@@ -497,15 +471,31 @@ impl Proxy {
     }
 }
 
+/// A request the gateway answered itself with success (`GET /v1/models`)
+/// logs its end here; a proxied answer logs its own when its body ends.
+fn answered<B: Upstream>(
+    mut response: Response<ProxyBody<B::Body>>,
+    ctx: &RequestContext,
+) -> Response<ProxyBody<B::Body>> {
+    if let Either::Left(_) = response.body() {
+        ctx.access.write(&Ending { status: response.status().as_u16(), ..Ending::default() });
+        response.headers_mut().insert(names::REQUEST_ID, ctx.access.request_id.clone());
+    }
+    response
+}
+
 /// Most bytes of a refused body read and dropped (see [`discard_rest`]).
 const DISCARD_MAX_BYTES: usize = 64 << 20;
 
-/// Reads and drops the rest of a body refused as too large, for at most
-/// `within` and `DISCARD_MAX_BYTES`, while the 413 goes out (with
-/// `Connection: close`). Closing with the body unread would reset the
-/// connection, and a client still sending would see the reset instead of
-/// the 413 (nginx's lingering close does the same).
-fn discard_rest(mut body: Incoming, within: Duration) {
+/// Reads and drops the rest of a refused body, for at most `within` and
+/// `DISCARD_MAX_BYTES`, while the error goes out (with `Connection:
+/// close`). Closing with the body unread would reset the connection, and a
+/// client still sending would see the reset instead of the answer (nginx's
+/// lingering close does the same).
+fn discard_rest<RB>(mut body: RB, within: Duration)
+where
+    RB: Body<Data = Bytes> + Send + Unpin + 'static,
+{
     tokio::spawn(async move {
         let drain = async {
             let mut left = DISCARD_MAX_BYTES;
@@ -517,32 +507,6 @@ fn discard_rest(mut body: Incoming, within: Duration) {
         };
         let _ = tokio::time::timeout(within, drain).await;
     });
-}
-
-impl Proxy {
-    /// The upstream pool a model's requests go over: with kernel assist, one
-    /// per pod and model, so each upstream socket carries one model.
-    fn upstream_pool(&self, model: &str) -> Option<u32> {
-        self.kernel.as_ref().map(|kernel| kernel.model_id(model))
-    }
-
-    /// The next pod to try after connection failures: the strategy's choice
-    /// among the candidates not tried yet.
-    fn next_candidate(
-        &self,
-        candidates: &[Arc<PodInfo>],
-        tried: &[Arc<PodInfo>],
-        strategy: &dyn Strategy,
-        request: &RouteRequest<'_>,
-    ) -> Option<(Arc<PodInfo>, RouteDecision)> {
-        let rest: Vec<Arc<PodInfo>> =
-            candidates.iter().filter(|p| !tried.iter().any(|t| t.key == p.key)).cloned().collect();
-        if rest.is_empty() {
-            return None;
-        }
-        let decision = self.router.route(strategy, request, &rest);
-        Some((rest.get(decision.index).cloned()?, decision))
-    }
 }
 
 /// Kernel counters of HTTP/2 client connections: one connection multiplexes
@@ -620,26 +584,4 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_id_from_traceparent_or_fresh_uuid() {
-        let mut headers = http::HeaderMap::new();
-        headers.insert(
-            names::TRACEPARENT,
-            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-        );
-        assert_eq!(request_id(&headers), "4bf92f3577b34da6a3ce929d0e0e4736");
-        headers.insert(
-            names::TRACEPARENT,
-            HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
-        );
-        let fresh = request_id(&headers);
-        assert_eq!(fresh.len(), 36, "invalid all-zero trace id replaced by a UUID");
-        assert_ne!(request_id(&http::HeaderMap::new()), fresh);
-    }
 }

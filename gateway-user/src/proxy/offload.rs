@@ -15,7 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use super::request::{self, Endpoint, RequestShape};
+use super::request::{Endpoint, ParsedRequest};
 use crate::errors::GatewayError;
 use crate::profiles;
 use crate::routing::prefix_index::PrefixHasher;
@@ -26,12 +26,19 @@ pub const OFFLOAD_BYTES: usize = 64 * 1024;
 /// What the proxy needs from a request body before it routes it.
 #[derive(Debug)]
 pub struct Prepared {
-    pub shape: RequestShape,
-    /// Prompt text and prefix hashes, when they were worked out up front.
-    pub prompt: Option<(String, Vec<u64>)>,
+    pub request: ParsedRequest,
+    /// The prompt's prefix hashes, when worked out up front.
+    pub prefix_hashes: Option<Vec<u64>>,
     /// Prompt tokens, when `config-profile: auto` needs them and they were
     /// counted up front.
     pub prompt_tokens: Option<i64>,
+}
+
+impl Prepared {
+    /// The prompt's tokens (counted now, unless they were up front).
+    pub fn prompt_tokens(&self) -> i64 {
+        self.prompt_tokens.unwrap_or_else(|| profiles::count_tokens(self.request.prompt()))
+    }
 }
 
 /// Runs body-sized work on blocking threads, a bounded number at a time.
@@ -59,19 +66,19 @@ impl Offload {
         hasher: Arc<PrefixHasher>,
     ) -> Result<Prepared, GatewayError> {
         if body.len() < OFFLOAD_BYTES {
-            let shape = request::inspect(endpoint, &body)?;
-            return Ok(Prepared { shape, prompt: None, prompt_tokens: None });
+            let request = ParsedRequest::parse(endpoint, body)?;
+            return Ok(Prepared { request, prefix_hashes: None, prompt_tokens: None });
         }
         // Closed only when the proxy is dropped. The permit goes with the job:
         // a client that resets its stream drops this future, not the job.
         let permit = Arc::clone(&self.permits).acquire_owned().await.ok();
         let job = move || {
             let _permit = permit;
-            let shape = request::inspect(endpoint, &body)?;
-            let prompt = request::prompt_text(&body);
-            let prompt_tokens = count_tokens.then(|| profiles::count_tokens(&prompt));
-            let hashes = hasher.hashes(&prompt);
-            Ok(Prepared { shape, prompt: Some((prompt, hashes)), prompt_tokens })
+            let request = ParsedRequest::parse(endpoint, body)?;
+            let prompt = request.prompt();
+            let prompt_tokens = count_tokens.then(|| profiles::count_tokens(prompt));
+            let prefix_hashes = Some(hasher.hashes(prompt));
+            Ok(Prepared { request, prefix_hashes, prompt_tokens })
         };
         match tokio::task::spawn_blocking(job).await {
             Ok(prepared) => prepared,
@@ -98,15 +105,14 @@ mod tests {
         let offload = Offload::default();
         let hasher = Arc::new(PrefixHasher::new(&RoutingArgs::default()));
         let small = offload.prepare(Endpoint::Completions, body("hi"), true, Arc::clone(&hasher)).await.unwrap();
-        assert_eq!(small.shape.model, "m");
-        assert!(small.prompt.is_none() && small.prompt_tokens.is_none(), "small bodies keep the lazy path");
+        assert_eq!(small.request.model, "m");
+        assert!(small.prefix_hashes.is_none() && small.prompt_tokens.is_none(), "small bodies keep the lazy path");
 
         // Runs on a current-thread runtime: the job must not need this thread.
         let prompt = "lorem ipsum ".repeat(OFFLOAD_BYTES / 8);
         let large = offload.prepare(Endpoint::Completions, body(&prompt), true, Arc::clone(&hasher)).await.unwrap();
-        let (text, hashes) = large.prompt.expect("prompt extracted");
-        assert_eq!(text, prompt);
-        assert_eq!(hashes, hasher.hashes(&prompt));
+        assert_eq!(large.request.prompt(), prompt);
+        assert_eq!(large.prefix_hashes.expect("hashed up front"), hasher.hashes(&prompt));
         assert_eq!(large.prompt_tokens, Some(profiles::count_tokens(&prompt)));
         let unasked = offload.prepare(Endpoint::Completions, body(&prompt), false, hasher).await.unwrap();
         assert_eq!(unasked.prompt_tokens, None);

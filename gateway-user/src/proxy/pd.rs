@@ -1,4 +1,5 @@
-//! The `pd` request flow (contract section 7): prefill on one pod, then
+//! The `pd` prefill: the first half of a request routed to a prefill/decode
+//! pair ([`super::forward`] runs the loop). Prefill on one pod, then
 //! decode on another pod of the same roleset.
 //!
 //! The prefill request is the client's body with a one-token budget, no
@@ -13,208 +14,125 @@
 //! (request id, model, pod), counted, and answered with 503; no decode
 //! request is sent.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::HeaderValue;
 use http_body_util::{BodyExt, Limited};
 use serde_json::{Map, Value};
 
-use super::forward::SendError;
-use super::request::Endpoint;
-use super::{Proxy, header_value};
-use crate::discovery::PodInfo;
+use super::forward::Send;
+use super::upstream::{self, SendError, Upstream};
+use super::{Proxy, RequestContext};
 use crate::errors::GatewayError;
 use crate::kernel::tagging::UpstreamConn;
 use crate::metrics::PrefillErrorReason;
 use crate::routing::pd::PdPlan;
-use crate::routing::{RouteDecision, RouteRequest};
-
-/// Response header naming the pod that ran the prefill.
-pub const PREFILL_TARGET_POD: HeaderName = HeaderName::from_static("prefill-target-pod");
-/// Response header with the prefill pod's `IP:port`.
-pub const PREFILL_TARGET_POD_IP: HeaderName = HeaderName::from_static("prefill-target-pod-ip");
 
 /// Largest prefill answer read; one generated token takes a few hundred bytes.
 const MAX_PREFILL_ANSWER_BYTES: usize = 4 << 20;
 /// Most bytes of a failed prefill's answer quoted in the log and the error.
 const QUOTED_ANSWER_BYTES: usize = 300;
 
-/// Where the client's request goes once its prefill is done.
-pub(super) struct DecodeRoute {
-    /// The decode pod.
-    pub pod: Arc<PodInfo>,
-    /// The client's body carrying the prefill's `kv_transfer_params`.
-    pub body: Bytes,
-    /// `prefill-target-pod` and `prefill-target-pod-ip`.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// Arrival to pair chosen (the prefill is not routing).
-    pub routing_time: Duration,
+/// A prefill that did not succeed.
+pub(super) struct PrefillFailure {
+    reason: PrefillErrorReason,
+    pub detail: String,
+    /// The connection was refused or never made: nothing reached the pod,
+    /// so another prefill pod may be tried.
+    pub not_sent: bool,
 }
 
-impl DecodeRoute {
-    /// The routing decision for the decode pod, the only candidate left.
-    pub fn decision(&self) -> RouteDecision {
-        RouteDecision { index: 0, headers: self.headers.clone(), on_usage: None }
+impl PrefillFailure {
+    fn new(reason: PrefillErrorReason, detail: String) -> Self {
+        Self { reason, detail, not_sent: false }
     }
 }
 
-/// What the proxy needs to send a request.
-pub(super) struct PdRequest<'a> {
-    pub endpoint: Endpoint,
-    pub parts: &'a http::request::Parts,
-    pub body: &'a Bytes,
-    pub model: &'a Arc<str>,
-    pub request_id: &'a HeaderValue,
-    pub started: Instant,
-}
-
-/// A prefill that did not succeed.
-struct PrefillFailure {
-    reason: PrefillErrorReason,
-    detail: String,
-    /// The connection was refused or never made: nothing reached the pod,
-    /// so another prefill pod may be tried.
-    not_sent: bool,
-}
-
-impl Proxy {
-    /// Chooses the prefill/decode pair among `candidates` and runs the
-    /// prefill; on success the decode pod and body are returned. A prefill
-    /// pod that cannot be connected to is left out and the pair chosen again,
-    /// up to `--max-connect-attempts` prefill pods.
-    pub(super) async fn route_pd(
+impl<U: Upstream> Proxy<U> {
+    /// Runs the prefill on `plan`'s prefill pod; returns the body for the
+    /// decode pod: the client's, carrying the prefill's KV parameters.
+    pub(super) async fn prefill(
         &self,
-        request: PdRequest<'_>,
-        route_request: &RouteRequest<'_>,
-        candidates: &[Arc<PodInfo>],
-    ) -> Result<DecodeRoute, GatewayError> {
-        let pd = self.router.pd();
-        // Prefill pods that could not be connected to, and the last such failure.
-        let mut refused: Vec<String> = Vec::new();
-        let mut last_refusal: Option<(PdPlan, PrefillFailure)> = None;
-        let mut routing_time = None;
-        loop {
-            let remaining: Vec<Arc<PodInfo>>;
-            let pods = if refused.is_empty() {
-                candidates
-            } else {
-                remaining = candidates.iter().filter(|p| !refused.contains(&p.key)).cloned().collect();
-                &remaining
-            };
-            let plan = match (pd.plan(route_request, pods), last_refusal.take()) {
-                (Ok(plan), _) => plan,
-                (Err(none), None) => {
-                    return Err(GatewayError::NoPdRoleset {
-                        model: request.model.to_string(),
-                        prefill: none.prefill,
-                        decode: none.decode,
-                    });
-                }
-                // No other complete roleset is left: the refusal is the failure.
-                (Err(_), Some((plan, failure))) => return Err(self.prefill_failed(&plan, &request, failure)),
-            };
-            let routing_time = *routing_time.get_or_insert_with(|| request.started.elapsed());
-            self.metrics.pd.selected(request.model, &plan.prefill.name, &plan.decode.name);
-            if !matches!(request.endpoint, Endpoint::ChatCompletions | Endpoint::Completions) {
-                // Only generation is split; embeddings and responses are served
-                // whole by the decode pod.
-                let body = request.body.clone();
-                return Ok(DecodeRoute { pod: plan.decode, body, headers: Vec::new(), routing_time });
-            }
-            // The decode pod counts as busy from now, so requests arriving
-            // during this prefill spread over the other decode pods.
-            let pending_decode = plan.decode.load.start();
-            match self.prefill(&plan, &request, pd.prefill_timeout()).await {
-                Ok(kv) => {
-                    let prefill_ip = plan.prefill.addr.map(|a| a.ip().to_string()).unwrap_or_default();
-                    let body = decode_body(request.body, kv, &prefill_ip).map_err(|_| GatewayError::BodyNotJson)?;
-                    // The caller takes the decode pod's slot again, with no await in between.
-                    drop(pending_decode);
-                    let headers = vec![
-                        (PREFILL_TARGET_POD, header_value(&plan.prefill.name)),
-                        (PREFILL_TARGET_POD_IP, header_value(&plan.prefill.addr_text)),
-                    ];
-                    return Ok(DecodeRoute { pod: plan.decode, body, headers, routing_time });
-                }
-                Err(failure) if failure.not_sent && refused.len() + 1 < self.settings.max_connect_attempts => {
-                    tracing::warn!(
-                        request_id = request.request_id.to_str().unwrap_or(""),
-                        pod = %plan.prefill.key,
-                        reason = %failure.detail,
-                        "connect to prefill pod failed; choosing another pair"
-                    );
-                    refused.push(plan.prefill.key.clone());
-                    last_refusal = Some((plan, failure));
-                }
-                Err(failure) => return Err(self.prefill_failed(&plan, &request, failure)),
-            }
-        }
+        plan: &PdPlan,
+        send: &Send<'_>,
+        request_id: &HeaderValue,
+    ) -> Result<Bytes, PrefillFailure> {
+        // The client's body, parsed once for both rewrites.
+        let client = json_object(send.body).map_err(|detail| {
+            PrefillFailure::new(
+                PrefillErrorReason::BadResponse,
+                format!("the request body cannot be rewritten: {detail}"),
+            )
+        })?;
+        let body = prefill_body(client.clone())
+            .map_err(|detail| PrefillFailure::new(PrefillErrorReason::BadResponse, detail))?;
+        let _prefilling = plan.prefill.load.start();
+        let began = Instant::now();
+        let timeout = self.settings.prefill_timeout;
+        let exchange = self.prefill_exchange(plan, send, body, request_id);
+        let outcome = tokio::time::timeout(timeout, exchange).await;
+        self.metrics.pd.prefill_done(send.model, began.elapsed().as_secs_f64());
+        let kv = outcome.unwrap_or_else(|_| {
+            Err(PrefillFailure::new(PrefillErrorReason::Timeout, format!("no answer within {} s", timeout.as_secs())))
+        })?;
+        let prefill_ip = plan.prefill.addr.map(|a| a.ip().to_string()).unwrap_or_default();
+        decode_body(client, send.body, kv, &prefill_ip)
+            .map_err(|detail| PrefillFailure::new(PrefillErrorReason::BadResponse, detail))
     }
 
     /// Sends the prefill request; returns the `kv_transfer_params` of its
     /// answer (`None` when the engine sent none).
-    async fn prefill(
+    async fn prefill_exchange(
         &self,
         plan: &PdPlan,
-        request: &PdRequest<'_>,
-        timeout: Duration,
+        send: &Send<'_>,
+        body: Bytes,
+        request_id: &HeaderValue,
     ) -> Result<Option<Map<String, Value>>, PrefillFailure> {
-        let body = prefill_body(request.body).map_err(|detail| PrefillFailure {
-            reason: PrefillErrorReason::BadResponse,
-            detail: format!("the request body cannot be rewritten: {detail}"),
-            not_sent: false,
+        let failure = PrefillFailure::new;
+        let pool = Some(self.kernel.model_id(send.model));
+        let request = upstream::build_request(send.parts, body, &plan.prefill, request_id, pool)
+            .map_err(|detail| failure(PrefillErrorReason::Connect, detail))?;
+        let response = self.upstream.send(request).await.map_err(|err| match err {
+            SendError::Timeout(limit) => {
+                failure(PrefillErrorReason::Timeout, format!("no answer within {} s", limit.as_secs()))
+            }
+            SendError::Connect(detail) => {
+                PrefillFailure { reason: PrefillErrorReason::Connect, detail, not_sent: true }
+            }
+            SendError::Other(detail) => failure(PrefillErrorReason::Connect, detail),
         })?;
-        let _prefilling = plan.prefill.load.start();
-        let began = Instant::now();
-        let failure = |reason, detail| PrefillFailure { reason, detail, not_sent: false };
-        let exchange = async {
-            let response = self
-                .upstream
-                .send(request.parts, body, &plan.prefill, request.request_id, self.upstream_pool(request.model))
-                .await
-                .map_err(|err| match err {
-                    SendError::Timeout(limit) => {
-                        failure(PrefillErrorReason::Timeout, format!("no answer within {} s", limit.as_secs()))
-                    }
-                    SendError::Connect(detail) => {
-                        PrefillFailure { reason: PrefillErrorReason::Connect, detail, not_sent: true }
-                    }
-                    SendError::Other(detail) => failure(PrefillErrorReason::Connect, detail),
-                })?;
-            // The prefill's bytes count for the model in kernel assist too.
-            if let (Some(kernel), Some(UpstreamConn(conn))) =
-                (&self.kernel, response.extensions().get::<UpstreamConn>())
-            {
-                kernel.tag(conn, request.model);
-            }
-            let status = response.status();
-            let answer = Limited::new(response.into_body(), MAX_PREFILL_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|err| failure(PrefillErrorReason::BadResponse, format!("reading the answer: {err}")))?
-                .to_bytes();
-            if !status.is_success() {
-                let detail = format!("status {}: {}", status.as_u16(), quote(&answer));
-                return Err(failure(PrefillErrorReason::Status, detail));
-            }
-            kv_transfer_params(&answer).map_err(|detail| failure(PrefillErrorReason::BadResponse, detail))
-        };
-        let outcome = tokio::time::timeout(timeout, exchange).await;
-        self.metrics.pd.prefill_done(request.model, began.elapsed().as_secs_f64());
-        outcome.unwrap_or_else(|_| {
-            Err(failure(PrefillErrorReason::Timeout, format!("no answer within {} s", timeout.as_secs())))
-        })
+        // The prefill's bytes count for the model in kernel assist too.
+        if let Some(UpstreamConn(conn)) = response.extensions().get::<UpstreamConn>() {
+            self.kernel.tag(conn, send.model);
+        }
+        let status = response.status();
+        let answer = Limited::new(response.into_body(), MAX_PREFILL_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|err| failure(PrefillErrorReason::BadResponse, format!("reading the answer: {err}")))?
+            .to_bytes();
+        if !status.is_success() {
+            let detail = format!("status {}: {}", status.as_u16(), quote(&answer));
+            return Err(failure(PrefillErrorReason::Status, detail));
+        }
+        kv_transfer_params(&answer).map_err(|detail| failure(PrefillErrorReason::BadResponse, detail))
     }
 
     /// Logs `pd-prefill-request-error`, counts it, and says what the client gets.
-    fn prefill_failed(&self, plan: &PdPlan, request: &PdRequest<'_>, failure: PrefillFailure) -> GatewayError {
+    pub(super) fn prefill_failed(
+        &self,
+        plan: &PdPlan,
+        send: &Send<'_>,
+        failure: PrefillFailure,
+        ctx: &RequestContext,
+    ) -> GatewayError {
         let PrefillFailure { reason, detail, not_sent: _ } = failure;
-        self.metrics.pd.prefill_error(request.model, reason);
+        self.metrics.pd.prefill_error(send.model, reason);
         tracing::error!(
-            request_id = request.request_id.to_str().unwrap_or(""),
-            model = &**request.model,
+            request_id = ctx.access.request_id.to_str().unwrap_or(""),
+            model = &**send.model,
             pod = %plan.prefill.name,
             pod_ip = %plan.prefill.addr_text,
             roleset = %plan.roleset,
@@ -230,8 +148,7 @@ impl Proxy {
 /// streaming (vLLM refuses `stream_options` without `stream`), and
 /// `kv_transfer_params` asking the engine to keep the KV blocks for a
 /// remote decode.
-pub fn prefill_body(body: &[u8]) -> Result<Bytes, String> {
-    let mut object = json_object(body)?;
+pub fn prefill_body(mut object: Map<String, Value>) -> Result<Bytes, String> {
     object.insert("max_tokens".into(), Value::from(1));
     object.insert("max_completion_tokens".into(), Value::from(1));
     object.insert("stream".into(), Value::Bool(false));
@@ -256,12 +173,16 @@ pub fn prefill_body(body: &[u8]) -> Result<Bytes, String> {
 /// `kv_transfer_params` with `remote_host` set to the prefill pod's IP (the
 /// engine may only know a host name valid inside its own pod). Without
 /// parameters the client's body goes unchanged.
-pub fn decode_body(body: &Bytes, kv: Option<Map<String, Value>>, prefill_ip: &str) -> Result<Bytes, String> {
+pub fn decode_body(
+    mut object: Map<String, Value>,
+    body: &Bytes,
+    kv: Option<Map<String, Value>>,
+    prefill_ip: &str,
+) -> Result<Bytes, String> {
     let Some(mut kv) = kv else {
         return Ok(body.clone());
     };
     kv.insert("remote_host".into(), Value::String(prefill_ip.to_owned()));
-    let mut object = json_object(body)?;
     object.insert("kv_transfer_params".into(), Value::Object(kv));
     serde_json::to_vec(&object).map(Bytes::from).map_err(|e| e.to_string())
 }
@@ -308,6 +229,14 @@ mod tests {
         serde_json::from_slice(bytes).expect("json")
     }
 
+    fn prefill_of(body: &[u8]) -> Result<Bytes, String> {
+        prefill_body(json_object(body)?)
+    }
+
+    fn decode_of(body: &Bytes, kv: Option<Map<String, Value>>, prefill_ip: &str) -> Result<Bytes, String> {
+        decode_body(json_object(body)?, body, kv, prefill_ip)
+    }
+
     #[test]
     fn prefill_body_asks_for_one_token_and_a_remote_decode() {
         let client = json!({
@@ -319,7 +248,7 @@ mod tests {
             "min_tokens": 5,
             "temperature": 0.5,
         });
-        let body = parse(&prefill_body(client.to_string().as_bytes()).expect("rewritten"));
+        let body = parse(&prefill_of(client.to_string().as_bytes()).expect("rewritten"));
         assert_eq!(body["max_tokens"], 1);
         assert_eq!(body["max_completion_tokens"], 1);
         assert_eq!(body["stream"], false);
@@ -330,7 +259,7 @@ mod tests {
         assert!(body["kv_transfer_params"]["remote_host"].is_null());
         assert_eq!(body["messages"], client["messages"], "the prompt is untouched");
         assert_eq!(body["temperature"], 0.5);
-        assert!(prefill_body(b"[1]").is_err());
+        assert!(prefill_of(b"[1]").is_err());
     }
 
     #[test]
@@ -344,7 +273,7 @@ mod tests {
         });
         let kv = kv_transfer_params(answer.to_string().as_bytes()).expect("parsed");
         let body = Bytes::from(client.to_string());
-        let decoded = parse(&decode_body(&body, kv, "10.0.0.7").expect("rewritten"));
+        let decoded = parse(&decode_of(&body, kv, "10.0.0.7").expect("rewritten"));
         assert_eq!(decoded["kv_transfer_params"]["remote_host"], "10.0.0.7");
         assert_eq!(decoded["kv_transfer_params"]["remote_engine_id"], "e1");
         assert_eq!(decoded["kv_transfer_params"]["remote_block_ids"], json!([3, 4]));
@@ -360,7 +289,7 @@ mod tests {
         assert!(kv_transfer_params(br#"{"kv_transfer_params":[1]}"#).is_err());
         assert!(kv_transfer_params(b"<html>bad gateway</html>").is_err());
         let body = Bytes::from_static(br#"{"model":"m","prompt":"x"}"#);
-        assert_eq!(decode_body(&body, None, "10.0.0.7").expect("unchanged"), body);
+        assert_eq!(decode_of(&body, None, "10.0.0.7").expect("unchanged"), body);
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //! prompt text is only assembled when `config-profile: auto` asks for it.
 
 use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::OnceLock;
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::errors::GatewayError;
@@ -32,15 +35,23 @@ impl Endpoint {
     }
 }
 
-/// The parts of a request body the gateway acts on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestShape {
+/// A request body, parsed once into what every phase needs: the fields the
+/// gateway acts on, and where the prompt's text lies in the body (assembled
+/// only when a phase asks for it).
+#[derive(Debug)]
+pub struct ParsedRequest {
+    pub endpoint: Endpoint,
+    pub body: Bytes,
     pub model: String,
     pub stream: bool,
     /// `max_tokens`, else `max_completion_tokens`, else `max_output_tokens`.
     pub max_tokens: Option<i64>,
     /// What `stream_options` says about usage.
     pub stream_options: StreamOptions,
+    /// The raw JSON values the prompt is made of, as byte ranges of `body`:
+    /// message contents (chat), `prompt` (completions), `input`.
+    prompt_parts: Vec<Range<usize>>,
+    prompt: OnceLock<String>,
 }
 
 /// A request's `stream_options`, as far as usage goes.
@@ -68,7 +79,11 @@ struct Probe<'a> {
     #[serde(default)]
     stream: Option<bool>,
     #[serde(borrow, default)]
-    messages: Option<&'a RawValue>,
+    messages: Option<Messages<'a>>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
     #[serde(default)]
     max_tokens: Option<i64>,
     #[serde(default)]
@@ -81,41 +96,191 @@ struct Probe<'a> {
     stream_options: Option<&'a RawValue>,
 }
 
+/// `messages`, read in the same pass: how many there are and each one's
+/// `content`. Anything but an array counts as no messages; entries that
+/// are not objects count, without content.
+#[derive(Default)]
+struct Messages<'a> {
+    count: usize,
+    contents: Vec<&'a RawValue>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Messages<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(MessagesVisitor(std::marker::PhantomData))
+    }
+}
+
+struct MessagesVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for MessagesVisitor<'a> {
+    type Value = Messages<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of messages")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut messages = Messages::default();
+        while let Some(message) = seq.next_element::<Message<'a>>()? {
+            messages.count += 1;
+            messages.contents.extend(message.content);
+        }
+        Ok(messages)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Messages::default())
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Messages::default())
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Messages::default())
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Messages::default())
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Messages::default())
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Messages::default())
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Messages::default())
+    }
+}
+
+/// One entry of `messages`: its `content` if it is an object that has one.
+struct Message<'a> {
+    content: Option<&'a RawValue>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Message<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(MessageVisitor(std::marker::PhantomData))
+    }
+}
+
+struct MessageVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for MessageVisitor<'a> {
+    type Value = Message<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a message")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut content = None;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if key == "content" {
+                content = map.next_value::<Option<&'de RawValue>>()?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(Message { content })
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Message { content: None })
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Message { content: None })
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Message { content: None })
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Message { content: None })
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Message { content: None })
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Message { content: None })
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Message { content: None })
+    }
+}
+
 /// `Some` for a field that is there, `null` included.
 fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(deserializer).map(Some)
 }
 
-/// Validates the body and extracts model, stream flag and token budget.
-pub fn inspect(endpoint: Endpoint, body: &[u8]) -> Result<RequestShape, GatewayError> {
-    // A body that is not a JSON object, or whose known fields have the wrong
-    // types, is one error for the client: the body could not be processed.
-    let probe: Probe<'_> = serde_json::from_slice(body).map_err(|_| GatewayError::BodyNotJson)?;
-    let model = match probe.model {
-        Some(model) if !model.trim().is_empty() => model.into_owned(),
-        _ => return Err(GatewayError::ModelMissing),
-    };
-    if endpoint == Endpoint::ChatCompletions {
-        let has_messages = probe
-            .messages
-            .and_then(|raw| serde_json::from_str::<Vec<&RawValue>>(raw.get()).ok())
-            .is_some_and(|m| !m.is_empty());
-        if !has_messages {
+impl ParsedRequest {
+    /// Validates the body and reads what the gateway acts on, in one pass.
+    pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<Self, GatewayError> {
+        // A body that is not a JSON object, or whose known fields have the
+        // wrong types, is one error for the client: the body could not be
+        // processed.
+        let probe: Probe<'_> = serde_json::from_slice(&body).map_err(|_| GatewayError::BodyNotJson)?;
+        let model = match probe.model {
+            Some(model) if !model.trim().is_empty() => model.into_owned(),
+            _ => return Err(GatewayError::ModelMissing),
+        };
+        let messages = probe.messages.unwrap_or_default();
+        if endpoint == Endpoint::ChatCompletions && messages.count == 0 {
             return Err(GatewayError::NoMessages);
         }
+        let stream_options = match probe.stream_options.map(|raw| serde_json::from_str::<StreamOptionsProbe>(raw.get()))
+        {
+            None => StreamOptions::Absent,
+            Some(Ok(StreamOptionsProbe { include_usage: Some(true) })) => StreamOptions::IncludeUsage,
+            // Anything else is the engine's to judge; the gateway only knows no usage was asked for.
+            Some(_) => StreamOptions::WithoutUsage,
+        };
+        let base = body.as_ptr() as usize;
+        let span = |raw: &RawValue| {
+            let start = raw.get().as_ptr() as usize - base;
+            start..start + raw.get().len()
+        };
+        let prompt_parts = messages.contents.iter().copied().chain(probe.prompt).chain(probe.input).map(span).collect();
+        Ok(Self {
+            endpoint,
+            model,
+            stream: probe.stream.unwrap_or(false),
+            max_tokens: probe.max_tokens.or(probe.max_completion_tokens).or(probe.max_output_tokens),
+            stream_options,
+            prompt_parts,
+            prompt: OnceLock::new(),
+            body,
+        })
     }
-    let stream_options = match probe.stream_options.map(|raw| serde_json::from_str::<StreamOptionsProbe>(raw.get())) {
-        None => StreamOptions::Absent,
-        Some(Ok(StreamOptionsProbe { include_usage: Some(true) })) => StreamOptions::IncludeUsage,
-        // Anything else is the engine's to judge; the gateway only knows no usage was asked for.
-        Some(_) => StreamOptions::WithoutUsage,
-    };
-    Ok(RequestShape {
-        model,
-        stream: probe.stream.unwrap_or(false),
-        max_tokens: probe.max_tokens.or(probe.max_completion_tokens).or(probe.max_output_tokens),
-        stream_options,
-    })
+
+    /// The prompt text used to count prompt tokens and match prefixes:
+    /// message contents joined by spaces (chat), `prompt` (completions) or
+    /// `input` (responses, embeddings). String values are unquoted; anything
+    /// else is counted as its raw JSON. Assembled on first use.
+    pub fn prompt(&self) -> &str {
+        self.prompt.get_or_init(|| {
+            let parts: Vec<Cow<'_, str>> = self
+                .prompt_parts
+                .iter()
+                .filter_map(|range| std::str::from_utf8(self.body.get(range.clone())?).ok())
+                .map(raw_text)
+                .collect();
+            parts.join(" ")
+        })
+    }
 }
 
 /// The body to send instead when a streamed chat or completion does not ask
@@ -123,13 +288,15 @@ pub fn inspect(endpoint: Endpoint, body: &[u8]) -> Result<RequestShape, GatewayE
 /// the engine reports the tokens and TPM, VTC and the access log count every
 /// stream. The usage-only chunk this adds is taken out of what the client
 /// receives ([`super::usage::UsageChunkFilter`]). `None` leaves the body as is.
-pub fn ask_for_usage(endpoint: Endpoint, shape: &RequestShape, body: &Bytes) -> Option<Bytes> {
-    let streams_tokens = matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions) && shape.stream;
-    match shape.stream_options {
+pub fn ask_for_usage(request: &ParsedRequest) -> Option<Bytes> {
+    let body = &request.body;
+    let streams_tokens =
+        matches!(request.endpoint, Endpoint::ChatCompletions | Endpoint::Completions) && request.stream;
+    match request.stream_options {
         _ if !streams_tokens => None,
         StreamOptions::IncludeUsage => None,
         // The common case: one field spliced in after the opening brace, no
-        // re-encoding of what may be megabytes of prompt. `inspect` has
+        // re-encoding of what may be megabytes of prompt. `parse` has
         // checked that the body is an object with at least `model` in it.
         StreamOptions::Absent => {
             let open = body.iter().position(|b| *b == b'{')?;
@@ -160,42 +327,19 @@ pub fn ask_for_usage(endpoint: Endpoint, shape: &RequestShape, body: &Bytes) -> 
     }
 }
 
-#[derive(Deserialize)]
-struct PromptProbe<'a> {
-    #[serde(borrow, default)]
-    messages: Option<Vec<Message<'a>>>,
-    #[serde(borrow, default)]
-    prompt: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    input: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct Message<'a> {
-    #[serde(borrow, default)]
-    content: Option<&'a RawValue>,
-}
-
-/// The prompt text used to count prompt tokens: message contents joined by
-/// spaces (chat), `prompt` (completions) or `input` (responses, embeddings).
-/// String values are unquoted; anything else is counted as its raw JSON.
+/// The prompt text of a body (see [`ParsedRequest::prompt`]); empty when
+/// the body is not a request.
 pub fn prompt_text(body: &[u8]) -> String {
-    let Ok(probe) = serde_json::from_slice::<PromptProbe<'_>>(body) else {
-        return String::new();
-    };
-    let mut parts: Vec<Cow<'_, str>> = Vec::new();
-    if let Some(messages) = probe.messages {
-        parts.extend(messages.iter().filter_map(|m| m.content).map(raw_text));
+    match ParsedRequest::parse(Endpoint::Completions, Bytes::copy_from_slice(body)) {
+        Ok(parsed) => parsed.prompt().to_owned(),
+        Err(_) => String::new(),
     }
-    parts.extend(probe.prompt.map(raw_text));
-    parts.extend(probe.input.map(raw_text));
-    parts.join(" ")
 }
 
-fn raw_text(raw: &RawValue) -> Cow<'_, str> {
-    match serde_json::from_str::<Cow<'_, str>>(raw.get()) {
+fn raw_text(raw: &str) -> Cow<'_, str> {
+    match serde_json::from_str::<Cow<'_, str>>(raw) {
         Ok(text) => text,
-        Err(_) => Cow::Borrowed(raw.get()),
+        Err(_) => Cow::Borrowed(raw),
     }
 }
 
@@ -234,15 +378,17 @@ mod tests {
         #[case] stream: bool,
         #[case] max_tokens: Option<i64>,
     ) {
-        let shape = inspect(endpoint, body.as_bytes()).expect("valid body");
-        let stream_options = StreamOptions::Absent;
-        assert_eq!(shape, RequestShape { model: model.into(), stream, max_tokens, stream_options });
+        let parsed = ParsedRequest::parse(endpoint, Bytes::from(body.to_owned())).expect("valid body");
+        assert_eq!(
+            (parsed.model.as_str(), parsed.stream, parsed.max_tokens, parsed.stream_options),
+            (model, stream, max_tokens, StreamOptions::Absent)
+        );
     }
 
     fn asked(endpoint: Endpoint, body: &str) -> Option<serde_json::Value> {
         let body = Bytes::from(body.to_owned());
-        let shape = inspect(endpoint, &body).expect("valid body");
-        ask_for_usage(endpoint, &shape, &body).map(|b| serde_json::from_slice(&b).expect("still JSON"))
+        let parsed = ParsedRequest::parse(endpoint, body).expect("valid body");
+        ask_for_usage(&parsed).map(|b| serde_json::from_slice(&b).expect("still JSON"))
     }
 
     #[rstest]
@@ -291,7 +437,7 @@ mod tests {
         "no messages in the request body"
     )]
     fn rejects_bad_bodies(#[case] endpoint: Endpoint, #[case] body: &str, #[case] message: &str) {
-        let err = inspect(endpoint, body.as_bytes()).expect_err("invalid body");
+        let err = ParsedRequest::parse(endpoint, Bytes::from(body.to_owned())).expect_err("invalid body");
         assert_eq!(err.to_string(), message);
     }
 

@@ -26,11 +26,11 @@ use crate::kernel::tagging::{TaggedStream, UpstreamConn};
 #[derive(Clone)]
 pub struct TrackingConnector {
     http: HttpConnector,
-    kernel: Option<Arc<KernelAssist>>,
+    kernel: Arc<KernelAssist>,
 }
 
 impl TrackingConnector {
-    pub fn new(http: HttpConnector, kernel: Option<Arc<KernelAssist>>) -> Self {
+    pub fn new(http: HttpConnector, kernel: Arc<KernelAssist>) -> Self {
         Self { http, kernel }
     }
 }
@@ -54,7 +54,7 @@ impl tower::Service<Uri> for TrackingConnector {
         let kernel = self.kernel.clone();
         Box::pin(async move {
             let stream = connecting.await?.into_inner();
-            let tag = kernel.map(|kernel| kernel.track_upstream(stream.as_raw_fd(), model));
+            let tag = Some(kernel.track_upstream(stream.as_raw_fd(), model));
             Ok(TokioIo::new(TaggedStream::new(stream, tag)))
         })
     }

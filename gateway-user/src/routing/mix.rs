@@ -161,9 +161,9 @@ mod tests {
         let request = RouteRequest::new(&model, b"{}").with_metrics(metrics);
         let router = router();
         let kv_heavy = router.strategy("least-request:1,least-kv-cache:3").expect("valid");
-        assert_eq!(router.route(kv_heavy.as_ref(), &request, &pods).index, 1);
+        assert_eq!(router.decide(kv_heavy.as_ref(), &request, &pods).index, 1);
         let load_heavy = router.strategy("least-request:3,least-kv-cache:1").expect("valid");
-        assert_eq!(router.route(load_heavy.as_ref(), &request, &pods).index, 0);
+        assert_eq!(router.decide(load_heavy.as_ref(), &request, &pods).index, 0);
     }
 
     #[test]
@@ -177,7 +177,7 @@ mod tests {
         let router = router();
         let mix = router.strategy("least-request:1,least-kv-cache:5").expect("valid");
         for _ in 0..20 {
-            assert_eq!(router.route(mix.as_ref(), &request, &pods).index, 1);
+            assert_eq!(router.decide(mix.as_ref(), &request, &pods).index, 1);
         }
     }
 
@@ -191,6 +191,6 @@ mod tests {
         let request = RouteRequest::new(&model, b"{}").with_metrics(view(vec![same(), same()]));
         let router = router();
         let mix = router.strategy("least-kv-cache:10,least-request:1").expect("valid");
-        assert_eq!(router.route(mix.as_ref(), &request, &pods).index, 1);
+        assert_eq!(router.decide(mix.as_ref(), &request, &pods).index, 1);
     }
 }

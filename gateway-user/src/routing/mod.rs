@@ -108,6 +108,10 @@ impl Unscored {
     }
 }
 
+/// Gives a request's prompt text (the proxy's parsed request assembles it
+/// once, on first use).
+pub type PromptSource<'a> = dyn Fn() -> &'a str + Sync + 'a;
+
 /// What a strategy may look at besides the pods.
 pub struct RouteRequest<'a> {
     /// The model, as discovered (a bounded metric label).
@@ -122,7 +126,8 @@ pub struct RouteRequest<'a> {
     pub session_key: Option<&'a str>,
     /// Every pod's engine metrics as of this request.
     pub metrics: MetricsView,
-    prompt_of: fn(&[u8]) -> String,
+    /// Where the prompt text comes from, when not from the whole body.
+    prompt_source: Option<&'a PromptSource<'a>>,
     prompt: OnceLock<String>,
     prefix_hashes: OnceLock<Vec<u64>>,
 }
@@ -130,7 +135,7 @@ pub struct RouteRequest<'a> {
 impl<'a> RouteRequest<'a> {
     /// A request for `model` with `body`; headers and metrics are added with
     /// the `with_*` methods. The prompt is the body itself until
-    /// [`Self::with_prompt_extractor`] says how to find it.
+    /// [`Self::with_prompt_source`] says where to find it.
     pub fn new(model: &'a Arc<str>, body: &'a [u8]) -> Self {
         Self {
             model,
@@ -139,7 +144,7 @@ impl<'a> RouteRequest<'a> {
             session_id: None,
             session_key: None,
             metrics: MetricsView::empty(),
-            prompt_of: |body| String::from_utf8_lossy(body).into_owned(),
+            prompt_source: None,
             prompt: OnceLock::new(),
             prefix_hashes: OnceLock::new(),
         }
@@ -160,24 +165,26 @@ impl<'a> RouteRequest<'a> {
         self
     }
 
-    /// How to find the prompt text in the body (run at most once, and only
-    /// when a strategy asks for the prompt).
-    pub fn with_prompt_extractor(mut self, extract: fn(&[u8]) -> String) -> Self {
-        self.prompt_of = extract;
+    /// Where the prompt text is found (asked only when a strategy needs the
+    /// prompt).
+    pub fn with_prompt_source(mut self, source: &'a PromptSource<'a>) -> Self {
+        self.prompt_source = Some(source);
         self
     }
 
-    /// The prompt text and its prefix hashes, worked out before routing (off
-    /// the async workers, for large bodies), so strategies do not redo it.
-    pub fn with_prepared(self, prompt: String, prefix_hashes: Vec<u64>) -> Self {
-        let _ = self.prompt.set(prompt);
+    /// The prompt's prefix hashes, worked out before routing (off the async
+    /// workers, for large bodies), so strategies do not redo them.
+    pub fn with_prefix_hashes(self, prefix_hashes: Vec<u64>) -> Self {
         let _ = self.prefix_hashes.set(prefix_hashes);
         self
     }
 
     /// The prompt text.
     pub fn prompt(&self) -> &str {
-        self.prompt.get_or_init(|| (self.prompt_of)(self.body))
+        match self.prompt_source {
+            Some(source) => source(),
+            None => self.prompt.get_or_init(|| String::from_utf8_lossy(self.body).into_owned()),
+        }
     }
 
     /// The prompt's chained block hashes, computed once per request by
@@ -264,6 +271,34 @@ pub trait Strategy: Send + Sync {
     fn mixable(&self) -> bool {
         true
     }
+
+    /// A strategy that splits a request over two pods (`pd`) chooses the
+    /// pair here; the others route to one pod and leave this as it is.
+    fn plan_pair(
+        &self,
+        _request: &RouteRequest<'_>,
+        _candidates: &[Arc<PodInfo>],
+    ) -> Option<Result<pd::PdPlan, pd::NoRoleset>> {
+        None
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug)]
+pub enum Route {
+    /// One pod serves it, with what the strategy adds to the answer.
+    Single { pod: Arc<PodInfo>, decision: RouteDecision },
+    /// Prefilled on one pod, decoded on another of the same roleset (`pd`).
+    Disaggregated(pd::PdPlan),
+}
+
+/// Why a request cannot be routed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unroutable {
+    /// No ready pod is left to choose from.
+    NoCandidates,
+    /// `pd`: no roleset has a ready prefill and a ready decode pod.
+    NoRoleset(pd::NoRoleset),
 }
 
 /// Why a strategy name cannot be used.
@@ -316,8 +351,6 @@ pub struct Router {
     /// Parsed weighted mixes by their text, so each distinct string is parsed once.
     mixes: Mutex<HashMap<String, Arc<dyn Strategy>>>,
     fallbacks: Arc<Fallbacks>,
-    /// `pd` chooses a prefill and a decode pod; the proxy asks it directly.
-    pd: Arc<pd::PdRouter>,
     /// The prefix hasher every prefix-aware strategy shares.
     hasher: Arc<prefix_index::PrefixHasher>,
 }
@@ -328,7 +361,6 @@ const MAX_CACHED_MIXES: usize = 256;
 impl Router {
     pub fn new(config: &RoutingArgs, metrics: &RoutingMetrics) -> Self {
         let hasher = Arc::new(prefix_index::PrefixHasher::new(config));
-        let pd = Arc::new(pd::PdRouter::new(config, Arc::clone(&hasher)));
         let all: Vec<Arc<dyn Strategy>> = vec![
             Arc::new(random::Random),
             Arc::new(least_request::LeastRequest),
@@ -343,14 +375,13 @@ impl Router {
             Arc::new(prefix_cache_preble::PrefixCachePreble::new(config, Arc::clone(&hasher), metrics.clone())),
             Arc::new(vtc_basic::VtcBasic::new(config)),
             Arc::new(session_affinity::SessionAffinity),
-            Arc::clone(&pd) as Arc<dyn Strategy>,
+            Arc::new(pd::PdRouter::new(config, Arc::clone(&hasher))),
         ];
         let fallbacks = Arc::new(Fallbacks { metrics: metrics.clone(), logged: Mutex::new(HashMap::new()) });
         Self {
             strategies: all.into_iter().map(|s| (s.name(), s)).collect(),
             mixes: Mutex::default(),
             fallbacks,
-            pd,
             hasher,
         }
     }
@@ -358,11 +389,6 @@ impl Router {
     /// The prefix hasher of the prefix-aware strategies.
     pub fn prefix_hasher(&self) -> Arc<prefix_index::PrefixHasher> {
         Arc::clone(&self.hasher)
-    }
-
-    /// The `pd` strategy, for the proxy's two-request flow.
-    pub fn pd(&self) -> &pd::PdRouter {
-        &self.pd
     }
 
     /// Looks up a strategy by the name a client, profile or flag gave: one
@@ -389,9 +415,28 @@ impl Router {
         Ok(mix)
     }
 
+    /// Routes a request among `candidates` with `strategy`: to one pod, or
+    /// to a prefill/decode pair when the strategy splits requests.
+    pub fn route(
+        &self,
+        strategy: &dyn Strategy,
+        request: &RouteRequest<'_>,
+        candidates: &[Arc<PodInfo>],
+    ) -> Result<Route, Unroutable> {
+        if candidates.is_empty() {
+            return Err(Unroutable::NoCandidates);
+        }
+        if let Some(plan) = strategy.plan_pair(request, candidates) {
+            return plan.map(Route::Disaggregated).map_err(Unroutable::NoRoleset);
+        }
+        let decision = self.decide(strategy, request, candidates);
+        let pod = candidates.get(decision.index).cloned().ok_or(Unroutable::NoCandidates)?;
+        Ok(Route::Single { pod, decision })
+    }
+
     /// Chooses among `candidates` (never empty) with `strategy`, falling back
     /// to least-request when it cannot score the request.
-    pub fn route(
+    pub fn decide(
         &self,
         strategy: &dyn Strategy,
         request: &RouteRequest<'_>,
@@ -627,7 +672,7 @@ mod tests {
         let request = RouteRequest::new(&model, b"{}");
         let strategy = router.strategy("least-kv-cache").expect("registered");
         for _ in 0..5 {
-            assert_eq!(router.route(strategy.as_ref(), &request, &pods).index, 1);
+            assert_eq!(router.decide(strategy.as_ref(), &request, &pods).index, 1);
         }
         let text = metrics.render();
         assert!(
@@ -645,9 +690,9 @@ mod tests {
         map.insert("x-session-id", HeaderValue::from_static(""));
         map.insert("x-aibrix-session-key", HeaderValue::from_static("k1"));
         let model = model();
-        let request = RouteRequest::new(&model, br#"{"prompt":"hi"}"#)
-            .with_headers(&map)
-            .with_prompt_extractor(|body| format!("extracted {}", body.len()));
+        let extracted = format!("extracted {}", br#"{"prompt":"hi"}"#.len());
+        let source = || extracted.as_str();
+        let request = RouteRequest::new(&model, br#"{"prompt":"hi"}"#).with_headers(&map).with_prompt_source(&source);
         assert_eq!(request.user, Some("alice"));
         assert_eq!(request.session_id, None, "blank header is absent");
         assert_eq!(request.session_key, Some("k1"));

@@ -1,4 +1,4 @@
-//! `pd`: prefill/decode disaggregation (contract section 7). A request is
+//! `pd`: prefill/decode disaggregation. A request is
 //! prefilled on one pod and decoded on another, and the two must share a KV
 //! transfer domain: a roleset (pod label `roleset-name`, role from
 //! `role-name`).
@@ -12,8 +12,8 @@
 //! requests in flight. The roleset whose pair costs least wins, ties at
 //! random.
 //!
-//! This module only chooses. The two requests are made by the proxy
-//! (`proxy::pd`), which also reads the prefill timeout from here.
+//! This module only chooses ([`super::Router::route`] returns the pair as
+//! [`super::Route::Disaggregated`]); the two requests are the proxy's.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,7 +91,6 @@ pub struct NoRoleset {
 pub struct PdRouter {
     hasher: Arc<PrefixHasher>,
     index: PrefixIndex,
-    prefill_timeout: Duration,
 }
 
 impl PdRouter {
@@ -102,13 +101,7 @@ impl PdRouter {
                 usize::try_from(config.prefix_cache_block_number).unwrap_or(usize::MAX),
                 Duration::from_secs(config.prefix_cache_eviction_duration_mins.saturating_mul(60)),
             ),
-            prefill_timeout: Duration::from_secs(config.prefill_request_timeout_seconds.max(1)),
         }
-    }
-
-    /// How long the proxy waits for a prefill answer (`AIBRIX_PREFILL_REQUEST_TIMEOUT`).
-    pub fn prefill_timeout(&self) -> Duration {
-        self.prefill_timeout
     }
 
     /// Chooses a prefill and a decode pod of one eligible roleset among
@@ -214,6 +207,10 @@ impl Strategy for PdRouter {
 
     fn mixable(&self) -> bool {
         false
+    }
+
+    fn plan_pair(&self, request: &RouteRequest<'_>, candidates: &[Arc<PodInfo>]) -> Option<Result<PdPlan, NoRoleset>> {
+        Some(self.plan(request, candidates))
     }
 }
 
@@ -358,7 +355,6 @@ mod tests {
         let r = router();
         assert_eq!(r.name(), "pd");
         assert!(!r.mixable());
-        assert_eq!(r.prefill_timeout(), Duration::from_secs(30));
         let model = model();
         let request = RouteRequest::new(&model, b"x");
         let pods = vec![pd_pod(0, "rs", Role::Prefill, 0).0, pd_pod(1, "rs", Role::Decode, 0).0];

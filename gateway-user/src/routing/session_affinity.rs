@@ -169,7 +169,7 @@ mod tests {
         let model = model();
         let request = RouteRequest::new(&model, b"{}");
         let strategy = router.strategy("session-affinity").expect("registered");
-        let decision = router.route(strategy.as_ref(), &request, &pods);
+        let decision = router.decide(strategy.as_ref(), &request, &pods);
         let expected = id_of(&pods[decision.index]);
         assert_eq!(decision.headers, [(headers::SESSION_ID, HeaderValue::from_str(&expected).expect("ascii"))]);
     }

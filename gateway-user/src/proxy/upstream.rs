@@ -1,0 +1,246 @@
+//! The engines behind the gateway, as one trait: send a request to a pod
+//! and get its answer's head, or why not. [`HttpUpstream`] is the pooled
+//! HTTP/1.1 client production uses; tests put a fake in its place.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use http_body::Body;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::upstream_conn::TrackingConnector;
+use crate::discovery::PodInfo;
+use crate::errors::GatewayError;
+use crate::kernel::KernelAssist;
+
+/// Where requests are sent: one engine request in, its answer's head out.
+pub trait Upstream: Send + Sync + 'static {
+    /// The answer's body.
+    type Body: Body<Data = Bytes, Error: Into<BoxError> + std::fmt::Display + Send + Sync + Unpin>
+        + Send
+        + Unpin
+        + 'static;
+
+    /// Sends `request` (its URI names the pod) and waits for the answer's
+    /// head, within the response timeout.
+    fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> impl Future<Output = Result<Response<Self::Body>, SendError>> + Send;
+}
+
+/// An error of any body or transport.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Pooled HTTP/1.1 client to engine pods.
+#[derive(Clone)]
+pub struct HttpUpstream {
+    client: Client<TrackingConnector, Full<Bytes>>,
+    response_timeout: Duration,
+}
+
+/// How the gateway pools engine connections.
+#[derive(Clone, Copy, Debug)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub max_connections_per_pod: usize,
+    /// Idle pooled connections close after this.
+    pub idle_timeout: Duration,
+}
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1),
+/// plus the ones the gateway sets itself.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Engine response headers that describe the engine's software, not the
+/// answer: dropped so clients see one gateway, not its backends.
+const ENGINE_INTERNAL: [&str; 3] = ["server", "x-powered-by", "via"];
+
+/// Prepares an engine's response headers for the client: hop-by-hop ones
+/// and the ones naming the engine's software go; the OpenAI, rate-limit and
+/// content headers stay.
+pub fn clean_response_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    for name in ENGINE_INTERNAL {
+        headers.remove(name);
+    }
+}
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in &named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+impl HttpUpstream {
+    /// The pooled client, registering each new pod connection with kernel
+    /// assist (when given) so the proxy can tag it with its model.
+    pub fn new(settings: &UpstreamSettings, kernel: Arc<KernelAssist>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let max_connections_per_pod = settings.max_connections_per_pod.max(1);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(settings.idle_timeout)
+            .pool_max_idle_per_host(max_connections_per_pod)
+            .build(TrackingConnector::new(connector, kernel));
+        Self { client, response_timeout: settings.response_timeout }
+    }
+}
+
+impl Upstream for HttpUpstream {
+    type Body = Incoming;
+
+    async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, SendError> {
+        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(error_chain(&err))),
+            Ok(Err(err)) => Err(SendError::Other(error_chain(&err))),
+            Err(_) => Err(SendError::Timeout(self.response_timeout)),
+        }
+    }
+}
+
+/// How sending to a pod failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made: nothing reached the pod, another may be tried.
+    Connect(String),
+    /// The pod did not answer in time.
+    Timeout(Duration),
+    /// The connection broke after the request may have reached the pod.
+    Other(String),
+}
+
+impl SendError {
+    pub fn into_gateway_error(self, pod: &PodInfo) -> GatewayError {
+        match self {
+            Self::Connect(reason) | Self::Other(reason) => {
+                GatewayError::UpstreamFailed { pod: pod.name.clone(), reason }
+            }
+            Self::Timeout(limit) => {
+                GatewayError::UpstreamTimeout { pod: pod.name.clone(), timeout_seconds: limit.as_secs() }
+            }
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The request for `pod`: the client's method, path and headers (less the
+/// hop-by-hop ones), `body`, and the request id; over the pod's connection
+/// pool for model id `pool` when given (see `upstream_conn`).
+pub fn build_request(
+    parts: &http::request::Parts,
+    body: Bytes,
+    pod: &PodInfo,
+    request_id: &HeaderValue,
+    pool: Option<u32>,
+) -> Result<Request<Full<Bytes>>, String> {
+    let authority = Authority::try_from(super::upstream_conn::pool_authority(&pod.addr_text, pool))
+        .map_err(|e| format!("pod address {}: {e}", pod.addr_text))?;
+    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::HOST);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    headers.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert("authorization", HeaderValue::from_static("Bearer k"));
+        headers.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "x-keep"]);
+    }
+
+    #[test]
+    fn upstream_request_targets_pod_with_request_id() {
+        let (parts, ()) = Request::builder()
+            .method("POST")
+            .uri("http://gateway:8888/v1/completions?x=1")
+            .header(header::HOST, "gateway:8888")
+            .header(header::CONTENT_LENGTH, "999")
+            .header("user", "alice")
+            .body(())
+            .expect("request")
+            .into_parts();
+        let (pod, _) = crate::routing::test_support::pod(1, 0);
+        let request = build_request(&parts, Bytes::from_static(b"{}"), &pod, &HeaderValue::from_static("rid-1"), None)
+            .expect("built");
+        assert_eq!(request.uri().to_string(), "http://127.0.0.1:9001/v1/completions?x=1");
+        let pooled = build_request(&parts, Bytes::new(), &pod, &HeaderValue::from_static("rid-1"), Some(3)).unwrap();
+        assert_eq!(pooled.uri().to_string(), "http://m3@127.0.0.1:9001/v1/completions?x=1");
+        assert_eq!(request.headers()["content-length"], "2");
+        assert_eq!(request.headers()["x-request-id"], "rid-1");
+        assert_eq!(request.headers()["user"], "alice");
+        assert!(request.headers().get(header::HOST).is_none());
+        assert_eq!(request.version(), Version::HTTP_11);
+    }
+}
