@@ -86,7 +86,7 @@ impl Quota {
 }
 
 /// The pieces of one attempt that do not change between attempts.
-pub(super) struct Send<'a> {
+pub(super) struct Outbound<'a> {
     pub parts: &'a http::request::Parts,
     pub endpoint: Endpoint,
     pub body: &'a Bytes,
@@ -112,7 +112,7 @@ impl<U: Upstream> Proxy<U> {
         let body = asked.unwrap_or_else(|| parsed.body.clone());
         let prompt = || parsed.prompt();
         let route_request = self.route_request(parts, prepared, &resolved.model_name, &prompt);
-        let send = Send { parts, endpoint: parsed.endpoint, body: &body, model: &resolved.model_name };
+        let send = Outbound { parts, endpoint: parsed.endpoint, body: &body, model: &resolved.model_name };
         let quotas = admission.user_quotas();
         let mut quota = Quota { pending: Some(admission), charge: None, quotas };
         let result = self.route_and_send(&send, resolved, &route_request, &mut quota, ctx).await;
@@ -147,7 +147,7 @@ impl<U: Upstream> Proxy<U> {
     /// The connect-retry loop.
     async fn route_and_send(
         &self,
-        send: &Send<'_>,
+        send: &Outbound<'_>,
         resolved: &Resolved,
         route_request: &RouteRequest<'_>,
         quota: &mut Quota,
@@ -184,7 +184,7 @@ impl<U: Upstream> Proxy<U> {
     async fn attempt(
         &self,
         route: Route,
-        send: &Send<'_>,
+        send: &Outbound<'_>,
         quota: &mut Quota,
         ctx: &mut RequestContext,
     ) -> Result<Forwarded<U::Body>, Failed> {
@@ -208,7 +208,7 @@ impl<U: Upstream> Proxy<U> {
     async fn attempt_pd(
         &self,
         plan: PdPlan,
-        send: &Send<'_>,
+        send: &Outbound<'_>,
         quota: &mut Quota,
         ctx: &mut RequestContext,
     ) -> Result<Forwarded<U::Body>, Failed> {
@@ -241,7 +241,7 @@ impl<U: Upstream> Proxy<U> {
         pod: Arc<PodInfo>,
         guard: InFlightGuard,
         body: Bytes,
-        send: &Send<'_>,
+        send: &Outbound<'_>,
         quota: &mut Quota,
         ctx: &mut RequestContext,
     ) -> Result<Forwarded<U::Body>, Failed> {
@@ -281,7 +281,7 @@ impl<U: Upstream> Proxy<U> {
     }
 
     /// The error for a request whose every try was refused.
-    fn give_up(&self, last: Option<Refusal>, send: &Send<'_>, ctx: &RequestContext) -> GatewayError {
+    fn give_up(&self, last: Option<Refusal>, send: &Outbound<'_>, ctx: &RequestContext) -> GatewayError {
         match last {
             Some(Refusal::Pod { pod, reason }) => SendError::Connect(reason).into_gateway_error(&pod),
             Some(Refusal::Prefill { plan, failure }) => self.prefill_failed(&plan, send, failure, ctx),

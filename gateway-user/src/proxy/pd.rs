@@ -21,7 +21,7 @@ use http::HeaderValue;
 use http_body_util::{BodyExt, Limited};
 use serde_json::{Map, Value};
 
-use super::forward::Send;
+use super::forward::Outbound;
 use super::upstream::{self, SendError, Upstream};
 use super::{Proxy, RequestContext};
 use crate::errors::GatewayError;
@@ -55,7 +55,7 @@ impl<U: Upstream> Proxy<U> {
     pub(super) async fn prefill(
         &self,
         plan: &PdPlan,
-        send: &Send<'_>,
+        send: &Outbound<'_>,
         request_id: &HeaderValue,
     ) -> Result<Bytes, PrefillFailure> {
         // The client's body, parsed once for both rewrites.
@@ -86,7 +86,7 @@ impl<U: Upstream> Proxy<U> {
     async fn prefill_exchange(
         &self,
         plan: &PdPlan,
-        send: &Send<'_>,
+        send: &Outbound<'_>,
         body: Bytes,
         request_id: &HeaderValue,
     ) -> Result<Option<Map<String, Value>>, PrefillFailure> {
@@ -124,7 +124,7 @@ impl<U: Upstream> Proxy<U> {
     pub(super) fn prefill_failed(
         &self,
         plan: &PdPlan,
-        send: &Send<'_>,
+        send: &Outbound<'_>,
         failure: PrefillFailure,
         ctx: &RequestContext,
     ) -> GatewayError {

@@ -1,7 +1,465 @@
-//! The request path in process: the proxy over a fake engine, a pods store
-//! and in-process limits, one test per answer a client can get.
+//! The request path in process: the proxy over fake engines (scripted
+//! bodies), a pod store, in-process limits and userspace kernel assist. One
+//! test per kind of answer a client can get from the proxy phases; the
+//! listener's own answers (431/414, `UriTooLong`) are tested with the
+//! listener, and `ShuttingDown` only comes from a runtime going away.
 
+use std::sync::Mutex;
+
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+
+use super::body::scripted::{Scripted, Step};
+use super::upstream::SendError;
 use super::*;
+use crate::discovery::pods_file;
+use crate::kernel::penalties::PenaltySettings;
+use crate::limits::{FailureMode, LimitsConfig, UserLimits};
+use crate::routing::RoutingArgs;
+
+const MODEL: &str = "m";
+const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+const ANSWER: &str = r#"{"id":"x","choices":[],"usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}"#;
+
+/// What a fake engine does with one request.
+#[derive(Clone, Debug)]
+enum Reply {
+    /// 200 with a JSON answer.
+    Json(&'static str),
+    /// A status and body.
+    Status(u16, &'static str),
+    /// An SSE answer that never ends.
+    Hang,
+    /// The connection is refused.
+    Refuse,
+    /// No answer within the upstream timeout.
+    Timeout,
+}
+
+/// A request a fake engine received.
+#[derive(Clone, Debug)]
+struct Seen {
+    port: u16,
+    body: Value,
+}
+
+/// Engines by port, each answering by its script.
+#[derive(Default)]
+struct Engines {
+    replies: Mutex<Vec<(u16, Reply)>>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+#[derive(Clone, Default)]
+struct FakeUpstream(Arc<Engines>);
+
+impl Upstream for FakeUpstream {
+    type Body = Scripted;
+
+    async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Scripted>, SendError> {
+        let port = request.uri().port_u16().unwrap_or(0);
+        let reply = self.reply(port);
+        if !matches!(reply, Reply::Refuse) {
+            let bytes = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            self.0.seen.lock().map(|mut seen| seen.push(Seen { port, body })).unwrap_or(());
+        }
+        let answer = |status: u16, content_type: &str, body: Scripted| {
+            let mut response = Response::new(body);
+            *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("x")),
+            );
+            response
+        };
+        match reply {
+            Reply::Json(text) => Ok(answer(200, "application/json", Scripted::sized(vec![Step::data(text)]))),
+            Reply::Status(status, text) => {
+                Ok(answer(status, "application/json", Scripted::sized(vec![Step::data(text)])))
+            }
+            Reply::Hang => {
+                Ok(answer(200, "text/event-stream", Scripted::new(vec![Step::data("data: {}\n\n"), Step::Hang])))
+            }
+            Reply::Refuse => Err(SendError::Connect("connection refused".to_owned())),
+            Reply::Timeout => Err(SendError::Timeout(Duration::from_secs(300))),
+        }
+    }
+}
+
+impl FakeUpstream {
+    fn reply(&self, port: u16) -> Reply {
+        let replies = self.0.replies.lock().map(|r| r.clone()).unwrap_or_default();
+        replies.iter().find(|(p, _)| *p == port).map_or(Reply::Json(ANSWER), |(_, reply)| reply.clone())
+    }
+
+    fn set(&self, port: u16, reply: Reply) {
+        self.0.replies.lock().map(|mut r| r.insert(0, (port, reply))).unwrap_or(());
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.0.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// A pod of the pods file, as JSON.
+fn pod(name: &str, port: u16) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default",
+            "labels": {"model.aibrix.ai/name": MODEL, "model.aibrix.ai/port": port.to_string()}},
+        "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+    })
+}
+
+fn with_label(mut pod: Value, key: &str, value: &str) -> Value {
+    pod["metadata"]["labels"][key] = json!(value);
+    pod
+}
+
+fn with_config(mut pod: Value, config: Value) -> Value {
+    pod["metadata"]["annotations"] = json!({"model.aibrix.ai/config": config.to_string()});
+    pod
+}
+
+fn not_ready(mut pod: Value) -> Value {
+    pod["status"]["conditions"][0]["status"] = json!("False");
+    pod
+}
+
+/// The proxy under test and its surroundings.
+struct Rig {
+    proxy: Arc<Proxy<FakeUpstream>>,
+    engines: FakeUpstream,
+    store: Arc<PodStore>,
+    kernel: Arc<KernelAssist>,
+}
+
+/// How a rig differs from the defaults.
+struct RigOptions {
+    limits: LimitsConfig,
+    penalties: PenaltySettings,
+    max_in_flight: usize,
+    max_body_bytes: usize,
+    default_strategy: &'static str,
+}
+
+impl Default for RigOptions {
+    fn default() -> Self {
+        Self {
+            limits: LimitsConfig::default(),
+            penalties: PenaltySettings::default(),
+            max_in_flight: 64,
+            max_body_bytes: 1 << 20,
+            default_strategy: "least-request",
+        }
+    }
+}
+
+impl Rig {
+    fn new(pods: Vec<Value>) -> Self {
+        Self::with(pods, RigOptions::default())
+    }
+
+    fn with(pods: Vec<Value>, options: RigOptions) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let store = Arc::new(PodStore::new(Arc::clone(&metrics)));
+        let rig_store = Arc::clone(&store);
+        let kernel = KernelAssist::userspace_only(options.penalties, Vec::new());
+        let engines = FakeUpstream::default();
+        let settings = ProxySettings {
+            default_strategy: options.default_strategy.to_owned(),
+            max_body_bytes: options.max_body_bytes,
+            body_read_timeout: Duration::from_secs(30),
+            max_connect_attempts: 3,
+            trusted_proxies: client::TrustedProxies::new(Vec::new()),
+            max_in_flight: options.max_in_flight,
+            max_connections_per_pod: 8,
+            upstream_timeout: Duration::from_secs(300),
+            prefill_timeout: Duration::from_secs(30),
+        };
+        let limits = crate::limits::Limits::new(options.limits, Arc::clone(&metrics))
+            .unwrap_or_else(|_| Limits::in_process(Arc::clone(&metrics)));
+        let proxy = Proxy::new(ProxyParts {
+            store,
+            router: Router::new(&RoutingArgs::default(), &metrics.routing),
+            engine_metrics: Arc::new(EngineMetrics::new(Duration::from_secs(2))),
+            metrics,
+            limits: Arc::new(limits),
+            upstream: engines.clone(),
+            kernel: Arc::clone(&kernel),
+            settings,
+        });
+        let rig = Self { proxy: Arc::new(proxy), engines, store: rig_store, kernel };
+        if !pods.is_empty() {
+            rig.load(pods);
+        }
+        rig
+    }
+
+    fn load(&self, pods: Vec<Value>) {
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": pods}).to_string();
+        let parsed = pods_file::parse_pods(&list).unwrap_or_default();
+        self.store.replace_all(parsed);
+    }
+
+    /// Sends a request and reads its whole answer.
+    async fn call(&self, request: Request<Full<Bytes>>) -> Answer {
+        let response = Arc::clone(&self.proxy).handle(request, ([10, 0, 0, 9], 40000).into()).await;
+        Answer::read(response).await
+    }
+
+    async fn chat(&self, headers: &[(&str, &str)]) -> Answer {
+        self.call(post("/v1/chat/completions", CHAT, headers)).await
+    }
+}
+
+fn post(path: &str, body: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut request = Request::post(path);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.body(Full::new(Bytes::from(body.to_owned()))).unwrap_or_default()
+}
+
+/// A whole answer.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    async fn read(response: Response<ProxyBody<Scripted>>) -> Self {
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned());
+        Self { status: parts.status, headers: parts.headers, body: body.unwrap_or_else(|e| format!("<{e}>")) }
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    /// The OpenAI-style error message.
+    fn message(&self) -> String {
+        let value: Value = serde_json::from_str(&self.body).unwrap_or(Value::Null);
+        value["error"]["message"].as_str().unwrap_or("").to_owned()
+    }
+
+    fn assert_error(&self, status: u16, message: &str) {
+        assert_eq!(self.status.as_u16(), status, "{self:?}");
+        assert!(self.message().contains(message), "{message:?} not in {self:?}");
+        assert!(!self.header("request-id").is_empty(), "every answer names its request");
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_are_answered_before_any_engine_is_asked() {
+    let rig = Rig::new(vec![pod("p0", 9000), with_label(not_ready(pod("cold", 9001)), "model.aibrix.ai/name", "cold")]);
+    let cases: Vec<(Request<Full<Bytes>>, u16, &str)> = vec![
+        (post("/v1/chat/completions", "{not json", &[]), 400, "error processing request body"),
+        (post("/v1/completions", r#"{"prompt":"x"}"#, &[]), 400, "'model' is a required property"),
+        (post("/v1/chat/completions", r#"{"model":"m"}"#, &[]), 400, "no messages"),
+        (post("/v1/chat/completions", r#"{"model":"nope","messages":[{}]}"#, &[]), 400, "model nope does not exist"),
+        (post("/v1/nowhere", CHAT, &[]), 404, "unknown request path /v1/nowhere"),
+        (Request::get("/v1/chat/completions").body(Full::default()).unwrap_or_default(), 405, "method GET"),
+        (post("/v1/chat/completions", CHAT, &[("routing-strategy", "bogus")]), 400, "incorrect routing strategy bogus"),
+        (post("/v1/chat/completions", CHAT, &[("external-filter", "a in (")]), 400, "invalid external-filter"),
+        (post("/v1/chat/completions", CHAT, &[("external-filter", "zone=none")]), 503, "no ready pods"),
+        (post("/v1/chat/completions", r#"{"model":"cold","messages":[{}]}"#, &[]), 503, "no ready pods for model cold"),
+        (post("/v1/chat/completions", CHAT, &[("content-length", "99999999")]), 413, "exceeds"),
+    ];
+    for (request, status, message) in cases {
+        rig.call(request).await.assert_error(status, message);
+    }
+    assert!(rig.engines.seen().is_empty(), "no engine was asked: {:?}", rig.engines.seen());
+}
+
+#[tokio::test]
+async fn a_body_too_large_without_a_declared_length_is_cut_at_the_limit() {
+    let rig = Rig::with(vec![pod("p0", 9000)], RigOptions { max_body_bytes: 64, ..RigOptions::default() });
+    let long = format!(r#"{{"model":"m","prompt":"{}"}}"#, "x".repeat(200));
+    rig.call(post("/v1/completions", &long, &[])).await.assert_error(413, "exceeds 64 bytes");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_breaks_or_never_ends_is_answered() {
+    let rig = Rig::new(vec![pod("p0", 9000)]);
+    let respond = |body: Scripted| {
+        let proxy = Arc::clone(&rig.proxy);
+        let mut request = Request::new(body);
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = http::Uri::from_static("/v1/completions");
+        async move { Answer::read(proxy.handle(request, ([10, 0, 0, 9], 1).into()).await).await }
+    };
+    respond(Scripted::new(vec![Step::data("{\"model\""), Step::Fail])).await.assert_error(400, "failed to read");
+    respond(Scripted::new(vec![Step::data("{"), Step::Hang])).await.assert_error(408, "not received within 30 s");
+}
+
+#[tokio::test]
+async fn until_pods_are_loaded_every_model_is_a_retryable_503() {
+    let rig = Rig::new(Vec::new());
+    rig.chat(&[]).await.assert_error(503, "has not loaded its pods");
+    let models = rig.call(Request::get("/v1/models").body(Full::default()).unwrap_or_default()).await;
+    models.assert_error(503, "has not loaded its pods");
+    rig.load(vec![pod("p0", 9000)]);
+    let models = rig.call(Request::get("/v1/models").body(Full::default()).unwrap_or_default()).await;
+    assert_eq!(models.status, StatusCode::OK);
+    assert!(models.body.contains(r#""id":"m""#), "{models:?}");
+}
+
+#[tokio::test]
+async fn a_proxied_answer_carries_the_gateways_headers() {
+    let rig = Rig::new(vec![pod("p0", 9000)]);
+    let answer = rig.chat(&[("user", "alice")]).await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(answer.body, ANSWER);
+    assert_eq!((answer.header("target-pod"), answer.header("target-pod-ip")), ("p0", "127.0.0.1:9000"));
+    assert_eq!(answer.header("routing-strategy"), "least-request");
+    assert_eq!(rig.engines.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn limits_answer_401_and_429_with_what_was_exceeded() {
+    let limits = LimitsConfig { bearer_token: Some("sekrit".to_owned()), ..LimitsConfig::default() };
+    let rig = Rig::with(vec![pod("p0", 9000)], RigOptions { limits, ..RigOptions::default() });
+    rig.chat(&[]).await.assert_error(401, "Incorrect API key");
+    assert_eq!(rig.chat(&[("authorization", "Bearer sekrit")]).await.status, StatusCode::OK);
+
+    let config = json!({"defaultProfile": "d", "profiles": {"d": {"requestsPerSecond": 1}}});
+    let rig = Rig::new(vec![with_config(pod("p0", 9000), config)]);
+    assert_eq!(rig.chat(&[]).await.status, StatusCode::OK);
+    rig.chat(&[]).await.assert_error(429, "model: m has exceeded RPS: 1");
+
+    let limits = LimitsConfig { default_user: UserLimits { rpm: Some(1), tpm: None }, ..LimitsConfig::default() };
+    let rig = Rig::with(vec![pod("p0", 9000)], RigOptions { limits, ..RigOptions::default() });
+    assert_eq!(rig.chat(&[("user", "u1")]).await.status, StatusCode::OK);
+    rig.chat(&[("user", "u1")]).await.assert_error(429, "user: u1 has exceeded RPM: 1");
+
+    let limits = LimitsConfig { default_user: UserLimits { rpm: None, tpm: Some(5) }, ..LimitsConfig::default() };
+    let rig = Rig::with(vec![pod("p0", 9000)], RigOptions { limits, ..RigOptions::default() });
+    let first = rig.chat(&[("user", "u2")]).await;
+    assert_eq!(first.status, StatusCode::OK, "the answer's 10 tokens are charged as it ends");
+    rig.chat(&[("user", "u2")]).await.assert_error(429, "user: u2 has exceeded TPM: 5");
+}
+
+#[tokio::test]
+async fn a_closed_limit_store_that_fails_answers_503() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").map(|l| l.local_addr().map(|a| a.port()));
+    let port = dead.ok().and_then(Result::ok).unwrap_or(1);
+    let limits = LimitsConfig {
+        redis_url: Some(format!("redis://127.0.0.1:{port}/")),
+        failure_mode: FailureMode::Closed,
+        redis_call_timeout: Duration::from_millis(50),
+        ..LimitsConfig::default()
+    };
+    let config = json!({"defaultProfile": "d", "profiles": {"d": {"requestsPerSecond": 100}}});
+    let rig = Rig::with(vec![with_config(pod("p0", 9000), config)], RigOptions { limits, ..RigOptions::default() });
+    rig.chat(&[]).await.assert_error(503, "rate limit store unavailable");
+    assert!(rig.engines.seen().is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_keeps_sending_past_429s_is_penalised() {
+    let penalties =
+        PenaltySettings { threshold: 3, window: Duration::from_secs(10), duration: Duration::from_secs(60) };
+    let config = json!({"defaultProfile": "d", "profiles": {"d": {"requestsPerSecond": 1}}});
+    let rig = Rig::with(vec![with_config(pod("p0", 9000), config)], RigOptions { penalties, ..RigOptions::default() });
+    assert_eq!(rig.chat(&[]).await.status, StatusCode::OK);
+    for _ in 0..3 {
+        rig.chat(&[]).await.assert_error(429, "exceeded RPS");
+    }
+    let penalised = rig.chat(&[]).await;
+    penalised.assert_error(429, "client 10.0.0.9 is refused for");
+    assert_eq!(penalised.header("connection"), "close", "an HTTP/1 client must reconnect");
+    assert!(rig.kernel.penalty_remaining(crate::kernel::penalties::ClientAddr::direct([10, 0, 0, 9].into())).is_some());
+}
+
+#[tokio::test]
+async fn past_max_in_flight_requests_get_503_until_a_slot_frees() {
+    let rig = Rig::with(vec![pod("p0", 9000)], RigOptions { max_in_flight: 1, ..RigOptions::default() });
+    rig.engines.set(9000, Reply::Hang);
+    let held = Arc::clone(&rig.proxy).handle(post("/v1/chat/completions", CHAT, &[]), ([10, 0, 0, 9], 1).into()).await;
+    assert_eq!(held.status(), StatusCode::OK);
+    let refused = rig.chat(&[]).await;
+    refused.assert_error(503, "limit of 1 requests in flight");
+    assert_eq!(refused.header("retry-after"), "1");
+    drop(held);
+    rig.engines.set(9000, Reply::Json(ANSWER));
+    assert_eq!(rig.chat(&[]).await.status, StatusCode::OK, "the slot came back with the answer's end");
+}
+
+#[tokio::test]
+async fn a_refused_connection_moves_to_another_pod_and_nothing_is_sent_twice() {
+    let rig = Rig::new(vec![pod("p0", 9000), pod("p1", 9001)]);
+    rig.engines.set(9000, Reply::Refuse);
+    for _ in 0..6 {
+        let answer = rig.chat(&[]).await;
+        assert_eq!((answer.status, answer.header("target-pod")), (StatusCode::OK, "p1"), "{answer:?}");
+    }
+    assert_eq!(rig.engines.seen().len(), 6, "each request reached one engine once");
+
+    rig.engines.set(9001, Reply::Refuse);
+    rig.chat(&[]).await.assert_error(502, "connection refused");
+}
+
+#[tokio::test]
+async fn engine_failures_after_sending_are_final() {
+    let rig = Rig::new(vec![pod("p0", 9000), pod("p1", 9001)]);
+    rig.engines.set(9000, Reply::Timeout);
+    rig.engines.set(9001, Reply::Timeout);
+    rig.chat(&[]).await.assert_error(504, "did not answer within 300 s");
+    let error_body = r#"{"error":{"message":"engine says no"}}"#;
+    rig.engines.set(9000, Reply::Status(500, error_body));
+    rig.engines.set(9001, Reply::Status(500, error_body));
+    let answer = rig.chat(&[]).await;
+    assert_eq!((answer.status.as_u16(), answer.body.as_str()), (500, error_body), "engine errors pass through");
+}
+
+/// A `pd` roleset: prefill pod on `prefill`, decode pod on `decode`.
+fn roleset(name: &str, prefill: u16, decode: u16) -> Vec<Value> {
+    let member = |role: &str, port| {
+        let pod = with_label(pod(&format!("{name}-{role}"), port), "roleset-name", name);
+        with_label(pod, "role-name", role)
+    };
+    vec![member("prefill", prefill), member("decode", decode)]
+}
+
+#[tokio::test]
+async fn pd_prefills_then_decodes_with_the_kv_parameters() {
+    let rig = Rig::new(roleset("rs", 9100, 9101));
+    rig.engines.set(9100, Reply::Json(r#"{"kv_transfer_params":{"remote_engine_id":"e1"}}"#));
+    let answer = rig.chat(&[("routing-strategy", "pd")]).await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!((answer.header("prefill-target-pod"), answer.header("target-pod")), ("rs-prefill", "rs-decode"));
+    let seen = rig.engines.seen();
+    assert_eq!(seen.iter().map(|s| s.port).collect::<Vec<_>>(), [9100, 9101]);
+    assert_eq!(seen[0].body["max_tokens"], 1);
+    assert_eq!(seen[1].body["kv_transfer_params"], json!({"remote_engine_id": "e1", "remote_host": "127.0.0.1"}));
+}
+
+#[tokio::test]
+async fn pd_failures_say_what_failed_and_send_no_decode() {
+    let rig = Rig::new(vec![pod("plain", 9000)]);
+    rig.chat(&[("routing-strategy", "pd")]).await.assert_error(503, "no roleset of model m");
+
+    let rig = Rig::new(roleset("rs", 9100, 9101));
+    rig.engines.set(9100, Reply::Status(500, "prefill broke"));
+    rig.chat(&[("routing-strategy", "pd")]).await.assert_error(503, "prefill request to pod rs-prefill failed");
+    assert!(rig.engines.seen().iter().all(|s| s.port == 9100), "no decode was sent");
+
+    // A refused prefill pod is passed over for another roleset's.
+    let rig = Rig::new([roleset("a", 9200, 9201), roleset("b", 9300, 9301)].concat());
+    rig.engines.set(9200, Reply::Refuse);
+    rig.engines.set(9300, Reply::Refuse);
+    rig.chat(&[("routing-strategy", "pd")]).await.assert_error(503, "connection refused");
+    rig.engines.set(9300, Reply::Json("{}"));
+    for _ in 0..4 {
+        let answer = rig.chat(&[("routing-strategy", "pd")]).await;
+        assert_eq!((answer.status, answer.header("prefill-target-pod")), (StatusCode::OK, "b-prefill"));
+    }
+}
 
 #[test]
 fn request_id_from_traceparent_or_fresh_uuid() {
