@@ -117,7 +117,7 @@ fn with_label(mut pod: Value, key: &str, value: &str) -> Value {
     pod
 }
 
-fn with_config(mut pod: Value, config: Value) -> Value {
+fn with_config(mut pod: Value, config: &Value) -> Value {
     pod["metadata"]["annotations"] = json!({"model.aibrix.ai/config": config.to_string()});
     pod
 }
@@ -192,12 +192,12 @@ impl Rig {
         });
         let rig = Self { proxy: Arc::new(proxy), engines, store: rig_store, kernel };
         if !pods.is_empty() {
-            rig.load(pods);
+            rig.load(&pods);
         }
         rig
     }
 
-    fn load(&self, pods: Vec<Value>) {
+    fn load(&self, pods: &[Value]) {
         let list = json!({"apiVersion": "v1", "kind": "List", "items": pods}).to_string();
         let parsed = pods_file::parse_pods(&list).unwrap_or_default();
         self.store.replace_all(parsed);
@@ -303,7 +303,7 @@ async fn until_pods_are_loaded_every_model_is_a_retryable_503() {
     rig.chat(&[]).await.assert_error(503, "has not loaded its pods");
     let models = rig.call(Request::get("/v1/models").body(Full::default()).unwrap_or_default()).await;
     models.assert_error(503, "has not loaded its pods");
-    rig.load(vec![pod("p0", 9000)]);
+    rig.load(&[pod("p0", 9000)]);
     let models = rig.call(Request::get("/v1/models").body(Full::default()).unwrap_or_default()).await;
     assert_eq!(models.status, StatusCode::OK);
     assert!(models.body.contains(r#""id":"m""#), "{models:?}");
@@ -328,7 +328,7 @@ async fn limits_answer_401_and_429_with_what_was_exceeded() {
     assert_eq!(rig.chat(&[("authorization", "Bearer sekrit")]).await.status, StatusCode::OK);
 
     let config = json!({"defaultProfile": "d", "profiles": {"d": {"requestsPerSecond": 1}}});
-    let rig = Rig::new(vec![with_config(pod("p0", 9000), config)]);
+    let rig = Rig::new(vec![with_config(pod("p0", 9000), &config)]);
     assert_eq!(rig.chat(&[]).await.status, StatusCode::OK);
     rig.chat(&[]).await.assert_error(429, "model: m has exceeded RPS: 1");
 
@@ -355,7 +355,7 @@ async fn a_closed_limit_store_that_fails_answers_503() {
         ..LimitsConfig::default()
     };
     let config = json!({"defaultProfile": "d", "profiles": {"d": {"requestsPerSecond": 100}}});
-    let rig = Rig::with(vec![with_config(pod("p0", 9000), config)], RigOptions { limits, ..RigOptions::default() });
+    let rig = Rig::with(vec![with_config(pod("p0", 9000), &config)], RigOptions { limits, ..RigOptions::default() });
     rig.chat(&[]).await.assert_error(503, "rate limit store unavailable");
     assert!(rig.engines.seen().is_empty());
 }
@@ -365,7 +365,7 @@ async fn a_client_that_keeps_sending_past_429s_is_penalised() {
     let penalties =
         PenaltySettings { threshold: 3, window: Duration::from_secs(10), duration: Duration::from_secs(60) };
     let config = json!({"defaultProfile": "d", "profiles": {"d": {"requestsPerSecond": 1}}});
-    let rig = Rig::with(vec![with_config(pod("p0", 9000), config)], RigOptions { penalties, ..RigOptions::default() });
+    let rig = Rig::with(vec![with_config(pod("p0", 9000), &config)], RigOptions { penalties, ..RigOptions::default() });
     assert_eq!(rig.chat(&[]).await.status, StatusCode::OK);
     for _ in 0..3 {
         rig.chat(&[]).await.assert_error(429, "exceeded RPS");
