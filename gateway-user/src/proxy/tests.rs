@@ -157,11 +157,11 @@ impl Default for RigOptions {
 }
 
 impl Rig {
-    fn new(pods: Vec<Value>) -> Self {
+    fn new(pods: &[Value]) -> Self {
         Self::with(pods, RigOptions::default())
     }
 
-    fn with(pods: Vec<Value>, options: RigOptions) -> Self {
+    fn with(pods: &[Value], options: RigOptions) -> Self {
         let metrics = Arc::new(Metrics::new());
         let store = Arc::new(PodStore::new(Arc::clone(&metrics)));
         let rig_store = Arc::clone(&store);
@@ -192,7 +192,7 @@ impl Rig {
         });
         let rig = Self { proxy: Arc::new(proxy), engines, store: rig_store, kernel };
         if !pods.is_empty() {
-            rig.load(&pods);
+            rig.load(pods);
         }
         rig
     }
@@ -256,7 +256,7 @@ impl Answer {
 
 #[tokio::test]
 async fn bad_requests_are_answered_before_any_engine_is_asked() {
-    let rig = Rig::new(vec![pod("p0", 9000), with_label(not_ready(pod("cold", 9001)), "model.aibrix.ai/name", "cold")]);
+    let rig = Rig::new(&[pod("p0", 9000), with_label(not_ready(pod("cold", 9001)), "model.aibrix.ai/name", "cold")]);
     let cases: Vec<(Request<Full<Bytes>>, u16, &str)> = vec![
         (post("/v1/chat/completions", "{not json", &[]), 400, "error processing request body"),
         (post("/v1/completions", r#"{"prompt":"x"}"#, &[]), 400, "'model' is a required property"),
@@ -278,14 +278,14 @@ async fn bad_requests_are_answered_before_any_engine_is_asked() {
 
 #[tokio::test]
 async fn a_body_too_large_without_a_declared_length_is_cut_at_the_limit() {
-    let rig = Rig::with(vec![pod("p0", 9000)], RigOptions { max_body_bytes: 64, ..RigOptions::default() });
+    let rig = Rig::with(&[pod("p0", 9000)], RigOptions { max_body_bytes: 64, ..RigOptions::default() });
     let long = format!(r#"{{"model":"m","prompt":"{}"}}"#, "x".repeat(200));
     rig.call(post("/v1/completions", &long, &[])).await.assert_error(413, "exceeds 64 bytes");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_body_that_breaks_or_never_ends_is_answered() {
-    let rig = Rig::new(vec![pod("p0", 9000)]);
+    let rig = Rig::new(&[pod("p0", 9000)]);
     let respond = |body: Scripted| {
         let proxy = Arc::clone(&rig.proxy);
         let mut request = Request::new(body);
@@ -299,7 +299,7 @@ async fn a_body_that_breaks_or_never_ends_is_answered() {
 
 #[tokio::test]
 async fn until_pods_are_loaded_every_model_is_a_retryable_503() {
-    let rig = Rig::new(Vec::new());
+    let rig = Rig::new(&[]);
     rig.chat(&[]).await.assert_error(503, "has not loaded its pods");
     let models = rig.call(Request::get("/v1/models").body(Full::default()).unwrap_or_default()).await;
     models.assert_error(503, "has not loaded its pods");
@@ -311,7 +311,7 @@ async fn until_pods_are_loaded_every_model_is_a_retryable_503() {
 
 #[tokio::test]
 async fn a_proxied_answer_carries_the_gateways_headers() {
-    let rig = Rig::new(vec![pod("p0", 9000)]);
+    let rig = Rig::new(&[pod("p0", 9000)]);
     let answer = rig.chat(&[("user", "alice")]).await;
     assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
     assert_eq!(answer.body, ANSWER);
@@ -323,22 +323,22 @@ async fn a_proxied_answer_carries_the_gateways_headers() {
 #[tokio::test]
 async fn limits_answer_401_and_429_with_what_was_exceeded() {
     let limits = LimitsConfig { bearer_token: Some("sekrit".to_owned()), ..LimitsConfig::default() };
-    let rig = Rig::with(vec![pod("p0", 9000)], RigOptions { limits, ..RigOptions::default() });
+    let rig = Rig::with(&[pod("p0", 9000)], RigOptions { limits, ..RigOptions::default() });
     rig.chat(&[]).await.assert_error(401, "Incorrect API key");
     assert_eq!(rig.chat(&[("authorization", "Bearer sekrit")]).await.status, StatusCode::OK);
 
     let config = json!({"defaultProfile": "d", "profiles": {"d": {"requestsPerSecond": 1}}});
-    let rig = Rig::new(vec![with_config(pod("p0", 9000), &config)]);
+    let rig = Rig::new(&[with_config(pod("p0", 9000), &config)]);
     assert_eq!(rig.chat(&[]).await.status, StatusCode::OK);
     rig.chat(&[]).await.assert_error(429, "model: m has exceeded RPS: 1");
 
     let limits = LimitsConfig { default_user: UserLimits { rpm: Some(1), tpm: None }, ..LimitsConfig::default() };
-    let rig = Rig::with(vec![pod("p0", 9000)], RigOptions { limits, ..RigOptions::default() });
+    let rig = Rig::with(&[pod("p0", 9000)], RigOptions { limits, ..RigOptions::default() });
     assert_eq!(rig.chat(&[("user", "u1")]).await.status, StatusCode::OK);
     rig.chat(&[("user", "u1")]).await.assert_error(429, "user: u1 has exceeded RPM: 1");
 
     let limits = LimitsConfig { default_user: UserLimits { rpm: None, tpm: Some(5) }, ..LimitsConfig::default() };
-    let rig = Rig::with(vec![pod("p0", 9000)], RigOptions { limits, ..RigOptions::default() });
+    let rig = Rig::with(&[pod("p0", 9000)], RigOptions { limits, ..RigOptions::default() });
     let first = rig.chat(&[("user", "u2")]).await;
     assert_eq!(first.status, StatusCode::OK, "the answer's 10 tokens are charged as it ends");
     rig.chat(&[("user", "u2")]).await.assert_error(429, "user: u2 has exceeded TPM: 5");
@@ -355,7 +355,7 @@ async fn a_closed_limit_store_that_fails_answers_503() {
         ..LimitsConfig::default()
     };
     let config = json!({"defaultProfile": "d", "profiles": {"d": {"requestsPerSecond": 100}}});
-    let rig = Rig::with(vec![with_config(pod("p0", 9000), &config)], RigOptions { limits, ..RigOptions::default() });
+    let rig = Rig::with(&[with_config(pod("p0", 9000), &config)], RigOptions { limits, ..RigOptions::default() });
     rig.chat(&[]).await.assert_error(503, "rate limit store unavailable");
     assert!(rig.engines.seen().is_empty());
 }
@@ -365,7 +365,7 @@ async fn a_client_that_keeps_sending_past_429s_is_penalised() {
     let penalties =
         PenaltySettings { threshold: 3, window: Duration::from_secs(10), duration: Duration::from_secs(60) };
     let config = json!({"defaultProfile": "d", "profiles": {"d": {"requestsPerSecond": 1}}});
-    let rig = Rig::with(vec![with_config(pod("p0", 9000), &config)], RigOptions { penalties, ..RigOptions::default() });
+    let rig = Rig::with(&[with_config(pod("p0", 9000), &config)], RigOptions { penalties, ..RigOptions::default() });
     assert_eq!(rig.chat(&[]).await.status, StatusCode::OK);
     for _ in 0..3 {
         rig.chat(&[]).await.assert_error(429, "exceeded RPS");
@@ -378,7 +378,7 @@ async fn a_client_that_keeps_sending_past_429s_is_penalised() {
 
 #[tokio::test]
 async fn past_max_in_flight_requests_get_503_until_a_slot_frees() {
-    let rig = Rig::with(vec![pod("p0", 9000)], RigOptions { max_in_flight: 1, ..RigOptions::default() });
+    let rig = Rig::with(&[pod("p0", 9000)], RigOptions { max_in_flight: 1, ..RigOptions::default() });
     rig.engines.set(9000, Reply::Hang);
     let held = Arc::clone(&rig.proxy).handle(post("/v1/chat/completions", CHAT, &[]), ([10, 0, 0, 9], 1).into()).await;
     assert_eq!(held.status(), StatusCode::OK);
@@ -392,7 +392,7 @@ async fn past_max_in_flight_requests_get_503_until_a_slot_frees() {
 
 #[tokio::test]
 async fn a_refused_connection_moves_to_another_pod_and_nothing_is_sent_twice() {
-    let rig = Rig::new(vec![pod("p0", 9000), pod("p1", 9001)]);
+    let rig = Rig::new(&[pod("p0", 9000), pod("p1", 9001)]);
     rig.engines.set(9000, Reply::Refuse);
     for _ in 0..6 {
         let answer = rig.chat(&[]).await;
@@ -406,7 +406,7 @@ async fn a_refused_connection_moves_to_another_pod_and_nothing_is_sent_twice() {
 
 #[tokio::test]
 async fn engine_failures_after_sending_are_final() {
-    let rig = Rig::new(vec![pod("p0", 9000), pod("p1", 9001)]);
+    let rig = Rig::new(&[pod("p0", 9000), pod("p1", 9001)]);
     rig.engines.set(9000, Reply::Timeout);
     rig.engines.set(9001, Reply::Timeout);
     rig.chat(&[]).await.assert_error(504, "did not answer within 300 s");
@@ -428,7 +428,7 @@ fn roleset(name: &str, prefill: u16, decode: u16) -> Vec<Value> {
 
 #[tokio::test]
 async fn pd_prefills_then_decodes_with_the_kv_parameters() {
-    let rig = Rig::new(roleset("rs", 9100, 9101));
+    let rig = Rig::new(&roleset("rs", 9100, 9101));
     rig.engines.set(9100, Reply::Json(r#"{"kv_transfer_params":{"remote_engine_id":"e1"}}"#));
     let answer = rig.chat(&[("routing-strategy", "pd")]).await;
     assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
@@ -441,16 +441,16 @@ async fn pd_prefills_then_decodes_with_the_kv_parameters() {
 
 #[tokio::test]
 async fn pd_failures_say_what_failed_and_send_no_decode() {
-    let rig = Rig::new(vec![pod("plain", 9000)]);
+    let rig = Rig::new(&[pod("plain", 9000)]);
     rig.chat(&[("routing-strategy", "pd")]).await.assert_error(503, "no roleset of model m");
 
-    let rig = Rig::new(roleset("rs", 9100, 9101));
+    let rig = Rig::new(&roleset("rs", 9100, 9101));
     rig.engines.set(9100, Reply::Status(500, "prefill broke"));
     rig.chat(&[("routing-strategy", "pd")]).await.assert_error(503, "prefill request to pod rs-prefill failed");
     assert!(rig.engines.seen().iter().all(|s| s.port == 9100), "no decode was sent");
 
     // A refused prefill pod is passed over for another roleset's.
-    let rig = Rig::new([roleset("a", 9200, 9201), roleset("b", 9300, 9301)].concat());
+    let rig = Rig::new(&[roleset("a", 9200, 9201), roleset("b", 9300, 9301)].concat());
     rig.engines.set(9200, Reply::Refuse);
     rig.engines.set(9300, Reply::Refuse);
     rig.chat(&[("routing-strategy", "pd")]).await.assert_error(503, "connection refused");
