@@ -124,6 +124,18 @@ pub fn echo(value: &str) -> String {
     out
 }
 
+/// An error with its causes, on one line (`outer: cause: root cause`).
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The body of every error the gateway itself produces.
 #[derive(Serialize)]
 struct ErrorEnvelope<'a> {

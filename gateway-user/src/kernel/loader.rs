@@ -42,6 +42,7 @@ use gateway_common::{
 
 use super::PenaltyMode;
 use super::penalties::KernelPenalties;
+use crate::errors::chain;
 
 /// The object `build.rs` built (empty when the eBPF toolchain was missing).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf"));
@@ -283,18 +284,6 @@ where
 {
     let map = ebpf.take_map(name).ok_or(LoadError::Map { name, reason: "not in the object".into() })?;
     T::try_from(map).map_err(|e| LoadError::Map { name, reason: chain(&e) })
-}
-
-/// An error with its causes, on one line.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[allow(clippy::unnecessary_cast)] // `f_type`'s integer type differs between architectures

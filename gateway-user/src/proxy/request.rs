@@ -96,6 +96,30 @@ struct Probe<'a> {
     stream_options: Option<&'a RawValue>,
 }
 
+/// A visitor's answer to any JSON scalar (the value is skipped).
+macro_rules! scalars_are {
+    ($value:expr) => {
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
+}
+
 /// `messages`, read in the same pass: how many there are and each one's
 /// `content`. Anything but an array counts as no messages; entries that
 /// are not objects count, without content.
@@ -134,29 +158,7 @@ impl<'de: 'a, 'a> Visitor<'de> for MessagesVisitor<'a> {
         Ok(Messages::default())
     }
 
-    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Messages::default())
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Messages::default())
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Messages::default())
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Messages::default())
-    }
-
-    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Messages::default())
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Messages::default())
-    }
+    scalars_are!(Messages::default());
 }
 
 /// One entry of `messages`: its `content` if it is an object that has one.
@@ -196,29 +198,7 @@ impl<'de: 'a, 'a> Visitor<'de> for MessageVisitor<'a> {
         Ok(Message { content: None })
     }
 
-    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Message { content: None })
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Message { content: None })
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Message { content: None })
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Message { content: None })
-    }
-
-    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Message { content: None })
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Message { content: None })
-    }
+    scalars_are!(Message { content: None });
 }
 
 /// `Some` for a field that is there, `null` included.

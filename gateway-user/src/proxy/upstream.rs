@@ -127,8 +127,8 @@ impl Upstream for HttpUpstream {
     async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, SendError> {
         match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(error_chain(&err))),
-            Ok(Err(err)) => Err(SendError::Other(error_chain(&err))),
+            Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(crate::errors::chain(&err))),
+            Ok(Err(err)) => Err(SendError::Other(crate::errors::chain(&err))),
             Err(_) => Err(SendError::Timeout(self.response_timeout)),
         }
     }
@@ -156,17 +156,6 @@ impl SendError {
             }
         }
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The request for `pod`: the client's method, path and headers (less the
