@@ -16,6 +16,7 @@ mod config;
 mod filter;
 mod mix;
 pub mod prefix_index;
+mod ties;
 
 mod least_busy_time;
 mod least_gpu_cache;
@@ -45,6 +46,7 @@ pub use filter::LabelSelector;
 use crate::discovery::PodInfo;
 use crate::engine_metrics::{MetricsView, PodMetrics, Reading};
 use crate::metrics::RoutingMetrics;
+use ties::Lowest;
 
 /// Every strategy name of contract section 4, recognised whether or not this
 /// build implements it, so that a typo (400 `incorrect routing strategy`) is
@@ -420,24 +422,11 @@ impl Router {
 /// gateway; ties broken at random so equal pods share the load instead of
 /// the first one taking it all.
 pub(crate) fn least_in_flight(candidates: &[Arc<PodInfo>]) -> usize {
-    let mut best = 0;
-    let mut best_load = usize::MAX;
-    let mut ties = 0u32;
+    let mut least = Lowest::new();
     for (i, pod) in candidates.iter().enumerate() {
-        let load = pod.load.in_flight();
-        if load < best_load {
-            best = i;
-            best_load = load;
-            ties = 1;
-        } else if load == best_load {
-            // Reservoir sampling over the tied pods: each keeps a 1/n chance.
-            ties += 1;
-            if rand::random_range(0..ties) == 0 {
-                best = i;
-            }
-        }
+        least.offer(pod.load.in_flight(), i);
     }
-    best
+    least.into_item().unwrap_or(0)
 }
 
 /// Index of the lowest score; scores within a hair of each other tie, and
@@ -449,24 +438,13 @@ pub(crate) fn lowest(scores: &[f64], candidates: &[Arc<PodInfo>]) -> Option<usiz
     }
     let min = scores.iter().copied().fold(f64::INFINITY, f64::min);
     let tolerance = 1e-9 * min.abs().max(1.0);
-    let mut best = None;
-    let mut best_load = usize::MAX;
-    let mut ties = 0u32;
+    let mut least = Lowest::new();
     for (i, (score, pod)) in scores.iter().zip(candidates).enumerate() {
-        if *score > min + tolerance {
-            continue;
-        }
-        let load = pod.load.in_flight();
-        if load < best_load {
-            (best, best_load, ties) = (Some(i), load, 1);
-        } else if load == best_load {
-            ties += 1;
-            if rand::random_range(0..ties) == 0 {
-                best = Some(i);
-            }
+        if *score <= min + tolerance {
+            least.offer(pod.load.in_flight(), i);
         }
     }
-    best
+    least.into_item()
 }
 
 /// Scores in whole steps above the lowest. Engine metrics are up to a scrape
