@@ -36,6 +36,8 @@ pub enum Command {
     /// Measure one replica's sustainable QPS through the gateway and print
     /// how many replicas a target load needs.
     Plan(Box<crate::plan::PlanArgs>),
+    /// Print the routing strategies this build has, one name per line.
+    Strategies,
 }
 
 /// Log line format.
@@ -382,6 +384,12 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Strategies => {
+            for name in crate::routing::strategy_names() {
+                println!("{name}");
+            }
+            ExitCode::SUCCESS
+        }
     }
 }
 

@@ -55,8 +55,6 @@ pub enum GatewayError {
     NoReadyPods { model: String },
     #[error("incorrect routing strategy {name}")]
     UnknownStrategy { name: String },
-    #[error("routing strategy {name} is not available in this build")]
-    StrategyUnavailable { name: String },
     #[error("invalid external-filter {filter:?}: {reason}")]
     InvalidExternalFilter { filter: String, reason: String },
     #[error("upstream {pod} failed before answering: {reason}")]
@@ -150,7 +148,6 @@ impl GatewayError {
             | Self::NoMessages
             | Self::UnknownModel { .. }
             | Self::UnknownStrategy { .. }
-            | Self::StrategyUnavailable { .. }
             | Self::InvalidExternalFilter { .. } => StatusCode::BAD_REQUEST,
             Self::BodyRead { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -230,9 +227,7 @@ impl GatewayError {
                 Some((name("x-error-no-model-backends"), HeaderValue::from_str(model).unwrap_or(TRUE)))
             }
             Self::NoReadyPods { .. } | Self::NoPdRoleset { .. } => Some((name("x-error-no-model-backends"), TRUE)),
-            Self::UnknownStrategy { .. } | Self::StrategyUnavailable { .. } | Self::InvalidExternalFilter { .. } => {
-                Some((name("x-error-routing"), TRUE))
-            }
+            Self::UnknownStrategy { .. } | Self::InvalidExternalFilter { .. } => Some((name("x-error-routing"), TRUE)),
             Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } | Self::PrefillFailed { .. } => {
                 Some((name("x-error-upstream"), TRUE))
             }

@@ -181,7 +181,6 @@ impl Proxy {
         match self.router.strategy(name) {
             Ok(_) => Ok(()),
             Err(StrategyError::Unknown) => Err(format!("incorrect routing strategy {name}")),
-            Err(StrategyError::Unavailable) => Err(format!("routing strategy {name} is not available in this build")),
         }
     }
 
@@ -318,7 +317,6 @@ impl Proxy {
         let strategy = self.router.strategy(strategy_name).map_err(|err| {
             fail(match err {
                 StrategyError::Unknown => GatewayError::UnknownStrategy { name: errors::echo(strategy_name) },
-                StrategyError::Unavailable => GatewayError::StrategyUnavailable { name: errors::echo(strategy_name) },
             })
         })?;
         let filter = external_filter(&parts.headers).map_err(fail)?;
