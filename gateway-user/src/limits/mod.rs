@@ -44,6 +44,15 @@ pub enum FailureMode {
     Closed,
 }
 
+impl std::fmt::Display for FailureMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Open => "open",
+            Self::Closed => "closed",
+        })
+    }
+}
+
 impl std::str::FromStr for FailureMode {
     type Err = String;
 
@@ -239,8 +248,8 @@ impl Decision {
     }
 }
 
-/// Settings of the limiter.
-#[derive(Clone, Debug)]
+/// Settings of the limiter (set by `turnstile serve` flags, whose defaults these are).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LimitsConfig {
     /// Shared counters; `None` counts in process (per replica).
     pub redis_url: Option<String>,

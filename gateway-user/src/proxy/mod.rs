@@ -2,6 +2,7 @@
 //! parse → resolve profile → limit → pick → forward → account.
 
 pub mod client;
+pub mod defaults;
 pub mod forward;
 pub mod listener;
 pub mod memory;
@@ -31,7 +32,9 @@ use crate::kernel::tagging::{ClientConn, UpstreamConn};
 use crate::limits::{LimitRequest, Limits};
 use crate::metrics::{Metrics, UNKNOWN_MODEL};
 use crate::profiles::{self, Profile, RequestFeatures};
-use crate::routing::{self, LabelSelector, RouteDecision, RouteRequest, Router, RoutingArgs, Strategy, StrategyError};
+use crate::routing::{
+    self, LabelSelector, RouteDecision, RouteRequest, Router, RoutingConfig, Strategy, StrategyError,
+};
 use forward::{RequestFacts, RequestRecord, SendError, TrackedBody, Upstream};
 use request::Endpoint;
 
@@ -133,7 +136,7 @@ impl From<GatewayError> for Failure {
 impl Proxy {
     pub fn new(store: Arc<PodStore>, metrics: Arc<Metrics>, upstream: Upstream, settings: ProxySettings) -> Self {
         let limits = Arc::new(Limits::in_process(Arc::clone(&metrics)));
-        let router = Router::new(&RoutingArgs::default(), &metrics.routing);
+        let router = Router::new(&RoutingConfig::default(), &metrics.routing);
         // No scraper: metric-driven strategies fall back until `with_routing`.
         let engine_metrics = Arc::new(EngineMetrics::new(Duration::from_secs(2)));
         Self {
@@ -158,7 +161,7 @@ impl Proxy {
 
     /// Replaces the default strategy settings and the (empty) engine metrics
     /// the strategies read.
-    pub fn with_routing(mut self, config: &RoutingArgs, engine_metrics: Arc<EngineMetrics>) -> Self {
+    pub fn with_routing(mut self, config: &RoutingConfig, engine_metrics: Arc<EngineMetrics>) -> Self {
         self.router = Router::new(config, &self.metrics.routing);
         self.engine_metrics = engine_metrics;
         self

@@ -87,7 +87,7 @@ impl Offload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::RoutingArgs;
+    use crate::routing::RoutingConfig;
 
     fn body(prompt: &str) -> Bytes {
         Bytes::from(serde_json::json!({"model": "m", "prompt": prompt}).to_string())
@@ -96,7 +96,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn large_bodies_are_prepared_whole_and_small_ones_lazily() {
         let offload = Offload::default();
-        let hasher = Arc::new(PrefixHasher::new(&RoutingArgs::default()));
+        let hasher = Arc::new(PrefixHasher::new(&RoutingConfig::default()));
         let small = offload.prepare(Endpoint::Completions, body("hi"), true, Arc::clone(&hasher)).await.unwrap();
         assert_eq!(small.shape.model, "m");
         assert!(small.prompt.is_none() && small.prompt_tokens.is_none(), "small bodies keep the lazy path");
@@ -112,7 +112,7 @@ mod tests {
         assert_eq!(unasked.prompt_tokens, None);
 
         let broken = Bytes::from(format!("{{\"model\": \"m\", \"prompt\": \"{prompt}"));
-        let hasher = Arc::new(PrefixHasher::new(&RoutingArgs::default()));
+        let hasher = Arc::new(PrefixHasher::new(&RoutingConfig::default()));
         assert!(matches!(
             offload.prepare(Endpoint::Completions, broken, true, hasher).await,
             Err(GatewayError::BodyNotJson)

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 
-pub use config::{PrefixTokenizer, RoutingArgs};
+pub use config::{PrefixTokenizer, RoutingConfig};
 pub use filter::LabelSelector;
 
 use crate::discovery::PodInfo;
@@ -35,7 +35,7 @@ use ties::Lowest;
 
 /// What a strategy is built from: one registry line turns it into the strategy.
 struct Build<'a> {
-    config: &'a RoutingArgs,
+    config: &'a RoutingConfig,
     hasher: &'a Arc<prefix_index::PrefixHasher>,
     metrics: &'a RoutingMetrics,
     pd: &'a Arc<pd::PdRouter>,
@@ -334,7 +334,7 @@ pub struct Router {
 const MAX_CACHED_MIXES: usize = 256;
 
 impl Router {
-    pub fn new(config: &RoutingArgs, metrics: &RoutingMetrics) -> Self {
+    pub fn new(config: &RoutingConfig, metrics: &RoutingMetrics) -> Self {
         let hasher = Arc::new(prefix_index::PrefixHasher::new(config));
         let pd = Arc::new(pd::PdRouter::new(config, Arc::clone(&hasher)));
         let all = registered(&Build { config, hasher: &hasher, metrics, pd: &pd });
@@ -416,7 +416,7 @@ impl Router {
 /// The name of every strategy, in registration order.
 pub fn strategy_names() -> Vec<&'static str> {
     let metrics = RoutingMetrics::register(&mut prometheus_client::registry::Registry::default());
-    Router::new(&RoutingArgs::default(), &metrics).names().to_vec()
+    Router::new(&RoutingConfig::default(), &metrics).names().to_vec()
 }
 
 /// Index of the pod with the fewest requests in flight through this
@@ -542,7 +542,7 @@ pub(crate) mod test_support {
 
     /// A router with default settings and throw-away metrics.
     pub fn router() -> Router {
-        Router::new(&RoutingArgs::default(), &crate::metrics::Metrics::new().routing)
+        Router::new(&RoutingConfig::default(), &crate::metrics::Metrics::new().routing)
     }
 
     /// How often each of `n` pods is chosen over `rounds` picks.
@@ -618,7 +618,7 @@ mod tests {
     #[test]
     fn unscorable_requests_fall_back_to_least_request_and_are_counted() {
         let metrics = crate::metrics::Metrics::new();
-        let router = Router::new(&RoutingArgs::default(), &metrics.routing);
+        let router = Router::new(&RoutingConfig::default(), &metrics.routing);
         let (busy, _g) = pod(0, 3);
         let pods = [busy, pod(1, 0).0];
         let model = model();

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use super::prefix_index::{PrefixHasher, PrefixIndex, pod_id};
 use super::ties::{Cost, Lowest};
-use super::{RouteRequest, RoutingArgs, Strategy, Unscored};
+use super::{RouteRequest, RoutingConfig, Strategy, Unscored};
 use crate::discovery::{PodInfo, Role};
 
 /// The strategy name.
@@ -96,7 +96,7 @@ pub struct PdRouter {
 }
 
 impl PdRouter {
-    pub fn new(config: &RoutingArgs, hasher: Arc<PrefixHasher>) -> Self {
+    pub fn new(config: &RoutingConfig, hasher: Arc<PrefixHasher>) -> Self {
         Self {
             hasher,
             index: PrefixIndex::new(
@@ -212,7 +212,7 @@ mod tests {
     }
 
     fn router() -> PdRouter {
-        let config = RoutingArgs { prefix_cache_block_size: 4, ..RoutingArgs::default() };
+        let config = RoutingConfig { prefix_cache_block_size: 4, ..RoutingConfig::default() };
         PdRouter::new(&config, Arc::new(PrefixHasher::new(&config)))
     }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use super::prefix_index::{PrefixHasher, PrefixIndex, pod_id};
 use super::ties::Lowest;
-use super::{RouteDecision, RouteRequest, RoutingArgs, Strategy, Unscored, least_in_flight};
+use super::{RouteDecision, RouteRequest, RoutingConfig, Strategy, Unscored, least_in_flight};
 use crate::discovery::PodInfo;
 use crate::metrics::RoutingMetrics;
 
@@ -31,7 +31,7 @@ pub struct PrefixCache {
 }
 
 impl PrefixCache {
-    pub fn new(config: &RoutingArgs, hasher: Arc<PrefixHasher>, metrics: RoutingMetrics) -> Self {
+    pub fn new(config: &RoutingConfig, hasher: Arc<PrefixHasher>, metrics: RoutingMetrics) -> Self {
         Self {
             hasher,
             index: PrefixIndex::new(
@@ -130,7 +130,7 @@ mod tests {
     use crate::routing::test_support::*;
 
     fn strategy() -> PrefixCache {
-        let config = RoutingArgs { prefix_cache_block_size: 4, ..RoutingArgs::default() };
+        let config = RoutingConfig { prefix_cache_block_size: 4, ..RoutingConfig::default() };
         PrefixCache::new(&config, Arc::new(PrefixHasher::new(&config)), crate::metrics::Metrics::new().routing)
     }
 
@@ -167,10 +167,10 @@ mod tests {
 
     #[test]
     fn an_overloaded_holder_is_skipped() {
-        let config = RoutingArgs {
+        let config = RoutingConfig {
             prefix_cache_block_size: 4,
             prefix_cache_standard_deviation_factor: 1.0,
-            ..RoutingArgs::default()
+            ..RoutingConfig::default()
         };
         let s = PrefixCache::new(&config, Arc::new(PrefixHasher::new(&config)), crate::metrics::Metrics::new().routing);
         let pods = pods(4);
@@ -223,7 +223,7 @@ mod tests {
     #[test]
     fn counts_hits_and_misses() {
         let metrics = crate::metrics::Metrics::new();
-        let config = RoutingArgs { prefix_cache_block_size: 4, ..RoutingArgs::default() };
+        let config = RoutingConfig { prefix_cache_block_size: 4, ..RoutingConfig::default() };
         let s = PrefixCache::new(&config, Arc::new(PrefixHasher::new(&config)), metrics.routing.clone());
         let pods = pods(1);
         route(&s, "abcdefgh", &pods);

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 use xxhash_rust::xxh64::Xxh64;
 
-use super::config::{PrefixTokenizer, RoutingArgs};
+use super::config::{PrefixTokenizer, RoutingConfig};
 
 /// Pods remembered per block; the longest unused is replaced beyond this.
 const MAX_HOLDERS: usize = 16;
@@ -36,7 +36,7 @@ pub struct PrefixHasher {
 }
 
 impl PrefixHasher {
-    pub fn new(config: &RoutingArgs) -> Self {
+    pub fn new(config: &RoutingConfig) -> Self {
         Self {
             block_size: usize::try_from(config.prefix_cache_block_size).unwrap_or(128).max(1),
             seed: config.prefix_cache_hash_seed,
@@ -188,7 +188,7 @@ mod tests {
     use super::*;
 
     fn hasher(block_size: u32) -> PrefixHasher {
-        PrefixHasher::new(&RoutingArgs { prefix_cache_block_size: block_size, ..RoutingArgs::default() })
+        PrefixHasher::new(&RoutingConfig { prefix_cache_block_size: block_size, ..RoutingConfig::default() })
     }
 
     #[test]
@@ -209,10 +209,10 @@ mod tests {
 
     #[test]
     fn tiktoken_blocks_are_four_bytes_per_token() {
-        let h = PrefixHasher::new(&RoutingArgs {
+        let h = PrefixHasher::new(&RoutingConfig {
             prefix_cache_block_size: 8,
             prefix_cache_tokenizer_type: PrefixTokenizer::Tiktoken,
-            ..RoutingArgs::default()
+            ..RoutingConfig::default()
         });
         let text = "hello world, this is a prompt with several tokens";
         let tokens = crate::profiles::count_tokens(text) as usize;
