@@ -32,7 +32,7 @@ pub fn request_body(data: &[u8]) {
     }
     let prompt = request::prompt_text(body);
     if prompt.len() <= MAX_TOKENIZED_BYTES {
-        assert!(profiles::count_tokens(&prompt) >= 0);
+        assert!(crate::tokens::count_tokens(&prompt) >= 0);
     }
 }
 

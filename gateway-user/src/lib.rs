@@ -20,3 +20,4 @@ pub mod plan;
 pub mod profiles;
 pub mod proxy;
 pub mod routing;
+pub mod tokens;

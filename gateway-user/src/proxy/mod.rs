@@ -305,7 +305,7 @@ impl Proxy {
         let profile =
             profiles::resolve_profile(config, header_str(&parts.headers, &names::CONFIG_PROFILE), || RequestFeatures {
                 prompt_tokens: Some(
-                    prepared.prompt_tokens.unwrap_or_else(|| profiles::count_tokens(&request::prompt_text(&body))),
+                    prepared.prompt_tokens.unwrap_or_else(|| crate::tokens::count_tokens(&request::prompt_text(&body))),
                 ),
                 max_tokens: shape.max_tokens,
             });

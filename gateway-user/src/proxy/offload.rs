@@ -7,7 +7,7 @@
 //! liveness probe). Bodies of [`OFFLOAD_BYTES`] or more are therefore
 //! prepared on tokio's blocking threads, at most one job per CPU at a time so
 //! a burst of large prompts queues instead of oversubscribing the machine.
-//! The work itself is bounded too (see `profiles::count_tokens` and
+//! The work itself is bounded too (see `tokens::count_tokens` and
 //! `PrefixHasher::hashes`).
 
 use std::sync::Arc;
@@ -17,8 +17,8 @@ use tokio::sync::Semaphore;
 
 use super::request::{self, Endpoint, RequestShape};
 use crate::errors::GatewayError;
-use crate::profiles;
 use crate::routing::prefix_index::PrefixHasher;
+use crate::tokens;
 
 /// Bodies at least this large are prepared off the async workers.
 pub const OFFLOAD_BYTES: usize = 64 * 1024;
@@ -69,7 +69,7 @@ impl Offload {
             let _permit = permit;
             let shape = request::inspect(endpoint, &body)?;
             let prompt = request::prompt_text(&body);
-            let prompt_tokens = count_tokens.then(|| profiles::count_tokens(&prompt));
+            let prompt_tokens = count_tokens.then(|| tokens::count_tokens(&prompt));
             let hashes = hasher.hashes(&prompt);
             Ok(Prepared { shape, prompt: Some((prompt, hashes)), prompt_tokens })
         };
@@ -107,7 +107,7 @@ mod tests {
         let (text, hashes) = large.prompt.expect("prompt extracted");
         assert_eq!(text, prompt);
         assert_eq!(hashes, hasher.hashes(&prompt));
-        assert_eq!(large.prompt_tokens, Some(profiles::count_tokens(&prompt)));
+        assert_eq!(large.prompt_tokens, Some(tokens::count_tokens(&prompt)));
         let unasked = offload.prepare(Endpoint::Completions, body(&prompt), false, hasher).await.unwrap();
         assert_eq!(unasked.prompt_tokens, None);
 

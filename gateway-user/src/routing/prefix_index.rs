@@ -49,13 +49,13 @@ impl PrefixHasher {
     /// nothing, and an 8 MB prompt must not cost 8 MB of hashing and
     /// 60,000 index entries.
     pub fn hashes(&self, prompt: &str) -> Vec<u64> {
-        let prompt = crate::profiles::char_prefix(prompt, HASHED_PROMPT_BYTES);
+        let prompt = crate::tokens::char_prefix(prompt, HASHED_PROMPT_BYTES);
         match self.tokenizer {
             PrefixTokenizer::Character => self.chain(prompt.as_bytes()),
-            PrefixTokenizer::Tiktoken => match crate::profiles::cl100k() {
+            PrefixTokenizer::Tiktoken => match crate::tokens::cl100k() {
                 Some(bpe) => {
                     // In bounded pieces, as token counting does (see `profiles`).
-                    let bytes: Vec<u8> = crate::profiles::tokenizer_pieces(prompt)
+                    let bytes: Vec<u8> = crate::tokens::tokenizer_pieces(prompt)
                         .flat_map(|piece| bpe.encode_ordinary(piece))
                         .flat_map(|t| t.to_be_bytes())
                         .collect();
@@ -215,7 +215,7 @@ mod tests {
             ..RoutingConfig::default()
         });
         let text = "hello world, this is a prompt with several tokens";
-        let tokens = crate::profiles::count_tokens(text) as usize;
+        let tokens = crate::tokens::count_tokens(text) as usize;
         assert_eq!(h.hashes(text).len(), tokens / 2);
     }
 
