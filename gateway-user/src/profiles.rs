@@ -1,6 +1,6 @@
-//! Config profiles (annotation `model.aibrix.ai/config`, contract section 3):
-//! parsing the annotation, choosing a profile for a request, and the strategy
-//! precedence.
+//! Config profiles (annotation `model.aibrix.ai/config`, as AIBrix defines
+//! it): parsing the annotation, choosing a profile for a request, and the
+//! strategy precedence.
 
 use std::collections::BTreeMap;
 
@@ -66,6 +66,22 @@ impl ModelConfig {
             return Err(ConfigError::NoProfiles);
         }
         Ok(config)
+    }
+
+    /// A model's config: the first of its pods' annotations, in the order
+    /// given, that parses. Each one skipped on the way is passed to
+    /// `invalid` with its pod and why.
+    pub fn first_valid<'a, P>(
+        annotations: impl IntoIterator<Item = (P, &'a str)>,
+        mut invalid: impl FnMut(P, &'a str, &ConfigError),
+    ) -> Option<Self> {
+        for (pod, raw) in annotations {
+            match Self::parse(raw) {
+                Ok(config) => return Some(config),
+                Err(err) => invalid(pod, raw, &err),
+            }
+        }
+        None
     }
 
     fn default_profile_name(&self) -> &str {
