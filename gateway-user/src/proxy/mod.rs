@@ -255,7 +255,7 @@ impl Proxy {
         slot: InFlightSlot,
     ) -> Result<Response<ProxyBody>, Failure> {
         // Phase 1: authenticate, then parse.
-        self.limits.authorize(request.headers())?;
+        self.limits.authorize(request.headers()).map_err(GatewayError::from)?;
         let path = request.uri().path();
         let Some(endpoint) = Endpoint::from_path(path) else {
             if path == "/v1/models" && request.method() == Method::GET {
@@ -331,7 +331,7 @@ impl Proxy {
             rps_cap: profile.profile.and_then(Profile::rps_cap),
             user: header_str(&parts.headers, &names::USER),
         };
-        let admission = self.limits.admit(&limit_request).await.map_err(fail)?;
+        let admission = self.limits.admit(&limit_request).await.map_err(|err| fail(err.into()))?;
 
         // Phase 4: pick a pod among the ready ones the external filter
         // leaves. A request that cannot be routed gives its quota back
