@@ -236,7 +236,7 @@ impl KernelAssist {
         &self.status
     }
 
-    pub fn is_active(&self) -> bool {
+    fn is_active(&self) -> bool {
         self.loaded.is_some()
     }
 

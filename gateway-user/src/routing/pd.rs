@@ -1,4 +1,4 @@
-//! `pd`: prefill/decode disaggregation (contract section 7). A request is
+//! `pd`: prefill/decode disaggregation, as AIBrix's `pd` strategy. A request is
 //! prefilled on one pod and decoded on another, and the two must share a KV
 //! transfer domain: a roleset (pod label `roleset-name`, role from
 //! `role-name`).
