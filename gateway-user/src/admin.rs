@@ -74,7 +74,7 @@ impl Admin {
             ("/v1/models" | "/debug/endpoints", &Method::GET)
                 if let Some(Err(error)) = self.limits.as_ref().map(|l| l.authorize(request.headers())) =>
             {
-                errors::respond(&error)
+                errors::respond(&error.into())
             }
             ("/v1/models", &Method::GET) => models_response(&self.store),
             ("/debug/endpoints", &Method::GET) => self.endpoints(),

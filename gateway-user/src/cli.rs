@@ -1,7 +1,11 @@
 //! Command line, configuration and process wiring. This is the only module
-//! that knows about every other one.
+//! that knows about every other one, and the only one that knows clap: the
+//! flags ([`flags`], [`plan`]) become the plain config structs the domain
+//! modules take, whose `Default`s are the flags' defaults.
 
-use std::net::SocketAddr;
+mod flags;
+mod plan;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +13,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+pub use flags::{EngineMetricsArgs, InspectArgs, KernelArgs, LimitArgs, RedisArgs, RoutingArgs, ServeArgs};
+pub use plan::PlanArgs;
 
 use crate::admin::Admin;
 use crate::discovery::{DiscoverySource, PodStore, kubernetes, pods_file};
@@ -32,10 +39,12 @@ pub enum Command {
     /// Set and show per-user RPM/TPM limits (AIBrix records `aibrix-users/<name>` in Redis).
     Users(UsersArgs),
     /// Print kernel assist's pinned maps (per-model counters, penalties) as tables.
-    Inspect(crate::kernel::inspect::InspectArgs),
+    Inspect(InspectArgs),
     /// Measure one replica's sustainable QPS through the gateway and print
     /// how many replicas a target load needs.
-    Plan(Box<crate::plan::PlanArgs>),
+    Plan(Box<PlanArgs>),
+    /// Print the routing strategies this build has, one name per line.
+    Strategies,
 }
 
 /// Log line format.
@@ -43,228 +52,6 @@ pub enum Command {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// Settings of `turnstile serve`. Every flag also reads an environment variable.
-#[derive(Args, Debug, Clone)]
-pub struct ServeArgs {
-    /// Proxy listener (OpenAI API, HTTP/1.1 and h2c).
-    #[arg(long, env = "TURNSTILE_LISTEN", default_value = "0.0.0.0:8888")]
-    pub listen: SocketAddr,
-
-    /// Admin listener: /metrics, /healthz, /readyz, /v1/models, /debug/endpoints.
-    #[arg(long, env = "TURNSTILE_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
-    pub admin_listen: SocketAddr,
-
-    /// Where pods come from: `file:PATH` (a Kubernetes v1 List of Pods, YAML
-    /// or JSON, reloaded on change) or `kubernetes`.
-    #[arg(long, env = "TURNSTILE_DISCOVERY", default_value = "file:/etc/turnstile/pods.yaml")]
-    pub discovery: DiscoverySource,
-
-    /// How often the pods file is checked for changes, in milliseconds.
-    #[arg(long, env = "TURNSTILE_PODS_FILE_POLL_MS", default_value_t = 250)]
-    pub pods_file_poll_ms: u64,
-
-    /// Namespace whose pods `--discovery kubernetes` watches.
-    /// [default: all namespaces]
-    #[arg(long, env = "TURNSTILE_NAMESPACE")]
-    pub namespace: Option<String>,
-
-    /// Gateway default routing strategy, used when neither the model's config
-    /// nor the request names one. Also read from ROUTING_ALGORITHM (AIBrix).
-    /// [default: least-request]
-    #[arg(long, env = "TURNSTILE_ROUTING_ALGORITHM")]
-    pub routing_algorithm: Option<String>,
-
-    /// Log line format.
-    #[arg(long, env = "TURNSTILE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-
-    /// Largest accepted request body in bytes; larger bodies get 413.
-    #[arg(long, env = "TURNSTILE_MAX_BODY_BYTES", default_value_t = 8 << 20)]
-    pub max_body_bytes: usize,
-
-    /// Time a client has to send the whole request body (408 after).
-    #[arg(long, env = "TURNSTILE_BODY_READ_TIMEOUT_SECONDS", default_value_t = 30)]
-    pub body_read_timeout_seconds: u64,
-
-    /// Time a client has to send the request headers (connection closed after).
-    #[arg(long, env = "TURNSTILE_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 10)]
-    pub header_read_timeout_seconds: u64,
-
-    /// Most header fields in one request (431 above).
-    #[arg(long, env = "TURNSTILE_MAX_HEADERS", default_value_t = 100)]
-    pub max_headers: usize,
-
-    /// Largest request line plus headers in bytes (431 above; at least 8192).
-    #[arg(long, env = "TURNSTILE_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
-    pub max_header_bytes: usize,
-
-    /// Longest request target (path and query) in bytes (414 above).
-    #[arg(long, env = "TURNSTILE_MAX_URI_BYTES", default_value_t = 8 * 1024)]
-    pub max_uri_bytes: usize,
-
-    /// Time to connect to an engine pod before trying another one.
-    #[arg(long, env = "TURNSTILE_UPSTREAM_CONNECT_TIMEOUT_MS", default_value_t = 2000)]
-    pub upstream_connect_timeout_ms: u64,
-
-    /// Time an engine has to send response headers (504 after). Non-streaming
-    /// answers only send headers when generation ends, so keep this above the
-    /// longest generation you serve.
-    #[arg(long, env = "TURNSTILE_UPSTREAM_TIMEOUT_SECONDS", default_value_t = 300)]
-    pub upstream_timeout_seconds: u64,
-
-    /// Most connections to one engine pod (one per request in flight);
-    /// requests past it wait for a free one, within the upstream timeout.
-    #[arg(long, env = "TURNSTILE_MAX_CONNECTIONS_PER_POD", default_value_t = 256)]
-    pub max_connections_per_pod: usize,
-
-    /// Idle engine connections are closed after this.
-    #[arg(long, env = "TURNSTILE_UPSTREAM_IDLE_TIMEOUT_SECONDS", default_value_t = 90)]
-    pub upstream_idle_timeout_seconds: u64,
-
-    /// Most requests in flight in the whole gateway; past it requests get
-    /// 503 with Retry-After: 1 before their body is read.
-    #[arg(long, env = "TURNSTILE_MAX_IN_FLIGHT", default_value_t = 4096)]
-    pub max_in_flight: usize,
-
-    /// Most concurrent HTTP/2 streams on one client connection (never more
-    /// than --max-in-flight).
-    #[arg(long, env = "TURNSTILE_MAX_STREAMS_PER_CONNECTION", default_value_t = 100)]
-    pub max_streams_per_connection: u32,
-
-    /// A client that leaves an answer unread this long (full TCP window,
-    /// zero HTTP/2 window) has its connection closed and the engine
-    /// requests behind it cancelled; 0: never.
-    #[arg(long, env = "TURNSTILE_CLIENT_WRITE_TIMEOUT_SECONDS", default_value_t = 60)]
-    pub client_write_timeout_seconds: u64,
-
-    /// Pods tried for one request when connecting fails (nothing was sent yet).
-    #[arg(long, env = "TURNSTILE_MAX_CONNECT_ATTEMPTS", default_value_t = 3)]
-    pub max_connect_attempts: usize,
-
-    /// On SIGTERM: how long in-flight requests may take to finish.
-    #[arg(long, env = "TURNSTILE_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
-    pub shutdown_grace_seconds: u64,
-
-    /// Tokio worker threads (0: one per CPU).
-    #[arg(long, env = "TURNSTILE_WORKER_THREADS", default_value_t = 0)]
-    pub worker_threads: usize,
-
-    /// Proxies (ingress controllers, load balancers) whose X-Forwarded-For
-    /// or Forwarded header names the client, comma-separated CIDRs or
-    /// addresses. For their requests the client used for penalties and logs
-    /// is the rightmost forwarded hop that is not itself a trusted proxy;
-    /// such clients are penalised with 429s only, never by refusing or
-    /// closing the proxy's connections.
-    #[arg(long, env = "TURNSTILE_TRUSTED_PROXY_CIDRS", value_delimiter = ',')]
-    pub trusted_proxy_cidrs: Vec<crate::kernel::penalties::Cidr>,
-
-    #[command(flatten)]
-    pub limits: LimitArgs,
-
-    #[command(flatten)]
-    pub kernel: crate::kernel::KernelArgs,
-
-    #[command(flatten)]
-    pub engine_metrics: crate::engine_metrics::EngineMetricsArgs,
-
-    #[command(flatten)]
-    pub routing: crate::routing::RoutingArgs,
-}
-
-/// Where the shared rate-limit counters and user records live.
-#[derive(Args, Debug, Clone)]
-pub struct RedisArgs {
-    /// Redis for rate-limit counters shared by all replicas and for user
-    /// records, e.g. `redis://:PASSWORD@redis:6379/0`. When unset, AIBrix's
-    /// REDIS_HOST / REDIS_PORT (default 6379) / REDIS_PASSWORD build it;
-    /// without either, limits are counted per replica in process.
-    #[arg(long, env = "TURNSTILE_REDIS_URL", hide_env_values = true, global = true)]
-    pub redis_url: Option<String>,
-}
-
-impl RedisArgs {
-    /// The Redis URL: flag or TURNSTILE_REDIS_URL, else built from REDIS_HOST.
-    pub fn url(&self) -> Option<String> {
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        self.redis_url.clone().filter(|u| !u.trim().is_empty()).or_else(|| {
-            let host = env("REDIS_HOST")?;
-            Some(crate::limits::redis_store::url_from_parts(
-                host.trim(),
-                env("REDIS_PORT").as_deref(),
-                env("REDIS_PASSWORD").as_deref(),
-            ))
-        })
-    }
-}
-
-/// Model RPS caps, per-user limits and auth (contract section 5).
-#[derive(Args, Debug, Clone)]
-pub struct LimitArgs {
-    #[command(flatten)]
-    pub redis: RedisArgs,
-
-    /// When Redis fails or is slow: `open` admits and enforces the limits per
-    /// replica in process; `closed` answers 503.
-    #[arg(long, env = "TURNSTILE_RATELIMIT_FAILURE_MODE", default_value = "open")]
-    pub ratelimit_failure_mode: crate::limits::FailureMode,
-
-    /// Longest wait for one Redis call before it counts as failed.
-    #[arg(long, env = "TURNSTILE_REDIS_TIMEOUT_MS", default_value_t = 50)]
-    pub redis_timeout_ms: u64,
-
-    /// Consecutive Redis failures after which limit checks stop waiting on
-    /// Redis (circuit open) until a probe succeeds.
-    #[arg(long, env = "TURNSTILE_REDIS_BREAKER_FAILURES", default_value_t = 3)]
-    pub redis_breaker_failures: u32,
-
-    /// Time between probes of an unreachable Redis.
-    #[arg(long, env = "TURNSTILE_REDIS_BREAKER_COOLDOWN_MS", default_value_t = 500)]
-    pub redis_breaker_cooldown_ms: u64,
-
-    /// Users and their limits: a JSON or YAML list of {name, rpm, tpm}.
-    /// Wins over records in Redis.
-    #[arg(long, env = "TURNSTILE_USERS_FILE")]
-    pub users_file: Option<std::path::PathBuf>,
-
-    /// Requests per minute of a user (header `user`) with no record or no
-    /// rpm in it. [default: no limit]
-    #[arg(long, env = "TURNSTILE_DEFAULT_USER_RPM")]
-    pub default_user_rpm: Option<u64>,
-
-    /// Tokens per minute of a user with no record or no tpm in it.
-    /// [default: no limit]
-    #[arg(long, env = "TURNSTILE_DEFAULT_USER_TPM")]
-    pub default_user_tpm: Option<u64>,
-
-    /// Require `Authorization: Bearer <token>` on the proxy listener.
-    #[arg(long, env = "AIBRIX_AUTH_BEARER_TOKEN", hide_env_values = true)]
-    pub auth_bearer_token: Option<String>,
-}
-
-impl LimitArgs {
-    /// The limiter configuration, with the users file read.
-    pub fn config(&self) -> anyhow::Result<crate::limits::LimitsConfig> {
-        let users = match &self.users_file {
-            Some(path) => crate::limits::users::load_users_file(path)?,
-            None => Vec::new(),
-        };
-        let positive = |n: Option<u64>| n.filter(|n| *n > 0);
-        Ok(crate::limits::LimitsConfig {
-            redis_url: self.redis.url(),
-            failure_mode: self.ratelimit_failure_mode,
-            redis_call_timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
-            breaker_failures: self.redis_breaker_failures,
-            breaker_cool_down: Duration::from_millis(self.redis_breaker_cooldown_ms),
-            users,
-            default_user: crate::limits::UserLimits {
-                rpm: positive(self.default_user_rpm),
-                tpm: positive(self.default_user_tpm),
-            },
-            bearer_token: self.auth_bearer_token.clone(),
-        })
-    }
 }
 
 /// `turnstile users`.
@@ -322,19 +109,6 @@ fn users_command(args: UsersArgs) -> anyhow::Result<()> {
     })
 }
 
-impl ServeArgs {
-    /// The default strategy: flag or TURNSTILE_ROUTING_ALGORITHM, else AIBrix's
-    /// ROUTING_ALGORITHM, else `least-request`.
-    fn default_strategy(&self) -> String {
-        self.routing_algorithm
-            .clone()
-            .or_else(|| std::env::var("ROUTING_ALGORITHM").ok())
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "least-request".to_owned())
-    }
-}
-
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -368,20 +142,26 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Inspect(args) => match crate::kernel::inspect::run(&args) {
+        Command::Inspect(args) => match crate::kernel::inspect::run(&args.bpffs_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("turnstile inspect: {err:#}");
                 ExitCode::FAILURE
             }
         },
-        Command::Plan(args) => match crate::plan::run(&args) {
+        Command::Plan(args) => match crate::plan::run(&(*args).into()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("turnstile plan: {err:#}");
                 ExitCode::FAILURE
             }
         },
+        Command::Strategies => {
+            for name in crate::routing::strategy_names() {
+                println!("{name}");
+            }
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -425,7 +205,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         prefill_timeout: Duration::from_secs(args.routing.prefill_request_timeout_seconds.max(1)),
     };
     // Kernel assist first: the upstream connector and the proxy tag sockets through it.
-    let kernel = crate::kernel::KernelAssist::start(&args.kernel, args.limits.redis.url(), &metrics, shutdown.clone())?;
+    let kernel = crate::kernel::KernelAssist::start(
+        &(&args.kernel).into(),
+        args.limits.redis.url(),
+        &metrics,
+        shutdown.clone(),
+    )?;
     let upstream = HttpUpstream::new(&upstream_settings, Arc::clone(&kernel));
     let limits_config = args.limits.config()?;
     tracing::info!(
@@ -438,15 +223,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let limits = Arc::new(crate::limits::Limits::new(limits_config, Arc::clone(&metrics))?);
     let admin_limits = Arc::clone(&limits);
     // Engine metrics of every ready pod, scraped once discovery runs.
-    let engine_metrics = Arc::new(crate::engine_metrics::EngineMetrics::new(Duration::from_millis(
-        args.engine_metrics.pod_metric_stale_ms,
-    )));
+    let scrape: crate::engine_metrics::ScrapeConfig = (&args.engine_metrics).into();
+    let engine_metrics = Arc::new(crate::engine_metrics::EngineMetrics::new(scrape.stale_after));
     metrics.routing.report_pod_ages(Arc::clone(&engine_metrics) as Arc<dyn crate::metrics::PodAges>);
     let pod_in_flight: Arc<dyn crate::metrics::PodInFlight> = Arc::clone(&store) as _;
     metrics.report_pod_in_flight(Arc::downgrade(&pod_in_flight));
     let proxy = Arc::new(Proxy::new(ProxyParts {
         store: Arc::clone(&store),
-        router: crate::routing::Router::new(&args.routing, &metrics.routing),
+        router: crate::routing::Router::new(&(&args.routing).into(), &metrics.routing),
         engine_metrics: Arc::clone(&engine_metrics),
         metrics: Arc::clone(&metrics),
         limits,
@@ -480,7 +264,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Arc::clone(&store),
         Arc::clone(&engine_metrics),
         Arc::clone(&metrics),
-        (&args.engine_metrics).into(),
+        scrape,
         shutdown.clone(),
     );
 
@@ -638,6 +422,32 @@ mod tests {
         assert_eq!(args.limits.redis_timeout_ms, 50);
         assert_eq!((args.limits.default_user_rpm, args.limits.default_user_tpm), (None, None));
         assert_eq!(args.routing.prefill_request_timeout_seconds, 30, "AIBRIX_PREFILL_REQUEST_TIMEOUT default");
+    }
+
+    /// Every default is written once, in the config it feeds: `serve` with
+    /// no flags yields each domain's `Default`.
+    #[test]
+    fn parsed_defaults_are_the_configs_defaults() {
+        let cli = Cli::try_parse_from(["turnstile", "serve"]).expect("parses");
+        let Command::Serve(args) = cli.command else { panic!("serve expected") };
+        assert_eq!(crate::routing::RoutingConfig::from(&args.routing), crate::routing::RoutingConfig::default());
+        assert_eq!(crate::kernel::KernelConfig::from(&args.kernel), crate::kernel::KernelConfig::default());
+        assert_eq!(
+            crate::engine_metrics::ScrapeConfig::from(&args.engine_metrics),
+            crate::engine_metrics::ScrapeConfig::default()
+        );
+        let limits = args.limits.config().expect("no users file");
+        assert_eq!(limits, crate::limits::LimitsConfig { redis_url: limits.redis_url.clone(), ..Default::default() });
+
+        let cli = Cli::try_parse_from(["turnstile", "plan", "--model", "m", "--target-qps", "100"]).expect("parses");
+        let Command::Plan(args) = cli.command else { panic!("plan expected") };
+        assert_eq!(
+            crate::plan::PlanConfig::from(*args),
+            crate::plan::PlanConfig { model: "m".into(), target_qps: 100.0, ..Default::default() }
+        );
+        let cli = Cli::try_parse_from(["turnstile", "inspect"]).expect("parses");
+        let Command::Inspect(args) = cli.command else { panic!("inspect expected") };
+        assert_eq!(args.bpffs_dir, crate::kernel::KernelConfig::default().bpffs_dir);
     }
 
     #[test]

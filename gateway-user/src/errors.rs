@@ -2,8 +2,9 @@
 //!
 //! Each failure is one [`GatewayError`] variant. Its status, OpenAI-style body,
 //! error header and origin are decided here and nowhere else, so the wire
-//! contract (section 6) reads as one table and the proxy only says *what* went
-//! wrong.
+//! format (AIBrix's statuses, OpenAI's error bodies) reads as one table and
+//! the proxy only says *what* went wrong. Domain errors (the limits'
+//! refusals) become variants here, so they never know the wire.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
+use crate::limits::LimitError;
 use crate::limits::quota::{self, Quota, QuotaUnit};
 
 /// Which side of the gateway a failure came from; used in logs and to decide
@@ -55,8 +57,6 @@ pub enum GatewayError {
     NoReadyPods { model: String },
     #[error("incorrect routing strategy {name}")]
     UnknownStrategy { name: String },
-    #[error("routing strategy {name} is not available in this build")]
-    StrategyUnavailable { name: String },
     #[error("invalid external-filter {filter:?}: {reason}")]
     InvalidExternalFilter { filter: String, reason: String },
     #[error("upstream {pod} failed before answering: {reason}")]
@@ -124,18 +124,6 @@ pub fn echo(value: &str) -> String {
     out
 }
 
-/// An error with its causes, on one line (`outer: cause: root cause`).
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// The body of every error the gateway itself produces.
 #[derive(Serialize)]
 struct ErrorEnvelope<'a> {
@@ -153,6 +141,19 @@ struct ErrorBody<'a> {
 
 const TRUE: HeaderValue = HeaderValue::from_static("true");
 
+impl From<LimitError> for GatewayError {
+    /// Names from the client (user, model) are echoed escaped and cut.
+    fn from(err: LimitError) -> Self {
+        match err {
+            LimitError::Unauthorized => Self::Unauthorized,
+            LimitError::StoreUnavailable => Self::LimitStoreUnavailable,
+            LimitError::UserRpm { user, quota } => Self::UserRpmExceeded { user: echo(&user), quota },
+            LimitError::UserTpm { user, quota } => Self::UserTpmExceeded { user: echo(&user), quota },
+            LimitError::ModelRps { model, quota } => Self::ModelRpsExceeded { model, quota },
+        }
+    }
+}
+
 impl GatewayError {
     /// The HTTP status this failure answers with.
     pub fn status(&self) -> StatusCode {
@@ -162,7 +163,6 @@ impl GatewayError {
             | Self::NoMessages
             | Self::UnknownModel { .. }
             | Self::UnknownStrategy { .. }
-            | Self::StrategyUnavailable { .. }
             | Self::InvalidExternalFilter { .. } => StatusCode::BAD_REQUEST,
             Self::BodyRead { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -242,9 +242,7 @@ impl GatewayError {
                 Some((name("x-error-no-model-backends"), HeaderValue::from_str(model).unwrap_or(TRUE)))
             }
             Self::NoReadyPods { .. } | Self::NoPdRoleset { .. } => Some((name("x-error-no-model-backends"), TRUE)),
-            Self::UnknownStrategy { .. } | Self::StrategyUnavailable { .. } | Self::InvalidExternalFilter { .. } => {
-                Some((name("x-error-routing"), TRUE))
-            }
+            Self::UnknownStrategy { .. } | Self::InvalidExternalFilter { .. } => Some((name("x-error-routing"), TRUE)),
             Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } | Self::PrefillFailed { .. } => {
                 Some((name("x-error-upstream"), TRUE))
             }
@@ -289,7 +287,7 @@ impl GatewayError {
     }
 }
 
-/// OpenAI error `type` by status, as in contract section 6.
+/// OpenAI error `type` by status.
 fn error_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 | 404 | 405 | 408 | 413 | 414 | 431 => "invalid_request_error",
@@ -344,6 +342,28 @@ mod tests {
     /// A refusal by a limit of `limit` whose window resets in `reset_ms`.
     fn refused(limit: u64, reset_ms: u64) -> Quota {
         Quota { limit, remaining: 0, reset: Duration::from_millis(reset_ms) }
+    }
+
+    #[test]
+    fn limit_refusals_become_their_wire_errors_with_names_echoed() {
+        let user = format!("eve\n{}", "x".repeat(1000));
+        let quota = refused(3, 500);
+        let GatewayError::UserRpmExceeded { user: echoed, quota: q } =
+            GatewayError::from(LimitError::UserRpm { user: user.clone(), quota })
+        else {
+            panic!("user rpm expected")
+        };
+        assert_eq!((echoed, q), (echo(&user), quota));
+        assert!(matches!(
+            GatewayError::from(LimitError::UserTpm { user: "bob".into(), quota }),
+            GatewayError::UserTpmExceeded { user, .. } if user == "bob"
+        ));
+        assert!(matches!(
+            GatewayError::from(LimitError::ModelRps { model: "m".into(), quota }),
+            GatewayError::ModelRpsExceeded { model, .. } if model == "m"
+        ));
+        assert!(matches!(GatewayError::from(LimitError::Unauthorized), GatewayError::Unauthorized));
+        assert!(matches!(GatewayError::from(LimitError::StoreUnavailable), GatewayError::LimitStoreUnavailable));
     }
 
     async fn parts(err: GatewayError) -> (StatusCode, http::HeaderMap, serde_json::Value) {

@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::profiles::{self, ModelConfig, RequestFeatures};
 use crate::proxy::request::{self, Endpoint};
 use crate::proxy::usage::{self, UsageTap};
-use crate::routing::{Router, RoutingArgs};
+use crate::routing::{Router, RoutingConfig};
 
 const ENDPOINTS: [Endpoint; 4] =
     [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings, Endpoint::Responses];
@@ -31,7 +31,7 @@ pub fn request_body(data: &[u8]) {
         assert!(!parsed.model.trim().is_empty(), "a blank model was accepted");
         let prompt = parsed.prompt();
         if prompt.len() <= MAX_TOKENIZED_BYTES {
-            assert!(profiles::count_tokens(prompt) >= 0);
+            assert!(crate::tokens::count_tokens(prompt) >= 0);
         }
     }
 }
@@ -82,7 +82,7 @@ pub fn config_annotation(data: &[u8]) {
 
 fn router() -> &'static Router {
     static ROUTER: OnceLock<Router> = OnceLock::new();
-    ROUTER.get_or_init(|| Router::new(&RoutingArgs::default(), &Metrics::new().routing))
+    ROUTER.get_or_init(|| Router::new(&RoutingConfig::default(), &Metrics::new().routing))
 }
 
 /// A pods file, loaded into a pod store as discovery does.

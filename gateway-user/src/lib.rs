@@ -1,8 +1,9 @@
 //! Turnstile: an AIBrix-compatible LLM inference gateway.
 //!
 //! The proxy (request lifecycle) calls profiles, limits, routing, kernel and metrics;
-//! routing and profiles read the pod store; discovery feeds the pod store; the
-//! kernel side (eBPF counters and fast reject) is called and never calls back.
+//! routing reads the pod store; discovery feeds the pod store; the kernel side
+//! (eBPF counters and fast reject) is called and never calls back; only `cli`
+//! knows clap and every module. `tests/module_edges.rs` holds the whole table.
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod admin;
@@ -20,3 +21,4 @@ pub mod plan;
 pub mod profiles;
 pub mod proxy;
 pub mod routing;
+pub mod tokens;

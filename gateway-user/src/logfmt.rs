@@ -88,6 +88,19 @@ fn escape_into(out: &mut String, value: &str, quoted: bool) {
     }
 }
 
+/// An error with its causes, on one line (`outer: cause: root cause`), as
+/// log lines and error messages quote it.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 impl Visit for Visitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         let quoted = field.name() != "message";
@@ -96,13 +109,7 @@ impl Visit for Visitor<'_> {
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         // With its causes, as tracing's own formatter writes them.
-        let mut text = value.to_string();
-        let mut source = value.source();
-        while let Some(cause) = source {
-            let _ = write!(text, ": {cause}");
-            source = cause.source();
-        }
-        self.write(field, format_args!("{text}"), false);
+        self.write(field, format_args!("{}", chain(value)), false);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {

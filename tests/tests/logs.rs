@@ -1,4 +1,4 @@
-//! Structured logs (contract section 8): with `--log-format json` every
+//! Structured logs: with `--log-format json` every
 //! request, proxied or answered by the gateway itself, ends in exactly one
 //! JSON "request end" line with its fields; and no secret reaches the log.
 

@@ -1,4 +1,4 @@
-//! The gateway's `/metrics` (contract section 8): every required series
+//! The gateway's `/metrics` (AIBrix's series names): every required series
 //! moves when its event happens, and label values stay within bounded sets.
 //!
 //! Scrapes are read with `prom_text_format_parser`, the parser the gateway

@@ -1,5 +1,5 @@
 //! What the gateway knows about one engine pod, read from Kubernetes pod
-//! metadata (contract section 2).
+//! metadata (AIBrix's labels: `model.aibrix.ai/name`, `model.aibrix.ai/port`...).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

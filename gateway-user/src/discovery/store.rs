@@ -123,16 +123,8 @@ impl PodStore {
     }
 
     fn first_valid_config(&self, pods: &[Arc<PodInfo>]) -> Option<Arc<ModelConfig>> {
-        for pod in pods {
-            let Some(raw) = pod.config_annotation.as_deref() else {
-                continue;
-            };
-            match ModelConfig::parse(raw) {
-                Ok(config) => return Some(Arc::new(config)),
-                Err(err) => self.report_invalid_config(pod, raw, &err),
-            }
-        }
-        None
+        let annotations = pods.iter().filter_map(|pod| Some((pod, pod.config_annotation.as_deref()?)));
+        ModelConfig::first_valid(annotations, |pod, raw, err| self.report_invalid_config(pod, raw, err)).map(Arc::new)
     }
 
     fn report_invalid_config(&self, pod: &PodInfo, raw: &str, err: &crate::profiles::ConfigError) {

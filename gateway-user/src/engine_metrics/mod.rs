@@ -21,42 +21,32 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use clap::Args;
 
 use crate::metrics::PodAges;
 
-/// Scraper settings (`turnstile serve` flags).
-#[derive(Args, Debug, Clone)]
-pub struct EngineMetricsArgs {
-    /// How often each ready pod's `/metrics` is scraped, in milliseconds.
-    #[arg(long, env = "AIBRIX_POD_METRIC_REFRESH_INTERVAL_MS", default_value_t = 50)]
-    pub pod_metric_refresh_interval_ms: u64,
-
+/// Scraper settings (set by `turnstile serve` flags, whose defaults these are).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScrapeConfig {
+    /// How often each ready pod's `/metrics` is scraped.
+    pub interval: Duration,
     /// Time one scrape may take (connect and body) before it counts as failed.
-    #[arg(long, env = "TURNSTILE_POD_METRIC_TIMEOUT_MS", default_value_t = 1000)]
-    pub pod_metric_timeout_ms: u64,
-
+    pub timeout: Duration,
     /// Age after which a pod's last scrape counts as missing for routing.
-    #[arg(long, env = "TURNSTILE_POD_METRIC_STALE_MS", default_value_t = 2000)]
-    pub pod_metric_stale_ms: u64,
-
+    pub stale_after: Duration,
     /// Most scrapes in flight at once, over all pods.
-    #[arg(long, env = "TURNSTILE_POD_METRIC_CONCURRENCY", default_value_t = 16)]
-    pub pod_metric_concurrency: usize,
-
+    pub concurrency: usize,
     /// Length of the recent window histogram means and token rates are taken over.
-    #[arg(long, env = "TURNSTILE_POD_METRIC_WINDOW_SECONDS", default_value_t = 5)]
-    pub pod_metric_window_seconds: u64,
+    pub window: Duration,
 }
 
-impl Default for EngineMetricsArgs {
+impl Default for ScrapeConfig {
     fn default() -> Self {
         Self {
-            pod_metric_refresh_interval_ms: 50,
-            pod_metric_timeout_ms: 1000,
-            pod_metric_stale_ms: 2000,
-            pod_metric_concurrency: 16,
-            pod_metric_window_seconds: 5,
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(1000),
+            stale_after: Duration::from_millis(2000),
+            concurrency: 16,
+            window: Duration::from_secs(5),
         }
     }
 }

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::names::{self, EngineNames};
 use super::parse;
 use super::window::History;
-use super::{EngineMetrics, EngineMetricsArgs, PodSlot};
+use super::{EngineMetrics, PodSlot, ScrapeConfig};
 use crate::discovery::PodStore;
 use crate::metrics::Metrics;
 
@@ -33,26 +33,6 @@ const MAX_BODY_BYTES: usize = 4 << 20;
 /// A pod that keeps failing is logged again at most this often.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Scraper timing, from [`EngineMetricsArgs`].
-#[derive(Clone, Copy, Debug)]
-pub struct Settings {
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub concurrency: usize,
-    pub window: Duration,
-}
-
-impl From<&EngineMetricsArgs> for Settings {
-    fn from(args: &EngineMetricsArgs) -> Self {
-        Self {
-            interval: Duration::from_millis(args.pod_metric_refresh_interval_ms.max(1)),
-            timeout: Duration::from_millis(args.pod_metric_timeout_ms.max(1)),
-            concurrency: args.pod_metric_concurrency.max(1),
-            window: Duration::from_secs(args.pod_metric_window_seconds.max(1)),
-        }
-    }
-}
-
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
 /// Starts the scraper; it runs until `shutdown`.
@@ -60,7 +40,7 @@ pub fn spawn(
     pods: Arc<PodStore>,
     store: Arc<EngineMetrics>,
     metrics: Arc<Metrics>,
-    settings: Settings,
+    settings: ScrapeConfig,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(supervise(pods, store, metrics, settings, shutdown))
@@ -82,7 +62,7 @@ struct Running {
 struct Shared {
     client: HttpClient,
     limit: Semaphore,
-    settings: Settings,
+    settings: ScrapeConfig,
     metrics: Arc<Metrics>,
 }
 
@@ -90,7 +70,7 @@ async fn supervise(
     pods: Arc<PodStore>,
     store: Arc<EngineMetrics>,
     metrics: Arc<Metrics>,
-    settings: Settings,
+    settings: ScrapeConfig,
     shutdown: CancellationToken,
 ) {
     let mut connector = HttpConnector::new();
@@ -310,11 +290,12 @@ mod tests {
         let pods = Arc::new(PodStore::new(Arc::clone(&metrics)));
         pods.replace_all(vec![pod("a", addr), pod("dead", dead)]);
         let store = Arc::new(EngineMetrics::new(Duration::from_secs(2)));
-        let settings = Settings {
+        let settings = ScrapeConfig {
             interval: Duration::from_millis(10),
             timeout: Duration::from_millis(500),
             concurrency: 2,
             window: Duration::from_secs(5),
+            ..ScrapeConfig::default()
         };
         let shutdown = CancellationToken::new();
         let task = spawn(Arc::clone(&pods), Arc::clone(&store), Arc::clone(&metrics), settings, shutdown.clone());
@@ -355,11 +336,12 @@ mod tests {
         let pods = Arc::new(PodStore::new(Arc::clone(&metrics)));
         pods.replace_all(vec![pod("good", good), pod("hang", hang)]);
         let store = Arc::new(EngineMetrics::new(Duration::from_secs(2)));
-        let settings = Settings {
+        let settings = ScrapeConfig {
             interval: Duration::from_millis(10),
             timeout: Duration::from_millis(200),
             concurrency: 4,
             window: Duration::from_secs(5),
+            ..ScrapeConfig::default()
         };
         let shutdown = CancellationToken::new();
         let task = spawn(Arc::clone(&pods), Arc::clone(&store), Arc::clone(&metrics), settings, shutdown.clone());

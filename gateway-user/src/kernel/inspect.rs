@@ -3,25 +3,16 @@
 //! `bpftool map dump pinned <dir>/<MAP>` prints.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
-use clap::Args;
 use gateway_common::{ClientKey, Config, MAX_MODELS, ModelName, ModelStats, Penalty, RefuseStats, map_names};
 
 use super::loader::key_addr;
 
-/// Options of `turnstile inspect`.
-#[derive(Args, Debug, Clone)]
-pub struct InspectArgs {
-    /// The bpffs directory the gateway pinned its maps in.
-    #[arg(long, env = "TURNSTILE_BPFFS_DIR", default_value = "/sys/fs/bpf/turnstile")]
-    pub bpffs_dir: PathBuf,
-}
-
-/// Runs `turnstile inspect`: prints every map as a table.
-pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
-    print!("{}", render(&args.bpffs_dir)?);
+/// Runs `turnstile inspect`: prints every map pinned in `bpffs_dir` as a table.
+pub fn run(bpffs_dir: &Path) -> anyhow::Result<()> {
+    print!("{}", render(bpffs_dir)?);
     Ok(())
 }
 

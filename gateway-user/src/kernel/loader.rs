@@ -42,7 +42,7 @@ use gateway_common::{
 
 use super::PenaltyMode;
 use super::penalties::KernelPenalties;
-use crate::errors::chain;
+use crate::logfmt::chain;
 
 /// The object `build.rs` built (empty when the eBPF toolchain was missing).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf"));

@@ -1,7 +1,6 @@
-//! Kernel assist (contract section 9): per-model traffic counters and fast
-//! reject of penalised clients in the kernel (eBPF, crate `gateway-ebpf`),
-//! with a userspace fallback that enforces the same penalties and serves the
-//! same counters.
+//! Kernel assist: per-model traffic counters and fast reject of penalised
+//! clients in the kernel (eBPF, crate `gateway-ebpf`), with a userspace
+//! fallback that enforces the same penalties and serves the same counters.
 //!
 //! The proxy calls in here and nothing here calls back: the listener asks
 //! whether to serve a new connection ([`KernelAssist::admit`]) and registers
@@ -28,7 +27,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
 use gateway_common::{MAX_MODELS, SockTag};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -43,7 +41,7 @@ use penalties::{
 use tagging::{ConnTag, ModelIds, Side};
 
 /// `--ebpf`: whether to load the kernel programs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EbpfMode {
     /// Load them; run userspace-only when that fails (logged, shown in /readyz).
     Auto,
@@ -54,7 +52,7 @@ pub enum EbpfMode {
 }
 
 /// `--penalty-mode`: how the kernel turns penalised clients away.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PenaltyMode {
     /// `sk_lookup` drop: the client's connect fails at once with "connection refused".
     SkLookup,
@@ -62,73 +60,42 @@ pub enum PenaltyMode {
     Xdp,
 }
 
-/// Kernel assist and client penalties (flags of `turnstile serve`).
-#[derive(Args, Debug, Clone)]
-pub struct KernelArgs {
-    /// Kernel assist: `auto` loads the eBPF programs and falls back to
-    /// userspace-only when loading or attaching fails (no CAP_BPF, verifier,
-    /// no bpffs); `required` exits instead; `off` never loads them.
-    #[arg(long, env = "TURNSTILE_EBPF", value_enum, default_value_t = EbpfMode::Auto)]
+/// Where kernel maps and programs are pinned unless told otherwise.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/turnstile";
+
+/// Kernel assist and client penalties (set by `turnstile serve` flags, whose
+/// defaults these are).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// Whether to load the kernel programs.
     pub ebpf: EbpfMode,
-
-    /// Directory on a bpffs where kernel maps and programs are pinned (a bpffs
-    /// is mounted there when none is and the gateway runs as root). One
-    /// directory per gateway process; its previous contents are replaced.
-    #[arg(long, env = "TURNSTILE_BPFFS_DIR", default_value = "/sys/fs/bpf/turnstile")]
+    /// Directory on a bpffs where kernel maps and programs are pinned.
     pub bpffs_dir: PathBuf,
-
-    /// Also pin the program links, so the programs stay attached after the
-    /// gateway exits (by default they detach with the process).
-    #[arg(long, env = "TURNSTILE_PIN_LINKS")]
+    /// Also pin the program links, so the programs stay attached after exit.
     pub pin_links: bool,
-
-    /// Gateway-made 429s to one client address within one
-    /// --penalty-window-seconds window that mark it as flooding: it is then
-    /// refused (new connections refused; behind a trusted proxy, answered
-    /// 429) for the penalty time (0: never). Clients that honour Retry-After,
-    /// or send up to 100 requests/s into a full limit, never get there.
-    #[arg(long, env = "TURNSTILE_PENALTY_THRESHOLD", default_value_t = PenaltySettings::default().threshold)]
-    pub penalty_threshold: u32,
-
-    /// Length of the windows 429s are counted in, seconds.
-    #[arg(long, env = "TURNSTILE_PENALTY_WINDOW_SECONDS", default_value_t = PenaltySettings::default().window.as_secs())]
-    pub penalty_window_seconds: u64,
-
-    /// How long a penalty lasts, in seconds past the end of the current
-    /// rate-limit (RPS) window.
-    #[arg(long, env = "TURNSTILE_PENALTY_SECONDS", default_value_t = PenaltySettings::default().duration.as_secs())]
-    pub penalty_seconds: u64,
-
-    /// Client networks never penalised, whatever they send (ingress
-    /// controllers, load balancers and NAT gateways that carry many users'
-    /// traffic from one address), comma-separated CIDRs or addresses.
-    #[arg(long, env = "TURNSTILE_PENALTY_EXEMPT_CIDRS", value_delimiter = ',')]
+    /// When a client counts as flooding, and for how long it is refused.
+    pub penalties: PenaltySettings,
+    /// Client networks never penalised.
     pub penalty_exempt_cidrs: Vec<Cidr>,
-
-    /// How the kernel refuses penalised clients: `sk-lookup` (connection
-    /// refused) or `xdp` (SYN dropped; for floods).
-    #[arg(long, env = "TURNSTILE_PENALTY_MODE", value_enum, default_value_t = PenaltyMode::SkLookup)]
+    /// How the kernel refuses penalised clients.
     pub penalty_mode: PenaltyMode,
-
-    /// Beside the kernel's counters, also count each connection's payload
-    /// per model in userspace (aibrix_gateway_userspace_bytes_total and
-    /// _packets_total, packets being reads and writes): a check on the
-    /// kernel's attribution, at two atomic adds per read and write.
-    #[arg(long, env = "TURNSTILE_USERSPACE_COUNTERS")]
+    /// Also count each connection's payload per model in userspace.
     pub userspace_counters: bool,
-
-    /// Interfaces the XDP program attaches to with `--penalty-mode xdp`,
-    /// comma-separated. [default: every interface]
-    #[arg(long, env = "TURNSTILE_XDP_INTERFACES", value_delimiter = ',')]
+    /// Interfaces the XDP program attaches to (empty: every interface).
     pub xdp_interfaces: Vec<String>,
 }
 
-impl KernelArgs {
-    fn penalty_settings(&self) -> PenaltySettings {
-        PenaltySettings {
-            threshold: self.penalty_threshold,
-            window: Duration::from_secs(self.penalty_window_seconds.max(1)),
-            duration: Duration::from_secs(self.penalty_seconds),
+impl Default for KernelConfig {
+    fn default() -> Self {
+        Self {
+            ebpf: EbpfMode::Auto,
+            bpffs_dir: PathBuf::from(DEFAULT_BPFFS_DIR),
+            pin_links: false,
+            penalties: PenaltySettings::default(),
+            penalty_exempt_cidrs: Vec::new(),
+            penalty_mode: PenaltyMode::SkLookup,
+            userspace_counters: false,
+            xdp_interfaces: Vec::new(),
         }
     }
 }
@@ -163,39 +130,40 @@ pub struct KernelAssist {
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
 impl KernelAssist {
-    /// Loads the kernel side (per `--ebpf`), wires penalties (and their Redis
-    /// sync when `redis_url` is set) and registers the `/metrics` series.
-    /// Fails only with `--ebpf required` when loading fails. Needs a runtime.
+    /// Loads the kernel side (per `config.ebpf`), wires penalties (and their
+    /// Redis sync when `redis_url` is set) and registers the `/metrics`
+    /// series. Fails only with `--ebpf required` when loading fails. Needs a
+    /// runtime.
     pub fn start(
-        args: &KernelArgs,
+        config: &KernelConfig,
         redis_url: Option<String>,
         metrics: &Metrics,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let (loaded, status) = match args.ebpf {
+        let (loaded, status) = match config.ebpf {
             EbpfMode::Off => {
                 tracing::info!("kernel assist off (--ebpf off): counters and penalties in userspace");
                 (None, Status::Off)
             }
             EbpfMode::Auto | EbpfMode::Required => {
-                let config = LoadConfig {
-                    bpffs_dir: args.bpffs_dir.clone(),
-                    pin_links: args.pin_links,
-                    penalty_mode: args.penalty_mode,
-                    xdp_interfaces: args.xdp_interfaces.clone(),
+                let load = LoadConfig {
+                    bpffs_dir: config.bpffs_dir.clone(),
+                    pin_links: config.pin_links,
+                    penalty_mode: config.penalty_mode,
+                    xdp_interfaces: config.xdp_interfaces.clone(),
                 };
-                match loader::load(&config) {
+                match loader::load(&load) {
                     Ok(loaded) => {
                         tracing::info!(
                             attached = %loaded.attached,
-                            pinned = %args.bpffs_dir.display(),
-                            penalty_mode = ?args.penalty_mode,
+                            pinned = %config.bpffs_dir.display(),
+                            penalty_mode = ?config.penalty_mode,
                             "kernel assist active"
                         );
                         let attached = loaded.attached.clone();
                         (Some(Arc::new(loaded)), Status::Active { attached })
                     }
-                    Err(err) if args.ebpf == EbpfMode::Required => {
+                    Err(err) if config.ebpf == EbpfMode::Required => {
                         let log = err.verifier_log().map(|log| format!("\nverifier log:\n{log}")).unwrap_or_default();
                         anyhow::bail!("--ebpf required: kernel assist could not be loaded: {err}{log}");
                     }
@@ -219,14 +187,14 @@ impl KernelAssist {
             Arc::clone(&tallies),
         ));
         let table = Arc::clone(&enforcer.table);
-        let policy = PenaltyPolicy::new(args.penalty_settings(), args.penalty_exempt_cidrs.clone());
+        let policy = PenaltyPolicy::new(config.penalties, config.penalty_exempt_cidrs.clone());
         let publish = match redis_url {
-            Some(url) if args.penalty_threshold > 0 => {
+            Some(url) if config.penalties.threshold > 0 => {
                 Some(penalties::spawn_redis_sync(&url, Arc::clone(&enforcer), shutdown.clone())?)
             }
             _ => None,
         };
-        let user_counters = (loaded.is_none() || args.userspace_counters).then(|| Arc::new(UserCounters::default()));
+        let user_counters = (loaded.is_none() || config.userspace_counters).then(|| Arc::new(UserCounters::default()));
         let models = Arc::new(ModelIds::default());
         let source: Arc<dyn CounterSource> = match (&loaded, &user_counters) {
             (Some(loaded), _) => Arc::clone(loaded) as Arc<dyn CounterSource>,
@@ -239,7 +207,7 @@ impl KernelAssist {
             tallies: Arc::clone(&tallies),
             active: loaded.is_some(),
             penalties: table,
-            userspace: user_counters.clone().filter(|_| args.userspace_counters),
+            userspace: user_counters.clone().filter(|_| config.userspace_counters),
         }));
 
         let assist = Arc::new(Self { loaded, status, models, user_counters, policy, enforcer, publish, tallies });
@@ -268,7 +236,7 @@ impl KernelAssist {
         &self.status
     }
 
-    pub fn is_active(&self) -> bool {
+    fn is_active(&self) -> bool {
         self.loaded.is_some()
     }
 

@@ -1,5 +1,6 @@
-//! Limits (contract section 5): model RPS caps per (model, profile), per-user
-//! RPM/TPM keyed by the `user` header, and optional bearer auth.
+//! Limits: model RPS caps per (model, profile), per-user RPM/TPM keyed by
+//! the `user` header, and optional bearer auth. Refusals are [`LimitError`]s;
+//! what they look like on the wire is `errors`' business.
 //!
 //! The proxy calls [`Limits::authorize`] before reading the body and
 //! [`Limits::admit`] in its limit phase. Admission returns an [`Admission`]:
@@ -27,12 +28,27 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
-use crate::errors::GatewayError;
 use crate::metrics::Metrics;
 pub use auth::BearerAuth;
 use counters::{Counters, Placement, Served, Shared};
 pub use quota::{Quota, QuotaUnit};
 pub use users::{UserDirectory, UserRecord};
+
+/// Why the limits refused a request. The proxy answers each with its own
+/// status, body and headers (`impl From<LimitError> for GatewayError`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitError {
+    /// Bearer auth is on and the request lacks the token.
+    Unauthorized,
+    /// Redis could not answer and the failure mode is `closed`.
+    StoreUnavailable,
+    /// The user's requests per minute are used up.
+    UserRpm { user: String, quota: Quota },
+    /// The user's tokens per minute are used up.
+    UserTpm { user: String, quota: Quota },
+    /// The model's (per profile) requests per second are used up.
+    ModelRps { model: String, quota: Quota },
+}
 
 /// What to do when Redis cannot answer a limit check in time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -42,6 +58,15 @@ pub enum FailureMode {
     Open,
     /// Refuse with 503.
     Closed,
+}
+
+impl std::fmt::Display for FailureMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Open => "open",
+            Self::Closed => "closed",
+        })
+    }
 }
 
 impl std::str::FromStr for FailureMode {
@@ -239,8 +264,8 @@ impl Decision {
     }
 }
 
-/// Settings of the limiter.
-#[derive(Clone, Debug)]
+/// Settings of the limiter (set by `turnstile serve` flags, whose defaults these are).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LimitsConfig {
     /// Shared counters; `None` counts in process (per replica).
     pub redis_url: Option<String>,
@@ -334,16 +359,16 @@ impl Limits {
     }
 
     /// Bearer auth, when configured.
-    pub fn authorize(&self, headers: &HeaderMap) -> Result<(), GatewayError> {
+    pub fn authorize(&self, headers: &HeaderMap) -> Result<(), LimitError> {
         match &self.auth {
-            Some(auth) if !auth.allows(headers) => Err(GatewayError::Unauthorized),
+            Some(auth) if !auth.allows(headers) => Err(LimitError::Unauthorized),
             _ => Ok(()),
         }
     }
 
     /// Checks and counts the user's RPM/TPM, then the model's RPS cap. On
     /// refusal nothing stays counted.
-    pub async fn admit(&self, request: &LimitRequest<'_>) -> Result<Admission, GatewayError> {
+    pub async fn admit(&self, request: &LimitRequest<'_>) -> Result<Admission, LimitError> {
         let mut admission = Admission {
             counters: Arc::clone(&self.counters),
             held: Vec::new(),
@@ -369,7 +394,7 @@ impl Limits {
                         LimitKind::Rpm
                     };
                     self.decided(request, kind, Decision::StoreErrorDenied);
-                    return Err(GatewayError::LimitStoreUnavailable);
+                    return Err(LimitError::StoreUnavailable);
                 }
             };
             match verdict {
@@ -387,11 +412,11 @@ impl Limits {
                 }
                 UserVerdict::RpmExceeded { quota } => {
                     self.decided(request, LimitKind::Rpm, Decision::Limited);
-                    return Err(GatewayError::UserRpmExceeded { user: crate::errors::echo(user), quota });
+                    return Err(LimitError::UserRpm { user: user.to_owned(), quota });
                 }
                 UserVerdict::TpmExceeded { quota } => {
                     self.decided(request, LimitKind::Tpm, Decision::Limited);
-                    return Err(GatewayError::UserTpmExceeded { user: crate::errors::echo(user), quota });
+                    return Err(LimitError::UserTpm { user: user.to_owned(), quota });
                 }
             }
         }
@@ -404,7 +429,7 @@ impl Limits {
                 Served::Unavailable => {
                     self.decided(request, LimitKind::Rps, Decision::StoreErrorDenied);
                     admission.release().await;
-                    return Err(GatewayError::LimitStoreUnavailable);
+                    return Err(LimitError::StoreUnavailable);
                 }
             };
             match verdict {
@@ -415,7 +440,7 @@ impl Limits {
                 WindowVerdict::Limited { quota } => {
                     self.decided(request, LimitKind::Rps, Decision::Limited);
                     admission.release().await;
-                    return Err(GatewayError::ModelRpsExceeded { model: request.model.to_string(), quota });
+                    return Err(LimitError::ModelRps { model: request.model.to_string(), quota });
                 }
             }
         }
@@ -517,6 +542,7 @@ impl TokenCharge {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::errors::GatewayError;
     use crate::limits::local_store::unix_now_ms;
 
     const MODEL: &str = "llama";
@@ -552,7 +578,7 @@ mod tests {
             let first = limits.admit(&capped).await.expect("first admitted");
             let _second = limits.admit(&capped).await.expect("second admitted");
             let refused = limits.admit(&capped).await.err().expect("third refused");
-            assert_eq!(refused.to_string(), "model: llama has exceeded RPS: 2");
+            assert_eq!(GatewayError::from(refused).to_string(), "model: llama has exceeded RPS: 2");
             first.release().await;
             limits.admit(&capped).await.expect("released slot reused").commit();
             assert!(limits.admit(&request(&model, None, None)).await.is_ok(), "no cap, no limit");
@@ -596,7 +622,7 @@ mod tests {
         let charge = admission.commit().expect("alice has a TPM limit");
         charge.settle(100).await;
         let refused = limits.admit(&alice).await.err().expect("over TPM");
-        assert_eq!(refused.to_string(), "user: alice has exceeded TPM: 100");
+        assert_eq!(GatewayError::from(refused).to_string(), "user: alice has exceeded TPM: 100");
         assert!(limits.admit(&request(&model, None, Some("bob"))).await.is_ok(), "unknown user: no default");
         assert!(limits.admit(&request(&model, None, None)).await.is_ok(), "no user header");
     }
@@ -616,10 +642,7 @@ mod tests {
             let capped = request(&model, Some(1), None);
             limits.admit(&capped).await.expect("fail-open admits").commit();
             let refused = limits.admit(&capped).await.err().expect("backstop enforces the cap");
-            assert!(matches!(
-                refused,
-                GatewayError::ModelRpsExceeded { quota: Quota { limit: 1, remaining: 0, .. }, .. }
-            ));
+            assert!(matches!(refused, LimitError::ModelRps { quota: Quota { limit: 1, remaining: 0, .. }, .. }));
             // Two failures opened the circuit: the next check does not even try Redis.
             assert!(limits.admit(&capped).await.is_err());
             let text = metrics.render();
@@ -636,9 +659,9 @@ mod tests {
         let limits = Limits::new(users_config(dead_redis(), FailureMode::Closed), Arc::clone(&metrics)).expect("ok");
         let model: Arc<str> = Arc::from(MODEL);
         let refused = limits.admit(&request(&model, Some(10), None)).await.err().expect("closed refuses");
-        assert!(matches!(refused, GatewayError::LimitStoreUnavailable));
+        assert!(matches!(refused, LimitError::StoreUnavailable));
         let refused = limits.admit(&request(&model, None, Some("alice"))).await.err().expect("user checks too");
-        assert!(matches!(refused, GatewayError::LimitStoreUnavailable));
+        assert!(matches!(refused, LimitError::StoreUnavailable));
         assert!(limits.admit(&request(&model, None, None)).await.is_ok(), "nothing to check: no store needed");
         assert!(metrics.render().contains(r#"limit="rps",decision="store_error_denied"} 1"#));
     }
@@ -652,7 +675,7 @@ mod tests {
         let _guard = runtime.enter();
         let config = LimitsConfig { bearer_token: Some("t0ken".into()), ..LimitsConfig::default() };
         let locked = Limits::new(config, Arc::new(Metrics::new())).expect("limits");
-        assert!(matches!(locked.authorize(&headers), Err(GatewayError::Unauthorized)));
+        assert!(matches!(locked.authorize(&headers), Err(LimitError::Unauthorized)));
     }
 
     #[test]

@@ -29,7 +29,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use clap::Args;
 use http::Uri;
 use http::header::{HeaderName, HeaderValue};
 use http_body_util::BodyExt;
@@ -41,119 +40,102 @@ use ramp::{HttpClient, RampBounds, Workload};
 /// measured peak).
 const RECOMMENDED_MARGIN: std::ops::RangeInclusive<f64> = 0.6..=0.7;
 
-/// Settings of `turnstile plan`.
-#[derive(Args, Debug, Clone)]
-pub struct PlanArgs {
+/// Settings of `turnstile plan` (flags in `cli`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanConfig {
     /// Gateway proxy URL the load is sent to.
-    #[arg(long, default_value = "http://127.0.0.1:8888")]
     pub gateway: String,
-
     /// Gateway admin URL, where the Ready pods under test are counted
     /// (`/debug/endpoints`).
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub admin: String,
-
     /// Model to measure.
-    #[arg(long)]
     pub model: String,
-
     /// Peak QPS the deployment has to serve.
-    #[arg(long)]
     pub target_qps: f64,
-
     /// Replicas the load is spread over. [default: the model's Ready pods on
     /// the admin API; with --pd, its Ready pods of each role]
-    #[arg(long)]
     pub replicas_under_test: Option<u32>,
-
     /// Share of the measured peak to plan each replica for.
-    #[arg(long, default_value_t = 0.65)]
     pub safety_margin: f64,
-
     /// Accept a --safety-margin outside the recommended 0.6–0.7.
-    #[arg(long)]
     pub allow_any_margin: bool,
-
     /// QPS of the first stage.
-    #[arg(long, default_value_t = 1.0)]
     pub start_qps: f64,
-
     /// Each stage offers this many times the QPS of the one before, until the knee.
-    #[arg(long, default_value_t = 1.5)]
     pub step_factor: f64,
-
     /// Length of each stage, in seconds.
-    #[arg(long, default_value_t = 3.0)]
     pub stage_seconds: f64,
-
     /// Stages that bisect between the last sustained stage and the knee.
-    #[arg(long, default_value_t = 3)]
     pub refine_stages: u32,
-
     /// Longest the whole measurement may take (every ramp together), in seconds.
-    #[arg(long, default_value_t = 60)]
     pub max_seconds: u64,
-
     /// Most requests the whole measurement may send.
-    #[arg(long, default_value_t = 20_000)]
     pub max_requests: u64,
-
     /// A stage is past the knee when its p99 latency exceeds this many times
     /// the lowest p99 of the stages sustained before it ...
-    #[arg(long, default_value_t = 2.0)]
     pub latency_factor: f64,
-
     /// ... and exceeds it by more than this many milliseconds (ignores a fast
     /// engine's jitter).
-    #[arg(long, default_value_t = 10)]
     pub latency_slack_ms: u64,
-
     /// ... or when more than this share of its requests fail ...
-    #[arg(long, default_value_t = 0.01)]
     pub max_error_rate: f64,
-
     /// ... or when it achieves less than this share of the QPS it offered.
-    #[arg(long, default_value_t = 0.9)]
     pub min_achieved_ratio: f64,
-
     /// Time one request may take before it counts as failed, in seconds.
-    #[arg(long, default_value_t = 30)]
     pub request_timeout_seconds: u64,
-
     /// Average prompt length of the workload, in tokens (sent as words).
-    #[arg(long, default_value_t = 64)]
     pub input_tokens: u32,
-
     /// Average answer length of the workload, in tokens (`max_tokens`).
-    #[arg(long, default_value_t = 64)]
     pub output_tokens: u32,
-
     /// Send `stream: true` requests (latency is then the whole stream).
-    #[arg(long)]
     pub stream: bool,
-
     /// Size prefill and decode pods separately (see `turnstile plan --help`).
-    #[arg(long)]
     pub pd: bool,
-
     /// `routing-strategy` header of every request. [default: none, the
     /// model's own; with --pd, pd for the decode ramp (the prefill ramp
     /// always uses least-request)]
-    #[arg(long)]
     pub routing_strategy: Option<String>,
-
     /// Where the curve is drawn; with --pd, `-prefill` and `-decode` are
     /// added to the file name.
-    #[arg(long, default_value = "turnstile-plan.svg")]
     pub svg: PathBuf,
-
     /// Also print the result as one JSON line (for scripts).
-    #[arg(long)]
     pub json: bool,
-
     /// API key sent as `Authorization: Bearer`, when the gateway requires one.
-    #[arg(long, env = "AIBRIX_AUTH_BEARER_TOKEN", hide_env_values = true)]
     pub api_key: Option<String>,
+}
+
+impl Default for PlanConfig {
+    /// The flags' defaults; `model` and `target_qps` have none (the flags are required).
+    fn default() -> Self {
+        Self {
+            gateway: "http://127.0.0.1:8888".to_owned(),
+            admin: "http://127.0.0.1:8080".to_owned(),
+            model: String::new(),
+            target_qps: 0.0,
+            replicas_under_test: None,
+            safety_margin: 0.65,
+            allow_any_margin: false,
+            start_qps: 1.0,
+            step_factor: 1.5,
+            stage_seconds: 3.0,
+            refine_stages: 3,
+            max_seconds: 60,
+            max_requests: 20_000,
+            latency_factor: 2.0,
+            latency_slack_ms: 10,
+            max_error_rate: 0.01,
+            min_achieved_ratio: 0.9,
+            request_timeout_seconds: 30,
+            input_tokens: 64,
+            output_tokens: 64,
+            stream: false,
+            pd: false,
+            routing_strategy: None,
+            svg: PathBuf::from("turnstile-plan.svg"),
+            json: false,
+            api_key: None,
+        }
+    }
 }
 
 /// Pods of one role (or all of the model's) a ramp runs against.
@@ -186,7 +168,7 @@ struct PoolPlan {
     svg: PathBuf,
 }
 
-impl PlanArgs {
+impl PlanConfig {
     fn validate(&self) -> anyhow::Result<()> {
         if !(self.target_qps.is_finite() && self.target_qps > 0.0) {
             bail!("--target-qps must be positive");
@@ -230,13 +212,13 @@ impl PlanArgs {
 }
 
 /// Runs `turnstile plan`: prints the curve and the sizing on stdout.
-pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
+pub fn run(args: &PlanConfig) -> anyhow::Result<()> {
     args.validate()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(plan(args))
 }
 
-async fn plan(args: &PlanArgs) -> anyhow::Result<()> {
+async fn plan(args: &PlanConfig) -> anyhow::Result<()> {
     let client = ramp::client();
     let base = args.gateway.trim_end_matches('/');
     let url: Uri = format!("{base}/v1/chat/completions").parse().context("--gateway is not a URL")?;
@@ -330,7 +312,7 @@ async fn plan(args: &PlanArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn workload(args: &PlanArgs, url: Uri, pool: Pool) -> anyhow::Result<Workload> {
+fn workload(args: &PlanConfig, url: Uri, pool: Pool) -> anyhow::Result<Workload> {
     let mut headers: Vec<(HeaderName, HeaderValue)> = Vec::new();
     let strategy = match (pool, &args.routing_strategy) {
         (Pool::Prefill, _) => Some("least-request"),
@@ -414,7 +396,7 @@ fn stage_row(n: usize, stats: &StageStats, verdict: &Verdict) -> String {
     )
 }
 
-fn summary(plan: &PoolPlan, args: &PlanArgs) -> String {
+fn summary(plan: &PoolPlan, args: &PlanConfig) -> String {
     let PoolPlan { pool, replicas_under_test, stages: _, peak_qps, knee_found, cut_short, sizing, svg } = plan;
     let mut out = String::new();
     let label = match pool {
@@ -443,7 +425,7 @@ fn summary(plan: &PoolPlan, args: &PlanArgs) -> String {
     out
 }
 
-fn json_summary(plans: &[PoolPlan], args: &PlanArgs) -> serde_json::Value {
+fn json_summary(plans: &[PoolPlan], args: &PlanConfig) -> serde_json::Value {
     let pools: Vec<serde_json::Value> = plans
         .iter()
         .map(|p| {
@@ -470,33 +452,26 @@ fn json_summary(plans: &[PoolPlan], args: &PlanArgs) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        plan: PlanArgs,
-    }
-
-    fn parse(extra: &[&str]) -> anyhow::Result<PlanArgs> {
-        let argv = ["plan", "--model", "m", "--target-qps", "100"].into_iter().chain(extra.iter().copied());
-        Ok(Cli::try_parse_from(argv)?.plan)
+    /// `--model m --target-qps 100`, the rest as the flags' defaults.
+    fn config() -> PlanConfig {
+        PlanConfig { model: "m".to_owned(), target_qps: 100.0, ..PlanConfig::default() }
     }
 
     #[test]
     fn the_margin_stays_within_the_recommended_range_unless_overridden() {
-        assert!(parse(&[]).and_then(|a| a.validate()).is_ok(), "0.65 by default");
-        assert!(parse(&["--safety-margin", "0.8"]).and_then(|a| a.validate()).is_err());
-        assert!(parse(&["--safety-margin", "0.8", "--allow-any-margin"]).and_then(|a| a.validate()).is_ok());
-        assert!(parse(&["--safety-margin", "1.5", "--allow-any-margin"]).and_then(|a| a.validate()).is_err());
-        assert!(parse(&["--step-factor", "1"]).and_then(|a| a.validate()).is_err());
+        assert!(config().validate().is_ok(), "0.65 by default");
+        assert!(PlanConfig { safety_margin: 0.8, ..config() }.validate().is_err());
+        assert!(PlanConfig { safety_margin: 0.8, allow_any_margin: true, ..config() }.validate().is_ok());
+        assert!(PlanConfig { safety_margin: 1.5, allow_any_margin: true, ..config() }.validate().is_err());
+        assert!(PlanConfig { step_factor: 1.0, ..config() }.validate().is_err());
     }
 
     #[test]
     fn pd_ramps_stay_on_their_pool_and_off_the_pd_path() -> anyhow::Result<()> {
-        let args = parse(&["--pd", "--input-tokens", "512", "--output-tokens", "128", "--api-key", "k"])?;
+        let args =
+            PlanConfig { pd: true, input_tokens: 512, output_tokens: 128, api_key: Some("k".to_owned()), ..config() };
         let url: Uri = "http://gw/v1/chat/completions".parse()?;
         let prefill = workload(&args, url.clone(), Pool::Prefill)?;
         assert_eq!((prefill.input_tokens, prefill.output_tokens), (512, 1));
@@ -515,7 +490,7 @@ mod tests {
         assert_eq!((decode.input_tokens, decode.output_tokens), (8, 128));
         assert_eq!(header(&decode, "routing-strategy").as_deref(), Some("pd"), "whole requests through pd");
         assert_eq!(header(&decode, "external-filter"), None);
-        let all = workload(&parse(&[])?, url, Pool::All)?;
+        let all = workload(&config(), url, Pool::All)?;
         assert_eq!(header(&all, "routing-strategy"), None, "the model's own strategy");
         assert_eq!(svg_path(Path::new("out/p.svg"), Pool::Decode), Path::new("out/p-decode.svg"));
         Ok(())

@@ -12,6 +12,7 @@
 pub mod access_log;
 pub mod body;
 pub mod client;
+pub mod defaults;
 mod forward;
 pub mod listener;
 pub mod memory;

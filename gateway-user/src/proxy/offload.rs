@@ -7,7 +7,7 @@
 //! liveness probe). Bodies of [`OFFLOAD_BYTES`] or more are therefore
 //! prepared on tokio's blocking threads, at most one job per CPU at a time so
 //! a burst of large prompts queues instead of oversubscribing the machine.
-//! The work itself is bounded too (see `profiles::count_tokens` and
+//! The work itself is bounded too (see `tokens::count_tokens` and
 //! `PrefixHasher::hashes`).
 
 use std::sync::Arc;
@@ -17,8 +17,8 @@ use tokio::sync::Semaphore;
 
 use super::request::{Endpoint, ParsedRequest};
 use crate::errors::GatewayError;
-use crate::profiles;
 use crate::routing::prefix_index::PrefixHasher;
+use crate::tokens;
 
 /// Bodies at least this large are prepared off the async workers.
 pub const OFFLOAD_BYTES: usize = 64 * 1024;
@@ -37,7 +37,7 @@ pub struct Prepared {
 impl Prepared {
     /// The prompt's tokens (counted now, unless they were up front).
     pub fn prompt_tokens(&self) -> i64 {
-        self.prompt_tokens.unwrap_or_else(|| profiles::count_tokens(self.request.prompt()))
+        self.prompt_tokens.unwrap_or_else(|| tokens::count_tokens(self.request.prompt()))
     }
 }
 
@@ -76,7 +76,7 @@ impl Offload {
             let _permit = permit;
             let request = ParsedRequest::parse(endpoint, body)?;
             let prompt = request.prompt();
-            let prompt_tokens = count_tokens.then(|| profiles::count_tokens(prompt));
+            let prompt_tokens = count_tokens.then(|| tokens::count_tokens(prompt));
             let prefix_hashes = Some(hasher.hashes(prompt));
             Ok(Prepared { request, prefix_hashes, prompt_tokens })
         };
@@ -94,7 +94,7 @@ impl Offload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::RoutingArgs;
+    use crate::routing::RoutingConfig;
 
     fn body(prompt: &str) -> Bytes {
         Bytes::from(serde_json::json!({"model": "m", "prompt": prompt}).to_string())
@@ -103,7 +103,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn large_bodies_are_prepared_whole_and_small_ones_lazily() {
         let offload = Offload::default();
-        let hasher = Arc::new(PrefixHasher::new(&RoutingArgs::default()));
+        let hasher = Arc::new(PrefixHasher::new(&RoutingConfig::default()));
         let small = offload.prepare(Endpoint::Completions, body("hi"), true, Arc::clone(&hasher)).await.unwrap();
         assert_eq!(small.request.model, "m");
         assert!(small.prefix_hashes.is_none() && small.prompt_tokens.is_none(), "small bodies keep the lazy path");
@@ -113,12 +113,12 @@ mod tests {
         let large = offload.prepare(Endpoint::Completions, body(&prompt), true, Arc::clone(&hasher)).await.unwrap();
         assert_eq!(large.request.prompt(), prompt);
         assert_eq!(large.prefix_hashes.expect("hashed up front"), hasher.hashes(&prompt));
-        assert_eq!(large.prompt_tokens, Some(profiles::count_tokens(&prompt)));
+        assert_eq!(large.prompt_tokens, Some(tokens::count_tokens(&prompt)));
         let unasked = offload.prepare(Endpoint::Completions, body(&prompt), false, hasher).await.unwrap();
         assert_eq!(unasked.prompt_tokens, None);
 
         let broken = Bytes::from(format!("{{\"model\": \"m\", \"prompt\": \"{prompt}"));
-        let hasher = Arc::new(PrefixHasher::new(&RoutingArgs::default()));
+        let hasher = Arc::new(PrefixHasher::new(&RoutingConfig::default()));
         assert!(matches!(
             offload.prepare(Endpoint::Completions, broken, true, hasher).await,
             Err(GatewayError::BodyNotJson)

@@ -15,7 +15,7 @@ use super::*;
 use crate::discovery::pods_file;
 use crate::kernel::penalties::PenaltySettings;
 use crate::limits::{FailureMode, LimitsConfig, UserLimits};
-use crate::routing::RoutingArgs;
+use crate::routing::RoutingConfig;
 
 const MODEL: &str = "m";
 const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
@@ -182,7 +182,7 @@ impl Rig {
             .unwrap_or_else(|_| Limits::in_process(Arc::clone(&metrics)));
         let proxy = Proxy::new(ProxyParts {
             store,
-            router: Router::new(&RoutingArgs::default(), &metrics.routing),
+            router: Router::new(&RoutingConfig::default(), &metrics.routing),
             engine_metrics: Arc::new(EngineMetrics::new(Duration::from_secs(2))),
             metrics,
             limits: Arc::new(limits),

@@ -127,8 +127,8 @@ impl Upstream for HttpUpstream {
     async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, SendError> {
         match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(crate::errors::chain(&err))),
-            Ok(Err(err)) => Err(SendError::Other(crate::errors::chain(&err))),
+            Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(crate::logfmt::chain(&err))),
+            Ok(Err(err)) => Err(SendError::Other(crate::logfmt::chain(&err))),
             Err(_) => Err(SendError::Timeout(self.response_timeout)),
         }
     }

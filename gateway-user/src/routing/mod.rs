@@ -1,9 +1,9 @@
 //! Routing: choosing one ready pod for a request.
 //!
-//! Every strategy is one file implementing [`Strategy`] and one line in
-//! [`Router::new`]. Strategies choose from state (the gateway's in-flight
-//! counts, the engine metrics snapshot, their own indexes); they never do IO
-//! and never forward.
+//! Every strategy is one file implementing [`Strategy`] and one line in the
+//! registry below, the only list of strategy names. Strategies choose from
+//! state (the gateway's in-flight counts, the engine metrics snapshot, their
+//! own indexes); they never do IO and never forward.
 //!
 //! A strategy scores the candidates, lower is better, and the default pick is
 //! the lowest score, ties going to the pod with fewer requests in flight,
@@ -16,21 +16,7 @@ mod config;
 mod filter;
 mod mix;
 pub mod prefix_index;
-
-mod least_busy_time;
-mod least_gpu_cache;
-mod least_kv_cache;
-mod least_latency;
-mod least_request;
-mod least_utilization;
-pub mod pd;
-mod power_of_two;
-mod prefix_cache;
-mod prefix_cache_preble;
-mod random;
-mod session_affinity;
-mod throughput;
-mod vtc_basic;
+mod ties;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -39,32 +25,53 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 
-pub use config::{PrefixTokenizer, RoutingArgs};
+pub use config::{PrefixTokenizer, RoutingConfig};
 pub use filter::LabelSelector;
 
 use crate::discovery::PodInfo;
 use crate::engine_metrics::{MetricsView, PodMetrics, Reading};
 use crate::metrics::RoutingMetrics;
+use ties::Lowest;
 
-/// Every strategy name of contract section 4, recognised whether or not this
-/// build implements it, so that a typo (400 `incorrect routing strategy`) is
-/// told apart from a strategy that is simply not available yet.
-pub const KNOWN_STRATEGIES: &[&str] = &[
-    "random",
-    "least-request",
-    "least-busy-time",
-    "least-latency",
-    "least-kv-cache",
-    "least-gpu-cache",
-    "least-utilization",
-    "throughput",
-    "power-of-two",
-    "prefix-cache",
-    "prefix-cache-preble",
-    "vtc-basic",
-    "session-affinity",
-    "pd",
-];
+/// What a strategy is built from: one registry line turns it into the strategy.
+struct Build<'a> {
+    config: &'a RoutingConfig,
+    hasher: &'a Arc<prefix_index::PrefixHasher>,
+    metrics: &'a RoutingMetrics,
+}
+
+/// Declares each strategy's module and how it is built; [`registered`] lists
+/// them in this order.
+macro_rules! registry {
+    ($($vis:vis $module:ident => $build:expr,)+) => {
+        $($vis mod $module;)+
+
+        /// Every strategy, in registration order.
+        fn registered(build: &Build<'_>) -> Vec<Arc<dyn Strategy>> {
+            let builders: &[fn(&Build<'_>) -> Arc<dyn Strategy>] = &[$($build),+];
+            builders.iter().map(|new| new(build)).collect()
+        }
+    };
+}
+
+// The registry: the only list of strategies. A strategy is one file and one
+// line here; its name is what its `Strategy::name` says.
+registry! {
+    random => |_| Arc::new(random::Random),
+    least_request => |_| Arc::new(least_request::LeastRequest),
+    least_busy_time => |_| Arc::new(least_busy_time::LeastBusyTime),
+    least_latency => |_| Arc::new(least_latency::LeastLatency),
+    least_kv_cache => |_| Arc::new(least_kv_cache::LeastKvCache),
+    least_gpu_cache => |_| Arc::new(least_gpu_cache::LeastGpuCache),
+    least_utilization => |_| Arc::new(least_utilization::LeastUtilization),
+    throughput => |_| Arc::new(throughput::Throughput),
+    power_of_two => |_| Arc::new(power_of_two::PowerOfTwo),
+    prefix_cache => |b| Arc::new(prefix_cache::PrefixCache::new(b.config, Arc::clone(b.hasher), b.metrics.clone())),
+    prefix_cache_preble => |b| Arc::new(prefix_cache_preble::PrefixCachePreble::new(b.config, Arc::clone(b.hasher), b.metrics.clone())),
+    vtc_basic => |b| Arc::new(vtc_basic::VtcBasic::new(b.config)),
+    session_affinity => |_| Arc::new(session_affinity::SessionAffinity),
+    pub pd => |b| Arc::new(pd::PdRouter::new(b.config, Arc::clone(b.hasher))),
+}
 
 /// Request headers strategies read.
 pub mod headers {
@@ -306,8 +313,6 @@ pub enum Unroutable {
 pub enum StrategyError {
     /// Not a strategy name at all, or a malformed weighted mix.
     Unknown,
-    /// A contract strategy this build does not implement (`pd`).
-    Unavailable,
 }
 
 /// Counts fallbacks and logs each (strategy, reason) at most every ten seconds.
@@ -348,6 +353,8 @@ impl Fallbacks {
 /// The registry of strategies, and where requests are routed.
 pub struct Router {
     strategies: HashMap<&'static str, Arc<dyn Strategy>>,
+    /// The strategies' names, in registration order.
+    names: Vec<&'static str>,
     /// Parsed weighted mixes by their text, so each distinct string is parsed once.
     mixes: Mutex<HashMap<String, Arc<dyn Strategy>>>,
     fallbacks: Arc<Fallbacks>,
@@ -359,31 +366,23 @@ pub struct Router {
 const MAX_CACHED_MIXES: usize = 256;
 
 impl Router {
-    pub fn new(config: &RoutingArgs, metrics: &RoutingMetrics) -> Self {
+    pub fn new(config: &RoutingConfig, metrics: &RoutingMetrics) -> Self {
         let hasher = Arc::new(prefix_index::PrefixHasher::new(config));
-        let all: Vec<Arc<dyn Strategy>> = vec![
-            Arc::new(random::Random),
-            Arc::new(least_request::LeastRequest),
-            Arc::new(least_busy_time::LeastBusyTime),
-            Arc::new(least_latency::LeastLatency),
-            Arc::new(least_kv_cache::LeastKvCache),
-            Arc::new(least_gpu_cache::LeastGpuCache),
-            Arc::new(least_utilization::LeastUtilization),
-            Arc::new(throughput::Throughput),
-            Arc::new(power_of_two::PowerOfTwo),
-            Arc::new(prefix_cache::PrefixCache::new(config, Arc::clone(&hasher), metrics.clone())),
-            Arc::new(prefix_cache_preble::PrefixCachePreble::new(config, Arc::clone(&hasher), metrics.clone())),
-            Arc::new(vtc_basic::VtcBasic::new(config)),
-            Arc::new(session_affinity::SessionAffinity),
-            Arc::new(pd::PdRouter::new(config, Arc::clone(&hasher))),
-        ];
+        let all = registered(&Build { config, hasher: &hasher, metrics });
         let fallbacks = Arc::new(Fallbacks { metrics: metrics.clone(), logged: Mutex::new(HashMap::new()) });
         Self {
+            names: all.iter().map(|s| s.name()).collect(),
             strategies: all.into_iter().map(|s| (s.name(), s)).collect(),
             mixes: Mutex::default(),
             fallbacks,
             hasher,
         }
+    }
+
+    /// The name of every strategy, in registration order (weighted mixes of
+    /// them are accepted too).
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
     }
 
     /// The prefix hasher of the prefix-aware strategies.
@@ -392,13 +391,10 @@ impl Router {
     }
 
     /// Looks up a strategy by the name a client, profile or flag gave: one
-    /// of [`KNOWN_STRATEGIES`] or a weighted mix `name:weight,name:weight`.
+    /// of [`Router::names`] or a weighted mix `name:weight,name:weight`.
     pub fn strategy(&self, name: &str) -> Result<Arc<dyn Strategy>, StrategyError> {
         if let Some(strategy) = self.strategies.get(name) {
             return Ok(Arc::clone(strategy));
-        }
-        if KNOWN_STRATEGIES.contains(&name) {
-            return Err(StrategyError::Unavailable);
         }
         if !(name.contains(',') || name.contains(':')) {
             return Err(StrategyError::Unknown);
@@ -461,28 +457,21 @@ impl Router {
     }
 }
 
+/// The name of every strategy, in registration order.
+pub fn strategy_names() -> Vec<&'static str> {
+    let metrics = RoutingMetrics::register(&mut prometheus_client::registry::Registry::default());
+    Router::new(&RoutingConfig::default(), &metrics).names().to_vec()
+}
+
 /// Index of the pod with the fewest requests in flight through this
 /// gateway; ties broken at random so equal pods share the load instead of
 /// the first one taking it all.
 pub(crate) fn least_in_flight(candidates: &[Arc<PodInfo>]) -> usize {
-    let mut best = 0;
-    let mut best_load = usize::MAX;
-    let mut ties = 0u32;
+    let mut least = Lowest::new();
     for (i, pod) in candidates.iter().enumerate() {
-        let load = pod.load.in_flight();
-        if load < best_load {
-            best = i;
-            best_load = load;
-            ties = 1;
-        } else if load == best_load {
-            // Reservoir sampling over the tied pods: each keeps a 1/n chance.
-            ties += 1;
-            if rand::random_range(0..ties) == 0 {
-                best = i;
-            }
-        }
+        least.offer(pod.load.in_flight(), i);
     }
-    best
+    least.into_item().unwrap_or(0)
 }
 
 /// Index of the lowest score; scores within a hair of each other tie, and
@@ -494,24 +483,13 @@ pub(crate) fn lowest(scores: &[f64], candidates: &[Arc<PodInfo>]) -> Option<usiz
     }
     let min = scores.iter().copied().fold(f64::INFINITY, f64::min);
     let tolerance = 1e-9 * min.abs().max(1.0);
-    let mut best = None;
-    let mut best_load = usize::MAX;
-    let mut ties = 0u32;
+    let mut least = Lowest::new();
     for (i, (score, pod)) in scores.iter().zip(candidates).enumerate() {
-        if *score > min + tolerance {
-            continue;
-        }
-        let load = pod.load.in_flight();
-        if load < best_load {
-            (best, best_load, ties) = (Some(i), load, 1);
-        } else if load == best_load {
-            ties += 1;
-            if rand::random_range(0..ties) == 0 {
-                best = Some(i);
-            }
+        if *score <= min + tolerance {
+            least.offer(pod.load.in_flight(), i);
         }
     }
-    best
+    least.into_item()
 }
 
 /// Scores in whole steps above the lowest. Engine metrics are up to a scrape
@@ -608,7 +586,7 @@ pub(crate) mod test_support {
 
     /// A router with default settings and throw-away metrics.
     pub fn router() -> Router {
-        Router::new(&RoutingArgs::default(), &crate::metrics::Metrics::new().routing)
+        Router::new(&RoutingConfig::default(), &crate::metrics::Metrics::new().routing)
     }
 
     /// How often each of `n` pods is chosen over `rounds` picks.
@@ -626,10 +604,30 @@ mod tests {
     use super::test_support::*;
     use super::*;
 
+    /// AIBrix's strategy names, every one implemented.
+    const AIBRIX_STRATEGIES: &[&str] = &[
+        "random",
+        "least-request",
+        "least-busy-time",
+        "least-latency",
+        "least-kv-cache",
+        "least-gpu-cache",
+        "least-utilization",
+        "throughput",
+        "power-of-two",
+        "prefix-cache",
+        "prefix-cache-preble",
+        "vtc-basic",
+        "session-affinity",
+        "pd",
+    ];
+
     #[test]
     fn every_contract_name_is_available() {
         let router = router();
-        for name in KNOWN_STRATEGIES {
+        assert_eq!(router.names(), AIBRIX_STRATEGIES, "the registry holds exactly AIBrix's strategies");
+        assert_eq!(strategy_names(), AIBRIX_STRATEGIES);
+        for name in AIBRIX_STRATEGIES {
             assert_eq!(router.strategy(name).map(|s| s.name()).ok(), Some(*name));
         }
         assert_eq!(router.strategy("nope").err(), Some(StrategyError::Unknown));
@@ -664,7 +662,7 @@ mod tests {
     #[test]
     fn unscorable_requests_fall_back_to_least_request_and_are_counted() {
         let metrics = crate::metrics::Metrics::new();
-        let router = Router::new(&RoutingArgs::default(), &metrics.routing);
+        let router = Router::new(&RoutingConfig::default(), &metrics.routing);
         let (busy, _g) = pod(0, 3);
         let pods = [busy, pod(1, 0).0];
         let model = model();

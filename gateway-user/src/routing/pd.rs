@@ -1,4 +1,4 @@
-//! `pd`: prefill/decode disaggregation. A request is
+//! `pd`: prefill/decode disaggregation, as AIBrix's `pd` strategy. A request is
 //! prefilled on one pod and decoded on another, and the two must share a KV
 //! transfer domain: a roleset (pod label `roleset-name`, role from
 //! `role-name`).
@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::prefix_index::{PrefixHasher, PrefixIndex, pod_id};
-use super::{RouteRequest, RoutingArgs, Strategy, Unscored};
+use super::ties::{Cost, Lowest};
+use super::{RouteRequest, RoutingConfig, Strategy, Unscored};
 use crate::discovery::{PodInfo, Role};
 
 /// The strategy name.
@@ -94,7 +95,7 @@ pub struct PdRouter {
 }
 
 impl PdRouter {
-    pub fn new(config: &RoutingArgs, hasher: Arc<PrefixHasher>) -> Self {
+    pub fn new(config: &RoutingConfig, hasher: Arc<PrefixHasher>) -> Self {
         Self {
             hasher,
             index: PrefixIndex::new(
@@ -109,28 +110,13 @@ impl PdRouter {
     pub fn plan(&self, request: &RouteRequest<'_>, candidates: &[Arc<PodInfo>]) -> Result<PdPlan, NoRoleset> {
         let sets = rolesets(candidates);
         let hashes = request.prefix_hashes(&self.hasher);
-        let mut best: Option<(f64, &Arc<PodInfo>, &Arc<PodInfo>, &str)> = None;
-        let mut ties = 0u32;
+        let mut best = Lowest::new();
         for set in sets.iter().filter(|s| s.is_eligible()) {
             let Some((prefill_cost, prefill)) = self.best_prefill(hashes, &set.prefill) else { continue };
             let Some((decode_cost, decode)) = least_loaded(&set.decode) else { continue };
-            let cost = prefill_cost + decode_cost;
-            match best {
-                Some((best_cost, ..)) if cost > best_cost + 1e-9 => {}
-                Some((best_cost, ..)) if cost >= best_cost - 1e-9 => {
-                    // Reservoir sampling over equally good rolesets.
-                    ties += 1;
-                    if rand::random_range(0..ties) == 0 {
-                        best = Some((cost, prefill, decode, set.name));
-                    }
-                }
-                _ => {
-                    best = Some((cost, prefill, decode, set.name));
-                    ties = 1;
-                }
-            }
+            best.offer(Cost(prefill_cost + decode_cost), (prefill, decode, set.name));
         }
-        let Some((_, prefill, decode, roleset)) = best else {
+        let Some((prefill, decode, roleset)) = best.into_item() else {
             return Err(NoRoleset {
                 prefill: sets.iter().map(|s| s.prefill.len()).sum(),
                 decode: sets.iter().map(|s| s.decode.len()).sum(),
@@ -162,24 +148,11 @@ fn least_loaded<'a>(pods: &[&'a Arc<PodInfo>]) -> Option<(f64, &'a Arc<PodInfo>)
 
 /// The lowest cost, ties at random.
 fn cheapest<'a>(costs: impl Iterator<Item = (f64, &'a Arc<PodInfo>)>) -> Option<(f64, &'a Arc<PodInfo>)> {
-    let mut best: Option<(f64, &'a Arc<PodInfo>)> = None;
-    let mut ties = 0u32;
+    let mut best = Lowest::new();
     for (cost, pod) in costs {
-        match best {
-            Some((best_cost, _)) if cost > best_cost + 1e-9 => {}
-            Some((best_cost, _)) if cost >= best_cost - 1e-9 => {
-                ties += 1;
-                if rand::random_range(0..ties) == 0 {
-                    best = Some((cost, pod));
-                }
-            }
-            _ => {
-                best = Some((cost, pod));
-                ties = 1;
-            }
-        }
+        best.offer(Cost(cost), pod);
     }
-    best
+    best.into_best().map(|(Cost(cost), pod)| (cost, pod))
 }
 
 impl Strategy for PdRouter {
@@ -236,7 +209,7 @@ mod tests {
     }
 
     fn router() -> PdRouter {
-        let config = RoutingArgs { prefix_cache_block_size: 4, ..RoutingArgs::default() };
+        let config = RoutingConfig { prefix_cache_block_size: 4, ..RoutingConfig::default() };
         PdRouter::new(&config, Arc::new(PrefixHasher::new(&config)))
     }
 

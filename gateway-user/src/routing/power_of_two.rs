@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use super::ties::Lowest;
 use super::{RouteRequest, Strategy, Unscored};
 use crate::discovery::PodInfo;
 
@@ -29,13 +30,11 @@ impl Strategy for PowerOfTwo {
         let first = rand::random_range(0..n);
         // A second index distinct from the first, uniformly.
         let second = (first + 1 + rand::random_range(0..n - 1)) % n;
-        let (a, b) = (candidates[first].load.in_flight(), candidates[second].load.in_flight());
-        Ok(match a.cmp(&b) {
-            std::cmp::Ordering::Less => first,
-            std::cmp::Ordering::Greater => second,
-            std::cmp::Ordering::Equal if rand::random::<bool>() => first,
-            std::cmp::Ordering::Equal => second,
-        })
+        let mut less_loaded = Lowest::new();
+        for i in [first, second] {
+            less_loaded.offer(candidates[i].load.in_flight(), i);
+        }
+        Ok(less_loaded.into_item().unwrap_or(first))
     }
 
     fn mixable(&self) -> bool {

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::prefix_index::{PrefixHasher, PrefixIndex, pod_id};
-use super::{RouteDecision, RouteRequest, RoutingArgs, Strategy, Unscored, least_in_flight};
+use super::ties::Lowest;
+use super::{RouteDecision, RouteRequest, RoutingConfig, Strategy, Unscored, least_in_flight};
 use crate::discovery::PodInfo;
 use crate::metrics::RoutingMetrics;
 
@@ -30,7 +31,7 @@ pub struct PrefixCache {
 }
 
 impl PrefixCache {
-    pub fn new(config: &RoutingArgs, hasher: Arc<PrefixHasher>, metrics: RoutingMetrics) -> Self {
+    pub fn new(config: &RoutingConfig, hasher: Arc<PrefixHasher>, metrics: RoutingMetrics) -> Self {
         Self {
             hasher,
             index: PrefixIndex::new(
@@ -95,36 +96,25 @@ impl Strategy for PrefixCache {
         };
         let ceiling = mean + self.deviation_factor * variance.sqrt();
         // Deepest match first, then fewer in flight, then chance.
-        let mut best: Option<usize> = None;
-        let mut ties = 0u32;
+        let mut deepest = Lowest::new();
         for i in 0..candidates.len() {
             if !eligible[i] || depths[i] == 0 || loads[i] as f64 > ceiling {
                 continue;
             }
-            let better = match best {
-                None => true,
-                Some(b) => (depths[i], std::cmp::Reverse(loads[i])) > (depths[b], std::cmp::Reverse(loads[b])),
-            };
-            let tie = best.is_some_and(|b| depths[i] == depths[b] && loads[i] == loads[b]);
-            if better {
-                best = Some(i);
-                ties = 1;
-            } else if tie {
-                ties += 1;
-                if rand::random_range(0..ties) == 0 {
-                    best = Some(i);
-                }
-            }
+            deepest.offer((std::cmp::Reverse(depths[i]), loads[i]), i);
         }
-        if let Some(best) = best {
+        if let Some(best) = deepest.into_item() {
             return Ok(best);
         }
         if eligible.iter().all(|&e| e) {
             return Ok(least_in_flight(candidates));
         }
-        // Imbalanced: least-request among the least loaded (all equal, so at random).
-        let least: Vec<usize> = (0..candidates.len()).filter(|&i| eligible[i]).collect();
-        Ok(least.get(rand::random_range(0..least.len().max(1))).copied().unwrap_or(0))
+        // Imbalanced: least-request among the least loaded.
+        let mut least = Lowest::new();
+        for i in (0..candidates.len()).filter(|&i| eligible[i]) {
+            least.offer(loads[i], i);
+        }
+        Ok(least.into_item().unwrap_or(0))
     }
 
     fn chosen(&self, request: &RouteRequest<'_>, pod: &PodInfo, _decision: &mut RouteDecision) {
@@ -140,7 +130,7 @@ mod tests {
     use crate::routing::test_support::*;
 
     fn strategy() -> PrefixCache {
-        let config = RoutingArgs { prefix_cache_block_size: 4, ..RoutingArgs::default() };
+        let config = RoutingConfig { prefix_cache_block_size: 4, ..RoutingConfig::default() };
         PrefixCache::new(&config, Arc::new(PrefixHasher::new(&config)), crate::metrics::Metrics::new().routing)
     }
 
@@ -177,10 +167,10 @@ mod tests {
 
     #[test]
     fn an_overloaded_holder_is_skipped() {
-        let config = RoutingArgs {
+        let config = RoutingConfig {
             prefix_cache_block_size: 4,
             prefix_cache_standard_deviation_factor: 1.0,
-            ..RoutingArgs::default()
+            ..RoutingConfig::default()
         };
         let s = PrefixCache::new(&config, Arc::new(PrefixHasher::new(&config)), crate::metrics::Metrics::new().routing);
         let pods = pods(4);
@@ -233,7 +223,7 @@ mod tests {
     #[test]
     fn counts_hits_and_misses() {
         let metrics = crate::metrics::Metrics::new();
-        let config = RoutingArgs { prefix_cache_block_size: 4, ..RoutingArgs::default() };
+        let config = RoutingConfig { prefix_cache_block_size: 4, ..RoutingConfig::default() };
         let s = PrefixCache::new(&config, Arc::new(PrefixHasher::new(&config)), metrics.routing.clone());
         let pods = pods(1);
         route(&s, "abcdefgh", &pods);

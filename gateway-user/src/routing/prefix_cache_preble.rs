@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use super::prefix_cache::{depths, loads_and_eligible};
 use super::prefix_index::{PrefixHasher, PrefixIndex, pod_id};
-use super::{RouteDecision, RouteRequest, RoutingArgs, Strategy, Unscored};
+use super::{RouteDecision, RouteRequest, RoutingConfig, Strategy, Unscored};
 use crate::discovery::PodInfo;
 use crate::metrics::RoutingMetrics;
 
@@ -31,7 +31,7 @@ pub struct PrefixCachePreble {
 }
 
 impl PrefixCachePreble {
-    pub fn new(config: &RoutingArgs, hasher: Arc<PrefixHasher>, metrics: RoutingMetrics) -> Self {
+    pub fn new(config: &RoutingConfig, hasher: Arc<PrefixHasher>, metrics: RoutingMetrics) -> Self {
         Self {
             hasher,
             index: PrefixIndex::new(
@@ -84,7 +84,7 @@ mod tests {
     use crate::routing::test_support::*;
 
     fn strategy() -> PrefixCachePreble {
-        let config = RoutingArgs { prefix_cache_block_size: 4, ..RoutingArgs::default() };
+        let config = RoutingConfig { prefix_cache_block_size: 4, ..RoutingConfig::default() };
         PrefixCachePreble::new(&config, Arc::new(PrefixHasher::new(&config)), crate::metrics::Metrics::new().routing)
     }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 use xxhash_rust::xxh64::Xxh64;
 
-use super::config::{PrefixTokenizer, RoutingArgs};
+use super::config::{PrefixTokenizer, RoutingConfig};
 
 /// Pods remembered per block; the longest unused is replaced beyond this.
 const MAX_HOLDERS: usize = 16;
@@ -36,7 +36,7 @@ pub struct PrefixHasher {
 }
 
 impl PrefixHasher {
-    pub fn new(config: &RoutingArgs) -> Self {
+    pub fn new(config: &RoutingConfig) -> Self {
         Self {
             block_size: usize::try_from(config.prefix_cache_block_size).unwrap_or(128).max(1),
             seed: config.prefix_cache_hash_seed,
@@ -49,13 +49,13 @@ impl PrefixHasher {
     /// nothing, and an 8 MB prompt must not cost 8 MB of hashing and
     /// 60,000 index entries.
     pub fn hashes(&self, prompt: &str) -> Vec<u64> {
-        let prompt = crate::profiles::char_prefix(prompt, HASHED_PROMPT_BYTES);
+        let prompt = crate::tokens::char_prefix(prompt, HASHED_PROMPT_BYTES);
         match self.tokenizer {
             PrefixTokenizer::Character => self.chain(prompt.as_bytes()),
-            PrefixTokenizer::Tiktoken => match crate::profiles::cl100k() {
+            PrefixTokenizer::Tiktoken => match crate::tokens::cl100k() {
                 Some(bpe) => {
                     // In bounded pieces, as token counting does (see `profiles`).
-                    let bytes: Vec<u8> = crate::profiles::tokenizer_pieces(prompt)
+                    let bytes: Vec<u8> = crate::tokens::tokenizer_pieces(prompt)
                         .flat_map(|piece| bpe.encode_ordinary(piece))
                         .flat_map(|t| t.to_be_bytes())
                         .collect();
@@ -188,7 +188,7 @@ mod tests {
     use super::*;
 
     fn hasher(block_size: u32) -> PrefixHasher {
-        PrefixHasher::new(&RoutingArgs { prefix_cache_block_size: block_size, ..RoutingArgs::default() })
+        PrefixHasher::new(&RoutingConfig { prefix_cache_block_size: block_size, ..RoutingConfig::default() })
     }
 
     #[test]
@@ -209,13 +209,13 @@ mod tests {
 
     #[test]
     fn tiktoken_blocks_are_four_bytes_per_token() {
-        let h = PrefixHasher::new(&RoutingArgs {
+        let h = PrefixHasher::new(&RoutingConfig {
             prefix_cache_block_size: 8,
             prefix_cache_tokenizer_type: PrefixTokenizer::Tiktoken,
-            ..RoutingArgs::default()
+            ..RoutingConfig::default()
         });
         let text = "hello world, this is a prompt with several tokens";
-        let tokens = crate::profiles::count_tokens(text) as usize;
+        let tokens = crate::tokens::count_tokens(text) as usize;
         assert_eq!(h.hashes(text).len(), tokens / 2);
     }
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use lru::LruCache;
 
-use super::{RouteDecision, RouteRequest, RoutingArgs, Strategy, TokenUsage, Unscored, UsageCallback};
+use super::{RouteDecision, RouteRequest, RoutingConfig, Strategy, TokenUsage, Unscored, UsageCallback};
 use crate::discovery::PodInfo;
 
 /// Users tracked at once; the least recently seen are forgotten beyond this.
@@ -43,7 +43,7 @@ pub struct VtcBasic {
 }
 
 impl VtcBasic {
-    pub fn new(config: &RoutingArgs) -> Self {
+    pub fn new(config: &RoutingConfig) -> Self {
         Self {
             tracker: Arc::new(TokenTracker::new(Duration::from_secs(config.vtc_window_minutes.saturating_mul(60)))),
             min_tokens: config.vtc_min_tokens.max(1.0),
@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn light_users_go_to_low_pods_heavy_users_to_high_ones() {
-        let vtc = VtcBasic::new(&RoutingArgs::default());
+        let vtc = VtcBasic::new(&RoutingConfig::default());
         let pods = pods(4);
         let model = model();
         let now = Instant::now();
@@ -215,7 +215,7 @@ mod tests {
 
     #[test]
     fn a_saturated_pod_is_avoided() {
-        let vtc = VtcBasic::new(&RoutingArgs { vtc_fairness_weight: 0.1, ..RoutingArgs::default() });
+        let vtc = VtcBasic::new(&RoutingConfig { vtc_fairness_weight: 0.1, ..RoutingConfig::default() });
         let pods = pods(2);
         let model = model();
         let mut request = RouteRequest::new(&model, b"{}").with_metrics(view(vec![running(100.0), running(0.0)]));
@@ -228,7 +228,7 @@ mod tests {
 
     #[test]
     fn charges_an_estimate_then_the_reported_usage() {
-        let vtc = VtcBasic::new(&RoutingArgs::default());
+        let vtc = VtcBasic::new(&RoutingConfig::default());
         let pods = pods(4);
         let model = model();
         let prompt = "x".repeat(400);
@@ -259,7 +259,7 @@ mod tests {
 
     #[test]
     fn no_user_or_no_metrics_falls_back() {
-        let vtc = VtcBasic::new(&RoutingArgs::default());
+        let vtc = VtcBasic::new(&RoutingConfig::default());
         let pods = pods(2);
         let model = model();
         assert_eq!(vtc.pick(&RouteRequest::new(&model, b"{}"), &pods), Err(Unscored::NoUser));
@@ -274,7 +274,7 @@ mod tests {
 
     #[test]
     fn single_pod() {
-        let vtc = VtcBasic::new(&RoutingArgs::default());
+        let vtc = VtcBasic::new(&RoutingConfig::default());
         let pods = pods(1);
         let model = model();
         vtc.tracker.add("heavy", 1e9, Instant::now());

@@ -39,23 +39,13 @@ use crate::{stop, ui};
 
 const MODEL: &str = "bench-model";
 const ENGINES: usize = 4;
-/// The strategies compared, `random` first as the baseline.
-const STRATEGIES: &[&str] = &[
-    "random",
-    "least-request",
-    "least-busy-time",
-    "least-latency",
-    "least-kv-cache",
-    "least-gpu-cache",
-    "least-utilization",
-    "throughput",
-    "power-of-two",
-    "prefix-cache",
-    "prefix-cache-preble",
-    "vtc-basic",
-    "session-affinity",
-    "prefix-cache:2,least-request:1",
-];
+/// Strategies the bench cannot place alone: `pd` needs prefill/decode rolesets, and the
+/// bench's pods are plain engines.
+const SKIPPED: &[&str] = &["pd"];
+/// A weighted mix compared alongside the gateway's own strategies.
+const MIX: &str = "prefix-cache:2,least-request:1";
+/// The baseline every strategy is compared against.
+const BASELINE: &str = "random";
 /// Engine model: 10 ms to first token alone, +3 ms per other running request, +0.15 ms per
 /// prompt token (word) outside the prefix cache; 2 ms per further token.
 const ENGINE_TTFT_MS: u64 = 10;
@@ -133,7 +123,7 @@ struct Outcome {
 /// What one (strategy, workload) run measured.
 #[derive(Debug)]
 struct RunResult {
-    strategy: &'static str,
+    strategy: String,
     workload: Workload,
     outcomes: Vec<Outcome>,
     errors: usize,
@@ -154,18 +144,44 @@ pub fn run() -> Result<()> {
         Duration::from_secs(40 * 60),
     )?;
     let binaries = Binaries::of_profile("release")?;
+    let strategies = strategies(&binaries)?;
     step.done();
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
     runtime.block_on(async {
         tokio::select! {
-            result = routing_async(&binaries) => result,
+            result = routing_async(&binaries, &strategies) => result,
             name = stop::requested_async() => Err(anyhow!("interrupted by {name}")),
         }
     })
 }
 
-async fn routing_async(binaries: &Binaries) -> Result<()> {
+/// The strategies compared: every one the built gateway has (`turnstile strategies`) but
+/// [`SKIPPED`], then [`MIX`], with [`BASELINE`] first.
+fn strategies(binaries: &Binaries) -> Result<Vec<String>> {
+    let mut command = std::process::Command::new(&binaries.gateway);
+    command.arg("strategies");
+    let captured = procs::capture(&mut command, Duration::from_secs(10))?;
+    if !captured.status.success() {
+        bail!("`{} strategies` failed: {}", binaries.gateway.display(), captured.stderr.trim());
+    }
+    Ok(compared(&captured.stdout))
+}
+
+/// [`strategies`] from the output of `turnstile strategies`.
+fn compared(listed: &str) -> Vec<String> {
+    let mut names: Vec<String> = listed
+        .lines()
+        .map(str::trim)
+        .filter(|name| !name.is_empty() && !SKIPPED.contains(name))
+        .map(str::to_owned)
+        .collect();
+    names.sort_by_key(|name| name != BASELINE);
+    names.push(MIX.to_owned());
+    names
+}
+
+async fn routing_async(binaries: &Binaries, strategies: &[String]) -> Result<()> {
     let out_dir = procs::target_dir().join("bench");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let started = Instant::now();
@@ -176,7 +192,7 @@ async fn routing_async(binaries: &Binaries) -> Result<()> {
             Workload::Chat => chat_jobs(),
             Workload::Skewed => skewed_jobs(),
         };
-        for &strategy in STRATEGIES {
+        for strategy in strategies {
             let step = ui::step(format!("bench routing: {} with {strategy}", workload.name()));
             let result = run_one(binaries, &client, &out_dir, strategy, workload, &jobs).await?;
             ui::info(summary_line(&result));
@@ -201,7 +217,7 @@ async fn run_one(
     binaries: &Binaries,
     client: &Client,
     out_dir: &std::path::Path,
-    strategy: &'static str,
+    strategy: &str,
     workload: Workload,
     jobs: &[Job],
 ) -> Result<RunResult> {
@@ -272,7 +288,7 @@ async fn run_one(
     let (ok, errors): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_ok);
     let first_error = errors.first().and_then(|e| e.as_ref().err()).map(|e| format!("{e:#}"));
     Ok(RunResult {
-        strategy,
+        strategy: strategy.to_owned(),
         workload,
         outcomes: ok.into_iter().filter_map(Result::ok).collect(),
         errors: errors.len(),
@@ -677,7 +693,7 @@ fn render_markdown(revision: &str, results: &[RunResult], elapsed: Duration) -> 
     );
     for workload in [Workload::Chat, Workload::Skewed] {
         let rows: Vec<&RunResult> = results.iter().filter(|r| r.workload == workload).collect();
-        let baseline = rows.iter().find(|r| r.strategy == "random").map(|r| stats(r));
+        let baseline = rows.iter().find(|r| r.strategy == BASELINE).map(|r| stats(r));
         let _ = writeln!(out, "## {}\n", workload.name());
         out.push_str(
             "| strategy | ok | errors | TTFT mean ms | vs random | TTFT p99 ms | req/s | max load / mean | \
@@ -733,7 +749,7 @@ mod tests {
 
     fn result(strategy: &'static str, workload: Workload, outcomes: Vec<Outcome>, spreads: Vec<u32>) -> RunResult {
         RunResult {
-            strategy,
+            strategy: strategy.to_owned(),
             workload,
             outcomes,
             errors: 0,
@@ -743,6 +759,14 @@ mod tests {
             prefix_hits: 30.0,
             prefix_queries: 100.0,
         }
+    }
+
+    #[test]
+    fn compares_every_listed_strategy_but_pd_with_random_first_and_the_mix_last() {
+        assert_eq!(
+            compared("least-request\nrandom\n\npd\nprefix-cache\n"),
+            ["random", "least-request", "prefix-cache", MIX]
+        );
     }
 
     #[test]
