@@ -99,7 +99,8 @@ pub struct ServeArgs {
     pub max_connections_per_pod: usize,
 
     /// Idle engine connections are closed after this.
-    #[arg(long, env = "TURNSTILE_UPSTREAM_IDLE_TIMEOUT_SECONDS", default_value_t = proxy::UPSTREAM_IDLE_TIMEOUT_SECONDS)]
+    #[arg(long, env = "TURNSTILE_UPSTREAM_IDLE_TIMEOUT_SECONDS",
+          default_value_t = proxy::UPSTREAM_IDLE_TIMEOUT_SECONDS)]
     pub upstream_idle_timeout_seconds: u64,
 
     /// Most requests in flight in the whole gateway; past it requests get
@@ -203,7 +204,8 @@ pub struct LimitArgs {
     pub ratelimit_failure_mode: crate::limits::FailureMode,
 
     /// Longest wait for one Redis call before it counts as failed.
-    #[arg(long, env = "TURNSTILE_REDIS_TIMEOUT_MS", default_value_t = millis(LimitsConfig::default().redis_call_timeout))]
+    #[arg(long, env = "TURNSTILE_REDIS_TIMEOUT_MS",
+          default_value_t = millis(LimitsConfig::default().redis_call_timeout))]
     pub redis_timeout_ms: u64,
 
     /// Consecutive Redis failures after which limit checks stop waiting on
@@ -286,7 +288,8 @@ pub struct KernelArgs {
     pub penalty_threshold: u32,
 
     /// Length of the windows 429s are counted in, seconds.
-    #[arg(long, env = "TURNSTILE_PENALTY_WINDOW_SECONDS", default_value_t = PenaltySettings::default().window.as_secs())]
+    #[arg(long, env = "TURNSTILE_PENALTY_WINDOW_SECONDS",
+          default_value_t = PenaltySettings::default().window.as_secs())]
     pub penalty_window_seconds: u64,
 
     /// How long a penalty lasts, in seconds past the end of the current
@@ -353,7 +356,8 @@ impl From<&KernelArgs> for KernelConfig {
 #[derive(Args, Debug, Clone)]
 pub struct EngineMetricsArgs {
     /// How often each ready pod's `/metrics` is scraped, in milliseconds.
-    #[arg(long, env = "AIBRIX_POD_METRIC_REFRESH_INTERVAL_MS", default_value_t = millis(ScrapeConfig::default().interval))]
+    #[arg(long, env = "AIBRIX_POD_METRIC_REFRESH_INTERVAL_MS",
+          default_value_t = millis(ScrapeConfig::default().interval))]
     pub pod_metric_refresh_interval_ms: u64,
 
     /// Time one scrape may take (connect and body) before it counts as failed.
@@ -398,12 +402,14 @@ impl From<&EngineMetricsArgs> for ScrapeConfig {
 #[derive(Args, Debug, Clone)]
 pub struct RoutingArgs {
     /// prefix-cache: bytes of prompt per hashed block (a trailing partial block is not hashed).
-    #[arg(long, env = "AIBRIX_PREFIX_CACHE_BLOCK_SIZE", default_value_t = RoutingConfig::default().prefix_cache_block_size,
+    #[arg(long, env = "AIBRIX_PREFIX_CACHE_BLOCK_SIZE",
+          default_value_t = RoutingConfig::default().prefix_cache_block_size,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub prefix_cache_block_size: u32,
 
     /// prefix-cache: most blocks the index remembers (least recently used go first).
-    #[arg(long, env = "AIBRIX_PREFIX_CACHE_BLOCK_NUMBER", default_value_t = RoutingConfig::default().prefix_cache_block_number,
+    #[arg(long, env = "AIBRIX_PREFIX_CACHE_BLOCK_NUMBER",
+          default_value_t = RoutingConfig::default().prefix_cache_block_number,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub prefix_cache_block_number: u32,
 
@@ -413,7 +419,8 @@ pub struct RoutingArgs {
     pub prefix_cache_tokenizer_type: PrefixTokenizer,
 
     /// prefix-cache: seed of the chained block hash.
-    #[arg(long, env = "AIBRIX_PREFIX_CACHE_HASH_SEED", default_value_t = RoutingConfig::default().prefix_cache_hash_seed)]
+    #[arg(long, env = "AIBRIX_PREFIX_CACHE_HASH_SEED",
+          default_value_t = RoutingConfig::default().prefix_cache_hash_seed)]
     pub prefix_cache_hash_seed: u64,
 
     /// prefix-cache: when the in-flight counts of the model's pods differ by
@@ -440,7 +447,8 @@ pub struct RoutingArgs {
     pub vtc_window_minutes: u64,
 
     /// vtc-basic: smallest token bucket users are spread over pods by.
-    #[arg(long, env = "AIBRIX_ROUTER_VTC_TOKEN_TRACKER_MIN_TOKENS", default_value_t = RoutingConfig::default().vtc_min_tokens)]
+    #[arg(long, env = "AIBRIX_ROUTER_VTC_TOKEN_TRACKER_MIN_TOKENS",
+          default_value_t = RoutingConfig::default().vtc_min_tokens)]
     pub vtc_min_tokens: f64,
 
     /// vtc-basic: weight of the fairness term (user tokens vs pod index).
@@ -454,7 +462,8 @@ pub struct RoutingArgs {
     pub vtc_utilization_weight: f64,
 
     /// vtc-basic: running requests at which a pod counts as fully used.
-    #[arg(long, env = "AIBRIX_ROUTER_VTC_BASIC_MAX_POD_LOAD", default_value_t = RoutingConfig::default().vtc_max_pod_load)]
+    #[arg(long, env = "AIBRIX_ROUTER_VTC_BASIC_MAX_POD_LOAD",
+          default_value_t = RoutingConfig::default().vtc_max_pod_load)]
     pub vtc_max_pod_load: f64,
 
     /// vtc-basic: weight of a prompt token in a user's count.

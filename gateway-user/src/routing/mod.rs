@@ -67,7 +67,9 @@ registry! {
     throughput => |_| Arc::new(throughput::Throughput),
     power_of_two => |_| Arc::new(power_of_two::PowerOfTwo),
     prefix_cache => |b| Arc::new(prefix_cache::PrefixCache::new(b.config, Arc::clone(b.hasher), b.metrics.clone())),
-    prefix_cache_preble => |b| Arc::new(prefix_cache_preble::PrefixCachePreble::new(b.config, Arc::clone(b.hasher), b.metrics.clone())),
+    prefix_cache_preble => |b| {
+        Arc::new(prefix_cache_preble::PrefixCachePreble::new(b.config, Arc::clone(b.hasher), b.metrics.clone()))
+    },
     vtc_basic => |b| Arc::new(vtc_basic::VtcBasic::new(b.config)),
     session_affinity => |_| Arc::new(session_affinity::SessionAffinity),
     pub pd => |b| Arc::new(pd::PdRouter::new(b.config, Arc::clone(b.hasher))),
