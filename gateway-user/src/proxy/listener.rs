@@ -19,6 +19,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::defaults;
 use crate::errors::{self, GatewayError};
 use crate::kernel::KernelAssist;
 use crate::kernel::tagging::{ClientConn, TaggedStream};
@@ -42,14 +43,15 @@ pub struct HttpLimits {
     pub client_write_timeout: Option<Duration>,
 }
 
+/// The flags' defaults, without the write watch (the admin listener's).
 impl Default for HttpLimits {
     fn default() -> Self {
         Self {
-            header_read_timeout: Duration::from_secs(10),
-            max_headers: 100,
-            max_header_bytes: 64 * 1024,
-            max_uri_bytes: 8 * 1024,
-            max_streams_per_connection: 100,
+            header_read_timeout: Duration::from_secs(defaults::HEADER_READ_TIMEOUT_SECONDS),
+            max_headers: defaults::MAX_HEADERS,
+            max_header_bytes: defaults::MAX_HEADER_BYTES,
+            max_uri_bytes: defaults::MAX_URI_BYTES,
+            max_streams_per_connection: defaults::MAX_STREAMS_PER_CONNECTION,
             client_write_timeout: None,
         }
     }
