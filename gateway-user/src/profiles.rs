@@ -29,14 +29,14 @@ pub struct Profile {
     #[serde(default)]
     pub requests_per_second: Option<i64>,
     #[serde(default)]
-    pub routing_config: Option<RoutingConfig>,
+    pub routing_config: Option<ProfileRouting>,
 }
 
-/// Strategy-specific settings of a profile. Only the `auto` selection hints
+/// A profile's `routingConfig`: strategy-specific settings. Only the `auto` selection hints
 /// are typed here; strategies read the rest from `extra`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct RoutingConfig {
+pub struct ProfileRouting {
     #[serde(default)]
     pub prompt_tokens_gte: Option<i64>,
     #[serde(default)]
@@ -96,7 +96,7 @@ impl Profile {
     }
 }
 
-impl RoutingConfig {
+impl ProfileRouting {
     fn hint_count(&self) -> usize {
         [self.prompt_tokens_gte, self.prompt_tokens_lt, self.max_tokens_gte, self.max_tokens_lt]
             .iter()
@@ -170,7 +170,7 @@ pub fn resolve_profile<'a>(
 /// AIBrix's ordering: most hints, then the tightest bounds, then the first
 /// name (profiles iterate in name order and ties keep the earlier one).
 fn best_auto_match<'a>(config: &'a ModelConfig, features: &RequestFeatures) -> Option<(&'a str, &'a Profile)> {
-    let key = |rc: &RoutingConfig| {
+    let key = |rc: &ProfileRouting| {
         (
             rc.hint_count(),
             rc.prompt_tokens_gte.unwrap_or(i64::MIN),
