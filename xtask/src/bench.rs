@@ -31,10 +31,9 @@ use clap::{Args, ValueEnum};
 
 use crate::client::Client;
 use crate::loadgen::{self, LoadReport, LoadSpec, Schedule};
-use crate::pods::{PodSpec, render_pods_yaml};
-use crate::procs::{self, run_streaming};
+use crate::procs;
 use crate::setup::{self, Strictness};
-use crate::stack::{self, Binaries, EngineSpec, GatewaySpec, Stack};
+use crate::stack::{self, Binaries, EngineSpec, GatewaySpec, Profile, Stack};
 use crate::stop;
 use crate::ui;
 
@@ -108,36 +107,51 @@ impl Pinning {
     }
 }
 
-fn choose_pinning() -> Pinning {
+/// Chooses where each process runs, pins this process (the load generator) accordingly, and
+/// says so: `pinned` names what gets CPU 0 alone, `others` what shares CPU 1 with us.
+fn pin_for_run(pinned: &str, others: &str) -> Result<Pinning> {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    if cpus >= 2 && procs::find_program("taskset").is_some() {
-        Pinning { gateway: Some(0), others: Some(1), cpus }
-    } else {
-        Pinning { gateway: None, others: None, cpus }
+    if cpus < 2 || procs::find_program("taskset").is_none() {
+        ui::info("pinning: none (needs taskset and two CPUs); numbers are noisier");
+        return Ok(Pinning { gateway: None, others: None, cpus });
     }
-}
-
-/// Builds the release gateway and mock engine, saying so as `suite`.
-fn build_release(suite: &str) -> Result<Binaries> {
-    let step = ui::step(format!("{suite}: build release binaries"));
-    run_streaming(
-        &mut procs::cargo_command(["build", "--release", "-p", "gateway-user", "-p", "turnstile-tests", "--bins"]),
-        Duration::from_secs(40 * 60),
-    )?;
-    let binaries = Binaries::of_profile("release")?;
-    step.done();
-    Ok(binaries)
-}
-
-/// Pins this process to `cpu`; called before the runtime starts, so every runtime thread
-/// (and child) inherits it.
-fn pin_this_process(cpu: usize) -> Result<()> {
+    let pinning = Pinning { gateway: Some(0), others: Some(1), cpus };
+    // Before the runtime starts, so every runtime thread (and child) inherits it.
     let pid = std::process::id().to_string();
-    procs::capture(
-        std::process::Command::new("taskset").args(["-a", "-p", "-c", &cpu.to_string(), &pid]),
-        Duration::from_secs(10),
-    )
-    .context("pinning the load generator with taskset")?;
+    procs::capture(std::process::Command::new("taskset").args(["-a", "-p", "-c", "1", &pid]), Duration::from_secs(10))
+        .context("pinning the load generator with taskset")?;
+    ui::info(format!("pinning: {} (taskset)", pinning.describe(pinned, others)));
+    Ok(pinning)
+}
+
+/// Runs a suite's measurements on one thread until they end or a stop signal arrives; the
+/// stop drops the run, and with it the stack, whose guards kill the children.
+fn block_on_until_stopped(work: impl Future<Output = Result<()>>) -> Result<()> {
+    // One thread: the load generator shares its CPU with the engines, and a single-threaded
+    // runtime wastes none of it on work stealing.
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        tokio::select! {
+            result = work => result,
+            name = stop::requested_async() => Err(anyhow!("interrupted by {name}")),
+        }
+    })
+}
+
+/// Creates `target/bench` (where every suite writes its logs and reports) and returns it.
+fn bench_dir() -> Result<std::path::PathBuf> {
+    let out_dir = procs::target_dir().join("bench");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    Ok(out_dir)
+}
+
+/// Writes a suite's report to `target/bench/<file>` and prints it.
+fn publish_report(out_dir: &std::path::Path, file: &str, markdown: &str) -> Result<()> {
+    let path = out_dir.join(file);
+    std::fs::write(&path, markdown).with_context(|| format!("writing {}", path.display()))?;
+    println!("\n{markdown}");
+    ui::info(format!("written to {}", path.display()));
     Ok(())
 }
 
@@ -158,8 +172,8 @@ async fn start_release_gateway(
     let gateway = stack::start_gateway(
         GatewaySpec {
             binary: &binaries.gateway,
-            listen: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
-            admin: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
+            listen: stack::free_addr()?,
+            admin: stack::free_addr()?,
             pods_file,
             routing_algorithm: Some("least-request"),
             log_format: "json",
@@ -190,16 +204,7 @@ fn instant_engine(pod: String, tokens: u32, pinning: Pinning) -> EngineSpec {
 
 /// Writes a pods file at `path` listing `engines`, each a ready pod of its model.
 fn write_engine_pods(engines: &[stack::Engine], path: &std::path::Path) -> Result<()> {
-    let pods: Vec<PodSpec> = engines
-        .iter()
-        .map(|engine| PodSpec {
-            name: engine.pod.clone(),
-            model: engine.model.clone(),
-            port: engine.addr.port(),
-            config: None,
-        })
-        .collect();
-    std::fs::write(path, render_pods_yaml(&pods)).with_context(|| format!("writing {}", path.display()))
+    stack::write_pods(path, &stack::engine_pods(engines))
 }
 
 fn run_core(args: &BenchArgs) -> Result<()> {
@@ -207,31 +212,9 @@ fn run_core(args: &BenchArgs) -> Result<()> {
         bail!("--connections and --seconds must be at least 1");
     }
     setup::run(Strictness::Lenient)?;
-    let binaries = build_release("bench")?;
-
-    let pinning = choose_pinning();
-    match pinning.others {
-        Some(cpu) => {
-            pin_this_process(cpu)?;
-            ui::info(format!(
-                "pinning: gateway on CPU {}, engines and load generator on CPU {cpu} (taskset)",
-                pinning.gateway.unwrap_or(0)
-            ));
-        }
-        None => ui::info("pinning: none (needs taskset and two CPUs); numbers are noisier"),
-    }
-
-    // One thread: the load generator shares its CPU with the engines, and a single-threaded
-    // runtime wastes none of it on work stealing.
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
-    // A stop signal drops the run, and with it the stack, whose guards kill the children.
-    runtime.block_on(async {
-        tokio::select! {
-            result = core_async(args, &binaries, pinning) => result,
-            name = stop::requested_async() => Err(anyhow!("interrupted by {name}")),
-        }
-    })
+    let binaries = Binaries::build(Profile::Release, "bench")?;
+    let pinning = pin_for_run("gateway", "engines and load generator")?;
+    block_on_until_stopped(core_async(args, &binaries, pinning))
 }
 
 /// One measured run: a scenario against a target.
@@ -244,8 +227,7 @@ struct Row {
 }
 
 async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> Result<()> {
-    let out_dir = procs::target_dir().join("bench");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out_dir = bench_dir()?;
     let client = Client::new();
 
     let step = ui::step("bench: start 2 mock engines and the gateway (release)");
@@ -262,7 +244,7 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
         start_release_gateway(binaries, &pods_file, out_dir.join("gateway.log"), Vec::new(), pinning, &client).await?;
     ui::info(format!("gateway on {} (admin {}), least-request, RUST_LOG={rust_log}", gateway.listen, gateway.admin));
     let gateway_addr = gateway.listen;
-    let gateway_pid = gateway.child.pid().context("the gateway has no pid (exited?)")?;
+    let gateway_pid = gateway.child.pid();
     stack.gateway = Some(gateway);
     stack::wait_models_listed(&client, gateway_addr, &[MODEL], Duration::from_secs(10)).await?;
     step.done();
@@ -300,11 +282,7 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
     }
     stack.stop().await?;
 
-    let markdown = render_markdown(args, pinning, &revision(), &rows);
-    let path = out_dir.join("core.md");
-    std::fs::write(&path, &markdown).with_context(|| format!("writing {}", path.display()))?;
-    println!("\n{markdown}");
-    ui::info(format!("written to {}", path.display()));
+    publish_report(&out_dir, "core.md", &render_markdown(args, pinning, &revision(), &rows))?;
     let failed: u64 = rows.iter().map(|row| row.report.errors).sum();
     let empty = rows.iter().any(|row| row.report.completed == 0);
     if empty {

