@@ -171,15 +171,11 @@ async fn start_release_gateway(
     env.push(("RUST_LOG".into(), rust_log.clone()));
     let gateway = stack::start_gateway(
         GatewaySpec {
-            binary: &binaries.gateway,
-            listen: stack::free_addr()?,
-            admin: stack::free_addr()?,
-            pods_file,
             routing_algorithm: Some("least-request"),
             log_format: "json",
-            log,
             env,
             cpu: pinning.gateway,
+            ..GatewaySpec::on_free_ports(&binaries.gateway, pods_file, log)?
         },
         client,
     )
@@ -296,13 +292,22 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
 
 /// CPU time `pid` used during the measured period of `schedule` (None without a pid).
 async fn cpu_over(pid: Option<u32>, schedule: Schedule) -> Result<Option<Duration>> {
+    cpu_during(pid, schedule, procs::process_cpu_time).await
+}
+
+/// The growth of `cpu_time(pid)` over the measured period of `schedule` (None without a pid).
+async fn cpu_during(
+    pid: Option<u32>,
+    schedule: Schedule,
+    cpu_time: impl Fn(u32) -> Result<Duration>,
+) -> Result<Option<Duration>> {
     let Some(pid) = pid else {
         return Ok(None);
     };
     tokio::time::sleep_until(schedule.measure_start.into()).await;
-    let before = procs::process_cpu_time(pid)?;
+    let before = cpu_time(pid)?;
     tokio::time::sleep_until(schedule.measure_end.into()).await;
-    let after = procs::process_cpu_time(pid)?;
+    let after = cpu_time(pid)?;
     Ok(Some(after.saturating_sub(before)))
 }
 
@@ -328,16 +333,23 @@ fn ratio(numerator: Option<f64>, denominator: Option<f64>) -> String {
     }
 }
 
+/// The load of a suite's runs, as its report opens with it.
+fn describe_load(args: &BenchArgs) -> String {
+    format!(
+        "POST /v1/chat/completions, {} keep-alive HTTP/1.1 connections, {} s warm-up + {} s measured per row",
+        args.connections, args.warmup_seconds, args.seconds
+    )
+}
+
 /// The report: one row per run, then the gateway/direct ratios per scenario.
 fn render_markdown(args: &BenchArgs, pinning: Pinning, revision: &str, rows: &[Row]) -> String {
     let mut out = format!("# Turnstile core benchmark ({revision})\n\n");
     let pinned = pinning.describe("gateway", "engines and load generator");
     let _ = writeln!(
         out,
-        "POST /v1/chat/completions, {} keep-alive HTTP/1.1 connections, {} s warm-up + {} s \
-         measured per row, 2 mock engines (ttft 0, itl 0, {TOKENS} tokens), gateway with \
-         least-request; {pinned}; {} CPUs.\n",
-        args.connections, args.warmup_seconds, args.seconds, pinning.cpus,
+        "{}, 2 mock engines (ttft 0, itl 0, {TOKENS} tokens), gateway with least-request; {pinned}; {} CPUs.\n",
+        describe_load(args),
+        pinning.cpus,
     );
     out.push_str(
         "| scenario | target | req/s | p50 ms | p90 ms | p99 ms | errors | gateway CPU µs/request |\n\

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use testkit::PodSpec;
 
-use crate::client::{Client, header_text};
+use crate::client::{Client, header_text, json_request};
 use crate::procs;
 use crate::setup::{self, Strictness};
 use crate::stack::{self, Binaries, EngineSpec, GatewaySpec, Profile, Stack};
@@ -364,15 +364,9 @@ async fn show_spread(client: &Client, proxy: SocketAddr) -> Result<Vec<String>> 
 /// (b) One streamed answer, printed as the chunks arrive.
 async fn show_stream(client: &Client, proxy: SocketAddr) -> Result<Vec<String>> {
     let started = Instant::now();
-    let response = client
-        .send_streaming(
-            proxy,
-            "/v1/chat/completions",
-            &[],
-            &chat_body(CHAT_MODEL, "Tell me a short story.", true),
-            REQUEST_TIMEOUT,
-        )
-        .await?;
+    let body = chat_body(CHAT_MODEL, "Tell me a short story.", true);
+    let request = json_request(proxy, "/v1/chat/completions", &[], &body)?;
+    let response = client.send_streaming(request, REQUEST_TIMEOUT).await?;
     let status = response.status();
     ui::info(format!(
         "status {}, target-pod {}, routing-strategy {}",

@@ -349,39 +349,37 @@ impl ChildGuard {
     }
 
     /// Stops the child: SIGTERM, up to `grace` to exit, then SIGKILL. Returns how it ended.
-    pub async fn stop(mut self, grace: Duration) -> Result<String> {
-        if let Some(status) = self.exited() {
+    pub async fn stop(self, grace: Duration) -> Result<String> {
+        let Self { name, mut proc, .. } = self;
+        if let Some(status) = proc.exited() {
             return Ok(format!("had already exited ({status})"));
         }
-        self.proc.terminate();
-        if let Some(status) = self.exit_within(grace).await {
+        proc.terminate();
+        let (mut proc, status) = wait_exit_off_runtime(proc, grace).await?;
+        if let Some(status) = status {
             return Ok(format!("stopped ({status})"));
         }
-        self.proc.kill();
-        self.exit_within(Duration::from_secs(5))
-            .await
-            .ok_or_else(|| anyhow!("{} did not die after SIGKILL within 5 s", self.name))?;
+        proc.kill();
+        let (_, status) = wait_exit_off_runtime(proc, Duration::from_secs(5)).await?;
+        status.ok_or_else(|| anyhow!("{name} did not die after SIGKILL within 5 s"))?;
         Ok(format!("killed (did not stop within {} of SIGTERM)", crate::ui::human(grace)))
-    }
-
-    /// Polls for the child's exit for up to `timeout`, without blocking the runtime.
-    async fn exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.exited() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     /// The last `lines` lines of the log, for error messages.
     pub fn log_tail(&self, lines: usize) -> String {
         log_tail(&self.log, lines)
     }
+}
+
+/// [`Proc::wait_exit`] on the blocking pool, so the runtime's thread keeps serving. Should the
+/// caller give up, the task still ends within `timeout` and drops (kills) the child.
+async fn wait_exit_off_runtime(mut proc: Proc, timeout: Duration) -> Result<(Proc, Option<ExitStatus>)> {
+    tokio::task::spawn_blocking(move || {
+        let status = proc.wait_exit(timeout);
+        (proc, status)
+    })
+    .await
+    .context("waiting for a child to exit")
 }
 
 /// The last `lines` lines of a text file (empty when unreadable).

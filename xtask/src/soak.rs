@@ -129,19 +129,13 @@ async fn soak_with(
     write_pods(&pods_file, &stack.engines, &ready)?;
     let gateway = stack::start_gateway(
         GatewaySpec {
-            binary: &binaries.gateway,
-            listen: stack::free_addr()?,
-            admin: stack::free_addr()?,
-            pods_file: &pods_file,
             routing_algorithm: Some("least-request"),
-            log_format: "text",
-            log: out_dir.join("gateway.log"),
             env: vec![
                 ("TURNSTILE_PODS_FILE_POLL_MS".into(), "100".into()),
                 ("TURNSTILE_EBPF".into(), "off".into()),
                 ("TURNSTILE_DEFAULT_USER_RPM".into(), DEFAULT_USER_RPM.into()),
             ],
-            cpu: None,
+            ..GatewaySpec::on_free_ports(&binaries.gateway, &pods_file, out_dir.join("gateway.log"))?
         },
         client,
     )

@@ -195,6 +195,24 @@ pub struct GatewaySpec<'a> {
     pub cpu: Option<usize>,
 }
 
+impl<'a> GatewaySpec<'a> {
+    /// `binary` on free loopback ports, discovering from `pods_file`, logging text to `log`,
+    /// with the gateway's default routing and no pinning or extra environment.
+    pub fn on_free_ports(binary: &'a Path, pods_file: &'a Path, log: PathBuf) -> Result<Self> {
+        Ok(Self {
+            binary,
+            listen: free_addr()?,
+            admin: free_addr()?,
+            pods_file,
+            routing_algorithm: None,
+            log_format: "text",
+            log,
+            env: Vec::new(),
+            cpu: None,
+        })
+    }
+}
+
 /// A running, ready gateway.
 pub struct Gateway {
     /// Proxy listener.

@@ -583,6 +583,7 @@ async fn start_turnstile(
 ) -> Result<Proxy> {
     let pods_file = conf_dir.join("pods.yaml");
     super::write_engine_pods(engines, &pods_file)?;
+    let log = if kernel { "turnstile-kernel.log" } else { "turnstile.log" };
     let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
     let mut env = vec![("RUST_LOG".to_owned(), rust_log), ("TURNSTILE_EBPF".to_owned(), "off".to_owned())];
     if kernel {
@@ -592,15 +593,12 @@ async fn start_turnstile(
     let client = Client::new();
     let gateway = stack::start_gateway(
         GatewaySpec {
-            binary: &binaries.gateway,
             listen,
-            admin: stack::free_addr()?,
-            pods_file: &pods_file,
             routing_algorithm: Some("least-request"),
             log_format: "json",
-            log: conf_dir.join(if kernel { "turnstile-kernel.log" } else { "turnstile.log" }),
             env,
             cpu: pinning.gateway,
+            ..GatewaySpec::on_free_ports(&binaries.gateway, &pods_file, conf_dir.join(log))?
         },
         &client,
     )
@@ -769,17 +767,10 @@ fn process_tree(root: u32) -> Vec<u32> {
 
 /// CPU time of `root`'s process tree during the measured period of `schedule`.
 async fn tree_cpu_over(root: Option<u32>, schedule: Schedule) -> Result<Option<Duration>> {
-    let Some(root) = root else {
-        return Ok(None);
-    };
-    let total = || -> Result<Duration> {
+    super::cpu_during(root, schedule, |root| {
         process_tree(root).into_iter().try_fold(Duration::ZERO, |sum, pid| Ok(sum + procs::process_cpu_time(pid)?))
-    };
-    tokio::time::sleep_until(schedule.measure_start.into()).await;
-    let before = total()?;
-    tokio::time::sleep_until(schedule.measure_end.into()).await;
-    let after = total()?;
-    Ok(Some(after.saturating_sub(before)))
+    })
+    .await
 }
 
 /// Sum of VmHWM over `root`'s process tree, MiB.
@@ -809,13 +800,13 @@ fn render_markdown(args: &BenchArgs, pinning: Pinning, revision: &str, rows: &[R
     let pinned = pinning.describe("proxy", "engines and load generator");
     let _ = writeln!(
         out,
-        "POST /v1/chat/completions, {} keep-alive HTTP/1.1 connections, {} s warm-up + {} s measured per \
-         row, 2 fresh mock engines per target (ttft 0, itl 0, {TOKENS} tokens, 1 thread); {pinned}; {} CPUs. \
+        "{}, 2 fresh mock engines per target (ttft 0, itl 0, {TOKENS} tokens, 1 thread); {pinned}; {} CPUs. \
          Added latency is over the direct row of the same run; proxy CPU is utime + stime of the proxy's \
          processes over the measured period per completed request; peak RSS is VmHWM; upstream \
          connections are TCP connections opened to the engines during the row (warm-up included; the \
          load generator's own for direct).\n",
-        args.connections, args.warmup_seconds, args.seconds, pinning.cpus,
+        super::describe_load(args),
+        pinning.cpus,
     );
     let mut scenarios: Vec<&str> = rows.iter().map(|row| row.scenario).collect();
     scenarios.sort_unstable();

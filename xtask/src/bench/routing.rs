@@ -203,15 +203,10 @@ async fn run_one(
     super::write_engine_pods(&stack.engines, &pods_file)?;
     let gateway = stack::start_gateway(
         GatewaySpec {
-            binary: &binaries.gateway,
-            listen: stack::free_addr()?,
-            admin: stack::free_addr()?,
-            pods_file: &pods_file,
             routing_algorithm: Some(strategy),
             log_format: "json",
-            log: out_dir.join("routing-gateway.log"),
             env: vec![("RUST_LOG".into(), std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))],
-            cpu: None,
+            ..GatewaySpec::on_free_ports(&binaries.gateway, &pods_file, out_dir.join("routing-gateway.log"))?
         },
         client,
     )
@@ -328,7 +323,8 @@ async fn drive(
 async fn send(client: &Client, proxy: SocketAddr, job: &Job) -> Result<Outcome> {
     let started = Instant::now();
     let headers = [("user", job.user.as_str()), ("x-aibrix-session-key", job.session_key.as_str())];
-    let response = client.send_streaming(proxy, "/v1/chat/completions", &headers, &job.body, REQUEST_TIMEOUT).await?;
+    let request = crate::client::json_request(proxy, "/v1/chat/completions", &headers, &job.body)?;
+    let response = client.send_streaming(request, REQUEST_TIMEOUT).await?;
     let status = response.status();
     let pod = crate::client::header_text(response.headers(), "target-pod");
     if !status.is_success() {
