@@ -8,8 +8,8 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -389,6 +389,57 @@ pub async fn next_data(body: &mut Incoming) -> Option<Result<Bytes, String>> {
     }
 }
 
+/// Streams opened until one lands on a given pod, the others kept open.
+pub struct StreamOnPod {
+    /// The body of the stream on the pod, its first chunk read.
+    pub body: Incoming,
+    /// That first chunk.
+    pub first: Bytes,
+    /// The streams that landed elsewhere, still open.
+    pub others: Vec<http::Response<Incoming>>,
+    /// The status of every stream opened, in order.
+    pub statuses: Vec<StatusCode>,
+}
+
+/// Opens streaming chat requests for `model` until one is routed to `pod` (at most
+/// `attempts`, for random routing) and reads its first chunk.
+pub async fn open_stream_on(gw: &Gateway, model: &str, pod: &str, attempts: usize) -> StreamOnPod {
+    let (mut on_pod, mut others, mut statuses) = (None, Vec::new(), Vec::new());
+    for _ in 0..attempts {
+        let response = open_stream(post(&gw.url("/v1/chat/completions"), &chat_body(model, true), &[])).await;
+        statuses.push(response.status());
+        if response.headers().get("target-pod").is_some_and(|target| target == pod) {
+            on_pod = Some(response);
+            break;
+        }
+        others.push(response);
+    }
+    let mut body = on_pod.unwrap_or_else(|| panic!("a stream routed to {pod}")).into_body();
+    let first = next_data(&mut body).await.expect("first chunk").expect("ok");
+    StreamOnPod { body, first, others, statuses }
+}
+
+/// The rest of a stream whose first data chunk was `first`, as text; every chunk must arrive.
+pub async fn finish_stream(first: &[u8], stream: &mut Incoming) -> String {
+    let mut text = String::from_utf8_lossy(first).into_owned();
+    while let Some(chunk) = next_data(stream).await {
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("stream not cut")));
+    }
+    text
+}
+
+/// Sends ten chat requests for `model` one after the other and checks that each is a 200
+/// from `serving` and that `not_ready` got none of them.
+pub async fn assert_new_requests_skip(gw: &Gateway, model: &str, not_ready: &Engine, serving: &str) {
+    let before = not_ready.requests_total().await;
+    for _ in 0..10 {
+        let reply = gw.chat(model, &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.header("target-pod"), serving, "a not-ready pod got a new request");
+    }
+    assert_eq!(not_ready.requests_total().await, before);
+}
+
 /// GET a URL and parse the JSON answer.
 pub async fn get_json(url: &str) -> serde_json::Value {
     send(get(url)).await.json()
@@ -404,6 +455,43 @@ where
     while !check().await {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Chat requests for `model` sent back to back (10 ms apart) in the background, for the
+/// length of a test, until [`Traffic::finish`]; bounded at 2000 requests.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Traffic {
+    /// Starts sending to `gw`.
+    pub fn start(gw: &Gateway, model: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (url, body, flag) = (gw.url("/v1/chat/completions"), chat_body(model, false), Arc::clone(&stop));
+        let task = tokio::spawn(async move {
+            let (mut ok, mut failures) = (0, Vec::new());
+            for _ in 0..2000 {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                match try_send(post(&url, &body, &[])).await {
+                    Ok(reply) if reply.status == StatusCode::OK => ok += 1,
+                    Ok(reply) => failures.push(format!("{}: {}", reply.status, reply.text())),
+                    Err(err) => failures.push(err),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (ok, failures)
+        });
+        Self { stop, task }
+    }
+
+    /// Stops sending; how many replies were 200, and what every other reply or error was.
+    pub async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("traffic task")
     }
 }
 
