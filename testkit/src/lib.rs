@@ -6,6 +6,7 @@
 //! both sides keep their own (blocking test helpers, tokio in xtask) around these pieces.
 
 pub mod http1;
+pub mod netns;
 pub mod pods;
 pub mod ports;
 pub mod process;

@@ -18,9 +18,7 @@
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -35,8 +33,8 @@ use super::{
 use crate::client::Client;
 use crate::loadgen::{self, LoadReport, LoadSpec, Schedule};
 use testkit::PodSpec;
+use testkit::netns::{Entered, NetNs};
 
-use crate::procs;
 use crate::setup::{self, Strictness};
 use crate::stack::{self, Binaries, EngineSpec, Profile, Stack};
 use crate::{stop, ui};
@@ -120,9 +118,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     setup::run(Strictness::Lenient)?;
     let binaries = Binaries::build(Profile::Release, "bench kernel")?;
     let pinning = pin_for_run("gateway", "engine, clients and flooder")?;
-    let namespace = Namespace::create()?;
-    // This thread (and every thread and child it starts from now on) lives in the namespace.
-    let _inside = namespace.enter()?;
+    let _namespace = enter_bench_namespace()?;
     block_on_until_stopped(kernel_async(args, &binaries, pinning))
 }
 
@@ -253,6 +249,16 @@ async fn run_mode(
     let _ = std::fs::remove_dir_all(&pin_dir);
     step.done();
     Ok(result)
+}
+
+/// A network namespace of the benchmark's own, with the flooder's address on its loopback,
+/// entered by this thread (and so every thread and child it starts from now on) until the
+/// guards drop; also used by `peers`.
+pub(super) fn enter_bench_namespace() -> Result<(Entered, NetNs)> {
+    let namespace = NetNs::create("bench").context("creating a network namespace")?;
+    namespace.add_loopback_address("127.0.0.2/8").context("adding the flooder's address")?;
+    let entered = namespace.enter().context("entering the network namespace")?;
+    Ok((entered, namespace))
 }
 
 /// Earns the flooder its penalty: requests on the capped model until three 429s.
@@ -444,60 +450,6 @@ fn render_markdown(args: &BenchArgs, pinning: Pinning, revision: &str, results: 
         check.ratio_at_least
     );
     out
-}
-
-/// The benchmark's network namespace, deleted on drop (also used by `peers`).
-pub(super) struct Namespace {
-    name: String,
-}
-
-impl Namespace {
-    pub(super) fn create() -> Result<Self> {
-        let name = format!("turnstile-bench-{}", std::process::id());
-        ip(&["netns", "add", &name])?;
-        let namespace = Self { name };
-        for command in [&["link", "set", "lo", "up"][..], &["addr", "add", "127.0.0.2/8", "dev", "lo"]] {
-            let mut args = vec!["netns", "exec", namespace.name.as_str(), "ip"];
-            args.extend_from_slice(command);
-            ip(&args)?;
-        }
-        Ok(namespace)
-    }
-
-    /// Moves this thread into the namespace; back out when the guard drops.
-    pub(super) fn enter(&self) -> Result<Entered> {
-        use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
-        let original = std::fs::File::open("/proc/thread-self/ns/net")?;
-        let target = std::fs::File::open(format!("/var/run/netns/{}", self.name))?;
-        move_into_link_name_space(target.as_fd(), Some(LinkNameSpaceType::Network))
-            .context("entering the network namespace")?;
-        Ok(Entered { original })
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-pub(super) struct Entered {
-    original: std::fs::File,
-}
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
-        let _ = move_into_link_name_space(self.original.as_fd(), Some(LinkNameSpaceType::Network));
-    }
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = procs::capture(Command::new("ip").args(args), Duration::from_secs(10))?;
-    if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), out.stderr.trim());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -190,19 +190,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     // As root, a network namespace of our own: kernel assist then attaches to it alone, and
     // nothing else on the machine shares the loopback the numbers come from.
-    let namespace = if rustix::process::geteuid().is_root() {
-        match super::kernel::Namespace::create() {
-            Ok(namespace) => Some(namespace),
-            Err(err) => {
+    // This thread (the load generator, and every child started from now on) lives in it.
+    let _namespace = if rustix::process::geteuid().is_root() {
+        super::kernel::enter_bench_namespace()
+            .inspect_err(|err| {
                 ui::warn(format!("no private network namespace ({err:#}); running on the host's loopback"));
-                None
-            }
-        }
+            })
+            .ok()
     } else {
         None
     };
-    // This thread (the load generator, and every child started from now on) lives in it.
-    let _inside = namespace.as_ref().map(super::kernel::Namespace::enter).transpose()?;
     block_on_until_stopped(peers_async(args, &binaries, &installed, &targets, pinning))
 }
 
