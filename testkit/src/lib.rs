@@ -1,9 +1,11 @@
 //! What the integration tests (`tests/`) and the developer commands (`xtask/`) share to run
 //! Turnstile on one machine: free loopback ports, child processes that never outlive their
-//! owner, and the pods file the gateway discovers engines from.
+//! owner, the pods file the gateway discovers engines from, network namespaces, and raw
+//! HTTP/1 for clients that need their own socket.
 //!
 //! Light on purpose: std, serde_json and rustix only, no async runtime and no HTTP client, so
-//! both sides keep their own (blocking test helpers, tokio in xtask) around these pieces.
+//! each side keeps its own (hyper in both, tokio's blocking pool in xtask) around these pieces.
+//! The product never depends on it.
 
 pub mod http1;
 pub mod netns;

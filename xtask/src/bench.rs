@@ -260,18 +260,11 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
             let sample_pid = (target == "gateway").then_some(gateway_pid);
             let (report, cpu) = tokio::join!(loadgen::run(&spec, schedule), cpu_over(sample_pid, schedule));
             let report = report?;
-            let gateway_cpu_us = cpu?.map(|cpu| cpu.as_secs_f64() * 1e6 / (report.completed.max(1) as f64));
+            let gateway_cpu_us = cpu?.map(|cpu| per_request_us(cpu, &report));
             if let Some(reason) = stack.exited_child() {
                 bail!("a child died during the run: {reason}");
             }
-            ui::info(format!(
-                "{:.0} req/s, p50 {} ms, p99 {} ms, {} errors{}",
-                report.requests_per_second(),
-                format_ms(report.percentile_ms(50.0)),
-                format_ms(report.percentile_ms(99.0)),
-                report.errors,
-                report.first_error.as_deref().map(|err| format!(" (first: {err})")).unwrap_or_default()
-            ));
+            ui::info(summarize(&report));
             rows.push(Row { scenario, target, report, gateway_cpu_us });
             step.done();
         }
@@ -320,6 +313,24 @@ fn revision() -> String {
         .map(|out| out.stdout.trim().to_owned())
         .filter(|revision| !revision.is_empty())
         .unwrap_or_else(|| "unknown revision".into())
+}
+
+/// A run's throughput, median and tail latency and errors (with the first one), for a line of
+/// progress.
+fn summarize(report: &LoadReport) -> String {
+    format!(
+        "{:.0} req/s, p50 {} ms, p99 {} ms, {} errors{}",
+        report.requests_per_second(),
+        format_ms(report.percentile_ms(50.0)),
+        format_ms(report.percentile_ms(99.0)),
+        report.errors,
+        report.first_error.as_deref().map(|err| format!(" (first: {err})")).unwrap_or_default()
+    )
+}
+
+/// `cpu` spread over the run's completed requests, microseconds.
+fn per_request_us(cpu: Duration, report: &LoadReport) -> f64 {
+    cpu.as_secs_f64() * 1e6 / report.completed.max(1) as f64
 }
 
 fn format_ms(ms: Option<f64>) -> String {

@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
     BenchArgs, MODEL, Pinning, TOKENS, bench_dir, block_on_until_stopped, cpu_over, format_ms, instant_engine,
-    pin_for_run, publish_report, revision,
+    pin_for_run, publish_report, revision, summarize,
 };
 use crate::client::Client;
 use crate::loadgen::{self, LoadReport, LoadSpec, Schedule};
@@ -208,24 +208,14 @@ async fn run_mode(
 
     let schedule = period(args.warmup_seconds);
     let baseline = loadgen::run(&spec, schedule).await?;
-    ui::info(format!(
-        "baseline: {:.0} req/s, p50 {} ms, p99 {} ms",
-        baseline.requests_per_second(),
-        format_ms(baseline.percentile_ms(50.0)),
-        format_ms(baseline.percentile_ms(99.0))
-    ));
+    ui::info(format!("baseline: {}", summarize(&baseline)));
 
     let schedule = period(1);
     let flood = Flood::start(listen, schedule);
     let report = loadgen::run(&spec, schedule).await;
     let flood_attempts = flood.finish()?;
     let flood_report = report?;
-    ui::info(format!(
-        "normal clients during the flood ({flood_attempts} attempts): {:.0} req/s, p50 {} ms, p99 {} ms",
-        flood_report.requests_per_second(),
-        format_ms(flood_report.percentile_ms(50.0)),
-        format_ms(flood_report.percentile_ms(99.0))
-    ));
+    ui::info(format!("normal clients during the flood ({flood_attempts} attempts): {}", summarize(&flood_report)));
 
     // The flood's own cost: the gateway's CPU with the flood alone, against an idle period.
     let schedule = period(1);

@@ -427,16 +427,12 @@ async fn run_target(
         let opened = upstream_connections(&engine_ports).difference(&before).count();
         let outcome = match (report, cpu) {
             (Ok(report), Ok(cpu)) => {
-                let cpu_us = cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / (report.completed.max(1) as f64));
+                let cpu_us = cpu.map(|cpu| super::per_request_us(cpu, &report));
                 let peak_rss_mib = root_pid.map(tree_peak_rss_mib);
                 ui::info(format!(
-                    "{scenario}: {:.0} req/s, p50 {} ms, p99 {} ms, {} errors, proxy CPU {} µs/request, {opened} upstream connections{}",
-                    report.requests_per_second(),
-                    format_ms(report.percentile_ms(50.0)),
-                    format_ms(report.percentile_ms(99.0)),
-                    report.errors,
+                    "{scenario}: {}, proxy CPU {} µs/request, {opened} upstream connections",
+                    super::summarize(&report),
                     cpu_us.map_or_else(|| "-".into(), |us| format!("{us:.1}")),
-                    report.first_error.as_deref().map(|err| format!(" (first error: {err})")).unwrap_or_default()
                 ));
                 if report.completed == 0 {
                     Err(format!(

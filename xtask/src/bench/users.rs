@@ -24,8 +24,8 @@ use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
 
 use super::{
-    MODEL, Pinning, bench_dir, block_on_until_stopped, format_ms, instant_engine, pin_for_run, publish_report,
-    revision, start_release_gateway, write_engine_pods,
+    MODEL, Pinning, bench_dir, block_on_until_stopped, format_ms, instant_engine, per_request_us, pin_for_run,
+    publish_report, revision, start_release_gateway, summarize, write_engine_pods,
 };
 use crate::client::Client;
 use crate::loadgen::{self, ConnectionTally, LoadReport, Schedule};
@@ -175,20 +175,11 @@ impl Bench {
             period: label.to_owned(),
             users_before,
             users_after: users.sent(),
-            gateway_cpu_us: cpu.as_secs_f64() * 1e6 / report.completed.max(1) as f64,
+            gateway_cpu_us: per_request_us(cpu, &report),
             gateway_rss_mib: rss_mib(self.gateway_pid),
             report,
         };
-        ui::info(format!(
-            "{:.0} req/s, p50 {} ms, p99 {} ms, {} errors{}, {} → {} users",
-            row.report.requests_per_second(),
-            format_ms(row.report.percentile_ms(50.0)),
-            format_ms(row.report.percentile_ms(99.0)),
-            row.report.errors,
-            row.report.first_error.as_deref().map(|err| format!(" (first: {err})")).unwrap_or_default(),
-            count(row.users_before),
-            count(row.users_after),
-        ));
+        ui::info(format!("{}, {} → {} users", summarize(&row.report), count(row.users_before), count(row.users_after)));
         step.done();
         Ok(row)
     }
