@@ -78,11 +78,15 @@ fn redis_args(url: &str) -> Vec<&str> {
     args
 }
 
+/// A fresh Redis and one engine of [`MODEL`] named `pod-a`.
+fn redis_and_engine() -> (Redis, Engine) {
+    (Redis::start(), Engine::start("pod-a", MODEL, &[]))
+}
+
 /// A Redis, one engine, and a warmed-up gateway counting in that Redis with the model
 /// capped by [`CAPPED`].
 async fn capped_on_redis() -> (Redis, Engine, Gateway) {
-    let redis = Redis::start();
-    let engine = Engine::start("pod-a", MODEL, &[]);
+    let (redis, engine) = redis_and_engine();
     let gw = gateway(&[PodSpec::for_engine(&engine, MODEL).config(CAPPED)], &redis_args(&redis.url())).await;
     warm_up(&gw).await;
     (redis, engine, gw)
@@ -137,8 +141,7 @@ async fn redis_cap_admits_exactly_five_of_twenty_concurrent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_gateways_sharing_redis_admit_five_in_total() {
-    let redis = Redis::start();
-    let engine = Engine::start("pod-a", MODEL, &[]);
+    let (redis, engine) = redis_and_engine();
     let url = redis.url();
     let args = redis_args(&url);
     let pods = [PodSpec::for_engine(&engine, MODEL).config(CAPPED)];
@@ -154,8 +157,7 @@ async fn two_gateways_sharing_redis_admit_five_in_total() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admitted_request_without_ready_pod_gives_its_quota_back() {
-    let redis = Redis::start();
-    let engine = Engine::start("pod-a", MODEL, &[]);
+    let (redis, engine) = redis_and_engine();
     let url = redis.url();
     let args = redis_args(&url);
     let not_ready = PodSpec::for_engine(&engine, MODEL).config(CAPPED).ready(false);
