@@ -1,9 +1,9 @@
 //! Child processes and commands.
 //!
 //! Two rules hold everywhere: a child never outlives xtask (every child sits in a guard that
-//! kills it on drop (a [`testkit::Proc`] for servers), so `?` on any error path cleans up, and blocking waits give up when a
-//! stop signal arrives, see `stop`), and no wait is unbounded (every wait takes a timeout and
-//! says what it was waiting for when it gives up).
+//! kills it on drop, a [`testkit::Proc`] for servers, so `?` on any error path cleans up, and
+//! blocking waits give up when a stop signal arrives, see `stop`), and no wait is unbounded
+//! (every wait takes a timeout and says what it was waiting for when it gives up).
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
