@@ -2,7 +2,8 @@
 //! `turnstile` binary pointing at them through a pods file, send requests.
 //!
 //! Every process is killed when its handle drops, every wait is bounded, and
-//! all traffic goes to 127.0.0.1.
+//! all traffic goes to 127.0.0.1. Ports, processes and pods files come from
+//! `testkit`, which xtask shares; they are re-exported here under their old names.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
