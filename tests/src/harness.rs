@@ -2,14 +2,15 @@
 //! `turnstile` binary pointing at them through a pods file, send requests.
 //!
 //! Every process is killed when its handle drops, every wait is bounded, and
-//! all traffic goes to 127.0.0.1.
+//! all traffic goes to 127.0.0.1. Ports, processes and pods files come from
+//! `testkit`, which xtask shares; they are re-exported here under their old names.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,6 +20,8 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use testkit::EngineEndpoint;
+pub use testkit::{PodSpec, Proc, pods_yaml};
 
 /// How long a process may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -75,69 +78,10 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// A free loopback port for a listener the test starts later.
-///
-/// Ports come from below the kernel's ephemeral range: a port released by
-/// `bind(:0)` sits in that range and any outgoing connection (a gateway's
-/// upstream pool, a client) may take it before the test's process binds
-/// it, which made gateway starts fail now and then with EADDRINUSE. Each
-/// test process walks its own stride of the range, and a port is handed
-/// out only after a bind on it succeeded.
+/// A free loopback port for a listener the test starts later (see [`testkit::free_port`]
+/// for how it stays clear of the ports clients take).
 pub fn free_port() -> u16 {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let (low, high) = (10_000usize, ephemeral_low().clamp(12_000, 32_768));
-    let span = high - low;
-    let base = (std::process::id() as usize).wrapping_mul(7_919) % span;
-    for _ in 0..span {
-        let port = (low + (base + NEXT.fetch_add(1, Ordering::Relaxed) * 13) % span) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free loopback port below the ephemeral range");
-}
-
-/// The first port of the kernel's ephemeral range (32768 when unknown).
-fn ephemeral_low() -> usize {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
-        .unwrap_or(32_768)
-}
-
-/// A child process that is killed when dropped.
-pub struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    /// Sends SIGTERM (for graceful-shutdown tests).
-    pub fn terminate(&self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-    }
-
-    /// Waits for the process to exit, at most `timeout`; `None` if it did not.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    testkit::free_port().expect("a free loopback port")
 }
 
 /// A running mock vLLM engine.
@@ -150,27 +94,23 @@ pub struct Engine {
 impl Engine {
     /// Starts `mock-engine --name NAME --model MODEL ARGS...` on a free port.
     pub fn start(name: &str, model: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(mock_engine_bin())
-            .args(["--listen", "127.0.0.1:0", "--name", name, "--model", model])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn mock-engine");
-        let stdout = child.stdout.take().expect("stdout");
+        let mut proc = Proc::spawn(
+            Command::new(mock_engine_bin())
+                .args(["--listen", "127.0.0.1:0", "--name", name, "--model", model])
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+        )
+        .expect("spawn mock-engine");
+        let stdout = proc.child_mut().stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut line = String::new();
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let proc = Proc { child };
         let line = rx.recv_timeout(START_TIMEOUT).expect("mock-engine announced its address");
-        let addr = line
-            .trim()
-            .strip_prefix("mock-engine listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected mock-engine banner {line:?}"));
+        let addr = testkit::listening_addr(&line).unwrap_or_else(|| panic!("unexpected mock-engine banner {line:?}"));
         Self { name: name.to_owned(), addr, _proc: proc }
     }
 
@@ -199,73 +139,14 @@ impl Engine {
     }
 }
 
-/// One pod in a pods file.
-#[derive(Clone, Debug)]
-pub struct PodSpec {
-    pub name: String,
-    pub model: String,
-    pub port: u16,
-    pub ready: bool,
-    pub config: Option<String>,
-    pub labels: Vec<(String, String)>,
-}
-
-impl PodSpec {
-    /// A ready pod named `name` serving `model` on 127.0.0.1:`port`.
-    pub fn new(name: &str, model: &str, port: u16) -> Self {
-        Self { name: name.into(), model: model.into(), port, ready: true, config: None, labels: Vec::new() }
+impl EngineEndpoint for Engine {
+    fn pod_name(&self) -> &str {
+        &self.name
     }
 
-    /// A ready pod backed by `engine`.
-    pub fn for_engine(engine: &Engine, model: &str) -> Self {
-        Self::new(&engine.name, model, engine.port())
+    fn port(&self) -> u16 {
+        self.addr.port()
     }
-
-    pub fn ready(mut self, ready: bool) -> Self {
-        self.ready = ready;
-        self
-    }
-
-    /// Sets the `model.aibrix.ai/config` annotation.
-    pub fn config(mut self, json: &str) -> Self {
-        self.config = Some(json.into());
-        self
-    }
-
-    pub fn label(mut self, key: &str, value: &str) -> Self {
-        self.labels.push((key.into(), value.into()));
-        self
-    }
-}
-
-/// Renders pods as `kubectl get pods -o yaml` would (a v1 List). JSON
-/// strings are valid YAML scalars, which keeps quoting simple and exact.
-pub fn pods_yaml(pods: &[PodSpec]) -> String {
-    let q = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
-    if pods.is_empty() {
-        // An explicit empty list: a file without items is taken for one cut short.
-        return String::from("apiVersion: v1\nkind: List\nitems: []\n");
-    }
-    let mut out = String::from("apiVersion: v1\nkind: List\nitems:\n");
-    for pod in pods {
-        out.push_str(&format!(
-            "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: {}\n    namespace: default\n    labels:\n      model.aibrix.ai/name: {}\n      model.aibrix.ai/port: {}\n",
-            q(&pod.name),
-            q(&pod.model),
-            q(&pod.port.to_string())
-        ));
-        for (k, v) in &pod.labels {
-            out.push_str(&format!("      {}: {}\n", q(k), q(v)));
-        }
-        if let Some(config) = &pod.config {
-            out.push_str(&format!("    annotations:\n      model.aibrix.ai/config: {}\n", q(config)));
-        }
-        out.push_str(&format!(
-            "  status:\n    podIP: 127.0.0.1\n    conditions:\n    - type: Ready\n      status: {}\n",
-            q(if pod.ready { "True" } else { "False" })
-        ));
-    }
-    out
 }
 
 /// Where a gateway started by [`Gateway::spawn_with_discovery`] learns its pods.
@@ -331,7 +212,7 @@ impl Gateway {
         command.arg("serve").args(["--listen", &proxy.to_string(), "--admin-listen", &admin.to_string()]);
         match discovery {
             Discovery::PodsFile(pods) => {
-                std::fs::write(&pods_file, pods_yaml(pods)).expect("write pods file");
+                testkit::write_pods(&pods_file, pods).expect("write pods file");
                 command.arg("--discovery").arg(format!("file:{}", pods_file.display()));
                 command.args(["--pods-file-poll-ms", "50"]);
             }
@@ -365,7 +246,7 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("spawn turnstile");
-        Self { proxy, admin, pods_file, log_file, proc: Proc { child } }
+        Self { proxy, admin, pods_file, log_file, proc: Proc::from(child) }
     }
 
     /// Waits (bounded) for `/readyz` to answer 200.
@@ -392,12 +273,12 @@ impl Gateway {
 
     /// Rewrites the pods file (the gateway polls it every 50 ms in tests).
     pub fn write_pods(&self, pods: &[PodSpec]) {
-        write_atomically(&self.pods_file, &pods_yaml(pods));
+        testkit::write_pods(&self.pods_file, pods).expect("replace pods file");
     }
 
     /// Writes raw text into the pods file.
     pub fn write_pods_text(&self, text: &str) {
-        write_atomically(&self.pods_file, text);
+        testkit::write_atomically(&self.pods_file, text).expect("replace pods file");
     }
 
     /// The gateway's log so far.
@@ -414,12 +295,6 @@ impl Gateway {
     pub async fn chat(&self, model: &str, headers: &[(&str, &str)]) -> Reply {
         send(post(&self.url("/v1/chat/completions"), &chat_body(model, false), headers)).await
     }
-}
-
-fn write_atomically(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).expect("write tmp pods file");
-    std::fs::rename(&tmp, path).expect("replace pods file");
 }
 
 /// A minimal chat completion body.
@@ -515,6 +390,57 @@ pub async fn next_data(body: &mut Incoming) -> Option<Result<Bytes, String>> {
     }
 }
 
+/// Streams opened until one lands on a given pod, the others kept open.
+pub struct StreamOnPod {
+    /// The body of the stream on the pod, its first chunk read.
+    pub body: Incoming,
+    /// That first chunk.
+    pub first: Bytes,
+    /// The streams that landed elsewhere, still open.
+    pub others: Vec<http::Response<Incoming>>,
+    /// The status of every stream opened, in order.
+    pub statuses: Vec<StatusCode>,
+}
+
+/// Opens streaming chat requests for `model` until one is routed to `pod` (at most
+/// `attempts`, for random routing) and reads its first chunk.
+pub async fn open_stream_on(gw: &Gateway, model: &str, pod: &str, attempts: usize) -> StreamOnPod {
+    let (mut on_pod, mut others, mut statuses) = (None, Vec::new(), Vec::new());
+    for _ in 0..attempts {
+        let response = open_stream(post(&gw.url("/v1/chat/completions"), &chat_body(model, true), &[])).await;
+        statuses.push(response.status());
+        if response.headers().get("target-pod").is_some_and(|target| target == pod) {
+            on_pod = Some(response);
+            break;
+        }
+        others.push(response);
+    }
+    let mut body = on_pod.unwrap_or_else(|| panic!("a stream routed to {pod}")).into_body();
+    let first = next_data(&mut body).await.expect("first chunk").expect("ok");
+    StreamOnPod { body, first, others, statuses }
+}
+
+/// The rest of a stream whose first data chunk was `first`, as text; every chunk must arrive.
+pub async fn finish_stream(first: &[u8], stream: &mut Incoming) -> String {
+    let mut text = String::from_utf8_lossy(first).into_owned();
+    while let Some(chunk) = next_data(stream).await {
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("stream not cut")));
+    }
+    text
+}
+
+/// Sends ten chat requests for `model` one after the other and checks that each is a 200
+/// from `serving` and that `not_ready` got none of them.
+pub async fn assert_new_requests_skip(gw: &Gateway, model: &str, not_ready: &Engine, serving: &str) {
+    let before = not_ready.requests_total().await;
+    for _ in 0..10 {
+        let reply = gw.chat(model, &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.header("target-pod"), serving, "a not-ready pod got a new request");
+    }
+    assert_eq!(not_ready.requests_total().await, before);
+}
+
 /// GET a URL and parse the JSON answer.
 pub async fn get_json(url: &str) -> serde_json::Value {
     send(get(url)).await.json()
@@ -530,6 +456,43 @@ where
     while !check().await {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Chat requests for `model` sent back to back (10 ms apart) in the background, for the
+/// length of a test, until [`Traffic::finish`]; bounded at 2000 requests.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Traffic {
+    /// Starts sending to `gw`.
+    pub fn start(gw: &Gateway, model: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (url, body, flag) = (gw.url("/v1/chat/completions"), chat_body(model, false), Arc::clone(&stop));
+        let task = tokio::spawn(async move {
+            let (mut ok, mut failures) = (0, Vec::new());
+            for _ in 0..2000 {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                match try_send(post(&url, &body, &[])).await {
+                    Ok(reply) if reply.status == StatusCode::OK => ok += 1,
+                    Ok(reply) => failures.push(format!("{}: {}", reply.status, reply.text())),
+                    Err(err) => failures.push(err),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (ok, failures)
+        });
+        Self { stop, task }
+    }
+
+    /// Stops sending; how many replies were 200, and what every other reply or error was.
+    pub async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("traffic task")
     }
 }
 
@@ -574,7 +537,7 @@ impl Redis {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {bin} (install it with `cargo xtask setup`): {e}"));
-        self.proc = Some(Proc { child });
+        self.proc = Some(Proc::from(child));
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(redis::Value::SimpleString(pong)) = self.try_cmd(&["PING"])
@@ -629,18 +592,5 @@ impl Redis {
         let (second, micros) = self.time();
         tokio::time::sleep(Duration::from_micros(1_000_000 - micros) + offset).await;
         second + 1
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pods_yaml_quotes_values_exactly() {
-        let yaml = pods_yaml(&[PodSpec::new("p0", "org/m", 9000).config(r#"{"profiles":{"a":{}}}"#).ready(false)]);
-        assert!(yaml.contains(r#"model.aibrix.ai/name: "org/m""#), "{yaml}");
-        assert!(yaml.contains(r#"model.aibrix.ai/config: "{\"profiles\":{\"a\":{}}}""#), "{yaml}");
-        assert!(yaml.contains(r#"status: "False""#), "{yaml}");
     }
 }

@@ -69,9 +69,9 @@ fn sandbox(test: &str) -> Option<Sandbox> {
         eprintln!("SKIPPED {test}: {reason}");
         return None;
     }
-    let ns = NetNs::create("k");
-    ns.add_loopback_address("127.0.0.2/8");
-    let entered = ns.enter();
+    let ns = NetNs::create("k").expect("create the test's network namespace");
+    ns.add_loopback_address("127.0.0.2/8").expect("add a second loopback address");
+    let entered = ns.enter().expect("enter the test's network namespace");
     Some(Sandbox { _entered: entered, _ns: ns, pins: Vec::new() })
 }
 
@@ -109,17 +109,11 @@ async fn exchange(from: IpAddr, to: SocketAddr, model: &str) -> io::Result<Excha
     let work = async {
         let mut stream = connect_from(from, to).await?;
         let body = chat_body(model, false);
-        let request = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: {to}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
+        let request = testkit::http1::post_json_closing(to, "/v1/chat/completions", &body);
         stream.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;
-        let status = std::str::from_utf8(response.get(9..12).unwrap_or_default())
-            .ok()
-            .and_then(|s| s.parse().ok())
+        let status = testkit::http1::response_status(&response)
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no HTTP response"))?;
         Ok(Exchange { status, request_bytes: request.len(), response_bytes: response.len() })
     };

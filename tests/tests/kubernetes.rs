@@ -3,15 +3,13 @@
 //! mock vLLM engines on 127.0.0.1.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
 use turnstile_tests::fake_apiserver::FakeApiServer;
 use turnstile_tests::harness::{
-    Discovery, Engine, Gateway, PodSpec, Reply, chat_body, eventually, get, get_json, next_data, open_stream, post,
-    scratch_dir, send, try_send,
+    Discovery, Engine, Gateway, PodSpec, Reply, StreamOnPod, Traffic, assert_new_requests_skip, chat_body, eventually,
+    finish_stream, get, get_json, open_stream_on, post, scratch_dir, send, try_send,
 };
 
 const MODEL: &str = "llama";
@@ -101,38 +99,18 @@ async fn readiness_flip_stops_new_requests_within_1s_while_an_in_flight_stream_c
     let gw = start_gateway(&api, &["--routing-algorithm", "random"]).await;
 
     // Open streams until one lands on pod-a (random: bounded attempts).
-    let mut stream_on_a = None;
-    let mut others = Vec::new();
-    for _ in 0..30 {
-        let response = open_stream(post(&gw.url("/v1/chat/completions"), &chat_body(MODEL, true), &[])).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        if response.headers()["target-pod"] == "pod-a" {
-            stream_on_a = Some(response);
-            break;
-        }
-        others.push(response);
-    }
-    let mut stream = stream_on_a.expect("a stream routed to pod-a").into_body();
-    let first = next_data(&mut stream).await.expect("first chunk").expect("ok");
+    let StreamOnPod { body: mut stream, first, others, statuses } = open_stream_on(&gw, MODEL, "pod-a", 30).await;
+    assert!(statuses.iter().all(|status| *status == StatusCode::OK), "{statuses:?}");
 
     api.set_ready("pod-a", false);
     eventually(PROPAGATION, "pod-a not ready", || async {
         endpoint_ready(&gw, MODEL, "default/pod-a").await == Some(false)
     })
     .await;
-    let before = a.requests_total().await;
-    for _ in 0..10 {
-        let reply = gw.chat(MODEL, &[]).await;
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-        assert_eq!(reply.header("target-pod"), "pod-b", "a not-ready pod got a new request");
-    }
-    assert_eq!(a.requests_total().await, before);
+    assert_new_requests_skip(&gw, MODEL, &a, "pod-b").await;
 
     // The stream that was already running on pod-a completes normally.
-    let mut text = String::from_utf8_lossy(&first).into_owned();
-    while let Some(chunk) = next_data(&mut stream).await {
-        text.push_str(&String::from_utf8_lossy(&chunk.expect("stream not cut")));
-    }
+    let text = finish_stream(&first, &mut stream).await;
     assert!(text.trim_end().ends_with("data: [DONE]"), "in-flight stream completed: {text}");
     drop(others);
 
@@ -182,39 +160,6 @@ async fn terminating_and_deleted_pods_leave_the_routable_set() {
     .await;
 }
 
-/// Client traffic sent in the background for the length of a test; every
-/// reply must be a 200.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
-}
-
-impl Traffic {
-    fn start(gw: &Gateway) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let url = gw.url("/v1/chat/completions");
-        let flag = Arc::clone(&stop);
-        let task = tokio::spawn(async move {
-            let (mut ok, mut failures) = (0, Vec::new());
-            while !flag.load(Ordering::Relaxed) {
-                match try_send(post(&url, &chat_body(MODEL, false), &[])).await {
-                    Ok(reply) if reply.status == StatusCode::OK => ok += 1,
-                    Ok(reply) => failures.push(format!("{}: {}", reply.status, reply.text())),
-                    Err(err) => failures.push(err),
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            (ok, failures)
-        });
-        Self { stop, task }
-    }
-
-    async fn finish(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.expect("traffic task")
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_watches_and_410_gone_are_recovered_without_failed_requests() {
     let a = Engine::start("pod-a", MODEL, &[]);
@@ -230,7 +175,7 @@ async fn dropped_watches_and_410_gone_are_recovered_without_failed_requests() {
     api.add_pod(&PodSpec::for_engine(&a, MODEL));
     let gw = start_gateway(&api, &[]).await;
     eventually(RECOVERY, "the gateway is watching", || async { api.open_watches() == 1 }).await;
-    let traffic = Traffic::start(&gw);
+    let traffic = Traffic::start(&gw, MODEL);
 
     // A watch closed cleanly is resumed from the last resourceVersion: the
     // pod added in between is replayed, without a new list.

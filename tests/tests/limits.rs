@@ -71,6 +71,27 @@ async fn gateway(pods: &[PodSpec], args: &[&str]) -> Gateway {
     Gateway::start(pods, args).await
 }
 
+/// The flags that make a gateway count in the Redis at `url`, with [`ROOMY_TIMEOUT`].
+fn redis_args(url: &str) -> Vec<&str> {
+    let mut args = vec!["--redis-url", url];
+    args.extend(ROOMY_TIMEOUT);
+    args
+}
+
+/// A fresh Redis and one engine of [`MODEL`] named `pod-a`.
+fn redis_and_engine() -> (Redis, Engine) {
+    (Redis::start(), Engine::start("pod-a", MODEL, &[]))
+}
+
+/// A Redis, one engine, and a warmed-up gateway counting in that Redis with the model
+/// capped by [`CAPPED`].
+async fn capped_on_redis() -> (Redis, Engine, Gateway) {
+    let (redis, engine) = redis_and_engine();
+    let gw = gateway(&[PodSpec::for_engine(&engine, MODEL).config(CAPPED)], &redis_args(&redis.url())).await;
+    warm_up(&gw).await;
+    (redis, engine, gw)
+}
+
 /// One request before a timed burst: the gateway's Redis connection and
 /// scripts are then warm, so the burst measures admission only.
 async fn warm_up(gw: &Gateway) {
@@ -94,13 +115,7 @@ async fn away_from_minute_boundary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_cap_admits_exactly_five_of_twenty_concurrent() {
-    let redis = Redis::start();
-    let engine = Engine::start("pod-a", MODEL, &[]);
-    let url = redis.url();
-    let mut args = vec!["--redis-url", url.as_str()];
-    args.extend(ROOMY_TIMEOUT);
-    let gw = gateway(&[PodSpec::for_engine(&engine, MODEL).config(CAPPED)], &args).await;
-    warm_up(&gw).await;
+    let (redis, engine, gw) = capped_on_redis().await;
 
     let window = redis.next_window(Duration::from_millis(30)).await;
     let replies = burst(&[chat_url(&gw)], 20, &[]).await;
@@ -126,11 +141,9 @@ async fn redis_cap_admits_exactly_five_of_twenty_concurrent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_gateways_sharing_redis_admit_five_in_total() {
-    let redis = Redis::start();
-    let engine = Engine::start("pod-a", MODEL, &[]);
+    let (redis, engine) = redis_and_engine();
     let url = redis.url();
-    let mut args = vec!["--redis-url", url.as_str()];
-    args.extend(ROOMY_TIMEOUT);
+    let args = redis_args(&url);
     let pods = [PodSpec::for_engine(&engine, MODEL).config(CAPPED)];
     let (a, b) = tokio::join!(gateway(&pods, &args), gateway(&pods, &args));
     warm_up(&a).await;
@@ -144,11 +157,9 @@ async fn two_gateways_sharing_redis_admit_five_in_total() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admitted_request_without_ready_pod_gives_its_quota_back() {
-    let redis = Redis::start();
-    let engine = Engine::start("pod-a", MODEL, &[]);
+    let (redis, engine) = redis_and_engine();
     let url = redis.url();
-    let mut args = vec!["--redis-url", url.as_str()];
-    args.extend(ROOMY_TIMEOUT);
+    let args = redis_args(&url);
     let not_ready = PodSpec::for_engine(&engine, MODEL).config(CAPPED).ready(false);
     let gw = gateway(std::slice::from_ref(&not_ready), &args).await;
     warm_up(&gw).await;
@@ -182,13 +193,7 @@ async fn sequential(gw: &Gateway, count: usize) -> Vec<Reply> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batch_and_default_profiles_keep_separate_counters() {
-    let redis = Redis::start();
-    let engine = Engine::start("pod-a", MODEL, &[]);
-    let url = redis.url();
-    let mut args = vec!["--redis-url", url.as_str()];
-    args.extend(ROOMY_TIMEOUT);
-    let gw = gateway(&[PodSpec::for_engine(&engine, MODEL).config(CAPPED)], &args).await;
-    warm_up(&gw).await;
+    let (redis, _engine, gw) = capped_on_redis().await;
 
     let window = redis.next_window(Duration::from_millis(30)).await;
     let urls = [chat_url(&gw)];
@@ -380,8 +385,7 @@ async fn user_over_tpm_after_a_streamed_answer_is_refused() {
     assert_eq!(listed.lines().count(), 2, "{listed}");
 
     let engine = Engine::start("pod-a", MODEL, &["--tokens", "20"]);
-    let mut args = vec!["--redis-url", url.as_str()];
-    args.extend(ROOMY_TIMEOUT);
+    let args = redis_args(&url);
     let gw = gateway(&[PodSpec::for_engine(&engine, MODEL)], &args).await;
     away_from_minute_boundary().await;
 

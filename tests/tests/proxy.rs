@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use turnstile_tests::harness::{
-    Engine, Gateway, PodSpec, chat_body, eventually, get, get_json, next_data, open_stream, post, send,
+    Engine, Gateway, PodSpec, StreamOnPod, assert_new_requests_skip, chat_body, eventually, finish_stream, get,
+    get_json, next_data, open_stream, open_stream_on, post, send,
 };
 
 const MODEL: &str = "llama";
@@ -323,18 +324,7 @@ async fn readiness_flip_stops_new_requests_while_running_stream_completes() {
     let gw = Gateway::start(&both(true), &["--routing-algorithm", "random"]).await;
 
     // Open streams until one lands on pod-a (random: bounded attempts).
-    let mut stream_on_a = None;
-    let mut others = Vec::new();
-    for _ in 0..20 {
-        let response = open_stream(post(&gw.url("/v1/chat/completions"), &chat_body(MODEL, true), &[])).await;
-        if response.headers()["target-pod"] == "pod-a" {
-            stream_on_a = Some(response);
-            break;
-        }
-        others.push(response);
-    }
-    let mut stream = stream_on_a.expect("a stream routed to pod-a").into_body();
-    let first = next_data(&mut stream).await.expect("first chunk").expect("ok");
+    let StreamOnPod { body: mut stream, first, others, .. } = open_stream_on(&gw, MODEL, "pod-a", 20).await;
     assert!(!first.is_empty());
 
     gw.write_pods(&both(false));
@@ -345,19 +335,10 @@ async fn readiness_flip_stops_new_requests_while_running_stream_completes() {
             .is_some_and(|pods| pods.iter().any(|p| p["pod"] == "default/pod-a" && p["ready"] == false))
     })
     .await;
-    let before = a.requests_total().await;
-    for _ in 0..10 {
-        let reply = gw.chat(MODEL, &[]).await;
-        assert_eq!(reply.status, StatusCode::OK);
-        assert_eq!(reply.header("target-pod"), "pod-b", "a not-ready pod got a new request");
-    }
-    assert_eq!(a.requests_total().await, before);
+    assert_new_requests_skip(&gw, MODEL, &a, "pod-b").await;
 
     // The stream that was already running on pod-a completes normally.
-    let mut text = String::from_utf8_lossy(&first).into_owned();
-    while let Some(chunk) = next_data(&mut stream).await {
-        text.push_str(&String::from_utf8_lossy(&chunk.expect("stream not cut")));
-    }
+    let text = finish_stream(&first, &mut stream).await;
     assert!(text.trim_end().ends_with("data: [DONE]"), "in-flight stream completed: {text}");
     drop(others);
 }

@@ -6,8 +6,6 @@
 //! well-behaved client library refuses to send it. Every wait is bounded.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -15,8 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use turnstile_tests::fake_apiserver::FakeApiServer;
 use turnstile_tests::harness::{
-    Discovery, Engine, Gateway, PodSpec, Redis, chat_body, eventually, get, get_json, next_data, open_stream, post,
-    scratch_dir, send, try_send,
+    Discovery, Engine, Gateway, PodSpec, Redis, Traffic, chat_body, eventually, get, get_json, next_data, open_stream,
+    post, scratch_dir, send, try_send,
 };
 
 const MODEL: &str = "llama";
@@ -709,41 +707,6 @@ async fn redis_dying_under_streams_with_token_limits_fails_open_and_recovers() {
     eprintln!("back on Redis {:?} after its restart", back.elapsed());
 }
 
-/// Traffic in the background; every reply must be a 200.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
-}
-
-impl Traffic {
-    fn start(gw: &Gateway) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (url, flag) = (gw.url("/v1/chat/completions"), Arc::clone(&stop));
-        let task = tokio::spawn(async move {
-            let (mut ok, mut failures) = (0, Vec::new());
-            // Bounded: at most 2000 requests.
-            for _ in 0..2000 {
-                if flag.load(Ordering::Relaxed) {
-                    break;
-                }
-                match try_send(post(&url, &chat_body(MODEL, false), &[])).await {
-                    Ok(reply) if reply.status == StatusCode::OK => ok += 1,
-                    Ok(reply) => failures.push(format!("{}: {}", reply.status, reply.text())),
-                    Err(err) => failures.push(err),
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            (ok, failures)
-        });
-        Self { stop, task }
-    }
-
-    async fn finish(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.expect("traffic task")
-    }
-}
-
 /// Whether `/debug/endpoints` lists `default/<pod>` for the model.
 async fn lists_pod(gw: &Gateway, pod: &str) -> bool {
     let endpoints = get_json(&gw.admin_url("/debug/endpoints")).await;
@@ -762,7 +725,7 @@ async fn api_server_down_after_410_keeps_the_last_pods_and_the_relist_drops_dele
     let gw = Gateway::spawn_with_discovery(discovery, &["--routing-algorithm", "random"], &[]);
     gw.wait_ready().await;
     eventually(Duration::from_secs(5), "the gateway is watching", || async { api.open_watches() == 1 }).await;
-    let traffic = Traffic::start(&gw);
+    let traffic = Traffic::start(&gw, MODEL);
 
     // The watch is lost (410 Gone) and the API server fails every request,
     // re-lists included, while pod-b is deleted.

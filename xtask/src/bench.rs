@@ -31,10 +31,9 @@ use clap::{Args, ValueEnum};
 
 use crate::client::Client;
 use crate::loadgen::{self, LoadReport, LoadSpec, Schedule};
-use crate::pods::{PodSpec, render_pods_yaml};
-use crate::procs::{self, run_streaming};
+use crate::procs;
 use crate::setup::{self, Strictness};
-use crate::stack::{self, Binaries, EngineSpec, GatewaySpec, Stack};
+use crate::stack::{self, Binaries, EngineSpec, GatewaySpec, Profile, Stack};
 use crate::stop;
 use crate::ui;
 
@@ -108,36 +107,51 @@ impl Pinning {
     }
 }
 
-fn choose_pinning() -> Pinning {
+/// Chooses where each process runs, pins this process (the load generator) accordingly, and
+/// says so: `pinned` names what gets CPU 0 alone, `others` what shares CPU 1 with us.
+fn pin_for_run(pinned: &str, others: &str) -> Result<Pinning> {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    if cpus >= 2 && procs::find_program("taskset").is_some() {
-        Pinning { gateway: Some(0), others: Some(1), cpus }
-    } else {
-        Pinning { gateway: None, others: None, cpus }
+    if cpus < 2 || procs::find_program("taskset").is_none() {
+        ui::info("pinning: none (needs taskset and two CPUs); numbers are noisier");
+        return Ok(Pinning { gateway: None, others: None, cpus });
     }
-}
-
-/// Builds the release gateway and mock engine, saying so as `suite`.
-fn build_release(suite: &str) -> Result<Binaries> {
-    let step = ui::step(format!("{suite}: build release binaries"));
-    run_streaming(
-        &mut procs::cargo_command(["build", "--release", "-p", "gateway-user", "-p", "turnstile-tests", "--bins"]),
-        Duration::from_secs(40 * 60),
-    )?;
-    let binaries = Binaries::of_profile("release")?;
-    step.done();
-    Ok(binaries)
-}
-
-/// Pins this process to `cpu`; called before the runtime starts, so every runtime thread
-/// (and child) inherits it.
-fn pin_this_process(cpu: usize) -> Result<()> {
+    let pinning = Pinning { gateway: Some(0), others: Some(1), cpus };
+    // Before the runtime starts, so every runtime thread (and child) inherits it.
     let pid = std::process::id().to_string();
-    procs::capture(
-        std::process::Command::new("taskset").args(["-a", "-p", "-c", &cpu.to_string(), &pid]),
-        Duration::from_secs(10),
-    )
-    .context("pinning the load generator with taskset")?;
+    procs::capture(std::process::Command::new("taskset").args(["-a", "-p", "-c", "1", &pid]), Duration::from_secs(10))
+        .context("pinning the load generator with taskset")?;
+    ui::info(format!("pinning: {} (taskset)", pinning.describe(pinned, others)));
+    Ok(pinning)
+}
+
+/// Runs a suite's measurements on one thread until they end or a stop signal arrives; the
+/// stop drops the run, and with it the stack, whose guards kill the children.
+fn block_on_until_stopped(work: impl Future<Output = Result<()>>) -> Result<()> {
+    // One thread: the load generator shares its CPU with the engines, and a single-threaded
+    // runtime wastes none of it on work stealing.
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        tokio::select! {
+            result = work => result,
+            name = stop::requested_async() => Err(anyhow!("interrupted by {name}")),
+        }
+    })
+}
+
+/// Creates `target/bench` (where every suite writes its logs and reports) and returns it.
+fn bench_dir() -> Result<std::path::PathBuf> {
+    let out_dir = procs::target_dir().join("bench");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    Ok(out_dir)
+}
+
+/// Writes a suite's report to `target/bench/<file>` and prints it.
+fn publish_report(out_dir: &std::path::Path, file: &str, markdown: &str) -> Result<()> {
+    let path = out_dir.join(file);
+    std::fs::write(&path, markdown).with_context(|| format!("writing {}", path.display()))?;
+    println!("\n{markdown}");
+    ui::info(format!("written to {}", path.display()));
     Ok(())
 }
 
@@ -157,15 +171,11 @@ async fn start_release_gateway(
     env.push(("RUST_LOG".into(), rust_log.clone()));
     let gateway = stack::start_gateway(
         GatewaySpec {
-            binary: &binaries.gateway,
-            listen: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
-            admin: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
-            pods_file,
             routing_algorithm: Some("least-request"),
             log_format: "json",
-            log,
             env,
             cpu: pinning.gateway,
+            ..GatewaySpec::on_free_ports(&binaries.gateway, pods_file, log)?
         },
         client,
     )
@@ -190,16 +200,7 @@ fn instant_engine(pod: String, tokens: u32, pinning: Pinning) -> EngineSpec {
 
 /// Writes a pods file at `path` listing `engines`, each a ready pod of its model.
 fn write_engine_pods(engines: &[stack::Engine], path: &std::path::Path) -> Result<()> {
-    let pods: Vec<PodSpec> = engines
-        .iter()
-        .map(|engine| PodSpec {
-            name: engine.pod.clone(),
-            model: engine.model.clone(),
-            port: engine.addr.port(),
-            config: None,
-        })
-        .collect();
-    std::fs::write(path, render_pods_yaml(&pods)).with_context(|| format!("writing {}", path.display()))
+    stack::write_pods(path, &stack::engine_pods(engines))
 }
 
 fn run_core(args: &BenchArgs) -> Result<()> {
@@ -207,31 +208,9 @@ fn run_core(args: &BenchArgs) -> Result<()> {
         bail!("--connections and --seconds must be at least 1");
     }
     setup::run(Strictness::Lenient)?;
-    let binaries = build_release("bench")?;
-
-    let pinning = choose_pinning();
-    match pinning.others {
-        Some(cpu) => {
-            pin_this_process(cpu)?;
-            ui::info(format!(
-                "pinning: gateway on CPU {}, engines and load generator on CPU {cpu} (taskset)",
-                pinning.gateway.unwrap_or(0)
-            ));
-        }
-        None => ui::info("pinning: none (needs taskset and two CPUs); numbers are noisier"),
-    }
-
-    // One thread: the load generator shares its CPU with the engines, and a single-threaded
-    // runtime wastes none of it on work stealing.
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
-    // A stop signal drops the run, and with it the stack, whose guards kill the children.
-    runtime.block_on(async {
-        tokio::select! {
-            result = core_async(args, &binaries, pinning) => result,
-            name = stop::requested_async() => Err(anyhow!("interrupted by {name}")),
-        }
-    })
+    let binaries = Binaries::build(Profile::Release, "bench")?;
+    let pinning = pin_for_run("gateway", "engines and load generator")?;
+    block_on_until_stopped(core_async(args, &binaries, pinning))
 }
 
 /// One measured run: a scenario against a target.
@@ -244,8 +223,7 @@ struct Row {
 }
 
 async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> Result<()> {
-    let out_dir = procs::target_dir().join("bench");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out_dir = bench_dir()?;
     let client = Client::new();
 
     let step = ui::step("bench: start 2 mock engines and the gateway (release)");
@@ -262,7 +240,7 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
         start_release_gateway(binaries, &pods_file, out_dir.join("gateway.log"), Vec::new(), pinning, &client).await?;
     ui::info(format!("gateway on {} (admin {}), least-request, RUST_LOG={rust_log}", gateway.listen, gateway.admin));
     let gateway_addr = gateway.listen;
-    let gateway_pid = gateway.child.pid().context("the gateway has no pid (exited?)")?;
+    let gateway_pid = gateway.child.pid();
     stack.gateway = Some(gateway);
     stack::wait_models_listed(&client, gateway_addr, &[MODEL], Duration::from_secs(10)).await?;
     step.done();
@@ -282,29 +260,18 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
             let sample_pid = (target == "gateway").then_some(gateway_pid);
             let (report, cpu) = tokio::join!(loadgen::run(&spec, schedule), cpu_over(sample_pid, schedule));
             let report = report?;
-            let gateway_cpu_us = cpu?.map(|cpu| cpu.as_secs_f64() * 1e6 / (report.completed.max(1) as f64));
+            let gateway_cpu_us = cpu?.map(|cpu| per_request_us(cpu, &report));
             if let Some(reason) = stack.exited_child() {
                 bail!("a child died during the run: {reason}");
             }
-            ui::info(format!(
-                "{:.0} req/s, p50 {} ms, p99 {} ms, {} errors{}",
-                report.requests_per_second(),
-                format_ms(report.percentile_ms(50.0)),
-                format_ms(report.percentile_ms(99.0)),
-                report.errors,
-                report.first_error.as_deref().map(|err| format!(" (first: {err})")).unwrap_or_default()
-            ));
+            ui::info(summarize(&report));
             rows.push(Row { scenario, target, report, gateway_cpu_us });
             step.done();
         }
     }
     stack.stop().await?;
 
-    let markdown = render_markdown(args, pinning, &revision(), &rows);
-    let path = out_dir.join("core.md");
-    std::fs::write(&path, &markdown).with_context(|| format!("writing {}", path.display()))?;
-    println!("\n{markdown}");
-    ui::info(format!("written to {}", path.display()));
+    publish_report(&out_dir, "core.md", &render_markdown(args, pinning, &revision(), &rows))?;
     let failed: u64 = rows.iter().map(|row| row.report.errors).sum();
     let empty = rows.iter().any(|row| row.report.completed == 0);
     if empty {
@@ -318,13 +285,22 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
 
 /// CPU time `pid` used during the measured period of `schedule` (None without a pid).
 async fn cpu_over(pid: Option<u32>, schedule: Schedule) -> Result<Option<Duration>> {
+    cpu_during(pid, schedule, procs::process_cpu_time).await
+}
+
+/// The growth of `cpu_time(pid)` over the measured period of `schedule` (None without a pid).
+async fn cpu_during(
+    pid: Option<u32>,
+    schedule: Schedule,
+    cpu_time: impl Fn(u32) -> Result<Duration>,
+) -> Result<Option<Duration>> {
     let Some(pid) = pid else {
         return Ok(None);
     };
     tokio::time::sleep_until(schedule.measure_start.into()).await;
-    let before = procs::process_cpu_time(pid)?;
+    let before = cpu_time(pid)?;
     tokio::time::sleep_until(schedule.measure_end.into()).await;
-    let after = procs::process_cpu_time(pid)?;
+    let after = cpu_time(pid)?;
     Ok(Some(after.saturating_sub(before)))
 }
 
@@ -339,6 +315,24 @@ fn revision() -> String {
         .unwrap_or_else(|| "unknown revision".into())
 }
 
+/// A run's throughput, median and tail latency and errors (with the first one), for a line of
+/// progress.
+fn summarize(report: &LoadReport) -> String {
+    format!(
+        "{:.0} req/s, p50 {} ms, p99 {} ms, {} errors{}",
+        report.requests_per_second(),
+        format_ms(report.percentile_ms(50.0)),
+        format_ms(report.percentile_ms(99.0)),
+        report.errors,
+        report.first_error.as_deref().map(|err| format!(" (first: {err})")).unwrap_or_default()
+    )
+}
+
+/// `cpu` spread over the run's completed requests, microseconds.
+fn per_request_us(cpu: Duration, report: &LoadReport) -> f64 {
+    cpu.as_secs_f64() * 1e6 / report.completed.max(1) as f64
+}
+
 fn format_ms(ms: Option<f64>) -> String {
     ms.map_or_else(|| "-".into(), |ms| format!("{ms:.2}"))
 }
@@ -350,16 +344,23 @@ fn ratio(numerator: Option<f64>, denominator: Option<f64>) -> String {
     }
 }
 
+/// The load of a suite's runs, as its report opens with it.
+fn describe_load(args: &BenchArgs) -> String {
+    format!(
+        "POST /v1/chat/completions, {} keep-alive HTTP/1.1 connections, {} s warm-up + {} s measured per row",
+        args.connections, args.warmup_seconds, args.seconds
+    )
+}
+
 /// The report: one row per run, then the gateway/direct ratios per scenario.
 fn render_markdown(args: &BenchArgs, pinning: Pinning, revision: &str, rows: &[Row]) -> String {
     let mut out = format!("# Turnstile core benchmark ({revision})\n\n");
     let pinned = pinning.describe("gateway", "engines and load generator");
     let _ = writeln!(
         out,
-        "POST /v1/chat/completions, {} keep-alive HTTP/1.1 connections, {} s warm-up + {} s \
-         measured per row, 2 mock engines (ttft 0, itl 0, {TOKENS} tokens), gateway with \
-         least-request; {pinned}; {} CPUs.\n",
-        args.connections, args.warmup_seconds, args.seconds, pinning.cpus,
+        "{}, 2 mock engines (ttft 0, itl 0, {TOKENS} tokens), gateway with least-request; {pinned}; {} CPUs.\n",
+        describe_load(args),
+        pinning.cpus,
     );
     out.push_str(
         "| scenario | target | req/s | p50 ms | p90 ms | p99 ms | errors | gateway CPU µs/request |\n\

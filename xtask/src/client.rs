@@ -78,17 +78,9 @@ impl Client {
         self.send(request, timeout).await
     }
 
-    /// POST a JSON body and return as soon as the response head arrives (within `timeout`),
-    /// leaving the body to be read as it streams.
-    pub async fn send_streaming(
-        &self,
-        addr: SocketAddr,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &serde_json::Value,
-        timeout: Duration,
-    ) -> Result<Response<Incoming>> {
-        let request = json_request(addr, path, headers, body)?;
+    /// Sends `request` (see [`json_request`]) and returns as soon as the response head arrives
+    /// (within `timeout`), leaving the body to be read as it streams.
+    pub async fn send_streaming(&self, request: Request<Full<Bytes>>, timeout: Duration) -> Result<Response<Incoming>> {
         let uri = request.uri().clone();
         tokio::time::timeout(timeout, self.inner.request(request))
             .await
@@ -113,7 +105,8 @@ impl Client {
     }
 }
 
-fn json_request(
+/// A POST of a JSON body to `http://addr/path` with extra headers.
+pub fn json_request(
     addr: SocketAddr,
     path: &str,
     headers: &[(&str, &str)],

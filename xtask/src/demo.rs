@@ -12,11 +12,12 @@ use clap::Args;
 use http_body_util::BodyExt;
 use serde_json::json;
 
-use crate::client::{Client, header_text};
-use crate::pods::{PodSpec, render_pods_yaml};
-use crate::procs::{self, run_streaming};
+use testkit::PodSpec;
+
+use crate::client::{Client, header_text, json_request};
+use crate::procs;
 use crate::setup::{self, Strictness};
-use crate::stack::{self, Binaries, EngineSpec, GatewaySpec, Stack};
+use crate::stack::{self, Binaries, EngineSpec, GatewaySpec, Profile, Stack};
 use crate::stop;
 use crate::ui;
 
@@ -44,19 +45,8 @@ const TABLE_CONCURRENCY: usize = 3;
 /// Runs the demo.
 pub fn run(args: &DemoArgs) -> Result<()> {
     setup::run(Strictness::Lenient)?;
-    let step = ui::step("demo: build gateway and mock engine (dev profile)");
-    run_streaming(
-        &mut procs::cargo_command(["build", "-p", "gateway-user", "-p", "turnstile-tests", "--bins"]),
-        Duration::from_secs(40 * 60),
-    )?;
-    let binaries = Binaries::of_profile("debug")?;
-    step.done();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    runtime.block_on(demo_async(args, &binaries))
+    let binaries = Binaries::build(Profile::Dev, "demo")?;
+    stack::two_worker_runtime()?.block_on(demo_async(args, &binaries))
 }
 
 /// The mock engines: two pods of the chat model, one of an embedding model. The delays are
@@ -165,18 +155,13 @@ async fn start_and_show(
     step.done();
 
     let step = ui::step("demo: write pods file");
-    let pods: Vec<PodSpec> = stack
-        .engines
-        .iter()
-        .map(|engine| PodSpec {
-            name: engine.pod.clone(),
-            model: engine.model.clone(),
-            port: engine.addr.port(),
-            config: (engine.model == CHAT_MODEL).then(chat_model_config),
-        })
+    let chat_config = chat_model_config().to_string();
+    let pods: Vec<PodSpec> = stack::engine_pods(&stack.engines)
+        .into_iter()
+        .map(|pod| if pod.model == CHAT_MODEL { pod.config(&chat_config) } else { pod })
         .collect();
     let pods_file = out_dir.join("pods.yaml");
-    std::fs::write(&pods_file, render_pods_yaml(&pods)).with_context(|| format!("writing {}", pods_file.display()))?;
+    stack::write_pods(&pods_file, &pods)?;
     ui::info(pods_file.display().to_string());
     step.done();
 
@@ -291,14 +276,12 @@ enum Section {
 
 /// `127.0.0.1:preferred` when free, else a free ephemeral port (and says so).
 fn choose_port(preferred: u16, what: &str) -> Result<SocketAddr> {
-    let port = if procs::port_is_free(preferred) {
-        preferred
-    } else {
-        let port = procs::free_port()?;
-        ui::info(format!("port {preferred} is taken; the {what} listener uses {port} instead"));
-        port
-    };
-    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+    if testkit::port_is_free(preferred) {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], preferred)));
+    }
+    let addr = stack::free_addr()?;
+    ui::info(format!("port {preferred} is taken; the {what} listener uses {} instead", addr.port()));
+    Ok(addr)
 }
 
 fn chat_body(model: &str, content: &str, stream: bool) -> serde_json::Value {
@@ -381,15 +364,9 @@ async fn show_spread(client: &Client, proxy: SocketAddr) -> Result<Vec<String>> 
 /// (b) One streamed answer, printed as the chunks arrive.
 async fn show_stream(client: &Client, proxy: SocketAddr) -> Result<Vec<String>> {
     let started = Instant::now();
-    let response = client
-        .send_streaming(
-            proxy,
-            "/v1/chat/completions",
-            &[],
-            &chat_body(CHAT_MODEL, "Tell me a short story.", true),
-            REQUEST_TIMEOUT,
-        )
-        .await?;
+    let body = chat_body(CHAT_MODEL, "Tell me a short story.", true);
+    let request = json_request(proxy, "/v1/chat/completions", &[], &body)?;
+    let response = client.send_streaming(request, REQUEST_TIMEOUT).await?;
     let status = response.status();
     ui::info(format!(
         "status {}, target-pod {}, routing-strategy {}",

@@ -9,7 +9,6 @@ mod demo;
 mod fuzz;
 mod loadgen;
 mod manifests;
-mod pods;
 mod procs;
 mod setup;
 mod soak;

@@ -1,19 +1,20 @@
-//! Child processes, commands and ports.
+//! Child processes and commands.
 //!
 //! Two rules hold everywhere: a child never outlives xtask (every child sits in a guard that
-//! kills it on drop, so `?` on any error path cleans up, and blocking waits give up when a
-//! stop signal arrives, see `stop`), and no wait is unbounded (every wait takes a timeout and
-//! says what it was waiting for when it gives up).
+//! kills it on drop, a [`testkit::Proc`] for servers, so `?` on any error path cleans up, and
+//! blocking waits give up when a stop signal arrives, see `stop`), and no wait is unbounded
+//! (every wait takes a timeout and says what it was waiting for when it gives up).
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use testkit::Proc;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// How often blocking waits poll a child for exit.
@@ -209,20 +210,6 @@ fn drain_on_thread<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHan
     })
 }
 
-/// Whether nothing listens on `127.0.0.1:port` (checked by binding it for a moment).
-pub fn port_is_free(port: u16) -> bool {
-    TcpListener::bind(("127.0.0.1", port)).is_ok()
-}
-
-/// A port on 127.0.0.1 that was free a moment ago (the kernel's choice of an ephemeral port).
-///
-/// Someone else could take it before our child binds it; the child then fails to start and
-/// the readiness wait reports that with its log.
-pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).context("binding an ephemeral port")?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// What to start as a long-running server child.
 pub struct ServerSpec {
     /// Short name used in messages (`gateway`, `engine llama-0`).
@@ -257,8 +244,8 @@ pub enum StdoutTo {
 pub struct ChildGuard {
     name: String,
     log: PathBuf,
-    child: tokio::process::Child,
-    stdout: Option<BufReader<tokio::process::ChildStdout>>,
+    proc: Proc,
+    stdout: Option<std::process::ChildStdout>,
 }
 
 impl ChildGuard {
@@ -280,32 +267,25 @@ impl ChildGuard {
         let mut command = match cpu {
             // taskset execs the program, so the pid we hold is the server's own.
             Some(cpu) => {
-                let mut command = tokio::process::Command::new("taskset");
+                let mut command = Command::new("taskset");
                 command.arg("-c").arg(cpu.to_string()).arg(&program);
                 command
             }
-            None => tokio::process::Command::new(&program),
+            None => Command::new(&program),
         };
-        command
-            .args(&args)
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(Stdio::from(log_file))
-            .kill_on_drop(true);
+        command.args(&args).envs(env).stdin(Stdio::null()).stdout(stdout).stderr(Stdio::from(log_file));
         for key in env_remove {
             command.env_remove(key);
         }
-        let child = command.spawn().with_context(|| {
+        let mut proc = Proc::spawn(&mut command).with_context(|| {
             format!(
                 "starting {name}: {} {}",
                 program.display(),
                 args.iter().map(|arg| arg.to_string_lossy()).collect::<Vec<_>>().join(" ")
             )
         })?;
-        let mut guard = Self { name, log, child, stdout: None };
-        guard.stdout = guard.child.stdout.take().map(BufReader::new);
-        Ok(guard)
+        let stdout = proc.child_mut().stdout.take();
+        Ok(Self { name, log, proc, stdout })
     }
 
     /// The name given at spawn.
@@ -318,16 +298,20 @@ impl ChildGuard {
         &self.log
     }
 
-    /// The process id, while the child runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 
     /// Reads stdout lines until one starts with `prefix` (bounded by `timeout`), then hands
     /// the rest of stdout to a task that appends it to the log, so the child never blocks on a
     /// full pipe. Returns the matching line.
     pub async fn read_stdout_line(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
-        let mut stdout = self.stdout.take().ok_or_else(|| anyhow!("stdout of {} was already taken", self.name))?;
+        let stdout = self.stdout.take().ok_or_else(|| anyhow!("stdout of {} was already taken", self.name))?;
+        let mut stdout = BufReader::new(
+            tokio::process::ChildStdout::from_std(stdout)
+                .with_context(|| format!("reading stdout of {} asynchronously", self.name))?,
+        );
         let name = self.name.clone();
         let found = tokio::time::timeout(timeout, async {
             let mut skipped = Vec::new();
@@ -361,25 +345,23 @@ impl ChildGuard {
 
     /// `Some(status)` once the child has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
+        self.proc.exited()
     }
 
     /// Stops the child: SIGTERM, up to `grace` to exit, then SIGKILL. Returns how it ended.
-    pub async fn stop(mut self, grace: Duration) -> Result<String> {
-        if let Some(status) = self.exited() {
+    pub async fn stop(self, grace: Duration) -> Result<String> {
+        let Self { name, mut proc, .. } = self;
+        if let Some(status) = proc.exited() {
             return Ok(format!("had already exited ({status})"));
         }
-        if let Some(pid) = self.pid().and_then(|pid| i32::try_from(pid).ok()).and_then(rustix::process::Pid::from_raw) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        if let Ok(status) = tokio::time::timeout(grace, self.child.wait()).await {
-            let status = status.with_context(|| format!("waiting for {}", self.name))?;
+        proc.terminate();
+        let (mut proc, status) = wait_exit_off_runtime(proc, grace).await?;
+        if let Some(status) = status {
             return Ok(format!("stopped ({status})"));
         }
-        self.child.start_kill().with_context(|| format!("killing {}", self.name))?;
-        tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .map_err(|_| anyhow!("{} did not die after SIGKILL within 5 s", self.name))??;
+        proc.kill();
+        let (_, status) = wait_exit_off_runtime(proc, Duration::from_secs(5)).await?;
+        status.ok_or_else(|| anyhow!("{name} did not die after SIGKILL within 5 s"))?;
         Ok(format!("killed (did not stop within {} of SIGTERM)", crate::ui::human(grace)))
     }
 
@@ -389,13 +371,15 @@ impl ChildGuard {
     }
 }
 
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        // kill_on_drop would do this too; being explicit keeps the guarantee visible here.
-        if self.exited().is_none() {
-            let _ = self.child.start_kill();
-        }
-    }
+/// [`Proc::wait_exit`] on the blocking pool, so the runtime's thread keeps serving. Should the
+/// caller give up, the task still ends within `timeout` and drops (kills) the child.
+async fn wait_exit_off_runtime(mut proc: Proc, timeout: Duration) -> Result<(Proc, Option<ExitStatus>)> {
+    tokio::task::spawn_blocking(move || {
+        let status = proc.wait_exit(timeout);
+        (proc, status)
+    })
+    .await
+    .context("waiting for a child to exit")
 }
 
 /// The last `lines` lines of a text file (empty when unreadable).
@@ -407,11 +391,7 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 
 /// Parses the address out of a `... listening on 127.0.0.1:PORT` line.
 pub fn parse_listening_line(line: &str) -> Result<SocketAddr> {
-    let addr = line
-        .rsplit_once("listening on ")
-        .map(|(_, addr)| addr.trim())
-        .ok_or_else(|| anyhow!("no `listening on ADDR` in {line:?}"))?;
-    addr.parse().with_context(|| format!("bad address {addr:?} in {line:?}"))
+    testkit::listening_addr(line).ok_or_else(|| anyhow!("no `listening on ADDR` in {line:?}"))
 }
 
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
@@ -522,7 +502,7 @@ mod tests {
         );
         let line = child.read_stdout_line("x listening on", Duration::from_secs(5)).await.unwrap();
         assert_eq!(parse_listening_line(&line).unwrap().port(), 5);
-        let pid = child.pid().unwrap();
+        let pid = child.pid();
         assert!(is_alive(pid));
         // stderr is written after "after": once it is in the log, "after" is in the pipe, and
         // stopping the child cannot race the script.
@@ -550,7 +530,7 @@ mod tests {
         let mut child = sh_server("exec sleep 30", StdoutTo::Pipe, &log);
         let err = child.read_stdout_line("never", Duration::from_millis(100)).await.unwrap_err();
         assert!(format!("{err:#}").contains("printed no `never...` line"), "{err:#}");
-        let pid = child.pid().unwrap();
+        let pid = child.pid();
         drop(child);
         let deadline = Instant::now() + Duration::from_secs(5);
         while is_alive(pid) && Instant::now() < deadline {

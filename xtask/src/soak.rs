@@ -12,18 +12,18 @@
 
 mod hostile;
 
-use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use testkit::PodSpec;
 
 use crate::client::Client;
 use crate::loadgen::{self, LoadReport, LoadSpec, Schedule};
-use crate::procs::{self, run_streaming};
-use crate::stack::{self, Binaries, Engine, EngineSpec, GatewaySpec, Stack};
+use crate::procs;
+use crate::stack::{self, Binaries, Engine, EngineSpec, GatewaySpec, Profile, Stack};
 use crate::ui;
 
 /// Model every soak engine serves.
@@ -64,47 +64,22 @@ struct Sample {
 
 /// Builds, starts the stack, soaks, and judges the samples.
 pub fn run(args: &SoakArgs) -> Result<()> {
-    let step = ui::step("soak: build gateway and mock engine (dev profile)");
-    run_streaming(
-        &mut procs::cargo_command(["build", "-p", "gateway-user", "-p", "turnstile-tests", "--bins"]),
-        Duration::from_secs(40 * 60),
-    )?;
-    let binaries = Binaries::of_profile("debug")?;
-    step.done();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    runtime.block_on(soak(args, &binaries))
+    let binaries = Binaries::build(Profile::Dev, "soak")?;
+    stack::two_worker_runtime()?.block_on(soak(args, &binaries))
 }
 
 fn engine_spec(pod: String) -> EngineSpec {
     EngineSpec { pod, model: MODEL.into(), ttft_ms: 5, itl_ms: 3, tokens: 16, threads: None, extra_args: Vec::new() }
 }
 
-/// A pods file with each engine's readiness.
-fn pods_yaml(pods: &[(&Engine, bool)]) -> String {
-    let mut out = String::from("apiVersion: v1\nkind: List\nitems:\n");
-    for (engine, ready) in pods {
-        let _ = write!(
-            out,
-            "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: '{}'\n    namespace: default\n    labels:\n      \
-             model.aibrix.ai/name: '{MODEL}'\n      model.aibrix.ai/port: \"{}\"\n    annotations:\n      \
-             model.aibrix.ai/config: '{MODEL_CONFIG}'\n  status:\n    podIP: 127.0.0.1\n    \
-             conditions:\n    - type: Ready\n      status: \"{}\"\n",
-            engine.pod,
-            engine.addr.port(),
-            if *ready { "True" } else { "False" }
-        );
-    }
-    out
-}
-
-fn write_pods(path: &Path, pods: &[(&Engine, bool)]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, pods_yaml(pods)).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+/// Writes the pods file: each engine a pod of [`MODEL`] with its readiness.
+fn write_pods(path: &Path, engines: &[Engine], ready: &[bool]) -> Result<()> {
+    let pods: Vec<PodSpec> = stack::engine_pods(engines)
+        .into_iter()
+        .zip(ready)
+        .map(|(pod, ready)| pod.config(MODEL_CONFIG).ready(*ready))
+        .collect();
+    stack::write_pods(path, &pods)
 }
 
 /// `VmRSS` (KiB) and the number of open descriptors of process `pid`.
@@ -151,27 +126,21 @@ async fn soak_with(
     }
     let mut ready = [true; ENGINES];
     let pods_file = out_dir.join("pods.yaml");
-    write_pods(&pods_file, &stack.engines.iter().zip(ready.iter().copied()).collect::<Vec<_>>())?;
+    write_pods(&pods_file, &stack.engines, &ready)?;
     let gateway = stack::start_gateway(
         GatewaySpec {
-            binary: &binaries.gateway,
-            listen: ([127, 0, 0, 1], procs::free_port()?).into(),
-            admin: ([127, 0, 0, 1], procs::free_port()?).into(),
-            pods_file: &pods_file,
             routing_algorithm: Some("least-request"),
-            log_format: "text",
-            log: out_dir.join("gateway.log"),
             env: vec![
                 ("TURNSTILE_PODS_FILE_POLL_MS".into(), "100".into()),
                 ("TURNSTILE_EBPF".into(), "off".into()),
                 ("TURNSTILE_DEFAULT_USER_RPM".into(), DEFAULT_USER_RPM.into()),
             ],
-            cpu: None,
+            ..GatewaySpec::on_free_ports(&binaries.gateway, &pods_file, out_dir.join("gateway.log"))?
         },
         client,
     )
     .await?;
-    let (listen, pid) = (gateway.listen, gateway.child.pid().context("gateway pid")?);
+    let (listen, pid) = (gateway.listen, gateway.child.pid());
     stack.gateway = Some(gateway);
     stack::wait_models_listed(client, listen, &[MODEL], Duration::from_secs(10)).await?;
     ui::info(format!("gateway pid {pid} on {listen}; log {}", out_dir.join("gateway.log").display()));
@@ -228,7 +197,7 @@ async fn soak_with(
             if ready.iter().all(|r| !r) {
                 ready[0] = true;
             }
-            write_pods(&pods_file, &stack.engines.iter().zip(ready.iter().copied()).collect::<Vec<_>>())?;
+            write_pods(&pods_file, &stack.engines, &ready)?;
             next_churn += CHURN_EVERY;
         }
         let (due, waiting): (Vec<_>, Vec<_>) = retiring.into_iter().partition(|(_, at)| *at <= Instant::now());

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use testkit::{EngineEndpoint, PodSpec};
 
 use crate::client::Client;
-use crate::procs::{self, ChildGuard, ServerSpec, StdoutTo};
+use crate::procs::{self, ChildGuard, ServerSpec, StdoutTo, run_streaming};
 use crate::ui;
 
 /// How long an engine may take to print its `listening on` line.
@@ -18,6 +19,17 @@ const ENGINE_START_TIMEOUT: Duration = Duration::from_secs(15);
 const GATEWAY_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a child gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long building the binaries may take (a cold release build on a small machine).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+/// The cargo profile the binaries are built in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// `dev`, in `target/debug`: quick to build, for the demo and the soak.
+    Dev,
+    /// `release`, in `target/release`: what benchmarks measure.
+    Release,
+}
 
 /// The freshly built binaries (`turnstile`, `mock-engine`) in one cargo profile.
 pub struct Binaries {
@@ -28,6 +40,20 @@ pub struct Binaries {
 }
 
 impl Binaries {
+    /// Builds the gateway and the mock engine in `profile`, shown as a step of `what`.
+    pub fn build(profile: Profile, what: &str) -> Result<Self> {
+        let (flags, dir, name): (&[&str], _, _) = match profile {
+            Profile::Dev => (&[], "debug", "dev profile"),
+            Profile::Release => (&["--release"], "release", "release"),
+        };
+        let step = ui::step(format!("{what}: build gateway and mock engine ({name})"));
+        let mut command = procs::cargo_command(["build", "-p", "gateway-user", "-p", "turnstile-tests", "--bins"]);
+        run_streaming(command.args(flags), BUILD_TIMEOUT)?;
+        let binaries = Self::of_profile(dir)?;
+        step.done();
+        Ok(binaries)
+    }
+
     /// The binaries of the `debug` or `release` profile; fails when one is missing.
     pub fn of_profile(profile_dir: &str) -> Result<Self> {
         let dir = procs::target_dir().join(profile_dir);
@@ -39,6 +65,16 @@ impl Binaries {
         }
         Ok(binaries)
     }
+}
+
+/// A runtime with two workers, for the demo and the soak: requests, load and the watch over
+/// the children run side by side.
+pub fn two_worker_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
 }
 
 /// How to run one mock engine.
@@ -69,6 +105,33 @@ pub struct Engine {
     pub addr: SocketAddr,
     /// The process.
     pub child: ChildGuard,
+}
+
+impl EngineEndpoint for Engine {
+    fn pod_name(&self) -> &str {
+        &self.pod
+    }
+
+    fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+/// Each engine as a ready pod of the model it serves.
+pub fn engine_pods(engines: &[Engine]) -> Vec<PodSpec> {
+    engines.iter().map(|engine| PodSpec::for_engine(engine, &engine.model)).collect()
+}
+
+/// Writes the pods file the gateway discovers the engines from, atomically (a running
+/// gateway polls it).
+pub fn write_pods(path: &Path, pods: &[PodSpec]) -> Result<()> {
+    testkit::write_pods(path, pods).with_context(|| format!("writing {}", path.display()))
+}
+
+/// A free loopback address for a listener a child binds a moment later.
+pub fn free_addr() -> Result<SocketAddr> {
+    let port = testkit::free_port().context("choosing a loopback port")?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 /// Starts a mock engine on an ephemeral port and waits for its `listening on` line.
@@ -130,6 +193,24 @@ pub struct GatewaySpec<'a> {
     pub env: Vec<(String, String)>,
     /// Pin to this CPU with taskset.
     pub cpu: Option<usize>,
+}
+
+impl<'a> GatewaySpec<'a> {
+    /// `binary` on free loopback ports, discovering from `pods_file`, logging text to `log`,
+    /// with the gateway's default routing and no pinning or extra environment.
+    pub fn on_free_ports(binary: &'a Path, pods_file: &'a Path, log: PathBuf) -> Result<Self> {
+        Ok(Self {
+            binary,
+            listen: free_addr()?,
+            admin: free_addr()?,
+            pods_file,
+            routing_algorithm: None,
+            log_format: "text",
+            log,
+            env: Vec::new(),
+            cpu: None,
+        })
+    }
 }
 
 /// A running, ready gateway.

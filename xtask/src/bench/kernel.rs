@@ -18,9 +18,7 @@
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -28,13 +26,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{BenchArgs, MODEL, Pinning, TOKENS, choose_pinning, cpu_over, format_ms, revision};
+use super::{
+    BenchArgs, MODEL, Pinning, TOKENS, bench_dir, block_on_until_stopped, cpu_over, format_ms, instant_engine,
+    pin_for_run, publish_report, revision, summarize,
+};
 use crate::client::Client;
 use crate::loadgen::{self, LoadReport, LoadSpec, Schedule};
-use crate::pods::{PodSpec, render_pods_yaml};
-use crate::procs::{self, run_streaming};
+use testkit::PodSpec;
+use testkit::netns::{Entered, NetNs};
+
 use crate::setup::{self, Strictness};
-use crate::stack::{self, Binaries, EngineSpec, Stack};
+use crate::stack::{self, Binaries, EngineSpec, Profile, Stack};
 use crate::{stop, ui};
 
 /// The model the penalised client earns its 429s on.
@@ -114,69 +116,29 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         bail!("bench kernel needs root: it loads eBPF programs and creates a network namespace");
     }
     setup::run(Strictness::Lenient)?;
-    let step = ui::step("bench: build release binaries");
-    run_streaming(
-        &mut procs::cargo_command(["build", "--release", "-p", "gateway-user", "-p", "turnstile-tests", "--bins"]),
-        Duration::from_secs(40 * 60),
-    )?;
-    let binaries = Binaries::of_profile("release")?;
-    step.done();
-
-    let pinning = choose_pinning();
-    if let Some(cpu) = pinning.others {
-        let pid = std::process::id().to_string();
-        procs::capture(
-            Command::new("taskset").args(["-a", "-p", "-c", &cpu.to_string(), &pid]),
-            Duration::from_secs(10),
-        )
-        .context("pinning the load generator with taskset")?;
-        ui::info(format!(
-            "pinning: gateway on CPU {}, engine, clients and flooder on CPU {cpu}",
-            pinning.gateway.unwrap_or(0)
-        ));
-    }
-
-    let namespace = Namespace::create()?;
-    // This thread (and every thread and child it starts from now on) lives in the namespace.
-    let _inside = namespace.enter()?;
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
-    runtime.block_on(async {
-        tokio::select! {
-            result = kernel_async(args, &binaries, pinning) => result,
-            name = stop::requested_async() => Err(anyhow!("interrupted by {name}")),
-        }
-    })
+    let binaries = Binaries::build(Profile::Release, "bench kernel")?;
+    let pinning = pin_for_run("gateway", "engine, clients and flooder")?;
+    let _namespace = enter_bench_namespace()?;
+    block_on_until_stopped(kernel_async(args, &binaries, pinning))
 }
 
 async fn kernel_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> Result<()> {
-    let out_dir = procs::target_dir().join("bench");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out_dir = bench_dir()?;
     let client = Client::new();
 
     let spec = EngineSpec {
-        pod: "engine-0".into(),
-        model: MODEL.into(),
-        ttft_ms: 0,
-        itl_ms: 0,
-        tokens: TOKENS,
-        threads: pinning.others.map(|_| 1),
         extra_args: vec!["--model".into(), CAPPED_MODEL.into()],
+        ..instant_engine("engine-0".into(), TOKENS, pinning)
     };
     let engine = stack::start_engine(&binaries.engine, &spec, &out_dir, pinning.others).await?;
     let capped = serde_json::json!({"defaultProfile": "default",
         "profiles": {"default": {"routingStrategy": "least-request", "requestsPerSecond": 1}}});
     let pods = [
-        PodSpec { name: "engine-0".into(), model: MODEL.into(), port: engine.addr.port(), config: None },
-        PodSpec {
-            name: "engine-0-capped".into(),
-            model: CAPPED_MODEL.into(),
-            port: engine.addr.port(),
-            config: Some(capped),
-        },
+        PodSpec::for_engine(&engine, MODEL),
+        PodSpec::new("engine-0-capped", CAPPED_MODEL, engine.addr.port()).config(&capped.to_string()),
     ];
     let pods_file = out_dir.join("kernel-pods.yaml");
-    std::fs::write(&pods_file, render_pods_yaml(&pods)).with_context(|| format!("writing {}", pods_file.display()))?;
+    stack::write_pods(&pods_file, &pods)?;
     let mut stack = Stack { engines: vec![engine], gateway: None };
 
     let mut results = Vec::new();
@@ -190,11 +152,7 @@ async fn kernel_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -
     }
     stack.stop().await?;
 
-    let markdown = render_markdown(args, pinning, &revision(), &results);
-    let path = out_dir.join("kernel.md");
-    std::fs::write(&path, &markdown).with_context(|| format!("writing {}", path.display()))?;
-    println!("\n{markdown}");
-    ui::info(format!("written to {}", path.display()));
+    publish_report(&out_dir, "kernel.md", &render_markdown(args, pinning, &revision(), &results))?;
     if let Some(failure) = acceptance(&results).failure {
         bail!("kernel bench acceptance failed: {failure}");
     }
@@ -229,7 +187,7 @@ async fn run_mode(
     let log = out_dir.join(format!("gateway-{ebpf}.log"));
     let (gateway, _) = super::start_release_gateway(binaries, pods_file, log, env, pinning, client).await?;
     let (listen, admin) = (gateway.listen, gateway.admin);
-    let pid = gateway.child.pid().context("the gateway has no pid (exited?)")?;
+    let pid = gateway.child.pid();
     stack.gateway = Some(gateway);
     stack::wait_models_listed(client, listen, &[MODEL, CAPPED_MODEL], Duration::from_secs(10)).await?;
     let active = client.get(admin, "/readyz", Duration::from_secs(2)).await?.text();
@@ -250,24 +208,14 @@ async fn run_mode(
 
     let schedule = period(args.warmup_seconds);
     let baseline = loadgen::run(&spec, schedule).await?;
-    ui::info(format!(
-        "baseline: {:.0} req/s, p50 {} ms, p99 {} ms",
-        baseline.requests_per_second(),
-        format_ms(baseline.percentile_ms(50.0)),
-        format_ms(baseline.percentile_ms(99.0))
-    ));
+    ui::info(format!("baseline: {}", summarize(&baseline)));
 
     let schedule = period(1);
     let flood = Flood::start(listen, schedule);
     let report = loadgen::run(&spec, schedule).await;
     let flood_attempts = flood.finish()?;
     let flood_report = report?;
-    ui::info(format!(
-        "normal clients during the flood ({flood_attempts} attempts): {:.0} req/s, p50 {} ms, p99 {} ms",
-        flood_report.requests_per_second(),
-        format_ms(flood_report.percentile_ms(50.0)),
-        format_ms(flood_report.percentile_ms(99.0))
-    ));
+    ui::info(format!("normal clients during the flood ({flood_attempts} attempts): {}", summarize(&flood_report)));
 
     // The flood's own cost: the gateway's CPU with the flood alone, against an idle period.
     let schedule = period(1);
@@ -293,6 +241,16 @@ async fn run_mode(
     Ok(result)
 }
 
+/// A network namespace of the benchmark's own, with the flooder's address on its loopback,
+/// entered by this thread (and so every thread and child it starts from now on) until the
+/// guards drop; also used by `peers`.
+pub(super) fn enter_bench_namespace() -> Result<(Entered, NetNs)> {
+    let namespace = NetNs::create("bench").context("creating a network namespace")?;
+    namespace.add_loopback_address("127.0.0.2/8").context("adding the flooder's address")?;
+    let entered = namespace.enter().context("entering the network namespace")?;
+    Ok((entered, namespace))
+}
+
 /// Earns the flooder its penalty: requests on the capped model until three 429s.
 async fn penalise(proxy: SocketAddr) -> Result<()> {
     let mut rate_limited = 0;
@@ -314,21 +272,14 @@ async fn one_request(proxy: SocketAddr, model: &str) -> Result<u16> {
         socket.bind(SocketAddr::new(FLOODER, 0))?;
         let mut stream = socket.connect(proxy).await?;
         let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string();
-        let request = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: {proxy}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
+        let request = testkit::http1::post_json_closing(proxy, "/v1/chat/completions", &body);
         stream.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;
         Ok::<_, std::io::Error>(response)
     };
     let response = tokio::time::timeout(Duration::from_secs(5), work).await.context("request timed out")??;
-    std::str::from_utf8(response.get(9..12).unwrap_or_default())
-        .ok()
-        .and_then(|status| status.parse().ok())
-        .ok_or_else(|| anyhow!("no HTTP response"))
+    testkit::http1::response_status(&response).ok_or_else(|| anyhow!("no HTTP response"))
 }
 
 /// One connection attempt from the flooder: how it ended and how long it took.
@@ -489,60 +440,6 @@ fn render_markdown(args: &BenchArgs, pinning: Pinning, revision: &str, results: 
         check.ratio_at_least
     );
     out
-}
-
-/// The benchmark's network namespace, deleted on drop (also used by `peers`).
-pub(super) struct Namespace {
-    name: String,
-}
-
-impl Namespace {
-    pub(super) fn create() -> Result<Self> {
-        let name = format!("turnstile-bench-{}", std::process::id());
-        ip(&["netns", "add", &name])?;
-        let namespace = Self { name };
-        for command in [&["link", "set", "lo", "up"][..], &["addr", "add", "127.0.0.2/8", "dev", "lo"]] {
-            let mut args = vec!["netns", "exec", namespace.name.as_str(), "ip"];
-            args.extend_from_slice(command);
-            ip(&args)?;
-        }
-        Ok(namespace)
-    }
-
-    /// Moves this thread into the namespace; back out when the guard drops.
-    pub(super) fn enter(&self) -> Result<Entered> {
-        use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
-        let original = std::fs::File::open("/proc/thread-self/ns/net")?;
-        let target = std::fs::File::open(format!("/var/run/netns/{}", self.name))?;
-        move_into_link_name_space(target.as_fd(), Some(LinkNameSpaceType::Network))
-            .context("entering the network namespace")?;
-        Ok(Entered { original })
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-pub(super) struct Entered {
-    original: std::fs::File,
-}
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
-        let _ = move_into_link_name_space(self.original.as_fd(), Some(LinkNameSpaceType::Network));
-    }
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = procs::capture(Command::new("ip").args(args), Duration::from_secs(10))?;
-    if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), out.stderr.trim());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

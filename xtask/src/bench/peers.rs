@@ -30,13 +30,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
 
-use super::{BenchArgs, MODEL, Pinning, TOKENS, choose_pinning, format_ms, revision};
+use super::{
+    BenchArgs, MODEL, Pinning, TOKENS, bench_dir, block_on_until_stopped, format_ms, instant_engine, pin_for_run,
+    revision,
+};
 use crate::client::Client;
 use crate::loadgen::{self, LoadReport, LoadSpec, Schedule};
 
-use crate::procs::{self, ChildGuard, ServerSpec, StdoutTo, run_streaming};
+use crate::procs::{self, ChildGuard, ServerSpec, StdoutTo};
 use crate::setup::{self, Strictness};
-use crate::stack::{self, Binaries, Engine, EngineSpec, GatewaySpec};
+use crate::stack::{self, Binaries, Engine, GatewaySpec, Profile};
 use crate::{stop, ui};
 
 /// The PyPI packages of the peers, pinned so runs compare.
@@ -181,56 +184,23 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .collect();
 
     setup::run(Strictness::Lenient)?;
-    let step = ui::step("bench: build release binaries");
-    run_streaming(
-        &mut procs::cargo_command(["build", "--release", "-p", "gateway-user", "-p", "turnstile-tests", "--bins"]),
-        Duration::from_secs(40 * 60),
-    )?;
-    let binaries = Binaries::of_profile("release")?;
-    step.done();
-
+    let binaries = Binaries::build(Profile::Release, "bench peers")?;
     let installed = install_peers(&targets);
-
-    let pinning = choose_pinning();
-    match pinning.others {
-        Some(cpu) => {
-            let pid = std::process::id().to_string();
-            procs::capture(
-                Command::new("taskset").args(["-a", "-p", "-c", &cpu.to_string(), &pid]),
-                Duration::from_secs(10),
-            )
-            .context("pinning the load generator with taskset")?;
-            ui::info(format!(
-                "pinning: proxy on CPU {}, engines and load generator on CPU {cpu} (taskset)",
-                pinning.gateway.unwrap_or(0)
-            ));
-        }
-        None => ui::info("pinning: none (needs taskset and two CPUs); numbers are noisier"),
-    }
+    let pinning = pin_for_run("proxy", "engines and load generator")?;
 
     // As root, a network namespace of our own: kernel assist then attaches to it alone, and
     // nothing else on the machine shares the loopback the numbers come from.
-    let namespace = if rustix::process::geteuid().is_root() {
-        match super::kernel::Namespace::create() {
-            Ok(namespace) => Some(namespace),
-            Err(err) => {
+    // This thread (the load generator, and every child started from now on) lives in it.
+    let _namespace = if rustix::process::geteuid().is_root() {
+        super::kernel::enter_bench_namespace()
+            .inspect_err(|err| {
                 ui::warn(format!("no private network namespace ({err:#}); running on the host's loopback"));
-                None
-            }
-        }
+            })
+            .ok()
     } else {
         None
     };
-    // This thread (the load generator, and every child started from now on) lives in it.
-    let _inside = namespace.as_ref().map(super::kernel::Namespace::enter).transpose()?;
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
-    runtime.block_on(async {
-        tokio::select! {
-            result = peers_async(args, &binaries, &installed, &targets, pinning) => result,
-            name = stop::requested_async() => Err(anyhow!("interrupted by {name}")),
-        }
-    })
+    block_on_until_stopped(peers_async(args, &binaries, &installed, &targets, pinning))
 }
 
 /// The cache directory holding the peers' venv.
@@ -352,7 +322,7 @@ async fn peers_async(
     targets: &[Target],
     pinning: Pinning,
 ) -> Result<()> {
-    let out_dir = procs::target_dir().join("bench");
+    let out_dir = bench_dir()?;
     let conf_dir = out_dir.join("peers");
     std::fs::create_dir_all(&conf_dir).with_context(|| format!("creating {}", conf_dir.display()))?;
     let scenarios: Vec<(&'static str, bool)> = match args.peers.stream {
@@ -431,24 +401,13 @@ async fn run_target(
 ) -> Result<Vec<(&'static str, std::result::Result<Measured, String>)>> {
     let mut engines = Vec::new();
     for index in 0..2 {
-        let spec = EngineSpec {
-            pod: format!("engine-{index}"),
-            model: MODEL.into(),
-            ttft_ms: 0,
-            itl_ms: 0,
-            tokens: TOKENS,
-            threads: pinning.others.map(|_| 1),
-            extra_args: Vec::new(),
-        };
+        let spec = instant_engine(format!("engine-{index}"), TOKENS, pinning);
         engines.push(stack::start_engine(&binaries.engine, &spec, conf_dir, pinning.others).await?);
     }
     let engine_addrs: Vec<SocketAddr> = engines.iter().map(|engine| engine.addr).collect();
     let proxy = start_proxy(binaries, installed, target, pinning, conf_dir, &engines).await?;
     let targets = proxy.as_ref().map_or_else(|| engine_addrs.clone(), |proxy| vec![proxy.addr]);
-    let root_pid = match &proxy {
-        Some(proxy) => Some(proxy.child.pid().context("the proxy exited")?),
-        None => None,
-    };
+    let root_pid = proxy.as_ref().map(|proxy| proxy.child.pid());
     let engine_ports: Vec<u16> = engine_addrs.iter().map(SocketAddr::port).collect();
 
     let mut results = Vec::new();
@@ -468,16 +427,12 @@ async fn run_target(
         let opened = upstream_connections(&engine_ports).difference(&before).count();
         let outcome = match (report, cpu) {
             (Ok(report), Ok(cpu)) => {
-                let cpu_us = cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / (report.completed.max(1) as f64));
+                let cpu_us = cpu.map(|cpu| super::per_request_us(cpu, &report));
                 let peak_rss_mib = root_pid.map(tree_peak_rss_mib);
                 ui::info(format!(
-                    "{scenario}: {:.0} req/s, p50 {} ms, p99 {} ms, {} errors, proxy CPU {} µs/request, {opened} upstream connections{}",
-                    report.requests_per_second(),
-                    format_ms(report.percentile_ms(50.0)),
-                    format_ms(report.percentile_ms(99.0)),
-                    report.errors,
+                    "{scenario}: {}, proxy CPU {} µs/request, {opened} upstream connections",
+                    super::summarize(&report),
                     cpu_us.map_or_else(|| "-".into(), |us| format!("{us:.1}")),
-                    report.first_error.as_deref().map(|err| format!(" (first error: {err})")).unwrap_or_default()
                 ));
                 if report.completed == 0 {
                     Err(format!(
@@ -517,7 +472,7 @@ async fn start_proxy(
     conf_dir: &Path,
     engines: &[Engine],
 ) -> Result<Option<Proxy>> {
-    let listen: SocketAddr = format!("127.0.0.1:{}", procs::free_port()?).parse()?;
+    let listen = stack::free_addr()?;
     let urls: Vec<String> = engines.iter().map(|engine| format!("http://{}", engine.addr)).collect();
     let engine_addrs: Vec<SocketAddr> = engines.iter().map(|engine| engine.addr).collect();
     let installed_at = |slot: &Option<std::result::Result<PathBuf, String>>| -> Result<PathBuf> {
@@ -555,7 +510,7 @@ async fn start_proxy(
         Target::Envoy => {
             let bin = installed_at(&installed.envoy)?;
             let conf = conf_dir.join("envoy.yaml");
-            std::fs::write(&conf, envoy_config(listen, procs::free_port()?, &engine_addrs))
+            std::fs::write(&conf, envoy_config(listen, testkit::free_port()?, &engine_addrs))
                 .with_context(|| format!("writing {}", conf.display()))?;
             // One worker thread: the proxy has one CPU.
             let args = ["-c", &conf.to_string_lossy(), "--concurrency", "1", "--log-level", "warn"]
@@ -566,48 +521,12 @@ async fn start_proxy(
         }
         Target::VllmRouter { cache_aware } => {
             let bin = installed_at(&installed.vllm_router)?;
-            let policy = if cache_aware { "cache_aware" } else { "round_robin" };
-            let mut args: Vec<OsString> =
-                ["--host", "127.0.0.1", "--port", &listen.port().to_string(), "--policy", policy]
-                    .into_iter()
-                    .map(OsString::from)
-                    .collect();
-            args.push("--worker-urls".into());
-            args.extend(urls.iter().map(OsString::from));
-            args.extend(
-                [
-                    "--log-level",
-                    "warning",
-                    "--prometheus-host",
-                    "127.0.0.1",
-                    "--prometheus-port",
-                    &procs::free_port()?.to_string(),
-                ]
-                .map(OsString::from),
-            );
+            let args = router_args(&[], listen, cache_aware, &urls, "warning")?;
             (bin.join("vllm-router"), args, Vec::new())
         }
         Target::SglangRouter { cache_aware } => {
             let bin = installed_at(&installed.sglang_router)?;
-            let policy = if cache_aware { "cache_aware" } else { "round_robin" };
-            let mut args: Vec<OsString> =
-                ["launch", "--host", "127.0.0.1", "--port", &listen.port().to_string(), "--policy", policy]
-                    .into_iter()
-                    .map(OsString::from)
-                    .collect();
-            args.push("--worker-urls".into());
-            args.extend(urls.iter().map(OsString::from));
-            args.extend(
-                [
-                    "--log-level",
-                    "warn",
-                    "--prometheus-host",
-                    "127.0.0.1",
-                    "--prometheus-port",
-                    &procs::free_port()?.to_string(),
-                ]
-                .map(OsString::from),
-            );
+            let args = router_args(&["launch"], listen, cache_aware, &urls, "warn")?;
             (bin.join("smg"), args, Vec::new())
         }
     };
@@ -625,6 +544,28 @@ async fn start_proxy(
     Ok(Some(Proxy { addr: listen, child }))
 }
 
+/// The command line both routers share (they descend from one code base): `subcommand`,
+/// where to listen, the policy, the workers, the log level and a free Prometheus port.
+fn router_args(
+    subcommand: &[&str],
+    listen: SocketAddr,
+    cache_aware: bool,
+    worker_urls: &[String],
+    log_level: &str,
+) -> Result<Vec<OsString>> {
+    let policy = if cache_aware { "cache_aware" } else { "round_robin" };
+    let port = listen.port().to_string();
+    let prometheus_port = testkit::free_port()?.to_string();
+    let mut args: Vec<OsString> = subcommand.iter().map(OsString::from).collect();
+    args.extend(["--host", "127.0.0.1", "--port", &port, "--policy", policy, "--worker-urls"].map(OsString::from));
+    args.extend(worker_urls.iter().map(OsString::from));
+    args.extend(
+        ["--log-level", log_level, "--prometheus-host", "127.0.0.1", "--prometheus-port", &prometheus_port]
+            .map(OsString::from),
+    );
+    Ok(args)
+}
+
 async fn start_turnstile(
     binaries: &Binaries,
     kernel: bool,
@@ -635,6 +576,7 @@ async fn start_turnstile(
 ) -> Result<Proxy> {
     let pods_file = conf_dir.join("pods.yaml");
     super::write_engine_pods(engines, &pods_file)?;
+    let log = if kernel { "turnstile-kernel.log" } else { "turnstile.log" };
     let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
     let mut env = vec![("RUST_LOG".to_owned(), rust_log), ("TURNSTILE_EBPF".to_owned(), "off".to_owned())];
     if kernel {
@@ -644,15 +586,12 @@ async fn start_turnstile(
     let client = Client::new();
     let gateway = stack::start_gateway(
         GatewaySpec {
-            binary: &binaries.gateway,
             listen,
-            admin: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
-            pods_file: &pods_file,
             routing_algorithm: Some("least-request"),
             log_format: "json",
-            log: conf_dir.join(if kernel { "turnstile-kernel.log" } else { "turnstile.log" }),
             env,
             cpu: pinning.gateway,
+            ..GatewaySpec::on_free_ports(&binaries.gateway, &pods_file, conf_dir.join(log))?
         },
         &client,
     )
@@ -821,17 +760,10 @@ fn process_tree(root: u32) -> Vec<u32> {
 
 /// CPU time of `root`'s process tree during the measured period of `schedule`.
 async fn tree_cpu_over(root: Option<u32>, schedule: Schedule) -> Result<Option<Duration>> {
-    let Some(root) = root else {
-        return Ok(None);
-    };
-    let total = || -> Result<Duration> {
+    super::cpu_during(root, schedule, |root| {
         process_tree(root).into_iter().try_fold(Duration::ZERO, |sum, pid| Ok(sum + procs::process_cpu_time(pid)?))
-    };
-    tokio::time::sleep_until(schedule.measure_start.into()).await;
-    let before = total()?;
-    tokio::time::sleep_until(schedule.measure_end.into()).await;
-    let after = total()?;
-    Ok(Some(after.saturating_sub(before)))
+    })
+    .await
 }
 
 /// Sum of VmHWM over `root`'s process tree, MiB.
@@ -861,13 +793,13 @@ fn render_markdown(args: &BenchArgs, pinning: Pinning, revision: &str, rows: &[R
     let pinned = pinning.describe("proxy", "engines and load generator");
     let _ = writeln!(
         out,
-        "POST /v1/chat/completions, {} keep-alive HTTP/1.1 connections, {} s warm-up + {} s measured per \
-         row, 2 fresh mock engines per target (ttft 0, itl 0, {TOKENS} tokens, 1 thread); {pinned}; {} CPUs. \
+        "{}, 2 fresh mock engines per target (ttft 0, itl 0, {TOKENS} tokens, 1 thread); {pinned}; {} CPUs. \
          Added latency is over the direct row of the same run; proxy CPU is utime + stime of the proxy's \
          processes over the measured period per completed request; peak RSS is VmHWM; upstream \
          connections are TCP connections opened to the engines during the row (warm-up included; the \
          load generator's own for direct).\n",
-        args.connections, args.warmup_seconds, args.seconds, pinning.cpus,
+        super::describe_load(args),
+        pinning.cpus,
     );
     let mut scenarios: Vec<&str> = rows.iter().map(|row| row.scenario).collect();
     scenarios.sort_unstable();

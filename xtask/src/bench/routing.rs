@@ -25,17 +25,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
+use super::{bench_dir, block_on_until_stopped, publish_report, revision};
 use crate::client::Client;
 use crate::loadgen::percentile;
-use crate::pods::{PodSpec, render_pods_yaml};
-use crate::procs::{self, run_streaming};
 use crate::setup::{self, Strictness};
-use crate::stack::{self, Binaries, EngineSpec, GatewaySpec, Stack};
-use crate::{stop, ui};
+use crate::stack::{self, Binaries, EngineSpec, GatewaySpec, Profile, Stack};
+use crate::ui;
 
 const MODEL: &str = "bench-model";
 const ENGINES: usize = 4;
@@ -138,22 +137,9 @@ struct RunResult {
 /// Runs the routing suite.
 pub fn run() -> Result<()> {
     setup::run(Strictness::Lenient)?;
-    let step = ui::step("bench routing: build release binaries");
-    run_streaming(
-        &mut procs::cargo_command(["build", "--release", "-p", "gateway-user", "-p", "turnstile-tests", "--bins"]),
-        Duration::from_secs(40 * 60),
-    )?;
-    let binaries = Binaries::of_profile("release")?;
+    let binaries = Binaries::build(Profile::Release, "bench routing")?;
     let strategies = strategies(&binaries)?;
-    step.done();
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
-    runtime.block_on(async {
-        tokio::select! {
-            result = routing_async(&binaries, &strategies) => result,
-            name = stop::requested_async() => Err(anyhow!("interrupted by {name}")),
-        }
-    })
+    block_on_until_stopped(routing_async(&binaries, &strategies))
 }
 
 /// The strategies compared: every one the built gateway has (`turnstile strategies`) but
@@ -161,7 +147,7 @@ pub fn run() -> Result<()> {
 fn strategies(binaries: &Binaries) -> Result<Vec<String>> {
     let mut command = std::process::Command::new(&binaries.gateway);
     command.arg("strategies");
-    let captured = procs::capture(&mut command, Duration::from_secs(10))?;
+    let captured = crate::procs::capture(&mut command, Duration::from_secs(10))?;
     if !captured.status.success() {
         bail!("`{} strategies` failed: {}", binaries.gateway.display(), captured.stderr.trim());
     }
@@ -182,8 +168,7 @@ fn compared(listed: &str) -> Vec<String> {
 }
 
 async fn routing_async(binaries: &Binaries, strategies: &[String]) -> Result<()> {
-    let out_dir = procs::target_dir().join("bench");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out_dir = bench_dir()?;
     let started = Instant::now();
     let client = Client::new();
     let mut results = Vec::new();
@@ -200,11 +185,7 @@ async fn routing_async(binaries: &Binaries, strategies: &[String]) -> Result<()>
             results.push(result);
         }
     }
-    let markdown = render_markdown(&revision(), &results, started.elapsed());
-    let path = out_dir.join("routing.md");
-    std::fs::write(&path, &markdown).with_context(|| format!("writing {}", path.display()))?;
-    println!("\n{markdown}");
-    ui::info(format!("written to {}", path.display()));
+    publish_report(&out_dir, "routing.md", &render_markdown(&revision(), &results, started.elapsed()))?;
     let failures = acceptance(&results).into_iter().filter_map(|check| check.failure).collect::<Vec<_>>();
     if !failures.is_empty() {
         bail!("routing acceptance failed: {}", failures.join("; "));
@@ -234,24 +215,14 @@ async fn run_one(
         };
         stack.engines.push(stack::start_engine(&binaries.engine, &spec, out_dir, None).await?);
     }
-    let pods: Vec<PodSpec> = stack
-        .engines
-        .iter()
-        .map(|e| PodSpec { name: e.pod.clone(), model: e.model.clone(), port: e.addr.port(), config: None })
-        .collect();
     let pods_file = out_dir.join("routing-pods.yaml");
-    std::fs::write(&pods_file, render_pods_yaml(&pods)).with_context(|| format!("writing {}", pods_file.display()))?;
+    super::write_engine_pods(&stack.engines, &pods_file)?;
     let gateway = stack::start_gateway(
         GatewaySpec {
-            binary: &binaries.gateway,
-            listen: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
-            admin: format!("127.0.0.1:{}", procs::free_port()?).parse()?,
-            pods_file: &pods_file,
             routing_algorithm: Some(strategy),
             log_format: "json",
-            log: out_dir.join("routing-gateway.log"),
             env: vec![("RUST_LOG".into(), std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))],
-            cpu: None,
+            ..GatewaySpec::on_free_ports(&binaries.gateway, &pods_file, out_dir.join("routing-gateway.log"))?
         },
         client,
     )
@@ -368,7 +339,8 @@ async fn drive(
 async fn send(client: &Client, proxy: SocketAddr, job: &Job) -> Result<Outcome> {
     let started = Instant::now();
     let headers = [("user", job.user.as_str()), ("x-aibrix-session-key", job.session_key.as_str())];
-    let response = client.send_streaming(proxy, "/v1/chat/completions", &headers, &job.body, REQUEST_TIMEOUT).await?;
+    let request = crate::client::json_request(proxy, "/v1/chat/completions", &headers, &job.body)?;
+    let response = client.send_streaming(request, REQUEST_TIMEOUT).await?;
     let status = response.status();
     let pod = crate::client::header_text(response.headers(), "target-pod");
     if !status.is_success() {
@@ -666,15 +638,6 @@ fn acceptance(results: &[RunResult]) -> Vec<Check> {
     };
     checks.push(Check { description, failure });
     checks
-}
-
-fn revision() -> String {
-    procs::capture(&mut procs::git_command(["describe", "--always", "--dirty"]), Duration::from_secs(10))
-        .ok()
-        .filter(|out| out.status.success())
-        .map(|out| out.stdout.trim().to_owned())
-        .filter(|revision| !revision.is_empty())
-        .unwrap_or_else(|| "unknown revision".into())
 }
 
 fn render_markdown(revision: &str, results: &[RunResult], elapsed: Duration) -> String {

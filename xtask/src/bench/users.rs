@@ -18,21 +18,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, bail};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
 
 use super::{
-    MODEL, Pinning, build_release, choose_pinning, format_ms, instant_engine, pin_this_process, revision,
-    start_release_gateway, write_engine_pods,
+    MODEL, Pinning, bench_dir, block_on_until_stopped, format_ms, instant_engine, per_request_us, pin_for_run,
+    publish_report, revision, start_release_gateway, summarize, write_engine_pods,
 };
 use crate::client::Client;
 use crate::loadgen::{self, ConnectionTally, LoadReport, Schedule};
 use crate::procs;
 use crate::setup::{self, Strictness};
-use crate::stack::{self, Binaries, Stack};
-use crate::{stop, ui};
+use crate::stack::{self, Binaries, Profile, Stack};
+use crate::ui;
 
 /// High enough that no user is ever refused: the bench measures counting, not refusing.
 const USER_RPM: &str = "1000000";
@@ -50,21 +50,9 @@ pub fn run(connections: usize) -> Result<()> {
         bail!("--connections must be at least 1");
     }
     setup::run(Strictness::Lenient)?;
-    let binaries = build_release("bench users")?;
-
-    let pinning = choose_pinning();
-    if let Some(cpu) = pinning.others {
-        pin_this_process(cpu)?;
-    }
-    ui::info(pinning.describe("gateway", "engine and load generator"));
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
-    runtime.block_on(async {
-        tokio::select! {
-            result = users_async(&binaries, pinning, connections) => result,
-            name = stop::requested_async() => Err(anyhow!("interrupted by {name}")),
-        }
-    })
+    let binaries = Binaries::build(Profile::Release, "bench users")?;
+    let pinning = pin_for_run("gateway", "engine and load generator")?;
+    block_on_until_stopped(users_async(&binaries, pinning, connections))
 }
 
 /// Who the requests come from.
@@ -105,8 +93,7 @@ struct Row {
 }
 
 async fn users_async(binaries: &Binaries, pinning: Pinning, connections: usize) -> Result<()> {
-    let out_dir = procs::target_dir().join("bench");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out_dir = bench_dir()?;
     let client = Client::new();
 
     let step = ui::step("bench users: start a mock engine and the gateway (release)");
@@ -120,7 +107,7 @@ async fn users_async(binaries: &Binaries, pinning: Pinning, connections: usize) 
     let (gateway, _) =
         start_release_gateway(binaries, &pods_file, out_dir.join("users-gateway.log"), env, pinning, &client).await?;
     let target = gateway.listen;
-    let gateway_pid = gateway.child.pid().context("the gateway has no pid (exited?)")?;
+    let gateway_pid = gateway.child.pid();
     stack.gateway = Some(gateway);
     stack::wait_models_listed(&client, target, &[MODEL], Duration::from_secs(10)).await?;
     step.done();
@@ -150,10 +137,7 @@ async fn users_async(binaries: &Binaries, pinning: Pinning, connections: usize) 
     stack.stop().await?;
 
     let markdown = render_markdown(connections, pinning, &revision(), &rows, started.elapsed());
-    let path = out_dir.join("users.md");
-    std::fs::write(&path, &markdown).with_context(|| format!("writing {}", path.display()))?;
-    println!("\n{markdown}");
-    ui::info(format!("written to {}", path.display()));
+    publish_report(&out_dir, "users.md", &markdown)?;
     if rows.iter().any(|row| row.report.completed == 0) {
         bail!("a period completed no request; see the logs in {}", out_dir.display());
     }
@@ -191,20 +175,11 @@ impl Bench {
             period: label.to_owned(),
             users_before,
             users_after: users.sent(),
-            gateway_cpu_us: cpu.as_secs_f64() * 1e6 / report.completed.max(1) as f64,
+            gateway_cpu_us: per_request_us(cpu, &report),
             gateway_rss_mib: rss_mib(self.gateway_pid),
             report,
         };
-        ui::info(format!(
-            "{:.0} req/s, p50 {} ms, p99 {} ms, {} errors{}, {} → {} users",
-            row.report.requests_per_second(),
-            format_ms(row.report.percentile_ms(50.0)),
-            format_ms(row.report.percentile_ms(99.0)),
-            row.report.errors,
-            row.report.first_error.as_deref().map(|err| format!(" (first: {err})")).unwrap_or_default(),
-            count(row.users_before),
-            count(row.users_after),
-        ));
+        ui::info(format!("{}, {} → {} users", summarize(&row.report), count(row.users_before), count(row.users_after)));
         step.done();
         Ok(row)
     }
