@@ -22,7 +22,7 @@ pub struct AccessRecord {
     pub request_id: HeaderValue,
     pub started: Instant,
     /// The request path as sent (escaped when written).
-    pub path: String,
+    pub path: Arc<str>,
     /// The client the request is accounted to, and the connection's peer.
     pub client: ClientAddr,
     pub peer: SocketAddr,
@@ -79,7 +79,7 @@ impl AccessRecord {
         Self {
             request_id,
             started: Instant::now(),
-            path: path.to_owned(),
+            path: Arc::from(path),
             client,
             peer,
             model: None,
@@ -101,9 +101,9 @@ impl AccessRecord {
         let usage = end.usage.unwrap_or_default();
         let outcome = end.outcome.unwrap_or(if end.error.is_some() { Outcome::Error } else { Outcome::Completed });
         // Behind a trusted proxy: the forwarded client, and the proxy as `via`.
-        let (client, via) = match self.client.behind_proxy {
-            true => (self.client.ip.to_string(), Some(self.peer)),
-            false => (self.peer.to_string(), None),
+        let (client, via): (&dyn std::fmt::Display, _) = match self.client.behind_proxy {
+            true => (&self.client.ip, Some(self.peer)),
+            false => (&self.peer, None),
         };
         tracing::info!(
             target: "turnstile::access",
@@ -121,12 +121,38 @@ impl AccessRecord {
             routing_ms = self.routing_time.map(ms),
             ttft_ms = end.first_byte.map(ms),
             total_ms = ms(self.started.elapsed()),
-            path = %crate::errors::echo(&self.path),
-            client,
+            path = %Echoed(&self.path),
+            client = %client,
             via = via.map(tracing::field::display),
             origin = end.error.map(|e| tracing::field::debug(e.origin())),
             error = end.error.map(tracing::field::display),
             "request end"
         );
+    }
+}
+
+/// A client-sent value in a log field: as it is when it is short printable
+/// ASCII (every proxied path), else as [`crate::errors::echo`] escapes and
+/// cuts it.
+struct Echoed<'a>(&'a str);
+
+impl std::fmt::Display for Echoed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plain = self.0.len() <= crate::errors::ECHO_MAX_BYTES && self.0.bytes().all(|b| (0x20..0x7f).contains(&b));
+        if plain { f.write_str(self.0) } else { f.write_str(&crate::errors::echo(self.0)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Echoed;
+
+    #[test]
+    fn logged_paths_are_escaped_and_cut_only_when_they_need_it() {
+        assert_eq!(Echoed("/v1/chat/completions").to_string(), "/v1/chat/completions");
+        assert_eq!(Echoed("/a\nb\u{1b}").to_string(), crate::errors::echo("/a\nb\u{1b}"));
+        let long = "/x".repeat(400);
+        assert_eq!(Echoed(&long).to_string(), crate::errors::echo(&long));
+        assert!(Echoed(&long).to_string().ends_with("..."));
     }
 }

@@ -88,6 +88,7 @@ impl Quota {
 /// The pieces of one attempt that do not change between attempts.
 pub(super) struct Outbound<'a> {
     pub parts: &'a http::request::Parts,
+    pub strategy: &'static str,
     pub endpoint: Endpoint,
     pub body: &'a Bytes,
     pub model: &'a Arc<str>,
@@ -112,7 +113,13 @@ impl<U: Upstream> Proxy<U> {
         let body = asked.unwrap_or_else(|| parsed.body.clone());
         let prompt = || parsed.prompt();
         let route_request = self.route_request(parts, prepared, &resolved.model_name, &prompt);
-        let send = Outbound { parts, endpoint: parsed.endpoint, body: &body, model: &resolved.model_name };
+        let send = Outbound {
+            parts,
+            strategy: resolved.strategy.name(),
+            endpoint: parsed.endpoint,
+            body: &body,
+            model: &resolved.model_name,
+        };
         let quotas = admission.user_quotas();
         let mut quota = Quota { pending: Some(admission), charge: None, quotas };
         let result = self.route_and_send(&send, resolved, &route_request, &mut quota, ctx).await;
@@ -163,11 +170,9 @@ impl<U: Upstream> Proxy<U> {
                 Err(_) if !refused.is_empty() => return Err(self.give_up(refused.pop(), send, ctx)),
                 Err(unroutable) => return Err(unroutable_error(unroutable, send.model)),
             };
-            if ctx.access.routing_time.is_none() {
-                let routing_time = ctx.access.started.elapsed();
-                ctx.access.routing_time = Some(routing_time);
-                self.metrics.routed(send.model, resolved.strategy.name(), routing_time.as_secs_f64());
-            }
+            // Arrival to the first route (a pd prefill is not routing): counted
+            // once the request goes to the pod that answers.
+            ctx.first_route.get_or_insert_with(|| ctx.access.started.elapsed());
             match self.attempt(route, send, quota, ctx).await {
                 Ok(forwarded) => return Ok(forwarded),
                 Err(Failed::Final(error)) => return Err(error),
@@ -193,6 +198,7 @@ impl<U: Upstream> Proxy<U> {
                 // Counted in flight at once, so the next request's strategy
                 // sees it (no window between choosing a pod and counting it).
                 let guard = pod.load.start();
+                ctx.routed(&self.metrics, send);
                 let body = send.body.clone();
                 let mut forwarded = self.send_to(pod, guard, body, send, quota, ctx).await?;
                 forwarded.headers = decision.headers;
@@ -218,21 +224,34 @@ impl<U: Upstream> Proxy<U> {
         let guard = plan.decode.load.start();
         // Only generation is split; embeddings and responses are served
         // whole by the decode pod.
-        if !matches!(send.endpoint, Endpoint::ChatCompletions | Endpoint::Completions) {
-            return self.send_to(Arc::clone(&plan.decode), guard, send.body.clone(), send, quota, ctx).await;
-        }
-        let body = match self.prefill(&plan, send, &ctx.access.request_id).await {
-            Ok(body) => body,
-            Err(failure) if failure.not_sent => return Err(Failed::Refused(Refusal::Prefill { plan, failure })),
-            Err(failure) => return Err(Failed::Final(self.prefill_failed(&plan, send, failure, ctx))),
+        let (body, headers) = if matches!(send.endpoint, Endpoint::ChatCompletions | Endpoint::Completions) {
+            let body = match self.prefill(&plan, send, &ctx.access.request_id).await {
+                Ok(body) => body,
+                Err(failure) if failure.not_sent => return Err(Failed::Refused(Refusal::Prefill { plan, failure })),
+                Err(failure) => return Err(Failed::Final(self.prefill_failed(&plan, send, failure, ctx))),
+            };
+            let prefill_pod = vec![
+                (PREFILL_TARGET_POD, header_value(&plan.prefill.name)),
+                (PREFILL_TARGET_POD_IP, header_value(&plan.prefill.addr_text)),
+            ];
+            (body, prefill_pod)
+        } else {
+            (send.body.clone(), Vec::new())
         };
-        let headers = vec![
-            (PREFILL_TARGET_POD, header_value(&plan.prefill.name)),
-            (PREFILL_TARGET_POD_IP, header_value(&plan.prefill.addr_text)),
-        ];
-        let mut forwarded = self.send_to(Arc::clone(&plan.decode), guard, body, send, quota, ctx).await?;
-        forwarded.headers = headers;
-        Ok(forwarded)
+        ctx.routed(&self.metrics, send);
+        let decode = Arc::clone(&plan.decode);
+        match self.send_to(decode, guard, body, send, quota, ctx).await {
+            Ok(mut forwarded) => {
+                forwarded.headers = headers;
+                Ok(forwarded)
+            }
+            // The prefill is done (its KV blocks wait for this pod): another
+            // pair would prefill again, so a refusing decode pod is final.
+            Err(Failed::Refused(Refusal::Pod { pod, reason })) => {
+                Err(Failed::Final(SendError::Connect(reason).into_gateway_error(&pod)))
+            }
+            Err(failed) => Err(failed),
+        }
     }
 
     /// Sends the request to the pod that answers it.

@@ -167,6 +167,21 @@ pub struct RequestContext {
     http1: bool,
     /// The client connection's kernel tag.
     conn: Option<ClientConn>,
+    /// Arrival to the first route, until the request is counted as routed.
+    first_route: Option<Duration>,
+}
+
+impl RequestContext {
+    /// The request goes to the pod that answers it: its routing time is
+    /// logged and counted, once.
+    fn routed(&mut self, metrics: &Metrics, send: &forward::Outbound<'_>) {
+        if self.access.routing_time.is_some() {
+            return;
+        }
+        let routing_time = self.first_route.unwrap_or_else(|| self.access.started.elapsed());
+        self.access.routing_time = Some(routing_time);
+        metrics.routed(send.model, send.strategy, routing_time.as_secs_f64());
+    }
 }
 
 /// What a request resolved to: its model's pods, profile and strategy.
@@ -259,7 +274,7 @@ impl<U: Upstream> Proxy<U> {
         let client = self.settings.trusted_proxies.client(peer.ip(), request.headers());
         let access = AccessRecord::new(request_id(request.headers()), request.uri().path(), client, peer);
         let http1 = request.version() < http::Version::HTTP_2;
-        RequestContext { access, http1, conn: request.extensions().get::<ClientConn>().cloned() }
+        RequestContext { access, http1, conn: request.extensions().get::<ClientConn>().cloned(), first_route: None }
     }
 
     /// The phases of a request that gets past the in-flight limit.

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
-use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::errors::GatewayError;
@@ -48,9 +48,11 @@ pub struct ParsedRequest {
     pub max_tokens: Option<i64>,
     /// What `stream_options` says about usage.
     pub stream_options: StreamOptions,
-    /// The raw JSON values the prompt is made of, as byte ranges of `body`:
-    /// message contents (chat), `prompt` (completions), `input`.
-    prompt_parts: Vec<Range<usize>>,
+    /// Where in `body` each message lies, and the `prompt` and `input`
+    /// values: what the prompt's text is made of.
+    messages: Vec<Range<usize>>,
+    prompt_field: Option<Range<usize>>,
+    input_field: Option<Range<usize>>,
     prompt: OnceLock<String>,
 }
 
@@ -72,138 +74,105 @@ struct StreamOptionsProbe {
     include_usage: Option<bool>,
 }
 
-#[derive(Deserialize)]
+/// The top-level fields the gateway reads, in one pass over the body.
+#[derive(Default)]
 struct Probe<'a> {
-    #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
-    #[serde(default)]
+    model: Option<String>,
     stream: Option<bool>,
-    #[serde(borrow, default)]
-    messages: Option<Messages<'a>>,
-    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
     prompt: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     input: Option<&'a RawValue>,
-    #[serde(default)]
     max_tokens: Option<i64>,
-    #[serde(default)]
     max_completion_tokens: Option<i64>,
-    #[serde(default)]
     max_output_tokens: Option<i64>,
     /// Present even when `null`: a spliced-in field must never sit beside
     /// one the engine would read last.
-    #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
 }
 
-/// A visitor's answer to any JSON scalar (the value is skipped).
-macro_rules! scalars_are {
-    ($value:expr) => {
-        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
-            Ok($value)
-        }
-        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
-            Ok($value)
-        }
-        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
-            Ok($value)
-        }
-        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
-            Ok($value)
-        }
-        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
-            Ok($value)
-        }
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok($value)
-        }
-    };
+/// The fields of [`Probe`], in the order of [`FIELD_NAMES`].
+#[derive(Clone, Copy, Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum Field {
+    Model,
+    Stream,
+    Messages,
+    Prompt,
+    Input,
+    MaxTokens,
+    MaxCompletionTokens,
+    MaxOutputTokens,
+    StreamOptions,
+    #[serde(other)]
+    Other,
 }
 
-/// `messages`, read in the same pass: how many there are and each one's
-/// `content`. Anything but an array counts as no messages; entries that
-/// are not objects count, without content.
-#[derive(Default)]
-struct Messages<'a> {
-    count: usize,
-    contents: Vec<&'a RawValue>,
-}
+const FIELD_NAMES: [&str; 9] = [
+    "model",
+    "stream",
+    "messages",
+    "prompt",
+    "input",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "stream_options",
+];
 
-impl<'de: 'a, 'a> Deserialize<'de> for Messages<'a> {
+impl<'de: 'a, 'a> Deserialize<'de> for Probe<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(MessagesVisitor(std::marker::PhantomData))
+        deserializer.deserialize_map(ProbeVisitor(std::marker::PhantomData))
     }
 }
 
-struct MessagesVisitor<'a>(std::marker::PhantomData<&'a ()>);
+struct ProbeVisitor<'a>(std::marker::PhantomData<&'a ()>);
 
-impl<'de: 'a, 'a> Visitor<'de> for MessagesVisitor<'a> {
-    type Value = Messages<'a>;
+impl<'de: 'a, 'a> Visitor<'de> for ProbeVisitor<'a> {
+    type Value = Probe<'a>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a list of messages")
+        f.write_str("a request object")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut messages = Messages::default();
-        while let Some(message) = seq.next_element::<Message<'a>>()? {
-            messages.count += 1;
-            messages.contents.extend(message.content);
-        }
-        Ok(messages)
-    }
-
+    /// A field the gateway acts on given twice makes the body one it cannot
+    /// process; `prompt` and `input`, read only for the prompt's text, may
+    /// repeat (the last wins, as in the engine), and other fields are the
+    /// engine's to judge.
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Messages::default())
-    }
-
-    scalars_are!(Messages::default());
-}
-
-/// One entry of `messages`: its `content` if it is an object that has one.
-struct Message<'a> {
-    content: Option<&'a RawValue>,
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Message<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(MessageVisitor(std::marker::PhantomData))
-    }
-}
-
-struct MessageVisitor<'a>(std::marker::PhantomData<&'a ()>);
-
-impl<'de: 'a, 'a> Visitor<'de> for MessageVisitor<'a> {
-    type Value = Message<'a>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a message")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut content = None;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            if key == "content" {
-                content = map.next_value::<Option<&'de RawValue>>()?;
-            } else {
-                map.next_value::<IgnoredAny>()?;
+        let mut probe = Probe::default();
+        let mut seen = [false; FIELD_NAMES.len()];
+        while let Some(field) = map.next_key::<Field>()? {
+            if let Some(seen) = seen.get_mut(field as usize).filter(|_| !matches!(field, Field::Prompt | Field::Input))
+            {
+                if *seen {
+                    return Err(serde::de::Error::duplicate_field(FIELD_NAMES[field as usize]));
+                }
+                *seen = true;
+            }
+            match field {
+                Field::Model => probe.model = map.next_value()?,
+                Field::Stream => probe.stream = map.next_value()?,
+                Field::Messages => probe.messages = map.next_value()?,
+                Field::Prompt => probe.prompt = map.next_value()?,
+                Field::Input => probe.input = map.next_value()?,
+                Field::MaxTokens => probe.max_tokens = map.next_value()?,
+                Field::MaxCompletionTokens => probe.max_completion_tokens = map.next_value()?,
+                Field::MaxOutputTokens => probe.max_output_tokens = map.next_value()?,
+                Field::StreamOptions => probe.stream_options = Some(map.next_value()?),
+                Field::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
-        Ok(Message { content })
+        Ok(probe)
     }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Message { content: None })
-    }
-
-    scalars_are!(Message { content: None });
 }
 
-/// `Some` for a field that is there, `null` included.
-fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(deserializer).map(Some)
+/// One entry of `messages`, for its `content`.
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
 }
 
 impl ParsedRequest {
@@ -214,11 +183,14 @@ impl ParsedRequest {
         // processed.
         let probe: Probe<'_> = serde_json::from_slice(&body).map_err(|_| GatewayError::BodyNotJson)?;
         let model = match probe.model {
-            Some(model) if !model.trim().is_empty() => model.into_owned(),
+            Some(model) if !model.trim().is_empty() => model,
             _ => return Err(GatewayError::ModelMissing),
         };
-        let messages = probe.messages.unwrap_or_default();
-        if endpoint == Endpoint::ChatCompletions && messages.count == 0 {
+        // Anything but an array counts as no messages; what the entries are
+        // is the engine's to judge.
+        let messages: Vec<&RawValue> =
+            probe.messages.and_then(|raw| serde_json::from_str(raw.get()).ok()).unwrap_or_default();
+        if endpoint == Endpoint::ChatCompletions && messages.is_empty() {
             return Err(GatewayError::NoMessages);
         }
         let stream_options = match probe.stream_options.map(|raw| serde_json::from_str::<StreamOptionsProbe>(raw.get()))
@@ -233,14 +205,15 @@ impl ParsedRequest {
             let start = raw.get().as_ptr() as usize - base;
             start..start + raw.get().len()
         };
-        let prompt_parts = messages.contents.iter().copied().chain(probe.prompt).chain(probe.input).map(span).collect();
         Ok(Self {
             endpoint,
             model,
             stream: probe.stream.unwrap_or(false),
             max_tokens: probe.max_tokens.or(probe.max_completion_tokens).or(probe.max_output_tokens),
             stream_options,
-            prompt_parts,
+            messages: messages.into_iter().map(span).collect(),
+            prompt_field: probe.prompt.map(span),
+            input_field: probe.input.map(span),
             prompt: OnceLock::new(),
             body,
         })
@@ -252,10 +225,16 @@ impl ParsedRequest {
     /// else is counted as its raw JSON. Assembled on first use.
     pub fn prompt(&self) -> &str {
         self.prompt.get_or_init(|| {
-            let parts: Vec<Cow<'_, str>> = self
-                .prompt_parts
+            let text = |range: &Range<usize>| std::str::from_utf8(self.body.get(range.clone())?).ok();
+            let contents = self
+                .messages
                 .iter()
-                .filter_map(|range| std::str::from_utf8(self.body.get(range.clone())?).ok())
+                .filter_map(text)
+                .filter_map(|message| serde_json::from_str::<Message<'_>>(message).ok()?.content);
+            let parts: Vec<Cow<'_, str>> = contents
+                .map(RawValue::get)
+                .chain(self.prompt_field.iter().filter_map(text))
+                .chain(self.input_field.iter().filter_map(text))
                 .map(raw_text)
                 .collect();
             parts.join(" ")
@@ -428,6 +407,23 @@ mod tests {
         assert_eq!(prompt_text(br#"{"model":"m","prompt":"once upon"}"#), "once upon");
         assert_eq!(prompt_text(br#"{"model":"m","input":"a\nb"}"#), "a\nb");
         assert_eq!(prompt_text(b"not json"), "");
+    }
+
+    #[test]
+    fn odd_but_valid_bodies_are_the_engines_to_judge() {
+        let parse = |body: &str| ParsedRequest::parse(Endpoint::ChatCompletions, Bytes::from(body.to_owned()));
+        let repeated =
+            parse(r#"{"model":"m","messages":[{"content":"a"}],"prompt":"x","prompt":"y","input":1,"input":2}"#)
+                .expect("prompt and input may repeat; the last wins");
+        assert_eq!(repeated.prompt(), "a y 2");
+        let entries = parse(r#"{"model":"m","messages":[1e400,"hi",null,{"content":null},{"content":"x"}]}"#)
+            .expect("any non-empty list of messages");
+        assert_eq!(entries.prompt(), "x");
+        assert!(matches!(
+            parse(r#"{"model":"m","messages":[{}],"stream":true,"stream":false}"#),
+            Err(GatewayError::BodyNotJson)
+        ));
+        assert!(matches!(parse(r#"{"model":"m","messages":1e400}"#), Err(GatewayError::NoMessages)));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -37,11 +38,13 @@ fn settle_in_background(charge: Box<dyn Charge>, tokens: u64) {
     }
 }
 
-/// A body whose answer's usage can be asked for once it ends (or is
-/// abandoned).
+/// What the usage layer knows of an answer, for the layer that ends it.
 pub trait UsageSource {
     /// The answer's usage as far as it was read; the tap is spent by it.
     fn usage(&mut self) -> Option<Usage>;
+
+    /// When the engine's first data arrived (before any TPM charge held it).
+    fn first_data(&self) -> Option<Instant>;
 }
 
 enum State {
@@ -66,6 +69,7 @@ pub struct Metered<B> {
     last: Option<Frame<Bytes>>,
     /// Trailers that arrived while the filter held a line, passed on next.
     stashed: Option<Frame<Bytes>>,
+    first_data: Option<Instant>,
 }
 
 impl<B: Body<Data = Bytes>> Metered<B> {
@@ -80,6 +84,7 @@ impl<B: Body<Data = Bytes>> Metered<B> {
             state: State::Streaming,
             last: None,
             stashed: None,
+            first_data: None,
         }
     }
 
@@ -112,6 +117,7 @@ impl<B: Body<Data = Bytes>> Metered<B> {
     fn on_frame(&mut self, frame: Frame<Bytes>) -> Option<Poll<Polled<B::Error>>> {
         let trailers = match frame.into_data() {
             Ok(data) => {
+                self.first_data.get_or_insert_with(Instant::now);
                 self.tap.observe(&data);
                 let end = self.inner.is_end_stream();
                 let data = self.for_client(data, end);
@@ -140,6 +146,10 @@ impl<B: Body<Data = Bytes>> Metered<B> {
 impl<B> UsageSource for Metered<B> {
     fn usage(&mut self) -> Option<Usage> {
         *self.read.get_or_insert_with(|| self.tap.finish().or(self.trailer_usage))
+    }
+
+    fn first_data(&self) -> Option<Instant> {
+        self.first_data
     }
 }
 

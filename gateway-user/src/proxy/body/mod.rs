@@ -191,6 +191,16 @@ mod tests {
             shape: &AnswerShape<'_>,
             gate: Option<oneshot::Receiver<()>>,
         ) -> ResponseBody<Scripted> {
+            self.clocked_body(steps, shape, gate, None)
+        }
+
+        fn clocked_body(
+            &self,
+            steps: Scripted,
+            shape: &AnswerShape<'_>,
+            gate: Option<oneshot::Receiver<()>>,
+            clock: Option<Arc<BodyClock>>,
+        ) -> ResponseBody<Scripted> {
             let mut access = AccessRecord::new(
                 http::HeaderValue::from_static("rid-1"),
                 "/v1/chat/completions",
@@ -208,7 +218,7 @@ mod tests {
                 on_usage: Some(UsageCallback::new(move |usage| told.lock().map(|mut t| t.push(usage)).unwrap_or(()))),
             };
             let charge = TestCharge { billed: Arc::clone(&self.billed), gate };
-            response_body(steps, shape, Some(Box::new(charge)), record, None)
+            response_body(steps, shape, Some(Box::new(charge)), record, clock)
         }
 
         fn billed(&self) -> Vec<u64> {
@@ -245,6 +255,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn the_last_frame_waits_for_the_tpm_charge() {
+        let (log, _guard) = CapturedLog::start();
         let fx = Fixture::new();
         let (open, gate) = oneshot::channel();
         let body = fx.body(
@@ -256,8 +267,12 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!reader.is_finished(), "the answer's end is held while its tokens are charged");
         assert!(fx.billed().is_empty());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         let _ = open.send(());
         let (frames, end) = reader.await.expect("reader");
+        let line = &log.request_ends()[0];
+        let (ttft, total) = (line["ttft_ms"].as_f64().unwrap_or(-1.0), line["total_ms"].as_f64().unwrap_or(0.0));
+        assert!((0.0..150.0).contains(&ttft) && total >= 200.0, "the charge is not time to first byte: {line}");
         assert_eq!((frames.concat().as_str(), end), ("{\"usage\":{\"total_tokens\":7}}", Ok(())));
         assert_eq!(fx.billed(), [7]);
     }
@@ -320,6 +335,21 @@ mod tests {
         }
         assert_eq!(fx.billed(), [5], "the charge in flight was not lost");
         assert_eq!(log.request_ends()[0]["outcome"], "client_gone");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_client_that_stops_reading_is_told_apart_from_one_that_left() {
+        let (log, _guard) = CapturedLog::start();
+        let fx = Fixture::new();
+        let watch = crate::proxy::write_watch::WriteWatch::new(std::time::Duration::from_millis(20));
+        let steps = sse(vec![Step::data(CHUNK), Step::Hang]);
+        let mut body = fx.clocked_body(steps, &SSE, None, Some(watch.register()));
+        let first = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        assert!(matches!(first, Some(Ok(_))), "handed over: the client's turn from now");
+        let tripped = tokio::time::timeout(std::time::Duration::from_secs(5), watch.stalled()).await;
+        assert_eq!(tripped, Ok(true), "the client never came back for more");
+        drop(body);
+        assert_eq!(log.request_ends()[0]["outcome"], "client_stalled");
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -7,7 +7,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -60,12 +60,14 @@ impl<B: UsageSource> RequestEnd<B> {
         Self { inner, record: Some(record), first_byte: None, clock }
     }
 
-    fn first_data(&mut self) {
+    fn mark_first_byte(&mut self) {
         if self.first_byte.is_some() {
             return;
         }
         if let Some(record) = &self.record {
-            let elapsed = record.access.started.elapsed();
+            // Timed when the engine sent it, not when a TPM charge let it go.
+            let at = self.inner.first_data().unwrap_or_else(Instant::now);
+            let elapsed = at.saturating_duration_since(record.access.started);
             record.metrics.upstream_first_byte(&record.access.model_label(), elapsed.as_secs_f64());
             self.first_byte = Some(elapsed);
         }
@@ -99,7 +101,7 @@ impl<B: Body<Data = Bytes> + UsageSource + Unpin> Body for RequestEnd<B> {
         match &polled {
             Some(Ok(frame)) => {
                 if frame.is_data() {
-                    this.first_data();
+                    this.mark_first_byte();
                 }
                 if this.inner.is_end_stream() || frame.is_trailers() {
                     this.finish(Outcome::Completed);
