@@ -449,6 +449,14 @@ async fn pd_failures_say_what_failed_and_send_no_decode() {
     rig.chat(&[("routing-strategy", "pd")]).await.assert_error(503, "prefill request to pod rs-prefill failed");
     assert!(rig.engines.seen().iter().all(|s| s.port == 9100), "no decode was sent");
 
+    // A decode pod that refuses after the prefill ran is final: another
+    // pair would prefill the prompt again.
+    let rig = Rig::new(&[roleset("a", 9200, 9201), roleset("b", 9300, 9301)].concat());
+    rig.engines.set(9201, Reply::Refuse);
+    rig.engines.set(9301, Reply::Refuse);
+    rig.chat(&[("routing-strategy", "pd")]).await.assert_error(502, "connection refused");
+    assert_eq!(rig.engines.seen().len(), 1, "one prefill, no second pair: {:?}", rig.engines.seen());
+
     // A refused prefill pod is passed over for another roleset's.
     let rig = Rig::new(&[roleset("a", 9200, 9201), roleset("b", 9300, 9301)].concat());
     rig.engines.set(9200, Reply::Refuse);
