@@ -131,13 +131,18 @@ async fn supervise(
 /// Scrapes one pod until stopped.
 async fn scrape_pod(key: String, target: Target, slot: Arc<PodSlot>, shared: Arc<Shared>, stop: CancellationToken) {
     let names: &EngineNames = names::for_engine(&target.engine);
-    let uri: Uri = match format!("http://{}/metrics", target.addr).parse() {
-        Ok(uri) => uri,
+    let urls = format!("http://{}/metrics?{}", target.addr, names.sample_query())
+        .parse::<Uri>()
+        .and_then(|filtered| Ok((filtered, format!("http://{}/metrics", target.addr).parse::<Uri>()?)));
+    let (filtered, whole) = match urls {
+        Ok(urls) => urls,
         Err(err) => {
             tracing::warn!(pod = %key, error = %err, "cannot build the metrics URL; not scraping this pod");
             return;
         }
     };
+    // The filtered page until the engine refuses the query; then the whole one.
+    let mut uri = &filtered;
     let mut history = History::new(shared.settings.window);
     let mut tick = tokio::time::interval(shared.settings.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -151,10 +156,21 @@ async fn scrape_pod(key: String, target: Target, slot: Arc<PodSlot>, shared: Arc
             () = stop.cancelled() => return,
             permit = shared.limit.acquire() => permit,
         };
-        let result = tokio::select! {
+        let mut result = tokio::select! {
             () = stop.cancelled() => return,
-            result = fetch(&shared.client, &uri, shared.settings.timeout) => result,
+            result = fetch(&shared.client, uri, shared.settings.timeout) => result,
         };
+        if result.as_ref().is_err_and(|err| err.kind == "status") && std::ptr::eq(uri, &filtered) {
+            let whole_page = tokio::select! {
+                () = stop.cancelled() => return,
+                result = fetch(&shared.client, &whole, shared.settings.timeout) => result,
+            };
+            if whole_page.is_ok() {
+                tracing::info!(pod = %key, "engine refuses the metrics filter; scraping its whole page");
+                uri = &whole;
+            }
+            result = whole_page;
+        }
         drop(permit);
         let scraped = result.and_then(|text| {
             parse::parse(&text, names).map_err(|e| ScrapeError { kind: "parse", detail: e.to_string() })
@@ -169,7 +185,7 @@ async fn scrape_pod(key: String, target: Target, slot: Arc<PodSlot>, shared: Arc
             Err(err) => {
                 shared.metrics.routing.scrape_error(&target.model, err.kind);
                 if last_logged.is_none_or(|at| at.elapsed() >= ERROR_LOG_INTERVAL) {
-                    tracing::warn!(pod = %key, url = %uri, kind = err.kind, error = %err.detail,
+                    tracing::warn!(pod = %key, url = %whole, kind = err.kind, error = %err.detail,
                         "engine metrics scrape failed");
                     last_logged = Some(Instant::now());
                 }
@@ -217,23 +233,36 @@ mod tests {
 
     /// A `/metrics` server whose running count is whatever the test sets.
     async fn metrics_server(running: Arc<AtomicU64>) -> SocketAddr {
+        metrics_server_with(running, false, Arc::default()).await
+    }
+
+    /// A `/metrics` server that records each query it gets, and answers 400
+    /// to a query when `refuses_queries`.
+    async fn metrics_server_with(
+        running: Arc<AtomicU64>,
+        refuses_queries: bool,
+        queries: Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
                 let running = Arc::clone(&running);
+                let queries = Arc::clone(&queries);
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |_req| {
+                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let query = req.uri().query().unwrap_or("").to_owned();
+                        queries.lock().expect("queries").push(query.clone());
                         let text = format!(
                             "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"m\"}} {}\n",
                             running.load(Ordering::Relaxed)
                         );
-                        async move {
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                                Bytes::from(text),
-                            )))
+                        let mut response = hyper::Response::new(http_body_util::Full::new(Bytes::from(text)));
+                        if refuses_queries && !query.is_empty() {
+                            *response.status_mut() = http::StatusCode::BAD_REQUEST;
                         }
+                        async move { Ok::<_, std::convert::Infallible>(response) }
                     });
                     let io = hyper_util::rt::TokioIo::new(stream);
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
@@ -275,6 +304,32 @@ mod tests {
             Reading::Fresh(m) => m.running,
             _ => None,
         }
+    }
+
+    #[tokio::test]
+    async fn asks_for_the_samples_it_reads_and_takes_the_whole_page_from_an_engine_that_refuses() {
+        let running = Arc::new(AtomicU64::new(4));
+        let (filtering, refusing) = (Arc::default(), Arc::default());
+        let honours = metrics_server_with(Arc::clone(&running), false, Arc::clone(&filtering)).await;
+        let refuses = metrics_server_with(Arc::clone(&running), true, Arc::clone(&refusing)).await;
+        let metrics = Arc::new(Metrics::new());
+        let pods = Arc::new(PodStore::new(Arc::clone(&metrics)));
+        pods.replace_all(vec![pod("honours", honours), pod("refuses", refuses)]);
+        let store = Arc::new(EngineMetrics::new(Duration::from_secs(2)));
+        let settings = ScrapeConfig { interval: Duration::from_millis(10), ..ScrapeConfig::default() };
+        let shutdown = CancellationToken::new();
+        spawn(Arc::clone(&pods), Arc::clone(&store), metrics, settings, shutdown.clone());
+        wait_for("both pods read", || {
+            running_of(&store, "default/honours") == Some(4.0) && running_of(&store, "default/refuses") == Some(4.0)
+        })
+        .await;
+        wait_for("a few scrapes of the refusing pod", || refusing.lock().expect("queries").len() >= 4).await;
+        shutdown.cancel();
+        let asked = filtering.lock().expect("queries").clone();
+        assert!(asked.iter().all(|q| q == &names::for_engine("vllm").sample_query()), "{asked:?}");
+        let refused = refusing.lock().expect("queries").clone();
+        assert!(!refused[0].is_empty(), "the filter is tried first");
+        assert!(refused[1..].iter().all(String::is_empty), "then the whole page, without asking again: {refused:?}");
     }
 
     #[tokio::test]

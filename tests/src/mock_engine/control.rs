@@ -20,6 +20,10 @@ pub async fn handle(state: &EngineState, request: Request<Incoming>) -> Response
         (&Method::GET, "/v1/models") => state.json(StatusCode::OK, models_body(&state.models)),
         (&Method::GET, "/metrics") => {
             let text = state.metrics.render(state.first_model(), state.load.snapshot());
+            let text = match requested_samples(request.uri().query()) {
+                Some(samples) => restrict(&text, &samples),
+                None => text,
+            };
             state.respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", MockBody::full(text))
         }
         (&Method::GET, "/mock/stats") => {
@@ -53,5 +57,91 @@ async fn update_faults(state: &EngineState, request: Request<Incoming>) -> Respo
     match state.faults.apply(patch) {
         Ok(faults) => state.json(StatusCode::OK, json_bytes(&faults)),
         Err(message) => state.error(StatusCode::BAD_REQUEST, "BadRequestError", &message, None),
+    }
+}
+
+/// The sample names a `/metrics` query asks for (`name[]=…`, as
+/// prometheus_client reads it); `None` when it names none.
+fn requested_samples(query: Option<&str>) -> Option<std::collections::HashSet<String>> {
+    let samples: std::collections::HashSet<String> = query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(key, _)| percent_decoded(key) == "name[]")
+        .map(|(_, value)| percent_decoded(value))
+        .collect();
+    (!samples.is_empty()).then_some(samples)
+}
+
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The page as prometheus_client renders it for a `name[]` query: only the
+/// named samples, with the HELP and TYPE lines of their families.
+fn restrict(text: &str, samples: &std::collections::HashSet<String>) -> String {
+    let sample_name = |line: &str| line.split(['{', ' ']).next().unwrap_or("").to_owned();
+    let kept_families: std::collections::HashSet<String> = text
+        .lines()
+        .filter(|line| !line.starts_with('#') && samples.contains(&sample_name(line)))
+        .map(|line| family_of(&sample_name(line)).to_owned())
+        .collect();
+    let mut out = String::new();
+    for line in text.lines() {
+        let keep = match line.strip_prefix("# HELP ").or_else(|| line.strip_prefix("# TYPE ")) {
+            Some(rest) => kept_families.contains(rest.split(' ').next().unwrap_or("")),
+            None => !line.starts_with('#') && samples.contains(&sample_name(line)),
+        };
+        if keep {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The family a sample belongs to (a histogram's `_bucket`, `_sum` and
+/// `_count`, a counter's `_total`).
+fn family_of(sample: &str) -> &str {
+    ["_bucket", "_sum", "_count", "_total", "_created"]
+        .iter()
+        .find_map(|suffix| sample.strip_suffix(suffix))
+        .unwrap_or(sample)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_query_keeps_only_the_named_samples_and_their_families_headers() {
+        let page = "# HELP a:x_seconds h\n# TYPE a:x_seconds histogram\na:x_seconds_bucket{le=\"1\"} 1\na:x_seconds_sum 2\na:x_seconds_count 1\n# TYPE a:y gauge\na:y 3\n";
+        let asked =
+            requested_samples(Some("name%5B%5D=a%3Ax_seconds_sum&name[]=a:x_seconds_count&other=1")).expect("names");
+        assert_eq!(
+            restrict(page, &asked),
+            "# HELP a:x_seconds h\n# TYPE a:x_seconds histogram\na:x_seconds_sum 2\na:x_seconds_count 1\n"
+        );
+        assert_eq!(requested_samples(Some("x=1")), None);
+        assert_eq!(requested_samples(None), None);
     }
 }
