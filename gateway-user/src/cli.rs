@@ -3,6 +3,14 @@
 //! flags ([`flags`], [`plan`]) become the plain config structs the domain
 //! modules take, whose `Default`s are the flags' defaults.
 
+/// A config struct built from the flags of the same names, each field named
+/// once (the struct literal still has to name every field of the config).
+macro_rules! same_fields {
+    ($args:expr => $config:ident { $($field:ident),+ $(,)? }) => {
+        $config { $($field: $args.$field),+ }
+    };
+}
+
 mod flags;
 mod plan;
 

@@ -486,7 +486,8 @@ pub struct RoutingArgs {
 
 impl From<&RoutingArgs> for RoutingConfig {
     fn from(args: &RoutingArgs) -> Self {
-        let RoutingArgs {
+        // `prefill_request_timeout_seconds` is the proxy's (see `serve`).
+        same_fields!(args => RoutingConfig {
             prefix_cache_block_size,
             prefix_cache_block_number,
             prefix_cache_tokenizer_type,
@@ -501,24 +502,7 @@ impl From<&RoutingArgs> for RoutingConfig {
             vtc_max_pod_load,
             vtc_input_token_weight,
             vtc_output_token_weight,
-            prefill_request_timeout_seconds: _,
-        } = *args;
-        Self {
-            prefix_cache_block_size,
-            prefix_cache_block_number,
-            prefix_cache_tokenizer_type,
-            prefix_cache_hash_seed,
-            prefix_cache_imbalance_abs_count,
-            prefix_cache_standard_deviation_factor,
-            prefix_cache_eviction_duration_mins,
-            vtc_window_minutes,
-            vtc_min_tokens,
-            vtc_fairness_weight,
-            vtc_utilization_weight,
-            vtc_max_pod_load,
-            vtc_input_token_weight,
-            vtc_output_token_weight,
-        }
+        })
     }
 }
 

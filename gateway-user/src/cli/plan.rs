@@ -123,7 +123,7 @@ pub struct PlanArgs {
 
 impl From<PlanArgs> for PlanConfig {
     fn from(args: PlanArgs) -> Self {
-        let PlanArgs {
+        same_fields!(args => PlanConfig {
             gateway,
             admin,
             model,
@@ -150,34 +150,6 @@ impl From<PlanArgs> for PlanConfig {
             svg,
             json,
             api_key,
-        } = args;
-        Self {
-            gateway,
-            admin,
-            model,
-            target_qps,
-            replicas_under_test,
-            safety_margin,
-            allow_any_margin,
-            start_qps,
-            step_factor,
-            stage_seconds,
-            refine_stages,
-            max_seconds,
-            max_requests,
-            latency_factor,
-            latency_slack_ms,
-            max_error_rate,
-            min_achieved_ratio,
-            request_timeout_seconds,
-            input_tokens,
-            output_tokens,
-            stream,
-            pd,
-            routing_strategy,
-            svg,
-            json,
-            api_key,
-        }
+        })
     }
 }
