@@ -228,6 +228,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         auth = limits_config.bearer_token.is_some(),
         "limits configured"
     );
+    let limits_redis_url = limits_config.redis_url.clone();
     let limits = Arc::new(crate::limits::Limits::new(limits_config, Arc::clone(&metrics))?);
     let admin_limits = Arc::clone(&limits);
     // Engine metrics of every ready pod, scraped once discovery runs.
@@ -268,11 +269,24 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
 
+    let sharing = match (&limits_redis_url, args.engine_metrics.pod_metric_sharing) {
+        (Some(url), crate::cli::flags::MetricSharing::On) => {
+            match crate::engine_metrics::sharing::Sharing::start(url, shutdown.clone()) {
+                Ok(sharing) => Some(sharing),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot share engine scrapes through Redis; each replica scrapes every pod");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     crate::engine_metrics::scraper::spawn(
         Arc::clone(&store),
         Arc::clone(&engine_metrics),
         Arc::clone(&metrics),
         scrape,
+        sharing,
         shutdown.clone(),
     );
 

@@ -132,6 +132,11 @@ impl Engine {
         self.stats().await["requests_total"].as_u64().unwrap_or(0)
     }
 
+    /// `GET /metrics` requests this engine has answered.
+    pub async fn metrics_scrapes(&self) -> u64 {
+        self.stats().await["metrics_scrapes"].as_u64().unwrap_or(0)
+    }
+
     /// Changes fault switches at runtime (`POST /mock/faults`).
     pub async fn set_faults(&self, faults: serde_json::Value) {
         let r = send(post(&self.url("/mock/faults"), &faults.to_string(), &[])).await;

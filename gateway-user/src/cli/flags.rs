@@ -352,6 +352,15 @@ impl From<&KernelArgs> for KernelConfig {
     }
 }
 
+/// Whether replicas share engine scrapes through Redis.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricSharing {
+    /// Share when a Redis is configured.
+    On,
+    /// Every replica scrapes every pod.
+    Off,
+}
+
 /// Engine metrics scraping.
 #[derive(Args, Debug, Clone)]
 pub struct EngineMetricsArgs {
@@ -372,6 +381,20 @@ pub struct EngineMetricsArgs {
     #[arg(long, env = "TURNSTILE_POD_METRIC_CONCURRENCY", default_value_t = ScrapeConfig::default().concurrency)]
     pub pod_metric_concurrency: usize,
 
+    /// Most scrapes started per second over all pods. Past this many pods
+    /// per refresh interval, each idle pod's period stretches evenly (pods
+    /// with requests in flight first) and staleness is judged against the
+    /// stretched period.
+    #[arg(long, env = "TURNSTILE_POD_METRIC_MAX_SCRAPES_PER_SECOND",
+          default_value_t = ScrapeConfig::default().max_scrapes_per_second)]
+    pub pod_metric_max_scrapes_per_second: u32,
+
+    /// With a Redis configured (`--redis-url`), replicas share one scrape of
+    /// each pod per period: one scrapes and publishes what it read, the
+    /// others take it. `off` scrapes every pod from every replica.
+    #[arg(long, env = "TURNSTILE_POD_METRIC_SHARING", value_enum, default_value_t = MetricSharing::On)]
+    pub pod_metric_sharing: MetricSharing,
+
     /// Length of the recent window histogram means and token rates are taken over.
     #[arg(long, env = "TURNSTILE_POD_METRIC_WINDOW_SECONDS",
           default_value_t = ScrapeConfig::default().window.as_secs())]
@@ -385,6 +408,8 @@ impl From<&EngineMetricsArgs> for ScrapeConfig {
             pod_metric_timeout_ms,
             pod_metric_stale_ms,
             pod_metric_concurrency,
+            pod_metric_max_scrapes_per_second,
+            pod_metric_sharing: _,
             pod_metric_window_seconds,
         } = args;
         Self {
@@ -392,6 +417,7 @@ impl From<&EngineMetricsArgs> for ScrapeConfig {
             timeout: Duration::from_millis((*pod_metric_timeout_ms).max(1)),
             stale_after: Duration::from_millis(*pod_metric_stale_ms),
             concurrency: (*pod_metric_concurrency).max(1),
+            max_scrapes_per_second: (*pod_metric_max_scrapes_per_second).max(1),
             window: Duration::from_secs((*pod_metric_window_seconds).max(1)),
         }
     }

@@ -2,21 +2,28 @@
 //! itself on `/metrics`, scraped in the background and read lock-free by
 //! routing strategies.
 //!
-//! The [`scraper`] runs one small task per ready pod (every 50 ms by default,
-//! `AIBRIX_POD_METRIC_REFRESH_INTERVAL_MS`), with a timeout per scrape and a
-//! bound on scrapes in flight. Each task turns the text into [`PodMetrics`]
-//! ([`parse`] reads vLLM or SGLang names by the pod's engine label, [`window`]
-//! turns cumulative histograms and counters into recent means and rates) and
-//! publishes it in the pod's slot. A request loads the slot map once
-//! ([`EngineMetrics::view`]) and reads each candidate's latest metrics; past
-//! the staleness cut-off they count as missing.
+//! The [`scraper`] scrapes every ready pod (every 50 ms by default,
+//! `AIBRIX_POD_METRIC_REFRESH_INTERVAL_MS`) within a budget of scrapes per
+//! second over all pods ([`schedule`]: with many pods the period stretches
+//! evenly, pods with requests in flight first), with a timeout per scrape and
+//! a bound on scrapes in flight. Each scrape asks only for the series routing
+//! reads ([`names`]), is reduced to signals ([`parse`]) and turned into
+//! [`PodMetrics`] ([`window`] turns cumulative histograms and counters into
+//! recent means and rates), published in the pod's slot. With Redis,
+//! replicas share one scrape per pod per period ([`sharing`]). A request
+//! loads the slot map once ([`EngineMetrics::view`]) and reads each
+//! candidate's latest metrics; past the staleness cut-off (a few periods)
+//! they count as missing.
 
 mod names;
 mod parse;
+mod schedule;
 pub mod scraper;
+pub mod sharing;
 mod window;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -35,6 +42,9 @@ pub struct ScrapeConfig {
     pub stale_after: Duration,
     /// Most scrapes in flight at once, over all pods.
     pub concurrency: usize,
+    /// Most scrapes started per second, over all pods: past
+    /// `max_scrapes_per_second × interval` pods, the period stretches.
+    pub max_scrapes_per_second: u32,
     /// Length of the recent window histogram means and token rates are taken over.
     pub window: Duration,
 }
@@ -46,6 +56,7 @@ impl Default for ScrapeConfig {
             timeout: Duration::from_millis(1000),
             stale_after: Duration::from_millis(2000),
             concurrency: 16,
+            max_scrapes_per_second: 500,
             window: Duration::from_secs(5),
         }
     }
@@ -131,7 +142,9 @@ type Slots = HashMap<String, Arc<PodSlot>>;
 #[derive(Debug)]
 pub struct EngineMetrics {
     slots: ArcSwap<Slots>,
-    stale_after: Duration,
+    /// The staleness cut-off, nanoseconds: the configured one, raised by the
+    /// scraper when the budget stretches the period.
+    stale_after_nanos: AtomicU64,
     /// Serialises the scraper's slot-map updates (request paths never take it).
     writer: Mutex<()>,
 }
@@ -139,7 +152,11 @@ pub struct EngineMetrics {
 impl EngineMetrics {
     /// An empty store whose readings go stale after `stale_after`.
     pub fn new(stale_after: Duration) -> Self {
-        Self { slots: ArcSwap::from_pointee(HashMap::new()), stale_after, writer: Mutex::new(()) }
+        Self {
+            slots: ArcSwap::from_pointee(HashMap::new()),
+            stale_after_nanos: AtomicU64::new(nanos(stale_after)),
+            writer: Mutex::new(()),
+        }
     }
 
     /// What a request reads: one atomic load, then plain lookups.
@@ -147,8 +164,18 @@ impl EngineMetrics {
         MetricsView {
             source: ViewSource::Slots(self.slots.load_full()),
             now: Instant::now(),
-            stale_after: self.stale_after,
+            stale_after: self.stale_after(),
         }
+    }
+
+    /// Age past which a reading counts as stale.
+    pub fn stale_after(&self) -> Duration {
+        Duration::from_nanos(self.stale_after_nanos.load(Ordering::Relaxed))
+    }
+
+    /// Judges staleness by `stale_after` from now on (the scraper's pace).
+    fn set_stale_after(&self, stale_after: Duration) {
+        self.stale_after_nanos.store(nanos(stale_after), Ordering::Relaxed);
     }
 
     /// The slot of `key`, created if the pod is new. Used by the scraper.
@@ -175,6 +202,10 @@ impl EngineMetrics {
         let next: Slots = current.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), Arc::clone(v))).collect();
         self.slots.store(Arc::new(next));
     }
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl PodAges for EngineMetrics {

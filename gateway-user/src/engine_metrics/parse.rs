@@ -18,14 +18,15 @@ use prom_text_format_parser::{Metric, Type, ValueType};
 use super::names::EngineNames;
 
 /// The running sum and count of a histogram.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HistogramTotals {
     pub sum: f64,
     pub count: f64,
 }
 
 /// The signals of one scrape; `None` where the engine exports no such series.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// Replicas sharing scrapes publish these (see `sharing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Scraped {
     pub running: Option<f64>,
     pub waiting: Option<f64>,

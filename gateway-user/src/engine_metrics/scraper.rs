@@ -1,15 +1,15 @@
-//! The scrape loop: one task per ready pod, started and stopped as the pod
-//! store changes.
+//! The scrape loop: one task plans every pod's scrapes within the budget
+//! (see [`super::schedule`]) and runs each as a short task of its own.
 //!
-//! Each pod has its own ticker, so a pod whose `/metrics` hangs only delays
-//! its own readings (up to the timeout) and never the others'. A semaphore
-//! bounds the scrapes in flight over all pods; connections are kept alive
-//! between scrapes.
+//! A pod whose `/metrics` hangs only delays its own readings (up to the
+//! timeout) and never the others'; scrapes in flight are bounded over all
+//! pods; connections are kept alive between scrapes. With [`Sharing`],
+//! replicas claim each scrape first and take each other's readings.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::Uri;
@@ -17,15 +17,18 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::names::{self, EngineNames};
-use super::parse;
+use super::parse::{self, Scraped};
+use super::schedule::{Cadence, Planner, PodTurn};
+use super::sharing::{Claim, Remote, Sharing};
 use super::window::History;
 use super::{EngineMetrics, PodSlot, ScrapeConfig};
-use crate::discovery::PodStore;
+use crate::discovery::{PodLoad, PodStore};
 use crate::metrics::Metrics;
 
 /// Largest `/metrics` body read; a vLLM engine prints a few tens of KiB.
@@ -35,18 +38,20 @@ const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
-/// Starts the scraper; it runs until `shutdown`.
+/// Starts the scraper; it runs until `shutdown`. With `sharing`, replicas
+/// share one scrape per pod per period.
 pub fn spawn(
     pods: Arc<PodStore>,
     store: Arc<EngineMetrics>,
     metrics: Arc<Metrics>,
     settings: ScrapeConfig,
+    sharing: Option<(Sharing, mpsc::Receiver<Remote>)>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(supervise(pods, store, metrics, settings, shutdown))
+    tokio::spawn(supervise(pods, store, metrics, settings, sharing, shutdown))
 }
 
-/// What one pod task scrapes; a change restarts the task with a fresh window.
+/// What a pod is scraped at; a change starts it afresh (new window).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Target {
     addr: SocketAddr,
@@ -54,16 +59,63 @@ struct Target {
     engine: String,
 }
 
-struct Running {
-    target: Target,
-    stop: CancellationToken,
+/// The URLs of one pod's `/metrics`: the filtered page, and the whole one
+/// for an engine that refuses the filter.
+#[derive(Debug)]
+struct Urls {
+    filtered: Uri,
+    whole: Uri,
 }
 
+impl Urls {
+    fn new(addr: SocketAddr, names: &EngineNames) -> Result<Self, http::uri::InvalidUri> {
+        Ok(Self {
+            filtered: format!("http://{addr}/metrics?{}", names.sample_query()).parse()?,
+            whole: format!("http://{addr}/metrics").parse()?,
+        })
+    }
+}
+
+/// Everything the loop keeps of one pod.
+struct PodState {
+    target: Target,
+    addr_text: String,
+    names: &'static EngineNames,
+    urls: Arc<Urls>,
+    slot: Arc<PodSlot>,
+    load: Arc<PodLoad>,
+    history: History,
+    /// The engine refused the filter: ask for the whole page.
+    whole_page: bool,
+    last_started: Option<Instant>,
+    in_progress: bool,
+    /// When a failure was last logged; `None` while it scrapes fine.
+    last_logged: Option<Instant>,
+}
+
+/// What one scrape task brings back.
+struct Done {
+    key: String,
+    addr: SocketAddr,
+    /// `None` when another replica scraped the pod within its period.
+    scrape: Option<Scrape>,
+}
+
+/// A scrape made here.
+struct Scrape {
+    at: Instant,
+    result: Result<Scraped, ScrapeError>,
+    /// It fell back to the whole page.
+    whole_page: bool,
+}
+
+/// What every scrape task shares.
 struct Shared {
     client: HttpClient,
-    limit: Semaphore,
-    settings: ScrapeConfig,
-    metrics: Arc<Metrics>,
+    timeout: Duration,
+    /// The tick, which a claim tolerates being late by.
+    interval: Duration,
+    sharing: Option<Sharing>,
 }
 
 async fn supervise(
@@ -71,6 +123,7 @@ async fn supervise(
     store: Arc<EngineMetrics>,
     metrics: Arc<Metrics>,
     settings: ScrapeConfig,
+    sharing: Option<(Sharing, mpsc::Receiver<Remote>)>,
     shutdown: CancellationToken,
 ) {
     let mut connector = HttpConnector::new();
@@ -78,120 +131,222 @@ async fn supervise(
     connector.set_connect_timeout(Some(settings.timeout));
     let client =
         Client::builder(TokioExecutor::new()).pool_timer(TokioTimer::new()).pool_max_idle_per_host(1).build(connector);
-    let shared = Arc::new(Shared { client, limit: Semaphore::new(settings.concurrency), settings, metrics });
-    let mut running: HashMap<String, Running> = HashMap::new();
+    let (sharing, mut remote) = match sharing {
+        Some((sharing, remote)) => (Some(sharing), Some(remote)),
+        None => (None, None),
+    };
+    let shared = Arc::new(Shared { client, timeout: settings.timeout, interval: settings.interval, sharing });
+    let mut states: HashMap<String, PodState> = HashMap::new();
     let mut seen = None;
+    let mut planner = Planner::new(settings.interval, f64::from(settings.max_scrapes_per_second), Instant::now());
+    let mut tasks: JoinSet<Done> = JoinSet::new();
+    let mut announced: Option<Cadence> = None;
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
+            Some(done) = tasks.join_next() => {
+                if let Ok(done) = done {
+                    finish(&mut states, done, &metrics);
+                }
+                continue;
+            }
+            Some(reading) = recv(&mut remote) => {
+                take_remote(&mut states, &reading);
+                continue;
+            }
             _ = tick.tick() => {}
         }
         let snapshot = pods.snapshot();
-        if seen.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &snapshot)) {
-            continue;
+        if !seen.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &snapshot)) {
+            follow(&mut states, &snapshot, &store, settings.window);
+            seen = Some(snapshot);
         }
-        let mut wanted: HashMap<&str, Target> = HashMap::new();
-        for model in snapshot.models.values() {
-            for pod in &model.ready {
-                let Some(addr) = pod.addr else { continue };
-                let target = Target {
-                    addr: SocketAddr::new(addr.ip(), pod.metric_port),
-                    model: pod.model.clone(),
-                    engine: pod.engine.clone(),
-                };
-                wanted.insert(pod.key.as_str(), target);
+        let now = Instant::now();
+        let keys: Vec<&String> = states.keys().collect();
+        let turns: Vec<PodTurn> = keys
+            .iter()
+            .map(|key| {
+                let state = &states[*key];
+                PodTurn {
+                    busy: state.load.in_flight() > 0,
+                    last_started: state.last_started,
+                    in_progress: state.in_progress,
+                }
+            })
+            .collect();
+        let cadence = planner.cadence(&turns);
+        store.set_stale_after(cadence.stale_after(settings.stale_after));
+        if announced.is_none_or(|before| before.idle != cadence.idle) {
+            if cadence.idle > settings.interval {
+                tracing::info!(
+                    pods = turns.len(),
+                    period_ms = cadence.idle.as_millis() as u64,
+                    budget = settings.max_scrapes_per_second,
+                    "engine metrics: the scrape budget stretches each idle pod's period"
+                );
             }
+            announced = Some(cadence);
         }
-        running.retain(|key, task| {
-            let keep = wanted.get(key.as_str()) == Some(&task.target);
-            if !keep {
-                task.stop.cancel();
-            }
-            keep
-        });
-        store.retain(|key| running.contains_key(key) || wanted.contains_key(key));
-        for (key, target) in wanted {
-            if running.contains_key(key) {
-                continue;
-            }
-            let slot = store.slot(key, &target.model);
-            let stop = shutdown.child_token();
-            tokio::spawn(scrape_pod(key.to_owned(), target.clone(), slot, Arc::clone(&shared), stop.clone()));
-            running.insert(key.to_owned(), Running { target, stop });
+        let free = settings.concurrency.saturating_sub(tasks.len());
+        let due: Vec<String> = planner.due(now, &turns, free).into_iter().map(|i| keys[i].clone()).collect();
+        for key in due {
+            let Some(state) = states.get_mut(&key) else { continue };
+            state.last_started = Some(now);
+            state.in_progress = true;
+            let period = if state.load.in_flight() > 0 { cadence.busy } else { cadence.idle };
+            let job = Job {
+                addr: state.target.addr,
+                addr_text: state.addr_text.clone(),
+                names: state.names,
+                urls: Arc::clone(&state.urls),
+                whole_page: state.whole_page,
+                period,
+            };
+            tasks.spawn(scrape(key, job, Arc::clone(&shared)));
         }
-        seen = Some(snapshot);
     }
-    for task in running.values() {
-        task.stop.cancel();
+    tasks.abort_all();
+}
+
+async fn recv(remote: &mut Option<mpsc::Receiver<Remote>>) -> Option<Remote> {
+    match remote {
+        Some(remote) => remote.recv().await,
+        None => std::future::pending().await,
     }
 }
 
-/// Scrapes one pod until stopped.
-async fn scrape_pod(key: String, target: Target, slot: Arc<PodSlot>, shared: Arc<Shared>, stop: CancellationToken) {
-    let names: &EngineNames = names::for_engine(&target.engine);
-    let urls = format!("http://{}/metrics?{}", target.addr, names.sample_query())
-        .parse::<Uri>()
-        .and_then(|filtered| Ok((filtered, format!("http://{}/metrics", target.addr).parse::<Uri>()?)));
-    let (filtered, whole) = match urls {
-        Ok(urls) => urls,
-        Err(err) => {
-            tracing::warn!(pod = %key, error = %err, "cannot build the metrics URL; not scraping this pod");
-            return;
-        }
-    };
-    // The filtered page until the engine refuses the query; then the whole one.
-    let mut uri = &filtered;
-    let mut history = History::new(shared.settings.window);
-    let mut tick = tokio::time::interval(shared.settings.interval);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_logged: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let permit = tokio::select! {
-            () = stop.cancelled() => return,
-            permit = shared.limit.acquire() => permit,
-        };
-        let mut result = tokio::select! {
-            () = stop.cancelled() => return,
-            result = fetch(&shared.client, uri, shared.settings.timeout) => result,
-        };
-        if result.as_ref().is_err_and(|err| err.kind == "status") && std::ptr::eq(uri, &filtered) {
-            let whole_page = tokio::select! {
-                () = stop.cancelled() => return,
-                result = fetch(&shared.client, &whole, shared.settings.timeout) => result,
+/// Brings the pod states in line with the ready pods of `snapshot`.
+fn follow(
+    states: &mut HashMap<String, PodState>,
+    snapshot: &crate::discovery::Snapshot,
+    store: &EngineMetrics,
+    window: Duration,
+) {
+    let mut wanted: HashMap<&str, (Target, &crate::discovery::PodInfo)> = HashMap::new();
+    for model in snapshot.models.values() {
+        for pod in &model.ready {
+            let Some(addr) = pod.addr else { continue };
+            let target = Target {
+                addr: SocketAddr::new(addr.ip(), pod.metric_port),
+                model: pod.model.clone(),
+                engine: pod.engine.clone(),
             };
-            if whole_page.is_ok() {
-                tracing::info!(pod = %key, "engine refuses the metrics filter; scraping its whole page");
-                uri = &whole;
-            }
-            result = whole_page;
+            wanted.insert(pod.key.as_str(), (target, pod));
         }
-        drop(permit);
-        let scraped = result.and_then(|text| {
-            parse::parse(&text, names).map_err(|e| ScrapeError { kind: "parse", detail: e.to_string() })
-        });
-        match scraped {
-            Ok(scraped) => {
-                slot.publish(history.push(Instant::now(), scraped));
-                if last_logged.take().is_some() {
-                    tracing::info!(pod = %key, "engine metrics scrape recovered");
-                }
-            }
+    }
+    states.retain(|key, state| wanted.get(key.as_str()).is_some_and(|(target, _)| *target == state.target));
+    store.retain(|key| states.contains_key(key) || wanted.contains_key(key));
+    for (key, (target, pod)) in wanted {
+        if let Some(state) = states.get_mut(key) {
+            state.load = Arc::clone(&pod.load);
+            continue;
+        }
+        let names = names::for_engine(&target.engine);
+        let urls = match Urls::new(target.addr, names) {
+            Ok(urls) => Arc::new(urls),
             Err(err) => {
-                shared.metrics.routing.scrape_error(&target.model, err.kind);
-                if last_logged.is_none_or(|at| at.elapsed() >= ERROR_LOG_INTERVAL) {
-                    tracing::warn!(pod = %key, url = %whole, kind = err.kind, error = %err.detail,
-                        "engine metrics scrape failed");
-                    last_logged = Some(Instant::now());
-                }
+                tracing::warn!(pod = %key, error = %err, "cannot build the metrics URL; not scraping this pod");
+                continue;
+            }
+        };
+        let slot = store.slot(key, &target.model);
+        states.insert(
+            key.to_owned(),
+            PodState {
+                addr_text: target.addr.to_string(),
+                target,
+                names,
+                urls,
+                slot,
+                load: Arc::clone(&pod.load),
+                history: History::new(window),
+                whole_page: false,
+                last_started: None,
+                in_progress: false,
+                last_logged: None,
+            },
+        );
+    }
+}
+
+/// Takes a finished scrape into its pod's window (unless the pod changed meanwhile).
+fn finish(states: &mut HashMap<String, PodState>, done: Done, metrics: &Metrics) {
+    let Some(state) = states.get_mut(&done.key).filter(|s| s.target.addr == done.addr) else { return };
+    state.in_progress = false;
+    let Some(Scrape { at, result, whole_page }) = done.scrape else { return };
+    if whole_page && !state.whole_page {
+        tracing::info!(pod = %done.key, "engine refuses the metrics filter; scraping its whole page");
+        state.whole_page = true;
+    }
+    match result {
+        Ok(scraped) => {
+            if state.history.is_newer(at) {
+                state.slot.publish(state.history.push(at, scraped));
+            }
+            if state.last_logged.take().is_some() {
+                tracing::info!(pod = %done.key, "engine metrics scrape recovered");
+            }
+        }
+        Err(err) => {
+            metrics.routing.scrape_error(&state.target.model, err.kind);
+            if state.last_logged.is_none_or(|at| at.elapsed() >= ERROR_LOG_INTERVAL) {
+                tracing::warn!(pod = %done.key, url = %state.urls.whole, kind = err.kind, error = %err.detail,
+                    "engine metrics scrape failed");
+                state.last_logged = Some(Instant::now());
             }
         }
     }
+}
+
+/// Takes another replica's reading of a pod this replica also scrapes.
+fn take_remote(states: &mut HashMap<String, PodState>, reading: &Remote) {
+    let Some(state) = states.get_mut(&reading.pod).filter(|s| s.addr_text == reading.addr) else { return };
+    let at = reading.local_instant(Instant::now(), SystemTime::now());
+    if state.history.is_newer(at) {
+        state.slot.publish(state.history.push(at, reading.scraped));
+        // Scraped for us: not due again here until a period after it.
+        state.last_started = Some(state.last_started.map_or(at, |started| started.max(at)));
+    }
+}
+
+/// One scrape's instructions.
+struct Job {
+    addr: SocketAddr,
+    addr_text: String,
+    names: &'static EngineNames,
+    urls: Arc<Urls>,
+    whole_page: bool,
+    /// How often this replica wants the pod: what a claim asks for.
+    period: Duration,
+}
+
+/// Scrapes one pod once (after claiming it, when sharing).
+async fn scrape(key: String, job: Job, shared: Arc<Shared>) -> Done {
+    let done = |scrape| Done { key: key.clone(), addr: job.addr, scrape };
+    if let Some(sharing) = &shared.sharing
+        && sharing.claim(&key, &job.addr_text, job.period, shared.interval).await == Some(Claim::Theirs)
+    {
+        return done(None);
+    }
+    let mut whole_page = job.whole_page;
+    let uri = if whole_page { &job.urls.whole } else { &job.urls.filtered };
+    let mut result = fetch(&shared.client, uri, shared.timeout).await;
+    if !whole_page && result.as_ref().is_err_and(|err| err.kind == "status") {
+        let whole = fetch(&shared.client, &job.urls.whole, shared.timeout).await;
+        whole_page = whole.is_ok();
+        result = whole;
+    }
+    let at = Instant::now();
+    let wall = SystemTime::now();
+    let result = result.and_then(|text| {
+        parse::parse(&text, job.names).map_err(|e| ScrapeError { kind: "parse", detail: e.to_string() })
+    });
+    if let (Some(sharing), Ok(scraped)) = (&shared.sharing, &result) {
+        sharing.publish(&key, &job.addr_text, wall, *scraped).await;
+    }
+    done(Some(Scrape { at, result, whole_page }))
 }
 
 /// A failed scrape: `kind` is a bounded metric label.
@@ -318,7 +473,7 @@ mod tests {
         let store = Arc::new(EngineMetrics::new(Duration::from_secs(2)));
         let settings = ScrapeConfig { interval: Duration::from_millis(10), ..ScrapeConfig::default() };
         let shutdown = CancellationToken::new();
-        spawn(Arc::clone(&pods), Arc::clone(&store), metrics, settings, shutdown.clone());
+        spawn(Arc::clone(&pods), Arc::clone(&store), metrics, settings, None, shutdown.clone());
         wait_for("both pods read", || {
             running_of(&store, "default/honours") == Some(4.0) && running_of(&store, "default/refuses") == Some(4.0)
         })
@@ -330,6 +485,52 @@ mod tests {
         let refused = refusing.lock().expect("queries").clone();
         assert!(!refused[0].is_empty(), "the filter is tried first");
         assert!(refused[1..].iter().all(String::is_empty), "then the whole page, without asking again: {refused:?}");
+    }
+
+    #[tokio::test]
+    async fn a_fleet_past_the_budget_is_scraped_within_it_busy_pods_first() {
+        let running = Arc::new(AtomicU64::new(1));
+        let mut servers = Vec::new();
+        let mut fleet = Vec::new();
+        for i in 0..40 {
+            let hits: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+            let addr = metrics_server_with(Arc::clone(&running), false, Arc::clone(&hits)).await;
+            fleet.push(pod(&format!("p{i}"), addr));
+            servers.push(hits);
+        }
+        let metrics = Arc::new(Metrics::new());
+        let pods = Arc::new(PodStore::new(Arc::clone(&metrics)));
+        pods.replace_all(fleet);
+        // One request in flight to p0 for the whole test.
+        let busy = pods.snapshot().models["m"].ready.iter().find(|p| p.name == "p0").expect("p0").load.start();
+        let store = Arc::new(EngineMetrics::new(Duration::from_millis(100)));
+        // 40 pods every 10 ms would be 4,000 scrapes a second; the budget is 200.
+        let settings = ScrapeConfig {
+            interval: Duration::from_millis(10),
+            max_scrapes_per_second: 200,
+            ..ScrapeConfig::default()
+        };
+        let shutdown = CancellationToken::new();
+        let task = spawn(Arc::clone(&pods), Arc::clone(&store), Arc::clone(&metrics), settings, None, shutdown.clone());
+        let count = |servers: &[Arc<std::sync::Mutex<Vec<String>>>]| -> Vec<usize> {
+            servers.iter().map(|hits| hits.lock().expect("hits").len()).collect()
+        };
+        wait_for("every pod scraped", || count(&servers).iter().all(|&n| n > 0)).await;
+        let before = count(&servers);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = count(&servers);
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("no panic");
+        drop(busy);
+        let delta: Vec<usize> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let total: usize = delta.iter().sum();
+        assert!((120..=230).contains(&total), "about 200 scrapes in a second, not 4,000: {total} {delta:?}");
+        // The busy pod every tick (up to 100 a second, half the budget at most);
+        // the 39 others share the rest, a few each.
+        assert!(delta[0] >= 40, "the pod with a request in flight is refreshed first: {delta:?}");
+        assert!(delta[1..].iter().all(|&n| (1..=8).contains(&n)), "idle pods evenly: {delta:?}");
+        // Idle pods are refreshed every ~0.4 s: staleness is judged against that, not 100 ms.
+        assert!(store.stale_after() >= Duration::from_millis(1200), "{:?}", store.stale_after());
     }
 
     #[tokio::test]
@@ -353,7 +554,7 @@ mod tests {
             ..ScrapeConfig::default()
         };
         let shutdown = CancellationToken::new();
-        let task = spawn(Arc::clone(&pods), Arc::clone(&store), Arc::clone(&metrics), settings, shutdown.clone());
+        let task = spawn(Arc::clone(&pods), Arc::clone(&store), Arc::clone(&metrics), settings, None, shutdown.clone());
 
         wait_for("first scrape", || running_of(&store, "default/a") == Some(3.0)).await;
         running.store(7, Ordering::Relaxed);
@@ -399,7 +600,7 @@ mod tests {
             ..ScrapeConfig::default()
         };
         let shutdown = CancellationToken::new();
-        let task = spawn(Arc::clone(&pods), Arc::clone(&store), Arc::clone(&metrics), settings, shutdown.clone());
+        let task = spawn(Arc::clone(&pods), Arc::clone(&store), Arc::clone(&metrics), settings, None, shutdown.clone());
         wait_for("good pod scraped", || running_of(&store, "default/good") == Some(1.0)).await;
         running.store(2, Ordering::Relaxed);
         let started = Instant::now();

@@ -27,16 +27,25 @@ struct Point {
 pub struct History {
     window: Duration,
     points: VecDeque<Point>,
+    /// When the newest scrape pushed was taken (kept or thinned out).
+    newest: Option<Instant>,
 }
 
 impl History {
     pub fn new(window: Duration) -> Self {
-        Self { window: window.max(Duration::from_millis(1)), points: VecDeque::new() }
+        Self { window: window.max(Duration::from_millis(1)), points: VecDeque::new(), newest: None }
+    }
+
+    /// Whether a scrape taken at `at` is newer than every one pushed so far
+    /// (readings shared by other replicas can arrive late or twice).
+    pub fn is_newer(&self, at: Instant) -> bool {
+        self.newest.is_none_or(|newest| at > newest)
     }
 
     /// Adds the scrape taken at `at` and derives the pod's metrics from the
     /// window ending there.
     pub fn push(&mut self, at: Instant, scraped: Scraped) -> PodMetrics {
+        self.newest = Some(self.newest.map_or(at, |newest| newest.max(at)));
         if self.points.back().is_some_and(|last| counters_went_back(&last.scraped, &scraped)) {
             // The engine restarted: its counters start again from zero.
             self.points.clear();

@@ -19,6 +19,7 @@ pub async fn handle(state: &EngineState, request: Request<Incoming>) -> Response
         (&Method::GET, "/health") => state.respond(StatusCode::OK, "", MockBody::empty()),
         (&Method::GET, "/v1/models") => state.json(StatusCode::OK, models_body(&state.models)),
         (&Method::GET, "/metrics") => {
+            state.stats.scraped();
             let text = state.metrics.render(state.first_model(), state.load.snapshot());
             let text = match requested_samples(request.uri().query()) {
                 Some(samples) => restrict(&text, &samples),

@@ -14,6 +14,7 @@ use super::request::Endpoint;
 pub struct RequestStats {
     by_endpoint: [AtomicU64; Endpoint::ALL.len()],
     in_flight: AtomicU64,
+    metrics_scrapes: AtomicU64,
     last_request: Mutex<Option<RecordedRequest>>,
 }
 
@@ -48,6 +49,11 @@ impl RequestStats {
         drop(previous);
     }
 
+    /// Counts a `GET /metrics`.
+    pub fn scraped(&self) {
+        self.metrics_scrapes.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Inference requests now being handled, queued or streaming.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
@@ -72,6 +78,7 @@ impl RequestStats {
             "requests_total": requests_total,
             "by_path": by_path,
             "in_flight": self.in_flight(),
+            "metrics_scrapes": self.metrics_scrapes.load(Ordering::Relaxed),
             "last_request": last_request,
         })
     }

@@ -1,0 +1,268 @@
+//! One scrape per pod per period for the whole fleet of gateways, through
+//! Redis.
+//!
+//! Every gateway replica (one per node) routes to the same pods, so without
+//! sharing each engine is scraped once per period by every replica: 50
+//! nodes make 50 times the scrapes, rendered in Python by the engine. With
+//! a Redis configured, replicas share:
+//!
+//! - Before scraping a pod, a replica claims it with one script call. The
+//!   claim holds the pod's owner and the time of its last scrape (Redis's
+//!   clock). The owner may scrape again once its period has nearly passed;
+//!   another replica only once the owner is a tick late (it died, or left),
+//!   or sooner when that replica has requests in flight to the pod and so
+//!   wants the faster busy pace. A pod is therefore scraped about once per
+//!   period, whatever the number of replicas.
+//! - The replica that scrapes publishes the parsed signals (a few hundred
+//!   bytes, not the page) on one channel; every replica feeds them into its
+//!   own window of that pod, as if it had scraped them itself.
+//!
+//! Redis only ever saves work: when a claim fails (Redis down, slow, or the
+//! subscription lost) the replica scrapes the pod itself, as it would
+//! without Redis.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use redis::Script;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::parse::Scraped;
+
+/// The channel scraped signals are published on.
+const CHANNEL: &str = "turnstile:engine-metrics";
+/// Prefix of each pod's claim key.
+const CLAIM_PREFIX: &str = "turnstile:engine-metrics:claim:";
+/// Published readings waiting for the scrape loop; beyond this they are dropped.
+const QUEUE: usize = 4096;
+/// Time a claim call may take before the replica scrapes on its own.
+const CALL_TIMEOUT: Duration = Duration::from_millis(200);
+/// Pause before subscribing again after the subscription broke.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
+/// A failing Redis is logged again at most this often.
+const LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+/// KEYS[1]: the pod's claim. ARGV: this replica, its period (ms), the
+/// tolerance (ms), how long an unused claim lives (ms). Returns 1 when this
+/// replica should scrape now.
+const CLAIM_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local claim = redis.call('HMGET', KEYS[1], 'owner', 'at')
+local at = tonumber(claim[2])
+local wait = tonumber(ARGV[2]) + tonumber(ARGV[3])
+if claim[1] == ARGV[1] then wait = tonumber(ARGV[2]) - tonumber(ARGV[3]) end
+if at and now - at < wait then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'at', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+";
+
+/// Whether this replica scrapes the pod now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// This replica scrapes it (and publishes what it read).
+    Mine,
+    /// Another replica scraped it within its period; its reading arrives on the channel.
+    Theirs,
+}
+
+/// A reading another replica published.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Remote {
+    /// Pod key (`namespace/name`).
+    pub pod: String,
+    /// The metrics address scraped, so a pod that moved is not confused with its old self.
+    pub addr: String,
+    /// Which replica scraped it.
+    pub from: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    pub scraped: Scraped,
+}
+
+impl Remote {
+    /// The local instant of the scrape: `now` less its age by the wall clock
+    /// (clamped: a clock ahead counts as now).
+    pub fn local_instant(&self, now: Instant, wall_now: SystemTime) -> Instant {
+        let then = UNIX_EPOCH + Duration::from_millis(self.at_unix_ms);
+        let age = wall_now.duration_since(then).unwrap_or(Duration::ZERO);
+        now.checked_sub(age).unwrap_or(now)
+    }
+}
+
+/// This replica's side of the sharing.
+pub struct Sharing {
+    connection: ConnectionManager,
+    claim: Script,
+    replica: String,
+    /// Whether readings of other replicas can reach us; without it, every
+    /// pod is scraped here.
+    subscribed: Arc<AtomicBool>,
+    last_error_log: std::sync::Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Sharing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sharing").field("replica", &self.replica).finish_non_exhaustive()
+    }
+}
+
+impl Sharing {
+    /// Connects lazily to `url` and subscribes (retrying until `shutdown`);
+    /// returns the sharing and the readings other replicas publish.
+    pub fn start(url: &str, shutdown: CancellationToken) -> Result<(Self, mpsc::Receiver<Remote>), String> {
+        let client = redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(0);
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|e| e.to_string())?;
+        let replica = format!("{:016x}", rand::random::<u64>());
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let (sender, receiver) = mpsc::channel(QUEUE);
+        tokio::spawn(subscribe(client, replica.clone(), sender, Arc::clone(&subscribed), shutdown));
+        let sharing = Self {
+            connection,
+            claim: Script::new(CLAIM_SCRIPT),
+            replica,
+            subscribed,
+            last_error_log: std::sync::Mutex::new(None),
+        };
+        Ok((sharing, receiver))
+    }
+
+    /// Asks whether this replica scrapes `pod` (at `addr`) now, wanting it
+    /// every `period`; `tolerance` absorbs the tick and the clocks. `None`
+    /// when Redis cannot say: scrape it here.
+    pub async fn claim(&self, pod: &str, addr: &str, period: Duration, tolerance: Duration) -> Option<Claim> {
+        if !self.subscribed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let hold = period.saturating_mul(4) + Duration::from_secs(1);
+        let mut connection = self.connection.clone();
+        let mut invocation = self.claim.key(format!("{CLAIM_PREFIX}{pod}@{addr}"));
+        invocation.arg(&self.replica).arg(millis(period)).arg(millis(tolerance)).arg(millis(hold));
+        match tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async::<i64>(&mut connection)).await {
+            Ok(Ok(1)) => Some(Claim::Mine),
+            Ok(Ok(_)) => Some(Claim::Theirs),
+            Ok(Err(err)) => {
+                self.log_error("claiming a pod's scrape", &err.to_string());
+                None
+            }
+            Err(_) => {
+                self.log_error("claiming a pod's scrape", "timed out");
+                None
+            }
+        }
+    }
+
+    /// Publishes what this replica read from `pod` at `at` (wall clock).
+    pub async fn publish(&self, pod: &str, addr: &str, at: SystemTime, scraped: Scraped) {
+        let at_unix_ms = at.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+        let remote =
+            Remote { pod: pod.to_owned(), addr: addr.to_owned(), from: self.replica.clone(), at_unix_ms, scraped };
+        let Ok(payload) = serde_json::to_string(&remote) else { return };
+        let mut connection = self.connection.clone();
+        let mut command = redis::cmd("PUBLISH");
+        command.arg(CHANNEL).arg(payload);
+        match tokio::time::timeout(CALL_TIMEOUT, command.query_async::<i64>(&mut connection)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => self.log_error("publishing a pod's metrics", &err.to_string()),
+            Err(_) => self.log_error("publishing a pod's metrics", "timed out"),
+        }
+    }
+
+    fn log_error(&self, doing: &str, error: &str) {
+        let mut last = self.last_error_log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_none_or(|at| at.elapsed() >= LOG_INTERVAL) {
+            *last = Some(Instant::now());
+            tracing::warn!(doing, error, "Redis unavailable for sharing engine scrapes; scraping from this replica");
+        }
+    }
+}
+
+/// Receives other replicas' readings until `shutdown`, subscribing again
+/// whenever the subscription breaks.
+async fn subscribe(
+    client: redis::Client,
+    me: String,
+    sender: mpsc::Sender<Remote>,
+    subscribed: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let mut logged_down = false;
+    loop {
+        let connected = tokio::select! {
+            () = shutdown.cancelled() => return,
+            result = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(CHANNEL).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            } => result,
+        };
+        match connected {
+            Ok(mut pubsub) => {
+                tracing::info!("sharing engine scrapes with the other replicas through Redis");
+                logged_down = false;
+                subscribed.store(true, Ordering::Relaxed);
+                let mut messages = pubsub.on_message();
+                loop {
+                    let message = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        message = messages.next() => message,
+                    };
+                    let Some(message) = message else { break };
+                    let Ok(remote) = serde_json::from_slice::<Remote>(message.get_payload_bytes()) else { continue };
+                    if remote.from != me {
+                        // A full queue drops the reading: the scrape loop is behind, and
+                        // the next one supersedes it.
+                        let _ = sender.try_send(remote);
+                    }
+                }
+                subscribed.store(false, Ordering::Relaxed);
+                tracing::warn!("subscription for shared engine scrapes lost; scraping every pod from this replica");
+            }
+            Err(err) => {
+                if !logged_down {
+                    tracing::warn!(error = %err, "cannot subscribe to shared engine scrapes; scraping every pod from this replica");
+                    logged_down = true;
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(RESUBSCRIBE_AFTER) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reading_is_placed_at_its_age_by_the_wall_clock() {
+        let remote = Remote {
+            pod: "ns/a".into(),
+            addr: "10.0.0.1:8000".into(),
+            from: "x".into(),
+            at_unix_ms: 1_000_000,
+            scraped: Scraped::default(),
+        };
+        let now = Instant::now() + Duration::from_secs(10);
+        let wall = UNIX_EPOCH + Duration::from_millis(1_000_250);
+        assert_eq!(remote.local_instant(now, wall), now - Duration::from_millis(250));
+        // A sender whose clock runs ahead: counts as now, never in the future.
+        let behind = UNIX_EPOCH + Duration::from_millis(999_000);
+        assert_eq!(remote.local_instant(now, behind), now);
+        let text = serde_json::to_string(&remote).expect("serialises");
+        assert_eq!(serde_json::from_str::<Remote>(&text).expect("parses"), remote);
+    }
+}
