@@ -20,6 +20,10 @@ impl Strategy for LeastBusyTime {
         "least-busy-time"
     }
 
+    fn samples_large_fleets(&self) -> bool {
+        true
+    }
+
     fn score(
         &self,
         request: &RouteRequest<'_>,

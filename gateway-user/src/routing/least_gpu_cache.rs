@@ -16,6 +16,10 @@ impl Strategy for LeastGpuCache {
         "least-gpu-cache"
     }
 
+    fn samples_large_fleets(&self) -> bool {
+        true
+    }
+
     fn score(
         &self,
         request: &RouteRequest<'_>,

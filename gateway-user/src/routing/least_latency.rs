@@ -31,6 +31,10 @@ impl Strategy for LeastLatency {
         "least-latency"
     }
 
+    fn samples_large_fleets(&self) -> bool {
+        true
+    }
+
     fn score(
         &self,
         request: &RouteRequest<'_>,

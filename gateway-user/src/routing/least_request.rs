@@ -16,6 +16,10 @@ impl Strategy for LeastRequest {
         "least-request"
     }
 
+    fn samples_large_fleets(&self) -> bool {
+        true
+    }
+
     fn score(&self, _: &RouteRequest<'_>, candidates: &[Arc<PodInfo>], scores: &mut Vec<f64>) -> Result<(), Unscored> {
         scores.clear();
         scores.extend(candidates.iter().map(|pod| pod.load.in_flight() as f64));

@@ -19,6 +19,10 @@ impl Strategy for LeastUtilization {
         "least-utilization"
     }
 
+    fn samples_large_fleets(&self) -> bool {
+        true
+    }
+
     fn score(
         &self,
         request: &RouteRequest<'_>,

@@ -110,6 +110,10 @@ impl Strategy for WeightedMix {
         }
     }
 
+    fn samples_large_fleets(&self) -> bool {
+        self.parts.iter().all(|(strategy, _)| strategy.samples_large_fleets())
+    }
+
     fn mixable(&self) -> bool {
         false
     }

@@ -276,6 +276,17 @@ pub trait Strategy: Send + Sync {
     /// holding it, or the fallback): indexes learn, headers are set.
     fn chosen(&self, _request: &RouteRequest<'_>, _pod: &PodInfo, _decision: &mut RouteDecision) {}
 
+    /// Whether the strategy picks the lowest of scores each pod has on its
+    /// own (its in-flight count, its engine metrics), so that among many
+    /// candidates a random sample finds a pod about as good as the best
+    /// (power of k choices) at a fraction of the cost. Such strategies see
+    /// only [`SAMPLE_SIZE`] random candidates once there are more than
+    /// [`SAMPLE_ABOVE`]; the others (a prefix match, a session, a user's
+    /// share) always see them all.
+    fn samples_large_fleets(&self) -> bool {
+        false
+    }
+
     /// Whether the strategy may be part of a weighted mix.
     fn mixable(&self) -> bool {
         true
@@ -440,22 +451,51 @@ impl Router {
         request: &RouteRequest<'_>,
         candidates: &[Arc<PodInfo>],
     ) -> RouteDecision {
-        let index = match strategy.pick(request, candidates) {
-            Ok(index) if index < candidates.len() => index,
+        let sample = Sample::of(strategy, candidates);
+        let pool = sample.as_ref().map_or(candidates, |s| s.pods.as_slice());
+        let index = match strategy.pick(request, pool) {
+            Ok(index) if index < pool.len() => index,
             Ok(_) => {
                 self.fallbacks.record(strategy.name(), Unscored::NotScorable);
-                least_in_flight(candidates)
+                least_in_flight(pool)
             }
             Err(reason) => {
                 self.fallbacks.record(strategy.name(), reason);
-                least_in_flight(candidates)
+                least_in_flight(pool)
             }
         };
+        let index = sample.map_or(index, |s| s.indices[index]);
         let mut decision = RouteDecision { index, headers: Vec::new(), on_usage: None };
         if let Some(pod) = candidates.get(index) {
             strategy.chosen(request, pod, &mut decision);
         }
         decision
+    }
+}
+
+/// Candidates past which a strategy that [samples](Strategy::samples_large_fleets)
+/// sees a random sample instead of them all.
+pub const SAMPLE_ABOVE: usize = 64;
+/// Candidates in that sample: with 16 random choices the pick is, in
+/// expectation, better than 94% of the fleet, and its cost does not grow
+/// with the fleet.
+pub const SAMPLE_SIZE: usize = 16;
+
+/// A random sample of the candidates, and where each came from.
+struct Sample {
+    indices: Vec<usize>,
+    pods: Vec<Arc<PodInfo>>,
+}
+
+impl Sample {
+    /// The sample `strategy` chooses from, `None` when it sees every candidate.
+    fn of(strategy: &dyn Strategy, candidates: &[Arc<PodInfo>]) -> Option<Self> {
+        if candidates.len() <= SAMPLE_ABOVE || !strategy.samples_large_fleets() {
+            return None;
+        }
+        let indices = rand::seq::index::sample(&mut rand::rng(), candidates.len(), SAMPLE_SIZE).into_vec();
+        let pods = indices.iter().map(|&i| Arc::clone(&candidates[i])).collect();
+        Some(Self { indices, pods })
     }
 }
 
@@ -681,6 +721,59 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_large_fleet_is_sampled_and_keeps_load_even() {
+        let router = router();
+        let pods = pods(1000);
+        let model = model();
+        let request = RouteRequest::new(&model, b"{}");
+        let strategy = router.strategy("least-request").expect("registered");
+        // 5,000 requests held open, routed one after another: an exact scan
+        // gives every pod exactly five; sixteen random choices come close.
+        let mut held = Vec::new();
+        for _ in 0..5000 {
+            let Route::Single { pod, .. } = router.route(strategy.as_ref(), &request, &pods).expect("routes") else {
+                panic!("one pod");
+            };
+            held.push(pod.load.start());
+        }
+        let loads: Vec<usize> = pods.iter().map(|p| p.load.in_flight()).collect();
+        let (min, max) = (loads.iter().min().copied(), loads.iter().max().copied());
+        assert!(min >= Some(3) && max <= Some(7), "uneven: {min:?}..{max:?}");
+        // Strategies that need every candidate are not sampled: prefix-cache
+        // keeps every pod in view, the mix of sampled strategies is sampled.
+        assert!(router.strategy("prefix-cache").is_ok_and(|s| !s.samples_large_fleets()));
+        assert!(router.strategy("least-request:1,least-kv-cache:2").is_ok_and(|s| s.samples_large_fleets()));
+        assert!(router.strategy("least-request:1,prefix-cache:2").is_ok_and(|s| !s.samples_large_fleets()));
+    }
+
+    #[test]
+    fn a_sample_is_only_taken_past_the_threshold_and_maps_back_to_the_candidates() {
+        let router = router();
+        let strategy = router.strategy("least-request").expect("registered");
+        let small = pods(SAMPLE_ABOVE as u16);
+        assert!(Sample::of(strategy.as_ref(), &small).is_none());
+        // One idle pod among busy ones: a full scan always finds it.
+        let mut guards = Vec::new();
+        let large: Vec<Arc<PodInfo>> = (0..200u16)
+            .map(|i| {
+                let (pod, g) = pod(i, usize::from(i != 7));
+                guards.extend(g);
+                pod
+            })
+            .collect();
+        let sample = Sample::of(strategy.as_ref(), &large).expect("sampled");
+        assert_eq!(sample.pods.len(), SAMPLE_SIZE);
+        for (pod, &i) in sample.pods.iter().zip(&sample.indices) {
+            assert!(Arc::ptr_eq(pod, &large[i]), "sample index maps back to its candidate");
+        }
+        let model = model();
+        let request = RouteRequest::new(&model, b"{}");
+        let picks = spread(200, 400, || router.decide(strategy.as_ref(), &request, &large).index);
+        // Sampled: the idle pod is chosen whenever drawn (16 of 200, 8%), not always.
+        assert!((10..=80).contains(&picks[7]), "{}", picks[7]);
     }
 
     #[test]

@@ -23,6 +23,10 @@ impl Strategy for Throughput {
         "throughput"
     }
 
+    fn samples_large_fleets(&self) -> bool {
+        true
+    }
+
     fn score(
         &self,
         request: &RouteRequest<'_>,
