@@ -198,6 +198,52 @@ vllm:prefix_cache_queries_total{engine="0",model_name="llama \"q\", x"} 80.0
         assert_eq!(parse(text, names::for_engine("vllm")).expect("parses").running, None);
     }
 
+    /// The benchmark's pages: what a vLLM 0.34 pod serves whole, and for the
+    /// gateway's `name[]` query.
+    const FULL_PAGE: &str = include_str!("../../benches/fixtures/vllm-metrics.prom");
+    const FILTERED_PAGE: &str = include_str!("../../benches/fixtures/vllm-metrics-filtered.prom");
+
+    /// `page` as prometheus_client renders it for `query`: only the samples
+    /// named, with the HELP and TYPE lines of each family that keeps one.
+    fn restricted(page: &str, query: &str) -> String {
+        let named: Vec<String> = query
+            .split('&')
+            .filter_map(|pair| pair.strip_prefix("name%5B%5D="))
+            .map(|n| n.replace("%3A", ":"))
+            .collect();
+        let lines: Vec<&str> = page.split_inclusive('\n').collect();
+        let mut kept = String::new();
+        for family in lines.chunk_by(|_, line| !line.starts_with("# HELP")) {
+            let (comments, samples): (Vec<&str>, Vec<&str>) = family.iter().partition(|line| line.starts_with('#'));
+            let sample_name = |line: &&str| line.split(['{', ' ']).next().unwrap_or_default().to_owned();
+            let samples: Vec<&str> = samples.into_iter().filter(|line| named.contains(&sample_name(line))).collect();
+            if !samples.is_empty() {
+                kept.extend(comments);
+                kept.extend(samples);
+            }
+        }
+        kept
+    }
+
+    #[test]
+    fn the_filtered_fixture_is_the_full_one_restricted_to_the_query() {
+        let query = names::for_engine("vllm").sample_query();
+        assert!(FILTERED_PAGE == restricted(FULL_PAGE, &query), "regenerate vllm-metrics-filtered.prom for {query}");
+    }
+
+    #[test]
+    fn the_full_and_the_filtered_fixture_read_the_same() {
+        let names = names::for_engine("vllm");
+        let full = parse(FULL_PAGE, names).expect("the full page parses");
+        assert_eq!(parse(FILTERED_PAGE, names).expect("the filtered page parses"), full);
+        assert_eq!((full.running, full.waiting), (Some(14.0), Some(3.0)));
+        assert_eq!(full.kv_cache_usage, Some(0.418_701_171_875_000_1));
+        assert_eq!(full.time_to_first_token, Some(HistogramTotals { sum: 2210.78289251821, count: 12887.0 }));
+        assert_eq!(full.e2e_latency.map(|h| h.count), Some(12887.0));
+        assert_eq!(full.prefix_cache_hits, Some(9_481_344.0));
+        assert!(full.time_per_output_token.is_some() && full.queue_time.is_some() && full.generation_tokens.is_some());
+    }
+
     #[test]
     fn garbage_is_an_error_and_nan_is_no_value() {
         assert!(parse("<html>not metrics</html>", names::for_engine("vllm")).is_err());
