@@ -16,10 +16,13 @@ mod parse;
 pub mod scraper;
 mod window;
 
-// The parser and the names it reads, for `benches/parse.rs`; not part of the
-// gateway's API.
+// The parser and the names it reads, for `benches/parse.rs` and the fuzz
+// target; not part of the gateway's API.
 #[doc(hidden)]
-pub use self::{names::for_engine, parse::parse};
+pub use self::{
+    names::for_engine,
+    parse::{Scraped, parse},
+};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
