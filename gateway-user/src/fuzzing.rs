@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 
 use crate::discovery::{PodStore, pods_file};
+use crate::engine_metrics;
 use crate::metrics::Metrics;
 use crate::profiles::{self, ModelConfig, RequestFeatures};
 use crate::proxy::request::{self, Endpoint};
@@ -99,4 +100,41 @@ pub fn pods_file(data: &[u8]) {
         }
     }
     STORE.get_or_init(|| PodStore::new(Arc::new(Metrics::new()))).replace_all(pods);
+}
+
+/// An engine `/metrics` page, read with each engine's names as the scraper
+/// reads it. What parses holds finite values only, and reads the same with
+/// `\r\n` line endings.
+pub fn engine_metrics_page(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    for engine in ["vllm", "sglang"] {
+        let names = engine_metrics::for_engine(engine);
+        let Ok(scraped) = engine_metrics::parse(text, names) else { continue };
+        let engine_metrics::Scraped {
+            running,
+            waiting,
+            kv_cache_usage,
+            gpu_cache_usage,
+            time_to_first_token,
+            time_per_output_token,
+            e2e_latency,
+            queue_time,
+            prompt_tokens,
+            generation_tokens,
+            prefix_cache_queries,
+            prefix_cache_hits,
+        } = scraped;
+        let histograms = [time_to_first_token, time_per_output_token, e2e_latency, queue_time];
+        let values = [running, waiting, kv_cache_usage, gpu_cache_usage, prompt_tokens, generation_tokens]
+            .into_iter()
+            .chain([prefix_cache_queries, prefix_cache_hits])
+            .chain(histograms.iter().flat_map(|h| [h.map(|h| h.sum), h.map(|h| h.count)]));
+        for value in values.flatten() {
+            assert!(value.is_finite(), "{engine}: a non-finite value was read: {scraped:?}");
+        }
+        if !text.contains('\r') {
+            let crlf = text.replace('\n', "\r\n");
+            assert_eq!(engine_metrics::parse(&crlf, names), Ok(scraped), "{engine}: CRLF endings read differently");
+        }
+    }
 }

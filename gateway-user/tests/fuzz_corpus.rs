@@ -11,11 +11,12 @@ use gateway_user::fuzzing;
 type Entry = fn(&[u8]);
 
 /// Fuzz targets and the entry point each one drives.
-const TARGETS: [(&str, Entry); 4] = [
+const TARGETS: [(&str, Entry); 5] = [
     ("request_body", fuzzing::request_body),
     ("sse_usage", fuzzing::sse_usage),
     ("config_annotation", fuzzing::config_annotation),
     ("pods_file", fuzzing::pods_file),
+    ("engine_metrics", fuzzing::engine_metrics_page),
 ];
 
 fn corpus_files(target: &str) -> Vec<PathBuf> {

@@ -40,7 +40,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("engine_metrics", &["discovery", "metrics"]),
     ("errors", &["limits"]),
     // Fuzz entry points reach into what they fuzz.
-    ("fuzzing", &["discovery", "metrics", "profiles", "proxy", "routing", "tokens"]),
+    ("fuzzing", &["discovery", "engine_metrics", "metrics", "profiles", "proxy", "routing", "tokens"]),
     ("kernel", &["logfmt", "metrics"]),
     ("limits", &["metrics"]),
     ("logfmt", &[]),

@@ -1,8 +1,8 @@
 //! The gateway's `/metrics` (AIBrix's series names): every required series
 //! moves when its event happens, and label values stay within bounded sets.
 //!
-//! Scrapes are read with `prom_text_format_parser`, the parser the gateway
-//! reads engine `/metrics` with, so a malformed exposition fails here too.
+//! Scrapes are read with `prom_text_format_parser`, a parser of the whole
+//! exposition grammar, so a malformed exposition fails here too.
 
 use std::time::Duration;
 

@@ -16,7 +16,7 @@ use crate::procs::{self, capture, run_streaming};
 use crate::ui;
 
 /// The fuzz targets, in the order they run.
-pub const TARGETS: [&str; 4] = ["request_body", "sse_usage", "config_annotation", "pods_file"];
+pub const TARGETS: [&str; 5] = ["request_body", "sse_usage", "config_annotation", "pods_file", "engine_metrics"];
 
 /// Longest the sanitizer build of the targets may take.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(40 * 60);

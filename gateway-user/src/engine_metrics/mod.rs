@@ -22,6 +22,14 @@ pub mod scraper;
 pub mod sharing;
 mod window;
 
+// The parser and the names it reads, for `benches/parse.rs` and the fuzz
+// target; not part of the gateway's API.
+#[doc(hidden)]
+pub use self::{
+    names::for_engine,
+    parse::{Scraped, parse},
+};
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -1,19 +1,25 @@
 //! One engine `/metrics` answer (Prometheus text format) reduced to the
 //! signals routing uses.
 //!
-//! The text is parsed by the `prom_text_format_parser` crate, which follows the
-//! exposition format's grammar (names with colons, escaped label values,
-//! `+Inf`/`NaN`) rather than a hand-rolled split. The better known
-//! `prometheus-parse` matches metric names with `\w+`, so it silently drops
-//! every series whose name has a colon: all of vLLM's and SGLang's.
+//! Every ready pod is scraped many times a second, so a page is read the
+//! cheap way: a line is judged by the metric name it starts with, and one
+//! that routing does not read (HELP and TYPE comments, the Python collector
+//! families, histogram buckets, `_created` gauges: nearly all of a vLLM page)
+//! is skipped to the next newline without being tokenised. Only the few
+//! wanted samples have their label block stepped over and their value
+//! parsed, and nothing is allocated per line. A general-purpose parser would
+//! build every family and sample of the page first, and a regex one like
+//! `prometheus-parse` (`\w+` names) drops every `vllm:`/`sglang:` series.
+//!
+//! Lines are those of the exposition format: names with colons, label values
+//! with escaped quotes and braces, `NaN` and `+Inf`, an optional timestamp
+//! after the value, `\n` or `\r\n` endings, the last one possibly unended.
 //!
 //! An engine may export one series per label set (vLLM labels by model and,
 //! with data parallelism, by engine rank): counts and counters are summed,
 //! cache usage takes the fullest rank.
 
-use std::collections::HashMap;
-
-use prom_text_format_parser::{Metric, Type, ValueType};
+use memchr::{memchr, memchr3};
 
 use super::names::EngineNames;
 
@@ -51,81 +57,321 @@ pub enum ParseError {
 
 /// Reduces a `/metrics` body to [`Scraped`], reading the series `names` lists.
 ///
-/// A family that does not assemble (a HELP or TYPE line without samples, as
-/// Python clients print for a labelled metric never observed) is skipped; only
-/// a body with no usable family at all is an error.
+/// Of a signal's names, the first one the page has a sample of wins; a
+/// histogram name wins when it has both a `_sum` and a `_count` (typed
+/// `histogram` or not). NaN, infinite and unparseable values count as no
+/// value. Lines that are not samples are skipped; only a body without a
+/// single sample line (an HTML error page, an empty body) is an error.
 pub fn parse(text: &str, names: &EngineNames) -> Result<Scraped, ParseError> {
-    let (metrics, error) = prom_text_format_parser::parse_scrape(text);
-    if metrics.is_empty() {
-        let reason = error.map(|e| format!("{e:?}")).unwrap_or_else(|| "no metrics".to_owned());
-        // Keep the log line short: the parser's message can quote the whole body.
-        return Err(ParseError::Syntax(reason.chars().take(200).collect()));
-    }
-    let by_name: HashMap<&str, &Metric> = metrics.iter().map(|m| (m.name.as_str(), m)).collect();
-    let family = |candidates: &[&str]| candidates.iter().find_map(|name| by_name.get(name).copied());
-    Ok(Scraped {
-        running: family(names.running).and_then(|m| fold(m, Fold::Sum)),
-        waiting: family(names.waiting).and_then(|m| fold(m, Fold::Sum)),
-        kv_cache_usage: family(names.kv_cache_usage).and_then(|m| fold(m, Fold::Max)),
-        gpu_cache_usage: family(names.gpu_cache_usage).and_then(|m| fold(m, Fold::Max)),
-        time_to_first_token: histogram(&by_name, names.time_to_first_token),
-        time_per_output_token: histogram(&by_name, names.time_per_output_token),
-        e2e_latency: histogram(&by_name, names.e2e_latency),
-        queue_time: histogram(&by_name, names.queue_time),
-        prompt_tokens: family(names.prompt_tokens).and_then(|m| fold(m, Fold::Sum)),
-        generation_tokens: family(names.generation_tokens).and_then(|m| fold(m, Fold::Sum)),
-        prefix_cache_queries: family(names.prefix_cache_queries).and_then(|m| fold(m, Fold::Sum)),
-        prefix_cache_hits: family(names.prefix_cache_hits).and_then(|m| fold(m, Fold::Sum)),
-    })
-}
-
-#[derive(Clone, Copy)]
-enum Fold {
-    Sum,
-    Max,
-}
-
-fn value(sample: &prom_text_format_parser::Sample) -> Option<f64> {
-    // The crate keeps the text; its own `as_f64` unwraps, this does not.
-    sample.value.value.parse::<f64>().ok().filter(|v| v.is_finite())
-}
-
-/// Sums (or takes the largest of) the plain samples of a gauge or counter.
-fn fold(metric: &Metric, how: Fold) -> Option<f64> {
-    let mut values = metric.samples.iter().filter(|s| s.value.value_type == ValueType::Sample).filter_map(value);
-    let first = values.next()?;
-    Some(values.fold(first, |acc, v| match how {
-        Fold::Sum => acc + v,
-        Fold::Max => acc.max(v),
-    }))
-}
-
-/// `_sum` and `_count` of the first histogram of `candidates` found, whether
-/// typed (one family) or untyped (separate `_sum` and `_count` families).
-fn histogram(by_name: &HashMap<&str, &Metric>, candidates: &[&str]) -> Option<HistogramTotals> {
-    candidates.iter().find_map(|name| {
-        if let Some(metric) = by_name.get(name).filter(|m| m.kind == Type::Histogram) {
-            let total = |kind: ValueType| -> Option<f64> {
-                let mut found = false;
-                let sum = metric
-                    .samples
-                    .iter()
-                    .filter(|s| s.value.value_type == kind)
-                    .filter_map(value)
-                    .inspect(|_| found = true)
-                    .sum();
-                found.then_some(sum)
-            };
-            return Some(HistogramTotals { sum: total(ValueType::Sum)?, count: total(ValueType::Count)? });
+    let signals = Signals::of(names);
+    let mut totals = [[Candidate::default(); MAX_CANDIDATES]; SIGNALS];
+    // Until one line proves the body is a metrics page, unwanted lines are
+    // tokenised too; after it they are only skipped.
+    let mut has_sample = false;
+    for line in lines(text) {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
         }
-        let sum = by_name.get(format!("{name}_sum").as_str()).and_then(|m| fold(m, Fold::Sum))?;
-        let count = by_name.get(format!("{name}_count").as_str()).and_then(|m| fold(m, Fold::Sum))?;
-        Some(HistogramTotals { sum, count })
+        let name_end = memchr3(b'{', b' ', b'\t', line.as_bytes()).unwrap_or(line.len());
+        let Some(name) = line.get(..name_end) else { continue };
+        let wanted = signals.reads(name);
+        if !wanted && has_sample {
+            continue;
+        }
+        let Some(value) = sample_value(line, name_end) else { continue };
+        has_sample = has_sample || is_metric_name(name);
+        if wanted {
+            for Wanted { signal, candidate, part, kind } in signals.feeds(name) {
+                if let Some(slot) = totals.get_mut(signal).and_then(|candidates| candidates.get_mut(candidate)) {
+                    slot.add(part, value, kind);
+                }
+            }
+        }
+    }
+    if !has_sample {
+        let start: String = text.chars().take(40).collect();
+        return Err(ParseError::Syntax(format!("no sample line in {} bytes starting {start:?}", text.len())));
+    }
+    Ok(scraped(&totals))
+}
+
+/// Most names read per signal (the lists in `names.rs` hold two at most; a
+/// test keeps them within this).
+const MAX_CANDIDATES: usize = 4;
+/// The signals of [`Scraped`].
+const SIGNALS: usize = 12;
+
+/// How a signal's samples over label sets become one value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    /// Counts and counters: the sum.
+    Sum,
+    /// Cache usage: the fullest.
+    Max,
+    /// `_sum` and `_count`, each summed.
+    Histogram,
+}
+
+/// One signal: its names in order of preference, and how it folds.
+#[derive(Clone, Copy)]
+struct Signal {
+    names: &'static [&'static str],
+    kind: Kind,
+}
+
+/// Which of a signal's samples a line is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Part {
+    /// A gauge's or counter's sample.
+    Value,
+    Sum,
+    Count,
+}
+
+/// Where a wanted line's value goes.
+#[derive(Debug, PartialEq)]
+struct Wanted {
+    signal: usize,
+    candidate: usize,
+    part: Part,
+    kind: Kind,
+}
+
+/// The signals of one engine, in the order of [`Scraped`]'s fields (as
+/// [`scraped`] reads them).
+struct Signals {
+    signals: [Signal; SIGNALS],
+    /// Bit `n` is set when a sample name read is `n` bytes long (127: 127 or
+    /// more): most lines that are not read fail this test alone.
+    lengths: u128,
+}
+
+/// The bit of [`Signals::lengths`] for a name `len` bytes long.
+fn length_bit(len: usize) -> u128 {
+    1 << len.min(127)
+}
+
+impl Signals {
+    fn of(names: &EngineNames) -> Self {
+        // Exhaustive: a new signal in EngineNames must be read here.
+        let EngineNames {
+            running,
+            waiting,
+            kv_cache_usage,
+            gpu_cache_usage,
+            time_to_first_token,
+            time_per_output_token,
+            e2e_latency,
+            queue_time,
+            prompt_tokens,
+            generation_tokens,
+            prefix_cache_queries,
+            prefix_cache_hits,
+        } = *names;
+        let signal = |names, kind| Signal { names, kind };
+        let signals = [
+            signal(running, Kind::Sum),
+            signal(waiting, Kind::Sum),
+            signal(kv_cache_usage, Kind::Max),
+            signal(gpu_cache_usage, Kind::Max),
+            signal(time_to_first_token, Kind::Histogram),
+            signal(time_per_output_token, Kind::Histogram),
+            signal(e2e_latency, Kind::Histogram),
+            signal(queue_time, Kind::Histogram),
+            signal(prompt_tokens, Kind::Sum),
+            signal(generation_tokens, Kind::Sum),
+            signal(prefix_cache_queries, Kind::Sum),
+            signal(prefix_cache_hits, Kind::Sum),
+        ];
+        let mut lengths = 0;
+        for Signal { names, kind } in signals {
+            for name in names.iter().take(MAX_CANDIDATES) {
+                lengths |= match kind {
+                    Kind::Histogram => length_bit(name.len() + "_sum".len()) | length_bit(name.len() + "_count".len()),
+                    Kind::Sum | Kind::Max => length_bit(name.len()),
+                };
+            }
+        }
+        Self { signals, lengths }
+    }
+
+    /// Whether a sample named `name` feeds any signal.
+    fn reads(&self, name: &str) -> bool {
+        self.lengths & length_bit(name.len()) != 0 && self.feeds(name).next().is_some()
+    }
+
+    /// The signals, names and parts a sample named `name` feeds: one name
+    /// may feed two signals (vLLM's v0 and v1 cache usage stand in for each
+    /// other).
+    fn feeds<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Wanted> + 'a {
+        self.signals.iter().enumerate().flat_map(move |(signal, &Signal { names, kind })| {
+            names.iter().take(MAX_CANDIDATES).enumerate().filter_map(move |(candidate, wanted)| {
+                // Suffix first: a `_bucket` line goes no further.
+                let part = match kind {
+                    Kind::Histogram if name.len() == wanted.len() + "_sum".len() && name.ends_with("_sum") => Part::Sum,
+                    Kind::Histogram if name.len() == wanted.len() + "_count".len() && name.ends_with("_count") => {
+                        Part::Count
+                    }
+                    Kind::Sum | Kind::Max if name.len() == wanted.len() => Part::Value,
+                    _ => return None,
+                };
+                name.starts_with(wanted).then_some(Wanted { signal, candidate, part, kind })
+            })
+        })
+    }
+}
+
+/// The totals of each signal (in the order of [`Signals::of`]) as [`Scraped`].
+fn scraped(totals: &[[Candidate; MAX_CANDIDATES]; SIGNALS]) -> Scraped {
+    let [
+        running,
+        waiting,
+        kv_cache_usage,
+        gpu_cache_usage,
+        time_to_first_token,
+        time_per_output_token,
+        e2e_latency,
+        queue_time,
+        prompt_tokens,
+        generation_tokens,
+        prefix_cache_queries,
+        prefix_cache_hits,
+    ] = totals;
+    // The first name sampled, even if only with NaN: the engine exports it.
+    let single = |candidates: &[Candidate]| candidates.iter().find(|c| c.value.sampled).and_then(|c| c.value.total());
+    // The first name with both a `_sum` and a `_count`.
+    let histogram = |candidates: &[Candidate]| {
+        candidates.iter().find_map(|c| Some(HistogramTotals { sum: c.sum.total()?, count: c.count.total()? }))
+    };
+    Scraped {
+        running: single(running),
+        waiting: single(waiting),
+        kv_cache_usage: single(kv_cache_usage),
+        gpu_cache_usage: single(gpu_cache_usage),
+        time_to_first_token: histogram(time_to_first_token),
+        time_per_output_token: histogram(time_per_output_token),
+        e2e_latency: histogram(e2e_latency),
+        queue_time: histogram(queue_time),
+        prompt_tokens: single(prompt_tokens),
+        generation_tokens: single(generation_tokens),
+        prefix_cache_queries: single(prefix_cache_queries),
+        prefix_cache_hits: single(prefix_cache_hits),
+    }
+}
+
+/// The samples of one series name, over its label sets.
+#[derive(Clone, Copy, Default)]
+struct Series {
+    /// The page has a sample of this name (whatever its value).
+    sampled: bool,
+    /// Sum or largest of the finite values.
+    folded: Option<f64>,
+}
+
+impl Series {
+    fn add(&mut self, value: f64, kind: Kind) {
+        self.sampled = true;
+        if !value.is_finite() {
+            return;
+        }
+        self.folded = Some(match self.folded {
+            None => value,
+            Some(max) if kind == Kind::Max => max.max(value),
+            Some(sum) => sum + value,
+        });
+    }
+
+    /// The folded value, unless a sum overflowed.
+    fn total(&self) -> Option<f64> {
+        self.folded.filter(|v| v.is_finite())
+    }
+}
+
+/// One name of a signal: its samples, or a histogram's `_sum` and `_count`.
+#[derive(Clone, Copy, Default)]
+struct Candidate {
+    value: Series,
+    sum: Series,
+    count: Series,
+}
+
+impl Candidate {
+    fn add(&mut self, part: Part, value: f64, kind: Kind) {
+        let series = match part {
+            Part::Value => &mut self.value,
+            Part::Sum => &mut self.sum,
+            Part::Count => &mut self.count,
+        };
+        series.add(value, kind);
+    }
+}
+
+/// The lines of `text` without their `\n` or `\r\n`.
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (line, next) = match memchr(b'\n', rest.as_bytes()) {
+            // `\n` is one byte: both sides are on character boundaries.
+            Some(end) => (rest.get(..end)?, rest.get(end + 1..)?),
+            None => (rest, ""),
+        };
+        rest = next;
+        Some(line.strip_suffix('\r').unwrap_or(line))
     })
+}
+
+/// The value of a sample line whose metric name ends at `name_end`: the
+/// token after the label block, followed by nothing but an optional
+/// timestamp. `None` if the line is not a sample.
+fn sample_value(line: &str, name_end: usize) -> Option<f64> {
+    let mut rest = line.get(name_end..)?.trim_start_matches([' ', '\t']);
+    if let Some(labels) = rest.strip_prefix('{') {
+        rest = labels.get(label_block_len(labels.as_bytes())?..)?;
+    }
+    let mut tokens = rest.split([' ', '\t']).filter(|token| !token.is_empty());
+    let value = tokens.next()?.parse::<f64>().ok()?;
+    let timestamp_ok = tokens.next().is_none_or(|timestamp| timestamp.parse::<f64>().is_ok());
+    (timestamp_ok && tokens.next().is_none()).then_some(value)
+}
+
+/// Length of a label block up to and including its closing `}`, the opening
+/// `{` already consumed. Neither a `}` inside a quoted value nor an escaped
+/// `\"` closes anything.
+fn label_block_len(labels: &[u8]) -> Option<usize> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (at, &byte) in labels.iter().enumerate() {
+        if escaped {
+            escaped = false;
+        } else if quoted {
+            match byte {
+                b'\\' => escaped = true,
+                b'"' => quoted = false,
+                _ => {}
+            }
+        } else if byte == b'"' {
+            quoted = true;
+        } else if byte == b'}' {
+            return Some(at + 1);
+        }
+    }
+    None
+}
+
+/// `[a-zA-Z_:][a-zA-Z0-9_:]*`, the exposition format's metric name.
+fn is_metric_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes.next().is_some_and(|first| first.is_ascii_alphabetic() || first == b'_' || first == b':')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
 }
 
 #[cfg(test)]
 mod tests {
+    use rstest::rstest;
+
     use super::*;
     use crate::engine_metrics::names;
 
@@ -199,11 +445,196 @@ vllm:prefix_cache_queries_total{engine="0",model_name="llama \"q\", x"} 80.0
         assert_eq!(parse(text, names::for_engine("vllm")).expect("parses").running, None);
     }
 
+    /// The benchmark's pages: what a vLLM 0.34 pod serves whole, and for the
+    /// gateway's `name[]` query.
+    const FULL_PAGE: &str = include_str!("../../benches/fixtures/vllm-metrics.prom");
+    const FILTERED_PAGE: &str = include_str!("../../benches/fixtures/vllm-metrics-filtered.prom");
+
+    /// `page` as prometheus_client renders it for `query`: only the samples
+    /// named, with the HELP and TYPE lines of each family that keeps one.
+    fn restricted(page: &str, query: &str) -> String {
+        let named: Vec<String> = query
+            .split('&')
+            .filter_map(|pair| pair.strip_prefix("name%5B%5D="))
+            .map(|n| n.replace("%3A", ":"))
+            .collect();
+        let lines: Vec<&str> = page.split_inclusive('\n').collect();
+        let mut kept = String::new();
+        for family in lines.chunk_by(|_, line| !line.starts_with("# HELP")) {
+            let (comments, samples): (Vec<&str>, Vec<&str>) = family.iter().partition(|line| line.starts_with('#'));
+            let sample_name = |line: &&str| line.split(['{', ' ']).next().unwrap_or_default().to_owned();
+            let samples: Vec<&str> = samples.into_iter().filter(|line| named.contains(&sample_name(line))).collect();
+            if !samples.is_empty() {
+                kept.extend(comments);
+                kept.extend(samples);
+            }
+        }
+        kept
+    }
+
+    #[test]
+    fn the_filtered_fixture_is_the_full_one_restricted_to_the_query() {
+        let query = names::for_engine("vllm").sample_query();
+        assert!(FILTERED_PAGE == restricted(FULL_PAGE, &query), "regenerate vllm-metrics-filtered.prom for {query}");
+    }
+
+    #[test]
+    fn the_full_and_the_filtered_fixture_read_the_same() {
+        let names = names::for_engine("vllm");
+        let full = parse(FULL_PAGE, names).expect("the full page parses");
+        assert_eq!(parse(FILTERED_PAGE, names).expect("the filtered page parses"), full);
+        assert_eq!((full.running, full.waiting), (Some(14.0), Some(3.0)));
+        assert_eq!(full.kv_cache_usage, Some(0.418_701_171_875_000_1));
+        assert_eq!(full.time_to_first_token, Some(HistogramTotals { sum: 2210.78289251821, count: 12887.0 }));
+        assert_eq!(full.e2e_latency.map(|h| h.count), Some(12887.0));
+        assert_eq!(full.prefix_cache_hits, Some(9_481_344.0));
+        assert!(full.time_per_output_token.is_some() && full.queue_time.is_some() && full.generation_tokens.is_some());
+    }
+
     #[test]
     fn garbage_is_an_error_and_nan_is_no_value() {
         assert!(parse("<html>not metrics</html>", names::for_engine("vllm")).is_err());
         assert!(parse("", names::for_engine("vllm")).is_err());
         let scraped = parse("vllm:num_requests_running NaN\n", names::for_engine("vllm")).expect("parses");
         assert_eq!(scraped.running, None);
+    }
+
+    /// One rule of the line format per case: the page and everything it reads as vLLM.
+    #[rstest]
+    #[case::name_with_colons("vllm:num_requests_running 3\n", Scraped { running: Some(3.0), ..Scraped::default() })]
+    #[case::summed_over_label_sets(
+        "vllm:num_requests_running{engine=\"0\"} 3\nvllm:num_requests_running{engine=\"1\"} 4\n",
+        Scraped { running: Some(7.0), ..Scraped::default() }
+    )]
+    #[case::cache_usage_takes_the_fullest(
+        "vllm:kv_cache_usage_perc{engine=\"0\"} 0.5\nvllm:kv_cache_usage_perc{engine=\"1\"} 0.25\n",
+        Scraped { kv_cache_usage: Some(0.5), gpu_cache_usage: Some(0.5), ..Scraped::default() }
+    )]
+    #[case::first_name_exported_wins(
+        "vllm:gpu_cache_usage_perc 0.75\nvllm:kv_cache_usage_perc 0.5\n",
+        Scraped { kv_cache_usage: Some(0.5), gpu_cache_usage: Some(0.75), ..Scraped::default() }
+    )]
+    #[case::escaped_quote_and_brace_in_a_label_value(
+        "vllm:num_requests_running{model_name=\"a \\\"}\\\" {b}\",engine=\"0\"} 2\n",
+        Scraped { running: Some(2.0), ..Scraped::default() }
+    )]
+    #[case::escaped_backslash_ends_a_label_value(
+        "vllm:num_requests_running{path=\"C:\\\\\",engine=\"0\"} 2\n",
+        Scraped { running: Some(2.0), ..Scraped::default() }
+    )]
+    #[case::crlf_line_endings(
+        "# TYPE vllm:num_requests_running gauge\r\nvllm:num_requests_running 3\r\nvllm:num_requests_waiting 1\r\n",
+        Scraped { running: Some(3.0), waiting: Some(1.0), ..Scraped::default() }
+    )]
+    #[case::timestamp_after_the_value(
+        "vllm:num_requests_running{engine=\"0\"} 3 1712345678000\nvllm:num_requests_waiting 1\t1712345678000\n",
+        Scraped { running: Some(3.0), waiting: Some(1.0), ..Scraped::default() }
+    )]
+    #[case::last_line_without_newline(
+        "vllm:num_requests_waiting 1\nvllm:num_requests_running 3",
+        Scraped { running: Some(3.0), waiting: Some(1.0), ..Scraped::default() }
+    )]
+    #[case::blanks_between_tokens(
+        "vllm:num_requests_running {engine=\"0\"}  3\n",
+        Scraped { running: Some(3.0), ..Scraped::default() }
+    )]
+    #[case::created_gauges_ignored(
+        "vllm:prompt_tokens_total 5\nvllm:prompt_tokens_created 1.7e+09\n\
+         vllm:e2e_request_latency_seconds_sum 2\nvllm:e2e_request_latency_seconds_count 4\n\
+         vllm:e2e_request_latency_seconds_created 1.7e+09\n",
+        Scraped {
+            prompt_tokens: Some(5.0),
+            e2e_latency: Some(HistogramTotals { sum: 2.0, count: 4.0 }),
+            ..Scraped::default()
+        }
+    )]
+    #[case::a_longer_name_is_another_series(
+        "vllm:num_requests_running_foo 9\nvllm:num_requests_running:bar 9\nvllm:num_requests_runnin 9\n",
+        Scraped::default()
+    )]
+    #[case::typed_histogram_buckets_ignored(
+        "# TYPE vllm:request_queue_time_seconds histogram\n\
+         vllm:request_queue_time_seconds_bucket{le=\"0.3\"} 3\nvllm:request_queue_time_seconds_bucket{le=\"+Inf\"} 4\n\
+         vllm:request_queue_time_seconds_count 4\nvllm:request_queue_time_seconds_sum 1.5\n",
+        Scraped { queue_time: Some(HistogramTotals { sum: 1.5, count: 4.0 }), ..Scraped::default() }
+    )]
+    #[case::untyped_histogram(
+        "vllm:request_queue_time_seconds_sum{engine=\"0\"} 1\nvllm:request_queue_time_seconds_sum{engine=\"1\"} 2\n\
+         vllm:request_queue_time_seconds_count{engine=\"0\"} 3\nvllm:request_queue_time_seconds_count{engine=\"1\"} 3\n",
+        Scraped { queue_time: Some(HistogramTotals { sum: 3.0, count: 6.0 }), ..Scraped::default() }
+    )]
+    #[case::histogram_needs_sum_and_count(
+        "vllm:inter_token_latency_seconds_sum 9\n\
+         vllm:time_per_output_token_seconds_sum 1\nvllm:time_per_output_token_seconds_count 2\n\
+         vllm:e2e_request_latency_seconds_count 2\n",
+        Scraped { time_per_output_token: Some(HistogramTotals { sum: 1.0, count: 2.0 }), ..Scraped::default() }
+    )]
+    #[case::nan_and_inf_are_no_value(
+        "vllm:num_requests_running NaN\nvllm:num_requests_waiting +Inf\n\
+         vllm:prompt_tokens_total{engine=\"0\"} NaN\nvllm:prompt_tokens_total{engine=\"1\"} 1.7e+09\n",
+        Scraped { prompt_tokens: Some(1.7e9), ..Scraped::default() }
+    )]
+    #[case::a_name_with_only_nan_still_wins(
+        "vllm:kv_cache_usage_perc NaN\nvllm:gpu_cache_usage_perc 0.5\n",
+        Scraped { gpu_cache_usage: Some(0.5), ..Scraped::default() }
+    )]
+    #[case::an_overflowing_sum_is_no_value(
+        "vllm:prompt_tokens_total{engine=\"0\"} 1e308\nvllm:prompt_tokens_total{engine=\"1\"} 1e308\n",
+        Scraped::default()
+    )]
+    #[case::malformed_lines_skipped(
+        "vllm:num_requests_running{engine=\"0\" 5\nvllm:num_requests_running 5 6 7\nvllm:num_requests_running five\n\
+         vllm:num_requests_running\nvllm:num_requests_waiting 2\n",
+        Scraped { waiting: Some(2.0), ..Scraped::default() }
+    )]
+    fn reads_one_rule(#[case] page: &str, #[case] expected: Scraped) {
+        assert_eq!(parse(page, names::for_engine("vllm")), Ok(expected));
+    }
+
+    /// Bodies that are not a metrics page.
+    #[rstest]
+    #[case::empty("")]
+    #[case::blank_lines("\n\r\n\n")]
+    #[case::html("<html><body>502 Bad Gateway</body></html>\n")]
+    #[case::json("{\"error\": \"not found\"}")]
+    #[case::plain_text("Not Found\n")]
+    #[case::status_line("404 page not found\n")]
+    #[case::comments_only("# HELP vllm:num_requests_running Running.\n# TYPE vllm:num_requests_running gauge\n")]
+    fn not_a_metrics_page(#[case] body: &str) {
+        assert!(matches!(parse(body, names::for_engine("vllm")), Err(ParseError::Syntax(_))), "{body:?}");
+    }
+
+    #[test]
+    fn an_error_names_the_start_of_the_body_only() {
+        let body = format!("<html>{}</html>", "x".repeat(10_000));
+        let Err(ParseError::Syntax(reason)) = parse(&body, names::for_engine("vllm")) else { panic!("an error") };
+        assert!(reason.len() < 100 && reason.contains("<html>"), "{reason}");
+    }
+
+    #[test]
+    fn every_name_list_fits() {
+        for engine in ["vllm", "sglang"] {
+            for Signal { names: list, .. } in Signals::of(names::for_engine(engine)).signals {
+                assert!(list.len() <= MAX_CANDIDATES, "{engine}: {list:?}");
+            }
+        }
+    }
+
+    /// Every prefix of a page with each kind of line, cut anywhere (a
+    /// truncated body), parses without a panic and reads no more than the
+    /// whole page.
+    #[test]
+    fn truncated_pages_never_panic() {
+        let page = "# HELP vllm:num_requests_running Number of requests.\r\n\
+                    vllm:num_requests_running{model_name=\"é \\\"}\\\\\",engine=\"0\"} 3 1712345678000\r\n\
+                    vllm:e2e_request_latency_seconds_bucket{le=\"+Inf\"} 4\n\
+                    vllm:e2e_request_latency_seconds_sum 2.5e+00\nvllm:e2e_request_latency_seconds_count 4\n";
+        let whole = parse(page, names::for_engine("vllm")).expect("parses");
+        assert_eq!(whole.running, Some(3.0));
+        for (cut, _) in page.char_indices() {
+            if let Ok(scraped) = parse(&page[..cut], names::for_engine("vllm")) {
+                assert!(scraped.running.is_none_or(|r| r == 3.0), "cut at {cut}: {scraped:?}");
+            }
+        }
     }
 }
