@@ -253,8 +253,14 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
                 "bench: {scenario} → {target}: {} connections, {} s warm-up + {} s",
                 args.connections, args.warmup_seconds, args.seconds
             ));
-            let spec =
-                LoadSpec { targets, connections: args.connections, model: MODEL.into(), stream, max_tokens: TOKENS };
+            let spec = LoadSpec {
+                targets,
+                connections: args.connections,
+                model: MODEL.into(),
+                stream,
+                max_tokens: TOKENS,
+                headers: Vec::new(),
+            };
             let schedule =
                 Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
             let sample_pid = (target == "gateway").then_some(gateway_pid);

@@ -203,6 +203,7 @@ async fn run_mode(
         model: MODEL.into(),
         stream: false,
         max_tokens: TOKENS,
+        headers: Vec::new(),
     };
     let period = |warmup| Schedule::starting_now(Duration::from_secs(warmup), Duration::from_secs(args.seconds));
 

@@ -419,6 +419,7 @@ async fn run_target(
             model: MODEL.into(),
             stream,
             max_tokens: TOKENS,
+            headers: Vec::new(),
         };
         let schedule =
             Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
