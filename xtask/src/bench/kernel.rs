@@ -491,6 +491,7 @@ mod tests {
                 seconds: 10,
                 warmup_seconds: 2,
                 peers: super::super::peers::PeerArgs::default(),
+                fleet: super::super::fleet::FleetArgs::default(),
             },
             Pinning { gateway: Some(0), others: Some(1), cpus: 2 },
             "abc",
