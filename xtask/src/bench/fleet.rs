@@ -230,6 +230,9 @@ struct Idle {
     /// What other processes used of the replicas' CPU meanwhile, % (when pinned).
     others_percent: Option<f64>,
     scrapes: ScrapeCount,
+    /// Per replica, its open file descriptors after the idle period (a scrape connection per
+    /// pod among them).
+    open_files: Vec<Option<usize>>,
 }
 
 impl Idle {
@@ -613,6 +616,7 @@ async fn measure(
         cpu_percent: cpu.per_process.iter().map(|used| cpu.percent(*used)).collect(),
         others_percent: cpu.others_percent(),
         scrapes,
+        open_files: pids.iter().map(|pid| open_files(*pid)).collect(),
     };
     ui::info(format!(
         "idle: {:.1}% CPU per replica, {:.1} scrapes/s per engine ({}..{} per pod), metrics age p99 {} ms{}",
@@ -907,6 +911,11 @@ async fn redis_answers_ping(port: u16) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(1), exchange).await, Ok(Ok(true)))
 }
 
+/// How many file descriptors `pid` has open.
+fn open_files(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).ok().map(Iterator::count)
+}
+
 /// Warning and error lines in a gateway's JSON log, and the first one's fields.
 fn scan_log_warnings(log: &str) -> (usize, Option<String>) {
     let mut count = 0;
@@ -920,8 +929,12 @@ fn scan_log_warnings(log: &str) -> (usize, Option<String>) {
         }
         count += 1;
         if first.is_none() {
-            let fields = entry.get("fields").map_or_else(|| line.to_owned(), Value::to_string);
-            first = Some(fields.chars().take(300).collect());
+            // The event without its timestamp: nested under `fields` or flattened.
+            let mut shown = entry.get("fields").cloned().unwrap_or(entry);
+            if let Some(event) = shown.as_object_mut() {
+                event.remove("timestamp");
+            }
+            first = Some(shown.to_string().chars().take(300).collect());
         }
     }
     (count, first)
@@ -1162,6 +1175,7 @@ fn render_json(settings: &Settings, runs: &[Run]) -> Value {
                         "cpu_percent_per_replica": idle.cpu_percent,
                         "cpu_percent_mean": idle.cpu_percent_mean(),
                         "others_on_gateway_cpu_percent": idle.others_percent,
+                        "open_files_per_replica": idle.open_files,
                         "scrapes": idle.scrapes.total,
                         "scrapes_per_engine_per_second": idle.scrapes_per_engine_per_second(*pods),
                         "scrapes_per_pod_min": idle.scrapes.per_pod_min,
@@ -1309,6 +1323,13 @@ mod tests {
         let first = first.unwrap();
         assert!(first.contains("engine metrics scrape failed") && first.contains("pod-0001"), "{first}");
         assert_eq!(scan_log_warnings(""), (0, None));
+        // The gateway's own JSON lines carry the event's fields flat, next to the timestamp.
+        let flat = "{\"timestamp\":\"2026-01-01T00:00:00Z\",\"level\":\"WARN\",\"message\":\"routing strategy \
+                    cannot score this request\",\"reason\":\"metrics_stale\"}\n";
+        let (count, first) = scan_log_warnings(flat);
+        let first = first.unwrap();
+        assert_eq!(count, 1);
+        assert!(first.contains("metrics_stale") && !first.contains("timestamp"), "{first}");
     }
 
     fn report(completed: u64, latencies_us: Vec<u32>) -> LoadReport {
@@ -1324,6 +1345,7 @@ mod tests {
                 cpu_percent,
                 others_percent: Some(1.0),
                 scrapes: ScrapeCount { total: scrapes, per_pod_min: 90, per_pod_max: 110 },
+                open_files: vec![Some(120)],
             },
             ages: Ages { seconds: vec![0.01, 0.02, 0.06], unscraped: 0 },
             loads: vec![
