@@ -17,7 +17,13 @@
 //!
 //! `users` measures per-user RPM counting as distinct users pile up: one user, then a new
 //! user per request after 100k and 1M users (see `users.rs`).
+//!
+//! `fleet` measures what engine scraping and routing cost as the fleet grows: 2 to 1,000 pods
+//! served by one nginx on many loopback ports, with 1 and 4 gateway replicas (sharing a Redis);
+//! per size, the gateway's idle CPU, the scrapes each engine receives, the metrics age p99, and
+//! CPU per request and latency under load (see `fleet.rs`).
 
+mod fleet;
 mod kernel;
 mod peers;
 mod routing;
@@ -50,6 +56,8 @@ pub enum Suite {
     Peers,
     /// Per-user RPM counting: one user, then a new user per request after 100k and 1M users.
     Users,
+    /// Engine scraping and routing cost as the fleet grows: 2 to 1,000 pods, 1 and 4 replicas.
+    Fleet,
 }
 
 /// Options of `cargo xtask bench`.
@@ -70,6 +78,9 @@ pub struct BenchArgs {
     /// Options of the peers suite.
     #[command(flatten)]
     pub peers: peers::PeerArgs,
+    /// Options of the fleet suite.
+    #[command(flatten)]
+    pub fleet: fleet::FleetArgs,
 }
 
 const MODEL: &str = "bench-model";
@@ -84,6 +95,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Suite::Kernel => kernel::run(args),
         Suite::Peers => peers::run(args),
         Suite::Users => users::run(args.connections),
+        Suite::Fleet => fleet::run(args),
     }
 }
 
@@ -253,8 +265,14 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
                 "bench: {scenario} → {target}: {} connections, {} s warm-up + {} s",
                 args.connections, args.warmup_seconds, args.seconds
             ));
-            let spec =
-                LoadSpec { targets, connections: args.connections, model: MODEL.into(), stream, max_tokens: TOKENS };
+            let spec = LoadSpec {
+                targets,
+                connections: args.connections,
+                model: MODEL.into(),
+                stream,
+                max_tokens: TOKENS,
+                headers: Vec::new(),
+            };
             let schedule =
                 Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
             let sample_pid = (target == "gateway").then_some(gateway_pid);
@@ -418,6 +436,7 @@ mod tests {
             seconds: 10,
             warmup_seconds: 2,
             peers: peers::PeerArgs::default(),
+            fleet: fleet::FleetArgs::default(),
         };
         let rows = vec![
             Row {

@@ -179,6 +179,7 @@ async fn start_and_show(
             log: out_dir.join("gateway.log"),
             env: Vec::new(),
             cpu: None,
+            extra_args: Vec::new(),
         },
         client,
     )

@@ -41,6 +41,8 @@ pub struct LoadSpec {
     pub stream: bool,
     /// `max_tokens` in the requests.
     pub max_tokens: u32,
+    /// Further request headers (e.g. `routing-strategy`), sent on every request.
+    pub headers: Vec<(String, String)>,
 }
 
 /// When a run warms up and when it measures.
@@ -183,11 +185,12 @@ pub async fn run(spec: &LoadSpec, schedule: Schedule) -> Result<LoadReport> {
         bail!("load needs at least one target and one connection");
     }
     let bodies = Arc::new(request_bodies(spec));
+    let headers = Arc::new(spec.headers.clone());
     let mut tasks = tokio::task::JoinSet::new();
     for id in 0..spec.connections {
         let target = spec.targets[id % spec.targets.len()];
         let bodies = Arc::clone(&bodies);
-        tasks.spawn(drive_connection(id, target, bodies, schedule));
+        tasks.spawn(drive_connection(id, target, bodies, Arc::clone(&headers), schedule));
     }
     gather(tasks, &schedule).await
 }
@@ -225,10 +228,12 @@ async fn drive_connection(
     id: usize,
     target: SocketAddr,
     bodies: Arc<Vec<Bytes>>,
+    headers: Arc<Vec<(String, String)>>,
     schedule: Schedule,
 ) -> ConnectionTally {
     let mut tally = ConnectionTally::default();
     let host = target.to_string();
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
     let mut sender: Option<SendRequest<Full<Bytes>>> = None;
     // Spread the connections over the prompts so concurrent requests differ.
     let mut next_prompt = id.wrapping_mul(31);
@@ -251,7 +256,7 @@ async fn drive_connection(
         let body = bodies[next_prompt % bodies.len()].clone();
         next_prompt = next_prompt.wrapping_add(1);
         let started = Instant::now();
-        let outcome = send_chat(&mut conn, &host, body, &[]).await;
+        let outcome = send_chat(&mut conn, &host, body, &headers).await;
         if tally.record(&schedule, target, outcome, started) {
             sender = Some(conn);
         }
@@ -360,7 +365,14 @@ mod tests {
                 });
             }
         });
-        let spec = LoadSpec { targets: vec![addr], connections: 2, model: "m".into(), stream: false, max_tokens: 4 };
+        let spec = LoadSpec {
+            targets: vec![addr],
+            connections: 2,
+            model: "m".into(),
+            stream: false,
+            max_tokens: 4,
+            headers: Vec::new(),
+        };
         let schedule = Schedule::starting_now(Duration::from_millis(50), Duration::from_millis(200));
         let report = run(&spec, schedule).await.unwrap();
         server.abort();

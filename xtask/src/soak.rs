@@ -154,7 +154,14 @@ async fn soak_with(
     ));
     let schedule = Schedule::starting_now(Duration::ZERO, total);
     let load = |stream: bool| {
-        let spec = LoadSpec { targets: vec![listen], connections: 4, model: MODEL.into(), stream, max_tokens: 16 };
+        let spec = LoadSpec {
+            targets: vec![listen],
+            connections: 4,
+            model: MODEL.into(),
+            stream,
+            max_tokens: 16,
+            headers: Vec::new(),
+        };
         tokio::spawn(async move { loadgen::run(&spec, schedule).await })
     };
     let (streaming, plain) = (load(true), load(false));

@@ -193,6 +193,8 @@ pub struct GatewaySpec<'a> {
     pub env: Vec<(String, String)>,
     /// Pin to this CPU with taskset.
     pub cpu: Option<usize>,
+    /// Further `turnstile serve` flags, after the ones above.
+    pub extra_args: Vec<OsString>,
 }
 
 impl<'a> GatewaySpec<'a> {
@@ -209,6 +211,7 @@ impl<'a> GatewaySpec<'a> {
             log,
             env: Vec::new(),
             cpu: None,
+            extra_args: Vec::new(),
         })
     }
 }
@@ -225,7 +228,8 @@ pub struct Gateway {
 
 /// Starts `turnstile serve` and waits until `/readyz` answers 200.
 pub async fn start_gateway(spec: GatewaySpec<'_>, client: &Client) -> Result<Gateway> {
-    let GatewaySpec { binary, listen, admin, pods_file, routing_algorithm, log_format, log, env, cpu } = spec;
+    let GatewaySpec { binary, listen, admin, pods_file, routing_algorithm, log_format, log, env, cpu, extra_args } =
+        spec;
     let mut discovery = OsString::from("file:");
     discovery.push(pods_file);
     let mut args: Vec<OsString> = vec![
@@ -242,6 +246,7 @@ pub async fn start_gateway(spec: GatewaySpec<'_>, client: &Client) -> Result<Gat
     if let Some(algorithm) = routing_algorithm {
         args.extend(["--routing-algorithm".into(), algorithm.into()]);
     }
+    args.extend(extra_args);
     let mut child = ChildGuard::spawn(ServerSpec {
         name: "gateway".into(),
         program: binary.to_path_buf(),
@@ -387,6 +392,7 @@ mod tests {
             log: dir.join("gateway.log"),
             env: Vec::new(),
             cpu: None,
+            extra_args: Vec::new(),
         };
         let started = Instant::now();
         let err = start_gateway(spec, &Client::new()).await.err().expect("must fail");

@@ -203,6 +203,7 @@ async fn run_mode(
         model: MODEL.into(),
         stream: false,
         max_tokens: TOKENS,
+        headers: Vec::new(),
     };
     let period = |warmup| Schedule::starting_now(Duration::from_secs(warmup), Duration::from_secs(args.seconds));
 
@@ -490,6 +491,7 @@ mod tests {
                 seconds: 10,
                 warmup_seconds: 2,
                 peers: super::super::peers::PeerArgs::default(),
+                fleet: super::super::fleet::FleetArgs::default(),
             },
             Pinning { gateway: Some(0), others: Some(1), cpus: 2 },
             "abc",

@@ -253,7 +253,8 @@ fn install_peers(targets: &[Target]) -> Installed {
     installed
 }
 
-fn install_nginx() -> std::result::Result<(PathBuf, String), String> {
+/// nginx from Debian's packages (installed when missing, as root): the binary and its version.
+pub(super) fn install_nginx() -> std::result::Result<(PathBuf, String), String> {
     if procs::find_program("nginx").is_none() {
         if !rustix::process::geteuid().is_root() {
             return Err("nginx is not installed (apt-get install nginx needs root)".into());
@@ -419,6 +420,7 @@ async fn run_target(
             model: MODEL.into(),
             stream,
             max_tokens: TOKENS,
+            headers: Vec::new(),
         };
         let schedule =
             Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
@@ -991,6 +993,7 @@ mod tests {
             seconds: 10,
             warmup_seconds: 2,
             peers: PeerArgs::default(),
+            fleet: super::super::fleet::FleetArgs::default(),
         }
     }
 
