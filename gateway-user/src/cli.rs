@@ -186,10 +186,26 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Raises the soft limit on open files to the hard one. Each pod takes a
+/// kept-alive scrape connection and upstream connections, each client one:
+/// a thousand pods alone pass the usual soft limit of 1,024.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some() && limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::info!(from = limit.current, to = limit.maximum, "open files limit raised"),
+            Err(err) => tracing::warn!(error = %err, soft = limit.current, "cannot raise the open files limit"),
+        }
+    }
+}
+
 /// Runs the gateway until SIGTERM or SIGINT, then drains.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
 
+    raise_open_files_limit();
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(PodStore::new(Arc::clone(&metrics)));
     let shutdown = CancellationToken::new();

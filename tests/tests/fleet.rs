@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use http::StatusCode;
-use turnstile_tests::harness::{Engine, Gateway, PodSpec, Redis, eventually, open_stream, post, send};
+use turnstile_tests::harness::{Discovery, Engine, Gateway, PodSpec, Redis, eventually, open_stream, post, send};
 
 const MODEL: &str = "fleet-model";
 
@@ -125,4 +125,19 @@ async fn a_replica_scrapes_on_its_own_while_redis_is_down() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let alone = scrapes_during(&engines, Duration::from_secs(1)).await;
     assert!(alone > shared + shared / 2, "replicas stopped scraping with Redis down: {alone} vs {shared}");
+}
+
+/// A thousand pods take a thousand kept-alive scrape connections: the
+/// gateway raises its soft open-files limit to the hard one at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    let engine = Engine::start("a", MODEL, &[]);
+    let pods = [PodSpec::for_engine(&engine, MODEL)];
+    let wrapper = ["prlimit", "--nofile=1024:8192"];
+    let gw = Gateway::spawn_wrapped(&Discovery::PodsFile(&pods), &[], &[], &wrapper);
+    gw.wait_ready().await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.proc.pid())).expect("limits");
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).expect("open files line");
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["8192", "8192"], "{open_files}");
 }
