@@ -6,7 +6,7 @@
 //! pods; connections are kept alive between scrapes. With [`Sharing`],
 //! replicas claim each scrape first and take each other's readings.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -89,6 +89,8 @@ struct PodState {
     whole_page: bool,
     last_started: Option<Instant>,
     in_progress: bool,
+    /// Planned (and paid for) but waiting for a free slot.
+    queued: bool,
     /// When a failure was last logged; `None` while it scrapes fine.
     last_logged: Option<Instant>,
 }
@@ -140,6 +142,8 @@ async fn supervise(
     let mut seen = None;
     let mut planner = Planner::new(settings.interval, f64::from(settings.max_scrapes_per_second), Instant::now());
     let mut tasks: JoinSet<Done> = JoinSet::new();
+    // Scrapes planned within the budget, started as slots free up.
+    let mut queue: VecDeque<(String, Duration)> = VecDeque::new();
     let mut announced: Option<Cadence> = None;
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -150,6 +154,7 @@ async fn supervise(
                 if let Ok(done) = done {
                     finish(&mut states, done, &metrics);
                 }
+                start_queued(&mut states, &mut queue, &mut tasks, &shared, settings.concurrency);
                 continue;
             }
             Some(reading) = recv(&mut remote) => {
@@ -172,7 +177,7 @@ async fn supervise(
                 PodTurn {
                     busy: state.load.in_flight() > 0,
                     last_started: state.last_started,
-                    in_progress: state.in_progress,
+                    in_progress: state.in_progress || state.queued,
                 }
             })
             .collect();
@@ -189,25 +194,43 @@ async fn supervise(
             }
             announced = Some(cadence);
         }
-        let free = settings.concurrency.saturating_sub(tasks.len());
-        let due: Vec<String> = planner.due(now, &turns, free).into_iter().map(|i| keys[i].clone()).collect();
+        let due: Vec<String> = planner.due(now, &turns, usize::MAX).into_iter().map(|i| keys[i].clone()).collect();
         for key in due {
             let Some(state) = states.get_mut(&key) else { continue };
-            state.last_started = Some(now);
-            state.in_progress = true;
+            state.queued = true;
             let period = if state.load.in_flight() > 0 { cadence.busy } else { cadence.idle };
-            let job = Job {
-                addr: state.target.addr,
-                addr_text: state.addr_text.clone(),
-                names: state.names,
-                urls: Arc::clone(&state.urls),
-                whole_page: state.whole_page,
-                period,
-            };
-            tasks.spawn(scrape(key, job, Arc::clone(&shared)));
+            queue.push_back((key, period));
         }
+        start_queued(&mut states, &mut queue, &mut tasks, &shared, settings.concurrency);
     }
     tasks.abort_all();
+}
+
+/// Starts queued scrapes while fewer than `concurrency` run.
+fn start_queued(
+    states: &mut HashMap<String, PodState>,
+    queue: &mut VecDeque<(String, Duration)>,
+    tasks: &mut JoinSet<Done>,
+    shared: &Arc<Shared>,
+    concurrency: usize,
+) {
+    while tasks.len() < concurrency {
+        let Some((key, period)) = queue.pop_front() else { return };
+        // A pod that left (or changed) while queued is not scraped.
+        let Some(state) = states.get_mut(&key).filter(|s| s.queued) else { continue };
+        state.queued = false;
+        state.last_started = Some(Instant::now());
+        state.in_progress = true;
+        let job = Job {
+            addr: state.target.addr,
+            addr_text: state.addr_text.clone(),
+            names: state.names,
+            urls: Arc::clone(&state.urls),
+            whole_page: state.whole_page,
+            period,
+        };
+        tasks.spawn(scrape(key, job, Arc::clone(shared)));
+    }
 }
 
 async fn recv(remote: &mut Option<mpsc::Receiver<Remote>>) -> Option<Remote> {
@@ -265,6 +288,7 @@ fn follow(
                 whole_page: false,
                 last_started: None,
                 in_progress: false,
+                queued: false,
                 last_logged: None,
             },
         );
@@ -531,6 +555,34 @@ mod tests {
         assert!(delta[1..].iter().all(|&n| (1..=8).contains(&n)), "idle pods evenly: {delta:?}");
         // Idle pods are refreshed every ~0.4 s: staleness is judged against that, not 100 ms.
         assert!(store.stale_after() >= Duration::from_millis(1200), "{:?}", store.stale_after());
+    }
+
+    #[tokio::test]
+    async fn the_whole_budget_is_used_when_few_scrapes_may_run_at_once() {
+        let running = Arc::new(AtomicU64::new(1));
+        let hits: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let addr = metrics_server_with(Arc::clone(&running), false, Arc::clone(&hits)).await;
+        let metrics = Arc::new(Metrics::new());
+        let pods = Arc::new(PodStore::new(Arc::clone(&metrics)));
+        pods.replace_all((0..40).map(|i| pod(&format!("p{i}"), addr)).collect());
+        let store = Arc::new(EngineMetrics::new(Duration::from_secs(2)));
+        // Ten scrapes due per 50 ms tick, two at a time: the rest start as
+        // slots free up, not at the next tick.
+        let settings = ScrapeConfig {
+            interval: Duration::from_millis(50),
+            max_scrapes_per_second: 200,
+            concurrency: 2,
+            ..ScrapeConfig::default()
+        };
+        let shutdown = CancellationToken::new();
+        let task = spawn(Arc::clone(&pods), Arc::clone(&store), Arc::clone(&metrics), settings, None, shutdown.clone());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = hits.lock().expect("hits").len();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let total = hits.lock().expect("hits").len() - before;
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("no panic");
+        assert!((150..=230).contains(&total), "about 200 scrapes in a second: {total}");
     }
 
     #[tokio::test]
