@@ -144,17 +144,28 @@ async fn supervise(
     let mut tasks: JoinSet<Done> = JoinSet::new();
     // Scrapes planned within the budget, started as slots free up.
     let mut queue: VecDeque<(String, Duration)> = VecDeque::new();
+    // Which pod each running scrape task is for.
+    let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut announced: Option<Cadence> = None;
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            Some(done) = tasks.join_next() => {
-                if let Ok(done) = done {
-                    finish(&mut states, done, &metrics);
+            Some(joined) = tasks.join_next_with_id() => {
+                match joined {
+                    Ok((id, done)) => {
+                        running.remove(&id);
+                        finish(&mut states, done, &metrics);
+                    }
+                    // A scrape task that panicked: its pod is free to be scraped again.
+                    Err(err) => {
+                        if let Some(state) = running.remove(&err.id()).and_then(|key| states.get_mut(&key)) {
+                            state.in_progress = false;
+                        }
+                    }
                 }
-                start_queued(&mut states, &mut queue, &mut tasks, &shared, settings.concurrency);
+                start_queued(&mut states, &mut queue, &mut tasks, &mut running, &shared, settings.concurrency);
                 continue;
             }
             Some(reading) = recv(&mut remote) => {
@@ -201,7 +212,7 @@ async fn supervise(
             let period = if state.load.in_flight() > 0 { cadence.busy } else { cadence.idle };
             queue.push_back((key, period));
         }
-        start_queued(&mut states, &mut queue, &mut tasks, &shared, settings.concurrency);
+        start_queued(&mut states, &mut queue, &mut tasks, &mut running, &shared, settings.concurrency);
     }
     tasks.abort_all();
 }
@@ -211,6 +222,7 @@ fn start_queued(
     states: &mut HashMap<String, PodState>,
     queue: &mut VecDeque<(String, Duration)>,
     tasks: &mut JoinSet<Done>,
+    running: &mut HashMap<tokio::task::Id, String>,
     shared: &Arc<Shared>,
     concurrency: usize,
 ) {
@@ -228,8 +240,10 @@ fn start_queued(
             urls: Arc::clone(&state.urls),
             whole_page: state.whole_page,
             period,
+            overdue: state.history.newest().is_none_or(|at| at.elapsed() > period.saturating_mul(2)),
         };
-        tasks.spawn(scrape(key, job, Arc::clone(shared)));
+        let id = tasks.spawn(scrape(key.clone(), job, Arc::clone(shared))).id();
+        running.insert(id, key);
     }
 }
 
@@ -327,7 +341,7 @@ fn finish(states: &mut HashMap<String, PodState>, done: Done, metrics: &Metrics)
 /// Takes another replica's reading of a pod this replica also scrapes.
 fn take_remote(states: &mut HashMap<String, PodState>, reading: &Remote) {
     let Some(state) = states.get_mut(&reading.pod).filter(|s| s.addr_text == reading.addr) else { return };
-    let at = reading.local_instant(Instant::now(), SystemTime::now());
+    let at = Instant::now();
     if state.history.is_newer(at) {
         state.slot.publish(state.history.push(at, reading.scraped));
         // Scraped for us: not due again here until a period after it.
@@ -344,14 +358,20 @@ struct Job {
     whole_page: bool,
     /// How often this replica wants the pod: what a claim asks for.
     period: Duration,
+    /// No reading of the pod (ours or shared) for two periods.
+    overdue: bool,
 }
 
 /// Scrapes one pod once (after claiming it, when sharing).
 async fn scrape(key: String, job: Job, shared: Arc<Shared>) -> Done {
     let done = |scrape| Done { key: key.clone(), addr: job.addr, scrape };
-    if let Some(sharing) = &shared.sharing
-        && sharing.claim(&key, &job.addr_text, job.period, shared.interval).await == Some(Claim::Theirs)
-    {
+    let claim = match &shared.sharing {
+        Some(sharing) => sharing.claim(&key, &job.addr_text, job.period, shared.interval).await,
+        None => None,
+    };
+    // Another replica holds the pod; unless its readings stopped coming (it
+    // cannot reach the pod, or our subscription went quiet), leave it to them.
+    if claim == Some(Claim::Theirs) && !job.overdue {
         return done(None);
     }
     let mut whole_page = job.whole_page;
@@ -367,8 +387,11 @@ async fn scrape(key: String, job: Job, shared: Arc<Shared>) -> Done {
     let result = result.and_then(|text| {
         parse::parse(&text, job.names).map_err(|e| ScrapeError { kind: "parse", detail: e.to_string() })
     });
-    if let (Some(sharing), Ok(scraped)) = (&shared.sharing, &result) {
-        sharing.publish(&key, &job.addr_text, wall, *scraped).await;
+    if let (Some(sharing), Some(Claim::Mine)) = (&shared.sharing, claim) {
+        match &result {
+            Ok(scraped) => sharing.publish(&key, &job.addr_text, wall, *scraped).await,
+            Err(_) => sharing.release(&key, &job.addr_text).await,
+        }
     }
     done(Some(Scrape { at, result, whole_page }))
 }

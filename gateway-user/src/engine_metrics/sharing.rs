@@ -63,6 +63,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 ";
 
+/// KEYS[1]: the pod's claim; ARGV[1]: this replica. Gives the claim up if
+/// this replica holds it, so another replica scrapes at its next turn.
+const RELEASE_SCRIPT: &str = r"
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// After a failed call, how long the replica scrapes on its own without asking Redis.
+const PAUSE_AFTER_ERROR: Duration = Duration::from_secs(5);
+
 /// Whether this replica scrapes the pod now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Claim {
@@ -81,26 +91,22 @@ pub struct Remote {
     pub addr: String,
     /// Which replica scraped it.
     pub from: String,
-    /// When, in milliseconds since the Unix epoch.
+    /// When, in milliseconds since the Unix epoch by the scraping node's
+    /// clock: for logs only. Readers time a reading by its arrival (the
+    /// channel takes milliseconds, a period is longer), so clocks skewed
+    /// between nodes neither stale a reading nor bend a window's rates.
     pub at_unix_ms: u64,
     pub scraped: Scraped,
-}
-
-impl Remote {
-    /// The local instant of the scrape: `now` less its age by the wall clock
-    /// (clamped: a clock ahead counts as now).
-    pub fn local_instant(&self, now: Instant, wall_now: SystemTime) -> Instant {
-        let then = UNIX_EPOCH + Duration::from_millis(self.at_unix_ms);
-        let age = wall_now.duration_since(then).unwrap_or(Duration::ZERO);
-        now.checked_sub(age).unwrap_or(now)
-    }
 }
 
 /// This replica's side of the sharing.
 pub struct Sharing {
     connection: ConnectionManager,
     claim: Script,
+    release: Script,
     replica: String,
+    /// Until when Redis is not asked (it failed a call just before).
+    paused_until: std::sync::Mutex<Option<Instant>>,
     /// Whether readings of other replicas can reach us; without it, every
     /// pod is scraped here.
     subscribed: Arc<AtomicBool>,
@@ -130,7 +136,9 @@ impl Sharing {
         let sharing = Self {
             connection,
             claim: Script::new(CLAIM_SCRIPT),
+            release: Script::new(RELEASE_SCRIPT),
             replica,
+            paused_until: std::sync::Mutex::new(None),
             subscribed,
             last_error_log: std::sync::Mutex::new(None),
         };
@@ -141,7 +149,7 @@ impl Sharing {
     /// every `period`; `tolerance` absorbs the tick and the clocks. `None`
     /// when Redis cannot say: scrape it here.
     pub async fn claim(&self, pod: &str, addr: &str, period: Duration, tolerance: Duration) -> Option<Claim> {
-        if !self.subscribed.load(Ordering::Relaxed) {
+        if !self.subscribed.load(Ordering::Relaxed) || self.paused() {
             return None;
         }
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -163,8 +171,32 @@ impl Sharing {
         }
     }
 
+    /// Gives up the claim on `pod` after a failed scrape: another replica,
+    /// which may reach the pod, scrapes it at its next turn.
+    pub async fn release(&self, pod: &str, addr: &str) {
+        if self.paused() {
+            return;
+        }
+        let mut connection = self.connection.clone();
+        let mut invocation = self.release.key(format!("{CLAIM_PREFIX}{pod}@{addr}"));
+        invocation.arg(&self.replica);
+        match tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async::<i64>(&mut connection)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => self.log_error("releasing a pod's scrape", &err.to_string()),
+            Err(_) => self.log_error("releasing a pod's scrape", "timed out"),
+        }
+    }
+
+    fn paused(&self) -> bool {
+        let paused_until = self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        paused_until.is_some_and(|until| Instant::now() < until)
+    }
+
     /// Publishes what this replica read from `pod` at `at` (wall clock).
     pub async fn publish(&self, pod: &str, addr: &str, at: SystemTime, scraped: Scraped) {
+        if self.paused() {
+            return;
+        }
         let at_unix_ms = at.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
         let remote =
             Remote { pod: pod.to_owned(), addr: addr.to_owned(), from: self.replica.clone(), at_unix_ms, scraped };
@@ -179,7 +211,11 @@ impl Sharing {
         }
     }
 
+    /// Logs a failed call (rate-limited) and stops asking Redis for a while:
+    /// a slow Redis must not hold every scrape up by its timeout.
     fn log_error(&self, doing: &str, error: &str) {
+        *self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Instant::now() + PAUSE_AFTER_ERROR);
         let mut last = self.last_error_log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if last.is_none_or(|at| at.elapsed() >= LOG_INTERVAL) {
             *last = Some(Instant::now());
@@ -248,20 +284,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_reading_is_placed_at_its_age_by_the_wall_clock() {
+    fn a_reading_travels_as_json() {
         let remote = Remote {
             pod: "ns/a".into(),
             addr: "10.0.0.1:8000".into(),
             from: "x".into(),
             at_unix_ms: 1_000_000,
-            scraped: Scraped::default(),
+            scraped: Scraped { running: Some(3.0), ..Scraped::default() },
         };
-        let now = Instant::now() + Duration::from_secs(10);
-        let wall = UNIX_EPOCH + Duration::from_millis(1_000_250);
-        assert_eq!(remote.local_instant(now, wall), now - Duration::from_millis(250));
-        // A sender whose clock runs ahead: counts as now, never in the future.
-        let behind = UNIX_EPOCH + Duration::from_millis(999_000);
-        assert_eq!(remote.local_instant(now, behind), now);
         let text = serde_json::to_string(&remote).expect("serialises");
         assert_eq!(serde_json::from_str::<Remote>(&text).expect("parses"), remote);
     }

@@ -36,6 +36,11 @@ impl History {
         Self { window: window.max(Duration::from_millis(1)), points: VecDeque::new(), newest: None }
     }
 
+    /// When the newest scrape pushed was taken.
+    pub fn newest(&self) -> Option<Instant> {
+        self.newest
+    }
+
     /// Whether a scrape taken at `at` is newer than every one pushed so far
     /// (readings shared by other replicas can arrive late or twice).
     pub fn is_newer(&self, at: Instant) -> bool {
