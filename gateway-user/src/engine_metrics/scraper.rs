@@ -91,6 +91,8 @@ struct PodState {
     in_progress: bool,
     /// Planned (and paid for) but waiting for a free slot.
     queued: bool,
+    /// When this replica started following the pod.
+    followed_since: Instant,
     /// When a failure was last logged; `None` while it scrapes fine.
     last_logged: Option<Instant>,
 }
@@ -240,7 +242,10 @@ fn start_queued(
             urls: Arc::clone(&state.urls),
             whole_page: state.whole_page,
             period,
-            overdue: state.history.newest().is_none_or(|at| at.elapsed() > period.saturating_mul(2)),
+            // A replica that just started (or just found the pod) waits two
+            // periods for the others' readings before it scrapes on its own:
+            // a rolling restart of the DaemonSet must not scrape every pod again.
+            overdue: state.history.newest().unwrap_or(state.followed_since).elapsed() > period.saturating_mul(2),
         };
         let id = tasks.spawn(scrape(key.clone(), job, Arc::clone(shared))).id();
         running.insert(id, key);
@@ -303,6 +308,7 @@ fn follow(
                 last_started: None,
                 in_progress: false,
                 queued: false,
+                followed_since: Instant::now(),
                 last_logged: None,
             },
         );
@@ -358,7 +364,8 @@ struct Job {
     whole_page: bool,
     /// How often this replica wants the pod: what a claim asks for.
     period: Duration,
-    /// No reading of the pod (ours or shared) for two periods.
+    /// No reading of the pod (ours or shared) for two periods, or since
+    /// this replica started following it two periods ago.
     overdue: bool,
 }
 
