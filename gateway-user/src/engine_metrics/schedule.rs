@@ -96,10 +96,10 @@ impl Planner {
         Cadence::new(self.interval, self.budget, pods.len(), busy)
     }
 
-    /// The pods to start scraping at `now` (indices into `pods`), at most
-    /// `free` of them: due busy pods first, then due idle pods, oldest
-    /// first within each, as many as the budget has tokens for.
-    pub fn due(&mut self, now: Instant, pods: &[PodTurn], free: usize) -> Vec<usize> {
+    /// The pods to start scraping at `now` (indices into `pods`): due busy
+    /// pods first, then due idle pods, oldest first within each, as many as
+    /// the budget has tokens for (the caller starts them as slots free up).
+    pub fn due(&mut self, now: Instant, pods: &[PodTurn]) -> Vec<usize> {
         let elapsed = now.saturating_duration_since(self.refilled_at).as_secs_f64();
         self.refilled_at = now;
         // A bucket of one tick's worth (at least one scrape): enough to keep
@@ -118,7 +118,7 @@ impl Planner {
         let mut due: Vec<usize> = (0..pods.len()).filter(|&i| is_due(&pods[i])).collect();
         // Busy before idle; never-scraped before scraped; then oldest first.
         due.sort_by_key(|&i| (!pods[i].busy, pods[i].last_started));
-        let allowed = (self.tokens.floor() as usize).min(free);
+        let allowed = self.tokens.floor() as usize;
         due.truncate(allowed);
         self.tokens -= due.len() as f64;
         due
@@ -142,7 +142,7 @@ mod tests {
         let ticks = seconds * 1000 / TICK.as_millis() as u64;
         for tick in 1..=ticks {
             let now = start + TICK * tick as u32;
-            for i in planner.due(now, pods, usize::MAX) {
+            for i in planner.due(now, pods) {
                 pods[i].last_started = Some(now);
                 counts[i] += 1;
             }
@@ -171,7 +171,7 @@ mod tests {
         for tick in 1..=100u32 {
             // Each tick up to 1 ms off its mark.
             let now = start + TICK * tick - Duration::from_micros(u64::from(tick % 3) * 400);
-            for i in planner.due(now, &pods, usize::MAX) {
+            for i in planner.due(now, &pods) {
                 pods[i].last_started = Some(now);
                 scraped += 1;
             }
@@ -222,13 +222,14 @@ mod tests {
     }
 
     #[test]
-    fn scrapes_in_progress_and_the_free_slots_bound_what_starts() {
+    fn scrapes_in_progress_and_the_tokens_bound_what_starts() {
         let start = Instant::now();
-        let mut planner = Planner::new(TICK, 1000.0, start);
+        // 80 a second: a bucket of four per 50 ms tick.
+        let mut planner = Planner::new(TICK, 80.0, start);
         let mut pods = idle(10);
         pods[0].in_progress = true;
         let now = start + Duration::from_secs(1);
-        let due = planner.due(now, &pods, 4);
+        let due = planner.due(now, &pods);
         assert_eq!(due.len(), 4);
         assert!(!due.contains(&0), "a pod already being scraped is not started again");
     }

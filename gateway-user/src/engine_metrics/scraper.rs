@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Uri;
@@ -207,7 +207,7 @@ async fn supervise(
             }
             announced = Some(cadence);
         }
-        let due: Vec<String> = planner.due(now, &turns, usize::MAX).into_iter().map(|i| keys[i].clone()).collect();
+        let due: Vec<String> = planner.due(now, &turns).into_iter().map(|i| keys[i].clone()).collect();
         for key in due {
             let Some(state) = states.get_mut(&key) else { continue };
             state.queued = true;
@@ -390,13 +390,12 @@ async fn scrape(key: String, job: Job, shared: Arc<Shared>) -> Done {
         result = whole;
     }
     let at = Instant::now();
-    let wall = SystemTime::now();
     let result = result.and_then(|text| {
         parse::parse(&text, job.names).map_err(|e| ScrapeError { kind: "parse", detail: e.to_string() })
     });
     if let (Some(sharing), Some(Claim::Mine)) = (&shared.sharing, claim) {
         match &result {
-            Ok(scraped) => sharing.publish(&key, &job.addr_text, wall, *scraped).await,
+            Ok(scraped) => sharing.publish(&key, &job.addr_text, *scraped).await,
             Err(_) => sharing.release(&key, &job.addr_text).await,
         }
     }

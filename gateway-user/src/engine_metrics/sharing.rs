@@ -23,7 +23,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use redis::Script;
@@ -91,11 +91,9 @@ pub struct Remote {
     pub addr: String,
     /// Which replica scraped it.
     pub from: String,
-    /// When, in milliseconds since the Unix epoch by the scraping node's
-    /// clock: for logs only. Readers time a reading by its arrival (the
-    /// channel takes milliseconds, a period is longer), so clocks skewed
-    /// between nodes neither stale a reading nor bend a window's rates.
-    pub at_unix_ms: u64,
+    /// What it read. Readers time a reading by its arrival (the channel
+    /// takes milliseconds, a period is longer), so clocks skewed between
+    /// nodes neither stale a reading nor bend a window's rates.
     pub scraped: Scraped,
 }
 
@@ -192,14 +190,12 @@ impl Sharing {
         paused_until.is_some_and(|until| Instant::now() < until)
     }
 
-    /// Publishes what this replica read from `pod` at `at` (wall clock).
-    pub async fn publish(&self, pod: &str, addr: &str, at: SystemTime, scraped: Scraped) {
+    /// Publishes what this replica just read from `pod`.
+    pub async fn publish(&self, pod: &str, addr: &str, scraped: Scraped) {
         if self.paused() {
             return;
         }
-        let at_unix_ms = at.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
-        let remote =
-            Remote { pod: pod.to_owned(), addr: addr.to_owned(), from: self.replica.clone(), at_unix_ms, scraped };
+        let remote = Remote { pod: pod.to_owned(), addr: addr.to_owned(), from: self.replica.clone(), scraped };
         let Ok(payload) = serde_json::to_string(&remote) else { return };
         let mut connection = self.connection.clone();
         let mut command = redis::cmd("PUBLISH");
@@ -289,7 +285,6 @@ mod tests {
             pod: "ns/a".into(),
             addr: "10.0.0.1:8000".into(),
             from: "x".into(),
-            at_unix_ms: 1_000_000,
             scraped: Scraped { running: Some(3.0), ..Scraped::default() },
         };
         let text = serde_json::to_string(&remote).expect("serialises");
