@@ -14,6 +14,10 @@ macro_rules! same_fields {
 mod flags;
 mod plan;
 
+/// How long a starting replica waits to read the other replicas' recent
+/// routing decisions before serving.
+const FLEET_CATCH_UP_LIMIT: Duration = Duration::from_secs(3);
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -253,9 +257,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     metrics.routing.report_pod_ages(Arc::clone(&engine_metrics) as Arc<dyn crate::metrics::PodAges>);
     let pod_in_flight: Arc<dyn crate::metrics::PodInFlight> = Arc::clone(&store) as _;
     metrics.report_pod_in_flight(Arc::downgrade(&pod_in_flight));
+    let router = crate::routing::Router::new(&(&args.routing).into(), &metrics.routing);
+    let fleet_state = Arc::clone(router.fleet_state());
     let proxy = Arc::new(Proxy::new(ProxyParts {
         store: Arc::clone(&store),
-        router: crate::routing::Router::new(&(&args.routing).into(), &metrics.routing),
+        router,
         engine_metrics: Arc::clone(&engine_metrics),
         metrics: Arc::clone(&metrics),
         limits,
@@ -305,6 +311,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         sharing,
         shutdown.clone(),
     );
+
+    if let (Some(url), crate::cli::flags::MetricSharing::On) = (&limits_redis_url, args.routing.routing_state_sharing) {
+        match crate::routing::fleet::spawn(url, &fleet_state, Arc::clone(&store), shutdown.clone()) {
+            Ok((_status, mut caught_up)) => {
+                // A replica that starts reads the others' recent decisions first, so
+                // its first requests route as theirs would; a Redis that cannot say
+                // within the limit leaves it to its own view.
+                let waited = tokio::time::timeout(FLEET_CATCH_UP_LIMIT, caught_up.wait_for(|done| *done)).await;
+                if waited.is_err() {
+                    tracing::warn!(
+                        "routing state: the other replicas' decisions not read in time; starting from this replica's own view"
+                    );
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot share routing state through Redis; each replica routes on its own")
+            }
+        }
+    }
 
     let proxy_listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("binding proxy listener {}", args.listen))?;

@@ -357,7 +357,7 @@ impl From<&KernelArgs> for KernelConfig {
 pub enum MetricSharing {
     /// Share when a Redis is configured.
     On,
-    /// Every replica scrapes every pod.
+    /// Each replica on its own.
     Off,
 }
 
@@ -508,6 +508,14 @@ pub struct RoutingArgs {
           default_value_t = crate::proxy::defaults::PREFILL_REQUEST_TIMEOUT_SECONDS,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub prefill_request_timeout_seconds: u64,
+
+    /// With a Redis configured (`--redis-url`), replicas share what they
+    /// route by: prefix-cache's index and vtc-basic's token counts (on a
+    /// stream, read back by a replica that starts) and each pod's requests
+    /// in flight (every 100 ms). Redis is never waited on by a request.
+    /// `off`: each replica routes from what it alone has seen.
+    #[arg(long, env = "TURNSTILE_ROUTING_STATE_SHARING", value_enum, default_value_t = MetricSharing::On)]
+    pub routing_state_sharing: MetricSharing,
 }
 
 impl From<&RoutingArgs> for RoutingConfig {

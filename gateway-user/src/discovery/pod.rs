@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -27,18 +28,85 @@ const DEFAULT_PORT: u16 = 8000;
 
 /// Live load of one pod as the gateway sees it. Shared between pod-store
 /// generations so a reload never resets the count of requests in flight.
+///
+/// Besides this replica's own count, two views of the rest of the fleet's
+/// requests feed [`PodLoad::routing_load`]: what the other replicas say they
+/// have in flight (through Redis, every 100 ms), and the engine's own count
+/// of running and waiting requests at its last reading, moved by what this
+/// replica started and finished since. Each lapses when not renewed.
 #[derive(Debug, Default)]
 pub struct PodLoad {
     in_flight: AtomicUsize,
+    /// The other replicas' requests in flight on the pod, as they last said.
+    others: AtomicUsize,
+    /// Until when (on [`clock_ms`]) `others` holds; 0: never said.
+    others_until: AtomicU64,
+    /// The engine's running plus waiting requests at its last reading.
+    engine_queue: AtomicUsize,
+    /// This replica's in-flight count when that reading came in.
+    engine_base: AtomicUsize,
+    /// Until when (on [`clock_ms`]) the engine reading holds; 0: none.
+    engine_until: AtomicU64,
     /// Upstream connection slots (`--max-connections-per-pod`), made on
     /// first use; one HTTP/1.1 request in flight holds one connection.
     connection_slots: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
 }
 
+/// Milliseconds since the process first asked, never 0: the clock the
+/// lapsing parts of a [`PodLoad`] are timed by.
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let elapsed = START.get_or_init(Instant::now).elapsed();
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX).saturating_add(1)
+}
+
+fn until(valid_for: Duration) -> u64 {
+    clock_ms().saturating_add(u64::try_from(valid_for.as_millis()).unwrap_or(u64::MAX))
+}
+
 impl PodLoad {
-    /// Requests routed to the pod whose response has not ended yet.
+    /// Requests this replica routed to the pod whose response has not ended yet.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The load routing compares pods by: the most of
+    /// - this replica's requests in flight;
+    /// - those plus the other replicas' (when they said within `valid_for`);
+    /// - the engine's running and waiting requests at its last reading,
+    ///   plus this replica's requests started since, less those ended since.
+    ///
+    /// Every replica sees the engine alike, so replicas that cannot talk
+    /// still see each other's load within a scrape period; between scrapes
+    /// their own starts keep them from herding onto the pod that read lowest.
+    pub fn routing_load(&self) -> usize {
+        let own = self.in_flight();
+        let now = clock_ms();
+        let mut load = own;
+        if self.others_until.load(Ordering::Acquire) > now {
+            load = load.max(own.saturating_add(self.others.load(Ordering::Relaxed)));
+        }
+        if self.engine_until.load(Ordering::Acquire) > now {
+            let queue = self.engine_queue.load(Ordering::Relaxed);
+            let base = self.engine_base.load(Ordering::Relaxed);
+            load = load.max(queue.saturating_add(own).saturating_sub(base));
+        }
+        load
+    }
+
+    /// The engine counted `queue` requests running or waiting just now;
+    /// believed for `valid_for`.
+    pub fn engine_reading(&self, queue: usize, valid_for: Duration) {
+        self.engine_queue.store(queue, Ordering::Relaxed);
+        self.engine_base.store(self.in_flight(), Ordering::Relaxed);
+        self.engine_until.store(until(valid_for), Ordering::Release);
+    }
+
+    /// The other replicas have `count` requests in flight on the pod;
+    /// believed for `valid_for`.
+    pub fn others_in_flight(&self, count: usize, valid_for: Duration) {
+        self.others.store(count, Ordering::Relaxed);
+        self.others_until.store(until(valid_for), Ordering::Release);
     }
 
     /// The pod's upstream connection slots, `cap` of them.
@@ -245,5 +313,23 @@ status:
         assert_eq!(load.in_flight(), 1);
         drop(b);
         assert_eq!(load.in_flight(), 0);
+    }
+
+    #[test]
+    fn routing_load_adds_what_the_rest_of_the_fleet_has_running() {
+        let load = Arc::new(PodLoad::default());
+        let _a = load.start();
+        assert_eq!(load.routing_load(), 1, "alone: its own count");
+        load.others_in_flight(3, Duration::from_secs(60));
+        assert_eq!(load.routing_load(), 4, "plus what the other replicas said");
+        // The engine ran 6 when this replica had 1 in flight; 2 more started since.
+        load.engine_reading(6, Duration::from_secs(60));
+        let (_b, _c) = (load.start(), load.start());
+        assert_eq!(load.routing_load(), 8, "the engine's count moved by this replica's starts");
+        load.others_in_flight(9, Duration::from_secs(60));
+        assert_eq!(load.routing_load(), 12, "the most of the estimates");
+        load.others_in_flight(9, Duration::ZERO);
+        load.engine_reading(6, Duration::ZERO);
+        assert_eq!(load.routing_load(), 3, "lapsed views count no more");
     }
 }

@@ -158,7 +158,7 @@ async fn supervise(
                 match joined {
                     Ok((id, done)) => {
                         running.remove(&id);
-                        finish(&mut states, done, &metrics);
+                        finish(&mut states, done, &metrics, store.stale_after());
                     }
                     // A scrape task that panicked: its pod is free to be scraped again.
                     Err(err) => {
@@ -171,7 +171,7 @@ async fn supervise(
                 continue;
             }
             Some(reading) = recv(&mut remote) => {
-                take_remote(&mut states, &reading);
+                take_remote(&mut states, &reading, store.stale_after());
                 continue;
             }
             _ = tick.tick() => {}
@@ -316,7 +316,7 @@ fn follow(
 }
 
 /// Takes a finished scrape into its pod's window (unless the pod changed meanwhile).
-fn finish(states: &mut HashMap<String, PodState>, done: Done, metrics: &Metrics) {
+fn finish(states: &mut HashMap<String, PodState>, done: Done, metrics: &Metrics, stale_after: Duration) {
     let Some(state) = states.get_mut(&done.key).filter(|s| s.target.addr == done.addr) else { return };
     state.in_progress = false;
     let Some(Scrape { at, result, whole_page }) = done.scrape else { return };
@@ -327,6 +327,7 @@ fn finish(states: &mut HashMap<String, PodState>, done: Done, metrics: &Metrics)
     match result {
         Ok(scraped) => {
             if state.history.is_newer(at) {
+                note_engine_queue(&state.load, &scraped, stale_after);
                 state.slot.publish(state.history.push(at, scraped));
             }
             if state.last_logged.take().is_some() {
@@ -345,13 +346,24 @@ fn finish(states: &mut HashMap<String, PodState>, done: Done, metrics: &Metrics)
 }
 
 /// Takes another replica's reading of a pod this replica also scrapes.
-fn take_remote(states: &mut HashMap<String, PodState>, reading: &Remote) {
+fn take_remote(states: &mut HashMap<String, PodState>, reading: &Remote, stale_after: Duration) {
     let Some(state) = states.get_mut(&reading.pod).filter(|s| s.addr_text == reading.addr) else { return };
     let at = Instant::now();
     if state.history.is_newer(at) {
+        note_engine_queue(&state.load, &reading.scraped, stale_after);
         state.slot.publish(state.history.push(at, reading.scraped));
         // Scraped for us: not due again here until a period after it.
         state.last_started = Some(state.last_started.map_or(at, |started| started.max(at)));
+    }
+}
+
+/// Tells routing the engine's own count of running and waiting requests,
+/// which every replica reads alike (see [`PodLoad::routing_load`]).
+fn note_engine_queue(load: &PodLoad, scraped: &Scraped, stale_after: Duration) {
+    if let Some(running) = scraped.running.filter(|r| r.is_finite() && *r >= 0.0) {
+        let waiting = scraped.waiting.filter(|w| w.is_finite() && *w >= 0.0).unwrap_or(0.0);
+        // Saturating float-to-int: an absurd count reads as a very busy engine.
+        load.engine_reading((running + waiting) as usize, stale_after);
     }
 }
 

@@ -55,7 +55,7 @@ impl Strategy for LeastLatency {
             let tpot = m.time_per_output_token.unwrap_or(tpot_mean);
             let service = ttft + output_tokens * tpot;
             let engine_load = m.running.unwrap_or(0.0) + m.waiting.unwrap_or(0.0);
-            let load = engine_load.max(pod.load.in_flight() as f64);
+            let load = engine_load.max(pod.load.routing_load() as f64);
             scores.push(service * (1.0 + load));
         }
         Ok(())

@@ -1,8 +1,10 @@
-//! `least-request`: the pod with the fewest requests in flight through this
-//! gateway, ties broken at random. The count is the gateway's own (taken when
-//! a request is routed, released when its response ends), so it reacts to a
-//! burst at once instead of waiting for the next engine metrics scrape. It is
-//! also what every other strategy falls back to.
+//! `least-request`: the pod with the fewest requests in flight, ties broken
+//! at random. The count is the fleet's as this replica sees it
+//! ([`PodLoad::routing_load`](crate::discovery::PodLoad::routing_load)): its
+//! own requests (taken when routed, released when the response ends, so a
+//! burst spreads at once), plus the other replicas' as they said through
+//! Redis, or the engine's count at its last scrape moved by this replica's
+//! own starts since. It is also what every other strategy falls back to.
 
 use std::sync::Arc;
 
@@ -22,7 +24,7 @@ impl Strategy for LeastRequest {
 
     fn score(&self, _: &RouteRequest<'_>, candidates: &[Arc<PodInfo>], scores: &mut Vec<f64>) -> Result<(), Unscored> {
         scores.clear();
-        scores.extend(candidates.iter().map(|pod| pod.load.in_flight() as f64));
+        scores.extend(candidates.iter().map(|pod| pod.load.routing_load() as f64));
         Ok(())
     }
 

@@ -30,7 +30,7 @@ impl Strategy for LeastUtilization {
         scores: &mut Vec<f64>,
     ) -> Result<(), Unscored> {
         score_by_metrics(request, candidates, scores, |m, pod| {
-            Some((m.running? + m.waiting?).max(pod.load.in_flight() as f64))
+            Some((m.running? + m.waiting?).max(pod.load.routing_load() as f64))
         })
     }
 }

@@ -14,6 +14,7 @@
 
 mod config;
 mod filter;
+pub mod fleet;
 mod mix;
 pub mod prefix_index;
 mod ties;
@@ -38,6 +39,7 @@ struct Build<'a> {
     config: &'a RoutingConfig,
     hasher: &'a Arc<prefix_index::PrefixHasher>,
     metrics: &'a RoutingMetrics,
+    fleet: &'a fleet::FleetState,
 }
 
 /// Declares each strategy's module and how it is built; [`registered`] lists
@@ -66,11 +68,17 @@ registry! {
     least_utilization => |_| Arc::new(least_utilization::LeastUtilization),
     throughput => |_| Arc::new(throughput::Throughput),
     power_of_two => |_| Arc::new(power_of_two::PowerOfTwo),
-    prefix_cache => |b| Arc::new(prefix_cache::PrefixCache::new(b.config, Arc::clone(b.hasher), b.metrics.clone())),
+    prefix_cache => |b| Arc::new(prefix_cache::PrefixCache::new(
+        b.config,
+        Arc::clone(b.hasher),
+        Arc::clone(&b.fleet.prefix),
+        Arc::clone(&b.fleet.link),
+        b.metrics.clone(),
+    )),
     prefix_cache_preble => |b| {
         Arc::new(prefix_cache_preble::PrefixCachePreble::new(b.config, Arc::clone(b.hasher), b.metrics.clone()))
     },
-    vtc_basic => |b| Arc::new(vtc_basic::VtcBasic::new(b.config)),
+    vtc_basic => |b| Arc::new(vtc_basic::VtcBasic::new(b.config, Arc::clone(&b.fleet.tokens), Arc::clone(&b.fleet.link))),
     session_affinity => |_| Arc::new(session_affinity::SessionAffinity),
     pub pd => |b| Arc::new(pd::PdRouter::new(b.config, Arc::clone(b.hasher))),
 }
@@ -373,6 +381,8 @@ pub struct Router {
     fallbacks: Arc<Fallbacks>,
     /// The prefix hasher every prefix-aware strategy shares.
     hasher: Arc<prefix_index::PrefixHasher>,
+    /// What the strategies share with the other replicas.
+    fleet: Arc<fleet::FleetState>,
 }
 
 /// Distinct weighted-mix strings kept parsed; beyond this they are parsed per request.
@@ -381,7 +391,15 @@ const MAX_CACHED_MIXES: usize = 256;
 impl Router {
     pub fn new(config: &RoutingConfig, metrics: &RoutingMetrics) -> Self {
         let hasher = Arc::new(prefix_index::PrefixHasher::new(config));
-        let all = registered(&Build { config, hasher: &hasher, metrics });
+        let tokens = vtc_basic::TokenTracker::new(Duration::from_secs(config.vtc_window_minutes.saturating_mul(60)));
+        let prefix_history = Duration::from_secs(config.prefix_cache_eviction_duration_mins.saturating_mul(60));
+        let fleet = Arc::new(fleet::FleetState {
+            link: Arc::default(),
+            prefix: Arc::new(prefix_cache::PrefixCache::index(config)),
+            history: prefix_history.max(tokens.window()),
+            tokens: Arc::new(tokens),
+        });
+        let all = registered(&Build { config, hasher: &hasher, metrics, fleet: &fleet });
         let fallbacks = Arc::new(Fallbacks { metrics: metrics.clone(), logged: Mutex::new(HashMap::new()) });
         Self {
             names: all.iter().map(|s| s.name()).collect(),
@@ -389,7 +407,13 @@ impl Router {
             mixes: Mutex::default(),
             fallbacks,
             hasher,
+            fleet,
         }
+    }
+
+    /// The routing state shared with the other replicas (see [`fleet`]).
+    pub fn fleet_state(&self) -> &Arc<fleet::FleetState> {
+        &self.fleet
     }
 
     /// The name of every strategy, in registration order (weighted mixes of
@@ -505,13 +529,14 @@ pub fn strategy_names() -> Vec<&'static str> {
     Router::new(&RoutingConfig::default(), &metrics).names().to_vec()
 }
 
-/// Index of the pod with the fewest requests in flight through this
-/// gateway; ties broken at random so equal pods share the load instead of
+/// Index of the pod with the fewest requests in flight, the fleet's as this
+/// replica sees them ([`PodLoad::routing_load`](crate::discovery::PodLoad::routing_load));
+/// ties broken at random so equal pods share the load instead of
 /// the first one taking it all.
 pub(crate) fn least_in_flight(candidates: &[Arc<PodInfo>]) -> usize {
     let mut least = Lowest::new();
     for (i, pod) in candidates.iter().enumerate() {
-        least.offer(pod.load.in_flight(), i);
+        least.offer(pod.load.routing_load(), i);
     }
     least.into_item().unwrap_or(0)
 }
@@ -528,7 +553,7 @@ pub(crate) fn lowest(scores: &[f64], candidates: &[Arc<PodInfo>]) -> Option<usiz
     let mut least = Lowest::new();
     for (i, (score, pod)) in scores.iter().zip(candidates).enumerate() {
         if *score <= min + tolerance {
-            least.offer(pod.load.in_flight(), i);
+            least.offer(pod.load.routing_load(), i);
         }
     }
     least.into_item()

@@ -135,7 +135,7 @@ impl PdRouter {
         let blocks = hashes.len().max(1) as f64;
         let costs = pods.iter().zip(&depths).map(|(pod, &depth)| {
             let missed = if hashes.is_empty() { 1.0 } else { 1.0 - depth as f64 / blocks };
-            (pod.load.in_flight() as f64 + PREFIX_MISS_COST * missed, *pod)
+            (pod.load.routing_load() as f64 + PREFIX_MISS_COST * missed, *pod)
         });
         cheapest(costs)
     }
@@ -143,7 +143,7 @@ impl PdRouter {
 
 /// The pod with the fewest requests in flight, ties at random.
 fn least_loaded<'a>(pods: &[&'a Arc<PodInfo>]) -> Option<(f64, &'a Arc<PodInfo>)> {
-    cheapest(pods.iter().map(|pod| (pod.load.in_flight() as f64, *pod)))
+    cheapest(pods.iter().map(|pod| (pod.load.routing_load() as f64, *pod)))
 }
 
 /// The lowest cost, ties at random.

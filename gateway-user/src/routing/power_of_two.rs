@@ -1,9 +1,9 @@
 //! `power-of-two`: two distinct candidates drawn at random, the one with
 //! fewer requests in flight wins (the "power of two choices": nearly as even
 //! as least-request, without every gateway herding onto the same least
-//! loaded pod). Counts are this gateway's; sharing them between replicas
-//! through Redis, as AIBrix does, is a follow-up. It has no scores, so it
-//! cannot be part of a weighted mix.
+//! loaded pod). The counts are the fleet's as least-request sees them: with
+//! Redis, every replica's requests in flight, as AIBrix keeps them there. It
+//! has no scores, so it cannot be part of a weighted mix.
 
 use std::sync::Arc;
 
@@ -32,7 +32,7 @@ impl Strategy for PowerOfTwo {
         let second = (first + 1 + rand::random_range(0..n - 1)) % n;
         let mut less_loaded = Lowest::new();
         for i in [first, second] {
-            less_loaded.offer(candidates[i].load.in_flight(), i);
+            less_loaded.offer(candidates[i].load.routing_load(), i);
         }
         Ok(less_loaded.into_item().unwrap_or(first))
     }

@@ -24,20 +24,35 @@ use crate::metrics::RoutingMetrics;
 
 pub struct PrefixCache {
     hasher: Arc<PrefixHasher>,
-    index: PrefixIndex,
+    /// Shared with the other replicas through [`super::fleet`].
+    index: Arc<PrefixIndex>,
+    fleet: Arc<super::fleet::Link>,
     imbalance: usize,
     deviation_factor: f64,
     metrics: RoutingMetrics,
 }
 
 impl PrefixCache {
-    pub fn new(config: &RoutingConfig, hasher: Arc<PrefixHasher>, metrics: RoutingMetrics) -> Self {
+    /// A prefix index sized by `config`.
+    pub fn index(config: &RoutingConfig) -> PrefixIndex {
+        PrefixIndex::new(
+            usize::try_from(config.prefix_cache_block_number).unwrap_or(usize::MAX),
+            Duration::from_secs(config.prefix_cache_eviction_duration_mins.saturating_mul(60)),
+        )
+    }
+
+    /// Routes by `index`, telling the other replicas each decision through `fleet`.
+    pub fn new(
+        config: &RoutingConfig,
+        hasher: Arc<PrefixHasher>,
+        index: Arc<PrefixIndex>,
+        fleet: Arc<super::fleet::Link>,
+        metrics: RoutingMetrics,
+    ) -> Self {
         Self {
             hasher,
-            index: PrefixIndex::new(
-                usize::try_from(config.prefix_cache_block_number).unwrap_or(usize::MAX),
-                Duration::from_secs(config.prefix_cache_eviction_duration_mins.saturating_mul(60)),
-            ),
+            index,
+            fleet,
             imbalance: usize::try_from(config.prefix_cache_imbalance_abs_count).unwrap_or(usize::MAX),
             deviation_factor: config.prefix_cache_standard_deviation_factor,
             metrics,
@@ -48,7 +63,7 @@ impl PrefixCache {
 /// The candidates' in-flight counts, and which of them are considered: all,
 /// or only the least loaded when the spread exceeds `imbalance`.
 pub(super) fn loads_and_eligible(candidates: &[Arc<PodInfo>], imbalance: usize) -> (Vec<usize>, Vec<bool>) {
-    let loads: Vec<usize> = candidates.iter().map(|p| p.load.in_flight()).collect();
+    let loads: Vec<usize> = candidates.iter().map(|p| p.load.routing_load()).collect();
     let min = loads.iter().copied().min().unwrap_or(0);
     let max = loads.iter().copied().max().unwrap_or(0);
     let eligible = loads.iter().map(|&l| max - min <= imbalance || l == min).collect();
@@ -121,6 +136,7 @@ impl Strategy for PrefixCache {
         let hashes = request.prefix_hashes(&self.hasher);
         let held = self.index.record(hashes, pod_id(&pod.key));
         self.metrics.prefix_lookup(request.model, self.name(), held > 0);
+        self.fleet.send(super::fleet::Event::prefix(&pod.key, hashes));
     }
 }
 
@@ -131,7 +147,12 @@ mod tests {
 
     fn strategy() -> PrefixCache {
         let config = RoutingConfig { prefix_cache_block_size: 4, ..RoutingConfig::default() };
-        PrefixCache::new(&config, Arc::new(PrefixHasher::new(&config)), crate::metrics::Metrics::new().routing)
+        with_metrics(&config, crate::metrics::Metrics::new().routing)
+    }
+
+    fn with_metrics(config: &RoutingConfig, metrics: RoutingMetrics) -> PrefixCache {
+        let hasher = Arc::new(PrefixHasher::new(config));
+        PrefixCache::new(config, hasher, Arc::new(PrefixCache::index(config)), Arc::default(), metrics)
     }
 
     /// Routes `prompt` as the router would (pick, then chosen).
@@ -172,7 +193,7 @@ mod tests {
             prefix_cache_standard_deviation_factor: 1.0,
             ..RoutingConfig::default()
         };
-        let s = PrefixCache::new(&config, Arc::new(PrefixHasher::new(&config)), crate::metrics::Metrics::new().routing);
+        let s = with_metrics(&config, crate::metrics::Metrics::new().routing);
         let pods = pods(4);
         let prompt = format!("{SYSTEM}user: a long question");
         let holder = route(&s, &prompt, &pods);
@@ -224,7 +245,7 @@ mod tests {
     fn counts_hits_and_misses() {
         let metrics = crate::metrics::Metrics::new();
         let config = RoutingConfig { prefix_cache_block_size: 4, ..RoutingConfig::default() };
-        let s = PrefixCache::new(&config, Arc::new(PrefixHasher::new(&config)), metrics.routing.clone());
+        let s = with_metrics(&config, metrics.routing.clone());
         let pods = pods(1);
         route(&s, "abcdefgh", &pods);
         route(&s, "abcdefgh", &pods);

@@ -96,11 +96,12 @@ impl Holders {
         self.0.iter().any(|(id, at)| *id == pod && now.saturating_duration_since(*at) <= idle_limit)
     }
 
-    /// Marks `pod` as holding the block now; true if it already held it.
+    /// Marks `pod` as holding the block since `now` (a later hold already
+    /// recorded stays); true if it already held it.
     fn touch(&mut self, pod: u64, now: Instant, idle_limit: Duration) -> bool {
         if let Some(entry) = self.0.iter_mut().find(|(id, _)| *id == pod) {
             let held = now.saturating_duration_since(entry.1) <= idle_limit;
-            entry.1 = now;
+            entry.1 = entry.1.max(now);
             return held;
         }
         if self.0.len() >= MAX_HOLDERS
@@ -153,7 +154,12 @@ impl PrefixIndex {
     /// Records that `pod` was sent these blocks; returns how many leading
     /// blocks it already held.
     pub fn record(&self, hashes: &[u64], pod: u64) -> usize {
-        let now = Instant::now();
+        self.record_at(hashes, pod, Instant::now())
+    }
+
+    /// Records that `pod` was sent these blocks at `now` (another replica's
+    /// decision, told later); returns how many leading blocks it already held.
+    pub fn record_at(&self, hashes: &[u64], pod: u64, now: Instant) -> usize {
         let mut held = 0;
         let mut leading = true;
         let mut blocks = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);

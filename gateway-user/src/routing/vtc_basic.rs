@@ -34,6 +34,7 @@ const EXTREMES_REFRESH: Duration = Duration::from_secs(1);
 
 pub struct VtcBasic {
     tracker: Arc<TokenTracker>,
+    fleet: Arc<super::fleet::Link>,
     min_tokens: f64,
     fairness_weight: f64,
     utilization_weight: f64,
@@ -43,9 +44,12 @@ pub struct VtcBasic {
 }
 
 impl VtcBasic {
-    pub fn new(config: &RoutingConfig) -> Self {
+    /// Counts users' tokens in `tracker`, telling the other replicas each
+    /// charge through `fleet`.
+    pub fn new(config: &RoutingConfig, tracker: Arc<TokenTracker>, fleet: Arc<super::fleet::Link>) -> Self {
         Self {
-            tracker: Arc::new(TokenTracker::new(Duration::from_secs(config.vtc_window_minutes.saturating_mul(60)))),
+            tracker,
+            fleet,
             min_tokens: config.vtc_min_tokens.max(1.0),
             fairness_weight: config.vtc_fairness_weight,
             utilization_weight: config.vtc_utilization_weight,
@@ -96,20 +100,25 @@ impl Strategy for VtcBasic {
         let prompt_tokens = (request.prompt().len() as f64 / 4.0).ceil();
         let estimate = self.charge(prompt_tokens, (prompt_tokens * 1.5).ceil());
         self.tracker.add(user, estimate, Instant::now());
+        self.fleet.send(super::fleet::Event::Tokens { user: user.to_owned(), tokens: estimate });
         let tracker = Arc::clone(&self.tracker);
+        let fleet = Arc::clone(&self.fleet);
         let user = user.to_owned();
         let (input_weight, output_weight) = (self.input_weight, self.output_weight);
         decision.on_usage = Some(UsageCallback::new(move |usage: Option<TokenUsage>| {
             if let Some(usage) = usage {
                 let actual = usage.prompt_tokens as f64 * input_weight + usage.completion_tokens as f64 * output_weight;
-                tracker.add(&user, actual - estimate, Instant::now());
+                let correction = actual - estimate;
+                tracker.add(&user, correction, Instant::now());
+                fleet.send(super::fleet::Event::Tokens { user, tokens: correction });
             }
         }));
     }
 }
 
-/// Per-user token counts over a sliding window of [`BUCKETS`] buckets.
-struct TokenTracker {
+/// Per-user token counts over a sliding window of [`BUCKETS`] buckets:
+/// this replica's charges and, with Redis, every other replica's.
+pub struct TokenTracker {
     started: Instant,
     bucket_length: Duration,
     users: Mutex<LruCache<String, [(u64, f64); BUCKETS]>>,
@@ -117,8 +126,14 @@ struct TokenTracker {
     extremes: Mutex<Option<(Instant, f64, f64)>>,
 }
 
+impl std::fmt::Debug for TokenTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenTracker").field("window", &self.window()).finish_non_exhaustive()
+    }
+}
+
 impl TokenTracker {
-    fn new(window: Duration) -> Self {
+    pub fn new(window: Duration) -> Self {
         let bucket_length = (window / BUCKETS as u32).max(Duration::from_millis(1));
         let capacity = NonZeroUsize::new(MAX_USERS).unwrap_or(NonZeroUsize::MIN);
         Self {
@@ -139,8 +154,14 @@ impl TokenTracker {
         buckets.iter().filter(|(s, _)| *s >= oldest && *s <= slot).map(|(_, t)| t).sum::<f64>().max(0.0)
     }
 
-    /// Adds `tokens` (negative to correct an estimate) to the user's current bucket.
-    fn add(&self, user: &str, tokens: f64, now: Instant) {
+    /// The window counts are kept over.
+    pub fn window(&self) -> Duration {
+        self.bucket_length.saturating_mul(BUCKETS as u32)
+    }
+
+    /// Adds `tokens` (negative to correct an estimate) to the user's bucket
+    /// of `now`; a charge older than the window is dropped.
+    pub fn add(&self, user: &str, tokens: f64, now: Instant) {
         let slot = self.slot(now);
         let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
         if !users.contains(user) {
@@ -148,6 +169,10 @@ impl TokenTracker {
         }
         if let Some(buckets) = users.get_mut(user) {
             let bucket = &mut buckets[(slot % BUCKETS as u64) as usize];
+            if bucket.0 > slot {
+                // A late charge whose bucket has been reused by a newer one.
+                return;
+            }
             if bucket.0 != slot {
                 *bucket = (slot, 0.0);
             }
@@ -156,7 +181,7 @@ impl TokenTracker {
     }
 
     /// The user's tokens within the window.
-    fn tokens(&self, user: &str, now: Instant) -> f64 {
+    pub(crate) fn tokens(&self, user: &str, now: Instant) -> f64 {
         let slot = self.slot(now);
         let users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
         users.peek(user).map_or(0.0, |buckets| Self::sum(buckets, slot))
@@ -189,6 +214,11 @@ mod tests {
     use super::*;
     use crate::routing::test_support::*;
 
+    fn vtc(config: &RoutingConfig) -> VtcBasic {
+        let tracker = Arc::new(TokenTracker::new(Duration::from_secs(config.vtc_window_minutes.saturating_mul(60))));
+        VtcBasic::new(config, tracker, Arc::default())
+    }
+
     fn running(n: f64) -> Option<crate::engine_metrics::PodMetrics> {
         Some(fresh(|m| m.running = Some(n)))
     }
@@ -201,7 +231,7 @@ mod tests {
 
     #[test]
     fn light_users_go_to_low_pods_heavy_users_to_high_ones() {
-        let vtc = VtcBasic::new(&RoutingConfig::default());
+        let vtc = vtc(&RoutingConfig::default());
         let pods = pods(4);
         let model = model();
         let now = Instant::now();
@@ -215,7 +245,7 @@ mod tests {
 
     #[test]
     fn a_saturated_pod_is_avoided() {
-        let vtc = VtcBasic::new(&RoutingConfig { vtc_fairness_weight: 0.1, ..RoutingConfig::default() });
+        let vtc = vtc(&RoutingConfig { vtc_fairness_weight: 0.1, ..RoutingConfig::default() });
         let pods = pods(2);
         let model = model();
         let mut request = RouteRequest::new(&model, b"{}").with_metrics(view(vec![running(100.0), running(0.0)]));
@@ -228,7 +258,7 @@ mod tests {
 
     #[test]
     fn charges_an_estimate_then_the_reported_usage() {
-        let vtc = VtcBasic::new(&RoutingConfig::default());
+        let vtc = vtc(&RoutingConfig::default());
         let pods = pods(4);
         let model = model();
         let prompt = "x".repeat(400);
@@ -259,7 +289,7 @@ mod tests {
 
     #[test]
     fn no_user_or_no_metrics_falls_back() {
-        let vtc = VtcBasic::new(&RoutingConfig::default());
+        let vtc = vtc(&RoutingConfig::default());
         let pods = pods(2);
         let model = model();
         assert_eq!(vtc.pick(&RouteRequest::new(&model, b"{}"), &pods), Err(Unscored::NoUser));
@@ -274,7 +304,7 @@ mod tests {
 
     #[test]
     fn single_pod() {
-        let vtc = VtcBasic::new(&RoutingConfig::default());
+        let vtc = vtc(&RoutingConfig::default());
         let pods = pods(1);
         let model = model();
         vtc.tracker.add("heavy", 1e9, Instant::now());
