@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::prefix_index::{PrefixIndex, pod_id};
+use super::prefix_index::{MAX_SHARED_BLOCKS, PrefixIndex, pod_id, shared_blocks};
 use super::vtc_basic::TokenTracker;
 use crate::discovery::PodStore;
 
@@ -43,19 +43,18 @@ use crate::discovery::PodStore;
 pub const STREAM: &str = "turnstile:routing";
 /// The channel requests in flight are shared on.
 pub const LOAD_CHANNEL: &str = "turnstile:routing:load";
-/// Entries the stream keeps (approximately, as Redis trims). With batches
-/// of at most [`BATCH_BYTES`] this bounds Redis's memory for it to 128 MiB;
-/// a chat workload's decisions are a few hundred bytes each.
-const STREAM_MAX_ENTRIES: usize = 2048;
-/// Most bytes of decisions in one stream entry.
-const BATCH_BYTES: usize = 64 * 1024;
-/// How long the writer waits for more decisions before adding an entry.
-const LINGER: Duration = Duration::from_millis(20);
+/// Entries the stream keeps (approximately, as Redis trims): what a
+/// starting replica can read back. An entry holds at most [`BATCH_BYTES`]
+/// and one decision more (≤ 2.1 KiB), so Redis keeps at most ~100 MiB for
+/// it; a chat turn's decision is about 200 bytes.
+const STREAM_MAX_ENTRIES: usize = 16_384;
+/// Bytes of decisions past which a stream entry takes no more.
+const BATCH_BYTES: usize = 4 * 1024;
+/// How long the writer waits for more decisions before adding an entry:
+/// short next to the time a client takes to send a conversation's next turn.
+const LINGER: Duration = Duration::from_millis(5);
 /// Decisions waiting for the writer; beyond this they are dropped (counted).
 const OUTBOX: usize = 8192;
-/// Leading prompt blocks a shared prefix decision names (32 KiB of prompt
-/// at the default 128-byte blocks); the replica that routed it indexes them all.
-pub const MAX_SHARED_BLOCKS: usize = 256;
 /// Entries read per stream call.
 const READ_COUNT: usize = 256;
 /// How long one blocking stream read waits for news.
@@ -75,19 +74,19 @@ const LOG_INTERVAL: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
-    /// `pod` (its key) was sent a prompt whose chained block hashes are
-    /// `blocks`, 16 hex digits each.
+    /// `pod` (its key) was sent a prompt; `blocks` are some of its chained
+    /// block hashes (see [`shared_blocks`]), 16 hex digits each.
     Prefix { pod: String, blocks: String },
     /// `user` was charged `tokens` (an estimate, or its later correction).
     Tokens { user: String, tokens: f64 },
 }
 
 impl Event {
-    /// `pod` was sent a prompt with these block hashes (the first
-    /// [`MAX_SHARED_BLOCKS`] are told).
+    /// `pod` was sent a prompt with these block hashes (the ones
+    /// [`shared_blocks`] picks are told).
     pub fn prefix(pod: &str, hashes: &[u64]) -> Self {
-        let mut blocks = String::with_capacity(hashes.len().min(MAX_SHARED_BLOCKS) * 16);
-        for hash in hashes.iter().take(MAX_SHARED_BLOCKS) {
+        let mut blocks = String::with_capacity((hashes.len() / 8 + 1).min(MAX_SHARED_BLOCKS) * 16);
+        for hash in shared_blocks(hashes) {
             use std::fmt::Write as _;
             let _ = write!(blocks, "{hash:016x}");
         }
@@ -514,10 +513,10 @@ mod tests {
 
     #[test]
     fn a_prefix_decision_names_its_leading_blocks() {
-        let hashes: Vec<u64> = (0..300u64).map(|i| i.wrapping_mul(0x0123_4567_89ab_cdef).wrapping_add(i)).collect();
+        let hashes: Vec<u64> = (0..20u64).map(|i| i.wrapping_mul(0x0123_4567_89ab_cdef).wrapping_add(i)).collect();
         let Event::Prefix { pod, blocks } = Event::prefix("ns/a", &hashes) else { panic!("a prefix event") };
         assert_eq!(pod, "ns/a");
-        assert_eq!(parse_blocks(&blocks), Some(hashes[..MAX_SHARED_BLOCKS].to_vec()));
+        assert_eq!(parse_blocks(&blocks), Some(vec![hashes[7], hashes[15], hashes[19]]));
         assert_eq!(parse_blocks("0123"), None, "not whole hashes");
         assert_eq!(parse_blocks("zzzzzzzzzzzzzzzz"), None, "not hex");
         assert_eq!(parse_blocks(&"0".repeat(16 * (MAX_SHARED_BLOCKS + 1))), None, "too many");
@@ -539,7 +538,7 @@ mod tests {
     #[test]
     fn another_replicas_decisions_are_applied_and_our_own_skipped() {
         let state = state();
-        let hashes = [11u64, 22, 33];
+        let hashes = [11u64, 22, 33, 44, 55, 66, 77, 88, 99];
         let theirs = Batch {
             from: "them".into(),
             events: vec![
@@ -552,7 +551,7 @@ mod tests {
         assert_eq!(apply(&state, "me", Some(&payload(&theirs)), Duration::from_secs(1)), 2);
         let mut depths = Vec::new();
         state.prefix.match_depths(&hashes, &[pod_id("ns/a"), pod_id("ns/b")], &mut depths);
-        assert_eq!(depths, [3, 0]);
+        assert_eq!(depths, [9, 0], "told of blocks 8 and 9, `ns/a` holds all nine");
         assert_eq!(state.tokens.tokens("alice", Instant::now()), 500.0);
         let ours = Batch { from: "me".into(), events: vec![Event::Tokens { user: "alice".into(), tokens: 1.0 }] };
         assert_eq!(apply(&state, "me", Some(&payload(&ours)), Duration::ZERO), 0);

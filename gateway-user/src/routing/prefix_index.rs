@@ -24,6 +24,27 @@ use super::config::{PrefixTokenizer, RoutingConfig};
 const MAX_HOLDERS: usize = 16;
 /// Prompt bytes cut into blocks and hashed; the rest of a prompt is ignored.
 pub const HASHED_PROMPT_BYTES: usize = 256 * 1024;
+/// Of a prompt's blocks, every this many (and the last) are what other
+/// replicas are told; see [`shared_blocks`].
+pub const SHARED_STRIDE: usize = 8;
+/// Most block hashes told to other replicas per prompt (with the stride,
+/// the first 1,024 blocks: 128 KiB of prompt at the default block size).
+pub const MAX_SHARED_BLOCKS: usize = 128;
+
+/// The blocks of a prompt other replicas are told: every
+/// [`SHARED_STRIDE`]-th and the last, at most [`MAX_SHARED_BLOCKS`]. With
+/// them a replica finds the depth a pod holds to the block
+/// ([`PrefixIndex::match_depths`]) from a few hashes per request.
+pub fn shared_blocks(hashes: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    let last = hashes.len().checked_sub(1);
+    hashes
+        .iter()
+        .enumerate()
+        .filter(move |(i, _)| (i + 1) % SHARED_STRIDE == 0 || Some(*i) == last)
+        .map(|(_, hash)| *hash)
+        .take(MAX_SHARED_BLOCKS)
+}
+
 /// Seed of pod ids, apart from the block hash seed.
 const POD_ID_SEED: u64 = 0x706f_6469;
 
@@ -131,21 +152,31 @@ impl PrefixIndex {
     }
 
     /// For each of `pods`, how many leading blocks of `hashes` it holds.
+    ///
+    /// A block's hash names its whole prefix, so a pod holding block `i` was
+    /// sent blocks `0..=i`: its depth is one past the deepest block it holds,
+    /// whether or not the blocks before are still remembered (other
+    /// replicas tell every [`SHARED_STRIDE`]-th block and the last, see
+    /// [`shared_blocks`]). The walk ends [`SHARED_STRIDE`] blocks past the
+    /// last one any of `pods` holds.
     pub fn match_depths(&self, hashes: &[u64], pods: &[u64], depths: &mut Vec<usize>) {
         depths.clear();
         depths.resize(pods.len(), 0);
         let now = Instant::now();
+        let mut misses = 0;
         let mut blocks = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
         for (i, hash) in hashes.iter().enumerate() {
-            let Some(holders) = blocks.get(hash) else { break };
-            let mut deeper = false;
-            for (depth, pod) in depths.iter_mut().zip(pods) {
-                if *depth == i && holders.holds(*pod, now, self.idle_limit) {
-                    *depth = i + 1;
-                    deeper = true;
+            let mut held = false;
+            if let Some(holders) = blocks.get(hash) {
+                for (depth, pod) in depths.iter_mut().zip(pods) {
+                    if holders.holds(*pod, now, self.idle_limit) {
+                        *depth = i + 1;
+                        held = true;
+                    }
                 }
             }
-            if !deeper {
+            misses = if held { 0 } else { misses + 1 };
+            if misses >= SHARED_STRIDE {
                 break;
             }
         }
@@ -260,7 +291,10 @@ mod tests {
         assert_eq!(index.len(), 3, "least recently used blocks went");
         let mut depths = Vec::new();
         index.match_depths(&h.hashes("abcdef"), &[pod], &mut depths);
-        assert_eq!(depths, [0], "the first blocks were evicted");
+        assert_eq!(depths, [6], "the last block remembered names the whole prefix");
+        index.record(&h.hashes("xyz"), pod);
+        index.match_depths(&h.hashes("abcdef"), &[pod], &mut depths);
+        assert_eq!(depths, [0], "all of its blocks were evicted");
 
         let lapsing = PrefixIndex::new(100, Duration::from_millis(1));
         lapsing.record(&h.hashes("ab"), pod);
@@ -270,6 +304,29 @@ mod tests {
         lapsing.match_depths(&h.hashes("ab"), &[pod], &mut depths);
         assert_eq!(depths, [0], "idle holds lapse");
         assert_eq!(lapsing.record(&h.hashes("ab"), pod), 0, "a lapsed hold is no hit");
+    }
+
+    #[test]
+    fn a_pod_told_every_eighth_block_and_the_last_matches_to_the_block() {
+        let h = hasher(1);
+        let index = PrefixIndex::new(1000, Duration::from_secs(60));
+        let (a, b) = (pod_id("ns/a"), pod_id("ns/b"));
+        let shared_prefix = "s".repeat(30);
+        let told_a: Vec<u64> = shared_blocks(&h.hashes(&format!("{shared_prefix}{}", "a".repeat(21)))).collect();
+        assert_eq!(told_a.len(), 51 / SHARED_STRIDE + 1, "every eighth and the last");
+        index.record_at(&told_a, a, Instant::now());
+        index.record_at(&shared_blocks(&h.hashes(&shared_prefix)).collect::<Vec<_>>(), b, Instant::now());
+        // The next turn of `a`'s conversation: `a` holds all 51 blocks, `b` the 30 shared.
+        let next = h.hashes(&format!("{shared_prefix}{}{}", "a".repeat(21), "next turn".repeat(5)));
+        let mut depths = Vec::new();
+        index.match_depths(&next, &[a, b], &mut depths);
+        assert_eq!(depths, [51, 30]);
+        // Another conversation under the same system prompt: only the shared part.
+        index.match_depths(&h.hashes(&format!("{shared_prefix}{}", "z".repeat(40))), &[a, b], &mut depths);
+        assert_eq!(depths, [24, 30], "`a` was told of block 23 of the shared part, `b` of its last");
+        let long: Vec<u64> = (0..5000).collect();
+        assert_eq!(shared_blocks(&long).count(), MAX_SHARED_BLOCKS);
+        assert_eq!(shared_blocks(&[]).count(), 0);
     }
 
     #[test]
