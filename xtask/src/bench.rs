@@ -21,7 +21,8 @@
 //! `fleet` measures what engine scraping and routing cost as the fleet grows: 2 to 1,000 pods
 //! served by one nginx on many loopback ports, with 1 and 4 gateway replicas (sharing a Redis);
 //! per size, the gateway's idle CPU, the scrapes each engine receives, the metrics age p99, and
-//! CPU per request and latency under load (see `fleet.rs`).
+//! CPU per request and latency under load, next to nginx as the proxy in the gateway's place
+//! (see `fleet.rs`).
 
 mod fleet;
 mod kernel;

@@ -24,14 +24,22 @@
 //!    `least-kv-cache`, named in the `routing-strategy` header): req/s, p50/p99 and replica 0's
 //!    CPU per request, its scraping included (raw, nothing subtracted).
 //!
-//! All replicas are pinned to CPU 0 together, nginx, Redis and the load generator to CPU 1:
-//! with 4 replicas one replica gets at most a quarter of a core. CPU 0's busy time (/proc/stat)
-//! less the replicas' shows what other processes took from them; the report names the runs
-//! where that was noticeable. Results in `target/bench/fleet.md` (with an ASCII chart) and
-//! `target/bench/fleet.json`; logs and the nginx configuration in `target/bench/fleet/`.
-//! Bounded: every wait has a timeout, each load period ends on time, traffic stays on
-//! 127.0.0.1, and nginx, Redis and the gateways are killed on every way out (their guards),
-//! Ctrl-C included.
+//! Per fleet size, once the replicas are gone, a baseline: a second nginx as the reverse proxy
+//! in the gateway's place, in front of the same engine ports (a master and one worker,
+//! `least_conn` over a `server` per pod, an upstream keep-alive pool with room for a
+//! connection to every pod), under the same load without the header: req/s, p50/p99 and its
+//! master's + worker's CPU per request. The report divides each fleet size's CPU per request by
+//! the smallest fleet's, the gateway's (1 replica) next to nginx's: how much of the gateway's
+//! growth any proxy pays (loopback wakeups, cold upstream sockets).
+//!
+//! All replicas (or the nginx proxy) are pinned to CPU 0 together, the engines' nginx, Redis
+//! and the load generator to CPU 1: with 4 replicas one replica gets at most a quarter of a
+//! core. CPU 0's busy time (/proc/stat) less the replicas' shows what other processes took from
+//! them; the report names the runs where that was noticeable. Results in
+//! `target/bench/fleet.md` (with an ASCII chart) and `target/bench/fleet.json`; logs and the
+//! nginx configurations in `target/bench/fleet/`. Bounded: every wait has a timeout, each load
+//! period ends on time, traffic stays on 127.0.0.1, and both nginx (the proxy's worker too),
+//! Redis and the gateways are killed on every way out (their guards), Ctrl-C included.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -47,7 +55,7 @@ use testkit::PodSpec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
-    BenchArgs, MODEL, Pinning, bench_dir, block_on_until_stopped, format_ms, per_request_us, pin_for_run,
+    BenchArgs, MODEL, Pinning, bench_dir, block_on_until_stopped, format_ms, peers, per_request_us, pin_for_run,
     publish_report, revision, summarize,
 };
 use crate::client::Client;
@@ -67,6 +75,11 @@ const FILTERED_PAGE: &str = "vllm-metrics-filtered.prom";
 const FILTER_PROBE: &str = "/metrics?name%5B%5D=vllm%3Anum_requests_running";
 /// The strategies the load runs with: the default, then one that reads engine metrics.
 const STRATEGIES: [&str; 2] = ["least-request", "least-kv-cache"];
+/// The strategy cell of the baseline's rows: nginx as the proxy in the gateway's place.
+const NGINX_PROXY: &str = "nginx proxy (baseline)";
+/// What runs pinned to CPU 0, and what shares CPU 1 with the load generator.
+const PINNED: &str = "gateway replicas (or the nginx proxy)";
+const SHARING: &str = "the engines' nginx, Redis and load generator";
 /// Bounds on the options: ports come from below the ephemeral range, and each pod costs
 /// every replica a connection.
 const MAX_PODS: usize = 5_000;
@@ -135,7 +148,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let open_files = raise_open_files_limit();
     ui::info(format!("open files limit (inherited by nginx and the gateways): {open_files}"));
     step.done();
-    let pinning = pin_for_run("gateway replicas", "nginx, Redis and load generator")?;
+    let pinning = pin_for_run(PINNED, SHARING)?;
     let tools = Tools { binaries, nginx, nginx_version, redis, pages, open_files };
     block_on_until_stopped(fleet_async(args, &tools, pinning))
 }
@@ -263,14 +276,20 @@ struct Ages {
     unscraped: usize,
 }
 
-/// One strategy's load through replica 0.
+/// One strategy's load through replica 0 (or the baseline's through the nginx proxy).
 struct Load {
     strategy: &'static str,
     report: LoadReport,
-    /// Replica 0's CPU per completed request, microseconds.
+    /// Replica 0's CPU per completed request, microseconds (the nginx proxy's: master + worker).
     cpu_us: f64,
     /// What other processes used of the replicas' CPU meanwhile, % (when pinned).
     others_percent: Option<f64>,
+}
+
+/// The nginx proxy in the gateway's place for one fleet size: its load, or why it has none.
+struct Baseline {
+    pods: usize,
+    outcome: std::result::Result<Load, String>,
 }
 
 async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Result<()> {
@@ -280,6 +299,7 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
     let client = Client::new();
     let most_replicas = args.fleet.replicas.iter().copied().max().unwrap_or(1);
     let mut runs = Vec::new();
+    let mut baselines = Vec::new();
     for &pods in &args.fleet.pods {
         stop::check()?;
         let step = ui::step(format!("bench fleet: {pods} pods on one nginx"));
@@ -295,6 +315,7 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
                 for &replicas in &args.fleet.replicas {
                     runs.push(Run { pods, replicas, outcome: Err(reason.clone()) });
                 }
+                baselines.push(Baseline { pods, outcome: Err(reason) });
                 continue;
             }
         };
@@ -309,6 +330,15 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
             runs.push(Run { pods, replicas, outcome: outcome.map_err(|err| format!("{err:#}")) });
             step.done();
         }
+        stop::check()?;
+        let step = ui::step(format!("bench fleet: {pods} pods, nginx as the proxy (baseline)"));
+        let outcome = measure_nginx_proxy(args, tools, pinning, &mut engines, &run_dir).await;
+        stop::check()?;
+        if let Err(err) = &outcome {
+            ui::warn(format!("failed: {err:#}"));
+        }
+        baselines.push(Baseline { pods, outcome: outcome.map_err(|err| format!("{err:#}")) });
+        step.done();
         engines.stop().await?;
     }
 
@@ -316,7 +346,7 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
         revision: revision(),
         cpus: pinning.cpus,
         cpu_model: cpu_model(),
-        pinning: pinning.describe("gateway replicas", "nginx, Redis and load generator"),
+        pinning: pinning.describe(PINNED, SHARING),
         nginx_version: tools.nginx_version.clone(),
         full_page_bytes: tools.pages.full_bytes,
         filtered_page_bytes: tools.pages.filtered_bytes,
@@ -327,9 +357,10 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
         idle_seconds: args.fleet.idle_seconds,
         open_files: tools.open_files,
     };
-    publish_report(&out_dir, "fleet.md", &render_markdown(&settings, &runs))?;
+    publish_report(&out_dir, "fleet.md", &render_markdown(&settings, &runs, &baselines))?;
     let json_path = out_dir.join("fleet.json");
-    let json = serde_json::to_string_pretty(&render_json(&settings, &runs)).context("rendering fleet.json")?;
+    let json =
+        serde_json::to_string_pretty(&render_json(&settings, &runs, &baselines)).context("rendering fleet.json")?;
     std::fs::write(&json_path, json + "\n").with_context(|| format!("writing {}", json_path.display()))?;
     ui::info(format!("raw numbers in {}", json_path.display()));
     if runs.iter().all(|run| run.outcome.is_err()) {
@@ -339,9 +370,10 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
 }
 
 /// Connections nginx must hold: a listening socket per pod, a scrape connection per pod and
-/// replica (and a spare while one reconnects), the load's connections, and slack.
+/// replica (and a spare while one reconnects), the load's connections twice (the nginx proxy's
+/// in flight next to its idle pool, which the scrape connections' room covers), and slack.
 fn nginx_connections(pods: usize, replicas: usize, load_connections: usize) -> usize {
-    pods + 2 * pods * replicas + load_connections + 512
+    pods + 2 * pods * replicas + 2 * load_connections + 512
 }
 
 /// The fleet's engines: one nginx listening on a loopback port per pod.
@@ -426,6 +458,14 @@ impl Engines {
         Ok(summarize_scrapes(&count_scrapes(&log, from, to), &self.ports))
     }
 
+    /// An error when nginx has exited.
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.exited() {
+            bail!("nginx exited ({status}); log {}:\n{}", self.child.log().display(), self.child.log_tail(20));
+        }
+        Ok(())
+    }
+
     async fn stop(self) -> Result<()> {
         let outcome = self.child.stop(STOP_GRACE).await.context("stopping nginx")?;
         ui::info(format!("nginx: {outcome}"));
@@ -454,6 +494,7 @@ const CHAT_ANSWER: &str = r#"{"id":"chatcmpl-fleet","object":"chat.completion","
 /// canned; nothing else is logged.
 fn nginx_config(config: &NginxConfig<'_>) -> String {
     let NginxConfig { dir, pages, scrape_log, ports, connections } = config;
+    let temp_paths = peers::nginx_temp_paths(dir);
     let dir = dir.display();
     let pages = pages.display();
     let scrape_log = scrape_log.display();
@@ -465,9 +506,7 @@ fn nginx_config(config: &NginxConfig<'_>) -> String {
          events {{ worker_connections {connections}; multi_accept on; }}\n\
          http {{\n  access_log off;\n  server_tokens off;\n  sendfile on;\n  tcp_nodelay on;\n\
          \x20 keepalive_requests 1000000;\n  keepalive_timeout 300s;\n\
-         \x20 open_file_cache max=16 inactive=60s;\n  open_file_cache_valid 60s;\n\
-         \x20 client_body_temp_path {dir}/tmp/body;\n  proxy_temp_path {dir}/tmp/proxy;\n\
-         \x20 fastcgi_temp_path {dir}/tmp/fastcgi;\n  uwsgi_temp_path {dir}/tmp/uwsgi;\n  scgi_temp_path {dir}/tmp/scgi;\n\
+         \x20 open_file_cache max=16 inactive=60s;\n  open_file_cache_valid 60s;\n{temp_paths}\
          \x20 log_format scrape '$msec $server_port';\n\
          \x20 # prometheus_client filters on `name[]`; the gateway sends it percent-encoded.\n\
          \x20 map $args $metrics_page {{\n    \"~(^|&)name(%5B%5D|\\[\\])=\" {FILTERED_PAGE};\n    default {FULL_PAGE};\n  }}\n\
@@ -478,6 +517,52 @@ fn nginx_config(config: &NginxConfig<'_>) -> String {
          \x20   location / {{\n      return 404;\n    }}\n  }}\n}}\n",
         flush = LOG_FLUSH.as_secs(),
     )
+}
+
+/// How the baseline's nginx proxies to the fleet.
+struct ProxyConfig<'a> {
+    /// Its prefix: temp paths and pid file.
+    dir: &'a Path,
+    listen: SocketAddr,
+    /// The pods' ports on 127.0.0.1.
+    ports: &'a [u16],
+    /// Idle upstream connections it keeps.
+    keepalive: usize,
+    /// Connections (and open files) to allow.
+    connections: usize,
+}
+
+/// nginx in the gateway's place, as it runs in production: a master and one worker. It
+/// balances with `least_conn` (nginx's least-request, placed before `keepalive` as nginx
+/// requires) over a `server` per pod, keeps idle upstream connections in a pool and never
+/// retires a connection, upstream or client, for its request count; nothing is logged.
+fn nginx_proxy_config(config: &ProxyConfig<'_>) -> String {
+    let ProxyConfig { dir, listen, ports, keepalive, connections } = config;
+    let engines: Vec<SocketAddr> = ports.iter().map(|&port| SocketAddr::from(([127, 0, 0, 1], port))).collect();
+    let upstream = format!("    least_conn;\n    keepalive {keepalive};\n    keepalive_requests 1000000;\n");
+    let proxy = peers::nginx_proxy_blocks(*listen, &engines, &upstream);
+    let temp_paths = peers::nginx_temp_paths(dir);
+    let dir = dir.display();
+    let open_files = connections + 64;
+    format!(
+        "worker_processes 1;\nmaster_process on;\ndaemon off;\nworker_rlimit_nofile {open_files};\n\
+         pid {dir}/nginx.pid;\nerror_log stderr warn;\n\
+         events {{ worker_connections {connections}; }}\n\
+         http {{\n  access_log off;\n  server_tokens off;\n  tcp_nodelay on;\n\
+         \x20 keepalive_requests 1000000;\n  keepalive_timeout 300s;\n{temp_paths}{proxy}}}\n"
+    )
+}
+
+/// The nginx proxy's idle upstream pool: room for a connection to every pod (the gateway
+/// keeps one per pod it has sent to) and the load's connections besides.
+fn proxy_keepalive(pods: usize, load_connections: usize) -> usize {
+    pods + load_connections
+}
+
+/// Connections the nginx proxy must hold: the load's, its idle pool, the load's in flight
+/// upstream, and slack.
+fn proxy_connections(keepalive: usize, load_connections: usize) -> usize {
+    keepalive + 2 * load_connections + 512
 }
 
 /// Polls the first and the last pod until nginx answers the whole page to `/metrics` and the
@@ -670,6 +755,137 @@ async fn measure(
     Ok(Measured { ready_after, unscraped_at_start, idle, ages, loads, log_warnings, first_warning })
 }
 
+/// The baseline on running engines: a second nginx as the reverse proxy in the gateway's place,
+/// pinned where the replicas run, under the load the strategies run with (without the
+/// `routing-strategy` header); its CPU per request is its master's and worker's.
+async fn measure_nginx_proxy(
+    args: &BenchArgs,
+    tools: &Tools,
+    pinning: Pinning,
+    engines: &mut Engines,
+    run_dir: &Path,
+) -> Result<Load> {
+    let pods = engines.ports.len();
+    let dir = run_dir.join(format!("nginx-proxy-{pods}"));
+    std::fs::create_dir_all(dir.join("tmp")).with_context(|| format!("creating {}", dir.display()))?;
+    let keepalive = proxy_keepalive(pods, args.connections);
+    let connections = proxy_connections(keepalive, args.connections);
+    let listen = stack::free_addr()?;
+    let conf = dir.join("nginx.conf");
+    let config = ProxyConfig { dir: &dir, listen, ports: &engines.ports, keepalive, connections };
+    std::fs::write(&conf, nginx_proxy_config(&config)).with_context(|| format!("writing {}", conf.display()))?;
+    if u64::try_from(connections).unwrap_or(u64::MAX) > tools.open_files {
+        ui::warn(format!("the nginx proxy may need {connections} open files; the limit is {}", tools.open_files));
+    }
+    let mut proxy = NginxProxy::start(tools, &dir, &conf, pinning)?;
+    peers::wait_answering(&mut proxy.master, listen).await?;
+    let pids = peers::process_tree(proxy.master.pid());
+    if pids.len() != 2 {
+        bail!("the nginx proxy runs {} processes, not a master and one worker", pids.len());
+    }
+    ui::info(format!(
+        "nginx proxy on {listen}: least_conn over {pods} pods, keepalive {keepalive}, configuration {}",
+        dir.display()
+    ));
+    let spec = LoadSpec {
+        targets: vec![listen],
+        connections: args.connections,
+        model: MODEL.into(),
+        stream: false,
+        max_tokens: ANSWER_TOKENS,
+        headers: Vec::new(),
+    };
+    let schedule = Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
+    let (report, cpu) = tokio::join!(loadgen::run(&spec, schedule), CpuUse::over(&pids, pinning.gateway, schedule));
+    let (report, cpu) = (report?, cpu?);
+    let cpu_us = per_request_us(cpu.per_process.iter().sum(), &report);
+    let others_percent = cpu.others_percent();
+    ui::info(format!(
+        "{NGINX_PROXY}: {}, master + worker CPU {cpu_us:.1} µs/request{}",
+        summarize(&report),
+        describe_others(others_percent)
+    ));
+    engines.check_alive()?;
+    if let Some(status) = proxy.master.exited() {
+        bail!(
+            "the nginx proxy exited ({status}); log {}:\n{}",
+            proxy.master.log().display(),
+            proxy.master.log_tail(20)
+        );
+    }
+    if report.completed == 0 {
+        bail!("no request completed (first error: {})", report.first_error.as_deref().unwrap_or("none"));
+    }
+    ui::info(format!("nginx proxy: {}", proxy.stop().await));
+    Ok(Load { strategy: NGINX_PROXY, report, cpu_us, others_percent })
+}
+
+/// The baseline's nginx: a master and its worker. SIGKILL, a guard's way out, reaches the
+/// master alone and would leave the worker serving, so dropping this kills the worker too.
+struct NginxProxy {
+    master: ChildGuard,
+}
+
+impl NginxProxy {
+    fn start(tools: &Tools, dir: &Path, conf: &Path, pinning: Pinning) -> Result<Self> {
+        let args: Vec<OsString> = vec![
+            "-p".into(),
+            dir.as_os_str().to_owned(),
+            "-c".into(),
+            conf.as_os_str().to_owned(),
+            "-e".into(),
+            "stderr".into(),
+        ];
+        let master = ChildGuard::spawn(ServerSpec {
+            name: "nginx proxy".into(),
+            program: tools.nginx.clone(),
+            args,
+            log: dir.join("nginx.log"),
+            stdout: StdoutTo::Log,
+            env: Vec::new(),
+            env_remove: Vec::new(),
+            // The worker inherits the master's CPU.
+            cpu: pinning.gateway,
+        })?;
+        Ok(Self { master })
+    }
+
+    /// nginx's own shutdown: SIGTERM to the master, which ends its worker and exits; past
+    /// [`STOP_GRACE`], the drop kills both. How it ended.
+    async fn stop(mut self) -> String {
+        let master = i32::try_from(self.master.pid()).ok().and_then(rustix::process::Pid::from_raw);
+        if let Some(master) = master {
+            let _ = rustix::process::kill_process(master, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if let Some(status) = self.master.exited() {
+                return format!("stopped ({status})");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        format!("killed (did not stop within {} of SIGTERM)", ui::human(STOP_GRACE))
+    }
+}
+
+impl Drop for NginxProxy {
+    /// Kills the master first (so it cannot start another worker), then what ran under it;
+    /// the guard then reaps the master.
+    fn drop(&mut self) {
+        use rustix::process::{Pid, Signal, kill_process};
+        if self.master.exited().is_some() {
+            return;
+        }
+        // Unreaped, the master's pid and its children's parent link stay its own.
+        let tree = peers::process_tree(self.master.pid());
+        for pid in tree {
+            if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+                let _ = kill_process(pid, Signal::KILL);
+            }
+        }
+    }
+}
+
 /// CPU time used during a measured period: by each process, and by anyone on the CPU they
 /// are pinned to.
 struct CpuUse {
@@ -842,9 +1058,7 @@ impl Replicas {
 
     /// [`Self::check_children`], nginx included.
     fn check_alive(&mut self, engines: &mut Engines) -> Result<()> {
-        if let Some(status) = engines.child.exited() {
-            bail!("nginx exited ({status}); log {}:\n{}", engines.child.log().display(), engines.child.log_tail(20));
-        }
+        engines.check_alive()?;
         self.check_children()
     }
 
@@ -970,7 +1184,7 @@ struct Settings {
     open_files: u64,
 }
 
-fn render_markdown(settings: &Settings, runs: &[Run]) -> String {
+fn render_markdown(settings: &Settings, runs: &[Run], baselines: &[Baseline]) -> String {
     let Settings {
         revision,
         cpus,
@@ -1010,68 +1224,33 @@ fn render_markdown(settings: &Settings, runs: &[Run]) -> String {
          warm-up + {seconds} s measured: req/s, p50/p99 latency and **CPU µs/request**, replica 0's CPU \
          over the measured period per completed request, its scraping included. CPU 0's busy time \
          (/proc/stat) less the replicas' is what other processes took from them; a run where that reached \
-         {NOISY_PERCENT:.0}% is named below the table.\n"
+         {NOISY_PERCENT:.0}% is named below the table.\n\n\
+         Baseline (`{NGINX_PROXY}`): per fleet size, once the replicas are gone, a second nginx \
+         {nginx_version} as the reverse proxy in the gateway's place, in front of the same engine ports: a \
+         master and one worker on CPU 0, `least_conn` (nginx's least-request) over a `server` per pod, an \
+         upstream keep-alive pool of pods + {connections} connections, HTTP/1.1 upstream, no access log; the \
+         same load without the header. Its CPU µs/request is the master's and the worker's utime + stime over \
+         the measured period per completed request.\n"
     );
     out.push_str(
         "| pods | replicas | idle CPU % per replica | scrapes/s per engine | metrics age p99 ms | strategy | req/s | CPU µs/request | p50 ms | p99 ms | errors |\n\
          |---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|\n",
     );
     let mut notes = Vec::new();
-    for Run { pods, replicas, outcome } in runs {
-        let measured = match outcome {
-            Ok(measured) => measured,
-            Err(reason) => {
-                let reason = reason.lines().next().unwrap_or_default().replace('|', "/");
-                let _ = writeln!(out, "| {pods} | {replicas} | failed: {reason} | | | | | | | | |");
-                continue;
-            }
-        };
-        let idle_cells = [
-            format!("{:.1}", measured.idle.cpu_percent_mean()),
-            format!("{:.1}", measured.idle.scrapes_per_engine_per_second(*pods)),
-            format_ms(percentile(&measured.ages.seconds, 99.0).map(|seconds| seconds * 1000.0)),
-        ];
-        for (index, Load { strategy, report, cpu_us, .. }) in measured.loads.iter().enumerate() {
-            // The idle figures once per run, on its first strategy's row.
-            let idle = if index == 0 { idle_cells.clone() } else { Default::default() };
-            let cells: Vec<String> = [pods.to_string(), replicas.to_string()]
-                .into_iter()
-                .chain(idle)
-                .chain([
-                    (*strategy).to_owned(),
-                    format!("{:.0}", report.requests_per_second()),
-                    format!("{cpu_us:.1}"),
-                    format_ms(report.percentile_ms(50.0)),
-                    format_ms(report.percentile_ms(99.0)),
-                    report.errors.to_string(),
-                ])
-                .collect();
-            let _ = writeln!(out, "| {} |", cells.join(" | "));
+    // A fleet size's baseline row follows its 1-replica rows (or its last run without one).
+    let after_run = |pods: usize| {
+        runs.iter()
+            .position(|run| run.pods == pods && run.replicas == 1)
+            .or_else(|| runs.iter().rposition(|run| run.pods == pods))
+    };
+    for (index, run) in runs.iter().enumerate() {
+        write_run(&mut out, &mut notes, run);
+        for baseline in baselines.iter().filter(|baseline| after_run(baseline.pods) == Some(index)) {
+            write_baseline(&mut out, &mut notes, baseline);
         }
-        let others = std::iter::once(measured.idle.others_percent)
-            .chain(measured.loads.iter().map(|load| load.others_percent))
-            .flatten()
-            .fold(0.0_f64, f64::max);
-        if others >= NOISY_PERCENT {
-            notes.push(format!(
-                "{pods} pods × {replicas}: other processes used up to {others:.0}% of the gateways' CPU during its \
-                 measured periods; its numbers are noisy"
-            ));
-        }
-        if measured.unscraped_at_start > 0 || measured.ages.unscraped > 0 {
-            notes.push(format!(
-                "{pods} pods × {replicas}: {} pods not yet scraped by a replica when the wait gave up, {} missing \
-                 from an age reading",
-                measured.unscraped_at_start, measured.ages.unscraped
-            ));
-        }
-        if measured.log_warnings > 0 {
-            notes.push(format!(
-                "{pods} pods × {replicas}: {} warnings or errors in the gateway logs, first: `{}`",
-                measured.log_warnings,
-                measured.first_warning.as_deref().unwrap_or("-").replace('`', "'")
-            ));
-        }
+    }
+    for baseline in baselines.iter().filter(|baseline| after_run(baseline.pods).is_none()) {
+        write_baseline(&mut out, &mut notes, baseline);
     }
     if !notes.is_empty() {
         out.push('\n');
@@ -1079,8 +1258,164 @@ fn render_markdown(settings: &Settings, runs: &[Run]) -> String {
             let _ = writeln!(out, "- {note}");
         }
     }
+    let growth = CpuGrowth::new(runs, baselines);
+    if let Some(base) = growth.base_pods {
+        let _ = writeln!(
+            out,
+            "\nCPU per request as the fleet grows: each column's CPU µs/request ÷ its own figure at {base} pods \
+             (the gateway's with 1 replica, next to the nginx proxy's).\n"
+        );
+        let columns = CpuGrowth::columns();
+        let _ = writeln!(out, "| pods | {} |", columns.join(" | "));
+        let _ = writeln!(out, "|---:|{}", "---:|".repeat(columns.len()));
+        for (pods, ratios) in growth.ratios() {
+            let cells: Vec<String> =
+                ratios.iter().map(|ratio| ratio.map_or_else(|| "-".into(), |ratio| format!("{ratio:.2}"))).collect();
+            let _ = writeln!(out, "| {pods} | {} |", cells.join(" | "));
+        }
+    }
     let _ = write!(out, "\n```text\n{}\n```\n", ascii_chart(runs).trim_end());
     out
+}
+
+/// A run's rows (one per strategy, or its failure), and its notes.
+fn write_run(out: &mut String, notes: &mut Vec<String>, run: &Run) {
+    let Run { pods, replicas, outcome } = run;
+    let measured = match outcome {
+        Ok(measured) => measured,
+        Err(reason) => {
+            let reason = reason.lines().next().unwrap_or_default().replace('|', "/");
+            let _ = writeln!(out, "| {pods} | {replicas} | failed: {reason} | | | | | | | | |");
+            return;
+        }
+    };
+    let idle_cells = [
+        format!("{:.1}", measured.idle.cpu_percent_mean()),
+        format!("{:.1}", measured.idle.scrapes_per_engine_per_second(*pods)),
+        format_ms(percentile(&measured.ages.seconds, 99.0).map(|seconds| seconds * 1000.0)),
+    ];
+    for (index, load) in measured.loads.iter().enumerate() {
+        // The idle figures once per run, on its first strategy's row.
+        let idle = if index == 0 { idle_cells.clone() } else { Default::default() };
+        let cells: Vec<String> =
+            [pods.to_string(), replicas.to_string()].into_iter().chain(idle).chain(load_cells(load)).collect();
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
+    }
+    let others = std::iter::once(measured.idle.others_percent)
+        .chain(measured.loads.iter().map(|load| load.others_percent))
+        .flatten()
+        .fold(0.0_f64, f64::max);
+    if others >= NOISY_PERCENT {
+        notes.push(format!(
+            "{pods} pods × {replicas}: other processes used up to {others:.0}% of the gateways' CPU during its \
+             measured periods; its numbers are noisy"
+        ));
+    }
+    if measured.unscraped_at_start > 0 || measured.ages.unscraped > 0 {
+        notes.push(format!(
+            "{pods} pods × {replicas}: {} pods not yet scraped by a replica when the wait gave up, {} missing \
+             from an age reading",
+            measured.unscraped_at_start, measured.ages.unscraped
+        ));
+    }
+    if measured.log_warnings > 0 {
+        notes.push(format!(
+            "{pods} pods × {replicas}: {} warnings or errors in the gateway logs, first: `{}`",
+            measured.log_warnings,
+            measured.first_warning.as_deref().unwrap_or("-").replace('`', "'")
+        ));
+    }
+}
+
+/// A fleet size's baseline row (no idle figures: nginx does not scrape), or its failure.
+fn write_baseline(out: &mut String, notes: &mut Vec<String>, baseline: &Baseline) {
+    let Baseline { pods, outcome } = baseline;
+    match outcome {
+        Ok(load) => {
+            let _ = writeln!(out, "| {pods} | 1 |  |  |  | {} |", load_cells(load).join(" | "));
+            if let Some(others) = load.others_percent.filter(|others| *others >= NOISY_PERCENT) {
+                notes.push(format!(
+                    "{pods} pods, {NGINX_PROXY}: other processes used {others:.0}% of its CPU during the measured \
+                     period; its numbers are noisy"
+                ));
+            }
+        }
+        Err(reason) => {
+            let reason = reason.lines().next().unwrap_or_default().replace('|', "/");
+            let _ = writeln!(out, "| {pods} | 1 |  |  |  | {NGINX_PROXY}: failed: {reason} | | | | | |");
+        }
+    }
+}
+
+/// The load cells of a row: strategy, req/s, CPU µs/request, p50, p99, errors.
+fn load_cells(load: &Load) -> [String; 6] {
+    let Load { strategy, report, cpu_us, .. } = load;
+    [
+        (*strategy).to_owned(),
+        format!("{:.0}", report.requests_per_second()),
+        format!("{cpu_us:.1}"),
+        format_ms(report.percentile_ms(50.0)),
+        format_ms(report.percentile_ms(99.0)),
+        report.errors.to_string(),
+    ]
+}
+
+/// CPU µs/request per fleet size with 1 replica, per strategy, then the nginx proxy's, and the
+/// smallest fleet's, which the report divides by.
+struct CpuGrowth {
+    base_pods: Option<usize>,
+    base: Vec<Option<f64>>,
+    /// Per fleet size in run order: the figure of each of [`Self::columns`].
+    rows: Vec<(usize, Vec<Option<f64>>)>,
+}
+
+impl CpuGrowth {
+    fn new(runs: &[Run], baselines: &[Baseline]) -> Self {
+        let mut sizes: Vec<usize> = Vec::new();
+        for pods in runs.iter().map(|run| run.pods).chain(baselines.iter().map(|baseline| baseline.pods)) {
+            if !sizes.contains(&pods) {
+                sizes.push(pods);
+            }
+        }
+        let figures = |pods: usize| -> Vec<Option<f64>> {
+            let loads = runs
+                .iter()
+                .find(|run| run.pods == pods && run.replicas == 1)
+                .and_then(|run| run.outcome.as_ref().ok())
+                .map_or(&[][..], |measured| measured.loads.as_slice());
+            let nginx = baselines
+                .iter()
+                .find(|baseline| baseline.pods == pods)
+                .and_then(|baseline| baseline.outcome.as_ref().ok())
+                .map(|load| load.cpu_us);
+            STRATEGIES
+                .iter()
+                .map(|strategy| loads.iter().find(|load| load.strategy == *strategy).map(|load| load.cpu_us))
+                .chain([nginx])
+                .collect()
+        };
+        let base_pods = sizes.iter().copied().min();
+        let base = base_pods.map_or_else(|| vec![None; STRATEGIES.len() + 1], figures);
+        let rows = sizes.into_iter().map(|pods| (pods, figures(pods))).collect();
+        Self { base_pods, base, rows }
+    }
+
+    /// The column names: the strategies, then the nginx proxy.
+    fn columns() -> Vec<&'static str> {
+        STRATEGIES.into_iter().chain([NGINX_PROXY]).collect()
+    }
+
+    /// Per fleet size, each column's figure ÷ its smallest fleet's (None without both).
+    fn ratios(&self) -> Vec<(usize, Vec<Option<f64>>)> {
+        let divide = |value: &Option<f64>, base: &Option<f64>| match (value, base) {
+            (Some(value), Some(base)) if *base > 0.0 => Some(value / base),
+            _ => None,
+        };
+        self.rows
+            .iter()
+            .map(|(pods, figures)| (*pods, figures.iter().zip(&self.base).map(|(f, b)| divide(f, b)).collect()))
+            .collect()
+    }
 }
 
 /// One chart's value of a measured run (none: no bar).
@@ -1125,7 +1460,8 @@ fn ascii_chart(runs: &[Run]) -> String {
 }
 
 /// Every number of the run, for tools.
-fn render_json(settings: &Settings, runs: &[Run]) -> Value {
+fn render_json(settings: &Settings, runs: &[Run], baselines: &[Baseline]) -> Value {
+    let growth = CpuGrowth::new(runs, baselines);
     let Settings {
         revision,
         cpus,
@@ -1195,6 +1531,38 @@ fn render_json(settings: &Settings, runs: &[Run]) -> Value {
             }
         })
         .collect();
+    let baselines: Vec<Value> = baselines
+        .iter()
+        .map(|Baseline { pods, outcome }| match outcome {
+            Err(reason) => json!({"pods": pods, "error": reason}),
+            Ok(Load { report, cpu_us, others_percent, .. }) => json!({
+                "pods": pods,
+                "upstream_keepalive": proxy_keepalive(*pods, *connections),
+                "completed": report.completed,
+                "errors": report.errors,
+                "first_error": report.first_error,
+                "requests_per_second": report.requests_per_second(),
+                "p50_ms": report.percentile_ms(50.0),
+                "p90_ms": report.percentile_ms(90.0),
+                "p99_ms": report.percentile_ms(99.0),
+                "cpu_us_per_request": cpu_us,
+                "others_on_proxy_cpu_percent": others_percent,
+            }),
+        })
+        .collect();
+    let columns = CpuGrowth::columns();
+    let growth_rows: Vec<Value> = growth
+        .ratios()
+        .into_iter()
+        .map(|(pods, ratios)| {
+            let mut row = serde_json::Map::new();
+            row.insert("pods".into(), json!(pods));
+            for (column, ratio) in columns.iter().zip(ratios) {
+                row.insert((*column).into(), json!(ratio));
+            }
+            Value::Object(row)
+        })
+        .collect();
     json!({
         "revision": revision,
         "machine": {"cpus": cpus, "cpu_model": cpu_model, "pinning": pinning, "open_files_limit": open_files},
@@ -1211,6 +1579,12 @@ fn render_json(settings: &Settings, runs: &[Run]) -> Value {
             "age_readings": AGE_READINGS,
         },
         "runs": runs,
+        "nginx_proxy_baseline": baselines,
+        "cpu_per_request_growth": {
+            "relative_to_pods": growth.base_pods,
+            "replicas": 1,
+            "rows": growth_rows,
+        },
     })
 }
 
@@ -1251,6 +1625,46 @@ mod tests {
         let answer: Value = serde_json::from_str(CHAT_ANSWER).unwrap();
         assert_eq!(answer["usage"]["completion_tokens"], ANSWER_TOKENS);
         assert_eq!(answer["model"], MODEL);
+    }
+
+    #[test]
+    fn nginx_proxy_balances_least_conn_over_every_pod_with_a_keepalive_pool() {
+        let ports = [10_001, 10_002, 10_003];
+        let keepalive = proxy_keepalive(ports.len(), 32);
+        assert_eq!(keepalive, 35);
+        let config = ProxyConfig {
+            dir: Path::new("/tmp/fleet/proxy"),
+            listen: "127.0.0.1:9000".parse().unwrap(),
+            ports: &ports,
+            keepalive,
+            connections: proxy_connections(keepalive, 32),
+        };
+        let conf = nginx_proxy_config(&config);
+        assert_eq!(conf.matches("server 127.0.0.1:").count(), 3, "{conf}");
+        for port in ports {
+            assert!(conf.contains(&format!("    server 127.0.0.1:{port};\n")), "{conf}");
+        }
+        assert_eq!(conf.matches("upstream engines {").count(), 1, "{conf}");
+        assert!(conf.contains("    listen 127.0.0.1:9000;\n"), "{conf}");
+        assert!(conf.contains("worker_processes 1;") && conf.contains("master_process on;"), "{conf}");
+        // 35 idle + 2 × 32 (clients, in flight upstream) + 512 slack.
+        assert!(conf.contains("worker_connections 611;") && conf.contains("worker_rlimit_nofile 675;"), "{conf}");
+        // nginx wants the balancing method before `keepalive`, both inside the upstream block.
+        let upstream = &conf[conf.find("upstream engines {").unwrap()..];
+        let upstream = &upstream[..upstream.find("  }\n").unwrap()];
+        let least_conn = upstream.find("    least_conn;\n").expect(&conf);
+        let pool = upstream.find("    keepalive 35;\n").expect(&conf);
+        assert!(least_conn < pool && upstream.contains("    keepalive_requests 1000000;\n"), "{conf}");
+        assert!(
+            conf.contains("proxy_pass http://engines;")
+                && conf.contains("proxy_http_version 1.1;")
+                && conf.contains("proxy_set_header Connection \"\";"),
+            "{conf}"
+        );
+        assert!(conf.contains("access_log off;") && !conf.contains("access_log /"), "{conf}");
+        assert!(conf.contains("pid /tmp/fleet/proxy/nginx.pid;"), "{conf}");
+        assert!(conf.contains("proxy_temp_path /tmp/fleet/proxy/tmp/proxy;"), "{conf}");
+        assert!(conf.trim_end().ends_with('}') && conf.matches('{').count() == conf.matches('}').count(), "{conf}");
     }
 
     #[test]
@@ -1385,6 +1799,16 @@ mod tests {
         }
     }
 
+    fn baseline(pods: usize, cpu_us: f64) -> Baseline {
+        let load = Load {
+            strategy: NGINX_PROXY,
+            report: report(60_000, vec![800, 900, 1000]),
+            cpu_us,
+            others_percent: Some(cpu_us / 10.0),
+        };
+        Baseline { pods, outcome: Ok(load) }
+    }
+
     #[test]
     fn report_has_a_row_per_strategy_failures_and_a_chart() {
         let runs = vec![
@@ -1392,7 +1816,7 @@ mod tests {
             Run { pods: 100, replicas: 4, outcome: Ok(measured(vec![20.0, 30.0, 25.0, 25.0], 10_000, 600.0)) },
             Run { pods: 1000, replicas: 1, outcome: Err("nginx | died\nmore".into()) },
         ];
-        let markdown = render_markdown(&settings(), &runs);
+        let markdown = render_markdown(&settings(), &runs, &[]);
         assert!(markdown.starts_with("# Turnstile fleet benchmark (abc1234)"), "{markdown}");
         assert!(markdown.contains("2 CPUs, Test CPU"), "{markdown}");
         assert!(markdown.contains("`--pod-metric-max-scrapes-per-second=2000`"), "{markdown}");
@@ -1411,11 +1835,67 @@ mod tests {
         assert!(markdown.contains(&format!("  100 pods × 4 |{:<40}| 25.0", "█".repeat(10))), "{markdown}");
         assert!(markdown.contains(&format!("  100 pods × 4 |{}| 600.0", "█".repeat(40))), "{markdown}");
 
-        let json = render_json(&settings(), &runs);
+        let json = render_json(&settings(), &runs, &[]);
         assert_eq!(json["runs"][1]["idle"]["scrapes_per_engine_per_second"], 20.0);
         assert_eq!(json["runs"][1]["idle"]["cpu_percent_per_replica"].as_array().unwrap().len(), 4);
         assert_eq!(json["runs"][0]["loads"][1]["strategy"], "least-kv-cache");
         assert_eq!(json["runs"][2]["error"], "nginx | died\nmore");
+    }
+
+    #[test]
+    fn nginx_baseline_rows_follow_the_one_replica_rows_and_grow_from_the_smallest_fleet() {
+        let runs = vec![
+            Run { pods: 2, replicas: 1, outcome: Ok(measured(vec![3.0], 200, 50.0)) },
+            Run { pods: 2, replicas: 4, outcome: Ok(measured(vec![3.0; 4], 800, 70.0)) },
+            Run { pods: 1000, replicas: 1, outcome: Ok(measured(vec![10.0], 100_000, 75.0)) },
+            Run { pods: 1000, replicas: 4, outcome: Ok(measured(vec![10.0; 4], 400_000, 90.0)) },
+        ];
+        let baselines = vec![baseline(2, 20.0), baseline(1000, 25.0)];
+        let markdown = render_markdown(&settings(), &runs, &baselines);
+        assert!(markdown.contains("Baseline (`nginx proxy (baseline)`)"), "{markdown}");
+        // 60,000 requests in 5 s; others at 2% (no note), 2.5%.
+        let nginx_2 = "| 2 | 1 |  |  |  | nginx proxy (baseline) | 12000 | 20.0 | 0.90 | 1.00 | 1 |";
+        let (two_pods_one, two_pods_four) =
+            (markdown.find("| 2 | 1 |  |  |  | least-kv-cache |").unwrap(), markdown.find("| 2 | 4 | 3.0 |").unwrap());
+        let nginx_row = markdown.find(nginx_2).expect(&markdown);
+        assert!(two_pods_one < nginx_row && nginx_row < two_pods_four, "{markdown}");
+        let nginx_1000 = markdown.find("| 1000 | 1 |  |  |  | nginx proxy (baseline) | 12000 | 25.0 |").unwrap();
+        assert!(markdown.find("| 1000 | 4 | 10.0 |").unwrap() > nginx_1000, "{markdown}");
+        assert!(!markdown.contains("nginx proxy (baseline): other processes"), "{markdown}");
+        // Gateway 50 → 75 (least-request), 55 → 80 (least-kv-cache); nginx 20 → 25.
+        assert!(markdown.contains("÷ its own figure at 2 pods"), "{markdown}");
+        assert!(
+            markdown.contains(
+                "| pods | least-request | least-kv-cache | nginx proxy (baseline) |\n|---:|---:|---:|---:|\n"
+            ),
+            "{markdown}"
+        );
+        assert!(markdown.contains("| 2 | 1.00 | 1.00 | 1.00 |\n| 1000 | 1.50 | 1.45 | 1.25 |\n"), "{markdown}");
+
+        let json = render_json(&settings(), &runs, &baselines);
+        assert_eq!(json["nginx_proxy_baseline"][1]["pods"], 1000);
+        assert_eq!(json["nginx_proxy_baseline"][1]["cpu_us_per_request"], 25.0);
+        assert_eq!(json["nginx_proxy_baseline"][1]["upstream_keepalive"], 1032);
+        assert_eq!(json["cpu_per_request_growth"]["relative_to_pods"], 2);
+        assert_eq!(json["cpu_per_request_growth"]["rows"][1]["least-request"], 1.5);
+        assert_eq!(json["cpu_per_request_growth"]["rows"][1]["nginx proxy (baseline)"], 1.25);
+
+        // A failed baseline, and a fleet size measured with 4 replicas only: no ratio there.
+        let runs = vec![
+            Run { pods: 2, replicas: 1, outcome: Ok(measured(vec![3.0], 200, 50.0)) },
+            Run { pods: 100, replicas: 4, outcome: Ok(measured(vec![3.0; 4], 800, 70.0)) },
+        ];
+        let baselines = vec![baseline(2, 20.0), Baseline { pods: 100, outcome: Err("no | worker\nmore".into()) }];
+        let markdown = render_markdown(&settings(), &runs, &baselines);
+        assert!(
+            markdown.contains("| 100 | 1 |  |  |  | nginx proxy (baseline): failed: no / worker | | | | | |"),
+            "{markdown}"
+        );
+        assert!(markdown.contains("| 100 | - | - | - |"), "{markdown}");
+        assert_eq!(
+            render_json(&settings(), &runs, &baselines)["nginx_proxy_baseline"][1]["error"],
+            "no | worker\nmore"
+        );
     }
 
     #[derive(Debug, Parser)]

@@ -606,7 +606,7 @@ async fn start_turnstile(
 
 /// Polls a chat request through the proxy until it answers 200, the proxy exits, or the
 /// timeout passes (the routers check their workers' health before serving).
-async fn wait_answering(child: &mut ChildGuard, addr: SocketAddr) -> Result<()> {
+pub(super) async fn wait_answering(child: &mut ChildGuard, addr: SocketAddr) -> Result<()> {
     let client = Client::new();
     let body =
         serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "ready?"}], "max_tokens": 2});
@@ -650,16 +650,34 @@ async fn wait_answering(child: &mut ChildGuard, addr: SocketAddr) -> Result<()> 
 /// nginx as a plain reverse proxy: one worker, keep-alive upstream pool, no buffering (so
 /// streams pass through as they come), no access log.
 fn nginx_config(dir: &Path, listen: SocketAddr, engines: &[SocketAddr]) -> String {
+    let temp_paths = nginx_temp_paths(dir);
+    let proxy = nginx_proxy_blocks(listen, engines, "    keepalive 256;\n");
     let dir = dir.display();
-    let servers: String = engines.iter().map(|addr| format!("    server {addr};\n")).collect();
     format!(
         "worker_processes 1;\ndaemon off;\nmaster_process on;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
          events {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {dir}/tmp/body;\n  proxy_temp_path {dir}/tmp/proxy;\n\
-         \x20 fastcgi_temp_path {dir}/tmp/fastcgi;\n  uwsgi_temp_path {dir}/tmp/uwsgi;\n  scgi_temp_path {dir}/tmp/scgi;\n\
-         \x20 upstream engines {{\n{servers}    keepalive 256;\n  }}\n\
+         http {{\n  access_log off;\n{temp_paths}{proxy}}}\n"
+    )
+}
+
+/// The `http` block's temp paths of an nginx running from `dir`, all under `dir/tmp`.
+pub(super) fn nginx_temp_paths(dir: &Path) -> String {
+    let dir = dir.display();
+    format!(
+        "  client_body_temp_path {dir}/tmp/body;\n  proxy_temp_path {dir}/tmp/proxy;\n\
+         \x20 fastcgi_temp_path {dir}/tmp/fastcgi;\n  uwsgi_temp_path {dir}/tmp/uwsgi;\n  scgi_temp_path {dir}/tmp/scgi;\n"
+    )
+}
+
+/// The `http` block's proxying: an `upstream engines` block with a server per engine, then
+/// `upstream` (its balancing and keep-alive directives), and a server on `listen` passing
+/// everything to it over keep-alive HTTP/1.1 without buffering.
+pub(super) fn nginx_proxy_blocks(listen: SocketAddr, engines: &[SocketAddr], upstream: &str) -> String {
+    let servers: String = engines.iter().map(|addr| format!("    server {addr};\n")).collect();
+    format!(
+        "  upstream engines {{\n{servers}{upstream}  }}\n\
          \x20 server {{\n    listen {listen};\n    location / {{\n      proxy_pass http://engines;\n\
-         \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n"
+         \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n"
     )
 }
 
@@ -726,7 +744,7 @@ fn parse_proc_net_tcp(table: &str, engine_ports: &[u16]) -> HashSet<(u16, u16)> 
 }
 
 /// `root` and its descendants (nginx runs its worker as a child of the master).
-fn process_tree(root: u32) -> Vec<u32> {
+pub(super) fn process_tree(root: u32) -> Vec<u32> {
     let mut children: Vec<(u32, u32)> = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
