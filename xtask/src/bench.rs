@@ -27,6 +27,7 @@
 mod fleet;
 mod kernel;
 mod peers;
+mod replicas;
 mod routing;
 mod users;
 
@@ -59,6 +60,8 @@ pub enum Suite {
     Users,
     /// Engine scraping and routing cost as the fleet grows: 2 to 1,000 pods, 1 and 4 replicas.
     Fleet,
+    /// Routing as one brain across 1, 2 and 4 replicas sharing Redis: prefix affinity, load spread, TTFT.
+    Replicas,
 }
 
 /// Options of `cargo xtask bench`.
@@ -97,6 +100,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Suite::Peers => peers::run(args),
         Suite::Users => users::run(args.connections),
         Suite::Fleet => fleet::run(args),
+        Suite::Replicas => replicas::run(),
     }
 }
 

@@ -1079,7 +1079,7 @@ impl Replicas {
 
 /// A throwaway `redis-server` on a free loopback port, without persistence (as the limits
 /// integration tests run it), answering PING; the guard and the port.
-async fn start_redis(program: &Path, run_dir: &Path, cpu: Option<usize>) -> Result<(ChildGuard, u16)> {
+pub(super) async fn start_redis(program: &Path, run_dir: &Path, cpu: Option<usize>) -> Result<(ChildGuard, u16)> {
     let port = testkit::free_port().context("choosing a port for redis-server")?;
     let port_text = port.to_string();
     let args: Vec<OsString> = ["--port", &port_text, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]

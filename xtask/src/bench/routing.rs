@@ -36,8 +36,8 @@ use crate::setup::{self, Strictness};
 use crate::stack::{self, Binaries, EngineSpec, GatewaySpec, Profile, Stack};
 use crate::ui;
 
-const MODEL: &str = "bench-model";
-const ENGINES: usize = 4;
+pub(super) const MODEL: &str = "bench-model";
+pub(super) const ENGINES: usize = 4;
 /// Strategies the bench cannot place alone: `pd` needs prefill/decode rolesets, and the
 /// bench's pods are plain engines.
 const SKIPPED: &[&str] = &["pd"];
@@ -47,8 +47,8 @@ const MIX: &str = "prefix-cache:2,least-request:1";
 const BASELINE: &str = "random";
 /// Engine model: 10 ms to first token alone, +3 ms per other running request, +0.15 ms per
 /// prompt token (word) outside the prefix cache; 2 ms per further token.
-const ENGINE_TTFT_MS: u64 = 10;
-const ENGINE_ITL_MS: u64 = 2;
+pub(super) const ENGINE_TTFT_MS: u64 = 10;
+pub(super) const ENGINE_ITL_MS: u64 = 2;
 const ENGINE_FLAGS: &[&str] = &[
     "--ttft-per-running-us",
     "3000",
@@ -62,15 +62,15 @@ const ENGINE_FLAGS: &[&str] = &[
     "64",
 ];
 
-const CONVERSATIONS: usize = 48;
-const TURNS: usize = 6;
-const CHAT_CONCURRENCY: usize = 16;
-const SYSTEM_PROMPTS: usize = 4;
+pub(super) const CONVERSATIONS: usize = 48;
+pub(super) const TURNS: usize = 6;
+pub(super) const CHAT_CONCURRENCY: usize = 16;
+pub(super) const SYSTEM_PROMPTS: usize = 4;
 const CHAT_MAX_TOKENS: u32 = 8;
 
-const SKEWED_REQUESTS: usize = 600;
-const SKEWED_CONCURRENCY: usize = 24;
-const USERS: usize = 8;
+pub(super) const SKEWED_REQUESTS: usize = 600;
+pub(super) const SKEWED_CONCURRENCY: usize = 24;
+pub(super) const USERS: usize = 8;
 
 /// One request's answer must complete within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,20 +80,20 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Acceptance: share of follow-up turns `prefix-cache` keeps on the first turn's pod.
-const MIN_STICKINESS: f64 = 0.90;
+pub(super) const MIN_STICKINESS: f64 = 0.90;
 /// Acceptance: most requests any pod may serve under `prefix-cache`, against the mean.
-const MAX_LOAD_RATIO: f64 = 1.5;
+pub(super) const MAX_LOAD_RATIO: f64 = 1.5;
 /// Acceptance: in-flight spread (max - min over pods) `least-request` keeps under `skewed`.
 const MAX_IN_FLIGHT_SPREAD: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Workload {
+pub(super) enum Workload {
     Chat,
     Skewed,
 }
 
 impl Workload {
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Self::Chat => "chat",
             Self::Skewed => "skewed",
@@ -103,7 +103,7 @@ impl Workload {
 
 /// One request of a workload, ready to send.
 #[derive(Clone, Debug)]
-struct Job {
+pub(super) struct Job {
     body: Value,
     user: String,
     session_key: String,
@@ -113,25 +113,28 @@ struct Job {
 
 /// What one request measured.
 #[derive(Clone, Debug)]
-struct Outcome {
-    pod: String,
-    ttft: Duration,
-    turn: Option<(usize, usize)>,
+pub(super) struct Outcome {
+    pub(super) pod: String,
+    pub(super) ttft: Duration,
+    pub(super) turn: Option<(usize, usize)>,
 }
 
 /// What one (strategy, workload) run measured.
 #[derive(Debug)]
-struct RunResult {
-    strategy: String,
-    workload: Workload,
-    outcomes: Vec<Outcome>,
-    errors: usize,
-    first_error: Option<String>,
-    elapsed: Duration,
-    /// Sampled max - min of the gateway's in-flight counts over the pods.
-    spreads: Vec<u32>,
-    prefix_hits: f64,
-    prefix_queries: f64,
+pub(super) struct RunResult {
+    pub(super) strategy: String,
+    pub(super) workload: Workload,
+    pub(super) outcomes: Vec<Outcome>,
+    pub(super) errors: usize,
+    pub(super) first_error: Option<String>,
+    pub(super) elapsed: Duration,
+    /// Sampled max - min of the gateways' in-flight counts over the pods
+    /// (each pod's summed over the replicas).
+    pub(super) spreads: Vec<u32>,
+    /// Sampled most in flight on one pod over the mean per pod, when any ran.
+    pub(super) in_flight_ratios: Vec<f64>,
+    pub(super) prefix_hits: f64,
+    pub(super) prefix_queries: f64,
 }
 
 /// Runs the routing suite.
@@ -179,7 +182,7 @@ async fn routing_async(binaries: &Binaries, strategies: &[String]) -> Result<()>
         };
         for strategy in strategies {
             let step = ui::step(format!("bench routing: {} with {strategy}", workload.name()));
-            let result = run_one(binaries, &client, &out_dir, strategy, workload, &jobs).await?;
+            let result = run_one(binaries, &client, &out_dir, strategy, workload, &jobs, &Fleet::ONE).await?;
             ui::info(summary_line(&result));
             step.done();
             results.push(result);
@@ -193,14 +196,27 @@ async fn routing_async(binaries: &Binaries, strategies: &[String]) -> Result<()>
     Ok(())
 }
 
-/// Starts a fresh stack, runs `jobs` through the gateway with `strategy`, and stops it.
-async fn run_one(
+/// How many gateway replicas a run has, and the Redis they share.
+pub(super) struct Fleet<'a> {
+    pub(super) replicas: usize,
+    pub(super) redis_url: Option<&'a str>,
+}
+
+impl Fleet<'_> {
+    /// One gateway on its own.
+    const ONE: Fleet<'static> = Fleet { replicas: 1, redis_url: None };
+}
+
+/// Starts a fresh stack, runs `jobs` through the gateway replicas with `strategy` (each
+/// request to the next replica in turn), and stops it.
+pub(super) async fn run_one(
     binaries: &Binaries,
     client: &Client,
     out_dir: &std::path::Path,
     strategy: &str,
     workload: Workload,
     jobs: &[Job],
+    fleet: &Fleet<'_>,
 ) -> Result<RunResult> {
     let mut stack = Stack { engines: Vec::new(), gateway: None };
     for index in 0..ENGINES {
@@ -217,36 +233,58 @@ async fn run_one(
     }
     let pods_file = out_dir.join("routing-pods.yaml");
     super::write_engine_pods(&stack.engines, &pods_file)?;
-    let gateway = stack::start_gateway(
-        GatewaySpec {
-            routing_algorithm: Some(strategy),
-            log_format: "json",
-            env: vec![("RUST_LOG".into(), std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))],
-            ..GatewaySpec::on_free_ports(&binaries.gateway, &pods_file, out_dir.join("routing-gateway.log"))?
-        },
-        client,
-    )
-    .await?;
-    let (proxy, admin) = (gateway.listen, gateway.admin);
-    stack.gateway = Some(gateway);
-    stack::wait_models_listed(client, proxy, &[MODEL], Duration::from_secs(10)).await?;
+    let mut extra_args = Vec::new();
+    if let Some(url) = fleet.redis_url {
+        extra_args.extend(["--redis-url".into(), url.into()]);
+    }
+    // Replicas after the first, stopped with the stack (their guards).
+    let mut others = Vec::new();
+    let (mut proxies, mut admins) = (Vec::new(), Vec::new());
+    for index in 0..fleet.replicas.max(1) {
+        let log = out_dir.join(format!("routing-gateway-{index}.log"));
+        let gateway = stack::start_gateway(
+            GatewaySpec {
+                routing_algorithm: Some(strategy),
+                log_format: "json",
+                env: vec![("RUST_LOG".into(), std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))],
+                extra_args: extra_args.clone(),
+                ..GatewaySpec::on_free_ports(&binaries.gateway, &pods_file, log)?
+            },
+            client,
+        )
+        .await?;
+        proxies.push(gateway.listen);
+        admins.push(gateway.admin);
+        if stack.gateway.is_none() {
+            stack.gateway = Some(gateway);
+        } else {
+            others.push(gateway);
+        }
+    }
+    for proxy in &proxies {
+        stack::wait_models_listed(client, *proxy, &[MODEL], Duration::from_secs(10)).await?;
+    }
 
     // The spread is sampled while the load is saturated: once the last job is taken, the
     // pods drain unevenly whatever the strategy did, and that tail is not its doing.
     let saturated = Arc::new(AtomicBool::new(true));
-    let sampler = sample_spreads(client.clone(), admin, Arc::clone(&saturated));
+    let sampler = sample_spreads(client.clone(), admins, Arc::clone(&saturated));
     let load = async {
-        let outcomes = drive(client, proxy, workload, jobs, &saturated).await;
+        let outcomes = drive(client, &proxies, workload, jobs, &saturated).await;
         saturated.store(false, Ordering::Relaxed);
         outcomes
     };
     let started = Instant::now();
-    let (outcomes, spreads) = tokio::time::timeout(RUN_TIMEOUT, async { tokio::join!(load, sampler) })
-        .await
-        .map_err(|_| anyhow!("{} with {strategy} did not finish within {RUN_TIMEOUT:?}", workload.name()))?;
+    let (outcomes, (spreads, in_flight_ratios)) =
+        tokio::time::timeout(RUN_TIMEOUT, async { tokio::join!(load, sampler) })
+            .await
+            .map_err(|_| anyhow!("{} with {strategy} did not finish within {RUN_TIMEOUT:?}", workload.name()))?;
     let elapsed = started.elapsed();
     if let Some(reason) = stack.exited_child() {
         bail!("a child died during the run: {reason}");
+    }
+    if let Some(status) = others.iter_mut().find_map(|gateway| gateway.child.exited()) {
+        bail!("a gateway replica died during the run ({status})");
     }
     let (mut prefix_hits, mut prefix_queries) = (0.0, 0.0);
     for engine in &stack.engines {
@@ -255,6 +293,7 @@ async fn run_one(
         prefix_queries += sample(&text, "vllm:prefix_cache_queries_total").unwrap_or(0.0);
     }
     // The children are killed with their guards; nothing is left to drain.
+    drop(others);
     drop(stack);
     let (ok, errors): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_ok);
     let first_error = errors.first().and_then(|e| e.as_ref().err()).map(|e| format!("{e:#}"));
@@ -266,6 +305,7 @@ async fn run_one(
         first_error,
         elapsed,
         spreads,
+        in_flight_ratios,
         prefix_hits,
         prefix_queries,
     })
@@ -283,7 +323,7 @@ fn sample(text: &str, family: &str) -> Option<f64> {
 /// `saturated` is cleared when the last job is taken.
 async fn drive(
     client: &Client,
-    proxy: SocketAddr,
+    proxies: &[SocketAddr],
     workload: Workload,
     jobs: &[Job],
     saturated: &Arc<AtomicBool>,
@@ -306,9 +346,13 @@ async fn drive(
     };
     let groups = Arc::new(groups);
     let next = Arc::new(AtomicUsize::new(0));
+    // Clients spread their requests over the replicas round-robin, as a Service does.
+    let proxies: Arc<[SocketAddr]> = Arc::from(proxies);
+    let turn = Arc::new(AtomicUsize::new(0));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
         let (client, groups, next) = (client.clone(), Arc::clone(&groups), Arc::clone(&next));
+        let (proxies, turn) = (Arc::clone(&proxies), Arc::clone(&turn));
         let saturated = Arc::clone(saturated);
         workers.spawn(async move {
             let mut outcomes = Vec::new();
@@ -319,6 +363,7 @@ async fn drive(
                     break;
                 };
                 for job in group {
+                    let proxy = proxies[turn.fetch_add(1, Ordering::Relaxed) % proxies.len()];
                     outcomes.push(send(&client, proxy, job).await);
                 }
             }
@@ -366,22 +411,35 @@ async fn send(client: &Client, proxy: SocketAddr, job: &Job) -> Result<Outcome> 
     Ok(Outcome { pod, ttft: ttft.unwrap_or_else(|| started.elapsed()), turn: job.turn })
 }
 
-/// Samples the gateway's in-flight spread over the pods until `running` clears.
-async fn sample_spreads(client: Client, admin: SocketAddr, running: Arc<AtomicBool>) -> Vec<u32> {
-    let mut spreads = Vec::new();
+/// Samples the in-flight spread over the pods (each pod's count summed over the replicas)
+/// and the most in flight over the mean, until `running` clears.
+async fn sample_spreads(client: Client, admins: Vec<SocketAddr>, running: Arc<AtomicBool>) -> (Vec<u32>, Vec<f64>) {
+    let (mut spreads, mut ratios) = (Vec::new(), Vec::new());
     while running.load(Ordering::Relaxed) {
-        if let Ok(reply) = client.get(admin, "/debug/endpoints", Duration::from_secs(1)).await
-            && let Ok(endpoints) = serde_json::from_slice::<Value>(&reply.body)
-            && let Some(pods) = endpoints[MODEL]["pods"].as_array()
-        {
-            let loads: Vec<u64> = pods.iter().filter_map(|p| p["in_flight"].as_u64()).collect();
-            if let (Some(max), Some(min)) = (loads.iter().max(), loads.iter().min()) {
-                spreads.push(u32::try_from(max - min).unwrap_or(u32::MAX));
+        let mut per_pod: HashMap<String, u64> = HashMap::new();
+        let mut complete = true;
+        for admin in &admins {
+            let Ok(reply) = client.get(*admin, "/debug/endpoints", Duration::from_secs(1)).await else {
+                complete = false;
+                break;
+            };
+            let endpoints = serde_json::from_slice::<Value>(&reply.body).unwrap_or_default();
+            for pod in endpoints[MODEL]["pods"].as_array().into_iter().flatten() {
+                if let (Some(name), Some(in_flight)) = (pod["name"].as_str(), pod["in_flight"].as_u64()) {
+                    *per_pod.entry(name.to_owned()).or_default() += in_flight;
+                }
+            }
+        }
+        if complete && let (Some(max), Some(min)) = (per_pod.values().max(), per_pod.values().min()) {
+            spreads.push(u32::try_from(max - min).unwrap_or(u32::MAX));
+            let total: u64 = per_pod.values().sum();
+            if total > 0 {
+                ratios.push(*max as f64 / (total as f64 / per_pod.len() as f64));
             }
         }
         tokio::time::sleep(SAMPLE_INTERVAL).await;
     }
-    spreads
+    (spreads, ratios)
 }
 
 /// A tiny deterministic generator (splitmix64), so every strategy gets the same workload.
@@ -466,7 +524,7 @@ fn words(rng: &mut Rng, n: usize) -> String {
 
 /// 48 conversations of 6 turns under 4 shared system prompts (~180 words each); each turn
 /// adds a ~25-word question to the history, each answer ~25 words.
-fn chat_jobs() -> Vec<Job> {
+pub(super) fn chat_jobs() -> Vec<Job> {
     let mut rng = Rng(0x5eed_c4a7);
     let systems: Vec<String> = (0..SYSTEM_PROMPTS)
         .map(|s| format!("System prompt {s}: you are assistant {s} of the routing benchmark. {}", words(&mut rng, 180)))
@@ -492,7 +550,7 @@ fn chat_jobs() -> Vec<Job> {
 
 /// 600 independent ~40-word prompts; one in five asks for 64 tokens, the rest for 4; users
 /// follow a Zipf law (user-0 sends about a third of the traffic).
-fn skewed_jobs() -> Vec<Job> {
+pub(super) fn skewed_jobs() -> Vec<Job> {
     let mut rng = Rng(0x5eed_5ce3);
     let weights: Vec<f64> = (1..=USERS).map(|k| 1.0 / k as f64).collect();
     let total: f64 = weights.iter().sum();
@@ -518,21 +576,21 @@ fn skewed_jobs() -> Vec<Job> {
 }
 
 /// Aggregates of one run, as reported.
-struct Stats {
-    ok: usize,
-    ttft_mean_ms: f64,
-    ttft_p99_ms: f64,
-    requests_per_second: f64,
+pub(super) struct Stats {
+    pub(super) ok: usize,
+    pub(super) ttft_mean_ms: f64,
+    pub(super) ttft_p99_ms: f64,
+    pub(super) requests_per_second: f64,
     /// Most requests on one pod over the mean per pod.
-    load_ratio: f64,
-    spread_p99: u32,
-    spread_max: u32,
-    hit_rate: Option<f64>,
+    pub(super) load_ratio: f64,
+    pub(super) spread_p99: u32,
+    pub(super) spread_max: u32,
+    pub(super) hit_rate: Option<f64>,
     /// Chat: share of follow-up turns on the first turn's pod.
-    stickiness: Option<f64>,
+    pub(super) stickiness: Option<f64>,
 }
 
-fn stats(result: &RunResult) -> Stats {
+pub(super) fn stats(result: &RunResult) -> Stats {
     let mut ttfts: Vec<u32> =
         result.outcomes.iter().map(|o| u32::try_from(o.ttft.as_micros()).unwrap_or(u32::MAX)).collect();
     ttfts.sort_unstable();
@@ -579,7 +637,7 @@ fn stats(result: &RunResult) -> Stats {
     }
 }
 
-fn summary_line(result: &RunResult) -> String {
+pub(super) fn summary_line(result: &RunResult) -> String {
     let s = stats(result);
     let mut line = format!(
         "{} ok, {} errors, TTFT mean {:.1} ms p99 {:.1} ms, {:.0} req/s, max pod load {:.2}× mean, in-flight spread p99 {} max {}",
@@ -719,6 +777,7 @@ mod tests {
             first_error: None,
             elapsed: Duration::from_secs(1),
             spreads,
+            in_flight_ratios: Vec::new(),
             prefix_hits: 30.0,
             prefix_queries: 100.0,
         }

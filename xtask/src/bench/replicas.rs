@@ -1,0 +1,267 @@
+//! `cargo xtask bench replicas`: routing as one brain across 1, 2 and 4 gateway replicas.
+//!
+//! The routing bench's engines (time to first token grows with the requests running and
+//! shrinks with prefix reuse) and workloads, with the clients spreading their requests over
+//! the replicas round-robin, as a Service does: a conversation's turns land on different
+//! replicas. Per replica count, each run on a fresh stack and a fresh Redis the replicas
+//! share (userspace only):
+//!
+//! * `chat` with `prefix-cache`: follow-up turns served by the conversation's first pod;
+//! * `skewed` with `least-request`: how evenly the fleet's requests in flight spread.
+//!
+//! Per run: follow-ups on the first pod, most requests on one pod and most in flight on one
+//! pod against the mean, the in-flight spread (max − min), client TTFT mean and p99, and
+//! Redis calls per request (every command the replicas sent, scrape sharing included). The
+//! acceptance checks compare 4 replicas with 1. Bounded: every request, run and start has a
+//! timeout, traffic stays on 127.0.0.1.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::routing::{self, Fleet, RunResult, Workload};
+use super::{bench_dir, block_on_until_stopped, publish_report, revision};
+use crate::client::Client;
+use crate::loadgen::percentile;
+use crate::procs;
+use crate::setup::{self, Strictness};
+use crate::stack::{Binaries, Profile};
+use crate::ui;
+
+/// Replica counts compared, the first being the reference.
+const REPLICAS: &[usize] = &[1, 2, 4];
+/// Each workload with the strategy it is run with.
+const RUNS: &[(Workload, &str)] = &[(Workload::Chat, "prefix-cache"), (Workload::Skewed, "least-request")];
+/// Acceptance: mean TTFT of the most replicas against one replica.
+const MAX_TTFT_RATIO: f64 = 1.10;
+/// Acceptance: in-flight spread (p99) of the most replicas against one replica.
+const MAX_SPREAD_RATIO: f64 = 2.0;
+
+/// One run's measurements.
+struct Row {
+    replicas: usize,
+    result: RunResult,
+    redis_calls: u64,
+}
+
+/// Runs the replicas suite.
+pub fn run() -> Result<()> {
+    setup::run(Strictness::Lenient)?;
+    let redis = procs::find_program("redis-server")
+        .ok_or_else(|| anyhow!("redis-server is not installed (`cargo xtask setup` installs it)"))?;
+    let binaries = Binaries::build(Profile::Release, "bench replicas")?;
+    block_on_until_stopped(replicas_async(binaries, redis))
+}
+
+async fn replicas_async(binaries: Binaries, redis: std::path::PathBuf) -> Result<()> {
+    let out_dir = bench_dir()?;
+    let started = Instant::now();
+    let client = Client::new();
+    let mut rows = Vec::new();
+    for &(workload, strategy) in RUNS {
+        let jobs = match workload {
+            Workload::Chat => routing::chat_jobs(),
+            Workload::Skewed => routing::skewed_jobs(),
+        };
+        for &replicas in REPLICAS {
+            let step = ui::step(format!("bench replicas: {} with {strategy}, {replicas} replicas", workload.name()));
+            let run_dir = out_dir.join(format!("replicas-{}-{replicas}", workload.name()));
+            std::fs::create_dir_all(&run_dir)?;
+            let (_redis, port) = super::fleet::start_redis(&redis, &run_dir, None).await?;
+            let url = format!("redis://127.0.0.1:{port}/");
+            let fleet = Fleet { replicas, redis_url: Some(&url) };
+            let before = redis_calls(port).await?;
+            let result = routing::run_one(&binaries, &client, &run_dir, strategy, workload, &jobs, &fleet).await?;
+            let redis_calls = redis_calls(port).await?.saturating_sub(before);
+            ui::info(format!("{replicas} replicas: {}", routing::summary_line(&result)));
+            step.done();
+            rows.push(Row { replicas, result, redis_calls });
+        }
+    }
+    let markdown = render_markdown(&revision(), &rows, started.elapsed());
+    publish_report(&out_dir, "replicas.md", &markdown)?;
+    let failures: Vec<String> = acceptance(&rows).into_iter().filter_map(|c| c.failure).collect();
+    if !failures.is_empty() {
+        bail!("replicas acceptance failed: {}", failures.join("; "));
+    }
+    Ok(())
+}
+
+/// Commands Redis on `port` has run since it started (`INFO stats`).
+async fn redis_calls(port: u16) -> Result<u64> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.write_all(b"INFO stats\r\n").await?;
+        let mut answer = Vec::new();
+        let mut buffer = [0_u8; 4096];
+        // A bulk string: `$<len>\r\n<text>\r\n`; read until the field or the end.
+        while !answer.windows(2).rev().take(1).any(|w| w == b"\r\n") || !contains(&answer, b"instantaneous") {
+            let n = stream.read(&mut buffer).await?;
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buffer[..n]);
+        }
+        std::io::Result::Ok(String::from_utf8_lossy(&answer).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .map_err(|_| anyhow!("Redis on port {port} did not answer INFO"))??;
+    // `total_commands_processed` counts the INFO itself; the difference of two readings
+    // is off by one.
+    text.lines()
+        .find_map(|line| line.strip_prefix("total_commands_processed:"))
+        .and_then(|value| value.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no total_commands_processed in Redis INFO"))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// What a row reports beyond the routing bench's figures.
+struct Figures {
+    stats: routing::Stats,
+    in_flight_ratio_p99: f64,
+    redis_per_request: f64,
+}
+
+fn figures(row: &Row) -> Figures {
+    let stats = routing::stats(&row.result);
+    let mut ratios: Vec<u32> = row.result.in_flight_ratios.iter().map(|r| (r * 1000.0) as u32).collect();
+    ratios.sort_unstable();
+    let in_flight_ratio_p99 = percentile(&ratios, 99.0).map_or(0.0, |r| f64::from(r) / 1000.0);
+    let redis_per_request = row.redis_calls as f64 / stats.ok.max(1) as f64;
+    Figures { stats, in_flight_ratio_p99, redis_per_request }
+}
+
+/// One acceptance check and, if it failed, why.
+struct Check {
+    description: String,
+    failure: Option<String>,
+}
+
+fn acceptance(rows: &[Row]) -> Vec<Check> {
+    let find = |workload: Workload, replicas: usize| {
+        rows.iter().find(|r| r.result.workload == workload && r.replicas == replicas).map(figures)
+    };
+    let (one, most) = (REPLICAS[0], REPLICAS[REPLICAS.len() - 1]);
+    let mut checks = Vec::new();
+    let description = format!(
+        "chat, prefix-cache, {most} replicas: ≥ {:.0}% of follow-up turns on the first pod, no pod above {}× the \
+         mean load, mean TTFT within {:.0}% of {one} replica's",
+        routing::MIN_STICKINESS * 100.0,
+        routing::MAX_LOAD_RATIO,
+        (MAX_TTFT_RATIO - 1.0) * 100.0
+    );
+    let failure = match (find(Workload::Chat, one), find(Workload::Chat, most)) {
+        (Some(base), Some(f)) => {
+            let sticky = f.stats.stickiness.unwrap_or(0.0);
+            let ttft = f.stats.ttft_mean_ms / base.stats.ttft_mean_ms.max(f64::EPSILON);
+            let errors = rows.iter().map(|r| r.result.errors).sum::<usize>();
+            (sticky < routing::MIN_STICKINESS
+                || f.stats.load_ratio > routing::MAX_LOAD_RATIO
+                || ttft > MAX_TTFT_RATIO
+                || errors > 0)
+                .then(|| {
+                    format!(
+                        "follow-ups {:.1}%, max pod load {:.2}× mean, TTFT {ttft:.2}× one replica's, {errors} errors",
+                        sticky * 100.0,
+                        f.stats.load_ratio
+                    )
+                })
+        }
+        _ => Some("a chat run is missing".to_owned()),
+    };
+    checks.push(Check { description, failure });
+    let description = format!(
+        "skewed, least-request, {most} replicas: in-flight spread (p99) within {MAX_SPREAD_RATIO}× {one} replica's"
+    );
+    let failure = match (find(Workload::Skewed, one), find(Workload::Skewed, most)) {
+        // A spread of 0 or 1 is as even as whole requests allow.
+        (Some(base), Some(f)) => (f64::from(f.stats.spread_p99)
+            > MAX_SPREAD_RATIO * f64::from(base.stats.spread_p99.max(1)))
+        .then(|| format!("spread p99 {} against {}", f.stats.spread_p99, base.stats.spread_p99)),
+        _ => Some("a skewed run is missing".to_owned()),
+    };
+    checks.push(Check { description, failure });
+    checks
+}
+
+const CHART_WIDTH: usize = 40;
+
+fn render_markdown(revision: &str, rows: &[Row], elapsed: Duration) -> String {
+    let mut out = format!("# Turnstile replicas benchmark ({revision})\n\n");
+    let _ = writeln!(
+        out,
+        "The routing bench's {} mock engines and workloads (see `cargo xtask bench routing`), through 1, 2 and 4 \
+         gateway replicas sharing one Redis (`--redis-url`, userspace only), every request sent to the next replica \
+         in turn. `chat` ({} conversations × {} turns, each turn resending the history) runs with `prefix-cache`, \
+         `skewed` ({} independent prompts from {} users of unequal activity) with `least-request`. Each run on \
+         fresh engines, replicas and Redis. Load = most requests served by one pod / mean per pod; in flight = \
+         the replicas' per-pod in-flight counts summed, sampled every 5 ms while the load is saturated (most on \
+         one pod / mean, p99; spread max − min, p99); Redis calls = every command Redis ran during the run (scrape \
+         sharing included) per request. Whole suite: {}.\n",
+        routing::ENGINES,
+        routing::CONVERSATIONS,
+        routing::TURNS,
+        routing::SKEWED_REQUESTS,
+        routing::USERS,
+        ui::human(elapsed)
+    );
+    out.push_str(
+        "| workload | strategy | replicas | ok | errors | follow-ups on first pod | max load / mean | \
+         in flight max / mean p99 | in-flight spread p99 | TTFT mean ms | TTFT p99 ms | Redis calls / request |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for row in rows {
+        let f = figures(row);
+        let sticky = f.stats.stickiness.map_or_else(|| "-".to_owned(), |s| format!("{:.1}%", s * 100.0));
+        let _ = writeln!(
+            out,
+            "| {} | `{}` | {} | {} | {} | {sticky} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.2} |",
+            row.result.workload.name(),
+            row.result.strategy,
+            row.replicas,
+            f.stats.ok,
+            row.result.errors,
+            f.stats.load_ratio,
+            f.in_flight_ratio_p99,
+            f.stats.spread_p99,
+            f.stats.ttft_mean_ms,
+            f.stats.ttft_p99_ms,
+            f.redis_per_request,
+        );
+    }
+    out.push('\n');
+    let chart = |out: &mut String, title: &str, workload: Workload, value: &dyn Fn(&Figures) -> f64| {
+        let values: Vec<(usize, f64)> =
+            rows.iter().filter(|r| r.result.workload == workload).map(|r| (r.replicas, value(&figures(r)))).collect();
+        let top = values.iter().map(|(_, v)| *v).fold(f64::EPSILON, f64::max);
+        let _ = writeln!(out, "{title}");
+        for (replicas, v) in values {
+            let length = ((v / top) * CHART_WIDTH as f64).round() as usize;
+            let _ = writeln!(out, "  {replicas} replicas |{:<CHART_WIDTH$}| {v:.1}", "█".repeat(length));
+        }
+    };
+    out.push_str("```text\n");
+    chart(&mut out, "chat, prefix-cache: follow-up turns on the first pod, %", Workload::Chat, &|f| {
+        f.stats.stickiness.unwrap_or(0.0) * 100.0
+    });
+    chart(&mut out, "chat, prefix-cache: TTFT mean, ms", Workload::Chat, &|f| f.stats.ttft_mean_ms);
+    chart(&mut out, "skewed, least-request: TTFT mean, ms", Workload::Skewed, &|f| f.stats.ttft_mean_ms);
+    out.push_str("```\n\n## Acceptance\n\n");
+    for check in acceptance(rows) {
+        match &check.failure {
+            None => {
+                let _ = writeln!(out, "- PASS: {}", check.description);
+            }
+            Some(why) => {
+                let _ = writeln!(out, "- FAIL: {} — {why}", check.description);
+            }
+        }
+    }
+    out
+}
