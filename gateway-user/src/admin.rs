@@ -30,16 +30,24 @@ pub struct Admin {
     /// The proxy's limiter, whose bearer-token rule `/v1/models` shares:
     /// the model list is no more public here than on the proxy port.
     pub limits: Option<Arc<Limits>>,
+    /// Routing state shared with the other replicas, whose state `/readyz` details.
+    pub fleet: Option<Arc<crate::routing::fleet::Status>>,
 }
 
 impl Admin {
     pub fn new(store: Arc<PodStore>, metrics: Arc<Metrics>) -> Self {
-        Self { store, metrics, draining: AtomicBool::new(false), kernel: None, limits: None }
+        Self { store, metrics, draining: AtomicBool::new(false), kernel: None, limits: None, fleet: None }
     }
 
     /// Reports kernel assist's state in `/readyz`.
     pub fn with_kernel(mut self, kernel: Arc<KernelAssist>) -> Self {
         self.kernel = Some(kernel);
+        self
+    }
+
+    /// Reports the routing state shared with the other replicas in `/readyz`.
+    pub fn with_fleet(mut self, fleet: Option<Arc<crate::routing::fleet::Status>>) -> Self {
+        self.fleet = fleet;
         self
     }
 
@@ -97,6 +105,9 @@ impl Admin {
         });
         if let Some(kernel) = &self.kernel {
             body["kernel_assist"] = kernel.readiness();
+        }
+        if let Some(fleet) = &self.fleet {
+            body["routing_state"] = fleet.readiness();
         }
         json_response(status, &body)
     }

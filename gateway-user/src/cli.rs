@@ -312,9 +312,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     );
 
+    let mut fleet_status = None;
     if let (Some(url), crate::cli::flags::MetricSharing::On) = (&limits_redis_url, args.routing.routing_state_sharing) {
         match crate::routing::fleet::spawn(url, &fleet_state, Arc::clone(&store), shutdown.clone()) {
-            Ok((_status, mut caught_up)) => {
+            Ok((status, mut caught_up)) => {
+                fleet_status = Some(status);
                 // A replica that starts reads the others' recent decisions first, so
                 // its first requests route as theirs would; a Redis that cannot say
                 // within the limit leaves it to its own view.
@@ -358,7 +360,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .then(|| Duration::from_secs(args.client_write_timeout_seconds)),
     };
     let admin = Arc::new(
-        Admin::new(Arc::clone(&store), Arc::clone(&metrics)).with_kernel(Arc::clone(&kernel)).with_limits(admin_limits),
+        Admin::new(Arc::clone(&store), Arc::clone(&metrics))
+            .with_kernel(Arc::clone(&kernel))
+            .with_limits(admin_limits)
+            .with_fleet(fleet_status),
     );
     let proxy_shutdown = CancellationToken::new();
     let proxy_task = tokio::spawn(listener::serve_tracked(

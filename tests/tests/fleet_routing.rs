@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::{Value, json};
-use turnstile_tests::harness::{Engine, Gateway, PodSpec, Redis, eventually, open_stream, post, send};
+use turnstile_tests::harness::{Engine, Gateway, PodSpec, Redis, eventually, get, open_stream, post, send};
 
 const MODEL: &str = "fleet-model";
 
@@ -83,6 +83,15 @@ async fn four_replicas_keep_each_conversation_on_its_pod() {
     let (_engines, pods) = engines();
     let gateways = replicas(4, &pods, &redis).await;
     let gateways: Vec<&Gateway> = gateways.iter().collect();
+    // Each replica says so in /readyz, and has heard the other three.
+    for gw in &gateways {
+        eventually(Duration::from_secs(5), "replicas hear each other", || async {
+            let ready: Value =
+                serde_json::from_str(&send(get(&gw.admin_url("/readyz"))).await.text()).unwrap_or_default();
+            ready["routing_state"]["following_decisions"] == true && ready["routing_state"]["peers"] == 3
+        })
+        .await;
+    }
     let mut conversations: Vec<Conversation> = (0..8).map(Conversation::new).collect();
     for r in 0..5 {
         round(&mut conversations, &gateways, r).await;

@@ -70,35 +70,35 @@ impl PodLoad {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The load routing compares pods by: the most of
-    /// - this replica's requests in flight;
-    /// - those plus the other replicas' (when they said within `valid_for`);
-    /// - the engine's running and waiting requests at its last reading,
-    ///   plus this replica's requests started since, less those ended since.
+    /// The load routing compares pods by: this replica's requests in flight
+    /// plus the other replicas' (when they said within the last second,
+    /// through Redis); failing that, the most of its own and the engine's
+    /// running and waiting requests at its last reading, plus this
+    /// replica's requests started since, less those ended since.
     ///
-    /// Every replica sees the engine alike, so replicas that cannot talk
+    /// Every replica reads the engine alike, so replicas that cannot talk
     /// still see each other's load within a scrape period; between scrapes
     /// their own starts keep them from herding onto the pod that read lowest.
     pub fn routing_load(&self) -> usize {
         let own = self.in_flight();
         let now = clock_ms();
-        let mut load = own;
         if self.others_until.load(Ordering::Acquire) > now {
-            load = load.max(own.saturating_add(self.others.load(Ordering::Relaxed)));
+            return own.saturating_add(self.others.load(Ordering::Relaxed));
         }
         if self.engine_until.load(Ordering::Acquire) > now {
             let queue = self.engine_queue.load(Ordering::Relaxed);
             let base = self.engine_base.load(Ordering::Relaxed);
-            load = load.max(queue.saturating_add(own).saturating_sub(base));
+            return own.max(queue.saturating_add(own).saturating_sub(base));
         }
-        load
+        own
     }
 
-    /// The engine counted `queue` requests running or waiting just now;
-    /// believed for `valid_for`.
-    pub fn engine_reading(&self, queue: usize, valid_for: Duration) {
+    /// The engine counted `queue` requests running or waiting when this
+    /// replica had `base` in flight (when the scrape started); believed for
+    /// `valid_for`.
+    pub fn engine_reading(&self, queue: usize, base: usize, valid_for: Duration) {
         self.engine_queue.store(queue, Ordering::Relaxed);
-        self.engine_base.store(self.in_flight(), Ordering::Relaxed);
+        self.engine_base.store(base, Ordering::Relaxed);
         self.engine_until.store(until(valid_for), Ordering::Release);
     }
 
@@ -320,16 +320,16 @@ status:
         let load = Arc::new(PodLoad::default());
         let _a = load.start();
         assert_eq!(load.routing_load(), 1, "alone: its own count");
-        load.others_in_flight(3, Duration::from_secs(60));
-        assert_eq!(load.routing_load(), 4, "plus what the other replicas said");
         // The engine ran 6 when this replica had 1 in flight; 2 more started since.
-        load.engine_reading(6, Duration::from_secs(60));
+        load.engine_reading(6, 1, Duration::from_secs(60));
         let (_b, _c) = (load.start(), load.start());
         assert_eq!(load.routing_load(), 8, "the engine's count moved by this replica's starts");
-        load.others_in_flight(9, Duration::from_secs(60));
-        assert_eq!(load.routing_load(), 12, "the most of the estimates");
+        load.engine_reading(0, 3, Duration::from_secs(60));
+        assert_eq!(load.routing_load(), 3, "never below its own count");
+        load.others_in_flight(4, Duration::from_secs(60));
+        assert_eq!(load.routing_load(), 7, "its own plus what the other replicas said, ahead of the engine");
         load.others_in_flight(9, Duration::ZERO);
-        load.engine_reading(6, Duration::ZERO);
+        load.engine_reading(6, 1, Duration::ZERO);
         assert_eq!(load.routing_load(), 3, "lapsed views count no more");
     }
 }

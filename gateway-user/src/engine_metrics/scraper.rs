@@ -108,6 +108,8 @@ struct Done {
 /// A scrape made here.
 struct Scrape {
     at: Instant,
+    /// This replica's requests in flight to the pod when the scrape started.
+    base: usize,
     result: Result<Scraped, ScrapeError>,
     /// It fell back to the whole page.
     whole_page: bool,
@@ -158,7 +160,7 @@ async fn supervise(
                 match joined {
                     Ok((id, done)) => {
                         running.remove(&id);
-                        finish(&mut states, done, &metrics, store.stale_after());
+                        finish(&mut states, done, &metrics, engine_reading_valid(settings.interval));
                     }
                     // A scrape task that panicked: its pod is free to be scraped again.
                     Err(err) => {
@@ -171,7 +173,7 @@ async fn supervise(
                 continue;
             }
             Some(reading) = recv(&mut remote) => {
-                take_remote(&mut states, &reading, store.stale_after());
+                take_remote(&mut states, &reading, engine_reading_valid(settings.interval));
                 continue;
             }
             _ = tick.tick() => {}
@@ -241,6 +243,7 @@ fn start_queued(
             names: state.names,
             urls: Arc::clone(&state.urls),
             whole_page: state.whole_page,
+            load: Arc::clone(&state.load),
             period,
             // A replica that just started (or just found the pod) waits two
             // periods for the others' readings before it scrapes on its own:
@@ -316,10 +319,10 @@ fn follow(
 }
 
 /// Takes a finished scrape into its pod's window (unless the pod changed meanwhile).
-fn finish(states: &mut HashMap<String, PodState>, done: Done, metrics: &Metrics, stale_after: Duration) {
+fn finish(states: &mut HashMap<String, PodState>, done: Done, metrics: &Metrics, valid_for: Duration) {
     let Some(state) = states.get_mut(&done.key).filter(|s| s.target.addr == done.addr) else { return };
     state.in_progress = false;
-    let Some(Scrape { at, result, whole_page }) = done.scrape else { return };
+    let Some(Scrape { at, base, result, whole_page }) = done.scrape else { return };
     if whole_page && !state.whole_page {
         tracing::info!(pod = %done.key, "engine refuses the metrics filter; scraping its whole page");
         state.whole_page = true;
@@ -327,7 +330,7 @@ fn finish(states: &mut HashMap<String, PodState>, done: Done, metrics: &Metrics,
     match result {
         Ok(scraped) => {
             if state.history.is_newer(at) {
-                note_engine_queue(&state.load, &scraped, stale_after);
+                note_engine_queue(&state.load, &scraped, base, valid_for);
                 state.slot.publish(state.history.push(at, scraped));
             }
             if state.last_logged.take().is_some() {
@@ -346,24 +349,35 @@ fn finish(states: &mut HashMap<String, PodState>, done: Done, metrics: &Metrics,
 }
 
 /// Takes another replica's reading of a pod this replica also scrapes.
-fn take_remote(states: &mut HashMap<String, PodState>, reading: &Remote, stale_after: Duration) {
+fn take_remote(states: &mut HashMap<String, PodState>, reading: &Remote, valid_for: Duration) {
     let Some(state) = states.get_mut(&reading.pod).filter(|s| s.addr_text == reading.addr) else { return };
     let at = Instant::now();
     if state.history.is_newer(at) {
-        note_engine_queue(&state.load, &reading.scraped, stale_after);
+        note_engine_queue(&state.load, &reading.scraped, state.load.in_flight(), valid_for);
         state.slot.publish(state.history.push(at, reading.scraped));
         // Scraped for us: not due again here until a period after it.
         state.last_started = Some(state.last_started.map_or(at, |started| started.max(at)));
     }
 }
 
+/// How long routing believes an engine's count of its requests: a few
+/// refresh intervals, as a pod in use is scraped every interval (an idle
+/// one's reading lapses sooner than its next scrape on a large fleet, and
+/// its own count, none, stands).
+fn engine_reading_valid(interval: Duration) -> Duration {
+    interval.saturating_mul(4)
+}
+
+/// Most requests believed running or waiting on one engine.
+const MAX_ENGINE_QUEUE: f64 = 1e6;
+
 /// Tells routing the engine's own count of running and waiting requests,
-/// which every replica reads alike (see [`PodLoad::routing_load`]).
-fn note_engine_queue(load: &PodLoad, scraped: &Scraped, stale_after: Duration) {
+/// which every replica reads alike (see [`PodLoad::routing_load`]); `base`
+/// is this replica's in flight when the reading was taken.
+fn note_engine_queue(load: &PodLoad, scraped: &Scraped, base: usize, valid_for: Duration) {
     if let Some(running) = scraped.running.filter(|r| r.is_finite() && *r >= 0.0) {
         let waiting = scraped.waiting.filter(|w| w.is_finite() && *w >= 0.0).unwrap_or(0.0);
-        // Saturating float-to-int: an absurd count reads as a very busy engine.
-        load.engine_reading((running + waiting) as usize, stale_after);
+        load.engine_reading((running + waiting).min(MAX_ENGINE_QUEUE) as usize, base, valid_for);
     }
 }
 
@@ -374,6 +388,8 @@ struct Job {
     names: &'static EngineNames,
     urls: Arc<Urls>,
     whole_page: bool,
+    /// The pod's load, told the engine's count of its requests.
+    load: Arc<PodLoad>,
     /// How often this replica wants the pod: what a claim asks for.
     period: Duration,
     /// No reading of the pod (ours or shared) for two periods, or since
@@ -394,6 +410,7 @@ async fn scrape(key: String, job: Job, shared: Arc<Shared>) -> Done {
         return done(None);
     }
     let mut whole_page = job.whole_page;
+    let base = job.load.in_flight();
     let uri = if whole_page { &job.urls.whole } else { &job.urls.filtered };
     let mut result = fetch(&shared.client, uri, shared.timeout).await;
     if !whole_page && result.as_ref().is_err_and(|err| err.kind == "status") {
@@ -411,7 +428,7 @@ async fn scrape(key: String, job: Job, shared: Arc<Shared>) -> Done {
             Err(_) => sharing.release(&key, &job.addr_text).await,
         }
     }
-    done(Some(Scrape { at, result, whole_page }))
+    done(Some(Scrape { at, base, result, whole_page }))
 }
 
 /// A failed scrape: `kind` is a bounded metric label.

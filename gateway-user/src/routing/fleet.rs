@@ -24,18 +24,19 @@
 //! then followed from where it was left.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use redis::IntoConnectionInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::{StreamRangeReply, StreamReadReply};
+use redis::io::tcp::TcpSettings;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::prefix_index::{MAX_SHARED_BLOCKS, PrefixIndex, pod_id, shared_blocks};
+use super::prefix_index::{PrefixIndex, SHARED_BLOCKS, pod_id, shared_blocks};
 use super::vtc_basic::TokenTracker;
 use crate::discovery::PodStore;
 
@@ -45,11 +46,11 @@ pub const STREAM: &str = "turnstile:routing";
 pub const LOAD_CHANNEL: &str = "turnstile:routing:load";
 /// Entries the stream keeps (approximately, as Redis trims): what a
 /// starting replica can read back. An entry holds at most [`BATCH_BYTES`]
-/// and one decision more (≤ 2.1 KiB), so Redis keeps at most ~100 MiB for
+/// and one decision more (≤ 1.1 KiB), so Redis keeps at most ~50 MiB for
 /// it; a chat turn's decision is about 200 bytes.
 const STREAM_MAX_ENTRIES: usize = 16_384;
 /// Bytes of decisions past which a stream entry takes no more.
-const BATCH_BYTES: usize = 4 * 1024;
+const BATCH_BYTES: usize = 2 * 1024;
 /// How long the writer waits for more decisions before adding an entry:
 /// short next to the time a client takes to send a conversation's next turn.
 const LINGER: Duration = Duration::from_millis(5);
@@ -58,13 +59,28 @@ const OUTBOX: usize = 8192;
 /// Entries read per stream call.
 const READ_COUNT: usize = 256;
 /// How long one blocking stream read waits for news.
-const READ_BLOCK: Duration = Duration::from_secs(1);
-/// How often a replica says what it has in flight.
+const READ_BLOCK: Duration = Duration::from_millis(500);
+/// How often a replica looks at what it has in flight, and says it when it changed.
 const LOAD_EVERY: Duration = Duration::from_millis(100);
-/// A replica silent for this long counts no more; so long do counts hold.
-const LOAD_VALID: Duration = Duration::from_millis(500);
-/// Time a write or publish may take.
+/// A replica says what it has in flight at least this often, changed or not.
+const LOAD_HEARTBEAT: Duration = Duration::from_millis(300);
+/// A replica silent for this long counts no more; so long do shared counts hold.
+const LOAD_VALID: Duration = Duration::from_secs(1);
+/// A subscription that hears nothing (not even this replica's own
+/// heartbeat) for this long is made again.
+const SILENT_SUBSCRIPTION: Duration = Duration::from_secs(1);
+/// Replicas, and pods per replica, whose loads are kept at most.
+const MAX_PEERS: usize = 4096;
+const MAX_PODS_PER_REPORT: usize = 20_000;
+/// Most requests in flight believed of one replica on one pod.
+const MAX_IN_FLIGHT: usize = 100_000;
+/// Most tokens believed of one charge (a 1M-token prompt with a 1M-token answer is 3M).
+const MAX_CHARGE: f64 = 1e8;
+/// Time a write, publish, connect or subscribe may take.
 const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// Unacknowledged bytes on a Redis socket for this long break it (a Redis
+/// that went away without closing its connections).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause before reconnecting after Redis failed.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
 /// A failing Redis is logged again at most this often.
@@ -85,18 +101,25 @@ impl Event {
     /// `pod` was sent a prompt with these block hashes (the ones
     /// [`shared_blocks`] picks are told).
     pub fn prefix(pod: &str, hashes: &[u64]) -> Self {
-        let mut blocks = String::with_capacity((hashes.len() / 8 + 1).min(MAX_SHARED_BLOCKS) * 16);
+        let mut blocks = String::with_capacity((SHARED_BLOCKS + 1) * 16);
         for hash in shared_blocks(hashes) {
             use std::fmt::Write as _;
             let _ = write!(blocks, "{hash:016x}");
         }
         Self::Prefix { pod: pod.to_owned(), blocks }
     }
+
+    fn size(&self) -> usize {
+        match self {
+            Self::Prefix { pod, blocks } => pod.len() + blocks.len() + 40,
+            Self::Tokens { user, .. } => user.len() + 40,
+        }
+    }
 }
 
 /// The block hashes of a [`Event::Prefix`]; `None` when malformed.
 fn parse_blocks(blocks: &str) -> Option<Vec<u64>> {
-    if !blocks.len().is_multiple_of(16) || blocks.len() / 16 > MAX_SHARED_BLOCKS || !blocks.is_ascii() {
+    if !blocks.len().is_multiple_of(16) || blocks.len() / 16 > SHARED_BLOCKS + 1 || !blocks.is_ascii() {
         return None;
     }
     (0..blocks.len()).step_by(16).map(|i| u64::from_str_radix(&blocks[i..i + 16], 16).ok()).collect()
@@ -109,7 +132,7 @@ struct Batch {
     events: Vec<Event>,
 }
 
-/// One replica's requests in flight per pod, as published every [`LOAD_EVERY`].
+/// One replica's requests in flight per pod.
 #[derive(Debug, Serialize, Deserialize)]
 struct LoadReport {
     from: String,
@@ -121,11 +144,17 @@ struct LoadReport {
 /// Until the sharing starts (or without Redis) decisions go nowhere.
 #[derive(Debug, Default)]
 pub struct Link {
-    outbox: OnceLock<mpsc::Sender<Event>>,
+    outbox: OnceLock<tokio::sync::mpsc::Sender<Event>>,
     dropped: AtomicU64,
 }
 
 impl Link {
+    /// Whether decisions are shared at all (a Redis is configured): when
+    /// not, callers need not build them.
+    pub fn is_sharing(&self) -> bool {
+        self.outbox.get().is_some()
+    }
+
     /// Queues `event` for the other replicas, never waiting: a full queue
     /// (Redis slow or down) drops it.
     pub fn send(&self, event: Event) {
@@ -154,15 +183,28 @@ pub struct FleetState {
     pub history: Duration,
 }
 
-/// This replica's view of the sharing, for `/readyz` and tests.
-#[derive(Debug, Default)]
+/// How the sharing goes, for `/readyz`.
+#[derive(Debug)]
 pub struct Status {
     /// Following the stream (caught up with its past).
-    pub following: AtomicBool,
+    following: AtomicBool,
     /// Hearing the other replicas' loads.
-    pub hearing_loads: AtomicBool,
-    /// Other replicas heard from within the last 500 ms.
-    pub peers: std::sync::atomic::AtomicUsize,
+    hearing_loads: AtomicBool,
+    /// Other replicas heard from within [`LOAD_VALID`].
+    peers: AtomicUsize,
+    link: Arc<Link>,
+}
+
+impl Status {
+    /// The `routing_state` detail of `/readyz`.
+    pub fn readiness(&self) -> serde_json::Value {
+        serde_json::json!({
+            "following_decisions": self.following.load(Ordering::Relaxed),
+            "hearing_loads": self.hearing_loads.load(Ordering::Relaxed),
+            "peers": self.peers.load(Ordering::Relaxed),
+            "decisions_dropped": self.link.dropped(),
+        })
+    }
 }
 
 /// Starts sharing through the Redis at `url` until `shutdown`. Returns the
@@ -174,21 +216,26 @@ pub fn spawn(
     pods: Arc<PodStore>,
     shutdown: CancellationToken,
 ) -> Result<(Arc<Status>, watch::Receiver<bool>), String> {
-    let client = redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(CALL_TIMEOUT))
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_number_of_retries(0);
-    let connection = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|e| e.to_string())?;
-    let (outbox, inbox) = mpsc::channel(OUTBOX);
+    let info = url
+        .into_connection_info()
+        .map_err(|e| format!("invalid Redis URL: {e}"))?
+        .set_tcp_settings(TcpSettings::default().set_user_timeout(TCP_USER_TIMEOUT));
+    let client = redis::Client::open(info).map_err(|e| format!("invalid Redis URL: {e}"))?;
+    let (outbox, inbox) = tokio::sync::mpsc::channel(OUTBOX);
     if state.link.outbox.set(outbox).is_err() {
         return Err("routing state is already shared".into());
     }
     let replica = format!("{:016x}", rand::random::<u64>());
-    let status = Arc::new(Status::default());
+    let status = Arc::new(Status {
+        following: AtomicBool::new(false),
+        hearing_loads: AtomicBool::new(false),
+        peers: AtomicUsize::new(0),
+        link: Arc::clone(&state.link),
+    });
     let (caught_up, caught_up_rx) = watch::channel(false);
     let log = Arc::new(ErrorLog::default());
-    tokio::spawn(write(connection.clone(), replica.clone(), inbox, Arc::clone(&log), shutdown.clone()));
+    let writer = Caller::new(client.clone(), Arc::clone(&log))?;
+    tokio::spawn(write(writer, replica.clone(), inbox, shutdown.clone()));
     tokio::spawn(follow(
         client.clone(),
         replica.clone(),
@@ -198,7 +245,10 @@ pub fn spawn(
         Arc::clone(&log),
         shutdown.clone(),
     ));
-    tokio::spawn(share_load(client, connection, replica, pods, Arc::clone(&status), log, shutdown));
+    let publisher = Caller::new(client.clone(), Arc::clone(&log))?;
+    let others = Arc::new(Mutex::new(HashMap::new()));
+    tokio::spawn(hear_loads(client, replica.clone(), Arc::clone(&others), Arc::clone(&status), log, shutdown.clone()));
+    tokio::spawn(share_load(publisher, replica, others, pods, Arc::clone(&status), shutdown));
     Ok((status, caught_up_rx))
 }
 
@@ -216,12 +266,58 @@ impl ErrorLog {
     }
 }
 
+/// Sends commands on a connection made again after two failures in a row:
+/// a Redis that went silent (moved, or its node died) times calls out
+/// without the connection ever breaking.
+struct Caller {
+    client: redis::Client,
+    connection: ConnectionManager,
+    failures: u32,
+    log: Arc<ErrorLog>,
+}
+
+impl Caller {
+    fn new(client: redis::Client, log: Arc<ErrorLog>) -> Result<Self, String> {
+        let connection = Self::connect(&client).map_err(|e| e.to_string())?;
+        Ok(Self { client, connection, failures: 0, log })
+    }
+
+    fn connect(client: &redis::Client) -> redis::RedisResult<ConnectionManager> {
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_connection_timeout(Some(CALL_TIMEOUT))
+            .set_number_of_retries(0);
+        ConnectionManager::new_lazy_with_config(client.clone(), config)
+    }
+
+    /// Runs `command`; `None` when it failed (logged).
+    async fn call<T: redis::FromRedisValue>(&mut self, command: &redis::Cmd, doing: &str) -> Option<T> {
+        let outcome = tokio::time::timeout(CALL_TIMEOUT, command.query_async::<T>(&mut self.connection)).await;
+        let error = match outcome {
+            Ok(Ok(value)) => {
+                self.failures = 0;
+                return Some(value);
+            }
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        self.log.warn(doing, &error);
+        self.failures += 1;
+        if self.failures >= 2
+            && let Ok(connection) = Self::connect(&self.client)
+        {
+            self.connection = connection;
+            self.failures = 0;
+        }
+        None
+    }
+}
+
 /// Adds the queued decisions to the stream, in batches, until `shutdown`.
 async fn write(
-    mut connection: ConnectionManager,
+    mut caller: Caller,
     replica: String,
-    mut inbox: mpsc::Receiver<Event>,
-    log: Arc<ErrorLog>,
+    mut inbox: tokio::sync::mpsc::Receiver<Event>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -229,8 +325,8 @@ async fn write(
             () = shutdown.cancelled() => return,
             event = inbox.recv() => match event { Some(event) => event, None => return },
         };
+        let mut bytes = first.size();
         let mut batch = Batch { from: replica.clone(), events: vec![first] };
-        let mut bytes = 0;
         let linger = tokio::time::sleep(LINGER);
         tokio::pin!(linger);
         while bytes < BATCH_BYTES {
@@ -238,10 +334,7 @@ async fn write(
                 () = &mut linger => break,
                 event = inbox.recv() => match event {
                     Some(event) => {
-                        bytes += match &event {
-                            Event::Prefix { pod, blocks } => pod.len() + blocks.len() + 40,
-                            Event::Tokens { user, .. } => user.len() + 40,
-                        };
+                        bytes += event.size();
                         batch.events.push(event);
                     }
                     None => break,
@@ -251,11 +344,7 @@ async fn write(
         let Ok(payload) = serde_json::to_string(&batch) else { continue };
         let mut command = redis::cmd("XADD");
         command.arg(STREAM).arg("MAXLEN").arg("~").arg(STREAM_MAX_ENTRIES).arg("*").arg("b").arg(payload);
-        match tokio::time::timeout(CALL_TIMEOUT, command.query_async::<String>(&mut connection)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => log.warn("adding routing decisions", &err),
-            Err(_) => log.warn("adding routing decisions", &"timed out"),
-        }
+        let _: Option<redis::Value> = caller.call(&command, "adding routing decisions").await;
     }
 }
 
@@ -299,121 +388,191 @@ async fn follow(
     }
 }
 
+/// One stream entry as read: its id and its batch, if it has one.
+struct Entry {
+    id: String,
+    payload: Option<Vec<u8>>,
+}
+
+/// The entries of an `XRANGE` reply, or of one stream of an `XREAD` reply,
+/// read leniently: whatever another writer put in the stream, the entry
+/// ids come through and what is not a batch is skipped.
+fn entries(value: redis::Value) -> Vec<Entry> {
+    let redis::Value::Array(items) = value else { return Vec::new() };
+    items
+        .into_iter()
+        .filter_map(|item| {
+            let redis::Value::Array(mut parts) = item else { return None };
+            if parts.len() != 2 {
+                return None;
+            }
+            let fields = parts.pop()?;
+            let redis::Value::BulkString(id) = parts.pop()? else { return None };
+            let id = String::from_utf8(id).ok()?;
+            let payload = match fields {
+                redis::Value::Array(fields) => fields
+                    .chunks_exact(2)
+                    .find(|pair| matches!(&pair[0], redis::Value::BulkString(name) if name == b"b"))
+                    .and_then(|pair| match &pair[1] {
+                        redis::Value::BulkString(bytes) => Some(bytes.clone()),
+                        _ => None,
+                    }),
+                _ => None,
+            };
+            Some(Entry { id, payload })
+        })
+        .collect()
+}
+
+/// The entries of an `XREAD` reply for [`STREAM`] (none on a timeout).
+fn read_entries(value: redis::Value) -> Vec<Entry> {
+    let streams = match value {
+        redis::Value::Array(streams) => streams,
+        redis::Value::Map(pairs) => pairs.into_iter().map(|(k, v)| redis::Value::Array(vec![k, v])).collect(),
+        _ => return Vec::new(),
+    };
+    streams
+        .into_iter()
+        .filter_map(|stream| match stream {
+            redis::Value::Array(mut parts) if parts.len() == 2 => parts.pop(),
+            _ => None,
+        })
+        .flat_map(entries)
+        .collect()
+}
+
 /// Reads the stream's recent past (the first time), then its news.
 async fn read_stream(
     client: &redis::Client,
     replica: &str,
-    state: &FleetState,
+    state: &Arc<FleetState>,
     status: &Status,
     caught_up: &watch::Sender<bool>,
     last: &mut Option<String>,
 ) -> redis::RedisResult<()> {
     let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_response_timeout(Some(READ_BLOCK + Duration::from_secs(2)));
+        .set_connection_timeout(Some(CALL_TIMEOUT))
+        .set_response_timeout(Some(READ_BLOCK + Duration::from_secs(1)));
     let mut connection = client.get_multiplexed_async_connection_with_config(&config).await?;
     let (seconds, micros): (i128, i128) = redis::cmd("TIME").query_async(&mut connection).await?;
     // Redis's clock less ours: entry ids are Redis's milliseconds.
     let skew = seconds * 1000 + micros / 1000 - wall_ms();
-    let age = |id: &str| {
-        let ms = id_ms(id).unwrap_or(i128::MAX);
-        Duration::from_millis(u64::try_from(wall_ms() + skew - ms).unwrap_or(0))
-    };
     if last.is_none() {
         let history = i128::try_from(state.history.as_millis()).unwrap_or(i128::MAX);
-        let mut start = format!("{}", (wall_ms() + skew - history).max(0));
+        let start = (wall_ms() + skew - history).max(0);
+        let mut from = format!("{start}");
         let mut read = 0usize;
         loop {
-            let reply: StreamRangeReply = redis::cmd("XRANGE")
+            let reply: redis::Value = redis::cmd("XRANGE")
                 .arg(STREAM)
-                .arg(&start)
+                .arg(&from)
                 .arg("+")
                 .arg("COUNT")
                 .arg(READ_COUNT)
                 .query_async(&mut connection)
                 .await?;
-            let count = reply.ids.len();
-            for entry in &reply.ids {
-                read += apply(state, replica, entry.map.get("b"), age(&entry.id));
+            let page = entries(reply);
+            let full = page.len() == READ_COUNT;
+            if let Some(entry) = page.last() {
                 *last = Some(entry.id.clone());
+                from = format!("({})", entry.id);
             }
-            match last {
-                Some(id) if count == READ_COUNT => start = format!("({id}"),
-                _ => break,
+            read += apply_page(state, replica, page, skew).await;
+            if !full {
+                break;
             }
         }
-        if last.is_none() {
-            *last = Some(format!("{}-0", (wall_ms() + skew - 1).max(0)));
-        }
+        // Entries added from here on follow the start of the window read.
+        last.get_or_insert_with(|| format!("{start}-0"));
         tracing::info!(decisions = read, "routing state: read the other replicas' recent decisions");
     }
     caught_up.send_replace(true);
     status.following.store(true, Ordering::Relaxed);
     loop {
         let from = last.clone().unwrap_or_else(|| "$".into());
-        let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+        let reply: redis::Value = redis::cmd("XREAD")
             .arg("COUNT")
             .arg(READ_COUNT)
             .arg("BLOCK")
-            .arg(u64::try_from(READ_BLOCK.as_millis()).unwrap_or(1000))
+            .arg(u64::try_from(READ_BLOCK.as_millis()).unwrap_or(500))
             .arg("STREAMS")
             .arg(STREAM)
             .arg(&from)
             .query_async(&mut connection)
             .await?;
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
-            for entry in key.ids {
-                apply(state, replica, entry.map.get("b"), age(&entry.id));
-                *last = Some(entry.id);
-            }
+        let page = read_entries(reply);
+        if let Some(entry) = page.last() {
+            *last = Some(entry.id.clone());
         }
+        apply_page(state, replica, page, skew).await;
     }
 }
 
-/// Applies another replica's batch, made `age` ago; returns the decisions applied.
-fn apply(state: &FleetState, replica: &str, payload: Option<&redis::Value>, age: Duration) -> usize {
-    let Some(redis::Value::BulkString(bytes)) = payload else { return 0 };
-    let Ok(batch) = serde_json::from_slice::<Batch>(bytes) else { return 0 };
+/// Applies a page of entries off the async workers (parsing and indexing
+/// a backlog takes a while); returns the decisions applied.
+async fn apply_page(state: &Arc<FleetState>, replica: &str, page: Vec<Entry>, skew: i128) -> usize {
+    if page.is_empty() {
+        return 0;
+    }
+    let (state, replica) = (Arc::clone(state), replica.to_owned());
+    let work = move || {
+        let now_ms = wall_ms() + skew;
+        page.iter()
+            .map(|entry| {
+                let made = id_ms(&entry.id).unwrap_or(now_ms);
+                let age = Duration::from_millis(u64::try_from(now_ms - made).unwrap_or(0));
+                apply(&state, &replica, entry.payload.as_deref(), age)
+            })
+            .sum()
+    };
+    tokio::task::spawn_blocking(work).await.unwrap_or(0)
+}
+
+/// Applies another replica's batch, made `age` ago; returns the decisions
+/// applied. Decisions older than the state they feed keeps are skipped.
+fn apply(state: &FleetState, replica: &str, payload: Option<&[u8]>, age: Duration) -> usize {
+    let Some(batch) = payload.and_then(|bytes| serde_json::from_slice::<Batch>(bytes).ok()) else { return 0 };
     if batch.from == replica {
         return 0;
     }
     let now = Instant::now();
-    let at = now.checked_sub(age).unwrap_or(now);
+    let Some(at) = now.checked_sub(age) else { return 0 };
     let mut applied = 0;
     for event in batch.events {
         match event {
-            Event::Prefix { pod, blocks } => {
+            Event::Prefix { pod, blocks } if age < state.prefix.idle_limit() => {
                 if let Some(hashes) = parse_blocks(&blocks) {
                     state.prefix.record_at(&hashes, pod_id(&pod), at);
                     applied += 1;
                 }
             }
-            Event::Tokens { user, tokens } if tokens.is_finite() && !user.is_empty() => {
-                state.tokens.add(&user, tokens, at);
+            Event::Tokens { user, tokens } if age < state.tokens.window() && tokens.is_finite() && !user.is_empty() => {
+                state.tokens.add(&user, tokens.clamp(-MAX_CHARGE, MAX_CHARGE), at);
                 applied += 1;
             }
-            Event::Tokens { .. } => {}
+            Event::Prefix { .. } | Event::Tokens { .. } => {}
         }
     }
     applied
 }
 
-/// Every [`LOAD_EVERY`], says what this replica has in flight per pod and
-/// gives each pod the sum the other replicas said, until `shutdown`.
+/// The other replicas' requests in flight: replica → (when heard, pod → count).
+type Others = Arc<Mutex<HashMap<String, (Instant, HashMap<String, usize>)>>>;
+
+/// Every [`LOAD_EVERY`], says what this replica has in flight per pod (when
+/// it changed, or [`LOAD_HEARTBEAT`] passed) and gives each pod the sum the
+/// other replicas said, until `shutdown`.
 async fn share_load(
-    client: redis::Client,
-    mut connection: ConnectionManager,
+    mut caller: Caller,
     replica: String,
+    others: Others,
     pods: Arc<PodStore>,
     status: Arc<Status>,
-    log: Arc<ErrorLog>,
     shutdown: CancellationToken,
 ) {
-    let (reports, mut heard) = mpsc::channel::<LoadReport>(1024);
-    tokio::spawn(hear_loads(client, replica.clone(), reports, Arc::clone(&status), Arc::clone(&log), shutdown.clone()));
-    let mut others: HashMap<String, (Instant, HashMap<String, usize>)> = HashMap::new();
     let mut tick = tokio::time::interval(LOAD_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut said: Option<(Instant, HashMap<String, usize>)> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -427,78 +586,85 @@ async fn share_load(
             .filter(|pod| pod.load.in_flight() > 0)
             .map(|pod| (pod.key.clone(), pod.load.in_flight()))
             .collect();
-        if let Ok(payload) = serde_json::to_string(&LoadReport { from: replica.clone(), pods: mine }) {
+        let now = Instant::now();
+        let due = said.as_ref().is_none_or(|(at, pods)| *pods != mine || now.duration_since(*at) >= LOAD_HEARTBEAT);
+        if due && let Ok(payload) = serde_json::to_string(&LoadReport { from: replica.clone(), pods: mine.clone() }) {
             let mut command = redis::cmd("PUBLISH");
             command.arg(LOAD_CHANNEL).arg(payload);
-            match tokio::time::timeout(CALL_TIMEOUT, command.query_async::<i64>(&mut connection)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => log.warn("publishing requests in flight", &err),
-                Err(_) => log.warn("publishing requests in flight", &"timed out"),
+            if caller.call::<i64>(&command, "publishing requests in flight").await.is_some() {
+                said = Some((now, mine));
             }
         }
-        let now = Instant::now();
-        while let Ok(report) = heard.try_recv() {
-            others.insert(report.from, (now, report.pods));
-        }
-        others.retain(|_, (at, _)| now.saturating_duration_since(*at) < LOAD_VALID);
-        status.peers.store(others.len(), Ordering::Relaxed);
+        let sums = {
+            let mut others = others.lock().unwrap_or_else(PoisonError::into_inner);
+            others.retain(|_, (at, _)| now.saturating_duration_since(*at) < LOAD_VALID);
+            status.peers.store(others.len(), Ordering::Relaxed);
+            let mut sums: HashMap<String, usize> = HashMap::new();
+            for (_, counts) in others.values() {
+                for (pod, count) in counts {
+                    let sum = sums.entry(pod.clone()).or_default();
+                    *sum = sum.saturating_add((*count).min(MAX_IN_FLIGHT));
+                }
+            }
+            sums
+        };
         if !status.hearing_loads.load(Ordering::Relaxed) {
             // Not hearing: the counts lapse and routing uses its own view.
             continue;
         }
-        let mut sums: HashMap<&str, usize> = HashMap::new();
-        for (_, counts) in others.values() {
-            for (pod, count) in counts {
-                let sum = sums.entry(pod.as_str()).or_default();
-                *sum = sum.saturating_add(*count);
-            }
-        }
         for pod in snapshot.models.values().flat_map(|model| model.pods.iter()) {
-            pod.load.others_in_flight(sums.get(pod.key.as_str()).copied().unwrap_or(0), LOAD_VALID);
+            pod.load.others_in_flight(sums.get(&pod.key).copied().unwrap_or(0), LOAD_VALID);
         }
     }
 }
 
-/// Receives the other replicas' load reports until `shutdown`, subscribing
-/// again whenever the subscription breaks.
+/// Takes the other replicas' load reports into `others` until `shutdown`,
+/// subscribing again whenever the subscription breaks or falls silent.
 async fn hear_loads(
     client: redis::Client,
     replica: String,
-    reports: mpsc::Sender<LoadReport>,
+    others: Others,
     status: Arc<Status>,
     log: Arc<ErrorLog>,
     shutdown: CancellationToken,
 ) {
     loop {
+        let subscribing = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(LOAD_CHANNEL).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
         let connected = tokio::select! {
             () = shutdown.cancelled() => return,
-            result = async {
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(LOAD_CHANNEL).await?;
-                Ok::<_, redis::RedisError>(pubsub)
-            } => result,
+            result = tokio::time::timeout(CALL_TIMEOUT, subscribing) => result,
         };
         match connected {
-            Ok(mut pubsub) => {
+            Ok(Ok(mut pubsub)) => {
                 status.hearing_loads.store(true, Ordering::Relaxed);
                 let mut messages = pubsub.on_message();
                 loop {
                     let message = tokio::select! {
                         () = shutdown.cancelled() => return,
-                        message = messages.next() => message,
+                        message = tokio::time::timeout(SILENT_SUBSCRIPTION, messages.next()) => message,
                     };
-                    let Some(message) = message else { break };
+                    // Silent (this replica's own heartbeat did not come back) or closed.
+                    let Ok(Some(message)) = message else { break };
                     let Ok(report) = serde_json::from_slice::<LoadReport>(message.get_payload_bytes()) else {
                         continue;
                     };
-                    if report.from != replica {
-                        let _ = reports.try_send(report);
+                    if report.from == replica || report.pods.len() > MAX_PODS_PER_REPORT {
+                        continue;
+                    }
+                    let mut others = others.lock().unwrap_or_else(PoisonError::into_inner);
+                    if others.len() < MAX_PEERS || others.contains_key(&report.from) {
+                        others.insert(report.from, (Instant::now(), report.pods));
                     }
                 }
                 status.hearing_loads.store(false, Ordering::Relaxed);
-                log.warn("hearing the other replicas' requests in flight", &"subscription lost");
+                log.warn("hearing the other replicas' requests in flight", &"subscription lost or silent");
             }
-            Err(err) => log.warn("hearing the other replicas' requests in flight", &err),
+            Ok(Err(err)) => log.warn("hearing the other replicas' requests in flight", &err),
+            Err(_) => log.warn("hearing the other replicas' requests in flight", &"subscribing timed out"),
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -519,7 +685,7 @@ mod tests {
         assert_eq!(parse_blocks(&blocks), Some(vec![hashes[7], hashes[15], hashes[19]]));
         assert_eq!(parse_blocks("0123"), None, "not whole hashes");
         assert_eq!(parse_blocks("zzzzzzzzzzzzzzzz"), None, "not hex");
-        assert_eq!(parse_blocks(&"0".repeat(16 * (MAX_SHARED_BLOCKS + 1))), None, "too many");
+        assert_eq!(parse_blocks(&"0".repeat(16 * (SHARED_BLOCKS + 2))), None, "too many");
     }
 
     fn state() -> FleetState {
@@ -531,8 +697,8 @@ mod tests {
         }
     }
 
-    fn payload(batch: &Batch) -> redis::Value {
-        redis::Value::BulkString(serde_json::to_vec(batch).expect("serialises"))
+    fn payload(batch: &Batch) -> Vec<u8> {
+        serde_json::to_vec(batch).expect("serialises")
     }
 
     #[test]
@@ -555,7 +721,7 @@ mod tests {
         assert_eq!(state.tokens.tokens("alice", Instant::now()), 500.0);
         let ours = Batch { from: "me".into(), events: vec![Event::Tokens { user: "alice".into(), tokens: 1.0 }] };
         assert_eq!(apply(&state, "me", Some(&payload(&ours)), Duration::ZERO), 0);
-        assert_eq!(apply(&state, "me", Some(&redis::Value::BulkString(b"{".to_vec())), Duration::ZERO), 0);
+        assert_eq!(apply(&state, "me", Some(b"{"), Duration::ZERO), 0);
         assert_eq!(apply(&state, "me", None, Duration::ZERO), 0);
     }
 
@@ -574,11 +740,59 @@ mod tests {
         let link = Link::default();
         link.send(Event::Tokens { user: "u".into(), tokens: 1.0 });
         assert_eq!(link.dropped(), 0, "not connected: nothing to drop");
-        let (outbox, _inbox) = mpsc::channel(1);
+        let (outbox, _inbox) = tokio::sync::mpsc::channel(1);
         link.outbox.set(outbox).expect("first");
         link.send(Event::Tokens { user: "u".into(), tokens: 1.0 });
         link.send(Event::Tokens { user: "u".into(), tokens: 2.0 });
         assert_eq!(link.dropped(), 1);
+    }
+
+    #[test]
+    fn charges_older_than_the_token_window_are_not_counted() {
+        let state = state();
+        let batch = Batch {
+            from: "them".into(),
+            events: vec![
+                Event::Tokens { user: "old".into(), tokens: 100.0 },
+                Event::Tokens { user: "huge".into(), tokens: 1e300 },
+            ],
+        };
+        apply(&state, "me", Some(&payload(&batch)), Duration::from_secs(90));
+        assert_eq!(state.tokens.tokens("old", Instant::now()), 0.0, "90 s old, kept for 60");
+        apply(&state, "me", Some(&payload(&batch)), Duration::from_secs(1));
+        assert_eq!(state.tokens.tokens("old", Instant::now()), 100.0);
+        assert_eq!(state.tokens.tokens("huge", Instant::now()), MAX_CHARGE, "an absurd charge is clamped");
+    }
+
+    #[test]
+    fn stream_replies_are_read_leniently() {
+        use redis::Value::{Array, BulkString, Int, Nil};
+        let entry = |id: &str, fields: Vec<redis::Value>| Array(vec![BulkString(id.into()), Array(fields)]);
+        let range = Array(vec![
+            entry("1-0", vec![BulkString(b"b".to_vec()), BulkString(b"{batch}".to_vec())]),
+            entry("2-0", vec![BulkString(vec![0xff, 0xfe]), BulkString(b"x".to_vec())]),
+            entry("3-0", vec![BulkString(b"b".to_vec())]),
+            Int(7),
+            entry(
+                "4-0",
+                vec![BulkString(b"other".to_vec()), Int(1), BulkString(b"b".to_vec()), BulkString(b"y".to_vec())],
+            ),
+        ]);
+        let read: Vec<(String, Option<Vec<u8>>)> =
+            entries(range.clone()).into_iter().map(|e| (e.id, e.payload)).collect();
+        assert_eq!(
+            read,
+            [
+                ("1-0".into(), Some(b"{batch}".to_vec())),
+                ("2-0".into(), None),
+                ("3-0".into(), None),
+                ("4-0".into(), Some(b"y".to_vec())),
+            ],
+            "every entry's id comes through, whatever its fields"
+        );
+        let xread = Array(vec![Array(vec![BulkString(STREAM.into()), range])]);
+        assert_eq!(read_entries(xread).len(), 4);
+        assert!(read_entries(Nil).is_empty(), "a read that timed out");
     }
 
     #[test]

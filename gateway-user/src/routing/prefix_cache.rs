@@ -103,7 +103,7 @@ impl Strategy for PrefixCache {
         let (loads, eligible) = loads_and_eligible(candidates, self.imbalance);
         let depths = depths(&self.index, hashes, candidates);
         let n = loads.len() as f64;
-        let mean = loads.iter().sum::<usize>() as f64 / n.max(1.0);
+        let mean = loads.iter().map(|&l| l as f64).sum::<f64>() / n.max(1.0);
         let variance = if loads.len() > 1 {
             loads.iter().map(|&l| (l as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0)
         } else {
@@ -136,7 +136,9 @@ impl Strategy for PrefixCache {
         let hashes = request.prefix_hashes(&self.hasher);
         let held = self.index.record(hashes, pod_id(&pod.key));
         self.metrics.prefix_lookup(request.model, self.name(), held > 0);
-        self.fleet.send(super::fleet::Event::prefix(&pod.key, hashes));
+        if self.fleet.is_sharing() {
+            self.fleet.send(super::fleet::Event::prefix(&pod.key, hashes));
+        }
     }
 }
 

@@ -24,25 +24,28 @@ use super::config::{PrefixTokenizer, RoutingConfig};
 const MAX_HOLDERS: usize = 16;
 /// Prompt bytes cut into blocks and hashed; the rest of a prompt is ignored.
 pub const HASHED_PROMPT_BYTES: usize = 256 * 1024;
-/// Of a prompt's blocks, every this many (and the last) are what other
-/// replicas are told; see [`shared_blocks`].
-pub const SHARED_STRIDE: usize = 8;
-/// Most block hashes told to other replicas per prompt (with the stride,
-/// the first 1,024 blocks: 128 KiB of prompt at the default block size).
-pub const MAX_SHARED_BLOCKS: usize = 128;
+/// Block hashes other replicas are told per prompt, at most (besides the
+/// last); see [`shared_blocks`].
+pub const SHARED_BLOCKS: usize = 64;
+/// Of a short prompt's blocks, every this many (and the last) are told.
+pub const MIN_SHARED_STRIDE: usize = 8;
+
+/// Every how many blocks of an `n`-block prompt other replicas are told:
+/// [`MIN_SHARED_STRIDE`], or wider so that [`SHARED_BLOCKS`] span the
+/// whole prompt.
+pub fn shared_stride(n: usize) -> usize {
+    n.div_ceil(SHARED_BLOCKS).max(MIN_SHARED_STRIDE)
+}
 
 /// The blocks of a prompt other replicas are told: every
-/// [`SHARED_STRIDE`]-th and the last, at most [`MAX_SHARED_BLOCKS`]. With
-/// them a replica finds the depth a pod holds to the block
-/// ([`PrefixIndex::match_depths`]) from a few hashes per request.
+/// [`shared_stride`]-th and the last, so at most [`SHARED_BLOCKS`] + 1
+/// whatever the prompt's length. With them a replica finds the depth a pod
+/// holds to the block ([`PrefixIndex::match_depths`]) from about a
+/// kilobyte per request.
 pub fn shared_blocks(hashes: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    let stride = shared_stride(hashes.len());
     let last = hashes.len().checked_sub(1);
-    hashes
-        .iter()
-        .enumerate()
-        .filter(move |(i, _)| (i + 1) % SHARED_STRIDE == 0 || Some(*i) == last)
-        .map(|(_, hash)| *hash)
-        .take(MAX_SHARED_BLOCKS)
+    hashes.iter().enumerate().filter(move |(i, _)| (i + 1) % stride == 0 || Some(*i) == last).map(|(_, hash)| *hash)
 }
 
 /// Seed of pod ids, apart from the block hash seed.
@@ -125,10 +128,11 @@ impl Holders {
             entry.1 = entry.1.max(now);
             return held;
         }
-        if self.0.len() >= MAX_HOLDERS
-            && let Some(oldest) = self.0.iter_mut().min_by_key(|(_, at)| *at)
-        {
-            *oldest = (pod, now);
+        if self.0.len() >= MAX_HOLDERS {
+            // A hold older than every one kept (told late) displaces none.
+            if let Some(oldest) = self.0.iter_mut().min_by_key(|(_, at)| *at).filter(|(_, at)| *at < now) {
+                *oldest = (pod, now);
+            }
             return false;
         }
         self.0.push((pod, now));
@@ -151,18 +155,24 @@ impl PrefixIndex {
         Self { blocks: Mutex::new(LruCache::unbounded()), capacity: capacity_blocks.max(1), idle_limit }
     }
 
+    /// How long a pod's hold on a block lasts without being renewed.
+    pub fn idle_limit(&self) -> Duration {
+        self.idle_limit
+    }
+
     /// For each of `pods`, how many leading blocks of `hashes` it holds.
     ///
     /// A block's hash names its whole prefix, so a pod holding block `i` was
     /// sent blocks `0..=i`: its depth is one past the deepest block it holds,
     /// whether or not the blocks before are still remembered (other
-    /// replicas tell every [`SHARED_STRIDE`]-th block and the last, see
-    /// [`shared_blocks`]). The walk ends [`SHARED_STRIDE`] blocks past the
-    /// last one any of `pods` holds.
+    /// replicas tell some blocks and the last, see [`shared_blocks`]). The
+    /// walk ends a [`shared_stride`] of this prompt past the last block any
+    /// of `pods` holds: a shorter prompt told before had no wider stride.
     pub fn match_depths(&self, hashes: &[u64], pods: &[u64], depths: &mut Vec<usize>) {
         depths.clear();
         depths.resize(pods.len(), 0);
         let now = Instant::now();
+        let stride = shared_stride(hashes.len());
         let mut misses = 0;
         let mut blocks = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
         for (i, hash) in hashes.iter().enumerate() {
@@ -176,7 +186,7 @@ impl PrefixIndex {
                 }
             }
             misses = if held { 0 } else { misses + 1 };
-            if misses >= SHARED_STRIDE {
+            if misses >= stride {
                 break;
             }
         }
@@ -313,7 +323,7 @@ mod tests {
         let (a, b) = (pod_id("ns/a"), pod_id("ns/b"));
         let shared_prefix = "s".repeat(30);
         let told_a: Vec<u64> = shared_blocks(&h.hashes(&format!("{shared_prefix}{}", "a".repeat(21)))).collect();
-        assert_eq!(told_a.len(), 51 / SHARED_STRIDE + 1, "every eighth and the last");
+        assert_eq!(told_a.len(), 51 / MIN_SHARED_STRIDE + 1, "every eighth and the last");
         index.record_at(&told_a, a, Instant::now());
         index.record_at(&shared_blocks(&h.hashes(&shared_prefix)).collect::<Vec<_>>(), b, Instant::now());
         // The next turn of `a`'s conversation: `a` holds all 51 blocks, `b` the 30 shared.
@@ -324,9 +334,28 @@ mod tests {
         // Another conversation under the same system prompt: only the shared part.
         index.match_depths(&h.hashes(&format!("{shared_prefix}{}", "z".repeat(40))), &[a, b], &mut depths);
         assert_eq!(depths, [24, 30], "`a` was told of block 23 of the shared part, `b` of its last");
-        let long: Vec<u64> = (0..5000).collect();
-        assert_eq!(shared_blocks(&long).count(), MAX_SHARED_BLOCKS);
         assert_eq!(shared_blocks(&[]).count(), 0);
+    }
+
+    #[test]
+    fn a_long_prompt_is_told_in_a_bounded_number_of_blocks_spanning_all_of_it() {
+        let h = hasher(1);
+        let index = PrefixIndex::new(100_000, Duration::from_secs(60));
+        let (a, b) = (pod_id("ns/a"), pod_id("ns/b"));
+        // Two conversations sharing 40 KB of tools, told of by other replicas.
+        let tools = "t".repeat(40_000);
+        let first_a = h.hashes(&format!("{tools}{}", "a".repeat(3000)));
+        let first_b = h.hashes(&format!("{tools}{}", "b".repeat(3000)));
+        let told: Vec<u64> = shared_blocks(&first_a).collect();
+        assert!(told.len() <= SHARED_BLOCKS + 1, "{} told", told.len());
+        assert_eq!(told.last(), first_a.last(), "the last block is told");
+        index.record_at(&told, a, Instant::now());
+        index.record_at(&shared_blocks(&first_b).collect::<Vec<_>>(), b, Instant::now());
+        let next_a = h.hashes(&format!("{tools}{}{}", "a".repeat(3000), "more".repeat(100)));
+        let mut depths = Vec::new();
+        index.match_depths(&next_a, &[a, b], &mut depths);
+        assert_eq!(depths[0], first_a.len(), "`a` holds its whole first turn");
+        assert!(depths[1] <= 40_000, "`b` only the tools: {}", depths[1]);
     }
 
     #[test]

@@ -136,8 +136,11 @@ impl TokenTracker {
     pub fn new(window: Duration) -> Self {
         let bucket_length = (window / BUCKETS as u32).max(Duration::from_millis(1));
         let capacity = NonZeroUsize::new(MAX_USERS).unwrap_or(NonZeroUsize::MIN);
+        let now = Instant::now();
         Self {
-            started: Instant::now(),
+            // A window before now, so that charges other replicas made
+            // before this one started land in their own buckets.
+            started: now.checked_sub(window).unwrap_or(now),
             bucket_length,
             users: Mutex::new(LruCache::new(capacity)),
             extremes: Mutex::new(None),
