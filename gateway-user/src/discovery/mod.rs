@@ -10,7 +10,7 @@ pub mod store;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-pub use pod::{InFlightGuard, PodInfo, PodLoad, Role};
+pub use pod::{InFlightGuard, PodInfo, PodLoad, Role, load_changed};
 pub use store::{ModelPods, PodStore, Snapshot};
 
 /// Where pods come from (`--discovery`).

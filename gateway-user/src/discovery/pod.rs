@@ -60,6 +60,15 @@ fn clock_ms() -> u64 {
     u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX).saturating_add(1)
 }
 
+/// Woken when a request starts or ends on any pod.
+static LOAD_CHANGED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Resolves after a request started or ended on some pod since the last
+/// wait (or during this one): what the replica tells the others changed.
+pub async fn load_changed() {
+    LOAD_CHANGED.notified().await;
+}
+
 fn until(valid_for: Duration) -> u64 {
     clock_ms().saturating_add(u64::try_from(valid_for.as_millis()).unwrap_or(u64::MAX))
 }
@@ -117,6 +126,7 @@ impl PodLoad {
     /// Marks one more request as running on the pod until the guard drops.
     pub fn start(self: &Arc<Self>) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        LOAD_CHANGED.notify_one();
         InFlightGuard { load: Arc::clone(self) }
     }
 }
@@ -130,6 +140,7 @@ pub struct InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+        LOAD_CHANGED.notify_one();
     }
 }
 

@@ -11,14 +11,15 @@
 //!   were made. A replica that starts reads the stream's recent past first
 //!   (within the longest window the state is kept for), so it routes a
 //!   conversation that began before it existed to the pod holding it.
-//! - **Requests in flight per pod** go on a pub/sub channel every 100 ms,
-//!   as AIBrix shares them: least-request, power-of-two and every
-//!   tie-break count the fleet's requests, not one replica's
+//! - **Requests in flight per pod** go on a pub/sub channel as they change
+//!   (every millisecond at most, less often as the fleet grows, and every
+//!   300 ms regardless), as AIBrix shares them: least-request, power-of-two and
+//!   every tie-break count the fleet's requests, not one replica's
 //!   ([`PodLoad::routing_load`](crate::discovery::PodLoad::routing_load)).
 //!
 //! Redis is never on the request path: a decision is handed to a bounded
 //! queue and the request goes on. When Redis is slow or down the queue
-//! drops what it cannot hold, the shared counts lapse after 500 ms, and
+//! drops what it cannot hold, the shared counts lapse after a second, and
 //! each replica routes from its own view (and the engines' counts, which
 //! every replica scrapes alike) until Redis answers again; the stream is
 //! then followed from where it was left.
@@ -60,8 +61,14 @@ const OUTBOX: usize = 8192;
 const READ_COUNT: usize = 256;
 /// How long one blocking stream read waits for news.
 const READ_BLOCK: Duration = Duration::from_millis(500);
-/// How often a replica looks at what it has in flight, and says it when it changed.
-const LOAD_EVERY: Duration = Duration::from_millis(100);
+/// The least time between two reports of a replica's requests in flight,
+/// which it sends as they change: requests last tens of milliseconds, and
+/// counts older than a few send every replica to the pod that was
+/// emptiest, which no longer is.
+const LOAD_EVERY: Duration = Duration::from_millis(1);
+/// Reports Redis delivers per second at most, all replicas together: each
+/// replica's gap between reports widens with the square of the fleet.
+const LOAD_DELIVERIES_PER_SECOND: f64 = 20_000.0;
 /// A replica says what it has in flight at least this often, changed or not.
 const LOAD_HEARTBEAT: Duration = Duration::from_millis(300);
 /// A replica silent for this long counts no more; so long do shared counts hold.
@@ -171,6 +178,52 @@ impl Link {
     }
 }
 
+/// This replica's place among the replicas it hears: `(ordinal, replicas)`
+/// packed in one word, `(0, 1)` alone.
+static TURN: AtomicU64 = AtomicU64::new(1);
+
+/// This replica's place among the replicas it hears.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Turn {
+    ordinal: usize,
+    replicas: usize,
+}
+
+impl Turn {
+    /// 0 for the candidates that are this replica's share on a tie (every
+    /// `replicas`-th from its ordinal, candidates being in the same order on
+    /// every replica), 1 for the others. Replicas that see the same pods
+    /// tied (all idle, or the same stale counts) then choose different
+    /// ones instead of each choosing at random, and colliding.
+    pub fn not_mine(self, candidate: usize) -> u8 {
+        u8::from(self.replicas > 1 && candidate % self.replicas != self.ordinal)
+    }
+}
+
+/// This replica's turn (see [`Turn::not_mine`]).
+pub fn turn_of() -> Turn {
+    let packed = TURN.load(Ordering::Relaxed);
+    let replicas = usize::try_from(packed & 0xffff_ffff).unwrap_or(1).max(1);
+    let ordinal = usize::try_from(packed >> 32).unwrap_or(0) % replicas;
+    Turn { ordinal, replicas }
+}
+
+/// This replica's place among `others` (replica ids) and itself, in the
+/// order of their ids.
+fn turn_among<'a>(me: &str, others: impl Iterator<Item = &'a String>) -> Turn {
+    let mut ids: Vec<&str> = others.map(String::as_str).filter(|id| *id != me).collect();
+    ids.push(me);
+    ids.sort_unstable();
+    Turn { ordinal: ids.iter().position(|id| *id == me).unwrap_or(0), replicas: ids.len() }
+}
+
+/// Takes this replica's place among `others` and itself.
+fn set_turn<'a>(me: &str, others: impl Iterator<Item = &'a String>) {
+    let turn = turn_among(me, others);
+    let replicas = turn.replicas.min(u32::MAX as usize) as u64;
+    TURN.store(((turn.ordinal as u64) << 32) | replicas, Ordering::Relaxed);
+}
+
 /// The routing state replicas share, and the link decisions leave by.
 #[derive(Debug)]
 pub struct FleetState {
@@ -246,8 +299,9 @@ pub fn spawn(
         shutdown.clone(),
     ));
     let publisher = Caller::new(client.clone(), Arc::clone(&log))?;
-    let others = Arc::new(Mutex::new(HashMap::new()));
-    tokio::spawn(hear_loads(client, replica.clone(), Arc::clone(&others), Arc::clone(&status), log, shutdown.clone()));
+    let others: Others = Arc::default();
+    let hearing = (Arc::clone(&others), Arc::clone(&pods), Arc::clone(&status));
+    tokio::spawn(hear_loads(client, replica.clone(), hearing, log, shutdown.clone()));
     tokio::spawn(share_load(publisher, replica, others, pods, Arc::clone(&status), shutdown));
     Ok((status, caught_up_rx))
 }
@@ -559,9 +613,18 @@ fn apply(state: &FleetState, replica: &str, payload: Option<&[u8]>, age: Duratio
 /// The other replicas' requests in flight: replica → (when heard, pod → count).
 type Others = Arc<Mutex<HashMap<String, (Instant, HashMap<String, usize>)>>>;
 
-/// Every [`LOAD_EVERY`], says what this replica has in flight per pod (when
-/// it changed, or [`LOAD_HEARTBEAT`] passed) and gives each pod the sum the
-/// other replicas said, until `shutdown`.
+/// The least time between two reports of one replica when `replicas` report:
+/// [`LOAD_EVERY`], or longer so that every replica's reports, each
+/// delivered to every replica, stay within [`LOAD_DELIVERIES_PER_SECOND`].
+fn report_gap(replicas: usize) -> Duration {
+    let n = replicas.max(1) as f64;
+    Duration::from_secs_f64(n * n / LOAD_DELIVERIES_PER_SECOND).max(LOAD_EVERY).min(LOAD_HEARTBEAT)
+}
+
+/// Says what this replica has in flight per pod whenever it changes (at
+/// most every [`report_gap`]) and every [`LOAD_HEARTBEAT`] regardless, and
+/// renews the sums of the others' (dropping replicas gone silent), until
+/// `shutdown`.
 async fn share_load(
     mut caller: Caller,
     replica: String,
@@ -570,13 +633,21 @@ async fn share_load(
     status: Arc<Status>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(LOAD_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut said: Option<(Instant, HashMap<String, usize>)> = None;
+    let mut next_heartbeat = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            () = crate::discovery::load_changed() => {}
+            () = tokio::time::sleep_until(next_heartbeat) => {}
+        }
+        // Changes close together go in one report.
+        let gap = report_gap(status.peers.load(Ordering::Relaxed) + 1);
+        if let Some((at, _)) = &said {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until((*at + gap).into()) => {}
+            }
         }
         let snapshot = pods.snapshot();
         let mine: HashMap<String, usize> = snapshot
@@ -587,34 +658,51 @@ async fn share_load(
             .map(|pod| (pod.key.clone(), pod.load.in_flight()))
             .collect();
         let now = Instant::now();
-        let due = said.as_ref().is_none_or(|(at, pods)| *pods != mine || now.duration_since(*at) >= LOAD_HEARTBEAT);
-        if due && let Ok(payload) = serde_json::to_string(&LoadReport { from: replica.clone(), pods: mine.clone() }) {
-            let mut command = redis::cmd("PUBLISH");
-            command.arg(LOAD_CHANNEL).arg(payload);
-            if caller.call::<i64>(&command, "publishing requests in flight").await.is_some() {
-                said = Some((now, mine));
+        let heartbeat = said.as_ref().is_none_or(|(at, _)| now.duration_since(*at) >= LOAD_HEARTBEAT);
+        if heartbeat || said.as_ref().is_some_and(|(_, pods)| *pods != mine) {
+            let report = LoadReport { from: replica.clone(), pods: mine.clone() };
+            if let Ok(payload) = serde_json::to_string(&report) {
+                let mut command = redis::cmd("PUBLISH");
+                command.arg(LOAD_CHANNEL).arg(payload);
+                let _: Option<i64> = caller.call(&command, "publishing requests in flight").await;
+            }
+            // Said, or failed to (and tried again at the next change or heartbeat).
+            said = Some((now, mine));
+        }
+        if heartbeat {
+            next_heartbeat = tokio::time::Instant::now() + LOAD_HEARTBEAT;
+            apply_others(&replica, &others, &pods, &status);
+        }
+    }
+}
+
+/// Gives each pod the sum of the other replicas' requests in flight on it,
+/// forgetting replicas silent for [`LOAD_VALID`]. Not hearing them, it
+/// leaves the counts to lapse: routing uses this replica's own view.
+fn apply_others(me: &str, others: &Others, pods: &PodStore, status: &Status) {
+    let now = Instant::now();
+    let sums = {
+        let mut others = others.lock().unwrap_or_else(PoisonError::into_inner);
+        others.retain(|_, (at, _)| now.saturating_duration_since(*at) < LOAD_VALID);
+        status.peers.store(others.len(), Ordering::Relaxed);
+        set_turn(
+            me,
+            if status.hearing_loads.load(Ordering::Relaxed) { Some(others.keys()) } else { None }.into_iter().flatten(),
+        );
+        let mut sums: HashMap<String, usize> = HashMap::new();
+        for (_, counts) in others.values() {
+            for (pod, count) in counts {
+                let sum = sums.entry(pod.clone()).or_default();
+                *sum = sum.saturating_add((*count).min(MAX_IN_FLIGHT));
             }
         }
-        let sums = {
-            let mut others = others.lock().unwrap_or_else(PoisonError::into_inner);
-            others.retain(|_, (at, _)| now.saturating_duration_since(*at) < LOAD_VALID);
-            status.peers.store(others.len(), Ordering::Relaxed);
-            let mut sums: HashMap<String, usize> = HashMap::new();
-            for (_, counts) in others.values() {
-                for (pod, count) in counts {
-                    let sum = sums.entry(pod.clone()).or_default();
-                    *sum = sum.saturating_add((*count).min(MAX_IN_FLIGHT));
-                }
-            }
-            sums
-        };
-        if !status.hearing_loads.load(Ordering::Relaxed) {
-            // Not hearing: the counts lapse and routing uses its own view.
-            continue;
-        }
-        for pod in snapshot.models.values().flat_map(|model| model.pods.iter()) {
-            pod.load.others_in_flight(sums.get(&pod.key).copied().unwrap_or(0), LOAD_VALID);
-        }
+        sums
+    };
+    if !status.hearing_loads.load(Ordering::Relaxed) {
+        return;
+    }
+    for pod in pods.snapshot().models.values().flat_map(|model| model.pods.iter()) {
+        pod.load.others_in_flight(sums.get(&pod.key).copied().unwrap_or(0), LOAD_VALID);
     }
 }
 
@@ -623,8 +711,7 @@ async fn share_load(
 async fn hear_loads(
     client: redis::Client,
     replica: String,
-    others: Others,
-    status: Arc<Status>,
+    (others, pods, status): (Others, Arc<PodStore>, Arc<Status>),
     log: Arc<ErrorLog>,
     shutdown: CancellationToken,
 ) {
@@ -655,10 +742,15 @@ async fn hear_loads(
                     if report.from == replica || report.pods.len() > MAX_PODS_PER_REPORT {
                         continue;
                     }
-                    let mut others = others.lock().unwrap_or_else(PoisonError::into_inner);
-                    if others.len() < MAX_PEERS || others.contains_key(&report.from) {
-                        others.insert(report.from, (Instant::now(), report.pods));
+                    {
+                        let mut heard = others.lock().unwrap_or_else(PoisonError::into_inner);
+                        if heard.len() >= MAX_PEERS && !heard.contains_key(&report.from) {
+                            continue;
+                        }
+                        heard.insert(report.from, (Instant::now(), report.pods));
                     }
+                    // At once: counts a few milliseconds old already mislead.
+                    apply_others(&replica, &others, &pods, &status);
                 }
                 status.hearing_loads.store(false, Ordering::Relaxed);
                 log.warn("hearing the other replicas' requests in flight", &"subscription lost or silent");
@@ -793,6 +885,27 @@ mod tests {
         let xread = Array(vec![Array(vec![BulkString(STREAM.into()), range])]);
         assert_eq!(read_entries(xread).len(), 4);
         assert!(read_entries(Nil).is_empty(), "a read that timed out");
+    }
+
+    #[test]
+    fn reports_slow_down_as_the_fleet_grows() {
+        assert_eq!(report_gap(1), LOAD_EVERY);
+        assert_eq!(report_gap(4), LOAD_EVERY);
+        assert_eq!(report_gap(10), Duration::from_millis(5));
+        assert_eq!(report_gap(20), Duration::from_millis(20));
+        assert_eq!(report_gap(100), LOAD_HEARTBEAT, "never rarer than the heartbeat");
+    }
+
+    #[test]
+    fn replicas_that_hear_each_other_take_different_shares_on_ties() {
+        // The process-wide turn is left alone: other tests route in parallel.
+        let ids: Vec<String> = vec!["b".into(), "c".into(), "a".into()];
+        let turn = turn_among("b", ids.iter());
+        assert_eq!(turn, Turn { ordinal: 1, replicas: 3 });
+        assert_eq!((0..6).map(|i| turn.not_mine(i)).collect::<Vec<_>>(), [1, 0, 1, 1, 0, 1]);
+        let alone = turn_among("b", std::iter::empty());
+        assert_eq!(alone, Turn { ordinal: 0, replicas: 1 });
+        assert_eq!(alone.not_mine(5), 0, "alone, every candidate is its share");
     }
 
     #[test]

@@ -531,29 +531,33 @@ pub fn strategy_names() -> Vec<&'static str> {
 
 /// Index of the pod with the fewest requests in flight, the fleet's as this
 /// replica sees them ([`PodLoad::routing_load`](crate::discovery::PodLoad::routing_load));
-/// ties broken at random so equal pods share the load instead of
-/// the first one taking it all.
+/// ties go to this replica's share of the candidates ([`fleet::turn_of`]),
+/// then at random, so equal pods share the load instead of the first one
+/// taking it all.
 pub(crate) fn least_in_flight(candidates: &[Arc<PodInfo>]) -> usize {
+    let turn = fleet::turn_of();
     let mut least = Lowest::new();
     for (i, pod) in candidates.iter().enumerate() {
-        least.offer(pod.load.routing_load(), i);
+        least.offer((pod.load.routing_load(), turn.not_mine(i)), i);
     }
     least.into_item().unwrap_or(0)
 }
 
 /// Index of the lowest score; scores within a hair of each other tie, and
-/// ties go to fewer in flight, then at random. `None` when `scores` does not
-/// hold one finite score per candidate.
+/// ties go to fewer in flight, then to this replica's share of the
+/// candidates, then at random. `None` when `scores` does not hold one
+/// finite score per candidate.
 pub(crate) fn lowest(scores: &[f64], candidates: &[Arc<PodInfo>]) -> Option<usize> {
     if scores.len() != candidates.len() || scores.iter().any(|s| s.is_nan()) {
         return None;
     }
     let min = scores.iter().copied().fold(f64::INFINITY, f64::min);
     let tolerance = 1e-9 * min.abs().max(1.0);
+    let turn = fleet::turn_of();
     let mut least = Lowest::new();
     for (i, (score, pod)) in scores.iter().zip(candidates).enumerate() {
         if *score <= min + tolerance {
-            least.offer(pod.load.routing_load(), i);
+            least.offer((pod.load.routing_load(), turn.not_mine(i)), i);
         }
     }
     least.into_item()

@@ -10,6 +10,15 @@
 //! chosen, the prompt's blocks are then recorded for that pod, and a hit or
 //! a miss is counted.
 //!
+//! One rule is Turnstile's own: when the longest prefix held is one other
+//! prompts went on past (a system prompt many conversations share, rather
+//! than this conversation's history), a holder is taken only while its load
+//! is at most one above the mean; otherwise the least loaded pod takes the
+//! prompt and learns the prefix. A new conversation costs the shared prefix
+//! once wherever it starts, and stays where it starts for all its turns: so
+//! conversations are spread by load, and a prefix that replicas placed on
+//! one pod in the same instant does not keep that pod overloaded.
+//!
 //! In a weighted mix its score is the share of the prompt the pod does not
 //! hold, load being left to the other strategies.
 
@@ -72,10 +81,15 @@ pub(super) fn loads_and_eligible(candidates: &[Arc<PodInfo>], imbalance: usize) 
 
 /// How many leading blocks of the prompt each candidate holds.
 pub(super) fn depths(index: &PrefixIndex, hashes: &[u64], candidates: &[Arc<PodInfo>]) -> Vec<usize> {
+    depths_and_shared(index, hashes, candidates).0
+}
+
+/// [`depths`], and whether each candidate's deepest block is a shared prefix.
+fn depths_and_shared(index: &PrefixIndex, hashes: &[u64], candidates: &[Arc<PodInfo>]) -> (Vec<usize>, Vec<bool>) {
     let ids: Vec<u64> = candidates.iter().map(|p| pod_id(&p.key)).collect();
-    let mut depths = Vec::with_capacity(candidates.len());
-    index.match_depths(hashes, &ids, &mut depths);
-    depths
+    let (mut depths, mut shared) = (Vec::with_capacity(candidates.len()), Vec::with_capacity(candidates.len()));
+    index.match_prefix(hashes, &ids, &mut depths, &mut shared);
+    (depths, shared)
 }
 
 impl Strategy for PrefixCache {
@@ -101,7 +115,7 @@ impl Strategy for PrefixCache {
     fn pick(&self, request: &RouteRequest<'_>, candidates: &[Arc<PodInfo>]) -> Result<usize, Unscored> {
         let hashes = request.prefix_hashes(&self.hasher);
         let (loads, eligible) = loads_and_eligible(candidates, self.imbalance);
-        let depths = depths(&self.index, hashes, candidates);
+        let (depths, shared) = depths_and_shared(&self.index, hashes, candidates);
         let n = loads.len() as f64;
         let mean = loads.iter().map(|&l| l as f64).sum::<f64>() / n.max(1.0);
         let variance = if loads.len() > 1 {
@@ -109,14 +123,21 @@ impl Strategy for PrefixCache {
         } else {
             0.0
         };
-        let ceiling = mean + self.deviation_factor * variance.sqrt();
-        // Deepest match first, then fewer in flight, then chance.
+        let mut ceiling = mean + self.deviation_factor * variance.sqrt();
+        // The deepest prefix held is shared with other prompts: spread by load.
+        let deepest_depth = (0..candidates.len()).filter(|&i| eligible[i]).map(|i| depths[i]).max().unwrap_or(0);
+        if (0..candidates.len()).any(|i| eligible[i] && depths[i] == deepest_depth && deepest_depth > 0 && shared[i]) {
+            ceiling = ceiling.min(mean + 1.0);
+        }
+        // Deepest match first, then fewer in flight, then this replica's
+        // share of the pods, then chance.
+        let turn = super::fleet::turn_of();
         let mut deepest = Lowest::new();
         for i in 0..candidates.len() {
             if !eligible[i] || depths[i] == 0 || loads[i] as f64 > ceiling {
                 continue;
             }
-            deepest.offer((std::cmp::Reverse(depths[i]), loads[i]), i);
+            deepest.offer((std::cmp::Reverse(depths[i]), loads[i], turn.not_mine(i)), i);
         }
         if let Some(best) = deepest.into_item() {
             return Ok(best);
@@ -127,7 +148,7 @@ impl Strategy for PrefixCache {
         // Imbalanced: least-request among the least loaded.
         let mut least = Lowest::new();
         for i in (0..candidates.len()).filter(|&i| eligible[i]) {
-            least.offer(loads[i], i);
+            least.offer((loads[i], turn.not_mine(i)), i);
         }
         Ok(least.into_item().unwrap_or(0))
     }
@@ -214,6 +235,23 @@ mod tests {
         let _extra = pods[holder].load.start();
         // Loads [2,1,1,1]: mean 1.25, σ 0.5, ceiling 2.25.
         assert_eq!(route(&s, &prompt, &pods), holder);
+    }
+
+    #[test]
+    fn a_shared_prefix_on_a_busy_pod_goes_to_the_least_loaded_a_history_stays() {
+        let s = strategy();
+        let pods = pods(4);
+        // Two conversations under one system prompt, both on the pod that holds it.
+        let first = route(&s, &format!("{SYSTEM}user: first conversation"), &pods);
+        let _load: Vec<_> = (0..3).map(|_| pods[first].load.start()).collect();
+        let other = format!("{SYSTEM}user: second conversation");
+        // Loads [3,0,0,0]: mean 0.75, σ 1.5, the AIBrix ceiling 3.75 would keep it;
+        // shared, the bound is 1.75.
+        let second = route(&s, &other, &pods);
+        assert_ne!(second, first, "a new conversation starts on a less loaded pod");
+        // Its next turn stays where it started, and the first conversation's too.
+        assert_eq!(route(&s, &format!("{other} assistant: ok user: more"), &pods), second);
+        assert_eq!(route(&s, &format!("{SYSTEM}user: first conversation assistant: ok user: more"), &pods), first);
     }
 
     #[test]

@@ -112,30 +112,37 @@ pub fn pod_id(key: &str) -> u64 {
     xxhash_rust::xxh64::xxh64(key.as_bytes(), POD_ID_SEED)
 }
 
+/// The pods holding a block, and whether some prompt went on past it in a
+/// way not seen before (a branch of the prefix tree: a prefix several
+/// prompts share, such as a system prompt), rather than ending there (a
+/// conversation's history, before its next turn).
 #[derive(Debug)]
-struct Holders(Vec<(u64, Instant)>);
+struct Holders {
+    pods: Vec<(u64, Instant)>,
+    continued: bool,
+}
 
 impl Holders {
     fn holds(&self, pod: u64, now: Instant, idle_limit: Duration) -> bool {
-        self.0.iter().any(|(id, at)| *id == pod && now.saturating_duration_since(*at) <= idle_limit)
+        self.pods.iter().any(|(id, at)| *id == pod && now.saturating_duration_since(*at) <= idle_limit)
     }
 
     /// Marks `pod` as holding the block since `now` (a later hold already
     /// recorded stays); true if it already held it.
     fn touch(&mut self, pod: u64, now: Instant, idle_limit: Duration) -> bool {
-        if let Some(entry) = self.0.iter_mut().find(|(id, _)| *id == pod) {
+        if let Some(entry) = self.pods.iter_mut().find(|(id, _)| *id == pod) {
             let held = now.saturating_duration_since(entry.1) <= idle_limit;
             entry.1 = entry.1.max(now);
             return held;
         }
-        if self.0.len() >= MAX_HOLDERS {
+        if self.pods.len() >= MAX_HOLDERS {
             // A hold older than every one kept (told late) displaces none.
-            if let Some(oldest) = self.0.iter_mut().min_by_key(|(_, at)| *at).filter(|(_, at)| *at < now) {
+            if let Some(oldest) = self.pods.iter_mut().min_by_key(|(_, at)| *at).filter(|(_, at)| *at < now) {
                 *oldest = (pod, now);
             }
             return false;
         }
-        self.0.push((pod, now));
+        self.pods.push((pod, now));
         false
     }
 }
@@ -169,8 +176,17 @@ impl PrefixIndex {
     /// walk ends a [`shared_stride`] of this prompt past the last block any
     /// of `pods` holds: a shorter prompt told before had no wider stride.
     pub fn match_depths(&self, hashes: &[u64], pods: &[u64], depths: &mut Vec<usize>) {
+        self.match_prefix(hashes, pods, depths, &mut Vec::new());
+    }
+
+    /// [`Self::match_depths`], and for each of `pods` whether the deepest
+    /// block it holds is a shared prefix other prompts went on past
+    /// (`false` when it holds none).
+    pub fn match_prefix(&self, hashes: &[u64], pods: &[u64], depths: &mut Vec<usize>, shared: &mut Vec<bool>) {
         depths.clear();
         depths.resize(pods.len(), 0);
+        shared.clear();
+        shared.resize(pods.len(), false);
         let now = Instant::now();
         let stride = shared_stride(hashes.len());
         let mut misses = 0;
@@ -178,9 +194,10 @@ impl PrefixIndex {
         for (i, hash) in hashes.iter().enumerate() {
             let mut held = false;
             if let Some(holders) = blocks.get(hash) {
-                for (depth, pod) in depths.iter_mut().zip(pods) {
+                for ((depth, shared), pod) in depths.iter_mut().zip(shared.iter_mut()).zip(pods) {
                     if holders.holds(*pod, now, self.idle_limit) {
                         *depth = i + 1;
+                        *shared = holders.continued;
                         held = true;
                     }
                 }
@@ -204,17 +221,23 @@ impl PrefixIndex {
         let mut held = 0;
         let mut leading = true;
         let mut blocks = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut previous = None;
         for hash in hashes {
             let had = match blocks.get_mut(hash) {
                 Some(holders) => holders.touch(pod, now, self.idle_limit),
                 None => {
+                    // A block not seen before: the prompt went on past the one before it.
+                    if let Some(before) = previous.and_then(|before| blocks.peek_mut(&before)) {
+                        before.continued = true;
+                    }
                     if blocks.len() >= self.capacity {
                         blocks.pop_lru();
                     }
-                    blocks.put(*hash, Holders(vec![(pod, now)]));
+                    blocks.put(*hash, Holders { pods: vec![(pod, now)], continued: false });
                     false
                 }
             };
+            previous = Some(*hash);
             leading &= had;
             if leading {
                 held += 1;
@@ -356,6 +379,22 @@ mod tests {
         index.match_depths(&next_a, &[a, b], &mut depths);
         assert_eq!(depths[0], first_a.len(), "`a` holds its whole first turn");
         assert!(depths[1] <= 40_000, "`b` only the tools: {}", depths[1]);
+    }
+
+    #[test]
+    fn a_prefix_other_prompts_went_on_past_is_shared_a_history_is_not() {
+        let h = hasher(2);
+        let index = PrefixIndex::new(100, Duration::from_secs(60));
+        let (a, b) = (pod_id("ns/a"), pod_id("ns/b"));
+        let (mut depths, mut shared) = (Vec::new(), Vec::new());
+        index.record(&h.hashes("SYSTEMturn1"), a);
+        // The conversation's next turn: its history ends where the last turn did.
+        index.match_prefix(&h.hashes("SYSTEMturn1turn2"), &[a, b], &mut depths, &mut shared);
+        assert_eq!((depths.as_slice(), shared.as_slice()), ([5, 0].as_slice(), [false, false].as_slice()));
+        // Another conversation under the same system prompt: only the shared part matches.
+        index.record(&h.hashes("SYSTEMother"), b);
+        index.match_prefix(&h.hashes("SYSTEMthird"), &[a, b], &mut depths, &mut shared);
+        assert_eq!((depths.as_slice(), shared.as_slice()), ([3, 3].as_slice(), [true, true].as_slice()));
     }
 
     #[test]

@@ -36,14 +36,15 @@ const REPLICAS: &[usize] = &[1, 2, 4];
 const RUNS: &[(Workload, &str)] = &[(Workload::Chat, "prefix-cache"), (Workload::Skewed, "least-request")];
 /// Acceptance: mean TTFT of the most replicas against one replica.
 const MAX_TTFT_RATIO: f64 = 1.10;
-/// Acceptance: in-flight spread (p99) of the most replicas against one replica.
+/// Acceptance: the spread of requests in flight over the pods (most on one pod over the
+/// mean, p99 of the samples) with the most replicas against one replica.
 const MAX_SPREAD_RATIO: f64 = 2.0;
 
 /// One run's measurements.
 struct Row {
     replicas: usize,
     result: RunResult,
-    redis_calls: u64,
+    redis_calls: Calls,
 }
 
 /// Runs the replicas suite.
@@ -74,8 +75,9 @@ async fn replicas_async(binaries: Binaries, redis: std::path::PathBuf) -> Result
             let fleet = Fleet { replicas, redis_url: Some(&url) };
             let before = redis_calls(port).await?;
             let result = routing::run_one(&binaries, &client, &run_dir, strategy, workload, &jobs, &fleet).await?;
-            let redis_calls = redis_calls(port).await?.saturating_sub(before);
+            let redis_calls = redis_calls(port).await?.since(before);
             ui::info(format!("{replicas} replicas: {}", routing::summary_line(&result)));
+            ui::info(format!("requests per pod: {}", per_pod(&result)));
             step.done();
             rows.push(Row { replicas, result, redis_calls });
         }
@@ -89,36 +91,68 @@ async fn replicas_async(binaries: Binaries, redis: std::path::PathBuf) -> Result
     Ok(())
 }
 
-/// Commands Redis on `port` has run since it started (`INFO stats`).
-async fn redis_calls(port: u16) -> Result<u64> {
+/// Commands Redis on `port` has run since it started, per command (`INFO commandstats`).
+async fn redis_calls(port: u16) -> Result<Calls> {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        stream.write_all(b"INFO stats\r\n").await?;
+        stream.write_all(b"INFO commandstats\r\n").await?;
+        // A bulk string: `$<len>\r\n<text>\r\n`.
         let mut answer = Vec::new();
         let mut buffer = [0_u8; 4096];
-        // A bulk string: `$<len>\r\n<text>\r\n`; read until the field or the end.
-        while !answer.windows(2).rev().take(1).any(|w| w == b"\r\n") || !contains(&answer, b"instantaneous") {
+        loop {
             let n = stream.read(&mut buffer).await?;
             if n == 0 {
                 break;
             }
             answer.extend_from_slice(&buffer[..n]);
+            let text = String::from_utf8_lossy(&answer);
+            if let Some((header, rest)) = text.split_once("\r\n")
+                && let Some(length) = header.strip_prefix('$').and_then(|l| l.parse::<usize>().ok())
+                && rest.len() >= length
+            {
+                break;
+            }
         }
         std::io::Result::Ok(String::from_utf8_lossy(&answer).into_owned())
     };
     let text = tokio::time::timeout(Duration::from_secs(2), exchange)
         .await
         .map_err(|_| anyhow!("Redis on port {port} did not answer INFO"))??;
-    // `total_commands_processed` counts the INFO itself; the difference of two readings
-    // is off by one.
-    text.lines()
-        .find_map(|line| line.strip_prefix("total_commands_processed:"))
-        .and_then(|value| value.trim().parse().ok())
-        .ok_or_else(|| anyhow!("no total_commands_processed in Redis INFO"))
+    let mut calls = Calls::default();
+    for line in text.lines() {
+        let Some((name, stats)) = line.strip_prefix("cmdstat_").and_then(|l| l.split_once(':')) else { continue };
+        let count: u64 =
+            stats.split(',').find_map(|field| field.strip_prefix("calls=")).and_then(|n| n.parse().ok()).unwrap_or(0);
+        calls.all += count;
+        if matches!(name, "xadd" | "xread" | "xrange") {
+            calls.stream += count;
+        }
+    }
+    Ok(calls)
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// Redis commands: all of them, and those on the decisions stream.
+#[derive(Clone, Copy, Debug, Default)]
+struct Calls {
+    all: u64,
+    stream: u64,
+}
+
+impl Calls {
+    fn since(self, before: Self) -> Self {
+        Self { all: self.all.saturating_sub(before.all), stream: self.stream.saturating_sub(before.stream) }
+    }
+}
+
+/// Requests each pod served, in pod order (`a/b/c/d`).
+fn per_pod(result: &RunResult) -> String {
+    (0..routing::ENGINES)
+        .map(|i| {
+            let pod = format!("engine-{i}");
+            result.outcomes.iter().filter(|o| o.pod == pod).count().to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// What a row reports beyond the routing bench's figures.
@@ -126,6 +160,7 @@ struct Figures {
     stats: routing::Stats,
     in_flight_ratio_p99: f64,
     redis_per_request: f64,
+    stream_per_request: f64,
 }
 
 fn figures(row: &Row) -> Figures {
@@ -133,8 +168,9 @@ fn figures(row: &Row) -> Figures {
     let mut ratios: Vec<u32> = row.result.in_flight_ratios.iter().map(|r| (r * 1000.0) as u32).collect();
     ratios.sort_unstable();
     let in_flight_ratio_p99 = percentile(&ratios, 99.0).map_or(0.0, |r| f64::from(r) / 1000.0);
-    let redis_per_request = row.redis_calls as f64 / stats.ok.max(1) as f64;
-    Figures { stats, in_flight_ratio_p99, redis_per_request }
+    let redis_per_request = row.redis_calls.all as f64 / stats.ok.max(1) as f64;
+    let stream_per_request = row.redis_calls.stream as f64 / stats.ok.max(1) as f64;
+    Figures { stats, in_flight_ratio_p99, redis_per_request, stream_per_request }
 }
 
 /// One acceptance check and, if it failed, why.
@@ -177,13 +213,13 @@ fn acceptance(rows: &[Row]) -> Vec<Check> {
     };
     checks.push(Check { description, failure });
     let description = format!(
-        "skewed, least-request, {most} replicas: in-flight spread (p99) within {MAX_SPREAD_RATIO}× {one} replica's"
+        "skewed, least-request, {most} replicas: in-flight spread (most on one pod / mean, p99) within \
+         {MAX_SPREAD_RATIO}× {one} replica's"
     );
     let failure = match (find(Workload::Skewed, one), find(Workload::Skewed, most)) {
-        // A spread of 0 or 1 is as even as whole requests allow.
-        (Some(base), Some(f)) => (f64::from(f.stats.spread_p99)
-            > MAX_SPREAD_RATIO * f64::from(base.stats.spread_p99.max(1)))
-        .then(|| format!("spread p99 {} against {}", f.stats.spread_p99, base.stats.spread_p99)),
+        (Some(base), Some(f)) => (f.in_flight_ratio_p99 > MAX_SPREAD_RATIO * base.in_flight_ratio_p99).then(|| {
+            format!("in flight max / mean p99 {:.2} against {:.2}", f.in_flight_ratio_p99, base.in_flight_ratio_p99)
+        }),
         _ => Some("a skewed run is missing".to_owned()),
     };
     checks.push(Check { description, failure });
@@ -201,9 +237,11 @@ fn render_markdown(revision: &str, rows: &[Row], elapsed: Duration) -> String {
          in turn. `chat` ({} conversations × {} turns, each turn resending the history) runs with `prefix-cache`, \
          `skewed` ({} independent prompts from {} users of unequal activity) with `least-request`. Each run on \
          fresh engines, replicas and Redis. Load = most requests served by one pod / mean per pod; in flight = \
-         the replicas' per-pod in-flight counts summed, sampled every 5 ms while the load is saturated (most on \
-         one pod / mean, p99; spread max − min, p99); Redis calls = every command Redis ran during the run (scrape \
-         sharing included) per request. Whole suite: {}.\n",
+         the requests in flight per pod as the clients see them, over all replicas at once, sampled every \
+         millisecond while the load is saturated (most on \
+         one pod / mean, p99; spread max − min, p99); Redis calls = every command Redis ran during the run per request \
+         (scrape sharing and in-flight reports included), in brackets those on the decisions stream (`XADD`, \
+         `XREAD`, `XRANGE`). Whole suite: {}.\n",
         routing::ENGINES,
         routing::CONVERSATIONS,
         routing::TURNS,
@@ -213,7 +251,7 @@ fn render_markdown(revision: &str, rows: &[Row], elapsed: Duration) -> String {
     );
     out.push_str(
         "| workload | strategy | replicas | ok | errors | follow-ups on first pod | max load / mean | \
-         in flight max / mean p99 | in-flight spread p99 | TTFT mean ms | TTFT p99 ms | Redis calls / request |\n\
+         in flight max / mean p99 | in-flight spread p99 | TTFT mean ms | TTFT p99 ms | Redis calls / request (stream) |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in rows {
@@ -221,7 +259,7 @@ fn render_markdown(revision: &str, rows: &[Row], elapsed: Duration) -> String {
         let sticky = f.stats.stickiness.map_or_else(|| "-".to_owned(), |s| format!("{:.1}%", s * 100.0));
         let _ = writeln!(
             out,
-            "| {} | `{}` | {} | {} | {} | {sticky} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.2} |",
+            "| {} | `{}` | {} | {} | {} | {sticky} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.2} ({:.2}) |",
             row.result.workload.name(),
             row.result.strategy,
             row.replicas,
@@ -233,6 +271,7 @@ fn render_markdown(revision: &str, rows: &[Row], elapsed: Duration) -> String {
             f.stats.ttft_mean_ms,
             f.stats.ttft_p99_ms,
             f.redis_per_request,
+            f.stream_per_request,
         );
     }
     out.push('\n');
@@ -264,4 +303,70 @@ fn render_markdown(revision: &str, rows: &[Row], elapsed: Duration) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::routing::Outcome;
+
+    fn row(replicas: usize, workload: Workload, pods: &[&str], ttft_ms: u64, spreads: Vec<u32>) -> Row {
+        let outcomes = pods
+            .iter()
+            .enumerate()
+            .map(|(i, pod)| Outcome {
+                pod: (*pod).to_owned(),
+                ttft: Duration::from_millis(ttft_ms),
+                // Two conversations of two turns: 0,1 then 0,1.
+                turn: (workload == Workload::Chat).then_some((i / 2, i % 2)),
+                span: (Instant::now(), Instant::now()),
+            })
+            .collect();
+        let result = RunResult {
+            strategy: "s".into(),
+            workload,
+            outcomes,
+            errors: 0,
+            first_error: None,
+            elapsed: Duration::from_secs(1),
+            spreads,
+            in_flight_ratios: vec![1.0, 2.0],
+            prefix_hits: 0.0,
+            prefix_queries: 0.0,
+        };
+        Row { replicas, result, redis_calls: Calls { all: 40, stream: 8 } }
+    }
+
+    #[test]
+    fn four_replicas_pass_when_they_keep_affinity_spread_and_ttft() {
+        let pods = ["engine-0", "engine-0", "engine-1", "engine-1", "engine-2", "engine-2", "engine-3", "engine-3"];
+        let rows = vec![
+            row(1, Workload::Chat, &pods, 30, vec![0]),
+            row(4, Workload::Chat, &pods, 32, vec![0]),
+            row(1, Workload::Skewed, &pods, 30, vec![1, 1]),
+            row(4, Workload::Skewed, &pods, 30, vec![2, 2]),
+        ];
+        assert!(acceptance(&rows).iter().all(|c| c.failure.is_none()));
+        let markdown = render_markdown("abc", &rows, Duration::from_secs(5));
+        assert!(
+            markdown.contains("| chat | `s` | 4 | 8 | 0 | 100.0% | 1.00 | 2.00 | 0 | 32.0 | 32.0 | 5.00 (1.00) |"),
+            "{markdown}"
+        );
+        assert!(markdown.contains("- PASS: skewed"), "{markdown}");
+
+        // A conversation that moved pod, a slower fleet, a wider spread: each fails.
+        let moved = ["engine-0", "engine-1", "engine-1", "engine-1", "engine-2", "engine-2", "engine-3", "engine-3"];
+        let mut wide = row(4, Workload::Skewed, &pods, 30, vec![3, 3]);
+        wide.result.in_flight_ratios = vec![4.5, 4.5];
+        let rows = vec![
+            row(1, Workload::Chat, &pods, 30, vec![0]),
+            row(4, Workload::Chat, &moved, 34, vec![0]),
+            row(1, Workload::Skewed, &pods, 30, vec![1, 1]),
+            wide,
+        ];
+        let failures: Vec<String> = acceptance(&rows).into_iter().filter_map(|c| c.failure).collect();
+        assert_eq!(failures.len(), 2, "{failures:?}");
+        assert!(failures[0].contains("follow-ups 75.0%") && failures[0].contains("TTFT 1.13×"), "{failures:?}");
+        assert!(failures[1].contains("p99 4.50 against 2.00"), "{failures:?}");
+    }
 }

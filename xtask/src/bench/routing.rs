@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
@@ -76,8 +76,6 @@ pub(super) const USERS: usize = 8;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// One workload run must complete within this.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often the gateway's per-pod in-flight counts are sampled.
-const SAMPLE_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Acceptance: share of follow-up turns `prefix-cache` keeps on the first turn's pod.
 pub(super) const MIN_STICKINESS: f64 = 0.90;
@@ -117,6 +115,8 @@ pub(super) struct Outcome {
     pub(super) pod: String,
     pub(super) ttft: Duration,
     pub(super) turn: Option<(usize, usize)>,
+    /// When it was sent, and when its answer ended.
+    pub(super) span: (Instant, Instant),
 }
 
 /// What one (strategy, workload) run measured.
@@ -128,8 +128,8 @@ pub(super) struct RunResult {
     pub(super) errors: usize,
     pub(super) first_error: Option<String>,
     pub(super) elapsed: Duration,
-    /// Sampled max - min of the gateways' in-flight counts over the pods
-    /// (each pod's summed over the replicas).
+    /// Max − min over the pods of the requests in flight, sampled every millisecond
+    /// from the clients' side while the load is saturated.
     pub(super) spreads: Vec<u32>,
     /// Sampled most in flight on one pod over the mean per pod, when any ran.
     pub(super) in_flight_ratios: Vec<f64>,
@@ -239,7 +239,7 @@ pub(super) async fn run_one(
     }
     // Replicas after the first, stopped with the stack (their guards).
     let mut others = Vec::new();
-    let (mut proxies, mut admins) = (Vec::new(), Vec::new());
+    let mut proxies = Vec::new();
     for index in 0..fleet.replicas.max(1) {
         let log = out_dir.join(format!("routing-gateway-{index}.log"));
         let gateway = stack::start_gateway(
@@ -254,7 +254,6 @@ pub(super) async fn run_one(
         )
         .await?;
         proxies.push(gateway.listen);
-        admins.push(gateway.admin);
         if stack.gateway.is_none() {
             stack.gateway = Some(gateway);
         } else {
@@ -265,21 +264,16 @@ pub(super) async fn run_one(
         stack::wait_models_listed(client, *proxy, &[MODEL], Duration::from_secs(10)).await?;
     }
 
-    // The spread is sampled while the load is saturated: once the last job is taken, the
+    // The spread is taken while the load is saturated: once the last job is taken, the
     // pods drain unevenly whatever the strategy did, and that tail is not its doing.
-    let saturated = Arc::new(AtomicBool::new(true));
-    let sampler = sample_spreads(client.clone(), admins, Arc::clone(&saturated));
-    let load = async {
-        let outcomes = drive(client, &proxies, workload, jobs, &saturated).await;
-        saturated.store(false, Ordering::Relaxed);
-        outcomes
-    };
+    let saturated_until = Arc::new(std::sync::OnceLock::new());
     let started = Instant::now();
-    let (outcomes, (spreads, in_flight_ratios)) =
-        tokio::time::timeout(RUN_TIMEOUT, async { tokio::join!(load, sampler) })
-            .await
-            .map_err(|_| anyhow!("{} with {strategy} did not finish within {RUN_TIMEOUT:?}", workload.name()))?;
+    let outcomes = tokio::time::timeout(RUN_TIMEOUT, drive(client, &proxies, workload, jobs, &saturated_until))
+        .await
+        .map_err(|_| anyhow!("{} with {strategy} did not finish within {RUN_TIMEOUT:?}", workload.name()))?;
     let elapsed = started.elapsed();
+    let until = saturated_until.get().copied().unwrap_or_else(Instant::now);
+    let (spreads, in_flight_ratios) = in_flight_samples(&outcomes, started, until);
     if let Some(reason) = stack.exited_child() {
         bail!("a child died during the run: {reason}");
     }
@@ -320,13 +314,13 @@ fn sample(text: &str, family: &str) -> Option<f64> {
 
 /// Sends the jobs through the gateway. Chat: workers take whole conversations (turns in
 /// order); skewed: workers take single requests.
-/// `saturated` is cleared when the last job is taken.
+/// `saturated_until` is set when a worker first finds no job left.
 async fn drive(
     client: &Client,
     proxies: &[SocketAddr],
     workload: Workload,
     jobs: &[Job],
-    saturated: &Arc<AtomicBool>,
+    saturated_until: &Arc<std::sync::OnceLock<Instant>>,
 ) -> Vec<Result<Outcome>> {
     let groups: Vec<Vec<Job>> = match workload {
         Workload::Chat => {
@@ -353,13 +347,13 @@ async fn drive(
     for _ in 0..concurrency {
         let (client, groups, next) = (client.clone(), Arc::clone(&groups), Arc::clone(&next));
         let (proxies, turn) = (Arc::clone(&proxies), Arc::clone(&turn));
-        let saturated = Arc::clone(saturated);
+        let saturated_until = Arc::clone(saturated_until);
         workers.spawn(async move {
             let mut outcomes = Vec::new();
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 let Some(group) = groups.get(index) else {
-                    saturated.store(false, Ordering::Relaxed);
+                    let _ = saturated_until.set(Instant::now());
                     break;
                 };
                 for job in group {
@@ -408,36 +402,37 @@ async fn send(client: &Client, proxy: SocketAddr, job: &Job) -> Result<Outcome> 
             Some(Err(err)) => bail!("stream broken: {err}"),
         }
     }
-    Ok(Outcome { pod, ttft: ttft.unwrap_or_else(|| started.elapsed()), turn: job.turn })
+    Ok(Outcome {
+        pod,
+        ttft: ttft.unwrap_or_else(|| started.elapsed()),
+        turn: job.turn,
+        span: (started, Instant::now()),
+    })
 }
 
-/// Samples the in-flight spread over the pods (each pod's count summed over the replicas)
-/// and the most in flight over the mean, until `running` clears.
-async fn sample_spreads(client: Client, admins: Vec<SocketAddr>, running: Arc<AtomicBool>) -> (Vec<u32>, Vec<f64>) {
+/// Every millisecond from `from` to `until`, the requests in flight on each pod as the
+/// clients saw them (sent, not yet answered in full), over all replicas at once: the
+/// spread (max − min) and the most over the mean, when any ran.
+fn in_flight_samples(outcomes: &[Result<Outcome>], from: Instant, until: Instant) -> (Vec<u32>, Vec<f64>) {
+    let served: Vec<&Outcome> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
+    let pods: Vec<String> = (0..ENGINES).map(|i| format!("engine-{i}")).collect();
     let (mut spreads, mut ratios) = (Vec::new(), Vec::new());
-    while running.load(Ordering::Relaxed) {
-        let mut per_pod: HashMap<String, u64> = HashMap::new();
-        let mut complete = true;
-        for admin in &admins {
-            let Ok(reply) = client.get(*admin, "/debug/endpoints", Duration::from_secs(1)).await else {
-                complete = false;
-                break;
-            };
-            let endpoints = serde_json::from_slice::<Value>(&reply.body).unwrap_or_default();
-            for pod in endpoints[MODEL]["pods"].as_array().into_iter().flatten() {
-                if let (Some(name), Some(in_flight)) = (pod["name"].as_str(), pod["in_flight"].as_u64()) {
-                    *per_pod.entry(name.to_owned()).or_default() += in_flight;
-                }
-            }
+    let mut at = from;
+    while at < until {
+        let counts: Vec<u32> = pods
+            .iter()
+            .map(|pod| {
+                let running = served.iter().filter(|o| &o.pod == pod && o.span.0 <= at && at < o.span.1).count();
+                u32::try_from(running).unwrap_or(u32::MAX)
+            })
+            .collect();
+        let (max, min) = (counts.iter().max().copied().unwrap_or(0), counts.iter().min().copied().unwrap_or(0));
+        spreads.push(max - min);
+        let total: u32 = counts.iter().sum();
+        if total > 0 {
+            ratios.push(f64::from(max) / (f64::from(total) / counts.len() as f64));
         }
-        if complete && let (Some(max), Some(min)) = (per_pod.values().max(), per_pod.values().min()) {
-            spreads.push(u32::try_from(max - min).unwrap_or(u32::MAX));
-            let total: u64 = per_pod.values().sum();
-            if total > 0 {
-                ratios.push(*max as f64 / (total as f64 / per_pod.len() as f64));
-            }
-        }
-        tokio::time::sleep(SAMPLE_INTERVAL).await;
+        at += Duration::from_millis(1);
     }
     (spreads, ratios)
 }
@@ -708,7 +703,7 @@ fn render_markdown(revision: &str, results: &[RunResult], elapsed: Duration) -> 
          {SYSTEM_PROMPTS} shared system prompts, {CHAT_CONCURRENCY} at a time. `skewed`: {SKEWED_REQUESTS} \
          independent prompts, 20% asking for 64 tokens and 80% for 4, {USERS} Zipf-distributed users, \
          {SKEWED_CONCURRENCY} at a time. Load = most requests on one pod / mean per pod; in-flight spread = max − \
-         min of the gateway's per-pod in-flight counts, sampled every 5 ms until the job queue runs dry \
+         min of the requests in flight per pod as the clients see them, sampled every millisecond until the job queue runs dry \
          (the drain after it is uneven whatever the strategy). Whole suite: {}.\n",
         ui::human(elapsed)
     );
@@ -765,7 +760,8 @@ mod tests {
     use super::*;
 
     fn outcome(pod: &str, ms: u64, turn: Option<(usize, usize)>) -> Outcome {
-        Outcome { pod: pod.into(), ttft: Duration::from_millis(ms), turn }
+        let now = Instant::now();
+        Outcome { pod: pod.into(), ttft: Duration::from_millis(ms), turn, span: (now, now) }
     }
 
     fn result(strategy: &'static str, workload: Workload, outcomes: Vec<Outcome>, spreads: Vec<u32>) -> RunResult {
@@ -781,6 +777,22 @@ mod tests {
             prefix_hits: 30.0,
             prefix_queries: 100.0,
         }
+    }
+
+    #[test]
+    fn in_flight_is_counted_per_pod_from_the_clients_side() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let served = |pod: &str, from: u64, to: u64| {
+            Ok(Outcome { pod: pod.into(), ttft: Duration::ZERO, turn: None, span: (ms(from), ms(to)) })
+        };
+        // engine-0 runs two requests over 0..10 ms, engine-1 one over 0..5 ms; the others none.
+        let outcomes = vec![served("engine-0", 0, 10), served("engine-0", 0, 10), served("engine-1", 0, 5)];
+        let (spreads, ratios) = in_flight_samples(&outcomes, t0, ms(10));
+        assert_eq!(spreads.len(), 10);
+        assert!(spreads.iter().all(|&s| s == 2), "{spreads:?}");
+        assert_eq!(ratios[0], 2.0 / (3.0 / 4.0));
+        assert_eq!(ratios[9], 2.0 / (2.0 / 4.0));
     }
 
     #[test]
