@@ -610,8 +610,20 @@ fn apply(state: &FleetState, replica: &str, payload: Option<&[u8]>, age: Duratio
     applied
 }
 
-/// The other replicas' requests in flight: replica → (when heard, pod → count).
-type Others = Arc<Mutex<HashMap<String, (Instant, HashMap<String, usize>)>>>;
+/// What the other replicas said they have in flight, and what of it each pod was given.
+#[derive(Debug, Default)]
+struct LoadView {
+    /// Replica → (when heard, pod → count).
+    reports: HashMap<String, (Instant, HashMap<String, usize>)>,
+    /// Pod → the others' sum last given to it (pods with none left out).
+    applied: HashMap<String, usize>,
+    /// The pods by key, for the snapshot they were taken from.
+    index: Option<(Arc<crate::discovery::Snapshot>, PodsByKey)>,
+}
+
+type PodsByKey = HashMap<String, Arc<crate::discovery::PodInfo>>;
+
+type Others = Arc<Mutex<LoadView>>;
 
 /// The least time between two reports of one replica when `replicas` report:
 /// [`LOAD_EVERY`], or longer so that every replica's reports, each
@@ -671,39 +683,60 @@ async fn share_load(
         }
         if heartbeat {
             next_heartbeat = tokio::time::Instant::now() + LOAD_HEARTBEAT;
-            apply_others(&replica, &others, &pods, &status);
+            apply_others(&replica, &others, &pods, &status, true);
         }
     }
 }
 
 /// Gives each pod the sum of the other replicas' requests in flight on it,
-/// forgetting replicas silent for [`LOAD_VALID`]. Not hearing them, it
-/// leaves the counts to lapse: routing uses this replica's own view.
-fn apply_others(me: &str, others: &Others, pods: &PodStore, status: &Status) {
+/// forgetting replicas silent for [`LOAD_VALID`]: every pod when `all`
+/// (renewing how long the counts hold), else the pods whose sum changed.
+/// Not hearing the others, it leaves the counts to lapse: routing uses this
+/// replica's own view.
+fn apply_others(me: &str, others: &Others, pods: &PodStore, status: &Status, all: bool) {
     let now = Instant::now();
-    let sums = {
-        let mut others = others.lock().unwrap_or_else(PoisonError::into_inner);
-        others.retain(|_, (at, _)| now.saturating_duration_since(*at) < LOAD_VALID);
-        status.peers.store(others.len(), Ordering::Relaxed);
-        set_turn(
-            me,
-            if status.hearing_loads.load(Ordering::Relaxed) { Some(others.keys()) } else { None }.into_iter().flatten(),
-        );
-        let mut sums: HashMap<String, usize> = HashMap::new();
-        for (_, counts) in others.values() {
-            for (pod, count) in counts {
-                let sum = sums.entry(pod.clone()).or_default();
-                *sum = sum.saturating_add((*count).min(MAX_IN_FLIGHT));
-            }
-        }
-        sums
-    };
-    if !status.hearing_loads.load(Ordering::Relaxed) {
+    let mut view = others.lock().unwrap_or_else(PoisonError::into_inner);
+    let LoadView { reports, applied, index } = &mut *view;
+    reports.retain(|_, (at, _)| now.saturating_duration_since(*at) < LOAD_VALID);
+    status.peers.store(reports.len(), Ordering::Relaxed);
+    let hearing = status.hearing_loads.load(Ordering::Relaxed);
+    set_turn(me, if hearing { Some(reports.keys()) } else { None }.into_iter().flatten());
+    if !hearing {
+        applied.clear();
         return;
     }
-    for pod in pods.snapshot().models.values().flat_map(|model| model.pods.iter()) {
-        pod.load.others_in_flight(sums.get(&pod.key).copied().unwrap_or(0), LOAD_VALID);
+    let mut sums: HashMap<String, usize> = HashMap::new();
+    for (_, counts) in reports.values() {
+        for (pod, count) in counts {
+            let sum = sums.entry(pod.clone()).or_default();
+            *sum = sum.saturating_add((*count).min(MAX_IN_FLIGHT));
+        }
     }
+    let snapshot = pods.snapshot();
+    if all {
+        for pod in snapshot.models.values().flat_map(|model| model.pods.iter()) {
+            pod.load.others_in_flight(sums.get(&pod.key).copied().unwrap_or(0), LOAD_VALID);
+        }
+    } else {
+        if index.as_ref().is_none_or(|(seen, _)| !Arc::ptr_eq(seen, &snapshot)) {
+            let by_key = snapshot
+                .models
+                .values()
+                .flat_map(|model| model.pods.iter())
+                .map(|pod| (pod.key.clone(), Arc::clone(pod)))
+                .collect();
+            *index = Some((Arc::clone(&snapshot), by_key));
+        }
+        let by_key = index.as_ref().map(|(_, by_key)| by_key);
+        let changed = sums.iter().filter(|(pod, sum)| applied.get(*pod) != Some(sum)).map(|(pod, _)| pod);
+        let gone = applied.keys().filter(|pod| !sums.contains_key(*pod));
+        for key in changed.chain(gone) {
+            if let Some(pod) = by_key.and_then(|by_key| by_key.get(key)) {
+                pod.load.others_in_flight(sums.get(key).copied().unwrap_or(0), LOAD_VALID);
+            }
+        }
+    }
+    *applied = sums;
 }
 
 /// Takes the other replicas' load reports into `others` until `shutdown`,
@@ -743,14 +776,14 @@ async fn hear_loads(
                         continue;
                     }
                     {
-                        let mut heard = others.lock().unwrap_or_else(PoisonError::into_inner);
-                        if heard.len() >= MAX_PEERS && !heard.contains_key(&report.from) {
+                        let mut view = others.lock().unwrap_or_else(PoisonError::into_inner);
+                        if view.reports.len() >= MAX_PEERS && !view.reports.contains_key(&report.from) {
                             continue;
                         }
-                        heard.insert(report.from, (Instant::now(), report.pods));
+                        view.reports.insert(report.from, (Instant::now(), report.pods));
                     }
                     // At once: counts a few milliseconds old already mislead.
-                    apply_others(&replica, &others, &pods, &status);
+                    apply_others(&replica, &others, &pods, &status, false);
                 }
                 status.hearing_loads.store(false, Ordering::Relaxed);
                 log.warn("hearing the other replicas' requests in flight", &"subscription lost or silent");

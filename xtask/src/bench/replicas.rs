@@ -34,6 +34,9 @@ use crate::ui;
 const REPLICAS: &[usize] = &[1, 2, 4];
 /// Each workload with the strategy it is run with.
 const RUNS: &[(Workload, &str)] = &[(Workload::Chat, "prefix-cache"), (Workload::Skewed, "least-request")];
+/// Chat conversations per run: four times the routing bench's, so that a run lasts a few
+/// seconds and the placement of the first ones (all started at once) weighs less.
+const CONVERSATIONS: usize = 4 * routing::CONVERSATIONS;
 /// Acceptance: mean TTFT of the most replicas against one replica.
 const MAX_TTFT_RATIO: f64 = 1.10;
 /// Acceptance: the spread of requests in flight over the pods (most on one pod over the
@@ -63,7 +66,7 @@ async fn replicas_async(binaries: Binaries, redis: std::path::PathBuf) -> Result
     let mut rows = Vec::new();
     for &(workload, strategy) in RUNS {
         let jobs = match workload {
-            Workload::Chat => routing::chat_jobs(),
+            Workload::Chat => routing::chat_jobs_of(CONVERSATIONS),
             Workload::Skewed => routing::skewed_jobs(),
         };
         for &replicas in REPLICAS {
@@ -243,7 +246,7 @@ fn render_markdown(revision: &str, rows: &[Row], elapsed: Duration) -> String {
          (scrape sharing and in-flight reports included), in brackets those on the decisions stream (`XADD`, \
          `XREAD`, `XRANGE`). Whole suite: {}.\n",
         routing::ENGINES,
-        routing::CONVERSATIONS,
+        CONVERSATIONS,
         routing::TURNS,
         routing::SKEWED_REQUESTS,
         routing::USERS,

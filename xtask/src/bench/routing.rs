@@ -324,7 +324,8 @@ async fn drive(
 ) -> Vec<Result<Outcome>> {
     let groups: Vec<Vec<Job>> = match workload {
         Workload::Chat => {
-            let mut by_conversation: Vec<Vec<Job>> = vec![Vec::new(); CONVERSATIONS];
+            let conversations = jobs.iter().filter_map(|job| job.turn).map(|(c, _)| c + 1).max().unwrap_or(0);
+            let mut by_conversation: Vec<Vec<Job>> = vec![Vec::new(); conversations];
             for job in jobs {
                 if let Some((conversation, _)) = job.turn {
                     by_conversation[conversation].push(job.clone());
@@ -520,12 +521,17 @@ fn words(rng: &mut Rng, n: usize) -> String {
 /// 48 conversations of 6 turns under 4 shared system prompts (~180 words each); each turn
 /// adds a ~25-word question to the history, each answer ~25 words.
 pub(super) fn chat_jobs() -> Vec<Job> {
+    chat_jobs_of(CONVERSATIONS)
+}
+
+/// [`chat_jobs`] with `conversations` conversations.
+pub(super) fn chat_jobs_of(conversations: usize) -> Vec<Job> {
     let mut rng = Rng(0x5eed_c4a7);
     let systems: Vec<String> = (0..SYSTEM_PROMPTS)
         .map(|s| format!("System prompt {s}: you are assistant {s} of the routing benchmark. {}", words(&mut rng, 180)))
         .collect();
     let mut jobs = Vec::new();
-    for conversation in 0..CONVERSATIONS {
+    for conversation in 0..conversations {
         let mut messages = vec![json!({"role": "system", "content": systems[conversation % SYSTEM_PROMPTS]})];
         for turn in 0..TURNS {
             let question = format!("Conversation {conversation} question {turn}: {}", words(&mut rng, 25));
