@@ -31,7 +31,7 @@ const DEFAULT_PORT: u16 = 8000;
 ///
 /// Besides this replica's own count, two views of the rest of the fleet's
 /// requests feed [`PodLoad::routing_load`]: what the other replicas say they
-/// have in flight (through Redis, every 100 ms), and the engine's own count
+/// have in flight (through Redis, as it changes), and the engine's own count
 /// of running and waiting requests at its last reading, moved by what this
 /// replica started and finished since. Each lapses when not renewed.
 #[derive(Debug, Default)]
@@ -43,7 +43,7 @@ pub struct PodLoad {
     others_until: AtomicU64,
     /// The engine's running plus waiting requests at its last reading.
     engine_queue: AtomicUsize,
-    /// This replica's in-flight count when that reading came in.
+    /// This replica's in-flight count when the scrape of that reading started.
     engine_base: AtomicUsize,
     /// Until when (on [`clock_ms`]) the engine reading holds; 0: none.
     engine_until: AtomicU64,
@@ -79,27 +79,30 @@ impl PodLoad {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The load routing compares pods by: this replica's requests in flight
-    /// plus the other replicas' (when they said within the last second,
-    /// through Redis); failing that, the most of its own and the engine's
-    /// running and waiting requests at its last reading, plus this
+    /// The load routing compares pods by: the most of this replica's
+    /// requests in flight plus the other replicas' (when they said within
+    /// the last second, through Redis), and the engine's running and
+    /// waiting requests at its last reading (when recent) plus this
     /// replica's requests started since, less those ended since.
     ///
     /// Every replica reads the engine alike, so replicas that cannot talk
-    /// still see each other's load within a scrape period; between scrapes
-    /// their own starts keep them from herding onto the pod that read lowest.
+    /// still see each other's load within a scrape period, and load that no
+    /// replica reports (one that cannot publish, traffic sent to the engine
+    /// directly) still counts; between scrapes a replica's own starts keep
+    /// it from herding onto the pod that read lowest.
     pub fn routing_load(&self) -> usize {
         let own = self.in_flight();
         let now = clock_ms();
+        let mut load = own;
         if self.others_until.load(Ordering::Acquire) > now {
-            return own.saturating_add(self.others.load(Ordering::Relaxed));
+            load = load.max(own.saturating_add(self.others.load(Ordering::Relaxed)));
         }
         if self.engine_until.load(Ordering::Acquire) > now {
             let queue = self.engine_queue.load(Ordering::Relaxed);
             let base = self.engine_base.load(Ordering::Relaxed);
-            return own.max(queue.saturating_add(own).saturating_sub(base));
+            load = load.max(queue.saturating_add(own).saturating_sub(base));
         }
-        own
+        load
     }
 
     /// The engine counted `queue` requests running or waiting when this
@@ -338,7 +341,9 @@ status:
         load.engine_reading(0, 3, Duration::from_secs(60));
         assert_eq!(load.routing_load(), 3, "never below its own count");
         load.others_in_flight(4, Duration::from_secs(60));
-        assert_eq!(load.routing_load(), 7, "its own plus what the other replicas said, ahead of the engine");
+        assert_eq!(load.routing_load(), 7, "its own plus what the other replicas said");
+        load.engine_reading(9, 3, Duration::from_secs(60));
+        assert_eq!(load.routing_load(), 9, "or the engine's count, when more");
         load.others_in_flight(9, Duration::ZERO);
         load.engine_reading(6, 1, Duration::ZERO);
         assert_eq!(load.routing_load(), 3, "lapsed views count no more");

@@ -69,6 +69,8 @@ const LOAD_EVERY: Duration = Duration::from_millis(1);
 /// Reports Redis delivers per second at most, all replicas together: each
 /// replica's gap between reports widens with the square of the fleet.
 const LOAD_DELIVERIES_PER_SECOND: f64 = 20_000.0;
+/// Bytes of reports Redis delivers per second at most, all replicas together.
+const LOAD_BYTES_PER_SECOND: f64 = 20e6;
 /// A replica says what it has in flight at least this often, changed or not.
 const LOAD_HEARTBEAT: Duration = Duration::from_millis(300);
 /// A replica silent for this long counts no more; so long do shared counts hold.
@@ -190,13 +192,24 @@ pub struct Turn {
 }
 
 impl Turn {
-    /// 0 for the candidates that are this replica's share on a tie (every
-    /// `replicas`-th from its ordinal, candidates being in the same order on
-    /// every replica), 1 for the others. Replicas that see the same pods
-    /// tied (all idle, or the same stale counts) then choose different
-    /// ones instead of each choosing at random, and colliding.
-    pub fn not_mine(self, candidate: usize) -> u8 {
-        u8::from(self.replicas > 1 && candidate % self.replicas != self.ordinal)
+    /// 0 for the candidates that are this replica's share of `count` on a
+    /// tie, 1 for the others. The candidates (in the pod store's order, the
+    /// same on every replica) are cut into one contiguous share per replica
+    /// (with fewer candidates than replicas, replica `k` takes candidate
+    /// `k mod count`). Replicas that see the same pods tied (all idle, or
+    /// the same counts) then choose different ones instead of each
+    /// choosing at random and colliding. In a random sample of a large
+    /// fleet the shares are random too, which does no harm.
+    pub fn not_mine(self, candidate: usize, count: usize) -> u8 {
+        if self.replicas <= 1 || count == 0 {
+            return 0;
+        }
+        let mine = if count < self.replicas {
+            candidate == self.ordinal % count
+        } else {
+            candidate * self.replicas / count == self.ordinal
+        };
+        u8::from(!mine)
     }
 }
 
@@ -625,16 +638,20 @@ type PodsByKey = HashMap<String, Arc<crate::discovery::PodInfo>>;
 
 type Others = Arc<Mutex<LoadView>>;
 
-/// The least time between two reports of one replica when `replicas` report:
-/// [`LOAD_EVERY`], or longer so that every replica's reports, each
-/// delivered to every replica, stay within [`LOAD_DELIVERIES_PER_SECOND`].
-fn report_gap(replicas: usize) -> Duration {
+/// The least time between two reports of one replica when `replicas`
+/// replicas report, each `bytes` long: [`LOAD_EVERY`], or longer so that
+/// every replica's reports, each delivered to every replica, stay within
+/// [`LOAD_DELIVERIES_PER_SECOND`] and [`LOAD_BYTES_PER_SECOND`].
+fn report_gap(replicas: usize, bytes: usize) -> Duration {
     let n = replicas.max(1) as f64;
-    Duration::from_secs_f64(n * n / LOAD_DELIVERIES_PER_SECOND).max(LOAD_EVERY).min(LOAD_HEARTBEAT)
+    let by_count = n * n / LOAD_DELIVERIES_PER_SECOND;
+    let by_bytes = n * n * bytes as f64 / LOAD_BYTES_PER_SECOND;
+    Duration::from_secs_f64(by_count.max(by_bytes)).max(LOAD_EVERY).min(LOAD_HEARTBEAT)
 }
 
 /// Says what this replica has in flight per pod whenever it changes (at
-/// most every [`report_gap`]) and every [`LOAD_HEARTBEAT`] regardless, and
+/// most every [`report_gap`]) and at least every [`LOAD_HEARTBEAT`]; every
+/// heartbeat it also asks Redis how many replicas listen (the gap's N) and
 /// renews the sums of the others' (dropping replicas gone silent), until
 /// `shutdown`.
 async fn share_load(
@@ -645,46 +662,55 @@ async fn share_load(
     status: Arc<Status>,
     shutdown: CancellationToken,
 ) {
-    let mut said: Option<(Instant, HashMap<String, usize>)> = None;
-    let mut next_heartbeat = tokio::time::Instant::now();
+    // Until Redis says how many replicas listen, report only at heartbeats:
+    // a fleet starting together must not flood it.
+    let mut listeners: Option<usize> = None;
+    let mut said: Option<(Instant, HashMap<String, usize>, usize)> = None;
+    let mut heartbeat = tokio::time::interval(LOAD_HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let beat = tokio::select! {
             () = shutdown.cancelled() => return,
-            () = crate::discovery::load_changed() => {}
-            () = tokio::time::sleep_until(next_heartbeat) => {}
-        }
-        // Changes close together go in one report.
-        let gap = report_gap(status.peers.load(Ordering::Relaxed) + 1);
-        if let Some((at, _)) = &said {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep_until((*at + gap).into()) => {}
+            () = crate::discovery::load_changed() => false,
+            _ = heartbeat.tick() => true,
+        };
+        if beat {
+            let mut command = redis::cmd("PUBSUB");
+            command.arg("NUMSUB").arg(LOAD_CHANNEL);
+            if let Some((_, count)) = caller.call::<(String, usize)>(&command, "counting replicas").await {
+                listeners = Some(count);
+            }
+            apply_others(&replica, &others, &pods, &status, true);
+        } else {
+            // Changes close together go in one report.
+            let Some(listeners) = listeners else { continue };
+            if let Some((at, _, bytes)) = &said {
+                let gap = report_gap(listeners.max(status.peers.load(Ordering::Relaxed) + 1), *bytes);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep_until((*at + gap).into()) => {}
+                }
             }
         }
-        let snapshot = pods.snapshot();
-        let mine: HashMap<String, usize> = snapshot
+        let mine: HashMap<String, usize> = pods
+            .snapshot()
             .models
             .values()
             .flat_map(|model| model.pods.iter())
             .filter(|pod| pod.load.in_flight() > 0)
             .map(|pod| (pod.key.clone(), pod.load.in_flight()))
             .collect();
-        let now = Instant::now();
-        let heartbeat = said.as_ref().is_none_or(|(at, _)| now.duration_since(*at) >= LOAD_HEARTBEAT);
-        if heartbeat || said.as_ref().is_some_and(|(_, pods)| *pods != mine) {
-            let report = LoadReport { from: replica.clone(), pods: mine.clone() };
-            if let Ok(payload) = serde_json::to_string(&report) {
-                let mut command = redis::cmd("PUBLISH");
-                command.arg(LOAD_CHANNEL).arg(payload);
-                let _: Option<i64> = caller.call(&command, "publishing requests in flight").await;
-            }
-            // Said, or failed to (and tried again at the next change or heartbeat).
-            said = Some((now, mine));
+        if !beat && said.as_ref().is_some_and(|(_, pods, _)| *pods == mine) {
+            continue;
         }
-        if heartbeat {
-            next_heartbeat = tokio::time::Instant::now() + LOAD_HEARTBEAT;
-            apply_others(&replica, &others, &pods, &status, true);
-        }
+        let report = LoadReport { from: replica.clone(), pods: mine };
+        let Ok(payload) = serde_json::to_string(&report) else { continue };
+        let bytes = payload.len();
+        let mut command = redis::cmd("PUBLISH");
+        command.arg(LOAD_CHANNEL).arg(payload);
+        let _: Option<i64> = caller.call(&command, "publishing requests in flight").await;
+        // Said, or failed to (and tried again at the next change or heartbeat).
+        said = Some((Instant::now(), report.pods, bytes));
     }
 }
 
@@ -695,6 +721,7 @@ async fn share_load(
 /// replica's own view.
 fn apply_others(me: &str, others: &Others, pods: &PodStore, status: &Status, all: bool) {
     let now = Instant::now();
+    // Held while the pods are written, so an older sum never overwrites a newer one.
     let mut view = others.lock().unwrap_or_else(PoisonError::into_inner);
     let LoadView { reports, applied, index } = &mut *view;
     reports.retain(|_, (at, _)| now.saturating_duration_since(*at) < LOAD_VALID);
@@ -921,12 +948,13 @@ mod tests {
     }
 
     #[test]
-    fn reports_slow_down_as_the_fleet_grows() {
-        assert_eq!(report_gap(1), LOAD_EVERY);
-        assert_eq!(report_gap(4), LOAD_EVERY);
-        assert_eq!(report_gap(10), Duration::from_millis(5));
-        assert_eq!(report_gap(20), Duration::from_millis(20));
-        assert_eq!(report_gap(100), LOAD_HEARTBEAT, "never rarer than the heartbeat");
+    fn reports_slow_down_as_the_fleet_and_the_reports_grow() {
+        assert_eq!(report_gap(1, 100), LOAD_EVERY);
+        assert_eq!(report_gap(4, 100), LOAD_EVERY);
+        assert_eq!(report_gap(10, 100), Duration::from_millis(5));
+        assert_eq!(report_gap(20, 100), Duration::from_millis(20));
+        assert_eq!(report_gap(4, 30_000), Duration::from_millis(24), "1,000 busy pods: 30 KB a report");
+        assert_eq!(report_gap(100, 100), LOAD_HEARTBEAT, "never rarer than the heartbeat");
     }
 
     #[test]
@@ -935,10 +963,12 @@ mod tests {
         let ids: Vec<String> = vec!["b".into(), "c".into(), "a".into()];
         let turn = turn_among("b", ids.iter());
         assert_eq!(turn, Turn { ordinal: 1, replicas: 3 });
-        assert_eq!((0..6).map(|i| turn.not_mine(i)).collect::<Vec<_>>(), [1, 0, 1, 1, 0, 1]);
+        assert_eq!((0..6).map(|i| turn.not_mine(i, 6)).collect::<Vec<_>>(), [1, 1, 0, 0, 1, 1]);
+        assert_eq!((0..4).map(|i| turn.not_mine(i, 4)).collect::<Vec<_>>(), [1, 1, 0, 1], "shares of 1 or 2");
+        assert_eq!((0..2).map(|i| turn.not_mine(i, 2)).collect::<Vec<_>>(), [1, 0], "fewer pods than replicas");
         let alone = turn_among("b", std::iter::empty());
         assert_eq!(alone, Turn { ordinal: 0, replicas: 1 });
-        assert_eq!(alone.not_mine(5), 0, "alone, every candidate is its share");
+        assert_eq!(alone.not_mine(5, 6), 0, "alone, every candidate is its share");
     }
 
     #[test]

@@ -538,7 +538,7 @@ pub(crate) fn least_in_flight(candidates: &[Arc<PodInfo>]) -> usize {
     let turn = fleet::turn_of();
     let mut least = Lowest::new();
     for (i, pod) in candidates.iter().enumerate() {
-        least.offer((pod.load.routing_load(), turn.not_mine(i)), i);
+        least.offer((pod.load.routing_load(), turn.not_mine(i, candidates.len())), i);
     }
     least.into_item().unwrap_or(0)
 }
@@ -557,7 +557,7 @@ pub(crate) fn lowest(scores: &[f64], candidates: &[Arc<PodInfo>]) -> Option<usiz
     let mut least = Lowest::new();
     for (i, (score, pod)) in scores.iter().zip(candidates).enumerate() {
         if *score <= min + tolerance {
-            least.offer((pod.load.routing_load(), turn.not_mine(i)), i);
+            least.offer((pod.load.routing_load(), turn.not_mine(i, candidates.len())), i);
         }
     }
     least.into_item()

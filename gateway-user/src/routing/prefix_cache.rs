@@ -10,14 +10,15 @@
 //! chosen, the prompt's blocks are then recorded for that pod, and a hit or
 //! a miss is counted.
 //!
-//! One rule is Turnstile's own: when the longest prefix held is one other
-//! prompts went on past (a system prompt many conversations share, rather
-//! than this conversation's history), a holder is taken only while its load
-//! is at most one above the mean; otherwise the least loaded pod takes the
-//! prompt and learns the prefix. A new conversation costs the shared prefix
-//! once wherever it starts, and stays where it starts for all its turns: so
-//! conversations are spread by load, and a prefix that replicas placed on
-//! one pod in the same instant does not keep that pod overloaded.
+//! One rule is Turnstile's own: when the longest prefix held is one prompts
+//! went on past in three or more ways (a system prompt many conversations
+//! share, rather than this conversation's history), a holder is taken only
+//! while its load is at most one above the mean; otherwise the least loaded
+//! pod takes the prompt and learns the prefix. A new conversation costs the
+//! shared prefix once wherever it starts, and its later turns match its
+//! own history, where AIBrix's rule keeps them: so conversations are spread
+//! by load, and a prefix that replicas placed on one pod in the same
+//! instant does not keep that pod overloaded.
 //!
 //! In a weighted mix its score is the share of the prompt the pod does not
 //! hold, load being left to the other strategies.
@@ -137,7 +138,7 @@ impl Strategy for PrefixCache {
             if !eligible[i] || depths[i] == 0 || loads[i] as f64 > ceiling {
                 continue;
             }
-            deepest.offer((std::cmp::Reverse(depths[i]), loads[i], turn.not_mine(i)), i);
+            deepest.offer((std::cmp::Reverse(depths[i]), loads[i], turn.not_mine(i, candidates.len())), i);
         }
         if let Some(best) = deepest.into_item() {
             return Ok(best);
@@ -148,7 +149,7 @@ impl Strategy for PrefixCache {
         // Imbalanced: least-request among the least loaded.
         let mut least = Lowest::new();
         for i in (0..candidates.len()).filter(|&i| eligible[i]) {
-            least.offer((loads[i], turn.not_mine(i)), i);
+            least.offer((loads[i], turn.not_mine(i, candidates.len())), i);
         }
         Ok(least.into_item().unwrap_or(0))
     }
@@ -241,8 +242,10 @@ mod tests {
     fn a_shared_prefix_on_a_busy_pod_goes_to_the_least_loaded_a_history_stays() {
         let s = strategy();
         let pods = pods(4);
-        // Two conversations under one system prompt, both on the pod that holds it.
+        // Three conversations under one system prompt, on the pod that holds it.
         let first = route(&s, &format!("{SYSTEM}user: first conversation"), &pods);
+        route(&s, &format!("{SYSTEM}user: my other one"), &[Arc::clone(&pods[first])]);
+        route(&s, &format!("{SYSTEM}user: the third one"), &[Arc::clone(&pods[first])]);
         let _load: Vec<_> = (0..3).map(|_| pods[first].load.start()).collect();
         let other = format!("{SYSTEM}user: second conversation");
         // Loads [3,0,0,0]: mean 0.75, σ 1.5, the AIBrix ceiling 3.75 would keep it;

@@ -112,15 +112,19 @@ pub fn pod_id(key: &str) -> u64 {
     xxhash_rust::xxh64::xxh64(key.as_bytes(), POD_ID_SEED)
 }
 
-/// The pods holding a block, and whether some prompt went on past it in a
-/// way not seen before (a branch of the prefix tree: a prefix several
-/// prompts share, such as a system prompt), rather than ending there (a
-/// conversation's history, before its next turn).
+/// The pods holding a block, and how many different ways prompts went on
+/// past it (up to a few): a block many went on past ends a prefix several
+/// conversations share, such as a system prompt; one none went on past
+/// ends a conversation's history, before its next turn.
 #[derive(Debug)]
 struct Holders {
     pods: Vec<(u64, Instant)>,
-    continued: bool,
+    continuations: u8,
 }
+
+/// Different continuations past which a block ends a shared prefix: a
+/// conversation whose last turn was retried or edited has two.
+const SHARED_CONTINUATIONS: u8 = 3;
 
 impl Holders {
     fn holds(&self, pod: u64, now: Instant, idle_limit: Duration) -> bool {
@@ -180,8 +184,8 @@ impl PrefixIndex {
     }
 
     /// [`Self::match_depths`], and for each of `pods` whether the deepest
-    /// block it holds is a shared prefix other prompts went on past
-    /// (`false` when it holds none).
+    /// block it holds ends a prefix several prompts went on past in
+    /// different ways ([`SHARED_CONTINUATIONS`]; `false` when it holds none).
     pub fn match_prefix(&self, hashes: &[u64], pods: &[u64], depths: &mut Vec<usize>, shared: &mut Vec<bool>) {
         depths.clear();
         depths.resize(pods.len(), 0);
@@ -197,7 +201,7 @@ impl PrefixIndex {
                 for ((depth, shared), pod) in depths.iter_mut().zip(shared.iter_mut()).zip(pods) {
                     if holders.holds(*pod, now, self.idle_limit) {
                         *depth = i + 1;
-                        *shared = holders.continued;
+                        *shared = holders.continuations >= SHARED_CONTINUATIONS;
                         held = true;
                     }
                 }
@@ -228,12 +232,12 @@ impl PrefixIndex {
                 None => {
                     // A block not seen before: the prompt went on past the one before it.
                     if let Some(before) = previous.and_then(|before| blocks.peek_mut(&before)) {
-                        before.continued = true;
+                        before.continuations = before.continuations.saturating_add(1);
                     }
                     if blocks.len() >= self.capacity {
                         blocks.pop_lru();
                     }
-                    blocks.put(*hash, Holders { pods: vec![(pod, now)], continued: false });
+                    blocks.put(*hash, Holders { pods: vec![(pod, now)], continuations: 0 });
                     false
                 }
             };
@@ -391,9 +395,14 @@ mod tests {
         // The conversation's next turn: its history ends where the last turn did.
         index.match_prefix(&h.hashes("SYSTEMturn1turn2"), &[a, b], &mut depths, &mut shared);
         assert_eq!((depths.as_slice(), shared.as_slice()), ([5, 0].as_slice(), [false, false].as_slice()));
-        // Another conversation under the same system prompt: only the shared part matches.
+        // A second conversation under the same system prompt (or the first one's
+        // turn retried with other words): not yet a shared prefix.
         index.record(&h.hashes("SYSTEMother"), b);
         index.match_prefix(&h.hashes("SYSTEMthird"), &[a, b], &mut depths, &mut shared);
+        assert_eq!((depths.as_slice(), shared.as_slice()), ([3, 3].as_slice(), [false, false].as_slice()));
+        // A third: the system prompt is shared.
+        index.record(&h.hashes("SYSTEMthird"), a);
+        index.match_prefix(&h.hashes("SYSTEMfourth"), &[a, b], &mut depths, &mut shared);
         assert_eq!((depths.as_slice(), shared.as_slice()), ([3, 3].as_slice(), [true, true].as_slice()));
     }
 

@@ -27,6 +27,8 @@ use crate::discovery::PodInfo;
 
 /// Users tracked at once; the least recently seen are forgotten beyond this.
 const MAX_USERS: usize = 10_000;
+/// Longest user name kept as it is; longer ones are counted under a hash.
+const MAX_USER_BYTES: usize = 256;
 /// Buckets a window is cut into.
 const BUCKETS: usize = 10;
 /// How often the least and most used user are recomputed.
@@ -99,11 +101,11 @@ impl Strategy for VtcBasic {
         let Some(user) = request.user else { return };
         let prompt_tokens = (request.prompt().len() as f64 / 4.0).ceil();
         let estimate = self.charge(prompt_tokens, (prompt_tokens * 1.5).ceil());
-        self.tracker.add(user, estimate, Instant::now());
-        self.fleet.send(super::fleet::Event::Tokens { user: user.to_owned(), tokens: estimate });
+        let user = TokenTracker::key(user).into_owned();
+        self.tracker.add(&user, estimate, Instant::now());
+        self.fleet.send(super::fleet::Event::Tokens { user: user.clone(), tokens: estimate });
         let tracker = Arc::clone(&self.tracker);
         let fleet = Arc::clone(&self.fleet);
-        let user = user.to_owned();
         let (input_weight, output_weight) = (self.input_weight, self.output_weight);
         decision.on_usage = Some(UsageCallback::new(move |usage: Option<TokenUsage>| {
             if let Some(usage) = usage {
@@ -162,9 +164,21 @@ impl TokenTracker {
         self.bucket_length.saturating_mul(BUCKETS as u32)
     }
 
+    /// The name a user is counted under: the `user` header itself, or for
+    /// a name longer than [`MAX_USER_BYTES`] a hash of it, so that what is
+    /// kept and shared with other replicas per user stays small.
+    pub fn key(user: &str) -> std::borrow::Cow<'_, str> {
+        if user.len() <= MAX_USER_BYTES {
+            std::borrow::Cow::Borrowed(user)
+        } else {
+            std::borrow::Cow::Owned(format!("#{:016x}", xxhash_rust::xxh64::xxh64(user.as_bytes(), 0)))
+        }
+    }
+
     /// Adds `tokens` (negative to correct an estimate) to the user's bucket
     /// of `now`; a charge older than the window is dropped.
     pub fn add(&self, user: &str, tokens: f64, now: Instant) {
+        let user = &*Self::key(user);
         let slot = self.slot(now);
         let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
         if !users.contains(user) {
@@ -185,6 +199,7 @@ impl TokenTracker {
 
     /// The user's tokens within the window.
     pub(crate) fn tokens(&self, user: &str, now: Instant) -> f64 {
+        let user = &*Self::key(user);
         let slot = self.slot(now);
         let users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
         users.peek(user).map_or(0.0, |buckets| Self::sum(buckets, slot))
@@ -276,6 +291,18 @@ mod tests {
         vtc.chosen(&request, &pods[0], &mut decision);
         decision.on_usage.expect("a callback").call(None);
         assert_eq!(vtc.tracker.tokens("alice", Instant::now()), 510.0, "no usage: the estimate stands");
+    }
+
+    #[test]
+    fn a_long_user_name_is_counted_under_a_short_key() {
+        let tracker = TokenTracker::new(Duration::from_secs(10));
+        let long = "u".repeat(10_000);
+        tracker.add(&long, 5.0, Instant::now());
+        assert_eq!(tracker.tokens(&long, Instant::now()), 5.0);
+        let key = TokenTracker::key(&long);
+        assert!(key.len() <= 17, "{key}");
+        assert_eq!(tracker.tokens(&key, Instant::now()), 5.0, "the key is what other replicas are told");
+        assert_eq!(TokenTracker::key("alice"), "alice");
     }
 
     #[test]

@@ -30,8 +30,9 @@ use crate::setup::{self, Strictness};
 use crate::stack::{Binaries, Profile};
 use crate::ui;
 
-/// Replica counts compared, the first being the reference.
+/// Replica counts compared, the first being the reference, each sharing routing state.
 const REPLICAS: &[usize] = &[1, 2, 4];
+/// Then the most replicas again with `--routing-state-sharing off`: what sharing buys.
 /// Each workload with the strategy it is run with.
 const RUNS: &[(Workload, &str)] = &[(Workload::Chat, "prefix-cache"), (Workload::Skewed, "least-request")];
 /// Chat conversations per run: four times the routing bench's, so that a run lasts a few
@@ -46,6 +47,8 @@ const MAX_SPREAD_RATIO: f64 = 2.0;
 /// One run's measurements.
 struct Row {
     replicas: usize,
+    /// Routing state shared (`--routing-state-sharing on`).
+    shared: bool,
     result: RunResult,
     redis_calls: Calls,
 }
@@ -69,20 +72,26 @@ async fn replicas_async(binaries: Binaries, redis: std::path::PathBuf) -> Result
             Workload::Chat => routing::chat_jobs_of(CONVERSATIONS),
             Workload::Skewed => routing::skewed_jobs(),
         };
-        for &replicas in REPLICAS {
-            let step = ui::step(format!("bench replicas: {} with {strategy}, {replicas} replicas", workload.name()));
-            let run_dir = out_dir.join(format!("replicas-{}-{replicas}", workload.name()));
+        let most = REPLICAS[REPLICAS.len() - 1];
+        let runs = REPLICAS.iter().map(|&replicas| (replicas, true)).chain([(most, false)]);
+        for (replicas, shared) in runs {
+            let label =
+                if shared { format!("{replicas} replicas") } else { format!("{replicas} replicas, sharing off") };
+            let step = ui::step(format!("bench replicas: {} with {strategy}, {label}", workload.name()));
+            let run_dir =
+                out_dir.join(format!("replicas-{}-{replicas}{}", workload.name(), if shared { "" } else { "-off" }));
             std::fs::create_dir_all(&run_dir)?;
             let (_redis, port) = super::fleet::start_redis(&redis, &run_dir, None).await?;
             let url = format!("redis://127.0.0.1:{port}/");
-            let fleet = Fleet { replicas, redis_url: Some(&url) };
+            let off: &[&str] = if shared { &[] } else { &["--routing-state-sharing", "off"] };
+            let fleet = Fleet { replicas, redis_url: Some(&url), extra_args: off };
             let before = redis_calls(port).await?;
             let result = routing::run_one(&binaries, &client, &run_dir, strategy, workload, &jobs, &fleet).await?;
             let redis_calls = redis_calls(port).await?.since(before);
-            ui::info(format!("{replicas} replicas: {}", routing::summary_line(&result)));
+            ui::info(format!("{label}: {}", routing::summary_line(&result)));
             ui::info(format!("requests per pod: {}", per_pod(&result)));
             step.done();
-            rows.push(Row { replicas, result, redis_calls });
+            rows.push(Row { replicas, shared, result, redis_calls });
         }
     }
     let markdown = render_markdown(&revision(), &rows, started.elapsed());
@@ -162,6 +171,8 @@ fn per_pod(result: &RunResult) -> String {
 struct Figures {
     stats: routing::Stats,
     in_flight_ratio_p99: f64,
+    /// Mean over the samples of max − min requests in flight over the pods.
+    spread_mean: f64,
     redis_per_request: f64,
     stream_per_request: f64,
 }
@@ -173,7 +184,9 @@ fn figures(row: &Row) -> Figures {
     let in_flight_ratio_p99 = percentile(&ratios, 99.0).map_or(0.0, |r| f64::from(r) / 1000.0);
     let redis_per_request = row.redis_calls.all as f64 / stats.ok.max(1) as f64;
     let stream_per_request = row.redis_calls.stream as f64 / stats.ok.max(1) as f64;
-    Figures { stats, in_flight_ratio_p99, redis_per_request, stream_per_request }
+    let spreads = &row.result.spreads;
+    let spread_mean = spreads.iter().map(|&s| f64::from(s)).sum::<f64>() / spreads.len().max(1) as f64;
+    Figures { stats, in_flight_ratio_p99, spread_mean, redis_per_request, stream_per_request }
 }
 
 /// One acceptance check and, if it failed, why.
@@ -184,7 +197,7 @@ struct Check {
 
 fn acceptance(rows: &[Row]) -> Vec<Check> {
     let find = |workload: Workload, replicas: usize| {
-        rows.iter().find(|r| r.result.workload == workload && r.replicas == replicas).map(figures)
+        rows.iter().find(|r| r.result.workload == workload && r.replicas == replicas && r.shared).map(figures)
     };
     let (one, most) = (REPLICAS[0], REPLICAS[REPLICAS.len() - 1]);
     let mut checks = Vec::new();
@@ -236,8 +249,9 @@ fn render_markdown(revision: &str, rows: &[Row], elapsed: Duration) -> String {
     let _ = writeln!(
         out,
         "The routing bench's {} mock engines and workloads (see `cargo xtask bench routing`), through 1, 2 and 4 \
-         gateway replicas sharing one Redis (`--redis-url`, userspace only), every request sent to the next replica \
-         in turn. `chat` ({} conversations × {} turns, each turn resending the history) runs with `prefix-cache`, \
+         gateway replicas sharing one Redis (`--redis-url`, userspace only), and 4 again with \
+         `--routing-state-sharing off` (each replica routing from what it alone saw), every request sent to the \
+         next replica in turn. `chat` ({} conversations × {} turns, each turn resending the history) runs with `prefix-cache`, \
          `skewed` ({} independent prompts from {} users of unequal activity) with `least-request`. Each run on \
          fresh engines, replicas and Redis. Load = most requests served by one pod / mean per pod; in flight = \
          the requests in flight per pod as the clients see them, over all replicas at once, sampled every \
@@ -254,7 +268,7 @@ fn render_markdown(revision: &str, rows: &[Row], elapsed: Duration) -> String {
     );
     out.push_str(
         "| workload | strategy | replicas | ok | errors | follow-ups on first pod | max load / mean | \
-         in flight max / mean p99 | in-flight spread p99 | TTFT mean ms | TTFT p99 ms | Redis calls / request (stream) |\n\
+         in flight max / mean p99 | in-flight spread mean / p99 | TTFT mean ms | TTFT p99 ms | Redis calls / request (stream) |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in rows {
@@ -262,14 +276,15 @@ fn render_markdown(revision: &str, rows: &[Row], elapsed: Duration) -> String {
         let sticky = f.stats.stickiness.map_or_else(|| "-".to_owned(), |s| format!("{:.1}%", s * 100.0));
         let _ = writeln!(
             out,
-            "| {} | `{}` | {} | {} | {} | {sticky} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.2} ({:.2}) |",
+            "| {} | `{}` | {} | {} | {} | {sticky} | {:.2} | {:.2} | {:.2} / {} | {:.1} | {:.1} | {:.2} ({:.2}) |",
             row.result.workload.name(),
             row.result.strategy,
-            row.replicas,
+            if row.shared { row.replicas.to_string() } else { format!("{}, sharing off", row.replicas) },
             f.stats.ok,
             row.result.errors,
             f.stats.load_ratio,
             f.in_flight_ratio_p99,
+            f.spread_mean,
             f.stats.spread_p99,
             f.stats.ttft_mean_ms,
             f.stats.ttft_p99_ms,
@@ -279,13 +294,19 @@ fn render_markdown(revision: &str, rows: &[Row], elapsed: Duration) -> String {
     }
     out.push('\n');
     let chart = |out: &mut String, title: &str, workload: Workload, value: &dyn Fn(&Figures) -> f64| {
-        let values: Vec<(usize, f64)> =
-            rows.iter().filter(|r| r.result.workload == workload).map(|r| (r.replicas, value(&figures(r)))).collect();
+        let values: Vec<(String, f64)> = rows
+            .iter()
+            .filter(|r| r.result.workload == workload)
+            .map(|r| {
+                let label = format!("{} replicas{}", r.replicas, if r.shared { "" } else { ", not sharing" });
+                (label, value(&figures(r)))
+            })
+            .collect();
         let top = values.iter().map(|(_, v)| *v).fold(f64::EPSILON, f64::max);
         let _ = writeln!(out, "{title}");
-        for (replicas, v) in values {
+        for (label, v) in values {
             let length = ((v / top) * CHART_WIDTH as f64).round() as usize;
-            let _ = writeln!(out, "  {replicas} replicas |{:<CHART_WIDTH$}| {v:.1}", "█".repeat(length));
+            let _ = writeln!(out, "  {label:>24} |{:<CHART_WIDTH$}| {v:.1}", "█".repeat(length));
         }
     };
     out.push_str("```text\n");
@@ -337,7 +358,7 @@ mod tests {
             prefix_hits: 0.0,
             prefix_queries: 0.0,
         };
-        Row { replicas, result, redis_calls: Calls { all: 40, stream: 8 } }
+        Row { replicas, shared: true, result, redis_calls: Calls { all: 40, stream: 8 } }
     }
 
     #[test]

@@ -200,11 +200,13 @@ async fn routing_async(binaries: &Binaries, strategies: &[String]) -> Result<()>
 pub(super) struct Fleet<'a> {
     pub(super) replicas: usize,
     pub(super) redis_url: Option<&'a str>,
+    /// Further `turnstile serve` flags for every replica.
+    pub(super) extra_args: &'a [&'a str],
 }
 
 impl Fleet<'_> {
     /// One gateway on its own.
-    const ONE: Fleet<'static> = Fleet { replicas: 1, redis_url: None };
+    const ONE: Fleet<'static> = Fleet { replicas: 1, redis_url: None, extra_args: &[] };
 }
 
 /// Starts a fresh stack, runs `jobs` through the gateway replicas with `strategy` (each
@@ -237,6 +239,7 @@ pub(super) async fn run_one(
     if let Some(url) = fleet.redis_url {
         extra_args.extend(["--redis-url".into(), url.into()]);
     }
+    extra_args.extend(fleet.extra_args.iter().map(|arg| (*arg).into()));
     // Replicas after the first, stopped with the stack (their guards).
     let mut others = Vec::new();
     let mut proxies = Vec::new();
