@@ -1486,19 +1486,12 @@ fn render_json(settings: &Settings, runs: &[Run], baselines: &[Baseline]) -> Val
                     measured;
                 let loads: Vec<Value> = loads
                     .iter()
-                    .map(|Load { strategy, report, cpu_us, others_percent }| {
-                        json!({
-                            "strategy": strategy,
-                            "completed": report.completed,
-                            "errors": report.errors,
-                            "first_error": report.first_error,
-                            "requests_per_second": report.requests_per_second(),
-                            "p50_ms": report.percentile_ms(50.0),
-                            "p90_ms": report.percentile_ms(90.0),
-                            "p99_ms": report.percentile_ms(99.0),
-                            "replica0_cpu_us_per_request": cpu_us,
-                            "others_on_gateway_cpu_percent": others_percent,
-                        })
+                    .map(|load| {
+                        let mut row = load_json(&load.report);
+                        row["strategy"] = json!(load.strategy);
+                        row["replica0_cpu_us_per_request"] = json!(load.cpu_us);
+                        row["others_on_gateway_cpu_percent"] = json!(load.others_percent);
+                        row
                     })
                     .collect();
                 json!({
@@ -1535,19 +1528,14 @@ fn render_json(settings: &Settings, runs: &[Run], baselines: &[Baseline]) -> Val
         .iter()
         .map(|Baseline { pods, outcome }| match outcome {
             Err(reason) => json!({"pods": pods, "error": reason}),
-            Ok(Load { report, cpu_us, others_percent, .. }) => json!({
-                "pods": pods,
-                "upstream_keepalive": proxy_keepalive(*pods, *connections),
-                "completed": report.completed,
-                "errors": report.errors,
-                "first_error": report.first_error,
-                "requests_per_second": report.requests_per_second(),
-                "p50_ms": report.percentile_ms(50.0),
-                "p90_ms": report.percentile_ms(90.0),
-                "p99_ms": report.percentile_ms(99.0),
-                "cpu_us_per_request": cpu_us,
-                "others_on_proxy_cpu_percent": others_percent,
-            }),
+            Ok(Load { report, cpu_us, others_percent, .. }) => {
+                let mut row = load_json(report);
+                row["pods"] = json!(pods);
+                row["upstream_keepalive"] = json!(proxy_keepalive(*pods, *connections));
+                row["cpu_us_per_request"] = json!(cpu_us);
+                row["others_on_proxy_cpu_percent"] = json!(others_percent);
+                row
+            }
         })
         .collect();
     let columns = CpuGrowth::columns();
@@ -1585,6 +1573,19 @@ fn render_json(settings: &Settings, runs: &[Run], baselines: &[Baseline]) -> Val
             "replicas": 1,
             "rows": growth_rows,
         },
+    })
+}
+
+/// What a load run measured, as the JSON report has it.
+fn load_json(report: &LoadReport) -> Value {
+    json!({
+        "completed": report.completed,
+        "errors": report.errors,
+        "first_error": report.first_error,
+        "requests_per_second": report.requests_per_second(),
+        "p50_ms": report.percentile_ms(50.0),
+        "p90_ms": report.percentile_ms(90.0),
+        "p99_ms": report.percentile_ms(99.0),
     })
 }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::routing::{self, Fleet, RunResult, Workload};
+use super::routing::{self, Check, Fleet, RunResult, Workload};
 use super::{bench_dir, block_on_until_stopped, publish_report, revision};
 use crate::client::Client;
 use crate::loadgen::percentile;
@@ -189,12 +189,6 @@ fn figures(row: &Row) -> Figures {
     Figures { stats, in_flight_ratio_p99, spread_mean, redis_per_request, stream_per_request }
 }
 
-/// One acceptance check and, if it failed, why.
-struct Check {
-    description: String,
-    failure: Option<String>,
-}
-
 fn acceptance(rows: &[Row]) -> Vec<Check> {
     let find = |workload: Workload, replicas: usize| {
         rows.iter().find(|r| r.result.workload == workload && r.replicas == replicas && r.shared).map(figures)
@@ -315,17 +309,8 @@ fn render_markdown(revision: &str, rows: &[Row], elapsed: Duration) -> String {
     });
     chart(&mut out, "chat, prefix-cache: TTFT mean, ms", Workload::Chat, &|f| f.stats.ttft_mean_ms);
     chart(&mut out, "skewed, least-request: TTFT mean, ms", Workload::Skewed, &|f| f.stats.ttft_mean_ms);
-    out.push_str("```\n\n## Acceptance\n\n");
-    for check in acceptance(rows) {
-        match &check.failure {
-            None => {
-                let _ = writeln!(out, "- PASS: {}", check.description);
-            }
-            Some(why) => {
-                let _ = writeln!(out, "- FAIL: {} — {why}", check.description);
-            }
-        }
-    }
+    out.push_str("```\n\n");
+    routing::write_checks(&mut out, acceptance(rows));
     out
 }
 
@@ -373,7 +358,8 @@ mod tests {
         assert!(acceptance(&rows).iter().all(|c| c.failure.is_none()));
         let markdown = render_markdown("abc", &rows, Duration::from_secs(5));
         assert!(
-            markdown.contains("| chat | `s` | 4 | 8 | 0 | 100.0% | 1.00 | 2.00 | 0 | 32.0 | 32.0 | 5.00 (1.00) |"),
+            markdown
+                .contains("| chat | `s` | 4 | 8 | 0 | 100.0% | 1.00 | 2.00 | 0.00 / 0 | 32.0 | 32.0 | 5.00 (1.00) |"),
             "{markdown}"
         );
         assert!(markdown.contains("- PASS: skewed"), "{markdown}");

@@ -667,9 +667,24 @@ pub(super) fn summary_line(result: &RunResult) -> String {
 }
 
 /// One acceptance check and, if it failed, why.
-struct Check {
-    description: String,
-    failure: Option<String>,
+pub(super) struct Check {
+    pub(super) description: String,
+    pub(super) failure: Option<String>,
+}
+
+/// Appends an acceptance section, a PASS or FAIL line per check.
+pub(super) fn write_checks(out: &mut String, checks: Vec<Check>) {
+    out.push_str("## Acceptance\n\n");
+    for check in checks {
+        match &check.failure {
+            None => {
+                let _ = writeln!(out, "- PASS: {}", check.description);
+            }
+            Some(why) => {
+                let _ = writeln!(out, "- FAIL: {} — {why}", check.description);
+            }
+        }
+    }
 }
 
 fn acceptance(results: &[RunResult]) -> Vec<Check> {
@@ -750,17 +765,7 @@ fn render_markdown(revision: &str, results: &[RunResult], elapsed: Duration) -> 
         }
         out.push('\n');
     }
-    out.push_str("## Acceptance\n\n");
-    for check in acceptance(results) {
-        match &check.failure {
-            None => {
-                let _ = writeln!(out, "- PASS: {}", check.description);
-            }
-            Some(why) => {
-                let _ = writeln!(out, "- FAIL: {} — {why}", check.description);
-            }
-        }
-    }
+    write_checks(&mut out, acceptance(results));
     out
 }
 
