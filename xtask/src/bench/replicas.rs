@@ -250,8 +250,9 @@ fn render_markdown(revision: &str, rows: &[Row], elapsed: Duration) -> String {
          fresh engines, replicas and Redis. Load = most requests served by one pod / mean per pod; in flight = \
          the requests in flight per pod as the clients see them, over all replicas at once, sampled every \
          millisecond while the load is saturated (most on one pod / mean, p99; spread max − min, mean and p99); \
-         Redis calls = every command Redis ran during the run per request (scrape sharing and in-flight reports included), in brackets those on the decisions stream (`XADD`, \
-         `XREAD`, `XRANGE`). Whole suite: {}.\n",
+         Redis calls = every command Redis ran during the run per request (scrape sharing and in-flight \
+         reports included), in brackets those on the decisions stream (`XADD`, `XREAD`, `XRANGE`). Whole \
+         suite: {}.\n",
         routing::ENGINES,
         CONVERSATIONS,
         routing::TURNS,
