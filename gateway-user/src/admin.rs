@@ -30,13 +30,17 @@ pub struct Admin {
     /// The proxy's limiter, whose bearer-token rule `/v1/models` shares:
     /// the model list is no more public here than on the proxy port.
     pub limits: Option<Arc<Limits>>,
-    /// Routing state shared with the other replicas, whose state `/readyz` details.
-    pub fleet: Option<Arc<crate::routing::fleet::Status>>,
+    /// Further sections of `/readyz` (such as the routing state shared with
+    /// the other replicas), each by its name.
+    pub details: Vec<(&'static str, ReadinessDetail)>,
 }
+
+/// Says the state of one part of the gateway, as a `/readyz` section.
+pub type ReadinessDetail = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl Admin {
     pub fn new(store: Arc<PodStore>, metrics: Arc<Metrics>) -> Self {
-        Self { store, metrics, draining: AtomicBool::new(false), kernel: None, limits: None, fleet: None }
+        Self { store, metrics, draining: AtomicBool::new(false), kernel: None, limits: None, details: Vec::new() }
     }
 
     /// Reports kernel assist's state in `/readyz`.
@@ -45,9 +49,9 @@ impl Admin {
         self
     }
 
-    /// Reports the routing state shared with the other replicas in `/readyz`.
-    pub fn with_fleet(mut self, fleet: Option<Arc<crate::routing::fleet::Status>>) -> Self {
-        self.fleet = fleet;
+    /// Adds section `name` to `/readyz`, filled by `detail` on each call.
+    pub fn with_detail(mut self, name: &'static str, detail: ReadinessDetail) -> Self {
+        self.details.push((name, detail));
         self
     }
 
@@ -106,8 +110,8 @@ impl Admin {
         if let Some(kernel) = &self.kernel {
             body["kernel_assist"] = kernel.readiness();
         }
-        if let Some(fleet) = &self.fleet {
-            body["routing_state"] = fleet.readiness();
+        for (name, detail) in &self.details {
+            body[*name] = detail();
         }
         json_response(status, &body)
     }

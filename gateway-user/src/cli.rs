@@ -359,12 +359,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         client_write_timeout: (args.client_write_timeout_seconds > 0)
             .then(|| Duration::from_secs(args.client_write_timeout_seconds)),
     };
-    let admin = Arc::new(
-        Admin::new(Arc::clone(&store), Arc::clone(&metrics))
-            .with_kernel(Arc::clone(&kernel))
-            .with_limits(admin_limits)
-            .with_fleet(fleet_status),
-    );
+    let mut admin =
+        Admin::new(Arc::clone(&store), Arc::clone(&metrics)).with_kernel(Arc::clone(&kernel)).with_limits(admin_limits);
+    if let Some(status) = fleet_status {
+        admin = admin.with_detail("routing_state", Arc::new(move || status.readiness()));
+    }
+    let admin = Arc::new(admin);
     let proxy_shutdown = CancellationToken::new();
     let proxy_task = tokio::spawn(listener::serve_tracked(
         "proxy",
