@@ -70,6 +70,18 @@ if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1
 return 0
 ";
 
+/// Failed calls in a row after which the connection is made again.
+const RECONNECT_AFTER: u32 = 2;
+
+/// A connection to Redis that calls time out on (and that is not retried).
+fn connect(client: &redis::Client) -> redis::RedisResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(CALL_TIMEOUT))
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_number_of_retries(0);
+    ConnectionManager::new_lazy_with_config(client.clone(), config)
+}
+
 /// After a failed call, how long the replica scrapes on its own without asking Redis.
 const PAUSE_AFTER_ERROR: Duration = Duration::from_secs(5);
 
@@ -99,12 +111,20 @@ pub struct Remote {
 
 /// This replica's side of the sharing.
 pub struct Sharing {
-    connection: ConnectionManager,
+    client: redis::Client,
+    /// Made again after [`RECONNECT_AFTER`] failed calls in a row: a Redis
+    /// that went silent (moved, or its node died) times calls out without
+    /// the connection ever breaking.
+    connection: std::sync::Mutex<ConnectionManager>,
+    failures: std::sync::atomic::AtomicU32,
+    /// Connections made again so far.
+    reconnects: std::sync::atomic::AtomicU32,
     claim: Script,
     release: Script,
     replica: String,
     /// Until when Redis is not asked (it failed a call just before).
-    paused_until: std::sync::Mutex<Option<Instant>>,
+    /// (tokio's clock, which tests may pause)
+    paused_until: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Whether readings of other replicas can reach us; without it, every
     /// pod is scraped here.
     subscribed: Arc<AtomicBool>,
@@ -122,17 +142,16 @@ impl Sharing {
     /// returns the sharing and the readings other replicas publish.
     pub fn start(url: &str, shutdown: CancellationToken) -> Result<(Self, mpsc::Receiver<Remote>), String> {
         let client = redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(0);
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|e| e.to_string())?;
+        let connection = connect(&client).map_err(|e| e.to_string())?;
         let replica = format!("{:016x}", rand::random::<u64>());
         let subscribed = Arc::new(AtomicBool::new(false));
         let (sender, receiver) = mpsc::channel(QUEUE);
-        tokio::spawn(subscribe(client, replica.clone(), sender, Arc::clone(&subscribed), shutdown));
+        tokio::spawn(subscribe(client.clone(), replica.clone(), sender, Arc::clone(&subscribed), shutdown));
         let sharing = Self {
-            connection,
+            client,
+            connection: std::sync::Mutex::new(connection),
+            failures: std::sync::atomic::AtomicU32::new(0),
+            reconnects: std::sync::atomic::AtomicU32::new(0),
             claim: Script::new(CLAIM_SCRIPT),
             release: Script::new(RELEASE_SCRIPT),
             replica,
@@ -152,12 +171,14 @@ impl Sharing {
         }
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let hold = period.saturating_mul(4) + Duration::from_secs(1);
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection();
         let mut invocation = self.claim.key(format!("{CLAIM_PREFIX}{pod}@{addr}"));
         invocation.arg(&self.replica).arg(millis(period)).arg(millis(tolerance)).arg(millis(hold));
         match tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async::<i64>(&mut connection)).await {
-            Ok(Ok(1)) => Some(Claim::Mine),
-            Ok(Ok(_)) => Some(Claim::Theirs),
+            Ok(Ok(claimed)) => {
+                self.succeeded();
+                Some(if claimed == 1 { Claim::Mine } else { Claim::Theirs })
+            }
             Ok(Err(err)) => {
                 self.log_error("claiming a pod's scrape", &err.to_string());
                 None
@@ -175,19 +196,28 @@ impl Sharing {
         if self.paused() {
             return;
         }
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection();
         let mut invocation = self.release.key(format!("{CLAIM_PREFIX}{pod}@{addr}"));
         invocation.arg(&self.replica);
         match tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async::<i64>(&mut connection)).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => self.succeeded(),
             Ok(Err(err)) => self.log_error("releasing a pod's scrape", &err.to_string()),
             Err(_) => self.log_error("releasing a pod's scrape", "timed out"),
         }
     }
 
+    fn connection(&self) -> ConnectionManager {
+        self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// A call went through: the connection is sound.
+    fn succeeded(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+    }
+
     fn paused(&self) -> bool {
         let paused_until = self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        paused_until.is_some_and(|until| Instant::now() < until)
+        paused_until.is_some_and(|until| tokio::time::Instant::now() < until)
     }
 
     /// Publishes what this replica just read from `pod`.
@@ -197,11 +227,11 @@ impl Sharing {
         }
         let remote = Remote { pod: pod.to_owned(), addr: addr.to_owned(), from: self.replica.clone(), scraped };
         let Ok(payload) = serde_json::to_string(&remote) else { return };
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection();
         let mut command = redis::cmd("PUBLISH");
         command.arg(CHANNEL).arg(payload);
         match tokio::time::timeout(CALL_TIMEOUT, command.query_async::<i64>(&mut connection)).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => self.succeeded(),
             Ok(Err(err)) => self.log_error("publishing a pod's metrics", &err.to_string()),
             Err(_) => self.log_error("publishing a pod's metrics", "timed out"),
         }
@@ -211,7 +241,14 @@ impl Sharing {
     /// a slow Redis must not hold every scrape up by its timeout.
     fn log_error(&self, doing: &str, error: &str) {
         *self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(Instant::now() + PAUSE_AFTER_ERROR);
+            Some(tokio::time::Instant::now() + PAUSE_AFTER_ERROR);
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= RECONNECT_AFTER
+            && let Ok(fresh) = connect(&self.client)
+        {
+            *self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+            self.reconnects.fetch_add(1, Ordering::Relaxed);
+            self.succeeded();
+        }
         let mut last = self.last_error_log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if last.is_none_or(|at| at.elapsed() >= LOG_INTERVAL) {
             *last = Some(Instant::now());
@@ -278,6 +315,32 @@ async fn subscribe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Redis that accepts connections and never answers (gone silent:
+    /// moved, or its node died): after two calls time out, the connection
+    /// is made again instead of waiting on the dead one.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_redis_gets_a_new_connection_after_two_failed_calls() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("redis://{}/", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let shutdown = CancellationToken::new();
+        let (sharing, _readings) = Sharing::start(&url, shutdown.clone()).expect("starts");
+        let scraped = Scraped::default();
+        sharing.publish("ns/a", "10.0.0.1:8000", scraped).await;
+        assert_eq!(sharing.reconnects.load(Ordering::Relaxed), 0, "one failure is not enough");
+        sharing.publish("ns/a", "10.0.0.1:8000", scraped).await;
+        assert_eq!(sharing.reconnects.load(Ordering::Relaxed), 0, "paused after a failure: Redis is not asked");
+        tokio::time::sleep(PAUSE_AFTER_ERROR + Duration::from_secs(1)).await;
+        sharing.publish("ns/a", "10.0.0.1:8000", scraped).await;
+        assert_eq!(sharing.reconnects.load(Ordering::Relaxed), 1, "two timed-out calls in a row");
+        shutdown.cancel();
+    }
 
     #[test]
     fn a_reading_travels_as_json() {
