@@ -409,24 +409,7 @@ impl Engines {
         if u64::try_from(connections).unwrap_or(u64::MAX) > tools.open_files {
             ui::warn(format!("nginx may need {connections} open files; the limit is {}", tools.open_files));
         }
-        let args: Vec<OsString> = vec![
-            "-p".into(),
-            dir.clone().into_os_string(),
-            "-c".into(),
-            conf.into_os_string(),
-            "-e".into(),
-            "stderr".into(),
-        ];
-        let mut child = ChildGuard::spawn(ServerSpec {
-            name: "nginx".into(),
-            program: tools.nginx.clone(),
-            args,
-            log: dir.join("nginx.log"),
-            stdout: StdoutTo::Log,
-            env: Vec::new(),
-            env_remove: Vec::new(),
-            cpu: pinning.others,
-        })?;
+        let mut child = spawn_nginx(tools, "nginx", &dir, &conf, pinning.others)?;
         wait_serving(&mut child, &ports, &tools.pages, client).await?;
         let pods_file = dir.join("pods.yaml");
         let specs: Vec<PodSpec> = ports
@@ -820,6 +803,28 @@ async fn measure_nginx_proxy(
     Ok(Load { strategy: NGINX_PROXY, report, cpu_us, others_percent })
 }
 
+/// nginx with prefix `dir` and configuration `conf`, logging to `dir/nginx.log`, pinned to `cpu`.
+fn spawn_nginx(tools: &Tools, name: &str, dir: &Path, conf: &Path, cpu: Option<usize>) -> Result<ChildGuard> {
+    let args: Vec<OsString> = vec![
+        "-p".into(),
+        dir.as_os_str().to_owned(),
+        "-c".into(),
+        conf.as_os_str().to_owned(),
+        "-e".into(),
+        "stderr".into(),
+    ];
+    ChildGuard::spawn(ServerSpec {
+        name: name.into(),
+        program: tools.nginx.clone(),
+        args,
+        log: dir.join("nginx.log"),
+        stdout: StdoutTo::Log,
+        env: Vec::new(),
+        env_remove: Vec::new(),
+        cpu,
+    })
+}
+
 /// The baseline's nginx: a master and its worker. SIGKILL, a guard's way out, reaches the
 /// master alone and would leave the worker serving, so dropping this kills the worker too.
 struct NginxProxy {
@@ -828,25 +833,8 @@ struct NginxProxy {
 
 impl NginxProxy {
     fn start(tools: &Tools, dir: &Path, conf: &Path, pinning: Pinning) -> Result<Self> {
-        let args: Vec<OsString> = vec![
-            "-p".into(),
-            dir.as_os_str().to_owned(),
-            "-c".into(),
-            conf.as_os_str().to_owned(),
-            "-e".into(),
-            "stderr".into(),
-        ];
-        let master = ChildGuard::spawn(ServerSpec {
-            name: "nginx proxy".into(),
-            program: tools.nginx.clone(),
-            args,
-            log: dir.join("nginx.log"),
-            stdout: StdoutTo::Log,
-            env: Vec::new(),
-            env_remove: Vec::new(),
-            // The worker inherits the master's CPU.
-            cpu: pinning.gateway,
-        })?;
+        // The worker inherits the master's CPU.
+        let master = spawn_nginx(tools, "nginx proxy", dir, conf, pinning.gateway)?;
         Ok(Self { master })
     }
 

@@ -331,18 +331,8 @@ mod tests {
                 span: (Instant::now(), Instant::now()),
             })
             .collect();
-        let result = RunResult {
-            strategy: "s".into(),
-            workload,
-            outcomes,
-            errors: 0,
-            first_error: None,
-            elapsed: Duration::from_secs(1),
-            spreads,
-            in_flight_ratios: vec![1.0, 2.0],
-            prefix_hits: 0.0,
-            prefix_queries: 0.0,
-        };
+        let result =
+            RunResult { in_flight_ratios: vec![1.0, 2.0], ..routing::run_result("s", workload, outcomes, spreads) };
         Row { replicas, shared: true, result, redis_calls: Calls { all: 40, stream: 8 } }
     }
 

@@ -666,6 +666,23 @@ pub(super) fn summary_line(result: &RunResult) -> String {
     line
 }
 
+/// A run that measured `outcomes` and `spreads` in one second, for tests.
+#[cfg(test)]
+pub(super) fn run_result(strategy: &str, workload: Workload, outcomes: Vec<Outcome>, spreads: Vec<u32>) -> RunResult {
+    RunResult {
+        strategy: strategy.to_owned(),
+        workload,
+        outcomes,
+        errors: 0,
+        first_error: None,
+        elapsed: Duration::from_secs(1),
+        spreads,
+        in_flight_ratios: Vec::new(),
+        prefix_hits: 0.0,
+        prefix_queries: 0.0,
+    }
+}
+
 /// One acceptance check and, if it failed, why.
 pub(super) struct Check {
     pub(super) description: String,
@@ -779,18 +796,7 @@ mod tests {
     }
 
     fn result(strategy: &'static str, workload: Workload, outcomes: Vec<Outcome>, spreads: Vec<u32>) -> RunResult {
-        RunResult {
-            strategy: strategy.to_owned(),
-            workload,
-            outcomes,
-            errors: 0,
-            first_error: None,
-            elapsed: Duration::from_secs(1),
-            spreads,
-            in_flight_ratios: Vec::new(),
-            prefix_hits: 30.0,
-            prefix_queries: 100.0,
-        }
+        RunResult { prefix_hits: 30.0, prefix_queries: 100.0, ..run_result(strategy, workload, outcomes, spreads) }
     }
 
     #[test]
