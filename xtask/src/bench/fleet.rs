@@ -107,6 +107,8 @@ const AGE_SERIES: &str = "aibrix_gateway_pod_metrics_age_seconds";
 /// Other processes using this much of the gateways' CPU during a period make its numbers
 /// noisy, and the report says so.
 const NOISY_PERCENT: f64 = 5.0;
+/// Most measured rounds per strategy.
+const MAX_ROUNDS: usize = 9;
 /// Characters of the longest bar of the ASCII chart.
 const CHART_WIDTH: usize = 40;
 
@@ -127,6 +129,11 @@ pub struct FleetArgs {
     /// (`--gateway-arg=--pod-metric-refresh-interval-ms=100`).
     #[arg(long = "gateway-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub gateway_args: Vec<String>,
+    /// Fleet suite: measured rounds per strategy and per baseline, taken in turn (one round of
+    /// each, then the next); the round with the median CPU per request is reported, so a
+    /// passing disturbance on a shared machine does not decide a row.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 /// Runs the suite.
@@ -160,6 +167,9 @@ fn validate(args: &BenchArgs) -> Result<()> {
     }
     if !(1..=MAX_IDLE_SECONDS).contains(&fleet.idle_seconds) {
         bail!("--idle-seconds must be between 1 and {MAX_IDLE_SECONDS}");
+    }
+    if !(1..=MAX_ROUNDS).contains(&fleet.rounds) {
+        bail!("--rounds must be between 1 and {MAX_ROUNDS}");
     }
     if fleet.pods.is_empty() || fleet.pods.iter().any(|&pods| !(1..=MAX_PODS).contains(&pods)) {
         bail!("--pods: each fleet size must be between 1 and {MAX_PODS}");
@@ -284,6 +294,21 @@ struct Load {
     cpu_us: f64,
     /// What other processes used of the replicas' CPU meanwhile, % (when pinned).
     others_percent: Option<f64>,
+    /// `cpu_us` of every round, in the order they ran (this load is the median one).
+    rounds_cpu_us: Vec<f64>,
+}
+
+impl Load {
+    /// The round with the median CPU per request (the lower middle of an even count), carrying
+    /// every round's figure; `None` for no rounds.
+    fn median(mut rounds: Vec<Load>) -> Option<Load> {
+        let all: Vec<f64> = rounds.iter().map(|load| load.cpu_us).collect();
+        rounds.sort_by(|a, b| a.cpu_us.total_cmp(&b.cpu_us));
+        let middle = rounds.len().checked_sub(1)? / 2;
+        let mut load = rounds.swap_remove(middle);
+        load.rounds_cpu_us = all;
+        Some(load)
+    }
 }
 
 /// The nginx proxy in the gateway's place for one fleet size: its load, or why it has none.
@@ -355,6 +380,7 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
         warmup_seconds: args.warmup_seconds,
         seconds: args.seconds,
         idle_seconds: args.fleet.idle_seconds,
+        rounds: args.fleet.rounds,
         open_files: tools.open_files,
     };
     publish_report(&out_dir, "fleet.md", &render_markdown(&settings, &runs, &baselines))?;
@@ -697,31 +723,36 @@ async fn measure(
     ));
     fleet.check_alive(engines)?;
 
-    let mut loads = Vec::new();
-    for strategy in STRATEGIES {
-        stop::check()?;
-        let spec = LoadSpec {
-            targets: vec![fleet.gateways[0].listen],
-            connections: args.connections,
-            model: MODEL.into(),
-            stream: false,
-            max_tokens: ANSWER_TOKENS,
-            headers: vec![("routing-strategy".into(), strategy.into())],
-        };
-        let schedule =
-            Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
-        let (report, cpu) = tokio::join!(loadgen::run(&spec, schedule), CpuUse::over(&pids, pinning.gateway, schedule));
-        let (report, cpu) = (report?, cpu?);
-        let cpu_us = per_request_us(cpu.per_process[0], &report);
-        let others_percent = cpu.others_percent();
-        ui::info(format!(
-            "{strategy}: {}, replica 0 CPU {cpu_us:.1} µs/request{}",
-            summarize(&report),
-            describe_others(others_percent)
-        ));
-        fleet.check_alive(engines)?;
-        loads.push(Load { strategy, report, cpu_us, others_percent });
+    let mut rounds: Vec<Vec<Load>> = STRATEGIES.iter().map(|_| Vec::new()).collect();
+    for round in 1..=args.fleet.rounds {
+        for (strategy, done) in STRATEGIES.into_iter().zip(&mut rounds) {
+            stop::check()?;
+            let spec = LoadSpec {
+                targets: vec![fleet.gateways[0].listen],
+                connections: args.connections,
+                model: MODEL.into(),
+                stream: false,
+                max_tokens: ANSWER_TOKENS,
+                headers: vec![("routing-strategy".into(), strategy.into())],
+            };
+            let schedule =
+                Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
+            let (report, cpu) =
+                tokio::join!(loadgen::run(&spec, schedule), CpuUse::over(&pids, pinning.gateway, schedule));
+            let (report, cpu) = (report?, cpu?);
+            let cpu_us = per_request_us(cpu.per_process[0], &report);
+            let others_percent = cpu.others_percent();
+            ui::info(format!(
+                "{strategy} (round {round} of {}): {}, replica 0 CPU {cpu_us:.1} µs/request{}",
+                args.fleet.rounds,
+                summarize(&report),
+                describe_others(others_percent)
+            ));
+            fleet.check_alive(engines)?;
+            done.push(Load { strategy, report, cpu_us, others_percent, rounds_cpu_us: Vec::new() });
+        }
     }
+    let loads: Vec<Load> = rounds.into_iter().filter_map(Load::median).collect();
 
     let logs: Vec<PathBuf> = fleet.gateways.iter().map(|gateway| gateway.child.log().to_path_buf()).collect();
     fleet.stop().await?;
@@ -778,29 +809,36 @@ async fn measure_nginx_proxy(
         max_tokens: ANSWER_TOKENS,
         headers: Vec::new(),
     };
-    let schedule = Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
-    let (report, cpu) = tokio::join!(loadgen::run(&spec, schedule), CpuUse::over(&pids, pinning.gateway, schedule));
-    let (report, cpu) = (report?, cpu?);
-    let cpu_us = per_request_us(cpu.per_process.iter().sum(), &report);
-    let others_percent = cpu.others_percent();
-    ui::info(format!(
-        "{NGINX_PROXY}: {}, master + worker CPU {cpu_us:.1} µs/request{}",
-        summarize(&report),
-        describe_others(others_percent)
-    ));
-    engines.check_alive()?;
-    if let Some(status) = proxy.master.exited() {
-        bail!(
-            "the nginx proxy exited ({status}); log {}:\n{}",
-            proxy.master.log().display(),
-            proxy.master.log_tail(20)
-        );
-    }
-    if report.completed == 0 {
-        bail!("no request completed (first error: {})", report.first_error.as_deref().unwrap_or("none"));
+    let mut rounds = Vec::new();
+    for round in 1..=args.fleet.rounds {
+        stop::check()?;
+        let schedule =
+            Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
+        let (report, cpu) = tokio::join!(loadgen::run(&spec, schedule), CpuUse::over(&pids, pinning.gateway, schedule));
+        let (report, cpu) = (report?, cpu?);
+        let cpu_us = per_request_us(cpu.per_process.iter().sum(), &report);
+        let others_percent = cpu.others_percent();
+        ui::info(format!(
+            "{NGINX_PROXY} (round {round} of {}): {}, master + worker CPU {cpu_us:.1} µs/request{}",
+            args.fleet.rounds,
+            summarize(&report),
+            describe_others(others_percent)
+        ));
+        engines.check_alive()?;
+        if let Some(status) = proxy.master.exited() {
+            bail!(
+                "the nginx proxy exited ({status}); log {}:\n{}",
+                proxy.master.log().display(),
+                proxy.master.log_tail(20)
+            );
+        }
+        if report.completed == 0 {
+            bail!("no request completed (first error: {})", report.first_error.as_deref().unwrap_or("none"));
+        }
+        rounds.push(Load { strategy: NGINX_PROXY, report, cpu_us, others_percent, rounds_cpu_us: Vec::new() });
     }
     ui::info(format!("nginx proxy: {}", proxy.stop().await));
-    Ok(Load { strategy: NGINX_PROXY, report, cpu_us, others_percent })
+    Load::median(rounds).ok_or_else(|| anyhow!("no round was measured"))
 }
 
 /// nginx with prefix `dir` and configuration `conf`, logging to `dir/nginx.log`, pinned to `cpu`.
@@ -1169,6 +1207,7 @@ struct Settings {
     warmup_seconds: u64,
     seconds: u64,
     idle_seconds: u64,
+    rounds: usize,
     open_files: u64,
 }
 
@@ -1186,6 +1225,7 @@ fn render_markdown(settings: &Settings, runs: &[Run], baselines: &[Baseline]) ->
         warmup_seconds,
         seconds,
         idle_seconds,
+        rounds,
         open_files,
     } = settings;
     let mut out = format!("# Turnstile fleet benchmark ({revision})\n\n");
@@ -1210,15 +1250,17 @@ fn render_markdown(settings: &Settings, runs: &[Run], baselines: &[Baseline]) ->
          `{AGE_SERIES}` from every replica, p99 over pods, replicas and readings. Then per strategy \
          (`routing-strategy` header) {connections} keep-alive connections to replica 0, {warmup_seconds} s \
          warm-up + {seconds} s measured: req/s, p50/p99 latency and **CPU µs/request**, replica 0's CPU \
-         over the measured period per completed request, its scraping included. CPU 0's busy time \
+         over the measured period per completed request, its scraping included. Each strategy is measured \
+         {rounds} times, the strategies taking turns; a row shows the round with the median CPU µs/request \
+         (the JSON has every round's). CPU 0's busy time \
          (/proc/stat) less the replicas' is what other processes took from them; a run where that reached \
          {NOISY_PERCENT:.0}% is named below the table.\n\n\
          Baseline (`{NGINX_PROXY}`): per fleet size, once the replicas are gone, a second nginx \
          {nginx_version} as the reverse proxy in the gateway's place, in front of the same engine ports: a \
          master and one worker on CPU 0, `least_conn` (nginx's least-request) over a `server` per pod, an \
          upstream keep-alive pool of pods + {connections} connections, HTTP/1.1 upstream, no access log; the \
-         same load without the header. Its CPU µs/request is the master's and the worker's utime + stime over \
-         the measured period per completed request.\n"
+         same load without the header, {rounds} rounds in a row, the median shown. Its CPU µs/request is the \
+         master's and the worker's utime + stime over the measured period per completed request.\n"
     );
     out.push_str(
         "| pods | replicas | idle CPU % per replica | scrapes/s per engine | metrics age p99 ms | strategy | req/s | CPU µs/request | p50 ms | p99 ms | errors |\n\
@@ -1463,6 +1505,7 @@ fn render_json(settings: &Settings, runs: &[Run], baselines: &[Baseline]) -> Val
         warmup_seconds,
         seconds,
         idle_seconds,
+        rounds,
         open_files,
     } = settings;
     let runs: Vec<Value> = runs
@@ -1478,6 +1521,7 @@ fn render_json(settings: &Settings, runs: &[Run], baselines: &[Baseline]) -> Val
                         let mut row = load_json(&load.report);
                         row["strategy"] = json!(load.strategy);
                         row["replica0_cpu_us_per_request"] = json!(load.cpu_us);
+                        row["rounds_cpu_us_per_request"] = json!(load.rounds_cpu_us);
                         row["others_on_gateway_cpu_percent"] = json!(load.others_percent);
                         row
                     })
@@ -1516,8 +1560,9 @@ fn render_json(settings: &Settings, runs: &[Run], baselines: &[Baseline]) -> Val
         .iter()
         .map(|Baseline { pods, outcome }| match outcome {
             Err(reason) => json!({"pods": pods, "error": reason}),
-            Ok(Load { report, cpu_us, others_percent, .. }) => {
+            Ok(Load { report, cpu_us, others_percent, rounds_cpu_us, .. }) => {
                 let mut row = load_json(report);
+                row["rounds_cpu_us_per_request"] = json!(rounds_cpu_us);
                 row["pods"] = json!(pods);
                 row["upstream_keepalive"] = json!(proxy_keepalive(*pods, *connections));
                 row["cpu_us_per_request"] = json!(cpu_us);
@@ -1551,6 +1596,7 @@ fn render_json(settings: &Settings, runs: &[Run], baselines: &[Baseline]) -> Val
             "connections": connections,
             "warmup_seconds": warmup_seconds,
             "seconds": seconds,
+            "rounds": rounds,
             "idle_seconds": idle_seconds,
             "age_readings": AGE_READINGS,
         },
@@ -1757,12 +1803,14 @@ mod tests {
                     report: report(50_000, vec![1000, 2000, 3000]),
                     cpu_us,
                     others_percent: None,
+                    rounds_cpu_us: vec![cpu_us],
                 },
                 Load {
                     strategy: STRATEGIES[1],
                     report: report(40_000, vec![1500, 2500, 3500]),
                     cpu_us: cpu_us + 5.0,
                     others_percent: Some(cpu_us / 10.0),
+                    rounds_cpu_us: vec![cpu_us + 5.0],
                 },
             ],
             log_warnings: 0,
@@ -1784,6 +1832,7 @@ mod tests {
             warmup_seconds: 2,
             seconds: 5,
             idle_seconds: 5,
+            rounds: 3,
             open_files: 20_000,
         }
     }
@@ -1794,8 +1843,25 @@ mod tests {
             report: report(60_000, vec![800, 900, 1000]),
             cpu_us,
             others_percent: Some(cpu_us / 10.0),
+            rounds_cpu_us: vec![cpu_us],
         };
         Baseline { pods, outcome: Ok(load) }
+    }
+
+    #[test]
+    fn the_median_round_is_reported_with_every_round() {
+        let round = |cpu_us: f64| Load {
+            strategy: STRATEGIES[0],
+            report: report(10_000, vec![1000]),
+            cpu_us,
+            others_percent: None,
+            rounds_cpu_us: Vec::new(),
+        };
+        let median = Load::median(vec![round(61.0), round(40.0), round(44.0)]);
+        assert_eq!(median.as_ref().map(|load| load.cpu_us), Some(44.0));
+        assert_eq!(median.map(|load| load.rounds_cpu_us), Some(vec![61.0, 40.0, 44.0]));
+        assert_eq!(Load::median(vec![round(50.0), round(30.0)]).map(|load| load.cpu_us), Some(30.0));
+        assert!(Load::median(Vec::new()).is_none());
     }
 
     #[test]
