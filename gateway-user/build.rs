@@ -48,6 +48,42 @@ fn main() {
         }
     };
     println!("cargo:rustc-env=TURNSTILE_EBPF_BUILD={note}");
+    revision();
+}
+
+/// `TURNSTILE_GIT_REVISION` for `turnstile --version`: the commit checked
+/// out (12 hex digits; uncommitted changes are not told apart), `unknown`
+/// outside a git checkout (a source tarball, a Docker context without
+/// `.git`). Reruns when HEAD moves or the branch it names does.
+fn revision() {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let revision = match git(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(commit) => {
+            // A path that does not exist would rerun this script on every build.
+            let watch = |name: &str| {
+                if let Some(path) = git(&["rev-parse", "--path-format=absolute", "--git-path", name])
+                    && Path::new(&path).exists()
+                {
+                    println!("cargo:rerun-if-changed={path}");
+                }
+            };
+            watch("HEAD");
+            watch("packed-refs");
+            if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+                watch(&branch);
+            }
+            commit
+        }
+        None => "unknown".to_owned(),
+    };
+    println!("cargo:rustc-env=TURNSTILE_GIT_REVISION={revision}");
 }
 
 enum Failure {

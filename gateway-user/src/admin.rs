@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use crate::discovery::PodStore;
 use crate::errors;
 use crate::kernel::KernelAssist;
-use crate::limits::Limits;
+use crate::limits::{BearerAuth, Limits};
 use crate::metrics::Metrics;
 use crate::proxy::{json_response, models_response};
 
@@ -33,14 +33,68 @@ pub struct Admin {
     /// Further sections of `/readyz` (such as the routing state shared with
     /// the other replicas), each by its name.
     pub details: Vec<(&'static str, ReadinessDetail)>,
+    /// Who may read `/debug/*`, which lists every pod's address.
+    pub debug: DebugAccess,
 }
+
+/// Who may read `/debug/*`. On a host network anything that reaches the
+/// node reaches the admin port, so a peer address proves nothing: the
+/// listener must be bound to loopback, or the request must carry the admin
+/// token.
+#[derive(Debug, Default)]
+pub struct DebugAccess {
+    /// The admin listener is bound to a loopback address.
+    pub loopback: bool,
+    /// `--admin-token`, as `Authorization: Bearer`.
+    pub token: Option<BearerAuth>,
+}
+
+impl DebugAccess {
+    /// Whether a request with `headers` may read `/debug/*`; the refusal
+    /// says why.
+    fn check(&self, headers: &http::HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+        match &self.token {
+            Some(token) if token.allows(headers) => Ok(()),
+            _ if self.loopback => Ok(()),
+            Some(_) => Err((StatusCode::UNAUTHORIZED, DEBUG_NEEDS_TOKEN)),
+            None => Err((StatusCode::FORBIDDEN, DEBUG_OFF)),
+        }
+    }
+
+    /// What the startup log says of `/debug/*`.
+    pub fn describe(&self) -> &'static str {
+        match (self.loopback, self.token.is_some()) {
+            (true, _) => "served (loopback admin listener)",
+            (false, true) => "served with the admin token",
+            (false, false) => "off: the admin listener is not on loopback and no --admin-token is set",
+        }
+    }
+}
+
+const DEBUG_NEEDS_TOKEN: &str = "/debug/* needs the admin token: send it as `Authorization: Bearer <token>`";
+const DEBUG_OFF: &str = "/debug/* is served only when the admin listener is bound to a loopback address or \
+     --admin-token is set";
 
 /// Says the state of one part of the gateway, as a `/readyz` section.
 pub type ReadinessDetail = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl Admin {
     pub fn new(store: Arc<PodStore>, metrics: Arc<Metrics>) -> Self {
-        Self { store, metrics, draining: AtomicBool::new(false), kernel: None, limits: None, details: Vec::new() }
+        Self {
+            store,
+            metrics,
+            draining: AtomicBool::new(false),
+            kernel: None,
+            limits: None,
+            details: Vec::new(),
+            debug: DebugAccess::default(),
+        }
+    }
+
+    /// Sets who may read `/debug/*` (nobody by default).
+    pub fn with_debug_access(mut self, debug: DebugAccess) -> Self {
+        self.debug = debug;
+        self
     }
 
     /// Reports kernel assist's state in `/readyz`.
@@ -69,6 +123,15 @@ impl Admin {
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = request.uri().path();
         let method = request.method();
+        if path.starts_with("/debug/")
+            && let Err((status, message)) = self.debug.check(request.headers())
+        {
+            tracing::info!(path, status = status.as_u16(), "admin: refused a /debug request");
+            return debug_refusal(status, message);
+        }
+        // On loopback without the admin token, the proxy's bearer token (when
+        // set) still guards what the proxy's clients may not see.
+        let admin_token = self.debug.token.as_ref().is_some_and(|t| t.allows(request.headers()));
         match (path, method) {
             ("/healthz", &Method::GET) => text(StatusCode::OK, "ok\n"),
             ("/readyz", &Method::GET) => self.readiness(),
@@ -84,7 +147,8 @@ impl Admin {
             // model list, pod addresses) needs it here too; probes and
             // metrics do not.
             ("/v1/models" | "/debug/endpoints", &Method::GET)
-                if let Some(Err(error)) = self.limits.as_ref().map(|l| l.authorize(request.headers())) =>
+                if !(admin_token && path.starts_with("/debug/"))
+                    && let Some(Err(error)) = self.limits.as_ref().map(|l| l.authorize(request.headers())) =>
             {
                 errors::respond(&error.into())
             }
@@ -140,6 +204,18 @@ impl Admin {
             .collect();
         json_response(StatusCode::OK, &serde_json::Value::Object(models))
     }
+}
+
+/// The OpenAI-style error a refused `/debug` request gets.
+fn debug_refusal(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let code = if status == StatusCode::UNAUTHORIZED { "admin_token_required" } else { "debug_disabled" };
+    let mut response = Response::new(Full::new(errors::error_body(status, message, Some(code), None)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -36,9 +36,12 @@ use crate::proxy::listener::{self, HttpLimits};
 use crate::proxy::upstream::{HttpUpstream, UpstreamSettings};
 use crate::proxy::{Proxy, ProxyParts, ProxySettings};
 
+/// `turnstile --version`: the release and the commit it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("TURNSTILE_GIT_REVISION"), ")");
+
 /// Turnstile: an AIBrix-compatible LLM inference gateway.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(name = "turnstile", version = VERSION, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -97,6 +100,7 @@ pub enum UsersAction {
 /// Runs `turnstile users`.
 fn users_command(args: UsersArgs) -> anyhow::Result<()> {
     use crate::limits::users;
+    args.redis.configure_link()?;
     let Some(url) = args.redis.url() else {
         anyhow::bail!("no Redis configured: pass --redis-url or set REDIS_HOST");
     };
@@ -210,6 +214,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
 
     raise_open_files_limit();
+    args.limits.redis.configure_link()?;
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(PodStore::new(Arc::clone(&metrics)));
     let shutdown = CancellationToken::new();
@@ -359,8 +364,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         client_write_timeout: (args.client_write_timeout_seconds > 0)
             .then(|| Duration::from_secs(args.client_write_timeout_seconds)),
     };
-    let mut admin =
-        Admin::new(Arc::clone(&store), Arc::clone(&metrics)).with_kernel(Arc::clone(&kernel)).with_limits(admin_limits);
+    let debug_access = crate::admin::DebugAccess {
+        loopback: admin_listener.local_addr()?.ip().is_loopback(),
+        token: crate::limits::BearerAuth::new(args.admin_token.as_deref()),
+    };
+    tracing::info!(debug = debug_access.describe(), "admin: /debug/*");
+    let mut admin = Admin::new(Arc::clone(&store), Arc::clone(&metrics))
+        .with_kernel(Arc::clone(&kernel))
+        .with_limits(admin_limits)
+        .with_debug_access(debug_access);
     if let Some(status) = fleet_status {
         admin = admin.with_detail("routing_state", Arc::new(move || status.readiness()));
     }
@@ -440,6 +452,17 @@ async fn wait_for_signal() {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn version_names_the_program_release_and_commit() {
+        let version = Cli::command().render_version();
+        let rest = version.trim_end().strip_prefix(&format!("turnstile {} (", env!("CARGO_PKG_VERSION")));
+        let revision = rest.and_then(|r| r.strip_suffix(')')).unwrap_or_else(|| panic!("{version:?}"));
+        assert!(
+            revision == "unknown" || (revision.len() == 12 && revision.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{version:?}"
+        );
+    }
 
     #[test]
     fn cli_is_consistent_and_documents_defaults() {

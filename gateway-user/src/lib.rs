@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod plan;
 pub mod profiles;
 pub mod proxy;
+pub mod redis_link;
 pub mod routing;
 pub mod tokens;

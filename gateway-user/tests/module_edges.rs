@@ -32,21 +32,23 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "plan",
             "profiles",
             "proxy",
+            "redis_link",
             "routing",
             "tokens",
         ],
     ),
     ("discovery", &["metrics", "profiles"]),
-    ("engine_metrics", &["discovery", "metrics"]),
+    ("engine_metrics", &["discovery", "metrics", "redis_link"]),
     ("errors", &["limits"]),
     // Fuzz entry points reach into what they fuzz.
     ("fuzzing", &["discovery", "engine_metrics", "metrics", "profiles", "proxy", "routing", "tokens"]),
-    ("kernel", &["logfmt", "metrics"]),
-    ("limits", &["metrics"]),
+    ("kernel", &["logfmt", "metrics", "redis_link"]),
+    ("limits", &["metrics", "redis_link"]),
     ("logfmt", &[]),
     ("metrics", &[]),
     ("plan", &[]),
     ("profiles", &[]),
+    ("redis_link", &[]),
     (
         "proxy",
         &[
@@ -62,7 +64,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "tokens",
         ],
     ),
-    ("routing", &["discovery", "engine_metrics", "metrics", "tokens"]),
+    ("routing", &["discovery", "engine_metrics", "metrics", "redis_link", "tokens"]),
     ("tokens", &[]),
 ];
 

@@ -205,7 +205,13 @@ impl Gateway {
         let log_file = dir.join("turnstile.log");
         let log = std::fs::File::create(&log_file).expect("log file");
         let proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        // A test may bind the admin listener itself (`--admin-listen 0.0.0.0:P`);
+        // it is still reached on loopback.
+        let given_admin = args.iter().position(|a| *a == "--admin-listen").and_then(|i| args.get(i + 1));
+        let admin: SocketAddr = match given_admin.map(|a| a.parse::<SocketAddr>().expect("--admin-listen address")) {
+            Some(given) => ([127, 0, 0, 1], given.port()).into(),
+            None => ([127, 0, 0, 1], free_port()).into(),
+        };
         let mut command = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut command = Command::new(program);
@@ -214,7 +220,10 @@ impl Gateway {
             }
             None => Command::new(turnstile_bin()),
         };
-        command.arg("serve").args(["--listen", &proxy.to_string(), "--admin-listen", &admin.to_string()]);
+        command.arg("serve").args(["--listen", &proxy.to_string()]);
+        if given_admin.is_none() {
+            command.args(["--admin-listen", &admin.to_string()]);
+        }
         match discovery {
             Discovery::PodsFile(pods) => {
                 testkit::write_pods(&pods_file, pods).expect("write pods file");
@@ -507,14 +516,106 @@ pub struct Redis {
     pub port: u16,
     dir: PathBuf,
     proc: Option<Proc>,
+    tls: Option<RedisTls>,
+}
+
+/// A Redis's TLS side: its port, the CA that signed its certificate (made
+/// with `openssl` for the test), and the ACL user every connection needs.
+pub struct RedisTls {
+    pub port: u16,
+    pub ca_file: PathBuf,
+    pub username: String,
+    pub password: String,
+}
+
+/// Makes a CA and a server certificate for 127.0.0.1 / localhost signed by
+/// it in `dir` with `openssl`; returns the CA's path (the server's are
+/// `server.pem` and `server.key` beside it).
+fn make_certificates(dir: &Path) -> PathBuf {
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    std::fs::write(path("server.ext"), "subjectAltName = IP:127.0.0.1, DNS:localhost\n").expect("write extensions");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().expect("run openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (ca_key, ca, key, csr, cert, ext) = (
+        path("ca.key"),
+        path("ca.pem"),
+        path("server.key"),
+        path("server.csr"),
+        path("server.pem"),
+        path("server.ext"),
+    );
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=turnstile test CA",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca,
+    ]);
+    openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", &key, "-out", &csr]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &ext,
+        "-out",
+        &cert,
+    ]);
+    PathBuf::from(ca)
 }
 
 impl Redis {
     /// Starts a server and waits (bounded) until it answers PING.
     pub fn start() -> Self {
-        let mut redis = Self { port: free_port(), dir: scratch_dir("redis"), proc: None };
+        let mut redis = Self { port: free_port(), dir: scratch_dir("redis"), proc: None, tls: None };
         redis.restart();
         redis
+    }
+
+    /// Starts a server that also listens with TLS (on a certificate of a CA
+    /// made for the test) and admits only the ACL user `gateway` with a
+    /// password, on both ports.
+    pub fn start_tls() -> Self {
+        let dir = scratch_dir("redis-tls");
+        let ca_file = make_certificates(&dir);
+        let tls = RedisTls {
+            port: free_port(),
+            ca_file,
+            username: "gateway".into(),
+            password: format!("pw-{}", std::process::id()),
+        };
+        let mut redis = Self { port: free_port(), dir, proc: None, tls: Some(tls) };
+        redis.restart();
+        redis
+    }
+
+    /// The TLS side, when started with [`Redis::start_tls`].
+    pub fn tls(&self) -> Option<&RedisTls> {
+        self.tls.as_ref()
+    }
+
+    /// `rediss://` to the TLS port, without credentials (they come from
+    /// REDIS_USERNAME / REDIS_PASSWORD).
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.tls.as_ref().expect("started with start_tls").port)
     }
 
     pub fn url(&self) -> String {
@@ -533,11 +634,22 @@ impl Redis {
             .into_iter()
             .find(|p| Path::new(p).exists())
             .unwrap_or("redis-server");
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--loglevel", "warning"])
             .arg("--dir")
-            .arg(&self.dir)
+            .arg(&self.dir);
+        if let Some(tls) = &self.tls {
+            let path = |name: &str| self.dir.join(name).to_string_lossy().into_owned();
+            command
+                .args(["--tls-port", &tls.port.to_string(), "--tls-auth-clients", "no"])
+                .args(["--tls-cert-file", &path("server.pem"), "--tls-key-file", &path("server.key")])
+                .args(["--tls-ca-cert-file", &path("ca.pem")])
+                .args(["--user", "default", "off"])
+                .args(["--user", &tls.username, "on", &format!(">{}", tls.password), "~*", "&*", "+@all"]);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -556,7 +668,11 @@ impl Redis {
     }
 
     fn try_cmd(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(self.url())?;
+        let url = match &self.tls {
+            None => self.url(),
+            Some(tls) => format!("redis://{}:{}@127.0.0.1:{}/", tls.username, tls.password, self.port),
+        };
+        let client = redis::Client::open(url)?;
         let mut connection = client.get_connection_with_timeout(Duration::from_secs(2))?;
         connection.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut cmd = redis::cmd(args[0]);

@@ -298,6 +298,45 @@ async fn admin_models_need_the_proxys_bearer_token() {
     assert_eq!(send(get(&gw.admin_url("/healthz"))).await.status, StatusCode::OK, "probes need no token");
 }
 
+/// `/debug/endpoints` lists every pod's address: on an admin listener that
+/// is not on loopback (a host network) it needs `--admin-token`; probes and
+/// metrics stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_needs_the_admin_token_off_loopback() {
+    let engine = Engine::start("hard-0", MODEL, &[]);
+    let pods = [PodSpec::for_engine(&engine, MODEL)];
+    let wildcard = format!("0.0.0.0:{}", turnstile_tests::harness::free_port());
+    let closed = Gateway::start(&pods, &["--admin-listen", &wildcard]).await;
+    let refused = send(get(&closed.admin_url("/debug/endpoints"))).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "no token set: /debug is off");
+    assert_eq!(refused.json()["error"]["code"], "debug_disabled");
+    assert!(refused.text().contains("--admin-token"), "{}", refused.text());
+    for open in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(send(get(&closed.admin_url(open))).await.status, StatusCode::OK, "{open} stays open");
+    }
+    drop(closed);
+
+    let wildcard = format!("0.0.0.0:{}", turnstile_tests::harness::free_port());
+    let gw = Gateway::start(&pods, &["--admin-listen", &wildcard, "--admin-token", "adm1n"]).await;
+    let url = gw.admin_url("/debug/endpoints");
+    let missing = send(get(&url)).await;
+    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(missing.header("www-authenticate"), "Bearer");
+    assert_eq!(missing.json()["error"]["code"], "admin_token_required");
+    for token in ["Bearer wrong", "Bearer adm1n-and-more", "Basic adm1n"] {
+        let mut request = get(&url);
+        request.headers_mut().insert("authorization", token.parse().expect("header"));
+        assert_eq!(send(request).await.status, StatusCode::UNAUTHORIZED, "{token}");
+    }
+    let mut request = get(&url);
+    request.headers_mut().insert("authorization", "Bearer adm1n".parse().expect("header"));
+    let allowed = send(request).await;
+    assert_eq!(allowed.status, StatusCode::OK);
+    assert_eq!(allowed.json()[MODEL]["pods"][0]["pod"], "default/hard-0", "{}", allowed.text());
+    let log = std::fs::read_to_string(&gw.log_file).unwrap_or_default();
+    assert!(log.contains("refused a /debug request"), "refusals are logged");
+}
+
 /// A scripted engine: answers each request on `listener` with the bytes
 /// `answer` makes from the request body (keep-alive, several per connection).
 fn scripted_engine(listener: TcpListener, answer: fn(&str) -> Vec<u8>) {

@@ -155,6 +155,43 @@ async fn two_gateways_sharing_redis_admit_five_in_total() {
     assert_eq!(count_status(&replies, StatusCode::TOO_MANY_REQUESTS), 15);
 }
 
+/// Production Redis: TLS on a private CA and an ACL user whose password comes
+/// from the environment (a Secret in the manifests), not the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_over_tls_with_a_password_admit_five_in_total() {
+    let redis = Redis::start_tls();
+    let tls = redis.tls().expect("TLS side");
+    let engine = Engine::start("pod-a", MODEL, &[]);
+    let url = redis.tls_url();
+    let ca = tls.ca_file.to_string_lossy().into_owned();
+    let mut args = redis_args(&url);
+    args.extend(["--redis-ca-file", &ca]);
+    let env = [("REDIS_USERNAME", tls.username.as_str()), ("REDIS_PASSWORD", tls.password.as_str())];
+    let pods = [PodSpec::for_engine(&engine, MODEL).config(CAPPED)];
+    let (a, b) = (Gateway::spawn(&pods, &args, &env), Gateway::spawn(&pods, &args, &env));
+    tokio::join!(a.wait_ready(), b.wait_ready());
+    warm_up(&a).await;
+    warm_up(&b).await;
+
+    let window = redis.next_window(Duration::from_millis(30)).await;
+    let replies = burst(&[chat_url(&a), chat_url(&b)], 20, &[]).await;
+    assert_eq!(count_status(&replies, StatusCode::OK), 5, "5 in total across both replicas, counted in Redis");
+    assert_eq!(count_status(&replies, StatusCode::TOO_MANY_REQUESTS), 15);
+    let key = format!("aibrix_model:{MODEL}:default:rps:{window}");
+    assert_eq!(redis.get_int(&key), Some(5), "the counter lives in the TLS Redis");
+
+    // Without the CA the server's certificate is not trusted: the gateway
+    // says so and, failing open (the default), admits what it cannot count.
+    let untrusted = Gateway::start(&pods, &redis_args(&url)).await;
+    let _ = untrusted.chat(MODEL, &[]).await;
+    let log_file = untrusted.log_file.clone();
+    eventually(Duration::from_secs(5), "a log line about the untrusted certificate", || {
+        let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+        async move { log.to_lowercase().contains("certificate") }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admitted_request_without_ready_pod_gives_its_quota_back() {
     let (redis, engine) = redis_and_engine();

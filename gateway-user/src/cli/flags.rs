@@ -35,6 +35,13 @@ pub struct ServeArgs {
     #[arg(long, env = "TURNSTILE_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
     pub admin_listen: SocketAddr,
 
+    /// Token that opens /debug/* (which lists every pod's address) on an
+    /// admin listener not bound to loopback, sent as `Authorization: Bearer`.
+    /// Without it, /debug/* is served only on a loopback admin listener;
+    /// /metrics, /healthz and /readyz stay open for probes and Prometheus.
+    #[arg(long, env = "TURNSTILE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// Where pods come from: `file:PATH` (a Kubernetes v1 List of Pods, YAML
     /// or JSON, reloaded on change) or `kubernetes`.
     #[arg(long, env = "TURNSTILE_DISCOVERY", default_value = "file:/etc/turnstile/pods.yaml")]
@@ -166,18 +173,51 @@ impl ServeArgs {
     }
 }
 
+/// What opens a PEM certificate.
+const CERTIFICATE_PEM: &[u8] = b"-----BEGIN CERTIFICATE-----";
+
 /// Where the shared rate-limit counters and user records live.
 #[derive(Args, Debug, Clone)]
 pub struct RedisArgs {
     /// Redis for rate-limit counters shared by all replicas and for user
-    /// records, e.g. `redis://:PASSWORD@redis:6379/0`. When unset, AIBrix's
-    /// REDIS_HOST / REDIS_PORT (default 6379) / REDIS_PASSWORD build it;
-    /// without either, limits are counted per replica in process.
+    /// records, e.g. `redis://:PASSWORD@redis:6379/0`, or `rediss://` for
+    /// TLS. A URL without credentials takes REDIS_USERNAME / REDIS_PASSWORD
+    /// when set. When unset, AIBrix's REDIS_HOST / REDIS_PORT (default 6379) /
+    /// REDIS_PASSWORD build it; without either, limits are counted per
+    /// replica in process.
     #[arg(long, env = "TURNSTILE_REDIS_URL", hide_env_values = true, global = true)]
     pub redis_url: Option<String>,
+
+    /// PEM file of the CA certificates a `rediss://` server's certificate
+    /// must lead to (a private CA). [default: the system's roots]
+    #[arg(long, env = "TURNSTILE_REDIS_CA_FILE", global = true)]
+    pub redis_ca_file: Option<PathBuf>,
 }
 
 impl RedisArgs {
+    /// Makes every Redis client of the process trust `--redis-ca-file` and
+    /// use REDIS_USERNAME / REDIS_PASSWORD where the URL has no credentials.
+    pub fn configure_link(&self) -> anyhow::Result<()> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let ca_pem = match &self.redis_ca_file {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("reading --redis-ca-file {}: {e}", path.display()))?;
+                if !pem.windows(CERTIFICATE_PEM.len()).any(|w| w == CERTIFICATE_PEM) {
+                    anyhow::bail!("--redis-ca-file {} holds no PEM certificate", path.display());
+                }
+                Some(pem)
+            }
+        };
+        crate::redis_link::configure(crate::redis_link::Settings {
+            ca_pem,
+            username: env("REDIS_USERNAME"),
+            password: env("REDIS_PASSWORD"),
+        });
+        Ok(())
+    }
+
     /// The Redis URL: flag or TURNSTILE_REDIS_URL, else built from REDIS_HOST.
     pub fn url(&self) -> Option<String> {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());

@@ -141,7 +141,7 @@ impl Sharing {
     /// Connects lazily to `url` and subscribes (retrying until `shutdown`);
     /// returns the sharing and the readings other replicas publish.
     pub fn start(url: &str, shutdown: CancellationToken) -> Result<(Self, mpsc::Receiver<Remote>), String> {
-        let client = redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
+        let client = crate::redis_link::open(url)?;
         let connection = connect(&client).map_err(|e| e.to_string())?;
         let replica = format!("{:016x}", rand::random::<u64>());
         let subscribed = Arc::new(AtomicBool::new(false));

@@ -492,7 +492,7 @@ pub fn spawn_redis_sync(
     enforcer: Arc<Enforcer>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<mpsc::Sender<Shared>> {
-    let client = redis::Client::open(url)?;
+    let client = crate::redis_link::open(url).map_err(anyhow::Error::msg)?;
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(publish_loop(client.clone(), Arc::clone(&enforcer), rx, shutdown.clone()));
     tokio::spawn(subscribe_loop(client, enforcer, shutdown));

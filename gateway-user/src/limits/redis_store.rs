@@ -121,7 +121,7 @@ impl std::fmt::Debug for RedisStore {
 
 /// Opens a client for `url` (`redis://[:password@]host:port[/db]`).
 pub fn client(url: &str) -> Result<redis::Client, StoreError> {
-    redis::Client::open(url).map_err(|e| StoreError::Redis(format!("invalid Redis URL: {e}")))
+    crate::redis_link::open(url).map_err(StoreError::Redis)
 }
 
 impl RedisStore {

@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use redis::IntoConnectionInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::TcpSettings;
 use serde::{Deserialize, Serialize};
@@ -282,11 +281,9 @@ pub fn spawn(
     pods: Arc<PodStore>,
     shutdown: CancellationToken,
 ) -> Result<(Arc<Status>, watch::Receiver<bool>), String> {
-    let info = url
-        .into_connection_info()
-        .map_err(|e| format!("invalid Redis URL: {e}"))?
+    let info = crate::redis_link::connection_info(url)?
         .set_tcp_settings(TcpSettings::default().set_user_timeout(TCP_USER_TIMEOUT));
-    let client = redis::Client::open(info).map_err(|e| format!("invalid Redis URL: {e}"))?;
+    let client = crate::redis_link::client(info)?;
     let (outbox, inbox) = tokio::sync::mpsc::channel(OUTBOX);
     if state.link.outbox.set(outbox).is_err() {
         return Err("routing state is already shared".into());
