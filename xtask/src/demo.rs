@@ -190,12 +190,13 @@ async fn start_and_show(
     step.done();
 
     let mut problems = Vec::new();
-    let sections: [(&str, Section); 5] = [
+    let sections: [(&str, Section); 6] = [
         ("(a) chat requests, spread over the pods", Section::Spread),
         ("(b) a streamed answer", Section::Stream),
         ("(c) profiles, strategy header, second model", Section::Profiles),
         ("(d) an error: unknown model", Section::Error),
-        ("(e) gateway metrics", Section::Metrics),
+        ("(e) a burst over the batch profile's requestsPerSecond cap", Section::RateLimit),
+        ("(f) gateway metrics", Section::Metrics),
     ];
     for (title, section) in sections {
         let step = ui::step(format!("demo: {title}"));
@@ -204,6 +205,7 @@ async fn start_and_show(
             Section::Stream => show_stream(client, listen).await,
             Section::Profiles => show_profiles(client, listen).await,
             Section::Error => show_error(client, listen).await,
+            Section::RateLimit => show_rate_limit(client, listen).await,
             Section::Metrics => show_metrics(client, admin).await,
         };
         match result {
@@ -272,6 +274,7 @@ enum Section {
     Stream,
     Profiles,
     Error,
+    RateLimit,
     Metrics,
 }
 
@@ -522,7 +525,66 @@ async fn show_error(client: &Client, proxy: SocketAddr) -> Result<Vec<String>> {
     Ok(problems)
 }
 
-/// (e) The request counter from the admin port.
+/// Requests in the rate-limit burst: [`BATCH_RPS`] pass, the rest are refused.
+const BURST: usize = 30;
+/// The batch profile's `requestsPerSecond` (see [`chat_model_config`]).
+const BATCH_RPS: u64 = 20;
+
+/// (e) [`BURST`] requests at once on the batch profile, capped at [`BATCH_RPS`] per second:
+/// the rest get the seed's 429 (`model: <model> has exceeded RPS: <cap>`) with `Retry-After`,
+/// before any routing.
+async fn show_rate_limit(client: &Client, proxy: SocketAddr) -> Result<Vec<String>> {
+    // Start just after a second begins, so the burst falls in one counting window.
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let to_next_second = Duration::from_nanos(u64::from(1_000_000_000 - since.subsec_nanos()));
+    tokio::time::sleep(to_next_second + Duration::from_millis(20)).await;
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..BURST {
+        let client = client.clone();
+        let body = chat_body(CHAT_MODEL, &format!("Batch item {i}."), false);
+        burst.spawn(async move {
+            client
+                .post_json(proxy, "/v1/chat/completions", &[("config-profile", "batch")], &body, REQUEST_TIMEOUT)
+                .await
+        });
+    }
+    let mut replies = Vec::with_capacity(BURST);
+    while let Some(reply) = burst.join_next().await {
+        replies.push(reply.context("burst request task")??);
+    }
+    let passed = replies.iter().filter(|r| r.status.is_success()).count();
+    let refused: Vec<_> = replies.iter().filter(|r| r.status.as_u16() == 429).collect();
+    ui::info(format!(
+        "{BURST} requests at once, config-profile: batch (requestsPerSecond {BATCH_RPS}) → {passed} × 200, {} × 429",
+        refused.len()
+    ));
+    let mut problems = Vec::new();
+    let Some(first) = refused.first() else {
+        problems.push(format!("no request of the burst was refused ({passed} passed)"));
+        return Ok(problems);
+    };
+    ui::info(format!(
+        "a refused one: {}, retry-after: {}, x-error-model-rps-exceeded: {}",
+        first.status,
+        first.header("retry-after"),
+        first.header("x-error-model-rps-exceeded")
+    ));
+    ui::info(format!("  {}", first.text().trim()));
+    let expected = format!("model: {CHAT_MODEL} has exceeded RPS: {BATCH_RPS}");
+    let body: serde_json::Value = serde_json::from_slice(&first.body).unwrap_or_default();
+    if body["error"]["message"] != expected.as_str() || body["error"]["code"] != "rate_limit_exceeded" {
+        problems.push(format!("the 429's body is not the documented one: {}", first.text()));
+    }
+    if first.header("retry-after") == "-" {
+        problems.push("the 429 has no Retry-After".to_owned());
+    }
+    if passed > usize::try_from(BATCH_RPS).unwrap_or(usize::MAX) {
+        problems.push(format!("{passed} passed in one second, over the cap of {BATCH_RPS}"));
+    }
+    Ok(problems)
+}
+
+/// (f) The request counter from the admin port.
 async fn show_metrics(client: &Client, admin: SocketAddr) -> Result<Vec<String>> {
     let reply = client.get(admin, "/metrics", REQUEST_TIMEOUT).await?;
     let text = reply.text();
