@@ -288,7 +288,7 @@ impl GatewayError {
 }
 
 /// OpenAI error `type` by status.
-fn error_type(status: StatusCode) -> &'static str {
+pub(crate) fn error_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 | 404 | 405 | 408 | 413 | 414 | 431 => "invalid_request_error",
         401 => "authentication_error",

@@ -414,7 +414,36 @@ async fn engine_failures_after_sending_are_final() {
     rig.engines.set(9000, Reply::Status(500, error_body));
     rig.engines.set(9001, Reply::Status(500, error_body));
     let answer = rig.chat(&[]).await;
-    assert_eq!((answer.status.as_u16(), answer.body.as_str()), (500, error_body), "engine errors pass through");
+    assert_eq!(answer.status.as_u16(), 500, "the engine's status is kept, and not retried elsewhere");
+    let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap_or_default();
+    assert_eq!(
+        body,
+        serde_json::json!({"error":{"message":"engine says no","type":"api_error","code":null,"param":null}}),
+        "the engine's error in the OpenAI shape"
+    );
+}
+
+#[tokio::test]
+async fn engine_errors_reach_the_client_in_the_openai_shape() {
+    let rig = Rig::new(&[pod("p0", 9000)]);
+    let flat =
+        r#"{"object":"error","message":"max_tokens is too large","type":"BadRequestError","param":null,"code":400}"#;
+    rig.engines.set(9000, Reply::Status(400, flat));
+    let answer = rig.chat(&[]).await;
+    assert_eq!(answer.status.as_u16(), 400);
+    let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap_or_default();
+    assert_eq!(body["error"]["message"], "max_tokens is too large", "{}", answer.body);
+    assert_eq!(body["error"]["code"], 400);
+
+    let openai = r#"{"error":{"message":"no","type":"invalid_request_error","param":"model","code":"x"}}"#;
+    rig.engines.set(9000, Reply::Status(404, openai));
+    let answer = rig.chat(&[]).await;
+    assert_eq!((answer.status.as_u16(), answer.body.as_str()), (404, openai), "already OpenAI-shaped: untouched");
+
+    rig.engines.set(9000, Reply::Status(502, "<html><body>Bad Gateway</body></html>"));
+    let answer = rig.chat(&[]).await;
+    assert_eq!(answer.status.as_u16(), 502);
+    assert!(answer.body.contains(r#""message":"Internal server error""#), "{}", answer.body);
 }
 
 /// A `pd` roleset: prefill pod on `prefill`, decode pod on `decode`.

@@ -2,15 +2,18 @@
 //! each doing one thing over any `B: Body`:
 //!
 //! ```text
-//! engine body ─▶ Coalesced ─▶ Metered ─▶ RequestEnd ─▶ SseErrorEvent ─▶ Clocked ─▶ client
-//!                (SSE bursts   (usage tap,  (access log,   (a break as an   (turn-taking for
-//!                 as one write) TPM settle)  metrics, slots) SSE error event) the write watch)
+//! engine body ─▶ Coalesced ─▶ Metered ─▶ RequestEnd ─▶ ErrorShaped ─▶ SseErrorEvent ─▶ Clocked ─▶ client
+//!                (SSE bursts   (usage tap,  (access log,   (an engine's   (a break as an   (turn-taking for
+//!                 as one write) TPM settle)  metrics, slots) error in the   SSE error event) the write watch)
+//!                                                           OpenAI shape)
 //! ```
 //!
 //! Frames pass through without buffering or copies, except that an SSE
-//! burst is merged into one frame.
+//! burst is merged into one frame and an error answer (not 2xx, not SSE) is
+//! held to its end to be shaped.
 
 mod coalesce;
+pub mod error_shape;
 mod metered;
 mod request_end;
 #[cfg(test)]
@@ -24,6 +27,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 pub use coalesce::Coalesced;
+pub use error_shape::ErrorShaped;
 pub use metered::{Charge, Metered, UsageSource};
 pub use request_end::{EndRecord, Held, RequestEnd};
 
@@ -33,11 +37,13 @@ use super::write_watch::BodyClock;
 type Polled<E> = Option<Result<Frame<Bytes>, E>>;
 
 /// The whole stack over an engine body `B`.
-pub type ResponseBody<B> = Clocked<SseErrorEvent<RequestEnd<Metered<Coalesced<B>>>>>;
+pub type ResponseBody<B> = Clocked<SseErrorEvent<ErrorShaped<RequestEnd<Metered<Coalesced<B>>>>>>;
 
 /// What the layers need to know about an answer.
 #[derive(Default)]
 pub struct AnswerShape<'a> {
+    /// The engine's status: an error answer is shaped ([`error_shape`]).
+    pub status: http::StatusCode,
     pub content_type: Option<&'a str>,
     pub content_encoding: Option<&'a str>,
     /// The gateway asked for a usage chunk the client did not: it is
@@ -60,7 +66,9 @@ pub fn response_body<B: Body<Data = Bytes, Error: Unpin> + Unpin>(
     let filter = (sse && shape.hide_usage_chunk && !encoded).then(UsageChunkFilter::default);
     let metered = Metered::new(Coalesced::new(inner, sse), tap, filter, charge);
     let ended = RequestEnd::new(metered, record, clock.clone());
-    Clocked { inner: SseErrorEvent { inner: ended, sse, ended: false }, clock }
+    let shaped = error_shape::shapes(shape.status, shape.content_type, encoded).then_some(shape.status);
+    let shaped = ErrorShaped::new(ended, shaped);
+    Clocked { inner: SseErrorEvent { inner: shaped, sse, ended: false }, clock }
 }
 
 /// Sent to a streaming client when the engine breaks off mid-stream, so the
@@ -152,8 +160,12 @@ mod tests {
     const USAGE: &str =
         "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n";
     const DONE: &str = "data: [DONE]\n\n";
-    const SSE: AnswerShape<'static> =
-        AnswerShape { content_type: Some("text/event-stream"), content_encoding: None, hide_usage_chunk: true };
+    const SSE: AnswerShape<'static> = AnswerShape {
+        status: http::StatusCode::OK,
+        content_type: Some("text/event-stream"),
+        content_encoding: None,
+        hide_usage_chunk: true,
+    };
 
     /// A TPM charge that records what it bills, and lands when `gate` opens.
     struct TestCharge {
