@@ -468,3 +468,204 @@ async fn every_dashboard_query_uses_series_the_gateway_exports() {
         "the dashboard queries series the gateway does not export: {missing:?}\nexported: {exported:?}"
     );
 }
+
+/// Whether every `matchLabels` pair of a label selector is among `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let Some(wanted) = selector["matchLabels"].as_object() else { return false };
+    !wanted.is_empty() && wanted.iter().all(|(key, value)| &labels[key] == value)
+}
+
+/// The gateway container's proxy and admin ports, from its flags.
+fn gateway_ports(workload: &Value) -> (u64, u64) {
+    let args = strings(&container(workload, "turnstile")["args"]);
+    let proxy = port_of(&flag(&args, "listen").unwrap_or_else(|| "0.0.0.0:8888".into()));
+    let admin = port_of(&flag(&args, "admin-listen").unwrap_or_else(|| "0.0.0.0:8080".into()));
+    (proxy, admin)
+}
+
+#[test]
+fn userspace_gateways_are_evicted_one_at_a_time() {
+    let documents = render("overlays/userspace");
+    let deployment = find(&documents, "Deployment", "turnstile");
+    let budget = find(&documents, "PodDisruptionBudget", "turnstile");
+    assert_eq!(budget["metadata"]["namespace"], deployment["metadata"]["namespace"]);
+    assert!(selects(&budget["spec"]["selector"], &deployment["spec"]["template"]["metadata"]["labels"]));
+    // Nothing else in the namespace falls under the budget (Redis has its own labels).
+    let redis = find(&documents, "Deployment", "redis");
+    assert!(!selects(&budget["spec"]["selector"], &redis["spec"]["template"]["metadata"]["labels"]));
+    let replicas = deployment["spec"]["replicas"].as_u64().expect("replicas");
+    let unavailable = budget["spec"]["maxUnavailable"].as_u64().expect("maxUnavailable as a number");
+    assert!(unavailable >= 1 && unavailable < replicas, "a drain must evict, and leave one of {replicas} serving");
+}
+
+#[test]
+fn the_daemonset_rolls_node_by_node_without_surge() {
+    for dir in ["base", "overlays/privileged", "overlays/gpu-nodes"] {
+        let documents = render(dir);
+        let daemonset = find(&documents, "DaemonSet", "turnstile");
+        assert_eq!(daemonset["spec"]["template"]["spec"]["hostNetwork"], true);
+        let strategy = &daemonset["spec"]["updateStrategy"];
+        assert_eq!(strategy["type"], "RollingUpdate", "{dir}");
+        // A surge pod could not bind the host ports the old one holds.
+        assert_eq!(strategy["rollingUpdate"]["maxSurge"], 0, "{dir}");
+        assert_eq!(strategy["rollingUpdate"]["maxUnavailable"], 1, "{dir}");
+    }
+}
+
+/// The ports (number, protocol) a NetworkPolicy rule opens.
+fn rule_ports(rule: &Value) -> BTreeSet<(u64, String)> {
+    rule["ports"]
+        .as_array()
+        .map(|ports| {
+            ports
+                .iter()
+                .map(|p| {
+                    (p["port"].as_u64().expect("numeric port"), p["protocol"].as_str().unwrap_or("TCP").to_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn network_policies_open_exactly_the_ports_the_pods_listen_on() {
+    let documents = render("overlays/userspace");
+    let gateway = find(&documents, "Deployment", "turnstile");
+    let gateway_labels = &gateway["spec"]["template"]["metadata"]["labels"];
+    let redis = find(&documents, "Deployment", "redis");
+    let redis_labels = &redis["spec"]["template"]["metadata"]["labels"];
+    let redis_port = resolve_port(container(redis, "redis"), &json!("redis"));
+    let (proxy, admin) = gateway_ports(gateway);
+
+    let policy = find(&documents, "NetworkPolicy", "turnstile-gateway");
+    assert!(selects(&policy["spec"]["podSelector"], gateway_labels));
+    assert_eq!(strings(&policy["spec"]["policyTypes"]), ["Ingress", "Egress"]);
+    let ingress = policy["spec"]["ingress"].as_array().expect("ingress");
+    let opened: BTreeSet<u64> = ingress.iter().flat_map(rule_ports).map(|(port, _)| port).collect();
+    assert_eq!(opened, BTreeSet::from([proxy, admin]), "ingress ports: the proxy and admin ports, nothing else");
+    // The proxy is open to every client; the admin port (/metrics, /debug) to Prometheus only.
+    assert!(ingress.iter().any(|r| r["from"].is_null() && rule_ports(r).contains(&(proxy, "TCP".into()))));
+    let admin_rule = ingress.iter().find(|r| rule_ports(r).contains(&(admin, "TCP".into()))).expect("admin rule");
+    assert_eq!(admin_rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "monitoring");
+
+    let egress = policy["spec"]["egress"].as_array().expect("egress");
+    let to_redis = egress
+        .iter()
+        .find(|r| r["to"].as_array().is_some_and(|to| to.iter().any(|t| selects(&t["podSelector"], redis_labels))))
+        .expect("an egress rule to Redis");
+    assert_eq!(rule_ports(to_redis), BTreeSet::from([(redis_port, "TCP".to_owned())]));
+    assert!(egress.iter().any(|r| rule_ports(r).contains(&(53, "UDP".into()))), "DNS");
+    assert!(egress.iter().any(|r| rule_ports(r).contains(&(443, "TCP".into()))), "the API server");
+    // Engines in any namespace, any port (each pod names its own in model.aibrix.ai/port).
+    assert!(egress.iter().any(|r| {
+        r["ports"].is_null()
+            && r["to"][0]["namespaceSelector"] == json!({})
+            && r["to"][0]["podSelector"]["matchExpressions"][0]
+                == json!({"key": "model.aibrix.ai/name", "operator": "Exists"})
+    }));
+
+    // Redis takes its port from the gateway pods only, and sends nothing.
+    let policy = find(&documents, "NetworkPolicy", "redis");
+    assert!(selects(&policy["spec"]["podSelector"], redis_labels));
+    let ingress = policy["spec"]["ingress"].as_array().expect("ingress");
+    assert_eq!(ingress.len(), 1);
+    assert_eq!(rule_ports(&ingress[0]), BTreeSet::from([(redis_port, "TCP".to_owned())]));
+    assert!(selects(&ingress[0]["from"][0]["podSelector"], gateway_labels));
+    assert!(
+        strings(&policy["spec"]["policyTypes"]).contains(&"Egress".to_owned()) && policy["spec"]["egress"].is_null()
+    );
+
+    // The base's gateways are on the host network, which no pod selector matches: Redis must
+    // take its port from any source there, or they could not reach it.
+    let documents = render("base");
+    let policy = find(&documents, "NetworkPolicy", "redis");
+    assert!(policy["spec"]["ingress"][0]["from"].is_null(), "{policy}");
+}
+
+/// Whether the scheduler may put a pod on a node with these labels and NoSchedule taint keys:
+/// required node affinity (In, NotIn, Exists, DoesNotExist) and tolerations.
+fn schedulable(pod: &Value, labels: &[(&str, &str)], taints: &[&str]) -> bool {
+    let label = |key: &str| labels.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    let terms = &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
+    let affinity_ok = terms.as_array().is_none_or(|terms| {
+        terms.iter().any(|term| {
+            term["matchExpressions"].as_array().expect("matchExpressions").iter().all(|e| {
+                let key = e["key"].as_str().expect("key");
+                let values = strings(&e["values"]);
+                match e["operator"].as_str().expect("operator") {
+                    "In" => label(key).is_some_and(|v| values.iter().any(|x| x == v)),
+                    "NotIn" => label(key).is_none_or(|v| !values.iter().any(|x| x == v)),
+                    "Exists" => label(key).is_some(),
+                    "DoesNotExist" => label(key).is_none(),
+                    other => panic!("operator {other}"),
+                }
+            })
+        })
+    });
+    let tolerated = |taint: &str| {
+        pod["tolerations"].as_array().is_some_and(|all| {
+            all.iter().any(|t| {
+                (t["key"] == taint || t["key"].is_null())
+                    && t["operator"] == "Exists"
+                    && (t["effect"] == "NoSchedule" || t["effect"].is_null())
+            })
+        })
+    };
+    affinity_ok && taints.iter().all(|taint| tolerated(taint))
+}
+
+#[test]
+fn the_daemonset_avoids_gpu_nodes_unless_the_gpu_overlay_is_used() {
+    let cpu_node: &[(&str, &str)] = &[("kubernetes.io/os", "linux")];
+    let gpu_operator_node: &[(&str, &str)] = &[("nvidia.com/gpu.present", "true")];
+    let nfd_node: &[(&str, &str)] = &[("feature.node.kubernetes.io/pci-10de.present", "true")];
+    let gpu_taint: &[&str] = &["nvidia.com/gpu"];
+    for dir in ["base", "overlays/privileged"] {
+        let documents = render(dir);
+        let pod = &find(&documents, "DaemonSet", "turnstile")["spec"]["template"]["spec"];
+        assert!(schedulable(pod, cpu_node, &[]), "{dir}: a node without a GPU");
+        assert!(!schedulable(pod, gpu_operator_node, &[]), "{dir}: a GPU node, untainted");
+        assert!(!schedulable(pod, nfd_node, &[]), "{dir}: a GPU node found by node feature discovery");
+        assert!(!schedulable(pod, gpu_operator_node, gpu_taint), "{dir}: a tainted GPU node");
+    }
+    let documents = render("overlays/gpu-nodes");
+    let daemonset = find(&documents, "DaemonSet", "turnstile");
+    check_gateway_workload(&documents, daemonset);
+    let pod = &daemonset["spec"]["template"]["spec"];
+    assert!(schedulable(pod, cpu_node, &[]), "gpu-nodes: a node without a GPU");
+    assert!(schedulable(pod, gpu_operator_node, gpu_taint), "gpu-nodes: a tainted GPU node");
+    assert!(schedulable(pod, nfd_node, &[]), "gpu-nodes: an untainted GPU node");
+}
+
+#[test]
+fn monitoring_scrapes_the_admin_port_that_serves_metrics() {
+    let monitors = render("monitoring");
+    let monitor = find(&monitors, "ServiceMonitor", "turnstile");
+    // kube-prometheus-stack selects ServiceMonitors by its release label.
+    assert!(monitor["metadata"]["labels"]["release"].is_string(), "{monitor}");
+    for dir in ["base", "overlays/userspace"] {
+        let documents = render(dir);
+        let service = find(&documents, "Service", "turnstile");
+        assert_eq!(monitor["metadata"]["namespace"], service["metadata"]["namespace"], "{dir}");
+        assert!(selects(&monitor["spec"]["selector"], &service["metadata"]["labels"]), "{dir}: selects the Service");
+        let redis = find(&documents, "Service", "redis");
+        assert!(!selects(&monitor["spec"]["selector"], &redis["metadata"]["labels"]), "{dir}: not Redis");
+        let workload = documents
+            .iter()
+            .find(|d| {
+                ["DaemonSet", "Deployment"].contains(&d["kind"].as_str().unwrap_or(""))
+                    && d["metadata"]["name"] == "turnstile"
+            })
+            .expect("the gateway workload");
+        let (_, admin) = gateway_ports(workload);
+        let endpoints = monitor["spec"]["endpoints"].as_array().expect("endpoints");
+        assert_eq!(endpoints.len(), 1);
+        let endpoint = &endpoints[0];
+        assert_eq!(endpoint["path"], "/metrics");
+        let port = service["spec"]["ports"]
+            .as_array()
+            .and_then(|ports| ports.iter().find(|p| p["name"] == endpoint["port"]))
+            .unwrap_or_else(|| panic!("{dir}: the Service has no port {}", endpoint["port"]));
+        assert_eq!(resolve_port(container(workload, "turnstile"), &port["targetPort"]), admin, "{dir}");
+    }
+}

@@ -9,7 +9,8 @@
 //!   missing is an error;
 //! - Python tools in venvs of their own under `~/.local/share/turnstile/`, pinned exactly: the
 //!   manifest validator (`kubernetes-validate`, with the Kubernetes API schemas it bundles) for
-//!   `cargo xtask manifests`, and the official `openai` SDK the integration tests drive the
+//!   `cargo xtask manifests`, the Prometheus Operator models that validate `deploy/monitoring`,
+//!   and the official `openai` SDK the integration tests drive the
 //!   gateway with (`tests/python/requirements-openai.txt`): errors in strict mode too.
 
 use std::path::{Path, PathBuf};
@@ -58,6 +59,27 @@ const KUBERNETES_VALIDATE_REQUIREMENTS: &[&str] = &[
     "typing_extensions==4.16.0",
 ];
 
+/// The Prometheus Operator's ServiceMonitor/PodMonitor models (pydantic classes generated from
+/// its CRD schemas, operator v0.80.1), for validating `deploy/monitoring`, which
+/// `kubernetes-validate` has no schemas for. Every package pinned, installed with `--no-deps`.
+const PROMETHEUS_OPERATOR_MODELS_VERSION: &str = "0.80.1.0";
+const PROMETHEUS_OPERATOR_MODELS_REQUIREMENTS: &[&str] = &[
+    "cloudcoil.models.prometheus_operator==0.80.1.0",
+    "cloudcoil==0.6.0",
+    "pydantic==2.14.4",
+    "pydantic_core==2.50.5",
+    "annotated-types==0.8.0",
+    "typing-inspection==0.4.5",
+    "typing_extensions==4.16.0",
+    "PyYAML==6.0.4",
+    "httpx==0.29.0",
+    "httpcore==1.0.9",
+    "h11==0.16.0",
+    "anyio==4.16.0",
+    "idna==3.21",
+    "certifi==2026.10.19.post1",
+];
+
 /// A Debian package the project uses, found by one of its binaries.
 struct DebianPackage {
     package: &'static str,
@@ -103,6 +125,7 @@ pub fn run(strictness: Strictness) -> Result<()> {
     }
     for (venv, why) in [
         (kubernetes_validate(), "cargo xtask manifests needs it"),
+        (prometheus_operator_models(), "cargo xtask manifests validates deploy/monitoring with it"),
         (openai_sdk(), "the integration tests drive the gateway with it"),
     ] {
         stop::check()?;
@@ -121,6 +144,8 @@ pub fn run(strictness: Strictness) -> Result<()> {
 pub struct ManifestTools {
     pub kubectl: PathBuf,
     pub kubernetes_validate: PathBuf,
+    /// The Python of the venv holding the Prometheus Operator models.
+    pub monitoring_python: PathBuf,
 }
 
 /// Finds (installing when missing) `kubectl` and the pinned `kubernetes-validate`.
@@ -134,7 +159,8 @@ pub fn ensure_manifest_tools() -> Result<ManifestTools> {
         }
     };
     let kubernetes_validate = kubernetes_validate().ensure()?;
-    Ok(ManifestTools { kubectl, kubernetes_validate })
+    let monitoring_python = prometheus_operator_models().ensure()?;
+    Ok(ManifestTools { kubectl, kubernetes_validate, monitoring_python })
 }
 
 /// A pinned Python tool in a venv of its own, lasting across work trees:
@@ -158,6 +184,17 @@ fn kubernetes_validate() -> PythonVenv {
         requirements: KUBERNETES_VALIDATE_REQUIREMENTS.to_vec(),
         program: "bin/kubernetes-validate",
         check_args: &["--version"],
+    }
+}
+
+/// The validator of the Prometheus Operator documents (`validate_monitoring.py`).
+fn prometheus_operator_models() -> PythonVenv {
+    PythonVenv {
+        name: "prometheus-operator-models",
+        version: PROMETHEUS_OPERATOR_MODELS_VERSION,
+        requirements: PROMETHEUS_OPERATOR_MODELS_REQUIREMENTS.to_vec(),
+        program: "bin/python",
+        check_args: &["-c", "import importlib.metadata as m; print(m.version('cloudcoil.models.prometheus_operator'))"],
     }
 }
 
