@@ -42,7 +42,7 @@ pub fn shape(status: StatusCode, body: &[u8]) -> Option<Bytes> {
         Some(Value::Object(object)) => match object.get("error") {
             Some(Value::Object(inner)) if is_openai_error(inner) => return None,
             Some(Value::Object(inner)) => from_object(status, inner),
-            Some(Value::String(message)) => fields(status, message.clone(), None, None, None),
+            Some(Value::String(message)) => fields(status, message, None, None, None),
             _ if object.contains_key("message") => from_object(status, &object),
             _ => from_text(status, body),
         },
@@ -63,7 +63,7 @@ fn from_object(status: StatusCode, object: &Map<String, Value>) -> Value {
         _ => "unknown response".to_owned(),
     };
     let kind = object.get("type").and_then(Value::as_str).map(str::to_owned);
-    fields(status, message, kind, object.get("code").cloned(), object.get("param").cloned())
+    fields(status, &message, kind, object.get("code").cloned(), object.get("param").cloned())
 }
 
 fn from_text(status: StatusCode, body: &[u8]) -> Value {
@@ -71,7 +71,7 @@ fn from_text(status: StatusCode, body: &[u8]) -> Value {
     let useless = text.is_empty() || text.starts_with('<');
     // A 500's text is a stack trace as often as not: AIBrix says no more.
     if status == StatusCode::INTERNAL_SERVER_ERROR || (useless && status.is_server_error()) {
-        return fields(status, "Internal server error".to_owned(), None, None, None);
+        return fields(status, "Internal server error", None, None, None);
     }
     let message = if useless { status.canonical_reason().unwrap_or("error").to_owned() } else { cut(text) };
     let code = match status {
@@ -79,16 +79,10 @@ fn from_text(status: StatusCode, body: &[u8]) -> Value {
         StatusCode::SERVICE_UNAVAILABLE => Some(Value::from("service_unavailable")),
         _ => None,
     };
-    fields(status, message, None, code, None)
+    fields(status, &message, None, code, None)
 }
 
-fn fields(
-    status: StatusCode,
-    message: String,
-    kind: Option<String>,
-    code: Option<Value>,
-    param: Option<Value>,
-) -> Value {
+fn fields(status: StatusCode, message: &str, kind: Option<String>, code: Option<Value>, param: Option<Value>) -> Value {
     serde_json::json!({
         "message": message,
         "type": kind.unwrap_or_else(|| crate::errors::error_type(status).to_owned()),
