@@ -39,6 +39,10 @@ pub enum GatewayError {
     ModelMissing,
     #[error("no messages in the request body")]
     NoMessages,
+    /// A field the endpoint needs is missing or unusable (AIBrix's checks
+    /// and messages, per path).
+    #[error("{message}")]
+    InvalidField { message: String, param: &'static str },
     #[error("request body exceeds {limit_bytes} bytes")]
     BodyTooLarge { limit_bytes: usize },
     #[error("failed to read the request body: {reason}")]
@@ -161,6 +165,7 @@ impl GatewayError {
             Self::BodyNotJson
             | Self::ModelMissing
             | Self::NoMessages
+            | Self::InvalidField { .. }
             | Self::UnknownModel { .. }
             | Self::UnknownStrategy { .. }
             | Self::InvalidExternalFilter { .. } => StatusCode::BAD_REQUEST,
@@ -223,6 +228,7 @@ impl GatewayError {
         match self {
             Self::ModelMissing | Self::UnknownModel { .. } => Some("model"),
             Self::NoMessages => Some("messages"),
+            Self::InvalidField { param, .. } => Some(param),
             Self::Unauthorized => Some("api_key"),
             _ => None,
         }
@@ -233,9 +239,11 @@ impl GatewayError {
     fn header(&self) -> Option<(HeaderName, HeaderValue)> {
         let name = |n: &'static str| HeaderName::from_static(n);
         match self {
-            Self::BodyNotJson | Self::ModelMissing | Self::NoMessages | Self::BodyRead { .. } => {
-                Some((name("x-error-request-body-processing"), TRUE))
-            }
+            Self::BodyNotJson
+            | Self::ModelMissing
+            | Self::NoMessages
+            | Self::InvalidField { .. }
+            | Self::BodyRead { .. } => Some((name("x-error-request-body-processing"), TRUE)),
             // AIBrix echoes the unknown model name; a name that is not a
             // valid header value (it came from the client) degrades to "true".
             Self::UnknownModel { model } => {

@@ -168,6 +168,57 @@ impl<'de: 'a, 'a> Visitor<'de> for ProbeVisitor<'a> {
     }
 }
 
+/// AIBrix's per-path checks, with its messages: completions need a
+/// `prompt`; responses an `input` that is a string or a non-empty array;
+/// embeddings a non-empty `input` with no empty string in it, and no
+/// streaming. (AIBrix also refuses an array `prompt`, which vLLM serves:
+/// Turnstile passes it on.)
+fn check_fields(
+    endpoint: Endpoint,
+    prompt: Option<&RawValue>,
+    input: Option<&RawValue>,
+    stream: bool,
+) -> Result<(), GatewayError> {
+    let invalid = |message: String, param| Err(GatewayError::InvalidField { message, param });
+    match endpoint {
+        Endpoint::ChatCompletions => Ok(()),
+        Endpoint::Completions if present(prompt).is_none() => {
+            invalid("'prompt' is a required property".into(), "prompt")
+        }
+        Endpoint::Completions => Ok(()),
+        Endpoint::Responses => match present(input).map(RawValue::get) {
+            None => invalid("'input' is a required property".into(), "input"),
+            Some(raw) if raw.starts_with('"') => Ok(()),
+            Some(raw) if raw.starts_with('[') => match serde_json::from_str::<Vec<&RawValue>>(raw) {
+                Ok(items) if items.is_empty() => invalid("'input' array cannot be empty".into(), "input"),
+                _ => Ok(()),
+            },
+            Some(_) => invalid("'input' must be a string or an array of input items".into(), "input"),
+        },
+        Endpoint::Embeddings if stream => invalid("stream not supported for embeddings".into(), "stream"),
+        Endpoint::Embeddings => match present(input).map(RawValue::get) {
+            None => invalid("'input' is a required property".into(), "input"),
+            Some("\"\"") => invalid("input cannot be an empty string".into(), "input"),
+            Some(raw) if raw.starts_with('[') => {
+                let items = serde_json::from_str::<Vec<&RawValue>>(raw).unwrap_or_default();
+                if items.is_empty() {
+                    return invalid("input array cannot be empty".into(), "input");
+                }
+                match items.iter().position(|item| item.get() == "\"\"") {
+                    Some(index) => invalid(format!("input at index {index} cannot be an empty string"), "input"),
+                    None => Ok(()),
+                }
+            }
+            Some(_) => Ok(()),
+        },
+    }
+}
+
+/// A field that is there and not `null`.
+fn present(raw: Option<&RawValue>) -> Option<&RawValue> {
+    raw.filter(|raw| raw.get() != "null")
+}
+
 /// One entry of `messages`, for its `content`.
 #[derive(Deserialize)]
 struct Message<'a> {
@@ -178,6 +229,11 @@ struct Message<'a> {
 impl ParsedRequest {
     /// Validates the body and reads what the gateway acts on, in one pass.
     pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<Self, GatewayError> {
+        Self::read(endpoint, body, true)
+    }
+
+    /// [`ParsedRequest::parse`], with the per-path field checks when `checked`.
+    fn read(endpoint: Endpoint, body: Bytes, checked: bool) -> Result<Self, GatewayError> {
         // A body that is not a JSON object, or whose known fields have the
         // wrong types, is one error for the client: the body could not be
         // processed.
@@ -190,8 +246,11 @@ impl ParsedRequest {
         // is the engine's to judge.
         let messages: Vec<&RawValue> =
             probe.messages.and_then(|raw| serde_json::from_str(raw.get()).ok()).unwrap_or_default();
-        if endpoint == Endpoint::ChatCompletions && messages.is_empty() {
+        if checked && endpoint == Endpoint::ChatCompletions && messages.is_empty() {
             return Err(GatewayError::NoMessages);
+        }
+        if checked {
+            check_fields(endpoint, probe.prompt, probe.input, probe.stream.unwrap_or(false))?;
         }
         let stream_options = match probe.stream_options.map(|raw| serde_json::from_str::<StreamOptionsProbe>(raw.get()))
         {
@@ -289,7 +348,7 @@ pub fn ask_for_usage(request: &ParsedRequest) -> Option<Bytes> {
 /// The prompt text of a body (see [`ParsedRequest::prompt`]); empty when
 /// the body is not a request.
 pub fn prompt_text(body: &[u8]) -> String {
-    match ParsedRequest::parse(Endpoint::Completions, Bytes::copy_from_slice(body)) {
+    match ParsedRequest::read(Endpoint::Completions, Bytes::copy_from_slice(body), false) {
         Ok(parsed) => parsed.prompt().to_owned(),
         Err(_) => String::new(),
     }
@@ -369,7 +428,7 @@ mod tests {
         r#"{"model":"m","prompt":"x","stream":true,"stream_options":{"include_usage":true}}"#
     )]
     #[case::responses_report_usage_anyway(Endpoint::Responses, r#"{"model":"m","input":"x","stream":true}"#)]
-    #[case::embeddings(Endpoint::Embeddings, r#"{"model":"m","input":"x","stream":true}"#)]
+    #[case::embeddings(Endpoint::Embeddings, r#"{"model":"m","input":"x"}"#)]
     fn other_bodies_are_left_alone(#[case] endpoint: Endpoint, #[case] body: &str) {
         assert_eq!(asked(endpoint, body), None);
     }
@@ -394,6 +453,32 @@ mod tests {
         Endpoint::ChatCompletions,
         r#"{"model":"m","messages":"hi"}"#,
         "no messages in the request body"
+    )]
+    #[case::completions_no_prompt(Endpoint::Completions, r#"{"model":"m"}"#, "'prompt' is a required property")]
+    #[case::completions_null_prompt(
+        Endpoint::Completions,
+        r#"{"model":"m","prompt":null}"#,
+        "'prompt' is a required property"
+    )]
+    #[case::responses_no_input(Endpoint::Responses, r#"{"model":"m"}"#, "'input' is a required property")]
+    #[case::responses_number(
+        Endpoint::Responses,
+        r#"{"model":"m","input":5}"#,
+        "'input' must be a string or an array of input items"
+    )]
+    #[case::responses_empty(Endpoint::Responses, r#"{"model":"m","input":[]}"#, "'input' array cannot be empty")]
+    #[case::embeddings_no_input(Endpoint::Embeddings, r#"{"model":"m"}"#, "'input' is a required property")]
+    #[case::embeddings_empty(Endpoint::Embeddings, r#"{"model":"m","input":""}"#, "input cannot be an empty string")]
+    #[case::embeddings_empty_array(Endpoint::Embeddings, r#"{"model":"m","input":[]}"#, "input array cannot be empty")]
+    #[case::embeddings_empty_item(
+        Endpoint::Embeddings,
+        r#"{"model":"m","input":["a", ""]}"#,
+        "input at index 1 cannot be an empty string"
+    )]
+    #[case::embeddings_stream(
+        Endpoint::Embeddings,
+        r#"{"model":"m","input":"x","stream":true}"#,
+        "stream not supported for embeddings"
     )]
     fn rejects_bad_bodies(#[case] endpoint: Endpoint, #[case] body: &str, #[case] message: &str) {
         let err = ParsedRequest::parse(endpoint, Bytes::from(body.to_owned())).expect_err("invalid body");
