@@ -30,7 +30,7 @@ pub use flags::{EngineMetricsArgs, InspectArgs, KernelArgs, LimitArgs, RedisArgs
 pub use plan::PlanArgs;
 
 use crate::admin::Admin;
-use crate::discovery::{DiscoverySource, PodStore, kubernetes, pods_file};
+use crate::discovery::{DiscoverySource, PodStore, endpoints_file, kubernetes, pods_file};
 use crate::metrics::Metrics;
 use crate::proxy::listener::{self, HttpLimits};
 use crate::proxy::upstream::{HttpUpstream, UpstreamSettings};
@@ -287,6 +287,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
             let poll = Duration::from_millis(args.pods_file_poll_ms.max(10));
             tokio::spawn(pods_file::watch(path.clone(), Arc::clone(&store), poll, shutdown.clone()));
+        }
+        DiscoverySource::Endpoints(path) => {
+            match endpoints_file::load_once(path, &store).await {
+                Ok(count) => tracing::info!(path = %path.display(), endpoints = count, "endpoints file loaded"),
+                Err(err) => tracing::error!(error = %err, "endpoints file not usable yet; not ready until it is"),
+            }
+            let poll = Duration::from_millis(args.pods_file_poll_ms.max(10));
+            tokio::spawn(endpoints_file::watch(path.clone(), Arc::clone(&store), poll, shutdown.clone()));
         }
         DiscoverySource::Kubernetes => {
             let (store, metrics) = (Arc::clone(&store), Arc::clone(&metrics));

@@ -165,6 +165,9 @@ pub enum Discovery<'a> {
     /// `--discovery kubernetes` with `KUBECONFIG` set to this file (see
     /// [`crate::fake_apiserver::FakeApiServer::write_kubeconfig`]).
     Kubernetes { kubeconfig: &'a Path },
+    /// `--discovery endpoints:` with an AIBrix standalone endpoints file of this text, written
+    /// where [`Gateway::pods_file`] says (rewrite it there to change it), polled every 50 ms.
+    Endpoints(&'a str),
 }
 
 /// A running `turnstile serve` with its pods file.
@@ -232,6 +235,11 @@ impl Gateway {
             }
             Discovery::PodsFileLater => {
                 command.arg("--discovery").arg(format!("file:{}", pods_file.display()));
+                command.args(["--pods-file-poll-ms", "50"]);
+            }
+            Discovery::Endpoints(text) => {
+                std::fs::write(&pods_file, text).expect("write endpoints file");
+                command.arg("--discovery").arg(format!("endpoints:{}", pods_file.display()));
                 command.args(["--pods-file-poll-ms", "50"]);
             }
             Discovery::Kubernetes { kubeconfig } => {

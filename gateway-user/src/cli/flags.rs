@@ -43,7 +43,8 @@ pub struct ServeArgs {
     pub admin_token: Option<String>,
 
     /// Where pods come from: `file:PATH` (a Kubernetes v1 List of Pods, YAML
-    /// or JSON, reloaded on change) or `kubernetes`.
+    /// or JSON, reloaded on change), `endpoints:PATH` (AIBrix's standalone
+    /// endpoints file, reloaded on change) or `kubernetes`.
     #[arg(long, env = "TURNSTILE_DISCOVERY", default_value = "file:/etc/turnstile/pods.yaml")]
     pub discovery: DiscoverySource,
 

@@ -415,11 +415,11 @@ mod tests {
         set.apply(Event::InitApply(pod("a", true)));
         set.apply(Event::InitApply(pod("b", true)));
         set.apply(Event::InitDone);
-        let mut bad_port = pod("a", true);
-        bad_port.metadata.labels.as_mut().expect("labels").insert("model.aibrix.ai/port".into(), "http".into());
+        let mut ray_worker = pod("a", true);
+        ray_worker.metadata.labels.as_mut().expect("labels").insert("ray.io/node-type".into(), "worker".into());
         let mut unlabelled = pod("b", true);
         unlabelled.metadata.labels = None;
-        assert!(set.apply(Event::Apply(bad_port)));
+        assert!(set.apply(Event::Apply(ray_worker)));
         assert!(set.apply(Event::Apply(unlabelled)));
         assert!(set.pods().is_empty());
     }

@@ -2,6 +2,7 @@
 //!
 //! Sources feed one [`PodStore`]; routing and profiles only read the store.
 
+pub mod endpoints_file;
 pub mod kubernetes;
 pub mod pod;
 pub mod pods_file;
@@ -20,6 +21,8 @@ pub enum DiscoverySource {
     File(PathBuf),
     /// `kubernetes`: watch Pods through the API server.
     Kubernetes,
+    /// `endpoints:PATH`: AIBrix's standalone endpoints file.
+    Endpoints(PathBuf),
 }
 
 impl FromStr for DiscoverySource {
@@ -29,9 +32,12 @@ impl FromStr for DiscoverySource {
         if s == "kubernetes" {
             return Ok(Self::Kubernetes);
         }
+        if let Some(path) = s.strip_prefix("endpoints:").filter(|p| !p.is_empty()) {
+            return Ok(Self::Endpoints(PathBuf::from(path)));
+        }
         match s.strip_prefix("file:") {
             Some(path) if !path.is_empty() => Ok(Self::File(PathBuf::from(path))),
-            _ => Err(format!("expected file:PATH or kubernetes, got {s:?}")),
+            _ => Err(format!("expected file:PATH, endpoints:PATH or kubernetes, got {s:?}")),
         }
     }
 }
@@ -45,6 +51,8 @@ mod tests {
         assert_eq!("kubernetes".parse(), Ok(DiscoverySource::Kubernetes));
         assert_eq!("file:/etc/pods.yaml".parse(), Ok(DiscoverySource::File("/etc/pods.yaml".into())));
         assert!("file:".parse::<DiscoverySource>().is_err());
+        assert_eq!("endpoints:/etc/e.yaml".parse(), Ok(DiscoverySource::Endpoints("/etc/e.yaml".into())));
+        assert!("endpoints:".parse::<DiscoverySource>().is_err());
         assert!("consul".parse::<DiscoverySource>().is_err());
     }
 }

@@ -24,7 +24,13 @@ pub const ROLESET_LABEL: &str = "roleset-name";
 /// PD: `prefill` or `decode`.
 pub const ROLE_LABEL: &str = "role-name";
 
-const DEFAULT_PORT: u16 = 8000;
+/// Ray: `worker` pods of a Ray cluster do not serve HTTP (only the head does).
+pub const RAY_NODE_TYPE_LABEL: &str = "ray.io/node-type";
+/// StormService: only pod group `0` (or a pod without the label) serves HTTP.
+pub const POD_GROUP_INDEX_LABEL: &str = "stormservice.orchestration.aibrix.ai/pod-group-index";
+
+/// The port AIBrix assumes when the port label is missing or unusable.
+pub const DEFAULT_PORT: u16 = 8000;
 
 /// Live load of one pod as the gateway sees it. Shared between pod-store
 /// generations so a reload never resets the count of requests in flight.
@@ -186,16 +192,21 @@ pub struct PodInfo {
 pub enum PodError {
     #[error("pod has no metadata.name")]
     NoName,
-    #[error("label {label}={value:?} is not a port number")]
-    BadPort { label: &'static str, value: String },
 }
 
 impl PodInfo {
     /// Reads a Kubernetes pod. `Ok(None)` for pods without the model label
-    /// (they are not ours); `Err` for pods that carry it but are unusable.
+    /// (they are not ours) and for pods of a multi-pod engine that do not
+    /// serve HTTP (Ray workers, StormService pod groups past `0`), as AIBrix
+    /// skips them; `Err` for pods that carry it but are unusable.
     pub fn from_pod(pod: &Pod) -> Result<Option<Self>, PodError> {
         let meta = &pod.metadata;
         let labels = meta.labels.clone().unwrap_or_default();
+        let ray_worker = labels.get(RAY_NODE_TYPE_LABEL).is_some_and(|t| t.trim() == "worker");
+        let later_group = labels.get(POD_GROUP_INDEX_LABEL).is_some_and(|i| i.trim() != "0");
+        if ray_worker || later_group {
+            return Ok(None);
+        }
         let annotations = meta.annotations.as_ref();
         let model = labels
             .get(MODEL_NAME_LABEL)
@@ -207,8 +218,8 @@ impl PodInfo {
         };
         let name = meta.name.clone().ok_or(PodError::NoName)?;
         let namespace = meta.namespace.clone().unwrap_or_else(|| "default".to_owned());
-        let port = port_label(&labels, PORT_LABEL)?.unwrap_or(DEFAULT_PORT);
-        let metric_port = port_label(&labels, METRIC_PORT_LABEL)?.unwrap_or(port);
+        let port = port_label(&labels, PORT_LABEL, &name, DEFAULT_PORT);
+        let metric_port = port_label(&labels, METRIC_PORT_LABEL, &name, port);
         let status = pod.status.as_ref();
         let ip: Option<IpAddr> = status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok());
         let addr = ip.map(|ip| SocketAddr::new(ip, port));
@@ -240,13 +251,16 @@ impl PodInfo {
     }
 }
 
-fn port_label(labels: &BTreeMap<String, String>, label: &'static str) -> Result<Option<u16>, PodError> {
-    match labels.get(label) {
-        None => Ok(None),
-        Some(value) => match value.trim().parse::<u16>() {
-            Ok(port) if port > 0 => Ok(Some(port)),
-            _ => Err(PodError::BadPort { label, value: value.clone() }),
-        },
+/// The port in `label`; `default` when it is missing, and (as AIBrix does)
+/// when it is not a port number, with a warning naming the pod.
+fn port_label(labels: &BTreeMap<String, String>, label: &'static str, pod: &str, default: u16) -> u16 {
+    match labels.get(label).map(|value| (value, value.trim().parse::<u16>())) {
+        None => default,
+        Some((_, Ok(port))) if port > 0 => port,
+        Some((value, _)) => {
+            tracing::warn!(pod, label, value = %value, port = default, "port label is not a port number; using the default");
+            default
+        }
     }
 }
 
@@ -309,12 +323,32 @@ status:
     }
 
     #[test]
-    fn bad_port_label_is_an_error() {
+    fn a_bad_port_label_falls_back_to_8000() {
         let bad = READY.replace("\"9000\"", "\"http\"");
-        assert_eq!(
-            PodInfo::from_pod(&pod(&bad)).expect_err("bad port"),
-            PodError::BadPort { label: PORT_LABEL, value: "http".into() }
+        let info = PodInfo::from_pod(&pod(&bad)).expect("valid").expect("ours");
+        assert_eq!(info.addr_text, "10.0.0.1:8000");
+        assert_eq!(info.metric_port, 8000, "the metrics port follows the serving port");
+        let metrics = READY.replace(
+            "model.aibrix.ai/port: \"9000\"",
+            "model.aibrix.ai/port: \"9000\", model.aibrix.ai/metric-port: \"9100\"",
         );
+        let info = PodInfo::from_pod(&pod(&metrics)).expect("valid").expect("ours");
+        assert_eq!((info.addr_text.as_str(), info.metric_port), ("10.0.0.1:9000", 9100), "metric-port is honoured");
+    }
+
+    #[test]
+    fn ray_workers_and_later_pod_groups_are_not_routed_to() {
+        let with_label = |label: &str| READY.replace("role-name: prefill", &format!("role-name: prefill, {label}"));
+        for skipped in ["ray.io/node-type: worker", "stormservice.orchestration.aibrix.ai/pod-group-index: \"1\""] {
+            assert_eq!(
+                PodInfo::from_pod(&pod(&with_label(skipped))).expect("valid").map(|p| p.name),
+                None,
+                "{skipped}"
+            );
+        }
+        for served in ["ray.io/node-type: head", "stormservice.orchestration.aibrix.ai/pod-group-index: \"0\""] {
+            assert!(PodInfo::from_pod(&pod(&with_label(served))).expect("valid").is_some(), "{served}");
+        }
     }
 
     #[test]

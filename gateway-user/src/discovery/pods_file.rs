@@ -142,8 +142,8 @@ items:
     #[test]
     fn yaml_list_keeps_model_pods_only() {
         let pods = parse_pods(LIST).expect("valid list");
-        assert_eq!(pods.len(), 1);
-        assert_eq!(pods[0].name, "a-0");
+        let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["a-0", "bad-port"], "a bad port label falls back to 8000");
         assert_eq!(pods[0].addr_text, "127.0.0.1:8001");
     }
 
@@ -160,7 +160,7 @@ items:
     #[test]
     fn empty_and_cut_short_files_are_incomplete_not_empty() {
         let kubectl = LIST.replace("kind: List\n", "") + "kind: List\nmetadata:\n  resourceVersion: \"\"\n";
-        assert_eq!(parse_pods(&kubectl).expect("whole file").len(), 1);
+        assert_eq!(parse_pods(&kubectl).expect("whole file").len(), 2);
         for cut in [0, 1, 20, kubectl.find("- apiVersion").unwrap(), kubectl.find("kind: List").unwrap()] {
             let prefix = &kubectl[..cut];
             let parsed = parse_pods(prefix);

@@ -13,6 +13,16 @@ pub const MAX_COMPLETION_TOKENS: u32 = 4096;
 
 /// A fake vLLM server: OpenAI-compatible endpoints, vLLM's `/metrics`, a simple load model
 /// (bounded running batch, FIFO queue, KV cache fill) and switchable faults.
+/// See [`MockEngineArgs::fail_body`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailBody {
+    #[default]
+    Openai,
+    Flat,
+    Text,
+    Html,
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(name = "mock-engine", version)]
 pub struct MockEngineArgs {
@@ -75,6 +85,11 @@ pub struct MockEngineArgs {
     /// Answer every inference request with this status (200-599) and an error body.
     #[arg(long, value_parser = clap::value_parser!(u16).range(200..=599))]
     pub fail_status: Option<u16>,
+
+    /// The error body `--fail-status` answers with: today's vLLM (`openai`, nested), older
+    /// vLLM's flat `{"object":"error",...}` (`flat`), plain text, or an HTML page.
+    #[arg(long, value_enum, default_value_t = FailBody::Openai)]
+    pub fail_body: FailBody,
 
     /// Streaming: reset the connection after N SSE events. Non-streaming: reset it after
     /// reading the request, before any response byte.

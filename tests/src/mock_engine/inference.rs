@@ -58,7 +58,7 @@ pub async fn handle(
     }
     if let Some(status) = faults.fail_status {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return Ok(state.error(status, "InternalServerError", "mock failure", None));
+        return Ok(state.failure(status));
     }
 
     let mut request = match serde_json::from_slice::<InferenceRequest>(&body) {

@@ -50,6 +50,8 @@ pub struct EngineState {
     pub ids: ResponseIds,
     /// Prefill/decode role and the transfers seen.
     pub pd: PdState,
+    /// What a `--fail-status` answer's body looks like.
+    pub fail_body: super::cli::FailBody,
 }
 
 impl EngineState {
@@ -73,6 +75,7 @@ impl EngineState {
             ttft_per_uncached_token: Duration::from_micros(args.ttft_per_uncached_token_us),
             ids: ResponseIds::new(),
             pd: PdState::new(args.role, &args.name, local_addr.port(), &args.prefill_host),
+            fail_body: args.fail_body,
         })
     }
 
@@ -96,6 +99,31 @@ impl EngineState {
     /// A JSON response.
     pub fn json(&self, status: StatusCode, body: bytes::Bytes) -> Response<MockBody> {
         self.respond(status, "application/json", MockBody::full(body))
+    }
+
+    /// The answer of an engine failing on purpose (`--fail-status`), in the `--fail-body` form.
+    pub fn failure(&self, status: StatusCode) -> Response<MockBody> {
+        use super::cli::FailBody;
+        let message = "mock failure";
+        match self.fail_body {
+            FailBody::Openai => self.error(status, "InternalServerError", message, None),
+            FailBody::Flat => self.json(
+                status,
+                bytes::Bytes::from(
+                    serde_json::json!({"object": "error", "message": message, "type": "InternalServerError",
+                        "param": null, "code": status.as_u16()})
+                    .to_string(),
+                ),
+            ),
+            FailBody::Text => {
+                self.respond(status, "text/plain", MockBody::full(bytes::Bytes::from_static(b"mock failure\n")))
+            }
+            FailBody::Html => self.respond(
+                status,
+                "text/html",
+                MockBody::full(bytes::Bytes::from_static(b"<html><body><h1>mock failure</h1></body></html>")),
+            ),
+        }
     }
 
     /// A vLLM-style error response; `kind` is vLLM's exception name.
