@@ -33,16 +33,20 @@ fn steps() -> Vec<Step> {
             command: || procs::cargo_command(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
         },
         Step { name: "build", command: || procs::cargo_command(["build", "--workspace", "--bins"]) },
-        Step { name: "manifests", command: || xtask_command("manifests") },
+        Step { name: "manifests", command: || xtask_command(&["manifests"]) },
         Step { name: "test", command: || procs::cargo_command(["test", "--workspace"]) },
+        // The release build, the image from it, and that image run in front of mock engines.
+        Step { name: "image", command: || xtask_command(&["image", "--run"]) },
     ]
 }
 
 /// One of xtask's own subcommands, as a step of its own. Through `cargo run`, not
 /// `current_exe()`: the build step relinks xtask (workspace feature unification), which
 /// leaves this process's executable deleted.
-fn xtask_command(subcommand: &str) -> Command {
-    procs::cargo_command(["run", "--quiet", "--package", "xtask", "--", subcommand])
+fn xtask_command(args: &[&str]) -> Command {
+    let mut command = procs::cargo_command(["run", "--quiet", "--package", "xtask", "--"]);
+    command.args(args);
+    command
 }
 
 /// Runs setup and every step; the first failure ends the run with an error.

@@ -7,6 +7,7 @@ mod ci;
 mod client;
 mod demo;
 mod fuzz;
+mod image;
 mod loadgen;
 mod manifests;
 mod procs;
@@ -32,11 +33,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Install what the project needs (nightly rust-src, bpf-linker, redis-server, bpftool, kubectl,
-    /// kubernetes-validate).
+    /// kubernetes-validate, buildah, skopeo, podman, runc).
     Setup,
     /// Run the gateway in front of three mock engines and show it answering real requests.
     Demo(demo::DemoArgs),
-    /// Everything CI checks: setup, fmt, clippy, build, manifests, test.
+    /// Everything CI checks: setup, fmt, clippy, build, manifests, test, image.
     Ci,
     /// Render every kustomization under deploy/ and validate it against the Kubernetes schemas.
     Manifests,
@@ -46,6 +47,9 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Soak the gateway for --minutes under mixed load and pod churn; fails on RSS or fd growth.
     Soak(soak::SoakArgs),
+    /// Build the container image without a Docker daemon (buildah): into the local containers
+    /// store and target/image/; --run also runs it against mock engines.
+    Image(image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Fuzz(args) => fuzz::run(args),
         Command::Soak(args) => soak::run(args),
+        Command::Image(args) => image::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,9 +4,9 @@
 //! Two groups:
 //! - the eBPF toolchain (nightly `rust-src`, `bpf-linker`): without it the gateway still builds
 //!   userspace-only, so problems here are warnings;
-//! - Debian packages the tests and demo run (`redis-server`, `bpftool`, `kubectl`): missing ones
-//!   are installed with apt-get, and in strict mode (`setup`, `ci`) a required one that stays
-//!   missing is an error;
+//! - Debian packages the tests, demo and image use (`redis-server`, `bpftool`, `kubectl`;
+//!   `buildah`, `skopeo`, `podman`, `runc`, `ca-certificates`): missing ones are installed with
+//!   apt-get, and in strict mode (`setup`, `ci`) a required one that stays missing is an error;
 //! - Python tools in venvs of their own under `~/.local/share/turnstile/`, pinned exactly: the
 //!   manifest validator (`kubernetes-validate`, with the Kubernetes API schemas it bundles) for
 //!   `cargo xtask manifests`, the Prometheus Operator models that validate `deploy/monitoring`,
@@ -101,6 +101,26 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
         binary: "kubectl",
         required: true,
         why: "rendering deploy/ with `kubectl kustomize` (cargo xtask manifests, tests/tests/manifests.rs)",
+    },
+    DebianPackage {
+        package: "buildah",
+        binary: "buildah",
+        required: true,
+        why: "building the image (cargo xtask image)",
+    },
+    DebianPackage { package: "skopeo", binary: "skopeo", required: true, why: "inspecting and pushing the image" },
+    DebianPackage {
+        package: "podman",
+        binary: "podman",
+        required: true,
+        why: "running the image (cargo xtask image --run)",
+    },
+    DebianPackage { package: "runc", binary: "runc", required: true, why: "the container runtime podman uses here" },
+    DebianPackage {
+        package: "ca-certificates",
+        binary: "update-ca-certificates",
+        required: true,
+        why: "the CA bundle the image carries",
     },
 ];
 

@@ -276,7 +276,7 @@ fn inherited_gateway_settings() -> Vec<String> {
 }
 
 /// Polls `GET /readyz` on the admin port until 200, the child exits, or the timeout passes.
-async fn wait_ready(child: &mut ChildGuard, admin: SocketAddr, client: &Client) -> Result<()> {
+pub async fn wait_ready(child: &mut ChildGuard, admin: SocketAddr, client: &Client) -> Result<()> {
     let started = Instant::now();
     loop {
         if let Some(status) = child.exited() {
