@@ -215,7 +215,7 @@ impl Metadata {
     }
 }
 
-/// The version out of `turnstile --version` (`gateway-user 0.1.0`).
+/// The version out of `turnstile --version` (`turnstile 0.1.0 (1a2b3c4d5e6f)`).
 fn parse_version(line: &str) -> Result<String> {
     line.split_whitespace()
         .nth(1)
@@ -729,7 +729,7 @@ mod tests {
 
     #[test]
     fn version_comes_from_the_binary() {
-        assert_eq!(parse_version("gateway-user 0.1.0\n").unwrap(), "0.1.0");
+        assert_eq!(parse_version("turnstile 0.1.0 (1a2b3c4d5e6f)\n").unwrap(), "0.1.0");
         assert!(parse_version("error: unexpected argument").is_err());
     }
 
