@@ -16,7 +16,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use turnstile_tests::fake_apiserver::FakeApiServer;
 use turnstile_tests::harness::{
-    Discovery, Engine, Gateway, PodSpec, chat_body, eventually, get_json, post, scratch_dir, send, turnstile_bin,
+    Discovery, Engine, Gateway, PodSpec, chat_body, eventually, free_port, get_json, post, scratch_dir, send,
+    turnstile_bin,
 };
 
 fn deploy_dir() -> PathBuf {
@@ -667,5 +668,104 @@ fn monitoring_scrapes_the_admin_port_that_serves_metrics() {
             .and_then(|ports| ports.iter().find(|p| p["name"] == endpoint["port"]))
             .unwrap_or_else(|| panic!("{dir}: the Service has no port {}", endpoint["port"]));
         assert_eq!(resolve_port(container(workload, "turnstile"), &port["targetPort"]), admin, "{dir}");
+    }
+}
+
+/// The Secret and key an environment variable of a container comes from.
+fn secret_source(container: &Value, var: &str) -> Option<(String, String)> {
+    let entry = container["env"].as_array()?.iter().find(|e| e["name"] == var)?;
+    let reference = &entry["valueFrom"]["secretKeyRef"];
+    Some((reference["name"].as_str()?.to_owned(), reference["key"].as_str()?.to_owned()))
+}
+
+/// The base64 `data` of a Secret's key, decoded.
+fn secret_value(secret: &Value, key: &str) -> String {
+    let encoded = secret["data"][key].as_str().unwrap_or_else(|| panic!("Secret has no key {key}: {secret}"));
+    let mut decode = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run base64");
+    std::io::Write::write_all(&mut decode.stdin.take().expect("stdin"), encoded.as_bytes()).expect("write base64");
+    let output = decode.wait_with_output().expect("base64 -d");
+    assert!(output.status.success(), "{encoded} is not base64");
+    String::from_utf8(output.stdout).expect("a UTF-8 password")
+}
+
+/// A `redis-server` the test started, killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `redis-cli -p PORT ping`'s answer, with `password` in REDISCLI_AUTH when given.
+fn redis_ping(port: u16, password: Option<&str>) -> String {
+    let mut cli = Command::new("redis-cli");
+    cli.args(["-p", &port.to_string(), "ping"]);
+    if let Some(password) = password {
+        cli.env("REDISCLI_AUTH", password);
+    }
+    let output = cli.output().expect("run redis-cli (`cargo xtask setup` installs redis-server)");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[test]
+fn the_gateways_hold_the_password_the_bundled_redis_requires() {
+    for dir in ["base", "overlays/userspace"] {
+        let documents = render(dir);
+        let redis = find(&documents, "Deployment", "redis");
+        let server = container(redis, "redis");
+        let args = strings(&server["args"]);
+        let requirepass = flag(&args, "requirepass").unwrap_or_else(|| panic!("{dir}: Redis runs without a password"));
+        // Expanded by the kubelet from the container's env: the password is not in the manifest.
+        let var = requirepass
+            .strip_prefix("$(")
+            .and_then(|rest| rest.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("{dir}: --requirepass is written in the manifest"));
+        let source = secret_source(server, var).unwrap_or_else(|| panic!("{dir}: ${var} is not from a Secret"));
+        let gateway = documents
+            .iter()
+            .find(|d| {
+                ["DaemonSet", "Deployment"].contains(&d["kind"].as_str().unwrap_or(""))
+                    && d["metadata"]["name"] == "turnstile"
+            })
+            .expect("the gateway workload");
+        assert_eq!(secret_source(container(gateway, "turnstile"), "REDIS_PASSWORD"), Some(source.clone()), "{dir}");
+        // The readiness probe authenticates with the same password, and only a PONG passes it
+        // (redis-cli exits 0 on NOAUTH).
+        assert_eq!(secret_source(server, "REDISCLI_AUTH"), Some(source.clone()), "{dir}");
+        assert!(server["readinessProbe"]["exec"]["command"].to_string().contains("PONG"), "{dir}");
+
+        let secret = find(&documents, "Secret", &source.0);
+        assert_eq!(secret["metadata"]["namespace"], redis["metadata"]["namespace"], "{dir}");
+        assert_eq!(gateway["metadata"]["namespace"], redis["metadata"]["namespace"], "{dir}");
+        let password = secret_value(secret, &source.1);
+        assert!(!password.is_empty(), "{dir}: empty password");
+
+        // Redis started with those args refuses a client without the password and answers
+        // one with it.
+        let port = free_port();
+        let expanded: Vec<String> = args.iter().map(|a| a.replace(&requirepass, &password)).collect();
+        let _server = KillOnDrop(
+            Command::new("redis-server")
+                .args(&expanded)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .current_dir(scratch_dir("redis-password"))
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("run redis-server (`cargo xtask setup` installs it)"),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while redis_ping(port, Some(&password)) != "PONG" {
+            assert!(std::time::Instant::now() < deadline, "{dir}: Redis never answered the password");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(redis_ping(port, None).starts_with("NOAUTH"), "{dir}: Redis answers without the password");
+        assert_ne!(redis_ping(port, Some("wrong")), "PONG", "{dir}");
     }
 }
