@@ -4,7 +4,8 @@
 //! and every series the Grafana dashboard queries is one the gateway exports.
 //!
 //! Schema validation of every rendered document is `cargo xtask manifests`.
-//! These tests need `kubectl` (`cargo xtask setup` installs it).
+//! These tests need `kubectl`, `redis-server` and the pinned Helm (`cargo xtask setup` installs
+//! them); the chart (`deploy/helm/turnstile`) is held to the Kustomize directories it mirrors.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -43,8 +43,8 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 /// The images the manifests may name besides the gateway's, each with where and why. A new one
 /// is an error until it is listed here, so no manifest runs an image nobody chose.
 pub const THIRD_PARTY_IMAGES: &[(&str, &str)] = &[
-    ("busybox:1.36", "base/: the init container that mounts the bpffs"),
-    ("redis:7.4-alpine", "base/: the bundled Redis"),
+    ("busybox:1.36", "base/ and the chart: the init container that mounts the bpffs"),
+    ("redis:7.4-alpine", "base/ and the chart: the bundled Redis"),
     ("vllm/vllm-openai:v0.10.2", "examples/: the engines"),
 ];
 
@@ -117,8 +117,9 @@ pub fn run() -> Result<()> {
     let Renders { files: rendered, image_problems, .. } = renders;
     if !image_problems.is_empty() {
         bail!(
-            "gateway containers must run {gateway_image} (set in deploy/{IMAGE_COMPONENT}), and other images \
-             must be listed in THIRD_PARTY_IMAGES (xtask/src/manifests.rs):\n  {}",
+            "gateway containers must run {gateway_image} (set in deploy/{IMAGE_COMPONENT}; the chart's is \
+             image.repository in deploy/{HELM_CHART}/values.yaml at its Chart.yaml appVersion), and other \
+             images must be listed in THIRD_PARTY_IMAGES (xtask/src/manifests.rs):\n  {}",
             image_problems.join("\n  ")
         );
     }
