@@ -4,7 +4,8 @@
 //! and every series the Grafana dashboard queries is one the gateway exports.
 //!
 //! Schema validation of every rendered document is `cargo xtask manifests`.
-//! These tests need `kubectl` (`cargo xtask setup` installs it).
+//! These tests need `kubectl`, `redis-server` and the pinned Helm (`cargo xtask setup` installs
+//! them); the chart (`deploy/helm/turnstile`) is held to the Kustomize directories it mirrors.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -16,7 +17,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use turnstile_tests::fake_apiserver::FakeApiServer;
 use turnstile_tests::harness::{
-    Discovery, Engine, Gateway, PodSpec, chat_body, eventually, get_json, post, scratch_dir, send, turnstile_bin,
+    Discovery, Engine, Gateway, PodSpec, chat_body, eventually, free_port, get_json, post, scratch_dir, send,
+    turnstile_bin,
 };
 
 fn deploy_dir() -> PathBuf {
@@ -44,6 +46,50 @@ fn render(dir: &str) -> Vec<Value> {
         .map(|document| Value::deserialize(document).expect("rendered document parses"))
         .filter(|document| !document.is_null())
         .collect()
+}
+
+/// The pinned Helm `cargo xtask setup` installs.
+fn helm() -> PathBuf {
+    let home = std::env::var_os("HOME").expect("HOME");
+    let helm = PathBuf::from(home).join(".local/share/turnstile/helm-3.17.3/helm");
+    assert!(helm.is_file(), "no {}: `cargo xtask setup` installs Helm", helm.display());
+    helm
+}
+
+/// `helm template turnstile deploy/helm/turnstile -n turnstile --set ...`, as the README's
+/// `helm install` would apply it.
+fn render_chart(sets: &[&str]) -> Vec<Value> {
+    let mut helm = Command::new(helm());
+    helm.args(["template", "turnstile"]).arg(deploy_dir().join("helm/turnstile")).args(["--namespace", "turnstile"]);
+    for set in sets {
+        helm.args(["--set", set]);
+    }
+    let output = helm.output().expect("run helm");
+    assert!(output.status.success(), "helm template {sets:?} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).expect("rendered YAML is UTF-8");
+    serde_norway::Deserializer::from_str(&text)
+        .map(|document| Value::deserialize(document).expect("rendered document parses"))
+        .filter(|document| !document.is_null())
+        .map(|mut document| {
+            // Helm leaves the release namespace out of namespaced objects; `helm install -n` puts
+            // them there.
+            if document["kind"] != "ClusterRole" && document["kind"] != "ClusterRoleBinding" {
+                document["metadata"]["namespace"] = json!("turnstile");
+            }
+            document
+        })
+        .collect()
+}
+
+/// The object of `kind` labelled `app.kubernetes.io/component: component` (gateway, redis).
+fn component<'a>(documents: &'a [Value], kinds: &[&str], component: &str) -> &'a Value {
+    documents
+        .iter()
+        .find(|d| {
+            kinds.contains(&d["kind"].as_str().unwrap_or(""))
+                && d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        })
+        .unwrap_or_else(|| panic!("no {kinds:?} of component {component} among {:?}", names(documents)))
 }
 
 fn find<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -141,9 +187,10 @@ fn check_gateway_workload(documents: &[Value], workload: &Value) {
         .and_then(|env| env.iter().find(|e| e["name"] == "TURNSTILE_REDIS_URL"))
         .and_then(|e| e["value"].as_str())
         .expect("TURNSTILE_REDIS_URL");
-    let redis = find(documents, "Service", "redis");
+    let redis = component(documents, &["Service"], "redis");
     let expected = format!(
-        "redis://redis.{}.svc.cluster.local:{}/",
+        "redis://{}.{}.svc.cluster.local:{}/",
+        redis["metadata"]["name"].as_str().expect("name"),
         redis["metadata"]["namespace"].as_str().expect("namespace"),
         redis["spec"]["ports"][0]["port"]
     );
@@ -668,4 +715,207 @@ fn monitoring_scrapes_the_admin_port_that_serves_metrics() {
             .unwrap_or_else(|| panic!("{dir}: the Service has no port {}", endpoint["port"]));
         assert_eq!(resolve_port(container(workload, "turnstile"), &port["targetPort"]), admin, "{dir}");
     }
+}
+
+/// The Secret and key an environment variable of a container comes from.
+fn secret_source(container: &Value, var: &str) -> Option<(String, String)> {
+    let entry = container["env"].as_array()?.iter().find(|e| e["name"] == var)?;
+    let reference = &entry["valueFrom"]["secretKeyRef"];
+    Some((reference["name"].as_str()?.to_owned(), reference["key"].as_str()?.to_owned()))
+}
+
+/// The base64 `data` of a Secret's key, decoded.
+fn secret_value(secret: &Value, key: &str) -> String {
+    let encoded = secret["data"][key].as_str().unwrap_or_else(|| panic!("Secret has no key {key}: {secret}"));
+    let mut decode = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run base64");
+    std::io::Write::write_all(&mut decode.stdin.take().expect("stdin"), encoded.as_bytes()).expect("write base64");
+    let output = decode.wait_with_output().expect("base64 -d");
+    assert!(output.status.success(), "{encoded} is not base64");
+    String::from_utf8(output.stdout).expect("a UTF-8 password")
+}
+
+/// A `redis-server` the test started, killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `redis-cli -p PORT ping`'s answer, with `password` in REDISCLI_AUTH when given.
+fn redis_ping(port: u16, password: Option<&str>) -> String {
+    let mut cli = Command::new("redis-cli");
+    cli.args(["-p", &port.to_string(), "ping"]);
+    if let Some(password) = password {
+        cli.env("REDISCLI_AUTH", password);
+    }
+    let output = cli.output().expect("run redis-cli (`cargo xtask setup` installs redis-server)");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[test]
+fn the_gateways_hold_the_password_the_bundled_redis_requires() {
+    for (dir, documents) in [
+        ("base", render("base")),
+        ("overlays/userspace", render("overlays/userspace")),
+        ("the chart", render_chart(&[])),
+        ("the chart, userspace", render_chart(&["mode=userspace"])),
+    ] {
+        let redis = component(&documents, &["Deployment"], "redis");
+        let server = container(redis, "redis");
+        let args = strings(&server["args"]);
+        let requirepass = flag(&args, "requirepass").unwrap_or_else(|| panic!("{dir}: Redis runs without a password"));
+        // Expanded by the kubelet from the container's env: the password is not in the manifest.
+        let var = requirepass
+            .strip_prefix("$(")
+            .and_then(|rest| rest.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("{dir}: --requirepass is written in the manifest"));
+        let source = secret_source(server, var).unwrap_or_else(|| panic!("{dir}: ${var} is not from a Secret"));
+        let gateway = component(&documents, &["DaemonSet", "Deployment"], "gateway");
+        assert_eq!(secret_source(container(gateway, "turnstile"), "REDIS_PASSWORD"), Some(source.clone()), "{dir}");
+        // The readiness probe authenticates with the same password, and only a PONG passes it
+        // (redis-cli exits 0 on NOAUTH).
+        assert_eq!(secret_source(server, "REDISCLI_AUTH"), Some(source.clone()), "{dir}");
+        assert!(server["readinessProbe"]["exec"]["command"].to_string().contains("PONG"), "{dir}");
+
+        let secret = find(&documents, "Secret", &source.0);
+        assert_eq!(secret["metadata"]["namespace"], redis["metadata"]["namespace"], "{dir}");
+        assert_eq!(gateway["metadata"]["namespace"], redis["metadata"]["namespace"], "{dir}");
+        let password = secret_value(secret, &source.1);
+        assert!(!password.is_empty(), "{dir}: empty password");
+
+        // Redis started with those args refuses a client without the password and answers
+        // one with it.
+        let port = free_port();
+        let expanded: Vec<String> = args.iter().map(|a| a.replace(&requirepass, &password)).collect();
+        let _server = KillOnDrop(
+            Command::new("redis-server")
+                .args(&expanded)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .current_dir(scratch_dir("redis-password"))
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("run redis-server (`cargo xtask setup` installs it)"),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while redis_ping(port, Some(&password)) != "PONG" {
+            assert!(std::time::Instant::now() < deadline, "{dir}: Redis never answered the password");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(redis_ping(port, None).starts_with("NOAUTH"), "{dir}: Redis answers without the password");
+        assert_ne!(redis_ping(port, Some("wrong")), "PONG", "{dir}");
+    }
+}
+
+/// What a gateway pod runs and where: everything but labels, names and the image (checked by
+/// `cargo xtask manifests`).
+fn gateway_pod(workload: &Value) -> Value {
+    let pod = &workload["spec"]["template"]["spec"];
+    let mut gateway = container(workload, "turnstile").clone();
+    // Which variables, not their values: generated Secret names differ between Kustomize and Helm.
+    let env_names: Vec<Value> =
+        gateway["env"].as_array().map(|env| env.iter().map(|e| e["name"].clone()).collect()).unwrap_or_default();
+    let object = gateway.as_object_mut().expect("container");
+    for field in ["image", "imagePullPolicy", "env"] {
+        object.remove(field);
+    }
+    json!({
+        "container": gateway,
+        "env": env_names,
+        "init": pod["initContainers"],
+        "hostNetwork": pod["hostNetwork"],
+        "dnsPolicy": pod["dnsPolicy"],
+        "securityContext": pod["securityContext"],
+        "terminationGracePeriodSeconds": pod["terminationGracePeriodSeconds"],
+        "volumes": pod["volumes"],
+        "affinity": pod["affinity"],
+        "tolerations": pod["tolerations"],
+    })
+}
+
+#[test]
+fn the_chart_deploys_the_gateway_of_base_or_of_the_overlays() {
+    // Default values: the DaemonSet of base/, off GPU nodes.
+    let chart = render_chart(&[]);
+    let daemonset = find(&chart, "DaemonSet", "turnstile");
+    check_gateway_workload(&chart, daemonset);
+    let base = render("base");
+    assert_eq!(gateway_pod(daemonset), gateway_pod(find(&base, "DaemonSet", "turnstile")));
+    let strategy = &daemonset["spec"]["updateStrategy"];
+    assert_eq!(strategy, &find(&base, "DaemonSet", "turnstile")["spec"]["updateStrategy"]);
+    assert!(!chart.iter().any(|d| d["kind"] == "PodDisruptionBudget"), "{:?}", names(&chart));
+
+    // On GPU nodes too, as overlays/gpu-nodes.
+    let chart = render_chart(&["placement.gpuNodes=true"]);
+    let gpu = render("overlays/gpu-nodes");
+    assert_eq!(gateway_pod(find(&chart, "DaemonSet", "turnstile")), gateway_pod(find(&gpu, "DaemonSet", "turnstile")));
+
+    // mode=userspace: the Deployment of overlays/userspace and its budget. The chart keeps it
+    // off GPU nodes too (the overlay's Deployment has no placement).
+    let chart = render_chart(&["mode=userspace"]);
+    assert!(!chart.iter().any(|d| d["kind"] == "DaemonSet"), "{:?}", names(&chart));
+    let deployment = find(&chart, "Deployment", "turnstile");
+    check_gateway_workload(&chart, deployment);
+    let overlay = render("overlays/userspace");
+    let expected = find(&overlay, "Deployment", "turnstile");
+    let mut pod = gateway_pod(deployment);
+    pod["affinity"] = Value::Null;
+    assert_eq!(pod, gateway_pod(expected));
+    assert_eq!(deployment["spec"]["strategy"], expected["spec"]["strategy"]);
+    assert_eq!(deployment["spec"]["replicas"], expected["spec"]["replicas"]);
+    let budget = find(&chart, "PodDisruptionBudget", "turnstile");
+    assert!(selects(&budget["spec"]["selector"], &deployment["spec"]["template"]["metadata"]["labels"]));
+    assert_eq!(budget["spec"]["maxUnavailable"], 1);
+    // Redis takes connections from the gateway pods only, as in the overlay.
+    let policy = component(&chart, &["NetworkPolicy"], "redis");
+    assert!(selects(
+        &policy["spec"]["ingress"][0]["from"][0]["podSelector"],
+        &deployment["spec"]["template"]["metadata"]["labels"]
+    ));
+}
+
+#[test]
+fn the_chart_points_the_gateways_at_a_managed_redis_with_the_operators_secret() {
+    let chart = render_chart(&[
+        "mode=userspace",
+        "redis.bundled=false",
+        "redis.url=rediss://redis.example.com:6380/0",
+        "redis.existingSecret=my-redis",
+        "redis.caConfigMap=my-redis-ca",
+    ]);
+    assert!(
+        !chart.iter().any(|d| d["metadata"]["labels"]["app.kubernetes.io/component"] == "redis"),
+        "{:?}",
+        names(&chart)
+    );
+    assert!(!chart.iter().any(|d| d["kind"] == "Secret"), "the operator's Secret is used, not made");
+    let gateway = container(find(&chart, "Deployment", "turnstile"), "turnstile");
+    let env = |name: &str| gateway["env"].as_array().and_then(|env| env.iter().find(|e| e["name"] == name)).cloned();
+    assert_eq!(env("TURNSTILE_REDIS_URL").expect("url")["value"], "rediss://redis.example.com:6380/0");
+    assert_eq!(secret_source(gateway, "REDIS_PASSWORD"), Some(("my-redis".into(), "password".into())));
+    let ca_file = env("TURNSTILE_REDIS_CA_FILE").expect("the CA file")["value"].as_str().expect("a path").to_owned();
+    let mount = gateway["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| ca_file.starts_with(m["mountPath"].as_str().unwrap_or("-"))))
+        .expect("the CA is mounted");
+    let pod = &find(&chart, "Deployment", "turnstile")["spec"]["template"]["spec"];
+    let volume = pod["volumes"].as_array().and_then(|v| v.iter().find(|v| v["name"] == mount["name"])).expect("volume");
+    assert_eq!(volume["configMap"]["name"], "my-redis-ca");
+    // The userspace gateway's policy lets it reach the managed Redis's port.
+    let policy = component(&chart, &["NetworkPolicy"], "gateway");
+    assert!(
+        policy["spec"]["egress"]
+            .as_array()
+            .expect("egress")
+            .iter()
+            .any(|rule| rule_ports(rule).contains(&(6380, "TCP".to_owned()))),
+        "{policy}"
+    );
 }

@@ -15,6 +15,10 @@
 //!   `deploy/components/image`, whose tag is the workspace version, and every other image is one
 //!   of [`THIRD_PARTY_IMAGES`].
 //!
+//! The Helm chart (`deploy/helm/turnstile`) goes through the same: `helm lint --strict` and
+//! `helm template` (pinned Helm, installed by `setup`) with its default values and with each
+//! `ci/*-values.yaml`, every render validated and image-checked like a kustomization's.
+//!
 //! What the manifests mean (capabilities, probes, rollout settings, labels, the config
 //! annotation, the dashboard's series) is checked by `tests/tests/manifests.rs`.
 
@@ -39,8 +43,8 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 /// The images the manifests may name besides the gateway's, each with where and why. A new one
 /// is an error until it is listed here, so no manifest runs an image nobody chose.
 pub const THIRD_PARTY_IMAGES: &[(&str, &str)] = &[
-    ("busybox:1.36", "base/: the init container that mounts the bpffs"),
-    ("redis:7.4-alpine", "base/: the bundled Redis"),
+    ("busybox:1.36", "base/ and the chart: the init container that mounts the bpffs"),
+    ("redis:7.4-alpine", "base/ and the chart: the bundled Redis"),
     ("vllm/vllm-openai:v0.10.2", "examples/: the engines"),
 ];
 
@@ -49,6 +53,13 @@ const GATEWAY_IMAGE_PLACEHOLDER: &str = "turnstile";
 
 /// Where the gateway's image reference is set, relative to `deploy/`.
 const IMAGE_COMPONENT: &str = "components/image/kustomization.yaml";
+
+/// The Helm chart, relative to `deploy/`.
+const HELM_CHART: &str = "helm/turnstile";
+
+/// The release name and namespace the chart is rendered with (those of the README's
+/// `helm install`).
+const HELM_RELEASE: &str = "turnstile";
 
 /// The Prometheus Operator documents' validator, run with the venv's Python.
 const VALIDATE_MONITORING: &str = include_str!("validate_monitoring.py");
@@ -65,33 +76,50 @@ pub fn run() -> Result<()> {
     let gateway_image = gateway_image(&deploy, &procs::workspace_root())?;
     let out_dir = procs::target_dir().join("manifests");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let mut rendered = Vec::new();
-    let mut image_problems = Vec::new();
+    let mut renders = Renders { out_dir, gateway_image: &gateway_image, files: Vec::new(), image_problems: Vec::new() };
     for dir in &kustomizations {
-        let name = rendered_name(&deploy, dir);
-        let out = out_dir.join(format!("{name}.yaml"));
         let result = capture(Command::new(&tools.kubectl).arg("kustomize").arg(dir), TOOL_TIMEOUT)
             .with_context(|| format!("running {} kustomize", tools.kubectl.display()))?;
         if !result.status.success() {
             bail!("kubectl kustomize {} failed:\n{}", dir.display(), result.stderr.trim());
         }
-        let documents = parse_documents(&result.stdout).with_context(|| format!("parsing {}", out.display()))?;
-        image_problems.extend(
-            check_images(&documents, &gateway_image).into_iter().map(|p| format!("{}: {p}", relative(&deploy, dir))),
-        );
-        std::fs::write(&out, &result.stdout).with_context(|| format!("writing {}", out.display()))?;
-        ui::info(format!(
-            "rendered {:<28} {:>2} objects  -> {}",
-            relative(&deploy, dir),
-            documents.len(),
-            out.display()
-        ));
-        rendered.push(out);
+        renders.add(&relative(&deploy, dir), &rendered_name(&deploy, dir), &result.stdout)?;
     }
+    let chart = deploy.join(HELM_CHART);
+    for values in chart_values(&chart)? {
+        let label = match &values {
+            Some(file) => format!("{HELM_CHART} -f {}", relative(&chart, file)),
+            None => HELM_CHART.to_owned(),
+        };
+        let values_args = values.iter().flat_map(|file| [Path::new("-f"), file.as_path()]);
+        let lint = capture(
+            Command::new(&tools.helm).args(["lint", "--strict"]).arg(&chart).args(values_args.clone()),
+            TOOL_TIMEOUT,
+        )
+        .context("running helm lint")?;
+        if !lint.status.success() {
+            bail!("helm lint --strict {label} failed:\n{}{}", lint.stdout.trim(), lint.stderr.trim());
+        }
+        let template = capture(
+            Command::new(&tools.helm)
+                .args(["template", HELM_RELEASE])
+                .arg(&chart)
+                .args(["--namespace", HELM_RELEASE])
+                .args(values_args),
+            TOOL_TIMEOUT,
+        )
+        .context("running helm template")?;
+        if !template.status.success() {
+            bail!("helm template {label} failed:\n{}", template.stderr.trim());
+        }
+        renders.add(&label, &chart_render_name(values.as_deref()), &template.stdout)?;
+    }
+    let Renders { files: rendered, image_problems, .. } = renders;
     if !image_problems.is_empty() {
         bail!(
-            "gateway containers must run {gateway_image} (set in deploy/{IMAGE_COMPONENT}), and other images \
-             must be listed in THIRD_PARTY_IMAGES (xtask/src/manifests.rs):\n  {}",
+            "gateway containers must run {gateway_image} (set in deploy/{IMAGE_COMPONENT}; the chart's is \
+             image.repository in deploy/{HELM_CHART}/values.yaml at its Chart.yaml appVersion), and other \
+             images must be listed in THIRD_PARTY_IMAGES (xtask/src/manifests.rs):\n  {}",
             image_problems.join("\n  ")
         );
     }
@@ -100,6 +128,56 @@ pub fn run() -> Result<()> {
     validate_monitoring(&tools.monitoring_python, &rendered)?;
     step.done();
     Ok(())
+}
+
+/// What has been rendered so far, and what the image check found wrong with it.
+struct Renders<'a> {
+    out_dir: PathBuf,
+    gateway_image: &'a str,
+    files: Vec<PathBuf>,
+    image_problems: Vec<String>,
+}
+
+impl Renders<'_> {
+    /// Checks the images of one render (`label` says where it came from) and keeps it in
+    /// `<out_dir>/<file_name>.yaml` for the validators.
+    fn add(&mut self, label: &str, file_name: &str, text: &str) -> Result<()> {
+        let out = self.out_dir.join(format!("{file_name}.yaml"));
+        let documents = parse_documents(text).with_context(|| format!("parsing {}", out.display()))?;
+        self.image_problems
+            .extend(check_images(&documents, self.gateway_image).into_iter().map(|p| format!("{label}: {p}")));
+        std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
+        ui::info(format!("rendered {label:<28} {:>2} objects  -> {}", documents.len(), out.display()));
+        self.files.push(out);
+        Ok(())
+    }
+}
+
+/// The chart's values to render with: its defaults (`None`), then each `ci/*-values.yaml`,
+/// sorted, so a new variant is checked without being listed anywhere.
+fn chart_values(chart: &Path) -> Result<Vec<Option<PathBuf>>> {
+    let ci = chart.join("ci");
+    let mut files = Vec::new();
+    if ci.is_dir() {
+        for entry in std::fs::read_dir(&ci).with_context(|| format!("listing {}", ci.display()))? {
+            let path = entry?.path();
+            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with("-values.yaml")) {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(std::iter::once(None).chain(files.into_iter().map(Some)).collect())
+}
+
+/// `None` → `helm-turnstile`; `ci/userspace-values.yaml` → `helm-turnstile-userspace`.
+fn chart_render_name(values: Option<&Path>) -> String {
+    let base = format!("helm-{}", HELM_CHART.rsplit('/').next().unwrap_or(HELM_CHART));
+    let variant = values.and_then(|file| file.file_name()?.to_str()?.strip_suffix("-values.yaml"));
+    match variant {
+        Some(variant) => format!("{base}-{variant}"),
+        None => base,
+    }
 }
 
 /// Every rendered document against the Kubernetes schemas, strictly. Those it has no schema for
@@ -326,6 +404,16 @@ mod tests {
         }
         // rbac/serviceaccount is a component of the others, and is rendered on its own too.
         assert!(found.iter().any(|dir| dir == "rbac/serviceaccount"), "{found:?}");
+    }
+
+    #[test]
+    fn renders_the_chart_with_its_defaults_and_every_ci_values_file() {
+        let chart = procs::workspace_root().join("deploy").join(HELM_CHART);
+        let values = chart_values(&chart).unwrap();
+        assert_eq!(values.first(), Some(&None), "the defaults come first");
+        let names: Vec<String> = values.iter().map(|v| chart_render_name(v.as_deref())).collect();
+        assert!(names.contains(&"helm-turnstile".to_owned()), "{names:?}");
+        assert!(names.contains(&"helm-turnstile-userspace".to_owned()), "{names:?}");
     }
 
     #[test]

