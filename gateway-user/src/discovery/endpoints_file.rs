@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -261,38 +261,28 @@ pub async fn load_once(path: &Path, store: &PodStore) -> Result<usize, Endpoints
 /// until shutdown. An unreadable or invalid file leaves the last good
 /// state in place; the reason is logged once per distinct content.
 pub async fn watch(path: PathBuf, store: Arc<PodStore>, poll: Duration, shutdown: CancellationToken) {
-    let mut last_seen: Option<Result<String, String>> = None;
-    let mut resolved_at = Instant::now();
-    loop {
-        let current = tokio::fs::read_to_string(&path).await.map_err(|e| e.to_string());
-        let changed = last_seen.as_ref() != Some(&current);
-        if changed || resolved_at.elapsed() >= RESOLVE_EVERY {
-            match &current {
-                Ok(text) => match parse(text) {
-                    Ok(endpoints) => {
-                        let pods = tokio::task::spawn_blocking(move || resolve(&endpoints)).await.unwrap_or_default();
-                        let (total, ready) = (pods.len(), pods.iter().filter(|p| p.ready).count());
-                        store.replace_all(pods);
-                        if changed {
-                            tracing::info!(path = %path.display(), endpoints = total, ready, "endpoints file loaded");
-                        }
+    super::follow_file(&path, poll, Some(RESOLVE_EVERY), &shutdown, |current, changed| {
+        let parsed = current.map(|text| parse(&text).map_err(|e| e.to_string()));
+        let (path, store) = (path.clone(), Arc::clone(&store));
+        async move {
+            match parsed {
+                Ok(Ok(endpoints)) => {
+                    let pods = tokio::task::spawn_blocking(move || resolve(&endpoints)).await.unwrap_or_default();
+                    let (total, ready) = (pods.len(), pods.iter().filter(|p| p.ready).count());
+                    store.replace_all(pods);
+                    if changed {
+                        tracing::info!(path = %path.display(), endpoints = total, ready, "endpoints file loaded");
                     }
-                    Err(err) if changed => tracing::error!(path = %path.display(), error = %err,
-                        "endpoints file is invalid; keeping the last good set"),
-                    Err(_) => {}
-                },
+                }
+                Ok(Err(err)) if changed => tracing::error!(path = %path.display(), error = %err,
+                    "endpoints file is invalid; keeping the last good set"),
                 Err(err) if changed => tracing::error!(path = %path.display(), error = %err,
                     "cannot read endpoints file; keeping the last good set"),
-                Err(_) => {}
+                Ok(Err(_)) | Err(_) => {}
             }
-            resolved_at = Instant::now();
-            last_seen = Some(current);
         }
-        tokio::select! {
-            () = tokio::time::sleep(poll) => {}
-            () = shutdown.cancelled() => return,
-        }
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

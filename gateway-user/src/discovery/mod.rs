@@ -8,8 +8,11 @@ pub mod pod;
 pub mod pods_file;
 pub mod store;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
 
 pub use pod::{InFlightGuard, PodInfo, PodLoad, Role, load_changed};
 pub use store::{ModelPods, PodStore, Snapshot};
@@ -23,6 +26,37 @@ pub enum DiscoverySource {
     Kubernetes,
     /// `endpoints:PATH`: AIBrix's standalone endpoints file.
     Endpoints(PathBuf),
+}
+
+/// Polls the file at `path` every `poll` until `shutdown`, and hands `apply` its text (or why
+/// it cannot be read) whenever that changes (`true`), and again every `refresh` when given
+/// (`false`: same content). Polling rather than inotify also sees ConfigMap-style symlink
+/// swaps and editors that replace the file.
+async fn follow_file<F, Fut>(
+    path: &Path,
+    poll: Duration,
+    refresh: Option<Duration>,
+    shutdown: &CancellationToken,
+    mut apply: F,
+) where
+    F: FnMut(Result<String, String>, bool) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut last_seen: Option<Result<String, String>> = None;
+    let mut applied_at = Instant::now();
+    loop {
+        let current = tokio::fs::read_to_string(path).await.map_err(|e| e.to_string());
+        let changed = last_seen.as_ref() != Some(&current);
+        if changed || refresh.is_some_and(|every| applied_at.elapsed() >= every) {
+            apply(current.clone(), changed).await;
+            applied_at = Instant::now();
+            last_seen = Some(current);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(poll) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 impl FromStr for DiscoverySource {

@@ -88,30 +88,23 @@ pub fn load_once(path: &Path, store: &PodStore) -> Result<usize, PodsFileError> 
 /// invalid file leaves the last good state in place; the reason is logged
 /// once per distinct file content.
 pub async fn watch(path: PathBuf, store: Arc<PodStore>, poll: Duration, shutdown: CancellationToken) {
-    let mut last_seen: Option<Result<String, String>> = None;
-    loop {
-        let current = tokio::fs::read_to_string(&path).await.map_err(|e| e.to_string());
-        if last_seen.as_ref() != Some(&current) {
-            match &current {
-                Ok(text) => match parse_pods(text) {
-                    Ok(pods) => {
-                        let (total, ready) = (pods.len(), pods.iter().filter(|p| p.ready).count());
-                        store.replace_all(pods);
-                        tracing::info!(path = %path.display(), pods = total, ready, "pods file loaded");
-                    }
-                    Err(err) => tracing::error!(path = %path.display(), error = %err,
-                        "pods file is invalid; keeping the last good pod set"),
-                },
+    super::follow_file(&path, poll, None, &shutdown, |current, _| {
+        match current {
+            Ok(text) => match parse_pods(&text) {
+                Ok(pods) => {
+                    let (total, ready) = (pods.len(), pods.iter().filter(|p| p.ready).count());
+                    store.replace_all(pods);
+                    tracing::info!(path = %path.display(), pods = total, ready, "pods file loaded");
+                }
                 Err(err) => tracing::error!(path = %path.display(), error = %err,
-                    "cannot read pods file; keeping the last good pod set"),
-            }
-            last_seen = Some(current);
+                    "pods file is invalid; keeping the last good pod set"),
+            },
+            Err(err) => tracing::error!(path = %path.display(), error = %err,
+                "cannot read pods file; keeping the last good pod set"),
         }
-        tokio::select! {
-            () = tokio::time::sleep(poll) => {}
-            () = shutdown.cancelled() => return,
-        }
-    }
+        std::future::ready(())
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -735,13 +735,8 @@ async fn measure(
                 max_tokens: ANSWER_TOKENS,
                 headers: vec![("routing-strategy".into(), strategy.into())],
             };
-            let schedule =
-                Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
-            let (report, cpu) =
-                tokio::join!(loadgen::run(&spec, schedule), CpuUse::over(&pids, pinning.gateway, schedule));
-            let (report, cpu) = (report?, cpu?);
-            let cpu_us = per_request_us(cpu.per_process[0], &report);
-            let others_percent = cpu.others_percent();
+            let (report, cpu_us, others_percent) =
+                measured_window(args, &spec, &pids, pinning, |used| used.first().copied().unwrap_or_default()).await?;
             ui::info(format!(
                 "{strategy} (round {round} of {}): {}, replica 0 CPU {cpu_us:.1} µs/request{}",
                 args.fleet.rounds,
@@ -767,6 +762,23 @@ async fn measure(
         ));
     }
     Ok(Measured { ready_after, unscraped_at_start, idle, ages, loads, log_warnings, first_warning })
+}
+
+/// One warm-up and measured window of `spec`'s load: the report, the CPU µs per completed
+/// request of what `counted` takes from the CPU time of `pids`, and what other processes took
+/// from their CPU meanwhile (%).
+async fn measured_window(
+    args: &BenchArgs,
+    spec: &LoadSpec,
+    pids: &[u32],
+    pinning: Pinning,
+    counted: fn(&[Duration]) -> Duration,
+) -> Result<(LoadReport, f64, Option<f64>)> {
+    let schedule = Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
+    let (report, cpu) = tokio::join!(loadgen::run(spec, schedule), CpuUse::over(pids, pinning.gateway, schedule));
+    let (report, cpu) = (report?, cpu?);
+    let cpu_us = per_request_us(counted(&cpu.per_process), &report);
+    Ok((report, cpu_us, cpu.others_percent()))
 }
 
 /// The baseline on running engines: a second nginx as the reverse proxy in the gateway's place,
@@ -812,12 +824,8 @@ async fn measure_nginx_proxy(
     let mut rounds = Vec::new();
     for round in 1..=args.fleet.rounds {
         stop::check()?;
-        let schedule =
-            Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
-        let (report, cpu) = tokio::join!(loadgen::run(&spec, schedule), CpuUse::over(&pids, pinning.gateway, schedule));
-        let (report, cpu) = (report?, cpu?);
-        let cpu_us = per_request_us(cpu.per_process.iter().sum(), &report);
-        let others_percent = cpu.others_percent();
+        let (report, cpu_us, others_percent) =
+            measured_window(args, &spec, &pids, pinning, |used| used.iter().sum()).await?;
         ui::info(format!(
             "{NGINX_PROXY} (round {round} of {}): {}, master + worker CPU {cpu_us:.1} µs/request{}",
             args.fleet.rounds,
