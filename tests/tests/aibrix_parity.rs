@@ -44,7 +44,9 @@ async fn an_aibrix_standalone_endpoints_file_is_a_discovery_source() {
     // The file is re-read when it changes: one worker left.
     let one = format!("models:\n  - name: \"{MODEL}\"\n    workers: [\"127.0.0.1:{}\"]\n", b.port());
     std::fs::write(&gw.pods_file, one).expect("rewrite endpoints file");
-    let pods_file_changed = || async { answering_pods(&gw, 4).await.len() == 1 };
+    // Its one worker is now index 0: a name the first file never had.
+    let only = BTreeSet::from(["qwen-qwen2.5-1.5b-instruct-127-0-0-1-0".to_owned()]);
+    let pods_file_changed = || async { answering_pods(&gw, 4).await == only };
     eventually(Duration::from_secs(10), "the rewritten file to apply", pods_file_changed).await;
 
     // A broken rewrite keeps the last good set.
@@ -55,7 +57,7 @@ async fn an_aibrix_standalone_endpoints_file_is_a_discovery_source() {
         async move { log.contains("endpoints file is invalid") }
     })
     .await;
-    assert_eq!(answering_pods(&gw, 4).await.len(), 1, "the last good set still serves");
+    assert_eq!(answering_pods(&gw, 8).await, only, "the last good set still serves");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
