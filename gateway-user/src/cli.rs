@@ -215,7 +215,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     raise_open_files_limit();
     args.limits.redis.configure_link()?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_config(&crate::metrics::MetricsConfig::from_env(args.aibrix_metric_names)));
     let store = Arc::new(PodStore::new(Arc::clone(&metrics)));
     let shutdown = CancellationToken::new();
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
