@@ -512,6 +512,19 @@ mod tests {
     }
 
     #[test]
+    fn aibrix_metric_names_default_on_and_turn_off_with_false() {
+        let parse = |extra: &[&str]| {
+            let cli = Cli::try_parse_from(["turnstile", "serve"].iter().chain(extra)).expect("parses");
+            let Command::Serve(args) = cli.command else { panic!("serve expected") };
+            args.aibrix_metric_names
+        };
+        assert!(parse(&[]));
+        assert!(parse(&["--aibrix-metric-names"]));
+        assert!(parse(&["--aibrix-metric-names=true"]));
+        assert!(!parse(&["--aibrix-metric-names=false"]));
+    }
+
+    #[test]
     fn defaults_match_the_contract() {
         let cli = Cli::try_parse_from(["turnstile", "serve"]).expect("parses");
         let Command::Serve(args) = cli.command else { panic!("serve expected") };
