@@ -10,6 +10,7 @@ use turnstile_tests::harness::{Engine, Gateway, PodSpec, eventually};
 
 const OK_MODEL: &str = "aibrix-ok";
 const FAILING_MODEL: &str = "aibrix-failing";
+const PD_MODEL: &str = "aibrix-pd";
 const GATEWAY_POD: &str = "turnstile-gw-0";
 
 /// Samples of the family `name` (counters are keyed with or without `_total`).
@@ -48,7 +49,17 @@ fn pod_labels<'a>(name: &'a str, model: &'a str) -> Vec<(&'a str, &'a str)> {
 async fn aibrix_named_series_follow_traffic_and_the_flag_removes_them() {
     let ok = Engine::start("ok-0", OK_MODEL, &[]);
     let failing = Engine::start("failing-0", FAILING_MODEL, &["--fail-status", "500"]);
-    let pods = [PodSpec::for_engine(&ok, OK_MODEL), PodSpec::for_engine(&failing, FAILING_MODEL)];
+    let prefill = Engine::start("pd-prefill-0", PD_MODEL, &["--role", "prefill"]);
+    let decode = Engine::start("pd-decode-0", PD_MODEL, &["--role", "decode"]);
+    let role = |engine: &Engine, role: &str| {
+        PodSpec::for_engine(engine, PD_MODEL).label("roleset-name", "rs-a").label("role-name", role)
+    };
+    let pods = [
+        PodSpec::for_engine(&ok, OK_MODEL),
+        PodSpec::for_engine(&failing, FAILING_MODEL),
+        role(&prefill, "prefill"),
+        role(&decode, "decode"),
+    ];
     let gw = Gateway::spawn(&pods, &["--routing-algorithm", "least-request"], &[("POD_NAME", GATEWAY_POD)]);
     gw.wait_ready().await;
 
@@ -58,6 +69,8 @@ async fn aibrix_named_series_follow_traffic_and_the_flag_removes_them() {
     let reply = gw.chat(FAILING_MODEL, &[]).await;
     assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", reply.text());
     let reply = gw.chat(OK_MODEL, &[("routing-strategy", "prefix-cache")]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = gw.chat(PD_MODEL, &[("routing-strategy", "pd")]).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 
     // The access log line is written when the answer's body ends: wait for both OK answers.
@@ -112,6 +125,15 @@ async fn aibrix_named_series_follow_traffic_and_the_flag_removes_them() {
     expect("aibrix_prefix_cache_routing_decisions_total", &decision, 1.0);
     let selection = [("model", OK_MODEL), ("selection", "least_request_fallback"), ("using_kv_sync", "false")];
     expect("aibrix_prefix_cache_routing_selection_total", &selection, 1.0);
+    // The pd pair, with AIBrix's pod labels (roleset and role from the pods' labels).
+    let pd_pod = |name: &'static str, role: &'static str| {
+        let mut labels = pod_labels(name, PD_MODEL);
+        labels.retain(|(k, _)| !matches!(*k, "roleset" | "role"));
+        labels.extend([("roleset", "rs-a"), ("role", role)]);
+        labels
+    };
+    expect("pd_selected_prefill_pod_total", &pd_pod("pd-prefill-0", "prefill"), 1.0);
+    expect("pd_selected_decode_pod_total", &pd_pod("pd-decode-0", "decode"), 1.0);
     // Request ids never become labels.
     assert!(!text.contains("request_id"), "{text}");
     drop(gw);
