@@ -133,12 +133,34 @@ impl PartialEq for Pod {
 impl Eq for Pod {}
 
 /// `pod_name`: the pod's name, or empty when no pod was chosen (as AIBrix).
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+/// Hashed and compared by that name, so two namespaces' pods of one name
+/// share a series instead of rendering two with the same labels.
+#[derive(Clone, Debug)]
 struct PodName(Option<Pod>);
+
+impl PodName {
+    fn as_str(&self) -> &str {
+        self.0.as_ref().map_or("", |pod| pod.0.name.as_str())
+    }
+}
+
+impl Hash for PodName {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialEq for PodName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for PodName {}
 
 impl EncodeLabelValue for PodName {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabelValue::encode(&self.0.as_ref().map_or("", |pod| pod.0.name.as_str()), encoder)
+        EncodeLabelValue::encode(&self.as_str(), encoder)
     }
 }
 
@@ -489,6 +511,9 @@ pub(super) mod tests {
         metrics.outcome(&model, Some(&a), AibrixStatus::ResponseBodyFail, 200);
         metrics.outcome(&Arc::from("unknown"), None, AibrixStatus::RequestBodyFail, 404);
         metrics.outcome(&model, None, AibrixStatus::ServerShutdown, 503);
+        let mut same_name = (*pod("a", "m", None)).clone();
+        same_name.key = "other/a".to_owned();
+        metrics.request(&model, Some(&Arc::new(same_name)));
         let gauges = metrics.in_flight(&model);
         for gauge in &gauges {
             gauge.inc();
@@ -497,7 +522,7 @@ pub(super) mod tests {
         assert_lines(
             &text,
             &[
-                r#"gateway_request_total{gateway_pod="gw-0",model="m",pod_name="a"} 1"#,
+                r#"gateway_request_total{gateway_pod="gw-0",model="m",pod_name="a"} 2"#,
                 r#"gateway_request_total{gateway_pod="gw-0",model="unknown",pod_name=""} 1"#,
                 r#"gateway_request_model_success_total{gateway_pod="gw-0",model="m",pod_name="a",status="gateway_rsp_body_success",status_code="200"} 1"#,
                 r#"gateway_request_model_fail_total{gateway_pod="gw-0",model="m",pod_name="a",status="gateway_rsp_headers_fail",status_code="500"} 1"#,
