@@ -215,7 +215,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     raise_open_files_limit();
     args.limits.redis.configure_link()?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_config(&crate::metrics::MetricsConfig::from_env(args.aibrix_metric_names)));
     let store = Arc::new(PodStore::new(Arc::clone(&metrics)));
     let shutdown = CancellationToken::new();
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
@@ -509,6 +509,19 @@ mod tests {
         assert!(missing.is_empty(), "README.md configuration rows missing or stale:\n{}", missing.join("\n"));
         let flags = serve.get_arguments().filter(|a| a.get_long().is_some_and(|l| l != "help")).count();
         assert_eq!(rows.len(), flags, "the table lists a flag `serve` does not have");
+    }
+
+    #[test]
+    fn aibrix_metric_names_default_on_and_turn_off_with_false() {
+        let parse = |extra: &[&str]| {
+            let cli = Cli::try_parse_from(["turnstile", "serve"].iter().chain(extra)).expect("parses");
+            let Command::Serve(args) = cli.command else { panic!("serve expected") };
+            args.aibrix_metric_names
+        };
+        assert!(parse(&[]));
+        assert!(parse(&["--aibrix-metric-names"]));
+        assert!(parse(&["--aibrix-metric-names=true"]));
+        assert!(!parse(&["--aibrix-metric-names=false"]));
     }
 
     #[test]

@@ -13,15 +13,41 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::discovery::PodInfo;
+
+mod aibrix;
 mod discovery;
 mod pd;
 mod routing;
+pub use aibrix::{AibrixMetrics, AibrixStatus};
 pub use discovery::{DiscoveryEvent, DiscoveryMetrics};
 pub use pd::{PdMetrics, PrefillErrorReason};
 pub use routing::{PodAges, RoutingMetrics};
 
 /// Model label for requests that never matched a discovered model.
 pub const UNKNOWN_MODEL: &str = "unknown";
+
+/// What the metrics export beyond Turnstile's own families.
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    /// Also export AIBrix's metric names (`gateway_*`, `aibrix_prefix_cache_*`, `pd_selected_*`).
+    pub aibrix_names: bool,
+    /// AIBrix's `gateway_pod` label: this gateway's pod name (env `POD_NAME`).
+    pub gateway_pod: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { aibrix_names: true, gateway_pod: String::new() }
+    }
+}
+
+impl MetricsConfig {
+    /// The defaults, with `gateway_pod` read from env `POD_NAME` as AIBrix does.
+    pub fn from_env(aibrix_names: bool) -> Self {
+        Self { aibrix_names, gateway_pod: std::env::var("POD_NAME").unwrap_or_default() }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -105,6 +131,8 @@ pub struct Metrics {
     /// Kernel assist's series (`aibrix_gateway_kernel_*`), read at scrape time
     /// from the eBPF maps or userspace tallies once kernel assist has started.
     kernel: LateCollector,
+    /// AIBrix's names for the same events, unless `--aibrix-metric-names=false`.
+    aibrix: Option<AibrixMetrics>,
 }
 
 /// A collector registered at start whose source arrives later.
@@ -136,8 +164,14 @@ fn latency_histogram() -> Histogram {
 }
 
 impl Metrics {
+    /// Turnstile's families and AIBrix's names, with an empty `gateway_pod`.
     pub fn new() -> Self {
+        Self::with_config(&MetricsConfig::default())
+    }
+
+    pub fn with_config(config: &MetricsConfig) -> Self {
         let mut registry = Registry::default();
+        let aibrix = config.aibrix_names.then(|| AibrixMetrics::register(&mut registry, &config.gateway_pod));
         let requests = Family::default();
         registry.register(
             "aibrix_gateway_requests",
@@ -175,8 +209,8 @@ impl Metrics {
             readiness_transitions.clone(),
         );
         let discovery = DiscoveryMetrics::register(&mut registry);
-        let routing = RoutingMetrics::register(&mut registry);
-        let pd = PdMetrics::register(&mut registry);
+        let routing = RoutingMetrics::register(&mut registry, aibrix.clone());
+        let pd = PdMetrics::register(&mut registry, aibrix.clone());
         let invalid_configs = Family::default();
         registry.register(
             "aibrix_gateway_invalid_config",
@@ -236,7 +270,13 @@ impl Metrics {
             ratelimit_store_errors,
             ratelimit_breaker_state,
             kernel,
+            aibrix,
         }
+    }
+
+    /// AIBrix's names, when exported.
+    pub fn aibrix(&self) -> Option<&AibrixMetrics> {
+        self.aibrix.as_ref()
     }
 
     /// Installs kernel assist's scrape-time collector (once; later calls are ignored).
@@ -252,8 +292,12 @@ impl Metrics {
         out
     }
 
-    pub fn request_done(&self, model: &Arc<str>, status_code: u16) {
+    /// A request was answered with `status_code`, by `pod` or (`None`) by the gateway.
+    pub fn request_done(&self, model: &Arc<str>, pod: Option<&Arc<PodInfo>>, status_code: u16) {
         self.requests.get_or_create(&RequestLabels { model: Arc::clone(model), status_code }).inc();
+        if let Some(aibrix) = &self.aibrix {
+            aibrix.request(model, pod);
+        }
     }
 
     pub fn routed(&self, model: &Arc<str>, strategy: &'static str, seconds: f64) {
@@ -273,7 +317,11 @@ impl Metrics {
     pub fn in_flight(self: &Arc<Self>, model: &Arc<str>) -> InFlightMetric {
         let gauge = self.in_flight.get_or_create(&ModelLabels { model: Arc::clone(model) }).clone();
         gauge.inc();
-        InFlightMetric { gauge }
+        let aibrix = self.aibrix.as_ref().map(|aibrix| aibrix.in_flight(model));
+        for gauge in aibrix.iter().flatten() {
+            gauge.inc();
+        }
+        InFlightMetric { gauge, aibrix }
     }
 
     pub fn pod_readiness_transition(&self, model: &str, pod: &str, ready: bool) {
@@ -376,11 +424,16 @@ impl prometheus_client::collector::Collector for PodInFlightGauge {
 /// Decrements the in-flight gauge when dropped.
 pub struct InFlightMetric {
     gauge: Gauge,
+    /// `gateway_in_flight_requests` and `gateway_model_in_flight_requests`.
+    aibrix: Option<[Gauge; 2]>,
 }
 
 impl Drop for InFlightMetric {
     fn drop(&mut self) {
         self.gauge.dec();
+        for gauge in self.aibrix.iter().flatten() {
+            gauge.dec();
+        }
     }
 }
 
@@ -392,9 +445,9 @@ mod tests {
     fn request_counter_renders_with_model_and_status() {
         let metrics = Metrics::new();
         let model: Arc<str> = Arc::from("llama");
-        metrics.request_done(&model, 200);
-        metrics.request_done(&model, 200);
-        metrics.request_done(&Arc::from(UNKNOWN_MODEL), 400);
+        metrics.request_done(&model, None, 200);
+        metrics.request_done(&model, None, 200);
+        metrics.request_done(&Arc::from(UNKNOWN_MODEL), None, 400);
         let text = metrics.render();
         assert!(text.contains(r#"aibrix_gateway_requests_total{model="llama",status_code="200"} 2"#), "{text}");
         assert!(text.contains(r#"aibrix_gateway_requests_total{model="unknown",status_code="400"} 1"#), "{text}");
@@ -440,5 +493,33 @@ mod tests {
         assert!(metrics.render().contains(r#"aibrix_gateway_in_flight_requests{model="m"} 2"#));
         drop(a);
         assert!(metrics.render().contains(r#"aibrix_gateway_in_flight_requests{model="m"} 1"#));
+        assert!(metrics.render().contains(r#"gateway_model_in_flight_requests{gateway_pod="",model="m"} 1"#));
+    }
+
+    #[test]
+    fn aibrix_names_follow_the_config() {
+        let model: Arc<str> = Arc::from("m");
+        let on = Arc::new(Metrics::with_config(&MetricsConfig { aibrix_names: true, gateway_pod: "gw-0".to_owned() }));
+        let off =
+            Arc::new(Metrics::with_config(&MetricsConfig { aibrix_names: false, gateway_pod: "gw-0".to_owned() }));
+        let mut in_flight = Vec::new();
+        for metrics in [&on, &off] {
+            metrics.request_done(&model, None, 200);
+            in_flight.push(metrics.in_flight(&model));
+            metrics.routing.prefix_match(&model, 1, 2);
+        }
+        let text = on.render();
+        assert!(text.contains(r#"gateway_request_total{gateway_pod="gw-0",model="m",pod_name=""} 1"#), "{text}");
+        assert!(text.contains(r#"gateway_in_flight_requests{gateway_pod="gw-0"} 1"#), "{text}");
+        assert!(text.contains("aibrix_prefix_cache_routing_decisions_total"), "{text}");
+        let text = off.render();
+        assert!(text.contains(r#"aibrix_gateway_requests_total{model="m",status_code="200"} 1"#), "{text}");
+        for name in ["gateway_", "aibrix_prefix_cache_", "pd_selected_"] {
+            assert!(
+                !text.lines().any(|l| l.starts_with(name) || l.contains(&format!(" {name}"))),
+                "{name} in
+{text}"
+            );
+        }
     }
 }

@@ -67,6 +67,16 @@ pub struct ServeArgs {
     #[arg(long, env = "TURNSTILE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Also export AIBrix's metric names on /metrics (`gateway_request_total`,
+    /// `gateway_request_model_fail_total`, `gateway_prompt_token_bucket_total`,
+    /// `aibrix_prefix_cache_routing_decisions_total`, `pd_selected_*_pod_total`, ...)
+    /// so AIBrix dashboards and alerts keep working; `gateway_pod` is env
+    /// POD_NAME. `--aibrix-metric-names=false` exports Turnstile's names only.
+    #[arg(long, env = "TURNSTILE_AIBRIX_METRIC_NAMES", action = clap::ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true",
+          default_value_t = crate::metrics::MetricsConfig::default().aibrix_names)]
+    pub aibrix_metric_names: bool,
+
     /// Largest accepted request body in bytes; larger bodies get 413.
     #[arg(long, env = "TURNSTILE_MAX_BODY_BYTES", default_value_t = proxy::MAX_BODY_BYTES)]
     pub max_body_bytes: usize,

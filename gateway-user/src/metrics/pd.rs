@@ -10,6 +10,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::discovery::PodInfo;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SelectionLabels {
     model: Arc<str>,
@@ -68,10 +70,12 @@ pub struct PdMetrics {
     selections: Family<SelectionLabels, Counter>,
     prefill_duration: HistogramFamily<ModelLabels>,
     prefill_errors: Family<PrefillErrorLabels, Counter>,
+    /// AIBrix's `pd_selected_*_pod` names, when exported.
+    aibrix: Option<super::AibrixMetrics>,
 }
 
 impl PdMetrics {
-    pub fn register(registry: &mut Registry) -> Self {
+    pub fn register(registry: &mut Registry, aibrix: Option<super::AibrixMetrics>) -> Self {
         let selections = Family::default();
         registry.register(
             "aibrix_gateway_pd_selections",
@@ -90,14 +94,17 @@ impl PdMetrics {
             "Prefill requests that failed or timed out (pd-prefill-request-error); the client got 503",
             prefill_errors.clone(),
         );
-        Self { selections, prefill_duration, prefill_errors }
+        Self { selections, prefill_duration, prefill_errors, aibrix }
     }
 
     /// The pd strategy sent a request's prefill to `prefill` and its decode to `decode`.
-    pub fn selected(&self, model: &Arc<str>, prefill: &str, decode: &str) {
+    pub fn selected(&self, model: &Arc<str>, prefill: &Arc<PodInfo>, decode: &Arc<PodInfo>) {
         for (pod, role) in [(prefill, "prefill"), (decode, "decode")] {
-            let labels = SelectionLabels { model: Arc::clone(model), pod: Arc::from(pod), role };
+            let labels = SelectionLabels { model: Arc::clone(model), pod: Arc::from(pod.name.as_str()), role };
             self.selections.get_or_create(&labels).inc();
+        }
+        if let Some(aibrix) = &self.aibrix {
+            aibrix.pd_selected(prefill, decode);
         }
     }
 
@@ -120,9 +127,11 @@ mod tests {
     #[test]
     fn series_render_with_bounded_labels() {
         let mut registry = Registry::default();
-        let metrics = PdMetrics::register(&mut registry);
+        let metrics = PdMetrics::register(&mut registry, None);
         let model: Arc<str> = Arc::from("m");
-        metrics.selected(&model, "rs1-prefill-0", "rs1-decode-0");
+        let prefill = crate::metrics::aibrix::tests::pod("rs1-prefill-0", "m", Some("prefill"));
+        let decode = crate::metrics::aibrix::tests::pod("rs1-decode-0", "m", Some("decode"));
+        metrics.selected(&model, &prefill, &decode);
         metrics.prefill_done(&model, 0.01);
         metrics.prefill_error(&model, PrefillErrorReason::Timeout);
         let mut text = String::new();

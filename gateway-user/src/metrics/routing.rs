@@ -56,10 +56,12 @@ pub struct RoutingMetrics {
     prefix_lookups: Family<PrefixLabels, Counter>,
     scrape_errors: Family<ScrapeErrorLabels, Counter>,
     ages: Arc<AgeGauge>,
+    /// AIBrix's `aibrix_prefix_cache_*` names, when exported.
+    aibrix: Option<super::AibrixMetrics>,
 }
 
 impl RoutingMetrics {
-    pub fn register(registry: &mut Registry) -> Self {
+    pub fn register(registry: &mut Registry, aibrix: Option<super::AibrixMetrics>) -> Self {
         let fallbacks = Family::default();
         registry.register(
             "aibrix_gateway_routing_fallbacks",
@@ -80,7 +82,7 @@ impl RoutingMetrics {
         );
         let ages = Arc::new(AgeGauge::default());
         registry.register_collector(Box::new(Arc::clone(&ages)));
-        Self { fallbacks, prefix_lookups, scrape_errors, ages }
+        Self { fallbacks, prefix_lookups, scrape_errors, ages, aibrix }
     }
 
     /// A strategy could not score and least-request chose instead.
@@ -92,6 +94,14 @@ impl RoutingMetrics {
     pub fn prefix_lookup(&self, model: &Arc<str>, strategy: &'static str, hit: bool) {
         let labels = PrefixLabels { model: Arc::clone(model), strategy, result: if hit { "hit" } else { "miss" } };
         self.prefix_lookups.get_or_create(&labels).inc();
+    }
+
+    /// The prefix-cache strategy chose a pod holding `held_blocks` of the
+    /// prompt's `prompt_blocks` prefix blocks (AIBrix's names only).
+    pub fn prefix_match(&self, model: &Arc<str>, held_blocks: usize, prompt_blocks: usize) {
+        if let Some(aibrix) = &self.aibrix {
+            aibrix.prefix_decision(model, held_blocks, prompt_blocks);
+        }
     }
 
     /// A scrape of a pod of `model` failed.
@@ -153,7 +163,7 @@ mod tests {
     #[test]
     fn counters_and_ages_render() {
         let mut registry = Registry::default();
-        let metrics = RoutingMetrics::register(&mut registry);
+        let metrics = RoutingMetrics::register(&mut registry, None);
         assert!(!render(&registry).contains(POD_METRICS_AGE), "no source, no series");
         metrics.fallback("least-kv-cache", "metrics_stale");
         metrics.prefix_lookup(&Arc::from("m"), "prefix-cache", true);

@@ -218,7 +218,7 @@ impl<U: Upstream> Proxy<U> {
         quota: &mut Quota,
         ctx: &mut RequestContext,
     ) -> Result<Forwarded<U::Body>, Failed> {
-        self.metrics.pd.selected(send.model, &plan.prefill.name, &plan.decode.name);
+        self.metrics.pd.selected(send.model, &plan.prefill, &plan.decode);
         // The decode pod counts as busy from now, so requests arriving
         // during this prefill spread over the other decode pods.
         let guard = plan.decode.load.start();

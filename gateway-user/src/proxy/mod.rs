@@ -45,7 +45,7 @@ use crate::kernel::KernelAssist;
 use crate::kernel::penalties::ClientAddr;
 use crate::kernel::tagging::{ClientConn, UpstreamConn};
 use crate::limits::{LimitRequest, Limits};
-use crate::metrics::{Metrics, UNKNOWN_MODEL};
+use crate::metrics::{AibrixStatus, Metrics, UNKNOWN_MODEL};
 use crate::profiles::{self, RequestFeatures};
 use crate::routing::{self, LabelSelector, Router, Strategy};
 use access_log::{AccessRecord, Ending};
@@ -414,7 +414,7 @@ impl<U: Upstream> Proxy<U> {
         }
         upstream::clean_response_headers(&mut parts.headers);
         let status = parts.status.as_u16();
-        self.metrics.request_done(&resolved.model_name, status);
+        self.metrics.request_done(&resolved.model_name, Some(&pod), status);
         let headers = &mut parts.headers;
         headers.insert(names::TARGET_POD, header_value(&pod.name));
         headers.insert(names::TARGET_POD_IP, header_value(&pod.addr_text));
@@ -452,7 +452,11 @@ impl<U: Upstream> Proxy<U> {
     /// reported to kernel assist.
     fn failed(&self, error: &GatewayError, ctx: &RequestContext) -> Response<ProxyBody<U::Body>> {
         let status = error.status();
-        self.metrics.request_done(&ctx.access.model_label(), status.as_u16());
+        let model = ctx.access.model_label();
+        self.metrics.request_done(&model, ctx.access.pod.as_ref(), status.as_u16());
+        if let Some(aibrix) = self.metrics.aibrix() {
+            aibrix.outcome(&model, ctx.access.pod.as_ref(), aibrix_status(error), status.as_u16());
+        }
         ctx.access.write(&Ending { status: status.as_u16(), error: Some(error), ..Ending::default() });
         let mut response = errors::respond(error).map(Either::Left);
         response.headers_mut().insert(names::REQUEST_ID, ctx.access.request_id.clone());
@@ -607,4 +611,39 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// AIBrix's `status` for an answer the gateway made itself: which phase of
+/// AIBrix's request handling would have refused it.
+fn aibrix_status(error: &GatewayError) -> AibrixStatus {
+    use GatewayError as E;
+    match error {
+        E::UriTooLong { .. }
+        | E::UnknownPath { .. }
+        | E::MethodNotAllowed { .. }
+        | E::Unauthorized
+        | E::Overloaded { .. }
+        | E::ClientPenalised { .. }
+        | E::UserRpmExceeded { .. }
+        | E::UserTpmExceeded { .. }
+        | E::LimitStoreUnavailable
+        | E::InvalidExternalFilter { .. } => AibrixStatus::RequestHeadersFail,
+        E::BodyNotJson
+        | E::ModelMissing
+        | E::NoMessages
+        | E::InvalidField { .. }
+        | E::BodyTooLarge { .. }
+        | E::BodyRead { .. }
+        | E::BodyTimeout { .. }
+        | E::UnknownModel { .. }
+        | E::PodsNotLoaded
+        | E::NoReadyPods { .. }
+        | E::UnknownStrategy { .. }
+        | E::ModelRpsExceeded { .. }
+        | E::NoPdRoleset { .. } => AibrixStatus::RequestBodyFail,
+        E::UpstreamFailed { .. } | E::UpstreamTimeout { .. } | E::PrefillFailed { .. } => {
+            AibrixStatus::ResponseHeadersFail
+        }
+        E::ShuttingDown => AibrixStatus::ServerShutdown,
+    }
 }

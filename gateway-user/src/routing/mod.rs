@@ -525,7 +525,7 @@ impl Sample {
 
 /// The name of every strategy, in registration order.
 pub fn strategy_names() -> Vec<&'static str> {
-    let metrics = RoutingMetrics::register(&mut prometheus_client::registry::Registry::default());
+    let metrics = RoutingMetrics::register(&mut prometheus_client::registry::Registry::default(), None);
     Router::new(&RoutingConfig::default(), &metrics).names().to_vec()
 }
 

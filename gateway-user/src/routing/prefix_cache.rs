@@ -158,6 +158,7 @@ impl Strategy for PrefixCache {
         let hashes = request.prefix_hashes(&self.hasher);
         let held = self.index.record(hashes, pod_id(&pod.key));
         self.metrics.prefix_lookup(request.model, self.name(), held > 0);
+        self.metrics.prefix_match(request.model, held, hashes.len());
         if self.fleet.is_sharing() {
             self.fleet.send(super::fleet::Event::prefix(&pod.key, hashes));
         }

@@ -14,7 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::metered::UsageSource;
 use crate::discovery::InFlightGuard;
-use crate::metrics::{InFlightMetric, Metrics};
+use crate::metrics::{AibrixStatus, InFlightMetric, Metrics};
 use crate::proxy::access_log::{AccessRecord, Ending, Outcome};
 use crate::proxy::write_watch::BodyClock;
 use crate::proxy::{ConnectionSlot, InFlightSlot};
@@ -87,7 +87,25 @@ impl<B: UsageSource> RequestEnd<B> {
         record.access.write(&ending);
         let model = record.access.model_label();
         record.metrics.request_finished(&model, record.access.started.elapsed().as_secs_f64());
+        if let Some(aibrix) = record.metrics.aibrix() {
+            let pod = record.access.pod.as_ref();
+            aibrix.outcome(&model, pod, aibrix_status(outcome, record.status), record.status);
+            if let (Some(pod), Some(usage)) = (pod, usage) {
+                aibrix.tokens(pod, usage.prompt_tokens, usage.completion_tokens);
+            }
+        }
         // `record.held` is dropped here: the slots are free from now.
+    }
+}
+
+/// AIBrix's `status` for a proxied answer that ended as `outcome`.
+fn aibrix_status(outcome: Outcome, status: u16) -> AibrixStatus {
+    match outcome {
+        Outcome::Completed if (200..300).contains(&status) => AibrixStatus::Success,
+        Outcome::Completed | Outcome::Error => AibrixStatus::ResponseHeadersFail,
+        Outcome::UpstreamBroken => AibrixStatus::ResponseBodyFail,
+        Outcome::ClientGone => AibrixStatus::ClientCancelled,
+        Outcome::ClientStalled => AibrixStatus::ContextCancelled,
     }
 }
 

@@ -1,0 +1,589 @@
+//! AIBrix's own metric names (`gateway_*`, `aibrix_prefix_cache_*`,
+//! `pd_selected_*`), exported beside Turnstile's so an AIBrix Grafana
+//! dashboard and its alerts keep working (`--aibrix-metric-names`).
+//!
+//! Every series is bumped where Turnstile already counts its own, on label
+//! sets built from what the request already holds (the model's `Arc<str>`,
+//! the chosen pod's `Arc<PodInfo>`): one more cached counter per event.
+//! Label values stay bounded: models from discovery or `unknown`, pods from
+//! discovery, fixed status and bucket names. AIBrix's
+//! `gateway_first_token_delay_over_1s_total` carries a request id as a label
+//! and is not exported.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::discovery::PodInfo;
+
+/// AIBrix's StormService label holding a pod's replica index.
+const ROLE_REPLICA_INDEX_LABEL: &str = "stormservice.orchestration.aibrix.ai/role-replica-index";
+
+/// Turnstile keeps no KV event sync: the `using_kv_sync` label is always this.
+const USING_KV_SYNC: &str = "false";
+
+/// Upper bounds (exclusive) of AIBrix's token buckets and their names; a
+/// count at or above the last bound is `32768+`.
+const TOKEN_BUCKETS: [(u64, &str); 8] = [
+    (256, "0-256"),
+    (512, "256-512"),
+    (1024, "512-1024"),
+    (2048, "1024-2048"),
+    (4096, "2048-4096"),
+    (8192, "4096-8192"),
+    (16384, "8192-16384"),
+    (32768, "16384-32768"),
+];
+
+/// AIBrix's `bucket` label for a prompt or completion of `tokens` tokens.
+/// A count on an edge goes to the bucket it starts (256 is `256-512`).
+pub fn token_bucket(tokens: u64) -> &'static str {
+    TOKEN_BUCKETS.iter().find(|(upper, _)| tokens < *upper).map_or("32768+", |(_, name)| name)
+}
+
+/// AIBrix's `match_percent_bucket` for a prompt of `prompt_blocks` prefix
+/// blocks of which the chosen pod held `held_blocks`. Any hit is at least
+/// `1-25` (the percentage is rounded up).
+pub fn match_percent_bucket(held_blocks: usize, prompt_blocks: usize) -> &'static str {
+    if held_blocks == 0 || prompt_blocks == 0 {
+        return "0";
+    }
+    match (held_blocks.min(prompt_blocks) * 100).div_ceil(prompt_blocks) {
+        0 => "0",
+        1..=25 => "1-25",
+        26..=50 => "26-50",
+        51..=75 => "51-75",
+        _ => "76-100",
+    }
+}
+
+/// How a request ended, as AIBrix's `status` label says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AibrixStatus {
+    /// The engine's answer reached its end with a 2xx status (`gateway_rsp_body_success`).
+    Success,
+    /// Refused before the body mattered: auth, path, method, rate limits,
+    /// overload (`gateway_req_headers_fail`).
+    RequestHeadersFail,
+    /// The body or what it names was refused: bad JSON, unknown model, no
+    /// ready pods, bad strategy (`gateway_req_body_fail`).
+    RequestBodyFail,
+    /// The engine could not be reached, did not answer in time, or answered
+    /// with a non-2xx status (`gateway_rsp_headers_fail`).
+    ResponseHeadersFail,
+    /// The engine broke off mid-answer (`gateway_rsp_body_fail`).
+    ResponseBodyFail,
+    /// Refused while draining (`aibrix_gateway_server_shutdown`).
+    ServerShutdown,
+    /// The client went away before the answer ended (`client_cancelled_eof`).
+    ClientCancelled,
+    /// The client stopped reading and the gateway gave up (`context_cancelled`).
+    ContextCancelled,
+}
+
+impl AibrixStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "gateway_rsp_body_success",
+            Self::RequestHeadersFail => "gateway_req_headers_fail",
+            Self::RequestBodyFail => "gateway_req_body_fail",
+            Self::ResponseHeadersFail => "gateway_rsp_headers_fail",
+            Self::ResponseBodyFail => "gateway_rsp_body_fail",
+            Self::ServerShutdown => "aibrix_gateway_server_shutdown",
+            Self::ClientCancelled => "client_cancelled_eof",
+            Self::ContextCancelled => "context_cancelled",
+        }
+    }
+
+    /// The `status_code` AIBrix reports with this status: its fixed code
+    /// where it has one (499 for cancellations, 500 for a broken answer),
+    /// else the status the client got.
+    fn status_code(self, answered: u16) -> u16 {
+        match self {
+            Self::ClientCancelled | Self::ContextCancelled => 499,
+            Self::ResponseBodyFail => 500,
+            Self::ServerShutdown => 503,
+            _ => answered,
+        }
+    }
+}
+
+/// A discovered pod as a label value: hashed and compared by its key, so
+/// the hot path clones an `Arc` instead of building strings.
+#[derive(Clone, Debug)]
+struct Pod(Arc<PodInfo>);
+
+impl Hash for Pod {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.key.hash(state);
+    }
+}
+
+impl PartialEq for Pod {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for Pod {}
+
+/// `pod_name`: the pod's name, or empty when no pod was chosen (as AIBrix).
+/// Hashed and compared by that name, so two namespaces' pods of one name
+/// share a series instead of rendering two with the same labels.
+#[derive(Clone, Debug)]
+struct PodName(Option<Pod>);
+
+impl PodName {
+    fn as_str(&self) -> &str {
+        self.0.as_ref().map_or("", |pod| pod.0.name.as_str())
+    }
+}
+
+impl Hash for PodName {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialEq for PodName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for PodName {}
+
+impl EncodeLabelValue for PodName {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    gateway_pod: Arc<str>,
+    model: Arc<str>,
+    pod_name: PodName,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    gateway_pod: Arc<str>,
+    model: Arc<str>,
+    pod_name: PodName,
+    status: &'static str,
+    status_code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GatewayPodLabels {
+    gateway_pod: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    gateway_pod: Arc<str>,
+    model: Arc<str>,
+}
+
+/// AIBrix's labels of a series about one pod: namespace, pod, model,
+/// engine_type, roleset, role, role_replica_index, gateway_pod.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct PodLabels {
+    pod: Pod,
+    gateway_pod: Arc<str>,
+}
+
+impl EncodeLabelSet for PodLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let pod = &self.pod.0;
+        let label = |name: &str| pod.labels.get(name).map_or("", String::as_str);
+        [
+            ("namespace", pod.namespace.as_str()),
+            ("pod", pod.name.as_str()),
+            ("model", pod.model.as_str()),
+            ("engine_type", pod.engine.as_str()),
+            ("roleset", pod.roleset.as_deref().unwrap_or("")),
+            ("role", label(crate::discovery::pod::ROLE_LABEL)),
+            ("role_replica_index", label(ROLE_REPLICA_INDEX_LABEL)),
+            ("gateway_pod", &self.gateway_pod),
+        ]
+        .encode(encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BucketLabel {
+    bucket: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PrefixDecisionLabels {
+    model: Arc<str>,
+    match_percent_bucket: &'static str,
+    using_kv_sync: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PrefixSelectionLabels {
+    model: Arc<str>,
+    selection: &'static str,
+    using_kv_sync: &'static str,
+}
+
+/// Registers a counter family under `name` (`_total` is appended).
+fn counter<L>(registry: &mut Registry, name: &str, help: &str) -> Family<L, Counter>
+where
+    L: EncodeLabelSet + Clone + Hash + Eq + Send + Sync + std::fmt::Debug + 'static,
+{
+    let family = Family::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+/// AIBrix-named families, registered once at start. Clones share the families.
+#[derive(Clone, Debug)]
+pub struct AibrixMetrics {
+    /// `gateway_pod`: env `POD_NAME` of this gateway, empty when unset.
+    gateway_pod: Arc<str>,
+    requests: Family<RequestLabels, Counter>,
+    in_flight: Gauge,
+    model_in_flight: Family<ModelLabels, Gauge>,
+    successes: Family<OutcomeLabels, Counter>,
+    failures: Family<OutcomeLabels, Counter>,
+    input_tokens: Family<PodLabels, Counter>,
+    output_tokens: Family<PodLabels, Counter>,
+    prompt_buckets: Family<(PodLabels, BucketLabel), Counter>,
+    completion_buckets: Family<(PodLabels, BucketLabel), Counter>,
+    prefix_decisions: Family<PrefixDecisionLabels, Counter>,
+    prefix_selections: Family<PrefixSelectionLabels, Counter>,
+    prefill_selections: Family<PodLabels, Counter>,
+    decode_selections: Family<PodLabels, Counter>,
+}
+
+impl AibrixMetrics {
+    pub fn register(registry: &mut Registry, gateway_pod: &str) -> Self {
+        let gateway_pod: Arc<str> = Arc::from(gateway_pod);
+        let requests =
+            counter(registry, "gateway_request", "AIBrix name: requests answered (proxied and gateway-made)");
+        let successes = counter(
+            registry,
+            "gateway_request_model_success",
+            "AIBrix name: answers the engine completed with a 2xx status",
+        );
+        let failures = counter(
+            registry,
+            "gateway_request_model_fail",
+            "AIBrix name: requests that failed, by AIBrix status (phase) and status code",
+        );
+        let input_tokens =
+            counter(registry, "gateway_input_tokens", "AIBrix name: prompt tokens of completed answers, per pod");
+        let output_tokens =
+            counter(registry, "gateway_output_tokens", "AIBrix name: completion tokens of completed answers, per pod");
+        let prefix_decisions = counter(
+            registry,
+            "aibrix_prefix_cache_routing_decisions",
+            "AIBrix name: prefix-cache decisions by the share of the prompt the chosen pod held",
+        );
+        let prefix_selections = counter(
+            registry,
+            "aibrix_prefix_cache_routing_selection",
+            "AIBrix name: prefix-cache decisions: prefix_match or least_request_fallback",
+        );
+        let prefill_selections = counter(registry, "pd_selected_prefill_pod", "AIBrix name: prefill pods chosen by pd");
+        let decode_selections = counter(registry, "pd_selected_decode_pod", "AIBrix name: decode pods chosen by pd");
+        let prompt_buckets = counter(
+            registry,
+            "gateway_prompt_token_bucket",
+            "AIBrix name: completed answers by prompt length, per pod",
+        );
+        let completion_buckets = counter(
+            registry,
+            "gateway_completion_token_bucket",
+            "AIBrix name: completed answers by completion length, per pod",
+        );
+        let in_flight_family = Family::<GatewayPodLabels, Gauge>::default();
+        registry.register(
+            "gateway_in_flight_requests",
+            "AIBrix name: requests routed to an engine whose answer has not ended",
+            in_flight_family.clone(),
+        );
+        let in_flight =
+            in_flight_family.get_or_create(&GatewayPodLabels { gateway_pod: Arc::clone(&gateway_pod) }).clone();
+        let model_in_flight = Family::default();
+        registry.register(
+            "gateway_model_in_flight_requests",
+            "AIBrix name: requests routed to an engine whose answer has not ended, per model",
+            model_in_flight.clone(),
+        );
+        Self {
+            gateway_pod,
+            requests,
+            in_flight,
+            model_in_flight,
+            successes,
+            failures,
+            input_tokens,
+            output_tokens,
+            prompt_buckets,
+            completion_buckets,
+            prefix_decisions,
+            prefix_selections,
+            prefill_selections,
+            decode_selections,
+        }
+    }
+
+    fn pod_name(pod: Option<&Arc<PodInfo>>) -> PodName {
+        PodName(pod.map(|pod| Pod(Arc::clone(pod))))
+    }
+
+    fn pod_labels(&self, pod: &Arc<PodInfo>) -> PodLabels {
+        PodLabels { pod: Pod(Arc::clone(pod)), gateway_pod: Arc::clone(&self.gateway_pod) }
+    }
+
+    /// A request was answered (`gateway_request_total`).
+    pub fn request(&self, model: &Arc<str>, pod: Option<&Arc<PodInfo>>) {
+        let labels = RequestLabels {
+            gateway_pod: Arc::clone(&self.gateway_pod),
+            model: Arc::clone(model),
+            pod_name: Self::pod_name(pod),
+        };
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    /// A request ended as `status` after the client got `answered`.
+    pub fn outcome(&self, model: &Arc<str>, pod: Option<&Arc<PodInfo>>, status: AibrixStatus, answered: u16) {
+        let labels = OutcomeLabels {
+            gateway_pod: Arc::clone(&self.gateway_pod),
+            model: Arc::clone(model),
+            pod_name: Self::pod_name(pod),
+            status: status.as_str(),
+            status_code: status.status_code(answered),
+        };
+        let family = if status == AibrixStatus::Success { &self.successes } else { &self.failures };
+        family.get_or_create(&labels).inc();
+    }
+
+    /// The usage a completed answer reported.
+    pub fn tokens(&self, pod: &Arc<PodInfo>, prompt_tokens: u64, completion_tokens: u64) {
+        let labels = self.pod_labels(pod);
+        self.input_tokens.get_or_create(&labels).inc_by(prompt_tokens);
+        self.output_tokens.get_or_create(&labels).inc_by(completion_tokens);
+        let prompt = (labels.clone(), BucketLabel { bucket: token_bucket(prompt_tokens) });
+        self.prompt_buckets.get_or_create(&prompt).inc();
+        let completion = (labels, BucketLabel { bucket: token_bucket(completion_tokens) });
+        self.completion_buckets.get_or_create(&completion).inc();
+    }
+
+    /// Gauges for one request in flight on `model`, to increment now and
+    /// decrement when it ends.
+    pub fn in_flight(&self, model: &Arc<str>) -> [Gauge; 2] {
+        let labels = ModelLabels { gateway_pod: Arc::clone(&self.gateway_pod), model: Arc::clone(model) };
+        [self.in_flight.clone(), self.model_in_flight.get_or_create(&labels).clone()]
+    }
+
+    /// The prefix-cache strategy chose a pod holding `held_blocks` of the
+    /// prompt's `prompt_blocks` prefix blocks.
+    pub fn prefix_decision(&self, model: &Arc<str>, held_blocks: usize, prompt_blocks: usize) {
+        let bucket = match_percent_bucket(held_blocks, prompt_blocks);
+        let labels = PrefixDecisionLabels {
+            model: Arc::clone(model),
+            match_percent_bucket: bucket,
+            using_kv_sync: USING_KV_SYNC,
+        };
+        self.prefix_decisions.get_or_create(&labels).inc();
+        let selection = if held_blocks > 0 { "prefix_match" } else { "least_request_fallback" };
+        let labels = PrefixSelectionLabels { model: Arc::clone(model), selection, using_kv_sync: USING_KV_SYNC };
+        self.prefix_selections.get_or_create(&labels).inc();
+    }
+
+    /// The pd strategy chose `prefill` and `decode`.
+    pub fn pd_selected(&self, prefill: &Arc<PodInfo>, decode: &Arc<PodInfo>) {
+        self.prefill_selections.get_or_create(&self.pod_labels(prefill)).inc();
+        self.decode_selections.get_or_create(&self.pod_labels(decode)).inc();
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::discovery::Role;
+
+    /// A discovered pod of `model` named `name`, in namespace `ns`.
+    pub(in crate::metrics) fn pod(name: &str, model: &str, role: Option<&str>) -> Arc<PodInfo> {
+        let mut labels = BTreeMap::new();
+        if let Some(role) = role {
+            labels.insert(crate::discovery::pod::ROLE_LABEL.to_owned(), role.to_owned());
+            labels.insert(ROLE_REPLICA_INDEX_LABEL.to_owned(), "0".to_owned());
+        }
+        Arc::new(PodInfo {
+            key: format!("ns/{name}"),
+            name: name.to_owned(),
+            namespace: "ns".to_owned(),
+            model: model.to_owned(),
+            addr: None,
+            addr_text: String::new(),
+            metric_port: 8000,
+            engine: "vllm".to_owned(),
+            roleset: role.map(|_| "rs1".to_owned()),
+            role: Role::Combined,
+            labels,
+            config_annotation: None,
+            ready: true,
+            load: Arc::default(),
+        })
+    }
+
+    fn render(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, registry).expect("encode");
+        out
+    }
+
+    fn assert_lines(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(text.lines().any(|l| l == *line), "missing {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn token_buckets_have_aibrix_names_and_edges() {
+        let cases = [
+            (0, "0-256"),
+            (255, "0-256"),
+            (256, "256-512"),
+            (511, "256-512"),
+            (512, "512-1024"),
+            (1024, "1024-2048"),
+            (2048, "2048-4096"),
+            (4096, "4096-8192"),
+            (8192, "8192-16384"),
+            (16383, "8192-16384"),
+            (16384, "16384-32768"),
+            (32767, "16384-32768"),
+            (32768, "32768+"),
+            (u64::MAX, "32768+"),
+        ];
+        for (tokens, bucket) in cases {
+            assert_eq!(token_bucket(tokens), bucket, "{tokens} tokens");
+        }
+    }
+
+    #[test]
+    fn match_percent_buckets_have_aibrix_names_and_edges() {
+        let cases = [
+            ((0, 0), "0"),
+            ((0, 10), "0"),
+            ((1, 200), "1-25"),
+            ((1, 4), "1-25"),
+            ((26, 100), "26-50"),
+            ((1, 2), "26-50"),
+            ((51, 100), "51-75"),
+            ((3, 4), "51-75"),
+            ((76, 100), "76-100"),
+            ((4, 4), "76-100"),
+            ((9, 4), "76-100"),
+        ];
+        for ((held, blocks), bucket) in cases {
+            assert_eq!(match_percent_bucket(held, blocks), bucket, "{held} of {blocks} blocks");
+        }
+    }
+
+    #[test]
+    fn request_series_carry_aibrix_labels() {
+        let mut registry = Registry::default();
+        let metrics = AibrixMetrics::register(&mut registry, "gw-0");
+        let model: Arc<str> = Arc::from("m");
+        let a = pod("a", "m", None);
+        metrics.request(&model, Some(&a));
+        metrics.request(&Arc::from("unknown"), None);
+        metrics.outcome(&model, Some(&a), AibrixStatus::Success, 200);
+        metrics.outcome(&model, Some(&a), AibrixStatus::ResponseHeadersFail, 500);
+        metrics.outcome(&model, Some(&a), AibrixStatus::ClientCancelled, 200);
+        metrics.outcome(&model, Some(&a), AibrixStatus::ResponseBodyFail, 200);
+        metrics.outcome(&Arc::from("unknown"), None, AibrixStatus::RequestBodyFail, 404);
+        metrics.outcome(&model, None, AibrixStatus::ServerShutdown, 503);
+        let mut same_name = (*pod("a", "m", None)).clone();
+        same_name.key = "other/a".to_owned();
+        metrics.request(&model, Some(&Arc::new(same_name)));
+        let gauges = metrics.in_flight(&model);
+        for gauge in &gauges {
+            gauge.inc();
+        }
+        let text = render(&registry);
+        assert_lines(
+            &text,
+            &[
+                r#"gateway_request_total{gateway_pod="gw-0",model="m",pod_name="a"} 2"#,
+                r#"gateway_request_total{gateway_pod="gw-0",model="unknown",pod_name=""} 1"#,
+                r#"gateway_request_model_success_total{gateway_pod="gw-0",model="m",pod_name="a",status="gateway_rsp_body_success",status_code="200"} 1"#,
+                r#"gateway_request_model_fail_total{gateway_pod="gw-0",model="m",pod_name="a",status="gateway_rsp_headers_fail",status_code="500"} 1"#,
+                r#"gateway_request_model_fail_total{gateway_pod="gw-0",model="m",pod_name="a",status="client_cancelled_eof",status_code="499"} 1"#,
+                r#"gateway_request_model_fail_total{gateway_pod="gw-0",model="m",pod_name="a",status="gateway_rsp_body_fail",status_code="500"} 1"#,
+                r#"gateway_request_model_fail_total{gateway_pod="gw-0",model="unknown",pod_name="",status="gateway_req_body_fail",status_code="404"} 1"#,
+                r#"gateway_request_model_fail_total{gateway_pod="gw-0",model="m",pod_name="",status="aibrix_gateway_server_shutdown",status_code="503"} 1"#,
+                r#"gateway_in_flight_requests{gateway_pod="gw-0"} 1"#,
+                r#"gateway_model_in_flight_requests{gateway_pod="gw-0",model="m"} 1"#,
+            ],
+        );
+    }
+
+    #[test]
+    fn pod_series_carry_aibrix_pod_labels() {
+        let mut registry = Registry::default();
+        let metrics = AibrixMetrics::register(&mut registry, "");
+        let a = pod("a", "m", None);
+        metrics.tokens(&a, 300, 10);
+        metrics.tokens(&a, 40_000, 10);
+        let (prefill, decode) = (pod("p", "m", Some("prefill")), pod("d", "m", Some("decode")));
+        metrics.pd_selected(&prefill, &decode);
+        let text = render(&registry);
+        let a_labels = r#"namespace="ns",pod="a",model="m",engine_type="vllm",roleset="",role="",role_replica_index="",gateway_pod="""#;
+        let pd = |name: &str, role: &str| {
+            format!(
+                r#"namespace="ns",pod="{name}",model="m",engine_type="vllm",roleset="rs1",role="{role}",role_replica_index="0",gateway_pod="""#
+            )
+        };
+        assert_lines(
+            &text,
+            &[
+                &format!("gateway_input_tokens_total{{{a_labels}}} 40300"),
+                &format!("gateway_output_tokens_total{{{a_labels}}} 20"),
+                &format!(r#"gateway_prompt_token_bucket_total{{{a_labels},bucket="256-512"}} 1"#),
+                &format!(r#"gateway_prompt_token_bucket_total{{{a_labels},bucket="32768+"}} 1"#),
+                &format!(r#"gateway_completion_token_bucket_total{{{a_labels},bucket="0-256"}} 2"#),
+                &format!("pd_selected_prefill_pod_total{{{}}} 1", pd("p", "prefill")),
+                &format!("pd_selected_decode_pod_total{{{}}} 1", pd("d", "decode")),
+            ],
+        );
+    }
+
+    #[test]
+    fn prefix_decisions_carry_bucket_selection_and_no_kv_sync() {
+        let mut registry = Registry::default();
+        let metrics = AibrixMetrics::register(&mut registry, "gw-0");
+        let model: Arc<str> = Arc::from("m");
+        metrics.prefix_decision(&model, 0, 8);
+        metrics.prefix_decision(&model, 8, 8);
+        metrics.prefix_decision(&model, 2, 8);
+        let text = render(&registry);
+        assert_lines(
+            &text,
+            &[
+                r#"aibrix_prefix_cache_routing_decisions_total{model="m",match_percent_bucket="0",using_kv_sync="false"} 1"#,
+                r#"aibrix_prefix_cache_routing_decisions_total{model="m",match_percent_bucket="76-100",using_kv_sync="false"} 1"#,
+                r#"aibrix_prefix_cache_routing_decisions_total{model="m",match_percent_bucket="1-25",using_kv_sync="false"} 1"#,
+                r#"aibrix_prefix_cache_routing_selection_total{model="m",selection="prefix_match",using_kv_sync="false"} 2"#,
+                r#"aibrix_prefix_cache_routing_selection_total{model="m",selection="least_request_fallback",using_kv_sync="false"} 1"#,
+            ],
+        );
+    }
+}
