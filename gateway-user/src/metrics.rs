@@ -13,13 +13,11 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::discovery::PodInfo;
-
 mod aibrix;
 mod discovery;
 mod pd;
 mod routing;
-pub use aibrix::{AibrixMetrics, AibrixStatus};
+pub use aibrix::{AibrixMetrics, AibrixStatus, PodIdentity};
 pub use discovery::{DiscoveryEvent, DiscoveryMetrics};
 pub use pd::{PdMetrics, PrefillErrorReason};
 pub use routing::{PodAges, RoutingMetrics};
@@ -293,7 +291,7 @@ impl Metrics {
     }
 
     /// A request was answered with `status_code`, by `pod` or (`None`) by the gateway.
-    pub fn request_done(&self, model: &Arc<str>, pod: Option<&Arc<PodInfo>>, status_code: u16) {
+    pub fn request_done<P: PodIdentity + 'static>(&self, model: &Arc<str>, pod: Option<&Arc<P>>, status_code: u16) {
         self.requests.get_or_create(&RequestLabels { model: Arc::clone(model), status_code }).inc();
         if let Some(aibrix) = &self.aibrix {
             aibrix.request(model, pod);
@@ -441,13 +439,16 @@ impl Drop for InFlightMetric {
 mod tests {
     use super::*;
 
+    /// A request the gateway answered itself: no pod.
+    const NO_POD: Option<&Arc<crate::discovery::PodInfo>> = None;
+
     #[test]
     fn request_counter_renders_with_model_and_status() {
         let metrics = Metrics::new();
         let model: Arc<str> = Arc::from("llama");
-        metrics.request_done(&model, None, 200);
-        metrics.request_done(&model, None, 200);
-        metrics.request_done(&Arc::from(UNKNOWN_MODEL), None, 400);
+        metrics.request_done(&model, NO_POD, 200);
+        metrics.request_done(&model, NO_POD, 200);
+        metrics.request_done(&Arc::from(UNKNOWN_MODEL), NO_POD, 400);
         let text = metrics.render();
         assert!(text.contains(r#"aibrix_gateway_requests_total{model="llama",status_code="200"} 2"#), "{text}");
         assert!(text.contains(r#"aibrix_gateway_requests_total{model="unknown",status_code="400"} 1"#), "{text}");
@@ -504,7 +505,7 @@ mod tests {
             Arc::new(Metrics::with_config(&MetricsConfig { aibrix_names: false, gateway_pod: "gw-0".to_owned() }));
         let mut in_flight = Vec::new();
         for metrics in [&on, &off] {
-            metrics.request_done(&model, None, 200);
+            metrics.request_done(&model, NO_POD, 200);
             in_flight.push(metrics.in_flight(&model));
             metrics.routing.prefix_match(&model, 1, 2);
         }

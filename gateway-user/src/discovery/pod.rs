@@ -251,6 +251,36 @@ impl PodInfo {
     }
 }
 
+impl crate::metrics::PodIdentity for PodInfo {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn engine(&self) -> &str {
+        &self.engine
+    }
+
+    fn roleset(&self) -> Option<&str> {
+        self.roleset.as_deref()
+    }
+
+    fn label(&self, name: &str) -> &str {
+        self.labels.get(name).map_or("", String::as_str)
+    }
+}
+
 /// The port in `label`; `default` when it is missing, and (as AIBrix does)
 /// when it is not a port number, with a warning naming the pod.
 fn port_label(labels: &BTreeMap<String, String>, label: &'static str, pod: &str, default: u16) -> u16 {

@@ -4,7 +4,7 @@
 //!
 //! Every series is bumped where Turnstile already counts its own, on label
 //! sets built from what the request already holds (the model's `Arc<str>`,
-//! the chosen pod's `Arc<PodInfo>`): one more cached counter per event.
+//! the chosen pod as a shared [`PodIdentity`]): one more cached counter per event.
 //! Label values stay bounded: models from discovery or `unknown`, pods from
 //! discovery, fixed status and bucket names. AIBrix's
 //! `gateway_first_token_delay_over_1s_total` carries a request id as a label
@@ -19,7 +19,22 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::discovery::PodInfo;
+/// What the AIBrix series say of a pod; discovery's pods implement it
+/// (metrics does not depend on discovery).
+pub trait PodIdentity: std::fmt::Debug + Send + Sync {
+    /// `namespace/name`, unique: what series are keyed by.
+    fn key(&self) -> &str;
+    fn name(&self) -> &str;
+    fn namespace(&self) -> &str;
+    fn model(&self) -> &str;
+    fn engine(&self) -> &str;
+    fn roleset(&self) -> Option<&str>;
+    /// The pod's label `name`, empty when it has none.
+    fn label(&self, name: &str) -> &str;
+}
+
+/// AIBrix's PD role label (`role-name`), as discovery reads it.
+const ROLE_LABEL: &str = "role-name";
 
 /// AIBrix's StormService label holding a pod's replica index.
 const ROLE_REPLICA_INDEX_LABEL: &str = "stormservice.orchestration.aibrix.ai/role-replica-index";
@@ -116,17 +131,17 @@ impl AibrixStatus {
 /// A discovered pod as a label value: hashed and compared by its key, so
 /// the hot path clones an `Arc` instead of building strings.
 #[derive(Clone, Debug)]
-struct Pod(Arc<PodInfo>);
+struct Pod(Arc<dyn PodIdentity>);
 
 impl Hash for Pod {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.key.hash(state);
+        self.0.key().hash(state);
     }
 }
 
 impl PartialEq for Pod {
     fn eq(&self, other: &Self) -> bool {
-        self.0.key == other.0.key
+        self.0.key() == other.0.key()
     }
 }
 
@@ -140,7 +155,7 @@ struct PodName(Option<Pod>);
 
 impl PodName {
     fn as_str(&self) -> &str {
-        self.0.as_ref().map_or("", |pod| pod.0.name.as_str())
+        self.0.as_ref().map_or("", |pod| pod.0.name())
     }
 }
 
@@ -202,15 +217,14 @@ struct PodLabels {
 impl EncodeLabelSet for PodLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
         let pod = &self.pod.0;
-        let label = |name: &str| pod.labels.get(name).map_or("", String::as_str);
         [
-            ("namespace", pod.namespace.as_str()),
-            ("pod", pod.name.as_str()),
-            ("model", pod.model.as_str()),
-            ("engine_type", pod.engine.as_str()),
-            ("roleset", pod.roleset.as_deref().unwrap_or("")),
-            ("role", label(crate::discovery::pod::ROLE_LABEL)),
-            ("role_replica_index", label(ROLE_REPLICA_INDEX_LABEL)),
+            ("namespace", pod.namespace()),
+            ("pod", pod.name()),
+            ("model", pod.model()),
+            ("engine_type", pod.engine()),
+            ("roleset", pod.roleset().unwrap_or("")),
+            ("role", pod.label(ROLE_LABEL)),
+            ("role_replica_index", pod.label(ROLE_REPLICA_INDEX_LABEL)),
             ("gateway_pod", &self.gateway_pod),
         ]
         .encode(encoder)
@@ -339,16 +353,16 @@ impl AibrixMetrics {
         }
     }
 
-    fn pod_name(pod: Option<&Arc<PodInfo>>) -> PodName {
-        PodName(pod.map(|pod| Pod(Arc::clone(pod))))
+    fn pod_name<P: PodIdentity + 'static>(pod: Option<&Arc<P>>) -> PodName {
+        PodName(pod.map(|pod| Pod(Arc::clone(pod) as Arc<dyn PodIdentity>)))
     }
 
-    fn pod_labels(&self, pod: &Arc<PodInfo>) -> PodLabels {
-        PodLabels { pod: Pod(Arc::clone(pod)), gateway_pod: Arc::clone(&self.gateway_pod) }
+    fn pod_labels<P: PodIdentity + 'static>(&self, pod: &Arc<P>) -> PodLabels {
+        PodLabels { pod: Pod(Arc::clone(pod) as Arc<dyn PodIdentity>), gateway_pod: Arc::clone(&self.gateway_pod) }
     }
 
     /// A request was answered (`gateway_request_total`).
-    pub fn request(&self, model: &Arc<str>, pod: Option<&Arc<PodInfo>>) {
+    pub fn request<P: PodIdentity + 'static>(&self, model: &Arc<str>, pod: Option<&Arc<P>>) {
         let labels = RequestLabels {
             gateway_pod: Arc::clone(&self.gateway_pod),
             model: Arc::clone(model),
@@ -358,7 +372,13 @@ impl AibrixMetrics {
     }
 
     /// A request ended as `status` after the client got `answered`.
-    pub fn outcome(&self, model: &Arc<str>, pod: Option<&Arc<PodInfo>>, status: AibrixStatus, answered: u16) {
+    pub fn outcome<P: PodIdentity + 'static>(
+        &self,
+        model: &Arc<str>,
+        pod: Option<&Arc<P>>,
+        status: AibrixStatus,
+        answered: u16,
+    ) {
         let labels = OutcomeLabels {
             gateway_pod: Arc::clone(&self.gateway_pod),
             model: Arc::clone(model),
@@ -371,7 +391,7 @@ impl AibrixMetrics {
     }
 
     /// The usage a completed answer reported.
-    pub fn tokens(&self, pod: &Arc<PodInfo>, prompt_tokens: u64, completion_tokens: u64) {
+    pub fn tokens<P: PodIdentity + 'static>(&self, pod: &Arc<P>, prompt_tokens: u64, completion_tokens: u64) {
         let labels = self.pod_labels(pod);
         self.input_tokens.get_or_create(&labels).inc_by(prompt_tokens);
         self.output_tokens.get_or_create(&labels).inc_by(completion_tokens);
@@ -404,7 +424,7 @@ impl AibrixMetrics {
     }
 
     /// The pd strategy chose `prefill` and `decode`.
-    pub fn pd_selected(&self, prefill: &Arc<PodInfo>, decode: &Arc<PodInfo>) {
+    pub fn pd_selected<P: PodIdentity + 'static>(&self, prefill: &Arc<P>, decode: &Arc<P>) {
         self.prefill_selections.get_or_create(&self.pod_labels(prefill)).inc();
         self.decode_selections.get_or_create(&self.pod_labels(decode)).inc();
     }
@@ -415,7 +435,7 @@ pub(super) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::discovery::Role;
+    use crate::discovery::{PodInfo, Role};
 
     /// A discovered pod of `model` named `name`, in namespace `ns`.
     pub(in crate::metrics) fn pod(name: &str, model: &str, role: Option<&str>) -> Arc<PodInfo> {
@@ -504,13 +524,13 @@ pub(super) mod tests {
         let model: Arc<str> = Arc::from("m");
         let a = pod("a", "m", None);
         metrics.request(&model, Some(&a));
-        metrics.request(&Arc::from("unknown"), None);
+        metrics.request(&Arc::from("unknown"), None::<&Arc<PodInfo>>);
         metrics.outcome(&model, Some(&a), AibrixStatus::Success, 200);
         metrics.outcome(&model, Some(&a), AibrixStatus::ResponseHeadersFail, 500);
         metrics.outcome(&model, Some(&a), AibrixStatus::ClientCancelled, 200);
         metrics.outcome(&model, Some(&a), AibrixStatus::ResponseBodyFail, 200);
-        metrics.outcome(&Arc::from("unknown"), None, AibrixStatus::RequestBodyFail, 404);
-        metrics.outcome(&model, None, AibrixStatus::ServerShutdown, 503);
+        metrics.outcome(&Arc::from("unknown"), None::<&Arc<PodInfo>>, AibrixStatus::RequestBodyFail, 404);
+        metrics.outcome(&model, None::<&Arc<PodInfo>>, AibrixStatus::ServerShutdown, 503);
         let mut same_name = (*pod("a", "m", None)).clone();
         same_name.key = "other/a".to_owned();
         metrics.request(&model, Some(&Arc::new(same_name)));

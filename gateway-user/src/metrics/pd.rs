@@ -10,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::discovery::PodInfo;
+use super::aibrix::PodIdentity;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SelectionLabels {
@@ -98,9 +98,9 @@ impl PdMetrics {
     }
 
     /// The pd strategy sent a request's prefill to `prefill` and its decode to `decode`.
-    pub fn selected(&self, model: &Arc<str>, prefill: &Arc<PodInfo>, decode: &Arc<PodInfo>) {
+    pub fn selected<P: PodIdentity + 'static>(&self, model: &Arc<str>, prefill: &Arc<P>, decode: &Arc<P>) {
         for (pod, role) in [(prefill, "prefill"), (decode, "decode")] {
-            let labels = SelectionLabels { model: Arc::clone(model), pod: Arc::from(pod.name.as_str()), role };
+            let labels = SelectionLabels { model: Arc::clone(model), pod: Arc::from(pod.name()), role };
             self.selections.get_or_create(&labels).inc();
         }
         if let Some(aibrix) = &self.aibrix {
