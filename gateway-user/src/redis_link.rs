@@ -59,12 +59,15 @@ pub fn connection_info(url: &str) -> Result<ConnectionInfo, String> {
 
 fn with_credentials(info: ConnectionInfo, settings: &Settings) -> ConnectionInfo {
     let mut redis = info.redis_settings().clone();
+    // `redis://:pw@host` names the default user: no user is added to it.
+    let url_credentials = redis.password().is_some();
     if redis.password().is_none()
         && let Some(password) = settings.password.as_deref().filter(|p| !p.is_empty())
     {
         redis = redis.set_password(password);
     }
     if redis.username().is_none()
+        && !url_credentials
         && let Some(username) = settings.username.as_deref().filter(|u| !u.is_empty())
     {
         redis = redis.set_username(username);
@@ -109,6 +112,12 @@ mod tests {
             "the URL's own credentials win"
         );
         assert_eq!(credentials("redis://redis:6379", &Settings::default()), (None, None));
+        assert_eq!(
+            credentials("redis://:url-pass@redis:6379", &secret),
+            (None, Some("url-pass".into())),
+            "a password-only URL is the default user's"
+        );
+        assert_eq!(credentials("redis://alice@redis:6379", &secret), (Some("alice".into()), Some("s3cret".into())));
         let empty = Settings { ca_pem: None, username: Some(String::new()), password: Some(String::new()) };
         assert_eq!(credentials("redis://redis:6379", &empty), (None, None), "empty variables set nothing");
     }

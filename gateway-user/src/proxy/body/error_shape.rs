@@ -24,14 +24,17 @@ use serde_json::{Map, Value};
 
 use super::Polled;
 
-/// Most of an error body held for shaping; the rest is not read.
+/// Most of an error body held for shaping; the rest is read and dropped, so
+/// the engine's answer still ends (and is logged) as it should.
 pub const MAX_ERROR_BODY: usize = 64 * 1024;
 /// Longest message taken from a plain-text error body, bytes.
 const MAX_TEXT_MESSAGE: usize = 1024;
 
-/// Whether an answer with `status` and `content_type` is shaped.
+/// Whether an answer with `status` and `content_type` is shaped: client
+/// and server errors, not redirects.
 pub fn shapes(status: StatusCode, content_type: Option<&str>, encoded: bool) -> bool {
-    !status.is_success() && !encoded && !content_type.is_some_and(|ct| ct.starts_with("text/event-stream"))
+    let error = status.is_client_error() || status.is_server_error();
+    error && !encoded && !content_type.is_some_and(|ct| ct.starts_with("text/event-stream"))
 }
 
 /// The OpenAI-shaped body for an engine's error `body` at `status`, or
@@ -127,13 +130,11 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ErrorShaped<B> {
         }
         let Some((status, held)) = &mut this.held else { return Pin::new(&mut this.inner).poll_frame(cx) };
         loop {
-            let full = held.len() >= MAX_ERROR_BODY;
-            let polled = if full { Poll::Ready(None) } else { Pin::new(&mut this.inner).poll_frame(cx) };
-            match polled {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
-                        let room = MAX_ERROR_BODY - held.len();
+                        let room = MAX_ERROR_BODY.saturating_sub(held.len());
                         held.extend_from_slice(&data[..data.len().min(room)]);
                     }
                 }
@@ -222,6 +223,7 @@ mod tests {
         assert!(shapes(StatusCode::BAD_REQUEST, Some("application/json"), false));
         assert!(shapes(StatusCode::INTERNAL_SERVER_ERROR, None, false));
         assert!(!shapes(StatusCode::OK, Some("application/json"), false));
+        assert!(!shapes(StatusCode::TEMPORARY_REDIRECT, Some("application/json"), false), "a redirect passes");
         assert!(!shapes(StatusCode::BAD_REQUEST, Some("text/event-stream; charset=utf-8"), false));
         assert!(!shapes(StatusCode::BAD_REQUEST, Some("application/json"), true), "gzip passes as it came");
     }
@@ -242,6 +244,13 @@ mod tests {
         let passing = Scripted::new(vec![Step::data("a"), Step::data("b")]);
         let (chunks, _) = drain(ErrorShaped::new(passing, None)).await;
         assert_eq!(chunks, ["a", "b"], "a success passes frame by frame");
+
+        let huge = Scripted::sized(vec![Step::data("x".repeat(MAX_ERROR_BODY)), Step::data("y".repeat(1000))]);
+        let mut huge = ErrorShaped::new(huge, Some(StatusCode::BAD_REQUEST));
+        let (chunks, end) = drain(&mut huge).await;
+        assert_eq!(end, Ok(()));
+        assert!(huge.inner.is_end_stream(), "the engine's body is read to its end");
+        assert!(chunks[0].len() <= MAX_TEXT_MESSAGE + 200, "held, then cut: {}", chunks[0].len());
 
         let broken = Scripted::new(vec![Step::data("partial"), Step::Fail]);
         let (chunks, end) = drain(ErrorShaped::new(broken, Some(StatusCode::BAD_GATEWAY))).await;
