@@ -428,13 +428,15 @@ impl<U: Upstream> Proxy<U> {
             headers.insert(names::CHOSEN_PROFILE, header_value(&resolved.profile));
         }
         let encoded = usage::is_encoded(header_str(headers, &header::CONTENT_ENCODING));
-        if body::error_shape::shapes(parts.status, header_str(headers, &header::CONTENT_TYPE), encoded) {
-            // Shaped below: its length changes, its type is JSON.
+        let shaped_error = body::error_shape::shapes(parts.status, header_str(headers, &header::CONTENT_TYPE), encoded)
+            .then_some(parts.status);
+        if shaped_error.is_some() {
+            // Shaped by the body layer: its length changes, its type is JSON.
             headers.remove(header::CONTENT_LENGTH);
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
         let shape = AnswerShape {
-            status: parts.status,
+            shaped_error,
             content_type: header_str(headers, &header::CONTENT_TYPE),
             content_encoding: header_str(headers, &header::CONTENT_ENCODING),
             hide_usage_chunk,

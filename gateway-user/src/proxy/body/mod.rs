@@ -42,8 +42,10 @@ pub type ResponseBody<B> = Clocked<SseErrorEvent<ErrorShaped<RequestEnd<Metered<
 /// What the layers need to know about an answer.
 #[derive(Default)]
 pub struct AnswerShape<'a> {
-    /// The engine's status: an error answer is shaped ([`error_shape`]).
-    pub status: http::StatusCode,
+    /// The engine's error status when its answer is to be shaped
+    /// ([`error_shape::shapes`], decided once by the caller, which also
+    /// fixes the headers).
+    pub shaped_error: Option<http::StatusCode>,
     pub content_type: Option<&'a str>,
     pub content_encoding: Option<&'a str>,
     /// The gateway asked for a usage chunk the client did not: it is
@@ -66,8 +68,7 @@ pub fn response_body<B: Body<Data = Bytes, Error: Unpin> + Unpin>(
     let filter = (sse && shape.hide_usage_chunk && !encoded).then(UsageChunkFilter::default);
     let metered = Metered::new(Coalesced::new(inner, sse), tap, filter, charge);
     let ended = RequestEnd::new(metered, record, clock.clone());
-    let shaped = error_shape::shapes(shape.status, shape.content_type, encoded).then_some(shape.status);
-    let shaped = ErrorShaped::new(ended, shaped);
+    let shaped = ErrorShaped::new(ended, shape.shaped_error);
     Clocked { inner: SseErrorEvent { inner: shaped, sse, ended: false }, clock }
 }
 
@@ -161,7 +162,7 @@ mod tests {
         "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n";
     const DONE: &str = "data: [DONE]\n\n";
     const SSE: AnswerShape<'static> = AnswerShape {
-        status: http::StatusCode::OK,
+        shaped_error: None,
         content_type: Some("text/event-stream"),
         content_encoding: None,
         hide_usage_chunk: true,
