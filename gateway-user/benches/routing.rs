@@ -31,6 +31,7 @@ fn pod(i: usize) -> Arc<PodInfo> {
         role: Role::Combined,
         labels: BTreeMap::new(),
         config_annotation: None,
+        custom_paths: Vec::new(),
         ready: true,
         load: Arc::new(PodLoad::default()),
     })

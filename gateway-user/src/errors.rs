@@ -45,6 +45,19 @@ pub enum GatewayError {
     InvalidField { message: String, param: &'static str },
     #[error("request body exceeds {limit_bytes} bytes")]
     BodyTooLarge { limit_bytes: usize },
+    /// An audio path's body is not a multipart form.
+    #[error("audio requests must use multipart/form-data content-type")]
+    NotMultipart,
+    /// A multipart form that cannot be read (AIBrix's messages).
+    #[error("{message}")]
+    Multipart { message: &'static str, param: Option<&'static str> },
+    /// The form's `model` field is not within the part of the upload the
+    /// gateway holds before it streams the rest.
+    #[error(
+        "the form's 'model' field must come within the first {limit_bytes} bytes of the upload; \
+         send it before the file"
+    )]
+    FormModelTooLate { limit_bytes: usize },
     #[error("failed to read the request body: {reason}")]
     BodyRead { reason: String },
     #[error("request body not received within {timeout_seconds} s")]
@@ -166,11 +179,13 @@ impl GatewayError {
             | Self::ModelMissing
             | Self::NoMessages
             | Self::InvalidField { .. }
+            | Self::NotMultipart
+            | Self::Multipart { .. }
             | Self::UnknownModel { .. }
             | Self::UnknownStrategy { .. }
             | Self::InvalidExternalFilter { .. } => StatusCode::BAD_REQUEST,
             Self::BodyRead { .. } => StatusCode::BAD_REQUEST,
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge { .. } | Self::FormModelTooLate { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             Self::NoReadyPods { .. }
@@ -229,6 +244,8 @@ impl GatewayError {
             Self::ModelMissing | Self::UnknownModel { .. } => Some("model"),
             Self::NoMessages => Some("messages"),
             Self::InvalidField { param, .. } => Some(param),
+            Self::Multipart { param, .. } => *param,
+            Self::FormModelTooLate { .. } => Some("model"),
             Self::Unauthorized => Some("api_key"),
             _ => None,
         }
@@ -243,7 +260,9 @@ impl GatewayError {
             | Self::ModelMissing
             | Self::NoMessages
             | Self::InvalidField { .. }
+            | Self::NotMultipart
             | Self::BodyRead { .. } => Some((name("x-error-request-body-processing"), TRUE)),
+            Self::Multipart { .. } | Self::FormModelTooLate { .. } => Some((name("x-error-multipart-parsing"), TRUE)),
             // AIBrix echoes the unknown model name; a name that is not a
             // valid header value (it came from the client) degrades to "true".
             Self::UnknownModel { model } => {

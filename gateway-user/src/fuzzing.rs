@@ -17,8 +17,19 @@ use crate::proxy::request::{self, Endpoint};
 use crate::proxy::usage::{self, UsageTap};
 use crate::routing::{Router, RoutingConfig};
 
-const ENDPOINTS: [Endpoint; 4] =
-    [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings, Endpoint::Responses];
+/// Every endpoint with a JSON body.
+const ENDPOINTS: [Endpoint; 10] = [
+    Endpoint::ChatCompletions,
+    Endpoint::Completions,
+    Endpoint::Embeddings,
+    Endpoint::Responses,
+    Endpoint::Messages,
+    Endpoint::Rerank,
+    Endpoint::Classify,
+    Endpoint::Score,
+    Endpoint::ImagesGenerations,
+    Endpoint::VideoGenerations,
+];
 
 /// Longest prompt the request-body target tokenizes (keeps executions fast).
 const MAX_TOKENIZED_BYTES: usize = 4096;

@@ -28,12 +28,22 @@ pub struct PodSpec {
     pub config: Option<String>,
     /// Further labels.
     pub labels: Vec<(String, String)>,
+    /// Further annotations.
+    pub annotations: Vec<(String, String)>,
 }
 
 impl PodSpec {
     /// A ready pod named `name` serving `model` on 127.0.0.1:`port`.
     pub fn new(name: &str, model: &str, port: u16) -> Self {
-        Self { name: name.into(), model: model.into(), port, ready: true, config: None, labels: Vec::new() }
+        Self {
+            name: name.into(),
+            model: model.into(),
+            port,
+            ready: true,
+            config: None,
+            labels: Vec::new(),
+            annotations: Vec::new(),
+        }
     }
 
     /// A ready pod backed by `engine`, named as the engine answers.
@@ -58,6 +68,12 @@ impl PodSpec {
         self.labels.push((key.into(), value.into()));
         self
     }
+
+    /// Adds an annotation.
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.annotations.push((key.into(), value.into()));
+        self
+    }
 }
 
 /// Renders pods as `kubectl get pods -o yaml` would (a v1 List). JSON strings are valid YAML
@@ -69,7 +85,7 @@ pub fn pods_yaml(pods: &[PodSpec]) -> String {
     }
     let mut out = String::from("apiVersion: v1\nkind: List\nitems:\n");
     for pod in pods {
-        let PodSpec { name, model, port, ready, config, labels } = pod;
+        let PodSpec { name, model, port, ready, config, labels, annotations } = pod;
         let _ = write!(
             out,
             "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: {}\n    namespace: default\n    labels:\n      \
@@ -81,8 +97,14 @@ pub fn pods_yaml(pods: &[PodSpec]) -> String {
         for (key, value) in labels {
             let _ = writeln!(out, "      {}: {}", quote(key), quote(value));
         }
+        if config.is_some() || !annotations.is_empty() {
+            out.push_str("    annotations:\n");
+        }
         if let Some(config) = config {
-            let _ = write!(out, "    annotations:\n      model.aibrix.ai/config: {}\n", quote(config));
+            let _ = writeln!(out, "      model.aibrix.ai/config: {}", quote(config));
+        }
+        for (key, value) in annotations {
+            let _ = writeln!(out, "      {}: {}", quote(key), quote(value));
         }
         let _ = write!(
             out,

@@ -212,6 +212,7 @@ pub fn to_pod(endpoint: &Endpoint, resolved: Option<SocketAddr>) -> PodInfo {
         role,
         labels,
         config_annotation: None,
+        custom_paths: Vec::new(),
         ready: resolved.is_some(),
         load: Arc::default(),
     }

@@ -19,6 +19,9 @@ pub const METRIC_PORT_LABEL: &str = "model.aibrix.ai/metric-port";
 pub const ENGINE_LABEL: &str = "model.aibrix.ai/engine";
 /// Annotation holding the model's config profiles.
 pub const CONFIG_ANNOTATION: &str = "model.aibrix.ai/config";
+/// Annotation listing extra path prefixes the model serves, comma-separated
+/// (AIBrix's model router adds them to the model's HTTPRoute).
+pub const CUSTOM_PATHS_ANNOTATION: &str = "model.aibrix.ai/model-router-custom-paths";
 /// PD: the roleset a pod belongs to.
 pub const ROLESET_LABEL: &str = "roleset-name";
 /// PD: `prefill` or `decode`.
@@ -182,6 +185,8 @@ pub struct PodInfo {
     pub labels: BTreeMap<String, String>,
     /// Raw `model.aibrix.ai/config` annotation, parsed by the profiles module.
     pub config_annotation: Option<String>,
+    /// Path prefixes from `model.aibrix.ai/model-router-custom-paths`.
+    pub custom_paths: Vec<String>,
     /// Ready for new requests: has an IP, is not terminating, condition Ready=True.
     pub ready: bool,
     pub load: Arc<PodLoad>,
@@ -242,6 +247,9 @@ impl PodInfo {
             roleset: labels.get(ROLESET_LABEL).cloned(),
             role,
             config_annotation: annotations.and_then(|a| a.get(CONFIG_ANNOTATION)).cloned(),
+            custom_paths: annotations
+                .and_then(|a| a.get(CUSTOM_PATHS_ANNOTATION))
+                .map_or_else(Vec::new, |v| custom_paths(v)),
             labels,
             name,
             namespace,
@@ -281,6 +289,35 @@ impl crate::metrics::PodIdentity for PodInfo {
     }
 }
 
+/// The path prefixes of a custom-paths annotation, as AIBrix's model router
+/// reads them: split at commas, spaces removed, empty and repeated entries
+/// dropped. A prefix must start with `/`; others are ignored with a warning.
+pub fn custom_paths(value: &str) -> Vec<String> {
+    let mut paths: Vec<String> = Vec::new();
+    for path in value.split(',').map(|path| path.replace(' ', "")) {
+        if path.is_empty() || paths.contains(&path) {
+            continue;
+        }
+        if !path.starts_with('/') {
+            tracing::warn!(path = ?path, "custom path does not start with '/'; ignoring it");
+            continue;
+        }
+        paths.push(path);
+    }
+    paths
+}
+
+/// Whether `path` falls under the path prefix `prefix`, as a Gateway API
+/// `PathPrefix` match does: element by element, so `/score` matches
+/// `/score` and `/score/x` but not `/scores`.
+pub fn under_prefix(path: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
 /// The port in `label`; `default` when it is missing, and (as AIBrix does)
 /// when it is not a port number, with a warning naming the pod.
 fn port_label(labels: &BTreeMap<String, String>, label: &'static str, pod: &str, default: u16) -> u16 {
@@ -297,6 +334,13 @@ fn port_label(labels: &BTreeMap<String, String>, label: &'static str, pod: &str,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn custom_paths_read_as_aibrixs_model_router_reads_them() {
+        assert_eq!(custom_paths("/f oo, /bar , ,/ba z /,/bar,score"), ["/foo", "/bar", "/baz/"]);
+        assert!(under_prefix("/baz", "/baz/") && under_prefix("/baz/x", "/baz/") && under_prefix("/foo", "/foo"));
+        assert!(!under_prefix("/foobar", "/foo") && !under_prefix("/fo", "/foo"));
+    }
 
     fn pod(yaml: &str) -> Pod {
         serde_norway::from_str(yaml).expect("pod yaml")

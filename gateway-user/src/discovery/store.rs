@@ -27,6 +27,15 @@ pub struct ModelPods {
     pub ready: Vec<Arc<PodInfo>>,
     /// Config profiles from the first pod whose annotation parses.
     pub config: Option<Arc<ModelConfig>>,
+    /// Path prefixes any of the model's pods lists in its custom-paths annotation.
+    pub custom_paths: Vec<String>,
+}
+
+impl ModelPods {
+    /// Whether one of the model's custom path prefixes covers `path`.
+    pub fn serves_custom_path(&self, path: &str) -> bool {
+        self.custom_paths.iter().any(|prefix| super::pod::under_prefix(path, prefix))
+    }
 }
 
 /// An immutable view of every known model and pod.
@@ -39,6 +48,11 @@ impl Snapshot {
     /// The pods of `model`, if any pod serves it.
     pub fn model(&self, model: &str) -> Option<&Arc<ModelPods>> {
         self.models.get(model)
+    }
+
+    /// Whether any model's custom path prefixes cover `path`.
+    pub fn is_custom_path(&self, path: &str) -> bool {
+        self.models.values().any(|model| model.serves_custom_path(path))
     }
 
     /// Model names in a stable order.
@@ -114,7 +128,11 @@ impl PodStore {
                 pods.sort_by(|a, b| a.key.cmp(&b.key));
                 let ready = pods.iter().filter(|p| p.ready).cloned().collect();
                 let config = self.first_valid_config(&pods);
-                let entry = ModelPods { name: Arc::from(name.as_str()), pods, ready, config };
+                let mut custom_paths: Vec<String> =
+                    pods.iter().flat_map(|pod| pod.custom_paths.iter().cloned()).collect();
+                custom_paths.sort_unstable();
+                custom_paths.dedup();
+                let entry = ModelPods { name: Arc::from(name.as_str()), pods, ready, config, custom_paths };
                 (name, Arc::new(entry))
             })
             .collect();
@@ -159,6 +177,7 @@ mod tests {
             role: Role::Combined,
             labels: BTreeMap::new(),
             config_annotation: None,
+            custom_paths: Vec::new(),
             ready,
             load: Arc::default(),
         }

@@ -523,6 +523,7 @@ mod tests {
             role: Role::Combined,
             labels: BTreeMap::new(),
             config_annotation: None,
+            custom_paths: Vec::new(),
             ready: true,
             load: Arc::default(),
         }

@@ -457,6 +457,7 @@ pub(super) mod tests {
             role: Role::Combined,
             labels,
             config_annotation: None,
+            custom_paths: Vec::new(),
             ready: true,
             load: Arc::default(),
         })

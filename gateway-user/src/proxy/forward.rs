@@ -16,8 +16,9 @@ use http::Response;
 use http::header::{HeaderName, HeaderValue};
 
 use super::body::Held;
+use super::form::Upload;
 use super::request::{self, Endpoint};
-use super::upstream::{self, SendError, Upstream};
+use super::upstream::{self, SendError, Upstream, UpstreamBody};
 use super::{ConnectionSlot, Proxy, RequestContext, Resolved, header_value};
 use crate::discovery::{InFlightGuard, PodInfo};
 use crate::errors::GatewayError;
@@ -91,7 +92,19 @@ pub(super) struct Outbound<'a> {
     pub strategy: &'static str,
     pub endpoint: Endpoint,
     pub body: &'a Bytes,
+    /// An upload streaming from the client: sent instead of `body`.
+    pub upload: Option<&'a Upload>,
     pub model: &'a Arc<str>,
+}
+
+impl Outbound<'_> {
+    /// The body one attempt sends.
+    fn attempt_body(&self) -> UpstreamBody {
+        match self.upload {
+            Some(upload) => upload.body().into(),
+            None => self.body.clone().into(),
+        }
+    }
 }
 
 impl<U: Upstream> Proxy<U> {
@@ -118,6 +131,7 @@ impl<U: Upstream> Proxy<U> {
             strategy: resolved.strategy.name(),
             endpoint: parsed.endpoint,
             body: &body,
+            upload: prepared.upload.as_ref(),
             model: &resolved.model_name,
         };
         let quotas = admission.user_quotas();
@@ -199,7 +213,7 @@ impl<U: Upstream> Proxy<U> {
                 // sees it (no window between choosing a pod and counting it).
                 let guard = pod.load.start();
                 ctx.routed(&self.metrics, send);
-                let body = send.body.clone();
+                let body = send.attempt_body();
                 let mut forwarded = self.send_to(pod, guard, body, send, quota, ctx).await?;
                 forwarded.headers = decision.headers;
                 forwarded.on_usage = decision.on_usage;
@@ -234,9 +248,9 @@ impl<U: Upstream> Proxy<U> {
                 (PREFILL_TARGET_POD, header_value(&plan.prefill.name)),
                 (PREFILL_TARGET_POD_IP, header_value(&plan.prefill.addr_text)),
             ];
-            (body, prefill_pod)
+            (body.into(), prefill_pod)
         } else {
-            (send.body.clone(), Vec::new())
+            (send.attempt_body(), Vec::new())
         };
         ctx.routed(&self.metrics, send);
         let decode = Arc::clone(&plan.decode);
@@ -259,7 +273,7 @@ impl<U: Upstream> Proxy<U> {
         &self,
         pod: Arc<PodInfo>,
         guard: InFlightGuard,
-        body: Bytes,
+        body: UpstreamBody,
         send: &Outbound<'_>,
         quota: &mut Quota,
         ctx: &mut RequestContext,

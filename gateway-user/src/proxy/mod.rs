@@ -13,6 +13,7 @@ pub mod access_log;
 pub mod body;
 pub mod client;
 pub mod defaults;
+pub mod form;
 mod forward;
 pub mod listener;
 pub mod memory;
@@ -52,8 +53,12 @@ use access_log::{AccessRecord, Ending};
 use body::{AnswerShape, EndRecord, ResponseBody};
 use forward::Forwarded;
 use offload::Prepared;
-use request::Endpoint;
+use request::{BodyKind, Endpoint, ParsedRequest};
 pub use upstream::{BoxError, HttpUpstream, Upstream};
+
+/// The request header naming the model on a custom path (as AIBrix's model
+/// router matches it).
+const MODEL_HEADER: HeaderName = HeaderName::from_static("model");
 
 /// Response body of the proxy listener: a gateway-made body, or an engine's
 /// answer streaming through its layers.
@@ -295,10 +300,12 @@ impl<U: Upstream> Proxy<U> {
         };
         let (mut parts, body) = request.into_parts();
         let write_watch = parts.extensions.remove::<Arc<write_watch::WriteWatch>>();
-        let body = self.read_body(&parts.headers, body).await?;
-        self.refuse_penalised(ctx.access.client)?;
-        let prepared = self.parse(endpoint, &parts.headers, body).await?;
+        let prepared = self.read_request(endpoint, &parts.headers, body, ctx).await?;
         let resolved = self.resolve(&parts.headers, &prepared, ctx)?;
+        if endpoint == Endpoint::Custom && !resolved.model.serves_custom_path(parts.uri.path()) {
+            // Another model's custom path: this model has no such route.
+            return Err(GatewayError::UnknownPath { path: errors::echo(parts.uri.path()) });
+        }
         let limit_request = LimitRequest {
             model: &resolved.model_name,
             profile: &resolved.profile,
@@ -311,12 +318,16 @@ impl<U: Upstream> Proxy<U> {
         Ok(self.respond(forwarded, &resolved, ctx, slot, clock))
     }
 
-    /// What the request asks for: an API endpoint (POST only) or the model list.
+    /// What the request asks for: an inference endpoint (POST only), a path
+    /// a model lists as its own (any method), or the model list.
     fn target<RB>(&self, request: &Request<RB>) -> Result<Target, GatewayError> {
         let path = request.uri().path();
         let Some(endpoint) = Endpoint::from_path(path) else {
             if path == "/v1/models" && request.method() == Method::GET {
                 return if self.store.is_synced() { Ok(Target::Models) } else { Err(GatewayError::PodsNotLoaded) };
+            }
+            if self.store.snapshot().is_custom_path(path) {
+                return Ok(Target::Api(Endpoint::Custom));
             }
             return Err(GatewayError::UnknownPath { path: errors::echo(path) });
         };
@@ -334,6 +345,42 @@ impl<U: Upstream> Proxy<U> {
         match self.kernel.penalty_remaining(client) {
             Some(wait) => Err(GatewayError::ClientPenalised { client: client.ip, wait }),
             None => Ok(()),
+        }
+    }
+
+    /// Reads the body as the endpoint takes it: a JSON body whole and parsed
+    /// once, an upload's form fields (the rest streams to the pod later), a
+    /// custom path's body whole, as it is.
+    async fn read_request<RB>(
+        &self,
+        endpoint: Endpoint,
+        headers: &http::HeaderMap,
+        body: RB,
+        ctx: &RequestContext,
+    ) -> Result<Prepared, GatewayError>
+    where
+        RB: Body<Data = Bytes> + Send + Unpin + 'static,
+        RB::Error: Into<BoxError>,
+    {
+        match endpoint.body_kind() {
+            BodyKind::Json => {
+                let body = self.read_body(headers, body).await?;
+                self.refuse_penalised(ctx.access.client)?;
+                self.parse(endpoint, headers, body).await
+            }
+            BodyKind::Form => {
+                let body = body.map_err(Into::into).boxed_unsync();
+                let limit = self.settings.max_body_bytes;
+                let head = form::read_head(headers, body, limit, self.settings.body_read_timeout).await?;
+                self.refuse_penalised(ctx.access.client)?;
+                let request = ParsedRequest::opaque(endpoint, Bytes::new(), head.model, head.stream);
+                Ok(Prepared { upload: Some(head.upload), ..Prepared::plain(request) })
+            }
+            BodyKind::Opaque => {
+                let body = self.read_body(headers, body).await?;
+                self.refuse_penalised(ctx.access.client)?;
+                ParsedRequest::custom(body, header_str(headers, &MODEL_HEADER)).map(Prepared::plain)
+            }
         }
     }
 
@@ -634,6 +681,9 @@ fn aibrix_status(error: &GatewayError) -> AibrixStatus {
         | E::ModelMissing
         | E::NoMessages
         | E::InvalidField { .. }
+        | E::NotMultipart
+        | E::Multipart { .. }
+        | E::FormModelTooLate { .. }
         | E::BodyTooLarge { .. }
         | E::BodyRead { .. }
         | E::BodyTimeout { .. }

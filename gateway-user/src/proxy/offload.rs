@@ -32,6 +32,15 @@ pub struct Prepared {
     /// Prompt tokens, when `config-profile: auto` needs them and they were
     /// counted up front.
     pub prompt_tokens: Option<i64>,
+    /// An upload streaming from the client, sent instead of `request.body`.
+    pub upload: Option<super::form::Upload>,
+}
+
+impl Prepared {
+    /// A request whose body needs no preparing.
+    pub fn plain(request: ParsedRequest) -> Self {
+        Self { request, prefix_hashes: None, prompt_tokens: None, upload: None }
+    }
 }
 
 impl Prepared {
@@ -67,7 +76,7 @@ impl Offload {
     ) -> Result<Prepared, GatewayError> {
         if body.len() < OFFLOAD_BYTES {
             let request = ParsedRequest::parse(endpoint, body)?;
-            return Ok(Prepared { request, prefix_hashes: None, prompt_tokens: None });
+            return Ok(Prepared::plain(request));
         }
         // Closed only when the proxy is dropped. The permit goes with the job:
         // a client that resets its stream drops this future, not the job.
@@ -78,7 +87,7 @@ impl Offload {
             let prompt = request.prompt();
             let prompt_tokens = count_tokens.then(|| tokens::count_tokens(prompt));
             let prefix_hashes = Some(hasher.hashes(prompt));
-            Ok(Prepared { request, prefix_hashes, prompt_tokens })
+            Ok(Prepared { request, prefix_hashes, prompt_tokens, upload: None })
         };
         match tokio::task::spawn_blocking(job).await {
             Ok(prepared) => prepared,

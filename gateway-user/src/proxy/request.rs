@@ -13,25 +13,75 @@ use serde_json::value::RawValue;
 
 use crate::errors::GatewayError;
 
-/// The OpenAI endpoints the gateway proxies.
+/// The inference endpoints the gateway routes: every path AIBrix routes and
+/// vLLM serves, plus the paths a model lists in its custom-paths annotation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
     Responses,
+    /// Anthropic-style `/v1/messages`: checked as chat is.
+    Messages,
+    Rerank,
+    Classify,
+    Score,
+    ImagesGenerations,
+    VideoGenerations,
+    /// `multipart/form-data`: the model is a form field and the upload is
+    /// streamed to the pod (`form.rs`).
+    AudioTranscriptions,
+    AudioTranslations,
+    /// A path the model lists in `model.aibrix.ai/model-router-custom-paths`:
+    /// any method, any body, the model from the `model` header or the body.
+    Custom,
+}
+
+/// How an endpoint's request body is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    /// A JSON object, read whole (within `--max-body-bytes`) and checked.
+    Json,
+    /// A multipart form, streamed (`form.rs`).
+    Form,
+    /// Anything, read whole and passed on as it is.
+    Opaque,
 }
 
 impl Endpoint {
-    /// The endpoint for a request path (exact match, query ignored).
+    /// The endpoint for a request path (exact match, query ignored), as
+    /// AIBrix's gateway dispatches them. Custom paths depend on the pods, so
+    /// the proxy finds those itself.
     pub fn from_path(path: &str) -> Option<Self> {
         match path {
             "/v1/chat/completions" => Some(Self::ChatCompletions),
             "/v1/completions" => Some(Self::Completions),
             "/v1/embeddings" => Some(Self::Embeddings),
             "/v1/responses" => Some(Self::Responses),
+            "/v1/messages" => Some(Self::Messages),
+            "/v1/rerank" => Some(Self::Rerank),
+            "/v1/classify" => Some(Self::Classify),
+            "/v1/score" => Some(Self::Score),
+            "/v1/images/generations" => Some(Self::ImagesGenerations),
+            "/v1/video/generations" => Some(Self::VideoGenerations),
+            "/v1/audio/transcriptions" => Some(Self::AudioTranscriptions),
+            "/v1/audio/translations" => Some(Self::AudioTranslations),
             _ => None,
         }
+    }
+
+    /// How the body is read.
+    pub fn body_kind(self) -> BodyKind {
+        match self {
+            Self::AudioTranscriptions | Self::AudioTranslations => BodyKind::Form,
+            Self::Custom => BodyKind::Opaque,
+            _ => BodyKind::Json,
+        }
+    }
+
+    /// Chat-shaped bodies: `messages` required, their contents the prompt.
+    fn takes_messages(self) -> bool {
+        matches!(self, Self::ChatCompletions | Self::Messages)
     }
 }
 
@@ -53,6 +103,8 @@ pub struct ParsedRequest {
     messages: Vec<Range<usize>>,
     prompt_field: Option<Range<usize>>,
     input_field: Option<Range<usize>>,
+    query_field: Option<Range<usize>>,
+    documents_field: Option<Range<usize>>,
     prompt: OnceLock<String>,
 }
 
@@ -82,6 +134,8 @@ struct Probe<'a> {
     messages: Option<&'a RawValue>,
     prompt: Option<&'a RawValue>,
     input: Option<&'a RawValue>,
+    query: Option<&'a RawValue>,
+    documents: Option<&'a RawValue>,
     max_tokens: Option<i64>,
     max_completion_tokens: Option<i64>,
     max_output_tokens: Option<i64>,
@@ -99,6 +153,8 @@ enum Field {
     Messages,
     Prompt,
     Input,
+    Query,
+    Documents,
     MaxTokens,
     MaxCompletionTokens,
     MaxOutputTokens,
@@ -107,12 +163,14 @@ enum Field {
     Other,
 }
 
-const FIELD_NAMES: [&str; 9] = [
+const FIELD_NAMES: [&str; 11] = [
     "model",
     "stream",
     "messages",
     "prompt",
     "input",
+    "query",
+    "documents",
     "max_tokens",
     "max_completion_tokens",
     "max_output_tokens",
@@ -135,14 +193,16 @@ impl<'de: 'a, 'a> Visitor<'de> for ProbeVisitor<'a> {
     }
 
     /// A field the gateway acts on given twice makes the body one it cannot
-    /// process; `prompt` and `input`, read only for the prompt's text, may
+    /// process; `prompt`, `input`, `query` and `documents`, read only for the prompt's text, may
     /// repeat (the last wins, as in the engine), and other fields are the
     /// engine's to judge.
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut probe = Probe::default();
         let mut seen = [false; FIELD_NAMES.len()];
         while let Some(field) = map.next_key::<Field>()? {
-            if let Some(seen) = seen.get_mut(field as usize).filter(|_| !matches!(field, Field::Prompt | Field::Input))
+            if let Some(seen) = seen
+                .get_mut(field as usize)
+                .filter(|_| !matches!(field, Field::Prompt | Field::Input | Field::Query | Field::Documents))
             {
                 if *seen {
                     return Err(serde::de::Error::duplicate_field(FIELD_NAMES[field as usize]));
@@ -155,6 +215,8 @@ impl<'de: 'a, 'a> Visitor<'de> for ProbeVisitor<'a> {
                 Field::Messages => probe.messages = map.next_value()?,
                 Field::Prompt => probe.prompt = map.next_value()?,
                 Field::Input => probe.input = map.next_value()?,
+                Field::Query => probe.query = map.next_value()?,
+                Field::Documents => probe.documents = map.next_value()?,
                 Field::MaxTokens => probe.max_tokens = map.next_value()?,
                 Field::MaxCompletionTokens => probe.max_completion_tokens = map.next_value()?,
                 Field::MaxOutputTokens => probe.max_output_tokens = map.next_value()?,
@@ -171,17 +233,14 @@ impl<'de: 'a, 'a> Visitor<'de> for ProbeVisitor<'a> {
 /// AIBrix's per-path checks, with its messages: completions need a
 /// `prompt`; responses an `input` that is a string or a non-empty array;
 /// embeddings a non-empty `input` with no empty string in it, and no
-/// streaming. (AIBrix also refuses an array `prompt`, which vLLM serves:
+/// streaming; rerank a `query` and some `documents`; classify an `input`
+/// that is a non-empty string or a non-empty array of strings. (AIBrix also refuses an array `prompt`, which vLLM serves:
 /// Turnstile passes it on.)
-fn check_fields(
-    endpoint: Endpoint,
-    prompt: Option<&RawValue>,
-    input: Option<&RawValue>,
-    stream: bool,
-) -> Result<(), GatewayError> {
+fn check_fields(endpoint: Endpoint, probe: &Probe<'_>) -> Result<(), GatewayError> {
     let invalid = |message: String, param| Err(GatewayError::InvalidField { message, param });
+    let (prompt, input, stream) = (probe.prompt, probe.input, probe.stream.unwrap_or(false));
     match endpoint {
-        Endpoint::ChatCompletions => Ok(()),
+        Endpoint::ChatCompletions | Endpoint::Messages => Ok(()),
         Endpoint::Completions if present(prompt).is_none() => {
             invalid("'prompt' is a required property".into(), "prompt")
         }
@@ -211,6 +270,33 @@ fn check_fields(
             }
             Some(_) => Ok(()),
         },
+        Endpoint::Rerank => {
+            match (present(probe.query).map(RawValue::get), present(probe.documents).map(RawValue::get)) {
+                (None | Some("\"\""), _) => invalid("'query' is a required property".into(), "query"),
+                (_, None | Some("[]")) => {
+                    invalid("'documents' is a required property and cannot be empty".into(), "documents")
+                }
+                _ => Ok(()),
+            }
+        }
+        Endpoint::Classify => match present(input).map(RawValue::get) {
+            None => invalid("'input' is a required property".into(), "input"),
+            Some("\"\"") => invalid("'input' cannot be an empty string".into(), "input"),
+            Some(raw) if raw.starts_with('"') => Ok(()),
+            Some(raw) if raw.starts_with('[') => match serde_json::from_str::<Vec<&RawValue>>(raw) {
+                Ok(items) if items.is_empty() => invalid("'input' array cannot be empty".into(), "input"),
+                Ok(items) if items.iter().all(|item| item.get().starts_with('"')) => Ok(()),
+                _ => invalid("'input' must be a string or array of strings".into(), "input"),
+            },
+            Some(_) => invalid("'input' must be a string or array of strings".into(), "input"),
+        },
+        // The engine's to judge beyond the model.
+        Endpoint::Score
+        | Endpoint::ImagesGenerations
+        | Endpoint::VideoGenerations
+        | Endpoint::AudioTranscriptions
+        | Endpoint::AudioTranslations
+        | Endpoint::Custom => Ok(()),
     }
 }
 
@@ -232,13 +318,45 @@ impl ParsedRequest {
         Self::read(endpoint, body, true)
     }
 
+    /// A request whose body the gateway does not read as JSON: a form's
+    /// fields (the upload itself streams past), or a custom path's body with
+    /// the model named in a header. No prompt.
+    pub fn opaque(endpoint: Endpoint, body: Bytes, model: String, stream: bool) -> Self {
+        Self {
+            endpoint,
+            body,
+            model,
+            stream,
+            max_tokens: None,
+            stream_options: StreamOptions::Absent,
+            messages: Vec::new(),
+            prompt_field: None,
+            input_field: None,
+            query_field: None,
+            documents_field: None,
+            prompt: OnceLock::new(),
+        }
+    }
+
+    /// A custom path's request: the model from the `model` header (as
+    /// AIBrix's model router matches it), else from a JSON body's `model`.
+    pub fn custom(body: Bytes, model_header: Option<&str>) -> Result<Self, GatewayError> {
+        match model_header.map(str::trim).filter(|model| !model.is_empty()) {
+            Some(model) => Ok(Self::opaque(Endpoint::Custom, body, model.to_owned(), false)),
+            None => Self::read(Endpoint::Custom, body, false).map_err(|err| match err {
+                GatewayError::BodyNotJson => GatewayError::ModelMissing,
+                err => err,
+            }),
+        }
+    }
+
     /// [`ParsedRequest::parse`], with the per-path field checks when `checked`.
     fn read(endpoint: Endpoint, body: Bytes, checked: bool) -> Result<Self, GatewayError> {
         // A body that is not a JSON object, or whose known fields have the
         // wrong types, is one error for the client: the body could not be
         // processed.
-        let probe: Probe<'_> = serde_json::from_slice(&body).map_err(|_| GatewayError::BodyNotJson)?;
-        let model = match probe.model {
+        let mut probe: Probe<'_> = serde_json::from_slice(&body).map_err(|_| GatewayError::BodyNotJson)?;
+        let model = match probe.model.take() {
             Some(model) if !model.trim().is_empty() => model,
             _ => return Err(GatewayError::ModelMissing),
         };
@@ -246,11 +364,11 @@ impl ParsedRequest {
         // is the engine's to judge.
         let messages: Vec<&RawValue> =
             probe.messages.and_then(|raw| serde_json::from_str(raw.get()).ok()).unwrap_or_default();
-        if checked && endpoint == Endpoint::ChatCompletions && messages.is_empty() {
+        if checked && endpoint.takes_messages() && messages.is_empty() {
             return Err(GatewayError::NoMessages);
         }
         if checked {
-            check_fields(endpoint, probe.prompt, probe.input, probe.stream.unwrap_or(false))?;
+            check_fields(endpoint, &probe)?;
         }
         let stream_options = match probe.stream_options.map(|raw| serde_json::from_str::<StreamOptionsProbe>(raw.get()))
         {
@@ -273,14 +391,17 @@ impl ParsedRequest {
             messages: messages.into_iter().map(span).collect(),
             prompt_field: probe.prompt.map(span),
             input_field: probe.input.map(span),
+            query_field: probe.query.map(span),
+            documents_field: probe.documents.map(span),
             prompt: OnceLock::new(),
             body,
         })
     }
 
     /// The prompt text used to count prompt tokens and match prefixes:
-    /// message contents joined by spaces (chat), `prompt` (completions) or
-    /// `input` (responses, embeddings). String values are unquoted; anything
+    /// message contents joined by spaces (chat, messages), `prompt`
+    /// (completions), `input` (responses, embeddings, classify) or `query`
+    /// and then each document (rerank). String values are unquoted; anything
     /// else is counted as its raw JSON. Assembled on first use.
     pub fn prompt(&self) -> &str {
         self.prompt.get_or_init(|| {
@@ -290,10 +411,22 @@ impl ParsedRequest {
                 .iter()
                 .filter_map(text)
                 .filter_map(|message| serde_json::from_str::<Message<'_>>(message).ok()?.content);
+            // Rerank's documents count one by one, after the query (AIBrix's key).
+            let documents: Vec<&str> = match self.documents_field.as_ref().and_then(text) {
+                Some(raw) if raw.starts_with('[') => serde_json::from_str::<Vec<&RawValue>>(raw)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(RawValue::get)
+                    .collect(),
+                Some(raw) => vec![raw],
+                None => Vec::new(),
+            };
             let parts: Vec<Cow<'_, str>> = contents
                 .map(RawValue::get)
                 .chain(self.prompt_field.iter().filter_map(text))
                 .chain(self.input_field.iter().filter_map(text))
+                .chain(self.query_field.iter().filter_map(text))
+                .chain(documents)
                 .map(raw_text)
                 .collect();
             parts.join(" ")
@@ -480,6 +613,32 @@ mod tests {
         r#"{"model":"m","input":"x","stream":true}"#,
         "stream not supported for embeddings"
     )]
+    #[case::messages_without_messages(Endpoint::Messages, r#"{"model":"m"}"#, "no messages in the request body")]
+    #[case::rerank_no_query(Endpoint::Rerank, r#"{"model":"m","documents":["a"]}"#, "'query' is a required property")]
+    #[case::rerank_empty_query(
+        Endpoint::Rerank,
+        r#"{"model":"m","query":"","documents":["a"]}"#,
+        "'query' is a required property"
+    )]
+    #[case::rerank_no_documents(
+        Endpoint::Rerank,
+        r#"{"model":"m","query":"q","documents":[]}"#,
+        "'documents' is a required property and cannot be empty"
+    )]
+    #[case::classify_no_input(Endpoint::Classify, r#"{"model":"m"}"#, "'input' is a required property")]
+    #[case::classify_empty(Endpoint::Classify, r#"{"model":"m","input":""}"#, "'input' cannot be an empty string")]
+    #[case::classify_empty_array(Endpoint::Classify, r#"{"model":"m","input":[]}"#, "'input' array cannot be empty")]
+    #[case::classify_numbers(
+        Endpoint::Classify,
+        r#"{"model":"m","input":[1,2]}"#,
+        "'input' must be a string or array of strings"
+    )]
+    #[case::classify_object(
+        Endpoint::Classify,
+        r#"{"model":"m","input":{"a":1}}"#,
+        "'input' must be a string or array of strings"
+    )]
+    #[case::images_not_json(Endpoint::ImagesGenerations, "prompt=cat", "error processing request body")]
     fn rejects_bad_bodies(#[case] endpoint: Endpoint, #[case] body: &str, #[case] message: &str) {
         let err = ParsedRequest::parse(endpoint, Bytes::from(body.to_owned())).expect_err("invalid body");
         assert_eq!(err.to_string(), message);
@@ -512,9 +671,25 @@ mod tests {
     }
 
     #[test]
+    fn rerank_and_classify_prompts_are_aibrixs_routing_keys() {
+        let parse = |endpoint, body: &str| ParsedRequest::parse(endpoint, Bytes::from(body.to_owned())).expect("valid");
+        let rerank = parse(Endpoint::Rerank, r#"{"model":"m","query":"which","documents":["a b","c"]}"#);
+        assert_eq!(rerank.prompt(), "which a b c");
+        let classify = parse(Endpoint::Classify, r#"{"model":"m","input":["x","y"]}"#);
+        assert_eq!(classify.prompt(), r#"["x","y"]"#, "an array counts as its JSON, as for embeddings");
+        let custom = ParsedRequest::custom(Bytes::from_static(b"not json"), Some(" m ")).expect("header model");
+        assert_eq!((custom.model.as_str(), custom.prompt()), ("m", ""));
+        assert!(matches!(ParsedRequest::custom(Bytes::from_static(b"x"), None), Err(GatewayError::ModelMissing)));
+        let from_body = ParsedRequest::custom(Bytes::from_static(br#"{"model":"n","prompt":"p"}"#), Some(""));
+        assert_eq!(from_body.map(|r| r.model).ok().as_deref(), Some("n"));
+    }
+
+    #[test]
     fn endpoints_by_exact_path() {
         assert_eq!(Endpoint::from_path("/v1/chat/completions"), Some(Endpoint::ChatCompletions));
         assert_eq!(Endpoint::from_path("/v1/chat/completions/"), None);
         assert_eq!(Endpoint::from_path("/v1/models"), None);
+        assert_eq!(Endpoint::from_path("/v1/audio/transcriptions").map(Endpoint::body_kind), Some(BodyKind::Form));
+        assert_eq!(Endpoint::from_path("/v1/rerank").map(Endpoint::body_kind), Some(BodyKind::Json));
     }
 }

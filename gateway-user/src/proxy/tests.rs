@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
 use super::body::scripted::{Scripted, Step};
-use super::upstream::SendError;
+use super::upstream::{SendError, UpstreamBody};
 use super::*;
 use crate::discovery::pods_file;
 use crate::kernel::penalties::PenaltySettings;
@@ -41,6 +41,9 @@ enum Reply {
 struct Seen {
     port: u16,
     body: Value,
+    /// The body as sent, and its `Content-Length` (`None`: chunked).
+    raw: Bytes,
+    length: Option<String>,
 }
 
 /// Engines by port, each answering by its script.
@@ -56,13 +59,14 @@ struct FakeUpstream(Arc<Engines>);
 impl Upstream for FakeUpstream {
     type Body = Scripted;
 
-    async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Scripted>, SendError> {
+    async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<Scripted>, SendError> {
         let port = request.uri().port_u16().unwrap_or(0);
         let reply = self.reply(port);
         if !matches!(reply, Reply::Refuse) {
-            let bytes = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            self.0.seen.lock().map(|mut seen| seen.push(Seen { port, body })).unwrap_or(());
+            let length = request.headers().get(header::CONTENT_LENGTH).map(|v| v.to_str().unwrap_or("?").to_owned());
+            let raw = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+            self.0.seen.lock().map(|mut seen| seen.push(Seen { port, body, raw, length })).unwrap_or(());
         }
         let answer = |status: u16, content_type: &str, body: Scripted| {
             let mut response = Response::new(body);
@@ -204,7 +208,11 @@ impl Rig {
     }
 
     /// Sends a request and reads its whole answer.
-    async fn call(&self, request: Request<Full<Bytes>>) -> Answer {
+    async fn call<RB>(&self, request: Request<RB>) -> Answer
+    where
+        RB: Body<Data = Bytes> + Send + Unpin + 'static,
+        RB::Error: Into<BoxError>,
+    {
         let response = Arc::clone(&self.proxy).handle(request, ([10, 0, 0, 9], 40000).into()).await;
         Answer::read(response).await
     }
@@ -513,4 +521,152 @@ fn request_id_from_traceparent_or_fresh_uuid() {
     let fresh = request_id(&headers);
     assert_eq!(fresh.len(), 36, "invalid all-zero trace id replaced by a UUID");
     assert_ne!(request_id(&http::HeaderMap::new()), fresh);
+}
+
+/// A multipart form: `fields` (name, value) then a file part named `file`.
+fn form(boundary: &str, fields: &[(&str, &str)], file: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+             Content-Type: audio/wav\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(file);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    body
+}
+
+/// A client body sent in chunks of `chunk` bytes, with no declared length.
+fn chunked(body: &[u8], chunk: usize) -> Scripted {
+    Scripted::new(body.chunks(chunk).map(|c| Step::data(String::from_utf8_lossy(c).into_owned())).collect())
+}
+
+fn upload<B>(path: &str, boundary: &str, body: B) -> Request<B> {
+    let mut request = Request::new(body);
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = http::Uri::try_from(path).unwrap_or_default();
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    request
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_str(&content_type).unwrap_or(HeaderValue::from_static("x")));
+    request
+}
+
+#[tokio::test]
+async fn an_upload_is_routed_by_its_model_field_and_reaches_the_pod_byte_for_byte() {
+    let rig =
+        Rig::with(&[pod("p0", 9000), pod("p1", 9001)], RigOptions { max_body_bytes: 256, ..RigOptions::default() });
+    // A file ten times the body limit: only the fields before it are held.
+    let file: Vec<u8> = (0..2560u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let body = form("XyZ", &[("model", " m "), ("stream", "true")], &file);
+    let answer = rig.call(upload("/v1/audio/transcriptions", "XyZ", chunked(&body, 100))).await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    let seen = rig.engines.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].raw, Bytes::from(body.clone()), "the pod gets exactly the client's bytes");
+    assert_eq!(seen[0].length, None, "no declared length: sent chunked");
+
+    // A pod that refuses the connection got nothing: the next gets it all,
+    // with the client's length.
+    rig.engines.set(9000, Reply::Refuse);
+    rig.engines.set(9001, Reply::Refuse);
+    rig.engines.set(9001, Reply::Json(ANSWER));
+    let mut request = upload("/v1/audio/translations", "XyZ", chunked(&body, 77));
+    request.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    for _ in 0..4 {
+        let mut again = upload("/v1/audio/translations", "XyZ", chunked(&body, 77));
+        *again.headers_mut() = request.headers().clone();
+        assert_eq!(rig.call(again).await.status, StatusCode::OK);
+    }
+    let seen = rig.engines.seen();
+    assert!(seen[1..].iter().all(|s| s.port == 9001 && s.raw == body), "all to the pod that answers, whole");
+    assert_eq!(seen[1].length.as_deref(), Some(body.len().to_string().as_str()));
+}
+
+#[tokio::test]
+async fn uploads_that_cannot_be_routed_get_aibrixs_answers() {
+    let rig = Rig::with(&[pod("p0", 9000)], RigOptions { max_body_bytes: 256, ..RigOptions::default() });
+    let path = "/v1/audio/transcriptions";
+    let json = rig.call(post(path, r#"{"model":"m"}"#, &[("content-type", "application/json")])).await;
+    json.assert_error(400, "audio requests must use multipart/form-data content-type");
+    assert_eq!(json.header("x-error-request-body-processing"), "true");
+
+    let no_boundary = rig.call(post(path, "x", &[("content-type", "multipart/form-data")])).await;
+    no_boundary.assert_error(400, "missing boundary in content-type");
+    assert_eq!(no_boundary.header("x-error-multipart-parsing"), "true");
+
+    let no_model = rig.call(upload(path, "b", chunked(&form("b", &[("language", "en")], b"RIFF"), 10))).await;
+    no_model.assert_error(400, "'model' is a required property");
+    assert_eq!(no_model.header("x-error-multipart-parsing"), "true");
+
+    let broken = rig.call(upload(path, "b", chunked(b"--b\r\nnot a header line", 10))).await;
+    broken.assert_error(400, "failed to parse multipart form");
+
+    // The model after a file larger than the limit: refused, not held.
+    let mut late = form("b", &[], &[b'x'; 1000]);
+    late.extend_from_slice(b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--b--\r\n");
+    let late = rig.call(upload(path, "b", chunked(&late, 64))).await;
+    late.assert_error(413, "'model' field must come within the first 256 bytes");
+
+    let unknown = rig.call(upload(path, "b", chunked(&form("b", &[("model", "nope")], b"RIFF"), 10))).await;
+    unknown.assert_error(400, "model nope does not exist");
+    assert!(rig.engines.seen().is_empty(), "no engine was asked: {:?}", rig.engines.seen());
+}
+
+#[tokio::test]
+async fn a_model_serves_the_paths_its_annotation_lists() {
+    let annotated = |name: &str, port: u16, model: &str, paths: &str| {
+        let mut pod = with_label(pod(name, port), "model.aibrix.ai/name", model);
+        pod["metadata"]["annotations"] = json!({"model.aibrix.ai/model-router-custom-paths": paths});
+        pod
+    };
+    let rig = Rig::new(&[
+        annotated("p0", 9000, "m", "/score/custom, /version ,"),
+        annotated("q0", 9100, "other", "/tokenize"),
+    ]);
+    let get = |path: &str, model: &str| {
+        Request::get(path).header("model", model).body(Full::<Bytes>::default()).unwrap_or_default()
+    };
+    // Any method; the model from the `model` header, or from a JSON body.
+    assert_eq!(rig.call(get("/version", "m")).await.status, StatusCode::OK);
+    assert_eq!(rig.call(post("/score/custom/x", r#"{"model":"m","text":"a"}"#, &[])).await.status, StatusCode::OK);
+    assert_eq!(rig.engines.seen().iter().map(|s| s.port).collect::<Vec<_>>(), [9000, 9000]);
+    // Path elements, not characters; another model's path is not this one's.
+    rig.call(get("/versions", "m")).await.assert_error(404, "unknown request path /versions");
+    rig.call(get("/tokenize", "m")).await.assert_error(404, "unknown request path /tokenize");
+    rig.call(get("/version", "")).await.assert_error(400, "'model' is a required property");
+    assert_eq!(rig.call(get("/tokenize", "other")).await.status, StatusCode::OK);
+    assert_eq!(rig.engines.seen().last().map(|s| s.port), Some(9100));
+}
+
+#[tokio::test]
+async fn every_aibrix_path_is_routed_by_its_body() {
+    let rig = Rig::new(&[pod("p0", 9000)]);
+    let bodies = [
+        ("/v1/messages", r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#),
+        ("/v1/rerank", r#"{"model":"m","query":"q","documents":["a","b"]}"#),
+        ("/v1/classify", r#"{"model":"m","input":["a","b"]}"#),
+        ("/v1/score", r#"{"model":"m","text_1":"a","text_2":"b"}"#),
+        ("/v1/images/generations", r#"{"model":"m","prompt":"a cat"}"#),
+        ("/v1/video/generations", r#"{"model":"m","prompt":"a cat"}"#),
+    ];
+    for (path, body) in bodies {
+        let answer = rig.call(post(path, body, &[])).await;
+        assert_eq!(answer.status, StatusCode::OK, "{path}: {answer:?}");
+        assert_eq!(answer.header("target-pod"), "p0", "{path}");
+    }
+    assert_eq!(rig.engines.seen().len(), bodies.len());
+    rig.call(post("/v1/messages", r#"{"model":"m","messages":[]}"#, &[])).await.assert_error(400, "no messages");
+    rig.call(post("/v1/rerank", r#"{"model":"m","query":"q"}"#, &[]))
+        .await
+        .assert_error(400, "'documents' is a required");
+    let get = Request::get("/v1/rerank").body(Full::<Bytes>::default()).unwrap_or_default();
+    rig.call(get).await.assert_error(405, "method GET");
 }

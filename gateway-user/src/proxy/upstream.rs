@@ -17,6 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::form::UploadBody;
 use super::upstream_conn::TrackingConnector;
 use crate::discovery::PodInfo;
 use crate::errors::GatewayError;
@@ -34,17 +35,65 @@ pub trait Upstream: Send + Sync + 'static {
     /// head, within the response timeout.
     fn send(
         &self,
-        request: Request<Full<Bytes>>,
+        request: Request<UpstreamBody>,
     ) -> impl Future<Output = Result<Response<Self::Body>, SendError>> + Send;
 }
 
 /// An error of any body or transport.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The body of a request to a pod: one the gateway holds whole, or an upload
+/// streaming from the client.
+pub enum UpstreamBody {
+    Whole(Full<Bytes>),
+    Upload(UploadBody),
+}
+
+impl From<Bytes> for UpstreamBody {
+    fn from(bytes: Bytes) -> Self {
+        Self::Whole(Full::new(bytes))
+    }
+}
+
+impl From<UploadBody> for UpstreamBody {
+    fn from(upload: UploadBody) -> Self {
+        Self::Upload(upload)
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Whole(full) => std::pin::Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
+            Self::Upload(upload) => std::pin::Pin::new(upload).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Whole(full) => full.is_end_stream(),
+            Self::Upload(upload) => upload.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Self::Whole(full) => full.size_hint(),
+            Self::Upload(upload) => upload.size_hint(),
+        }
+    }
+}
+
 /// Pooled HTTP/1.1 client to engine pods.
 #[derive(Clone)]
 pub struct HttpUpstream {
-    client: Client<TrackingConnector, Full<Bytes>>,
+    client: Client<TrackingConnector, UpstreamBody>,
     response_timeout: Duration,
 }
 
@@ -124,7 +173,7 @@ impl HttpUpstream {
 impl Upstream for HttpUpstream {
     type Body = Incoming;
 
-    async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, SendError> {
+    async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<Incoming>, SendError> {
         match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(crate::logfmt::chain(&err))),
@@ -160,14 +209,16 @@ impl SendError {
 
 /// The request for `pod`: the client's method, path and headers (less the
 /// hop-by-hop ones), `body`, and the request id; over the pod's connection
-/// pool for model id `pool` when given (see `upstream_conn`).
+/// pool for model id `pool` when given (see `upstream_conn`). The length is
+/// the body's (an upload of unknown length goes chunked).
 pub fn build_request(
     parts: &http::request::Parts,
-    body: Bytes,
+    body: impl Into<UpstreamBody>,
     pod: &PodInfo,
     request_id: &HeaderValue,
     pool: Option<u32>,
-) -> Result<Request<Full<Bytes>>, String> {
+) -> Result<Request<UpstreamBody>, String> {
+    let body = body.into();
     let authority = Authority::try_from(super::upstream_conn::pool_authority(&pod.addr_text, pool))
         .map_err(|e| format!("pod address {}: {e}", pod.addr_text))?;
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
@@ -180,9 +231,15 @@ pub fn build_request(
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    // The client's `Expect: 100-continue` was answered when its body was
+    // first read; the pod gets the body at once.
+    headers.remove(header::EXPECT);
+    match body.size_hint().exact() {
+        Some(length) => headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length)),
+        None => headers.remove(header::CONTENT_LENGTH),
+    };
     headers.insert(HeaderName::from_static("x-request-id"), request_id.clone());
-    let mut request = Request::new(Full::new(body));
+    let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
@@ -217,6 +274,7 @@ mod tests {
             .header(header::HOST, "gateway:8888")
             .header(header::CONTENT_LENGTH, "999")
             .header("user", "alice")
+            .header(header::EXPECT, "100-continue")
             .body(())
             .expect("request")
             .into_parts();
@@ -230,6 +288,7 @@ mod tests {
         assert_eq!(request.headers()["x-request-id"], "rid-1");
         assert_eq!(request.headers()["user"], "alice");
         assert!(request.headers().get(header::HOST).is_none());
+        assert!(request.headers().get(header::EXPECT).is_none(), "answered by the gateway");
         assert_eq!(request.version(), Version::HTTP_11);
     }
 }

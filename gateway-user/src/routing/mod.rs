@@ -618,6 +618,7 @@ pub(crate) mod test_support {
             role: Role::Combined,
             labels: BTreeMap::new(),
             config_annotation: None,
+            custom_paths: Vec::new(),
             ready: true,
             load,
         };

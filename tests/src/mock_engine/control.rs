@@ -18,6 +18,8 @@ pub async fn handle(state: &EngineState, request: Request<Incoming>) -> Response
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/health") => state.respond(StatusCode::OK, "", MockBody::empty()),
         (&Method::GET, "/v1/models") => state.json(StatusCode::OK, models_body(&state.models)),
+        // vLLM's version endpoint (a path operators list as a model's custom path).
+        (&Method::GET, "/version") => state.json(StatusCode::OK, json_bytes(&serde_json::json!({"version": "mock"}))),
         (&Method::GET, "/metrics") => {
             state.stats.scraped();
             let text = state.metrics.render(state.first_model(), state.load.snapshot());
@@ -34,7 +36,9 @@ pub async fn handle(state: &EngineState, request: Request<Incoming>) -> Response
         }
         (&Method::GET, "/mock/faults") => state.json(StatusCode::OK, json_bytes(&state.faults.current())),
         (&Method::POST, "/mock/faults") => update_faults(state, request).await,
-        (_, "/health" | "/v1/models" | "/metrics" | "/mock/stats" | "/mock/faults") => method_not_allowed(state),
+        (_, "/health" | "/v1/models" | "/version" | "/metrics" | "/mock/stats" | "/mock/faults") => {
+            method_not_allowed(state)
+        }
         _ => state.error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None),
     }
 }

@@ -73,8 +73,9 @@ pub async fn handle(
     if faults.reset_after_chunks.is_some() && !streams {
         return Err(reset.trigger());
     }
-    if endpoint == Endpoint::Responses && request.is_stream() {
-        let message = "the mock engine does not stream /v1/responses";
+    if matches!(endpoint, Endpoint::Responses | Endpoint::Messages) && request.is_stream() {
+        let message = format!("the mock engine does not stream {}", endpoint.path());
+        let message = message.as_str();
         return Ok(state.error(StatusCode::BAD_REQUEST, "BadRequestError", message, Some("stream")));
     }
     let model = match request.model.take() {
@@ -95,7 +96,7 @@ pub async fn handle(
         }
     };
     let completion_tokens = match endpoint {
-        Endpoint::Embeddings => 0,
+        Endpoint::Embeddings | Endpoint::Rerank | Endpoint::Classify | Endpoint::Score => 0,
         _ => request.completion_tokens(state.default_completion_tokens),
     };
     // Prompt tokens the prefix cache holds cost no prefill time.
@@ -128,6 +129,7 @@ pub async fn handle(
         }
         Endpoint::Embeddings => completion.embeddings_body(request.embedding_count(), prompt_tokens),
         Endpoint::Responses => completion.response_body(usage),
+        _ => completion.other_body(usage, request.pooled_items()),
     };
     drop(in_flight);
     Ok(state.json(StatusCode::OK, body))

@@ -1,7 +1,9 @@
 //! A mock vLLM engine for Turnstile's integration tests, demo and benchmarks.
 //!
 //! It speaks the OpenAI endpoints a vLLM pod serves (`/v1/chat/completions`,
-//! `/v1/completions`, `/v1/embeddings`, `/v1/responses`, `/v1/models`, `/health`) and
+//! `/v1/completions`, `/v1/embeddings`, `/v1/responses`, `/v1/messages`, `/v1/rerank`,
+//! `/v1/classify`, `/v1/score`, `/v1/images/generations`, `/v1/video/generations`, the
+//! audio uploads (`upload`), `/v1/models`, `/health`) and
 //! exports vLLM's `/metrics` series from a small load model: a running batch of bounded
 //! size, a FIFO queue before it, a KV cache filled by running requests, a prefix cache, and
 //! token timing where the time to first token can grow with the batch and with the prompt
@@ -31,6 +33,7 @@ mod request;
 mod server;
 mod state;
 mod stats;
+mod upload;
 
 use std::io::Write as _;
 use std::net::SocketAddr;

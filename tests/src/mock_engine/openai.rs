@@ -165,6 +165,13 @@ impl Completion {
             Endpoint::Completions => "cmpl",
             Endpoint::Embeddings => "embd",
             Endpoint::Responses => "resp",
+            Endpoint::Messages => "msg",
+            Endpoint::Rerank => "rerank",
+            Endpoint::Classify => "classify",
+            Endpoint::Score => "score",
+            Endpoint::ImagesGenerations => "img",
+            Endpoint::VideoGenerations => "video",
+            Endpoint::AudioTranscriptions | Endpoint::AudioTranslations => "trsc",
         };
         Self { endpoint, id: ids.next(prefix), created: unix_seconds(), model, completion_tokens }
     }
@@ -264,6 +271,36 @@ impl Completion {
                 total_tokens: usage.total_tokens,
             },
         })
+    }
+
+    /// The answer of the pooling, generation and Anthropic-style endpoints,
+    /// in vLLM's shape for each (`items`: documents, inputs or pairs).
+    pub fn other_body(&self, usage: Usage, items: u64) -> Bytes {
+        let text = TokenText { first: 0, count: self.completion_tokens }.to_string();
+        let (id, model, created) = (self.id.to_string(), self.model.as_str(), self.created);
+        let pooled = serde_json::json!({"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens});
+        let indexes = 0..items.max(1);
+        let body = match self.endpoint {
+            Endpoint::Messages => serde_json::json!({
+                "id": id, "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": text}], "stop_reason": "max_tokens", "stop_sequence": null,
+                "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens},
+            }),
+            Endpoint::Rerank => serde_json::json!({
+                "id": id, "model": model, "usage": {"total_tokens": usage.prompt_tokens},
+                "results": indexes.map(|i| serde_json::json!({"index": i, "relevance_score": 1.0 / (i + 1) as f64})).collect::<Vec<_>>(),
+            }),
+            Endpoint::Classify => serde_json::json!({
+                "id": id, "object": "list", "created": created, "model": model, "usage": pooled,
+                "data": indexes.map(|i| serde_json::json!({"index": i, "label": "positive", "probs": [0.1, 0.9], "num_classes": 2})).collect::<Vec<_>>(),
+            }),
+            Endpoint::Score => serde_json::json!({
+                "id": id, "object": "list", "created": created, "model": model, "usage": pooled,
+                "data": indexes.map(|i| serde_json::json!({"index": i, "object": "score", "score": 0.5})).collect::<Vec<_>>(),
+            }),
+            _ => serde_json::json!({"created": created, "data": [{"b64_json": "AAAA", "revised_prompt": text}]}),
+        };
+        json_bytes(&body)
     }
 
     /// The `/v1/embeddings` answer: `items` deterministic 8-dimensional vectors.

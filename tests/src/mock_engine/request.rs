@@ -21,12 +21,40 @@ pub enum Endpoint {
     Embeddings,
     /// `POST /v1/responses`.
     Responses,
+    /// `POST /v1/messages` (Anthropic-style).
+    Messages,
+    /// `POST /v1/rerank`.
+    Rerank,
+    /// `POST /v1/classify`.
+    Classify,
+    /// `POST /v1/score`.
+    Score,
+    /// `POST /v1/images/generations`.
+    ImagesGenerations,
+    /// `POST /v1/video/generations`.
+    VideoGenerations,
+    /// `POST /v1/audio/transcriptions` (multipart upload).
+    AudioTranscriptions,
+    /// `POST /v1/audio/translations` (multipart upload).
+    AudioTranslations,
 }
 
 impl Endpoint {
     /// Every endpoint, in the order [`Endpoint::index`] numbers them.
-    pub const ALL: [Endpoint; 4] =
-        [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings, Endpoint::Responses];
+    pub const ALL: [Endpoint; 12] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+        Endpoint::Messages,
+        Endpoint::Rerank,
+        Endpoint::Classify,
+        Endpoint::Score,
+        Endpoint::ImagesGenerations,
+        Endpoint::VideoGenerations,
+        Endpoint::AudioTranscriptions,
+        Endpoint::AudioTranslations,
+    ];
 
     /// The endpoint served at `path`, if any.
     pub fn from_path(path: &str) -> Option<Self> {
@@ -40,17 +68,25 @@ impl Endpoint {
             Endpoint::Completions => "/v1/completions",
             Endpoint::Embeddings => "/v1/embeddings",
             Endpoint::Responses => "/v1/responses",
+            Endpoint::Messages => "/v1/messages",
+            Endpoint::Rerank => "/v1/rerank",
+            Endpoint::Classify => "/v1/classify",
+            Endpoint::Score => "/v1/score",
+            Endpoint::ImagesGenerations => "/v1/images/generations",
+            Endpoint::VideoGenerations => "/v1/video/generations",
+            Endpoint::AudioTranscriptions => "/v1/audio/transcriptions",
+            Endpoint::AudioTranslations => "/v1/audio/translations",
         }
     }
 
     /// Position in [`Endpoint::ALL`], for per-endpoint counters.
     pub fn index(self) -> usize {
-        match self {
-            Endpoint::ChatCompletions => 0,
-            Endpoint::Completions => 1,
-            Endpoint::Embeddings => 2,
-            Endpoint::Responses => 3,
-        }
+        Self::ALL.iter().position(|endpoint| *endpoint == self).unwrap_or(0)
+    }
+
+    /// An upload (`multipart/form-data`), not a JSON body.
+    pub fn is_upload(self) -> bool {
+        matches!(self, Endpoint::AudioTranscriptions | Endpoint::AudioTranslations)
     }
 }
 
@@ -68,6 +104,10 @@ pub struct InferenceRequest {
     pub input: Option<InputCount>,
     /// System instructions (`/v1/responses`).
     pub instructions: Option<WordCount>,
+    /// Query (`/v1/rerank`).
+    pub query: Option<WordCount>,
+    /// Documents (`/v1/rerank`).
+    pub documents: Option<InputCount>,
     /// Whether to answer with server-sent events.
     pub stream: Option<bool>,
     /// Streaming options.
@@ -102,11 +142,12 @@ impl InferenceRequest {
     /// Prompt tokens: whitespace-separated words (or token ids) over every prompt field,
     /// at least 1.
     pub fn prompt_tokens(&self) -> u64 {
-        let words = [self.messages, self.prompt, self.instructions]
+        let words = [self.messages, self.prompt, self.instructions, self.query]
             .into_iter()
             .flatten()
             .map(|count| count.0)
             .chain(self.input.map(|input| input.words))
+            .chain(self.documents.map(|documents| documents.words))
             .sum::<u64>();
         words.max(1)
     }
@@ -136,6 +177,11 @@ impl InferenceRequest {
     /// Embeddings to return: one per input item, at least 1.
     pub fn embedding_count(&self) -> u64 {
         self.input.map_or(1, |input| input.items.max(1))
+    }
+
+    /// Items a pooling request scores: documents (rerank) or inputs (classify).
+    pub fn pooled_items(&self) -> u64 {
+        self.documents.or(self.input).map_or(1, |items| items.items.max(1))
     }
 }
 

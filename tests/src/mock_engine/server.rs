@@ -14,7 +14,7 @@ use super::body::MockBody;
 use super::connection::{ConnectionAborted, ResetSwitch, ResettableStream};
 use super::request::Endpoint;
 use super::state::EngineState;
-use super::{control, inference};
+use super::{control, inference, upload};
 
 /// Serves HTTP/1.1 with keep-alive on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, state: Arc<EngineState>) {
@@ -51,6 +51,9 @@ async fn route(
     request: Request<Incoming>,
 ) -> Result<Response<MockBody>, ConnectionAborted> {
     match Endpoint::from_path(request.uri().path()) {
+        Some(endpoint) if request.method() == Method::POST && endpoint.is_upload() => {
+            upload::handle(state, endpoint, request).await
+        }
         Some(endpoint) if request.method() == Method::POST => inference::handle(state, endpoint, request, reset).await,
         Some(_) => Ok(control::method_not_allowed(&state)),
         None => Ok(control::handle(&state, request).await),
