@@ -32,6 +32,7 @@ fn pod(i: usize) -> Arc<PodInfo> {
         labels: BTreeMap::new(),
         config_annotation: None,
         custom_paths: Vec::new(),
+        data_parallel: 1,
         ready: true,
         load: Arc::new(PodLoad::default()),
     })

@@ -30,6 +30,8 @@ pub struct PodSpec {
     pub labels: Vec<(String, String)>,
     /// Further annotations.
     pub annotations: Vec<(String, String)>,
+    /// Environment of the pod's one container.
+    pub env: Vec<(String, String)>,
 }
 
 impl PodSpec {
@@ -43,6 +45,7 @@ impl PodSpec {
             config: None,
             labels: Vec::new(),
             annotations: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -69,6 +72,12 @@ impl PodSpec {
         self
     }
 
+    /// Adds a variable to the environment of the pod's container.
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
     /// Adds an annotation.
     pub fn annotation(mut self, key: &str, value: &str) -> Self {
         self.annotations.push((key.into(), value.into()));
@@ -85,7 +94,7 @@ pub fn pods_yaml(pods: &[PodSpec]) -> String {
     }
     let mut out = String::from("apiVersion: v1\nkind: List\nitems:\n");
     for pod in pods {
-        let PodSpec { name, model, port, ready, config, labels, annotations } = pod;
+        let PodSpec { name, model, port, ready, config, labels, annotations, env } = pod;
         let _ = write!(
             out,
             "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: {}\n    namespace: default\n    labels:\n      \
@@ -105,6 +114,12 @@ pub fn pods_yaml(pods: &[PodSpec]) -> String {
         }
         for (key, value) in annotations {
             let _ = writeln!(out, "      {}: {}", quote(key), quote(value));
+        }
+        if !env.is_empty() {
+            out.push_str("  spec:\n    containers:\n    - name: engine\n      env:\n");
+            for (name, value) in env {
+                let _ = writeln!(out, "      - name: {}\n        value: {}", quote(name), quote(value));
+            }
         }
         let _ = write!(
             out,

@@ -94,9 +94,15 @@ pub struct Engine {
 impl Engine {
     /// Starts `mock-engine --name NAME --model MODEL ARGS...` on a free port.
     pub fn start(name: &str, model: &str, args: &[&str]) -> Self {
+        Self::try_start_on(name, model, 0, args).expect("mock-engine announced its address")
+    }
+
+    /// Starts `mock-engine` on 127.0.0.1:`port`; `None` when it cannot bind it.
+    pub fn try_start_on(name: &str, model: &str, port: u16, args: &[&str]) -> Option<Self> {
+        let listen = format!("127.0.0.1:{port}");
         let mut proc = Proc::spawn(
             Command::new(mock_engine_bin())
-                .args(["--listen", "127.0.0.1:0", "--name", name, "--model", model])
+                .args(["--listen", &listen, "--name", name, "--model", model])
                 .args(args)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit()),
@@ -109,9 +115,9 @@ impl Engine {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx.recv_timeout(START_TIMEOUT).expect("mock-engine announced its address");
-        let addr = testkit::listening_addr(&line).unwrap_or_else(|| panic!("unexpected mock-engine banner {line:?}"));
-        Self { name: name.to_owned(), addr, _proc: proc }
+        let line = rx.recv_timeout(START_TIMEOUT).ok()?;
+        let addr = testkit::listening_addr(&line)?;
+        Some(Self { name: name.to_owned(), addr, _proc: proc })
     }
 
     pub fn port(&self) -> u16 {

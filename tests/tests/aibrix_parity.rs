@@ -76,6 +76,35 @@ async fn ray_workers_and_later_pod_groups_get_no_traffic() {
     assert_eq!(endpoints[MODEL]["pods"].as_array().map(Vec::len), Some(1), "{endpoints}");
 }
 
+/// Two engines on consecutive ports, as a data-parallel pod's ranks serve.
+fn consecutive_engines() -> (Engine, Engine) {
+    for _ in 0..20 {
+        let rank0 = Engine::start("dp", MODEL, &[]);
+        if let Some(port) = rank0.port().checked_add(1)
+            && let Some(rank1) = Engine::try_start_on("dp-rank1", MODEL, port, &[])
+        {
+            return (rank0, rank1);
+        }
+    }
+    panic!("no two consecutive free ports in 20 tries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_port_of_a_data_parallel_pod_is_routed_to() {
+    let (rank0, rank1) = consecutive_engines();
+    let pod = PodSpec::for_engine(&rank0, MODEL).env("data-parallel-size", "2");
+    let gw = Gateway::start(&[pod], &["--routing-algorithm", "least-request"]).await;
+    let mut addresses = BTreeSet::new();
+    for _ in 0..16 {
+        let reply = send(post(&gw.url("/v1/chat/completions"), &chat_body(MODEL, false), &[])).await;
+        assert_eq!((reply.status, reply.header("target-pod")), (StatusCode::OK, "dp"), "{}", reply.text());
+        addresses.insert(reply.header("target-pod-ip").to_owned());
+    }
+    let expected = BTreeSet::from([rank0.addr.to_string(), rank1.addr.to_string()]);
+    assert_eq!(addresses, expected, "both ranks serve, under the pod's name");
+    assert!(rank0.requests_total().await > 0 && rank1.requests_total().await > 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_are_checked_per_path_with_aibrixs_messages() {
     let engine = Engine::start("a", MODEL, &[]);

@@ -213,6 +213,7 @@ pub fn to_pod(endpoint: &Endpoint, resolved: Option<SocketAddr>) -> PodInfo {
         labels,
         config_annotation: None,
         custom_paths: Vec::new(),
+        data_parallel: 1,
         ready: resolved.is_some(),
         load: Arc::default(),
     }

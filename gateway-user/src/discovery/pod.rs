@@ -19,6 +19,8 @@ pub const METRIC_PORT_LABEL: &str = "model.aibrix.ai/metric-port";
 pub const ENGINE_LABEL: &str = "model.aibrix.ai/engine";
 /// Annotation holding the model's config profiles.
 pub const CONFIG_ANNOTATION: &str = "model.aibrix.ai/config";
+/// Container env naming a pod's data-parallel ranks (AIBrix's name).
+pub const DATA_PARALLEL_ENV: &str = "data-parallel-size";
 /// Annotation listing extra path prefixes the model serves, comma-separated
 /// (AIBrix's model router adds them to the model's HTTPRoute).
 pub const CUSTOM_PATHS_ANNOTATION: &str = "model.aibrix.ai/model-router-custom-paths";
@@ -187,6 +189,10 @@ pub struct PodInfo {
     pub config_annotation: Option<String>,
     /// Path prefixes from `model.aibrix.ai/model-router-custom-paths`.
     pub custom_paths: Vec<String>,
+    /// Data-parallel ranks serving on consecutive ports from `addr` (container
+    /// env `data-parallel-size`, as AIBrix reads it); 1 for most pods. The
+    /// store routes each rank as a pod of its own.
+    pub data_parallel: u16,
     /// Ready for new requests: has an IP, is not terminating, condition Ready=True.
     pub ready: bool,
     pub load: Arc<PodLoad>,
@@ -237,6 +243,7 @@ impl PodInfo {
             Some("decode") => Role::Decode,
             _ => Role::Combined,
         };
+        let data_parallel = data_parallel_size(pod, &name);
         Ok(Some(Self {
             key: format!("{namespace}/{name}"),
             addr_text: addr.map(|a| a.to_string()).unwrap_or_default(),
@@ -250,12 +257,38 @@ impl PodInfo {
             custom_paths: annotations
                 .and_then(|a| a.get(CUSTOM_PATHS_ANNOTATION))
                 .map_or_else(Vec::new, |v| custom_paths(v)),
+            data_parallel,
             labels,
             name,
             namespace,
             model,
             load: Arc::default(),
         }))
+    }
+}
+
+impl PodInfo {
+    /// The routing targets of this pod: itself, or one per data-parallel
+    /// rank, rank `i` on port `+i` (metrics too), keyed `namespace/name:port`
+    /// and still named as the pod.
+    pub fn ranks(self) -> Vec<Self> {
+        let Some(addr) = self.addr.filter(|_| self.data_parallel > 1) else {
+            return vec![self];
+        };
+        (0..self.data_parallel)
+            .map_while(|rank| {
+                let port = addr.port().checked_add(rank)?;
+                let addr = SocketAddr::new(addr.ip(), port);
+                Some(Self {
+                    key: format!("{}:{port}", self.key),
+                    addr: Some(addr),
+                    addr_text: addr.to_string(),
+                    metric_port: self.metric_port.saturating_add(rank),
+                    load: Arc::default(),
+                    ..self.clone()
+                })
+            })
+            .collect()
     }
 }
 
@@ -286,6 +319,27 @@ impl crate::metrics::PodIdentity for PodInfo {
 
     fn label(&self, name: &str) -> &str {
         self.labels.get(name).map_or("", String::as_str)
+    }
+}
+
+/// Container env `data-parallel-size` of the first container that sets it:
+/// the pod serves that many ranks on consecutive ports. Missing, not a
+/// number or below 2: one port (AIBrix's reading), with a warning when it is
+/// not a number.
+fn data_parallel_size(pod: &Pod, name: &str) -> u16 {
+    let containers = pod.spec.as_ref().map(|spec| spec.containers.as_slice()).unwrap_or_default();
+    let value = containers
+        .iter()
+        .flat_map(|container| container.env.as_deref().unwrap_or_default())
+        .find(|env| env.name == DATA_PARALLEL_ENV && env.value.as_deref().is_some_and(|v| !v.is_empty()))
+        .and_then(|env| env.value.as_deref());
+    match value.map(|v| (v, v.trim().parse::<u16>())) {
+        None => 1,
+        Some((_, Ok(size))) => size.max(1),
+        Some((value, Err(_))) => {
+            tracing::warn!(pod = name, value, "data-parallel-size is not a number; routing to one port");
+            1
+        }
     }
 }
 
@@ -334,6 +388,32 @@ fn port_label(labels: &BTreeMap<String, String>, label: &'static str, pod: &str,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_parallel_pod_is_one_target_per_rank() {
+        let dp = |size: &str| {
+            let yaml = format!(
+                "{READY}spec:\n  containers:\n  - name: sidecar\n  - name: vllm\n    env:\n    - {{name: data-parallel-size, value: '{size}'}}\n"
+            );
+            PodInfo::from_pod(&pod(&yaml)).expect("valid").expect("ours")
+        };
+        let ranks = dp("3").ranks();
+        let ports: Vec<_> = ranks.iter().map(|r| (r.key.as_str(), r.addr_text.as_str(), r.metric_port)).collect();
+        assert_eq!(
+            ports,
+            [
+                ("ns/p0:9000", "10.0.0.1:9000", 9000),
+                ("ns/p0:9001", "10.0.0.1:9001", 9001),
+                ("ns/p0:9002", "10.0.0.1:9002", 9002)
+            ]
+        );
+        assert!(ranks.iter().all(|r| r.name == "p0"), "each rank is still named as its pod");
+        assert!(!Arc::ptr_eq(&ranks[0].load, &ranks[1].load), "each rank counts its own load");
+        for single in ["1", "0", "two"] {
+            let ranks = dp(single).ranks();
+            assert_eq!((ranks.len(), ranks[0].key.as_str()), (1, "ns/p0"), "{single}");
+        }
+    }
 
     #[test]
     fn custom_paths_read_as_aibrixs_model_router_reads_them() {

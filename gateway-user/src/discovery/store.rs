@@ -113,7 +113,7 @@ impl PodStore {
     pub fn replace_all(&self, pods: Vec<PodInfo>) {
         let previous = self.current.load();
         let mut by_model: HashMap<String, Vec<Arc<PodInfo>>> = HashMap::new();
-        for mut pod in pods {
+        for mut pod in pods.into_iter().flat_map(PodInfo::ranks) {
             if let Some(old) = previous.pod(&pod.model, &pod.key) {
                 pod.load = Arc::clone(&old.load);
                 if old.ready != pod.ready {
@@ -178,6 +178,7 @@ mod tests {
             labels: BTreeMap::new(),
             config_annotation: None,
             custom_paths: Vec::new(),
+            data_parallel: 1,
             ready,
             load: Arc::default(),
         }

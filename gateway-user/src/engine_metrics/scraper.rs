@@ -524,6 +524,7 @@ mod tests {
             labels: BTreeMap::new(),
             config_annotation: None,
             custom_paths: Vec::new(),
+            data_parallel: 1,
             ready: true,
             load: Arc::default(),
         }

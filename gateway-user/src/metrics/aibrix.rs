@@ -458,6 +458,7 @@ pub(super) mod tests {
             labels,
             config_annotation: None,
             custom_paths: Vec::new(),
+            data_parallel: 1,
             ready: true,
             load: Arc::default(),
         })

@@ -619,6 +619,7 @@ pub(crate) mod test_support {
             labels: BTreeMap::new(),
             config_annotation: None,
             custom_paths: Vec::new(),
+            data_parallel: 1,
             ready: true,
             load,
         };
