@@ -215,6 +215,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     raise_open_files_limit();
     args.limits.redis.configure_link()?;
+    // Before anything starts: a users file or flags that do not go together stop the gateway here.
+    let limits_config = args.limits.config()?;
     let metrics = Arc::new(Metrics::with_config(&crate::metrics::MetricsConfig::from_env(args.aibrix_metric_names)));
     let store = Arc::new(PodStore::new(Arc::clone(&metrics)));
     let shutdown = CancellationToken::new();
@@ -245,10 +247,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     )?;
     let upstream = HttpUpstream::new(&upstream_settings, Arc::clone(&kernel));
-    let limits_config = args.limits.config()?;
     tracing::info!(
         redis = limits_config.redis_url.as_deref().map(crate::limits::redis_store::redacted).as_deref(),
         failure_mode = ?limits_config.failure_mode,
+        user_limits = ?limits_config.user_limits,
         users_in_file = limits_config.users.len(),
         auth = limits_config.bearer_token.is_some(),
         "limits configured"
@@ -583,6 +585,18 @@ mod tests {
         assert_eq!(config.failure_mode, crate::limits::FailureMode::Closed);
         assert_eq!(config.default_user, crate::limits::UserLimits { rpm: None, tpm: Some(1000) }, "0 is no limit");
         assert!(Cli::try_parse_from(["turnstile", "serve", "--ratelimit-failure-mode", "maybe"]).is_err());
+        assert_eq!(config.user_limits, crate::limits::UserLimitsMode::Turnstile, "the default rules");
+
+        let aibrix = |extra: &[&str]| {
+            let cli = Cli::try_parse_from(["turnstile", "serve", "--user-limits", "aibrix"].iter().chain(extra))
+                .expect("parses");
+            let Command::Serve(args) = cli.command else { panic!("serve expected") };
+            args.limits.config()
+        };
+        assert_eq!(aibrix(&[]).expect("config").user_limits, crate::limits::UserLimitsMode::Aibrix);
+        let refused = aibrix(&["--default-user-rpm", "5"]).expect_err("AIBrix has no defaults for unknown users");
+        assert!(refused.to_string().contains("--user-limits aibrix"), "{refused}");
+        assert!(Cli::try_parse_from(["turnstile", "serve", "--user-limits", "openai"]).is_err());
 
         let cli = Cli::try_parse_from(["turnstile", "users", "set", "alice", "--rpm", "3"]).expect("parses");
         let Command::Users(UsersArgs { action: UsersAction::Set { name, rpm, tpm }, .. }) = cli.command else {

@@ -104,6 +104,18 @@ pub enum GatewayError {
     /// The rate-limit store (Redis) failed and the failure mode is closed.
     #[error("rate limit store unavailable")]
     LimitStoreUnavailable,
+    /// `--user-limits aibrix`: the user's record could not be read; the
+    /// message is AIBrix's (`redis: nil`: there is no record) or the store's
+    /// error.
+    #[error("{reason}")]
+    UserRecordFailed { reason: String, store_failed: bool },
+    /// `--user-limits aibrix`: the store failed counting a users-file user.
+    #[error("fail to get RPM for user: {user}")]
+    UserCounterFailed { user: String },
+    /// `--user-limits aibrix`: a streamed chat of a user whose record sets a
+    /// TPM does not ask for usage.
+    #[error("include usage for stream options not set")]
+    StreamUsageRequired,
     /// `pd`: no roleset has both a ready prefill and a ready decode pod.
     #[error(
         "no roleset of model {model} has a ready prefill and a ready decode pod \
@@ -167,6 +179,9 @@ impl From<LimitError> for GatewayError {
             LimitError::UserRpm { user, quota } => Self::UserRpmExceeded { user: echo(&user), quota },
             LimitError::UserTpm { user, quota } => Self::UserTpmExceeded { user: echo(&user), quota },
             LimitError::ModelRps { model, quota } => Self::ModelRpsExceeded { model, quota },
+            LimitError::UserRecord { reason, store_failed } => Self::UserRecordFailed { reason, store_failed },
+            LimitError::UserCounter { user } => Self::UserCounterFailed { user: echo(&user) },
+            LimitError::StreamUsageRequired => Self::StreamUsageRequired,
         }
     }
 }
@@ -183,7 +198,8 @@ impl GatewayError {
             | Self::Multipart { .. }
             | Self::UnknownModel { .. }
             | Self::UnknownStrategy { .. }
-            | Self::InvalidExternalFilter { .. } => StatusCode::BAD_REQUEST,
+            | Self::InvalidExternalFilter { .. }
+            | Self::StreamUsageRequired => StatusCode::BAD_REQUEST,
             Self::BodyRead { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } | Self::FormModelTooLate { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -203,6 +219,7 @@ impl GatewayError {
             Self::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UnknownPath { .. } => StatusCode::NOT_FOUND,
+            Self::UserRecordFailed { .. } | Self::UserCounterFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
@@ -215,7 +232,9 @@ impl GatewayError {
             | Self::ShuttingDown
             | Self::Overloaded { .. }
             | Self::LimitStoreUnavailable
-            | Self::NoPdRoleset { .. } => Origin::Gateway,
+            | Self::NoPdRoleset { .. }
+            | Self::UserRecordFailed { store_failed: true, .. }
+            | Self::UserCounterFailed { .. } => Origin::Gateway,
             Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } | Self::PrefillFailed { .. } => Origin::Upstream,
             _ => Origin::Client,
         }
@@ -247,6 +266,7 @@ impl GatewayError {
             Self::Multipart { param, .. } => *param,
             Self::FormModelTooLate { .. } => Some("model"),
             Self::Unauthorized => Some("api_key"),
+            Self::StreamUsageRequired => Some("stream_options"),
             _ => None,
         }
     }
@@ -276,6 +296,13 @@ impl GatewayError {
             Self::ModelRpsExceeded { .. } => Some((name("x-error-model-rps-exceeded"), TRUE)),
             Self::UserRpmExceeded { .. } => Some((name("x-error-rpm-exceeded"), TRUE)),
             Self::UserTpmExceeded { .. } => Some((name("x-error-tpm-exceeded"), TRUE)),
+            Self::UserRecordFailed { .. } => Some((name("x-error-user"), TRUE)),
+            // AIBrix's header for a failed RPM read is its RPM refusal header.
+            Self::UserCounterFailed { .. } => Some((name("x-error-rpm-exceeded"), TRUE)),
+            Self::StreamUsageRequired => Some((
+                name("x-error-no-stream-options-include-usage"),
+                HeaderValue::from_static("include usage for stream options not set"),
+            )),
             Self::LimitStoreUnavailable => Some((name("x-error-ratelimit-unavailable"), TRUE)),
             Self::PodsNotLoaded => Some((name("x-error-no-model-backends"), TRUE)),
             Self::Overloaded { .. } => Some((name("x-error-overloaded"), TRUE)),
@@ -444,6 +471,15 @@ mod tests {
         "x-error-ratelimit-unavailable",
         "true"
     )]
+    #[case::aibrix_no_record(GatewayError::UserRecordFailed { reason: "redis: nil".into(), store_failed: false }, 500, "redis: nil", "x-error-user", "true")]
+    #[case::aibrix_counter(GatewayError::UserCounterFailed { user: "u".into() }, 500, "fail to get RPM for user: u", "x-error-rpm-exceeded", "true")]
+    #[case::aibrix_stream_usage(
+        GatewayError::StreamUsageRequired,
+        400,
+        "include usage for stream options not set",
+        "x-error-no-stream-options-include-usage",
+        "include usage for stream options not set"
+    )]
     #[case::upstream(GatewayError::UpstreamFailed { pod: "p".into(), reason: "reset".into() }, 502, "upstream p failed before answering: reset", "x-error-upstream", "true")]
     #[case::no_pd_roleset(GatewayError::NoPdRoleset { model: "m1".into(), prefill: 1, decode: 0 }, 503, "no roleset of model m1 has a ready prefill and a ready decode pod (ready prefill pods: 1, ready decode pods: 0)", "x-error-no-model-backends", "true")]
     #[case::prefill_failed(GatewayError::PrefillFailed { pod: "p".into(), reason: "no answer within 1 s".into() }, 503, "prefill request to pod p failed: no answer within 1 s", "x-error-upstream", "true")]
@@ -487,6 +523,27 @@ mod tests {
             body,
             serde_json::json!({"error": {"message": "Incorrect API key provided", "type": "authentication_error",
                 "code": "invalid_api_key", "param": "api_key"}})
+        );
+    }
+
+    /// AIBrix's bodies for its user refusals: no code, `stream_options` as
+    /// the param of the 400, and no `Retry-After` (nothing says waiting helps).
+    #[tokio::test]
+    async fn aibrix_user_refusals_are_exactly_aibrix_bodies() {
+        let (status, headers, body) =
+            parts(GatewayError::from(LimitError::UserRecord { reason: "redis: nil".into(), store_failed: false }))
+                .await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(headers.get("retry-after").is_none());
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"message": "redis: nil", "type": "api_error", "code": null, "param": null}})
+        );
+        let (_, _, body) = parts(GatewayError::from(LimitError::StreamUsageRequired)).await;
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"message": "include usage for stream options not set",
+                "type": "invalid_request_error", "code": null, "param": "stream_options"}})
         );
     }
 

@@ -2,8 +2,9 @@
 //! binary, with a real `redis-server` started per test: exact admission per
 //! window across replicas, rollback when routing fails, profiles counted
 //! apart, the in-process limiter, Redis dying and coming back (fail-open and
-//! fail-closed), TPM after a streamed answer, users file defaults, and
-//! bearer auth.
+//! fail-closed), TPM after a streamed answer, users file defaults, bearer
+//! auth, and AIBrix's per-user rules (`--user-limits aibrix`) beside the
+//! default ones.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -505,4 +506,209 @@ async fn bearer_auth_guards_the_proxy() {
     let reply = gw.chat(MODEL, &[("authorization", "Bearer s3cret")]).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(engine.requests_total().await, 1, "refused requests never reached the engine");
+}
+
+// `--user-limits aibrix`: AIBrix's per-user rules, exactly (README, "Per-user
+// rules"). Records are written straight into Redis, as AIBrix's metadata
+// service writes them.
+
+/// A gateway applying AIBrix's user rules, counting in `redis`.
+async fn aibrix_rules_gateway(redis: &Redis, engine: &Engine) -> Gateway {
+    let url = redis.url();
+    let mut args = redis_args(&url);
+    args.extend(["--user-limits", "aibrix"]);
+    gateway(&[PodSpec::for_engine(engine, MODEL)], &args).await
+}
+
+/// Stores `record` as the user's AIBrix record.
+fn set_record(redis: &Redis, user: &str, record: &str) {
+    redis.cmd(&["SET", &format!("aibrix-users/{user}"), record]);
+}
+
+/// The user's counter (`RPM` or `TPM`) in the current minute bin.
+fn counter(redis: &Redis, user: &str, which: &str) -> Option<i64> {
+    let bin = redis.time().0 / 60 % 64;
+    redis.get_int(&format!("aibrix:{user}_{which}_CURRENT:{bin}"))
+}
+
+/// Sets the user's counter in the current minute bin.
+fn set_counter(redis: &Redis, user: &str, which: &str, value: u64) {
+    let bin = redis.time().0 / 60 % 64;
+    redis.cmd(&["SET", &format!("aibrix:{user}_{which}_CURRENT:{bin}"), &value.to_string(), "EX", "60"]);
+}
+
+/// A streamed chat, with `stream_options` as given (`None`: absent).
+fn stream_chat_body(stream_options: Option<serde_json::Value>) -> String {
+    let mut body = serde_json::json!({"model": MODEL, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    if let Some(options) = stream_options {
+        body["stream_options"] = options;
+    }
+    body.to_string()
+}
+
+/// Reads a streamed answer to its end.
+async fn read_stream(gw: &Gateway, path: &str, body: &str, user: &str) -> (StatusCode, String) {
+    let response = open_stream(post(&gw.url(path), body, &[("user", user)])).await;
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut text = String::new();
+    while let Some(chunk) = next_data(&mut body).await {
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("stream intact")));
+    }
+    (status, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn aibrix_rules_refuse_a_user_without_a_record_with_500() {
+    let (redis, engine) = redis_and_engine();
+    let gw = aibrix_rules_gateway(&redis, &engine).await;
+
+    let reply = gw.chat(MODEL, &[("user", "mallory")]).await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", reply.text());
+    assert_eq!(reply.header("x-error-user"), "true");
+    assert_eq!(reply.header("content-type"), "application/json");
+    assert_eq!(
+        reply.json(),
+        serde_json::json!({"error": {"message": "redis: nil", "type": "api_error", "code": null, "param": null}})
+    );
+    set_record(&redis, "broken", "not json");
+    let reply = gw.chat(MODEL, &[("user", "broken")]).await;
+    assert_eq!((reply.status, reply.header("x-error-user")), (StatusCode::INTERNAL_SERVER_ERROR, "true"));
+    assert_eq!(engine.requests_total().await, 0, "refused users never reach the engine");
+
+    set_record(&redis, "mallory", r#"{"name":"mallory","rpm":5,"tpm":0}"#);
+    assert_eq!(gw.chat(MODEL, &[("user", "mallory")]).await.status, StatusCode::OK, "a record lets the user in");
+    assert_eq!(gw.chat(MODEL, &[]).await.status, StatusCode::OK, "no user header: no user check");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn aibrix_rules_default_rpm_100_and_tpm_rpm_times_1000() {
+    let (redis, engine) = redis_and_engine();
+    let gw = aibrix_rules_gateway(&redis, &engine).await;
+    set_record(&redis, "zero", r#"{"name":"zero","rpm":0,"tpm":0}"#);
+    set_record(&redis, "two", r#"{"name":"two","rpm":2}"#);
+    away_from_minute_boundary().await;
+
+    // rpm 0 is 100: the 100th request of the minute passes, the 101st is refused.
+    set_counter(&redis, "zero", "RPM", 99);
+    let reply = gw.chat(MODEL, &[("user", "zero")]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.header("x-ratelimit-limit-requests"), "100");
+    assert_eq!(reply.header("x-ratelimit-limit-tokens"), "100000", "tpm 0 is rpm x 1000");
+    let reply = gw.chat(MODEL, &[("user", "zero")]).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.header("x-error-rpm-exceeded"), "true");
+    assert_eq!(
+        reply.json(),
+        serde_json::json!({"error": {"message": "user: zero has exceeded RPM: 100", "type": "rate_limit_error",
+            "code": "rate_limit_exceeded", "param": null}})
+    );
+
+    // tpm absent is rpm x 1000 = 2000; a TPM refusal still counts against RPM.
+    set_counter(&redis, "two", "TPM", 2000);
+    let reply = gw.chat(MODEL, &[("user", "two")]).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.header("x-error-tpm-exceeded"), "true");
+    assert_eq!(reply.json()["error"]["message"], "user: two has exceeded TPM: 2000");
+    assert_eq!(reply.json()["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(counter(&redis, "two", "RPM"), Some(1), "counted before the TPM check, as AIBrix does");
+    assert_eq!(engine.requests_total().await, 1, "only the admitted request reached the engine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn aibrix_rules_require_include_usage_on_chat_streams_of_users_whose_record_sets_a_tpm() {
+    let (redis, engine) = redis_and_engine();
+    let gw = aibrix_rules_gateway(&redis, &engine).await;
+    set_record(&redis, "metered", r#"{"name":"metered","rpm":10,"tpm":5000}"#);
+    set_record(&redis, "plain", r#"{"name":"plain","rpm":10}"#);
+    away_from_minute_boundary().await;
+
+    for options in [None, Some(serde_json::json!({})), Some(serde_json::json!({"include_usage": false}))] {
+        let body = stream_chat_body(options.clone());
+        let reply = send(post(&chat_url(&gw), &body, &[("user", "metered")])).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{options:?}: {}", reply.text());
+        assert_eq!(reply.header("x-error-no-stream-options-include-usage"), "include usage for stream options not set");
+        assert_eq!(
+            reply.json(),
+            serde_json::json!({"error": {"message": "include usage for stream options not set",
+                "type": "invalid_request_error", "code": null, "param": "stream_options"}})
+        );
+    }
+    assert_eq!(engine.requests_total().await, 0);
+    assert_eq!(counter(&redis, "metered", "RPM"), Some(3), "each 400 counted against RPM, as in AIBrix");
+
+    let asked = stream_chat_body(Some(serde_json::json!({"include_usage": true})));
+    let (status, text) = read_stream(&gw, "/v1/chat/completions", &asked, "metered").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.contains("\"usage\""), "{text}");
+    let completion = serde_json::json!({"model": MODEL, "prompt": "hi", "stream": true}).to_string();
+    let (status, _) = read_stream(&gw, "/v1/completions", &completion, "metered").await;
+    assert_eq!(status, StatusCode::OK, "the rule is AIBrix's, for chat completions only");
+
+    // A TPM from the default (rpm x 1000) does not require usage, and a
+    // stream that did not ask for usage bills none: AIBrix sees none pass.
+    let (status, text) = read_stream(&gw, "/v1/chat/completions", &stream_chat_body(None), "plain").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!text.contains("\"usage\""), "the client did not ask for usage: {text}");
+    assert_eq!(counter(&redis, "plain", "TPM"), None, "nothing billed");
+    assert_eq!(gw.chat(MODEL, &[("user", "plain")]).await.status, StatusCode::OK);
+    eventually(Duration::from_secs(2), "a non-stream answer billed to TPM", || {
+        let billed = counter(&redis, "plain", "TPM");
+        async move { billed.is_some_and(|tokens| tokens > 0) }
+    })
+    .await;
+}
+
+/// Without Redis the same rules apply to the users file, per replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn aibrix_rules_without_redis_apply_to_the_users_file() {
+    let dir = scratch_dir("aibrix-users");
+    let users_file = dir.join("users.json");
+    std::fs::write(&users_file, r#"[{"name":"bob","rpm":1},{"name":"tess","rpm":5,"tpm":100}]"#).expect("write");
+    let engine = Engine::start("pod-a", MODEL, &[]);
+    let users_path = users_file.display().to_string();
+    let pods = [PodSpec::for_engine(&engine, MODEL)];
+    let gw = gateway(&pods, &["--users-file", &users_path, "--user-limits", "aibrix"]).await;
+    away_from_minute_boundary().await;
+
+    let reply = gw.chat(MODEL, &[("user", "carol")]).await;
+    assert_eq!((reply.status, reply.header("x-error-user")), (StatusCode::INTERNAL_SERVER_ERROR, "true"));
+    assert_eq!(reply.json()["error"]["message"], "redis: nil", "the same wire as with Redis");
+    assert_eq!(gw.chat(MODEL, &[("user", "bob")]).await.status, StatusCode::OK);
+    let reply = gw.chat(MODEL, &[("user", "bob")]).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.json()["error"]["message"], "user: bob has exceeded RPM: 1");
+    let reply = send(post(&chat_url(&gw), &stream_chat_body(None), &[("user", "tess")])).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "the file's record sets a tpm: {}", reply.text());
+    assert_eq!(reply.header("x-error-no-stream-options-include-usage"), "include usage for stream options not set");
+}
+
+/// The default rules serve what AIBrix's refuse, as before the switch existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn default_rules_serve_what_aibrix_rules_refuse() {
+    let help = Command::new(turnstile_bin()).args(["serve", "--help"]).output().expect("turnstile serve --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--user-limits <USER_LIMITS>"), "{help}");
+    assert!(help.contains("[default: turnstile]"), "{help}");
+
+    let (redis, engine) = redis_and_engine();
+    let url = redis.url();
+    let gw = gateway(&[PodSpec::for_engine(&engine, MODEL)], &redis_args(&url)).await;
+    set_record(&redis, "metered", r#"{"name":"metered","rpm":10,"tpm":5000}"#);
+    set_record(&redis, "zero", r#"{"name":"zero","rpm":0,"tpm":0}"#);
+    away_from_minute_boundary().await;
+
+    let reply = gw.chat(MODEL, &[("user", "mallory")]).await;
+    assert_eq!(reply.status, StatusCode::OK, "no record: no limit");
+    let reply = gw.chat(MODEL, &[("user", "zero")]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("x-ratelimit-limit-requests"), "", "0 is no limit, not 100");
+    let (status, text) = read_stream(&gw, "/v1/chat/completions", &stream_chat_body(None), "metered").await;
+    assert_eq!(status, StatusCode::OK, "served without include_usage");
+    assert!(!text.contains("\"usage\""), "{text}");
+    eventually(Duration::from_secs(2), "the stream's tokens billed to TPM", || {
+        let billed = counter(&redis, "metered", "TPM");
+        async move { billed.is_some_and(|tokens| tokens > 0) }
+    })
+    .await;
 }

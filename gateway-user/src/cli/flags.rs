@@ -15,7 +15,7 @@ use crate::discovery::DiscoverySource;
 use crate::engine_metrics::ScrapeConfig;
 use crate::kernel::penalties::{Cidr, PenaltySettings};
 use crate::kernel::{EbpfMode, KernelConfig, PenaltyMode};
-use crate::limits::{LimitsConfig, UserLimits};
+use crate::limits::{LimitsConfig, UserLimits, UserLimitsMode};
 use crate::proxy::defaults as proxy;
 use crate::routing::{PrefixTokenizer, RoutingConfig};
 
@@ -284,6 +284,14 @@ pub struct LimitArgs {
     #[arg(long, env = "TURNSTILE_DEFAULT_USER_TPM")]
     pub default_user_tpm: Option<u64>,
 
+    /// Whose rules per-user RPM/TPM limits follow. The default, `turnstile`,
+    /// is as README "Limits" describes; `aibrix` applies AIBrix's exactly
+    /// (a user without a record is refused, rpm 0 is 100, tpm 0 is
+    /// rpm × 1000, TPM users must ask for usage on streamed chats) and takes
+    /// no --default-user-rpm/-tpm.
+    #[arg(long, env = "TURNSTILE_USER_LIMITS", value_enum, default_value_t = LimitsConfig::default().user_limits)]
+    pub user_limits: UserLimitsMode,
+
     /// Require `Authorization: Bearer <token>` on the proxy listener.
     #[arg(long, env = "AIBRIX_AUTH_BEARER_TOKEN", hide_env_values = true)]
     pub auth_bearer_token: Option<String>,
@@ -297,6 +305,14 @@ impl LimitArgs {
             None => Vec::new(),
         };
         let positive = |n: Option<u64>| n.filter(|n| *n > 0);
+        if self.user_limits == UserLimitsMode::Aibrix
+            && (self.default_user_rpm.is_some() || self.default_user_tpm.is_some())
+        {
+            anyhow::bail!(
+                "--default-user-rpm and --default-user-tpm do not apply with --user-limits aibrix: \
+                 AIBrix refuses a user without a record and defaults a record's 0s to rpm 100, tpm rpm x 1000"
+            );
+        }
         Ok(LimitsConfig {
             redis_url: self.redis.url(),
             failure_mode: self.ratelimit_failure_mode,
@@ -306,6 +322,7 @@ impl LimitArgs {
             users,
             default_user: UserLimits { rpm: positive(self.default_user_rpm), tpm: positive(self.default_user_tpm) },
             bearer_token: self.auth_bearer_token.clone(),
+            user_limits: self.user_limits,
         })
     }
 }
@@ -640,6 +657,21 @@ impl ValueEnum for PrefixTokenizer {
         Some(match self {
             Self::Character => PossibleValue::new("character").help("The prompt's UTF-8 bytes (AIBrix's default)"),
             Self::Tiktoken => PossibleValue::new("tiktoken").help("cl100k tokens, four big-endian bytes each"),
+        })
+    }
+}
+
+impl ValueEnum for UserLimitsMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Turnstile, Self::Aibrix]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            Self::Turnstile => PossibleValue::new("turnstile")
+                .help("Users without a record get --default-user-rpm/-tpm; refused requests are not counted"),
+            Self::Aibrix => PossibleValue::new("aibrix")
+                .help("AIBrix's rules: a user without a record gets 500 `redis: nil`; see README \"Limits\""),
         })
     }
 }

@@ -170,10 +170,25 @@ impl Counters {
             } else if let Some(backstop) = backstop() {
                 local.admit_user_at(&backstop, unix_now_ms())
             } else {
-                UserVerdict::Admitted { limits: check.limits, rpm_slot: None, requests: None, tokens: None }
+                UserVerdict::Admitted {
+                    limits: check.limits,
+                    rpm_slot: None,
+                    requests: None,
+                    tokens: None,
+                    record_tpm: false,
+                }
             }
         };
         self.serve(Op::AdmitUser, |redis| redis.admit_user(check), local).await
+    }
+
+    /// A user check with no fallback (AIBrix's rules): Redis's answer or its
+    /// failure, whatever the failure mode; in process without Redis.
+    pub async fn admit_user_or_fail(&self, check: &UserCheck<'_>) -> Result<UserVerdict, StoreError> {
+        match &self.shared {
+            None => Ok(self.local.admit_user_at(check, unix_now_ms())),
+            Some(shared) => self.call_shared(shared, Op::AdmitUser, shared.store.admit_user(check)).await,
+        }
     }
 
     /// Takes back a counted request from where it was counted.

@@ -26,7 +26,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::quota::Quota;
-use super::{CounterStore, Slot, StoreError, UserCheck, UserVerdict, WindowVerdict, rpm_counter_key, tpm_counter_key};
+use super::{
+    CounterStore, Slot, StoreError, UserCheck, UserLimitsMode, UserVerdict, WindowVerdict, rpm_counter_key,
+    tpm_counter_key,
+};
 
 /// Independent locks. A gateway runs one worker thread per core; with 64
 /// shards two requests of different users meet on a lock rarely even on a
@@ -230,7 +233,8 @@ impl LocalStore {
     }
 
     /// Checks the user's RPM and TPM in the minute of `now_ms` and counts the
-    /// request against RPM when both allow it.
+    /// request against RPM when both allow it; under AIBrix's rules, when RPM
+    /// allows it (the TPM check comes after the count, as in AIBrix).
     pub fn admit_user_at(&self, check: &UserCheck<'_>, now_ms: u64) -> UserVerdict {
         let (minute, reset) = window_at(now_ms, MINUTE_MS);
         self.enter_window(&self.minutes, now_ms);
@@ -246,20 +250,28 @@ impl LocalStore {
         {
             return UserVerdict::RpmExceeded { quota: Quota { limit, remaining: 0, reset } };
         }
+        let mut count = || {
+            limits.rpm.map(|_| {
+                shard.add(MINUTE_MS, minute, &rpm_key, 1);
+                Slot { key: rpm_key.clone(), window: minute }
+            })
+        };
+        let counted_first = match check.mode {
+            UserLimitsMode::Aibrix => Some(count()),
+            UserLimitsMode::Turnstile => None,
+        };
         if let Some(limit) = limits.tpm
             && tokens >= limit
         {
             return UserVerdict::TpmExceeded { quota: Quota { limit, remaining: 0, reset } };
         }
-        let rpm_slot = limits.rpm.map(|_| {
-            shard.add(MINUTE_MS, minute, &rpm_key, 1);
-            Slot { key: rpm_key, window: minute }
-        });
+        let rpm_slot = counted_first.unwrap_or_else(count);
         UserVerdict::Admitted {
             limits,
             rpm_slot,
             requests: limits.rpm.map(|limit| Quota { limit, remaining: limit - requests - 1, reset }),
-            tokens: limits.tpm.map(|limit| Quota { limit, remaining: limit - tokens, reset }),
+            tokens: limits.tpm.map(|limit| Quota { limit, remaining: limit.saturating_sub(tokens), reset }),
+            record_tpm: check.record_tpm,
         }
     }
 
@@ -359,7 +371,13 @@ mod tests {
     }
 
     fn check(user: &str, rpm: Option<u64>, tpm: Option<u64>) -> UserCheck<'_> {
-        UserCheck { user, limits: UserLimits { rpm, tpm }, lookup_record: false }
+        UserCheck {
+            user,
+            limits: UserLimits { rpm, tpm },
+            lookup_record: false,
+            mode: UserLimitsMode::Turnstile,
+            record_tpm: false,
+        }
     }
 
     #[test]
@@ -410,6 +428,34 @@ mod tests {
         assert!(matches!(store.admit_user_at(&both, T0), UserVerdict::TpmExceeded { .. }));
         let rpm_only = check("carol", Some(1), None);
         assert!(matches!(store.admit_user_at(&rpm_only, T0), UserVerdict::Admitted { .. }), "TPM refusal took no RPM");
+    }
+
+    /// AIBrix counts the request against RPM before it checks TPM, and never
+    /// takes it back: a TPM refusal still uses up a request of the minute.
+    #[test]
+    fn aibrix_rules_count_a_tpm_refusal_against_rpm() {
+        let store = LocalStore::new();
+        let aibrix = UserCheck { mode: UserLimitsMode::Aibrix, record_tpm: true, ..check("erin", Some(3), Some(10)) };
+        let UserVerdict::Admitted { record_tpm, requests, .. } = store.admit_user_at(&aibrix, T0) else {
+            panic!("admitted")
+        };
+        assert!(record_tpm, "the check's record TPM is handed back");
+        assert_eq!(requests.map(|q| q.remaining), Some(2));
+        store.charge_tokens_at("erin", 10, T0 + S);
+        assert!(matches!(store.admit_user_at(&aibrix, T0 + 2 * S), UserVerdict::TpmExceeded { .. }));
+        assert!(matches!(store.admit_user_at(&aibrix, T0 + 3 * S), UserVerdict::TpmExceeded { .. }));
+        let quota = Quota { limit: 3, remaining: 0, reset: Duration::from_secs(56) };
+        assert_eq!(
+            store.admit_user_at(&aibrix, T0 + 4 * S),
+            UserVerdict::RpmExceeded { quota },
+            "the two TPM refusals were counted: 3 requests"
+        );
+        let turnstile = check("erin", Some(4), None);
+        assert!(matches!(store.admit_user_at(&turnstile, T0 + 5 * S), UserVerdict::Admitted { .. }));
+        assert!(
+            matches!(store.admit_user_at(&turnstile, T0 + 5 * S), UserVerdict::RpmExceeded { .. }),
+            "same counter under both rules"
+        );
     }
 
     #[test]

@@ -12,6 +12,10 @@
 //! windows from Redis time, each check one atomic script), else in process.
 //! Redis failures are handled in `counters.rs`: timeout, circuit breaker, then
 //! fail open to the in-process backstop or fail closed with 503.
+//!
+//! Per-user limits follow one of two rule sets ([`UserLimitsMode`]):
+//! Turnstile's (the default) or AIBrix's, exactly as its gateway applies them.
+//! Both count in the same keys and windows, through the same stores.
 
 pub mod auth;
 pub mod breaker;
@@ -48,6 +52,43 @@ pub enum LimitError {
     UserTpm { user: String, quota: Quota },
     /// The model's (per profile) requests per second are used up.
     ModelRps { model: String, quota: Quota },
+    /// AIBrix rules: the user's record could not be read. `reason` is what
+    /// AIBrix answers: `redis: nil` when there is no record.
+    UserRecord { reason: String, store_failed: bool },
+    /// AIBrix rules: the store failed counting a user from the users file.
+    UserCounter { user: String },
+    /// AIBrix rules: a streamed chat completion of a user whose record sets a
+    /// TPM does not ask for `stream_options.include_usage`.
+    StreamUsageRequired,
+}
+
+/// Whose rules the per-user RPM/TPM limits follow (`--user-limits`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UserLimitsMode {
+    /// Turnstile's: a user without a record gets `--default-user-rpm/-tpm`
+    /// (no limit unless set); a refused request is not counted; Redis trouble
+    /// follows `--ratelimit-failure-mode`.
+    #[default]
+    Turnstile,
+    /// AIBrix's: a user without a record is refused (500, `redis: nil`);
+    /// rpm 0 is 100 and tpm 0 is rpm × 1000; the request counts against RPM
+    /// before TPM is checked; a streamed chat of a user whose record sets a TPM
+    /// must ask for usage (400); Redis trouble on a user check is a 500.
+    Aibrix,
+}
+
+/// Whether an answer reports its token usage to the client: AIBrix bills
+/// TPM from the usage it sees pass, and requires it of some streams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamUsage {
+    /// Not streamed, or streamed with `stream_options.include_usage: true`
+    /// (or an endpoint whose streams always end with usage).
+    #[default]
+    Reported,
+    /// A streamed `/v1/chat/completions` without `include_usage`.
+    ChatWithout,
+    /// Another stream without `include_usage` (`/v1/completions`).
+    OtherWithout,
 }
 
 /// What to do when Redis cannot answer a limit check in time.
@@ -104,6 +145,11 @@ pub struct UserCheck<'a> {
     pub limits: UserLimits,
     /// Read the user's `aibrix-users/<user>` record, whose limits win.
     pub lookup_record: bool,
+    /// The rules: with AIBrix's, a missing record refuses the user, a record's
+    /// 0s take AIBrix's defaults, and RPM is counted before TPM is checked.
+    pub mode: UserLimitsMode,
+    /// The user's record (from the users file) sets a TPM above 0.
+    pub record_tpm: bool,
 }
 
 /// A counted request: its counter and window, for a rollback.
@@ -132,12 +178,18 @@ pub enum UserVerdict {
         rpm_slot: Option<Slot>,
         requests: Option<Quota>,
         tokens: Option<Quota>,
+        /// The user's record sets a TPM above 0 (not a default).
+        record_tpm: bool,
     },
     RpmExceeded {
         quota: Quota,
     },
     TpmExceeded {
         quota: Quota,
+    },
+    /// AIBrix rules: the record is missing or unusable; `reason` says which.
+    NoRecord {
+        reason: String,
     },
 }
 
@@ -282,6 +334,8 @@ pub struct LimitsConfig {
     pub default_user: UserLimits,
     /// Required `Authorization: Bearer` token; `None` disables auth.
     pub bearer_token: Option<String>,
+    /// Whose rules per-user limits follow.
+    pub user_limits: UserLimitsMode,
 }
 
 impl Default for LimitsConfig {
@@ -295,6 +349,7 @@ impl Default for LimitsConfig {
             users: Vec::new(),
             default_user: UserLimits::default(),
             bearer_token: None,
+            user_limits: UserLimitsMode::Turnstile,
         }
     }
 }
@@ -310,6 +365,8 @@ pub struct LimitRequest<'a> {
     pub rps_cap: Option<u64>,
     /// The `user` header.
     pub user: Option<&'a str>,
+    /// Whether the answer reports usage (AIBrix rules only).
+    pub stream_usage: StreamUsage,
 }
 
 /// The gateway's limits.
@@ -334,6 +391,7 @@ impl Limits {
             users,
             default_user,
             bearer_token,
+            user_limits,
         } = config;
         let shared = match redis_url {
             Some(url) => Some(Shared {
@@ -343,7 +401,7 @@ impl Limits {
             }),
             None => None,
         };
-        let users = UserDirectory::new(&users, default_user, shared.is_some());
+        let users = UserDirectory::new(&users, default_user, shared.is_some(), user_limits);
         Ok(Self {
             auth: BearerAuth::new(bearer_token.as_deref()),
             users,
@@ -355,7 +413,8 @@ impl Limits {
     /// In-process limiter with no users and no auth: model RPS caps still apply.
     pub fn in_process(metrics: Arc<Metrics>) -> Self {
         let counters = Arc::new(Counters::new(None, FailureMode::Open, Arc::clone(&metrics)));
-        Self { auth: None, users: UserDirectory::new(&[], UserLimits::default(), false), counters, metrics }
+        let users = UserDirectory::new(&[], UserLimits::default(), false, UserLimitsMode::Turnstile);
+        Self { auth: None, users, counters, metrics }
     }
 
     /// Bearer auth, when configured.
@@ -367,7 +426,8 @@ impl Limits {
     }
 
     /// Checks and counts the user's RPM/TPM, then the model's RPS cap. On
-    /// refusal nothing stays counted.
+    /// refusal nothing stays counted (Turnstile rules; AIBrix's keep what
+    /// AIBrix keeps, see [`Limits::admit_aibrix_user`]).
     pub async fn admit(&self, request: &LimitRequest<'_>) -> Result<Admission, LimitError> {
         let mut admission = Admission {
             counters: Arc::clone(&self.counters),
@@ -375,49 +435,10 @@ impl Limits {
             charge: None,
             quotas: UserQuotas::default(),
         };
-        if let Some(user) = request.user.filter(|u| !u.is_empty())
-            && let Some(check) = self.users.check(user)
-        {
-            let served = self.counters.admit_user(&check, || self.users.backstop_check(user)).await;
-            let (verdict, placement, decision) = match served {
-                Served::Counted { value, placement } => {
-                    if let (UserVerdict::Admitted { limits, .. }, Placement::Shared) = (&value, placement) {
-                        self.users.remember(user, *limits);
-                    }
-                    (value, placement, Decision::Allowed)
-                }
-                Served::Backstop(value) => (value, Placement::Local, Decision::StoreErrorAllowed),
-                Served::Unavailable => {
-                    let kind = if check.limits.rpm.is_none() && check.limits.tpm.is_some() {
-                        LimitKind::Tpm
-                    } else {
-                        LimitKind::Rpm
-                    };
-                    self.decided(request, kind, Decision::StoreErrorDenied);
-                    return Err(LimitError::StoreUnavailable);
-                }
-            };
-            match verdict {
-                UserVerdict::Admitted { limits, rpm_slot, requests, tokens } => {
-                    admission.quotas = UserQuotas { requests, tokens };
-                    if limits.rpm.is_some() {
-                        self.decided(request, LimitKind::Rpm, decision);
-                    }
-                    if limits.tpm.is_some() {
-                        self.decided(request, LimitKind::Tpm, decision);
-                        admission.charge =
-                            Some(TokenCharge { counters: Arc::clone(&self.counters), user: user.to_owned() });
-                    }
-                    admission.held.extend(rpm_slot.map(|slot| (slot, placement)));
-                }
-                UserVerdict::RpmExceeded { quota } => {
-                    self.decided(request, LimitKind::Rpm, Decision::Limited);
-                    return Err(LimitError::UserRpm { user: user.to_owned(), quota });
-                }
-                UserVerdict::TpmExceeded { quota } => {
-                    self.decided(request, LimitKind::Tpm, Decision::Limited);
-                    return Err(LimitError::UserTpm { user: user.to_owned(), quota });
-                }
+        if let Some(user) = request.user.filter(|u| !u.is_empty()) {
+            match self.users.mode() {
+                UserLimitsMode::Turnstile => self.admit_user(user, request, &mut admission).await?,
+                UserLimitsMode::Aibrix => self.admit_aibrix_user(user, request, &mut admission).await?,
             }
         }
 
@@ -445,6 +466,112 @@ impl Limits {
             }
         }
         Ok(admission)
+    }
+
+    /// Turnstile's rules: the users file, else the Redis record, else the
+    /// defaults; Redis trouble follows the failure mode.
+    async fn admit_user(
+        &self,
+        user: &str,
+        request: &LimitRequest<'_>,
+        admission: &mut Admission,
+    ) -> Result<(), LimitError> {
+        let Some(check) = self.users.check(user) else { return Ok(()) };
+        let served = self.counters.admit_user(&check, || self.users.backstop_check(user)).await;
+        let (verdict, placement, decision) = match served {
+            Served::Counted { value, placement } => {
+                if let (UserVerdict::Admitted { limits, .. }, Placement::Shared) = (&value, placement) {
+                    self.users.remember(user, *limits);
+                }
+                (value, placement, Decision::Allowed)
+            }
+            Served::Backstop(value) => (value, Placement::Local, Decision::StoreErrorAllowed),
+            Served::Unavailable => {
+                let kind = if check.limits.rpm.is_none() && check.limits.tpm.is_some() {
+                    LimitKind::Tpm
+                } else {
+                    LimitKind::Rpm
+                };
+                self.decided(request, kind, Decision::StoreErrorDenied);
+                return Err(LimitError::StoreUnavailable);
+            }
+        };
+        match verdict {
+            UserVerdict::Admitted { limits, rpm_slot, requests, tokens, .. } => {
+                admission.quotas = UserQuotas { requests, tokens };
+                if limits.rpm.is_some() {
+                    self.decided(request, LimitKind::Rpm, decision);
+                }
+                if limits.tpm.is_some() {
+                    self.decided(request, LimitKind::Tpm, decision);
+                    admission.charge =
+                        Some(TokenCharge { counters: Arc::clone(&self.counters), user: user.to_owned() });
+                }
+                admission.held.extend(rpm_slot.map(|slot| (slot, placement)));
+                Ok(())
+            }
+            refused => Err(self.user_refused(user, request, refused)),
+        }
+    }
+
+    /// AIBrix's rules, as its gateway applies them: the record (users file,
+    /// else Redis) must exist; its 0s take AIBrix's defaults; RPM is counted
+    /// before TPM is checked and never given back (not on a TPM refusal, not
+    /// on the 400 for a stream without usage, not when routing fails); Redis
+    /// trouble is a 500, whatever the failure mode. Tokens are billed when the
+    /// client's answer reports them, as AIBrix reads them from what passes.
+    async fn admit_aibrix_user(
+        &self,
+        user: &str,
+        request: &LimitRequest<'_>,
+        admission: &mut Admission,
+    ) -> Result<(), LimitError> {
+        let Some(check) = self.users.aibrix_check(user) else {
+            return Err(LimitError::UserRecord { reason: users::NO_RECORD.to_owned(), store_failed: false });
+        };
+        let verdict = match self.counters.admit_user_or_fail(&check).await {
+            Ok(verdict) => verdict,
+            Err(err) => {
+                self.decided(request, LimitKind::Rpm, Decision::StoreErrorDenied);
+                return Err(if check.lookup_record {
+                    LimitError::UserRecord { reason: err.to_string(), store_failed: true }
+                } else {
+                    LimitError::UserCounter { user: user.to_owned() }
+                });
+            }
+        };
+        match verdict {
+            UserVerdict::Admitted { requests, tokens, record_tpm, .. } => {
+                self.decided(request, LimitKind::Rpm, Decision::Allowed);
+                self.decided(request, LimitKind::Tpm, Decision::Allowed);
+                if record_tpm && request.stream_usage == StreamUsage::ChatWithout {
+                    return Err(LimitError::StreamUsageRequired);
+                }
+                admission.quotas = UserQuotas { requests, tokens };
+                if request.stream_usage == StreamUsage::Reported {
+                    admission.charge =
+                        Some(TokenCharge { counters: Arc::clone(&self.counters), user: user.to_owned() });
+                }
+                Ok(())
+            }
+            refused => Err(self.user_refused(user, request, refused)),
+        }
+    }
+
+    /// The refusal for a user verdict other than `Admitted`.
+    fn user_refused(&self, user: &str, request: &LimitRequest<'_>, verdict: UserVerdict) -> LimitError {
+        match verdict {
+            UserVerdict::RpmExceeded { quota } => {
+                self.decided(request, LimitKind::Rpm, Decision::Limited);
+                LimitError::UserRpm { user: user.to_owned(), quota }
+            }
+            UserVerdict::TpmExceeded { quota } => {
+                self.decided(request, LimitKind::Tpm, Decision::Limited);
+                LimitError::UserTpm { user: user.to_owned(), quota }
+            }
+            UserVerdict::NoRecord { reason } => LimitError::UserRecord { reason, store_failed: false },
+            UserVerdict::Admitted { .. } => unreachable!("an admitted user is not refused"),
+        }
     }
 
     fn decided(&self, request: &LimitRequest<'_>, limit: LimitKind, decision: Decision) {
@@ -548,7 +675,7 @@ mod tests {
     const MODEL: &str = "llama";
 
     fn request<'a>(model: &'a Arc<str>, rps_cap: Option<u64>, user: Option<&'a str>) -> LimitRequest<'a> {
-        LimitRequest { model, profile: "default", rps_cap, user }
+        LimitRequest { model, profile: "default", rps_cap, user, stream_usage: StreamUsage::Reported }
     }
 
     /// Runs `body` until one run stays within one wall-clock second, so the
@@ -664,6 +791,130 @@ mod tests {
         assert!(matches!(refused, LimitError::StoreUnavailable));
         assert!(limits.admit(&request(&model, None, None)).await.is_ok(), "nothing to check: no store needed");
         assert!(metrics.render().contains(r#"limit="rps",decision="store_error_denied"} 1"#));
+    }
+
+    /// Runs `body` until one run stays within one wall-clock minute, so the
+    /// in-process minute window does not roll over mid-test.
+    async fn within_one_minute<F, Fut>(mut body: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        for _ in 0..3 {
+            let minute = unix_now_ms() / 60_000;
+            body().await;
+            if unix_now_ms() / 60_000 == minute {
+                return;
+            }
+        }
+        panic!("three runs each crossed a minute boundary");
+    }
+
+    fn aibrix_limits(users: Vec<UserRecord>) -> Limits {
+        let config = LimitsConfig { users, user_limits: UserLimitsMode::Aibrix, ..LimitsConfig::default() };
+        Limits::new(config, Arc::new(Metrics::new())).expect("limits")
+    }
+
+    fn wire(err: LimitError) -> (u16, String) {
+        let err = GatewayError::from(err);
+        (err.status().as_u16(), err.to_string())
+    }
+
+    #[tokio::test]
+    async fn aibrix_rules_refuse_a_user_without_a_record() {
+        let limits = aibrix_limits(vec![UserRecord { name: "alice".into(), rpm: Some(5), tpm: None }]);
+        let model: Arc<str> = Arc::from(MODEL);
+        let refused = limits.admit(&request(&model, None, Some("mallory"))).await.err().expect("no record");
+        assert_eq!(wire(refused), (500, "redis: nil".to_owned()));
+        limits.admit(&request(&model, None, Some("alice"))).await.expect("alice has a record").commit();
+        limits.admit(&request(&model, None, None)).await.expect("no user header: no user check").commit();
+        limits.admit(&request(&model, None, Some(""))).await.expect("empty user header: none").commit();
+    }
+
+    #[tokio::test]
+    async fn aibrix_rules_default_rpm_100_and_tpm_rpm_times_1000() {
+        within_one_minute(|| async {
+            let users = vec![
+                UserRecord { name: "zero".into(), rpm: Some(0), tpm: Some(0) },
+                UserRecord { name: "two".into(), rpm: Some(2), tpm: None },
+            ];
+            let limits = aibrix_limits(users);
+            let model: Arc<str> = Arc::from(MODEL);
+            let zero = request(&model, None, Some("zero"));
+            for _ in 0..100 {
+                limits.admit(&zero).await.expect("100 requests a minute").commit();
+            }
+            let refused = limits.admit(&zero).await.err().expect("the 101st");
+            assert_eq!(wire(refused), (429, "user: zero has exceeded RPM: 100".to_owned()));
+
+            let two = request(&model, None, Some("two"));
+            let admission = limits.admit(&two).await.expect("admitted");
+            let tokens = admission.user_quotas().tokens.expect("TPM always limited");
+            assert_eq!((tokens.limit, tokens.remaining), (2000, 2000), "tpm 0 is rpm x 1000");
+            admission.commit().expect("billed: the answer reports usage").settle(2000).await;
+            let refused = limits.admit(&two).await.err().expect("TPM used up");
+            assert_eq!(wire(refused), (429, "user: two has exceeded TPM: 2000".to_owned()));
+            // That TPM refusal counted against RPM, as in AIBrix: 2 of 2 used.
+            let refused = limits.admit(&two).await.err().expect("RPM used up");
+            assert_eq!(wire(refused), (429, "user: two has exceeded RPM: 2".to_owned()));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn aibrix_rules_require_usage_on_chat_streams_of_users_whose_record_sets_a_tpm() {
+        within_one_minute(|| async {
+            let users = vec![
+                UserRecord { name: "tpm".into(), rpm: Some(3), tpm: Some(50) },
+                UserRecord { name: "rpm".into(), rpm: Some(3), tpm: None },
+            ];
+            let limits = aibrix_limits(users);
+            let model: Arc<str> = Arc::from(MODEL);
+            let with = |user, stream_usage| LimitRequest { stream_usage, ..request(&model, None, Some(user)) };
+
+            let refused = limits.admit(&with("tpm", StreamUsage::ChatWithout)).await.err().expect("400");
+            assert_eq!(wire(refused), (400, "include usage for stream options not set".to_owned()));
+            let charge = limits.admit(&with("tpm", StreamUsage::Reported)).await.expect("asks for usage").commit();
+            assert!(charge.is_some(), "its usage is billed");
+            let charge = limits.admit(&with("tpm", StreamUsage::OtherWithout)).await.expect("not a chat").commit();
+            assert!(charge.is_none(), "a completion stream without usage reports none to bill, as in AIBrix");
+            let refused = limits.admit(&with("tpm", StreamUsage::Reported)).await.err().expect("RPM used up");
+            assert_eq!(wire(refused), (429, "user: tpm has exceeded RPM: 3".to_owned()), "the 400 was counted too");
+
+            let charge = limits.admit(&with("rpm", StreamUsage::ChatWithout)).await.expect("defaulted TPM").commit();
+            assert!(charge.is_none(), "nothing billed for a stream the client did not ask usage of");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn aibrix_rules_keep_a_request_counted_when_routing_fails() {
+        within_one_minute(|| async {
+            let limits = aibrix_limits(vec![UserRecord { name: "alice".into(), rpm: Some(1), tpm: None }]);
+            let model: Arc<str> = Arc::from(MODEL);
+            let alice = request(&model, None, Some("alice"));
+            limits.admit(&alice).await.expect("admitted").release().await;
+            assert!(limits.admit(&alice).await.is_err(), "AIBrix gives a user's request back never");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn aibrix_rules_answer_500_when_redis_fails_whatever_the_failure_mode() {
+        let users = vec![UserRecord { name: "filed".into(), rpm: Some(5), tpm: None }];
+        let config = LimitsConfig {
+            user_limits: UserLimitsMode::Aibrix,
+            users,
+            ..users_config(dead_redis(), FailureMode::Open)
+        };
+        let limits = Limits::new(config, Arc::new(Metrics::new())).expect("limits");
+        let model: Arc<str> = Arc::from(MODEL);
+        let refused = limits.admit(&request(&model, None, Some("looked-up"))).await.err().expect("lookup fails");
+        assert!(matches!(&refused, LimitError::UserRecord { store_failed: true, .. }), "{refused:?}");
+        assert_eq!(wire(refused).0, 500);
+        let refused = limits.admit(&request(&model, None, Some("filed"))).await.err().expect("count fails");
+        assert_eq!(wire(refused), (500, "fail to get RPM for user: filed".to_owned()));
+        limits.admit(&request(&model, Some(5), None)).await.expect("model RPS still fails open").commit();
     }
 
     #[test]

@@ -15,8 +15,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
 use super::{
-    CounterStore, Quota, Slot, StoreError, UserCheck, UserLimits, UserVerdict, WindowVerdict, rpm_counter_key,
-    tpm_counter_key, user_record_key,
+    CounterStore, Quota, Slot, StoreError, UserCheck, UserLimits, UserLimitsMode, UserVerdict, WindowVerdict,
+    rpm_counter_key, tpm_counter_key, user_record_key, users,
 };
 
 /// Lifetime of an RPS window key: the window itself plus one second for
@@ -57,15 +57,41 @@ return 0
 /// KEYS[1] = user record (`aibrix-users/<user>`), KEYS[2] / KEYS[3] = RPM /
 /// TPM counters without the minute bin. ARGV[1] / ARGV[2] = RPM / TPM limits
 /// to use when the record has none (0 = none), ARGV[3] = '1' to read the
-/// record. Bins are AIBrix's: `(unix / 60) % 64`, TTL 60 s, from Redis time.
+/// record, ARGV[4] = '1' for AIBrix's rules. Bins are AIBrix's:
+/// `(unix / 60) % 64`, TTL 60 s, from Redis time.
 /// Returns {verdict 0 ok | 1 rpm | 2 tpm, rpm limit, tpm limit, bin, rpm counted 0|1,
-/// requests counted in the bin, tokens charged in the bin, ms into the minute}.
+/// requests counted in the bin, tokens charged in the bin, ms into the minute,
+/// record sets a tpm 0|1}, or under AIBrix's rules {3} for no record, {4} for
+/// a record that is not a JSON object, {5} for an rpm or tpm that is not an
+/// integer.
+///
+/// AIBrix's rules: the record must exist; rpm 0 is 100, tpm 0 is rpm × 1000
+/// (a negative limit refuses everything: 0 here); limits of 0 refuse; the
+/// request counts against RPM before TPM is checked, and stays counted.
 const USER_SCRIPT: &str = r"
 local rpm_limit = tonumber(ARGV[1])
 local tpm_limit = tonumber(ARGV[2])
+local aibrix = ARGV[4] == '1'
+local record_tpm = 0
 if ARGV[3] == '1' then
   local raw = redis.call('GET', KEYS[1])
-  if raw then
+  if aibrix then
+    if not raw then return {3} end
+    local ok, record = pcall(cjson.decode, raw)
+    if not ok or type(record) ~= 'table' then return {4} end
+    local function field(value)
+      if value == nil or value == cjson.null then return 0 end
+      if type(value) ~= 'number' or value ~= math.floor(value) then return nil end
+      return value
+    end
+    local rpm, tpm = field(record.rpm), field(record.tpm)
+    if rpm == nil or tpm == nil then return {5} end
+    if tpm > 0 then record_tpm = 1 end
+    if rpm == 0 then rpm = 100 end
+    if tpm == 0 then tpm = rpm * 1000 end
+    rpm_limit = math.max(rpm, 0)
+    tpm_limit = math.max(tpm, 0)
+  elseif raw then
     local ok, record = pcall(cjson.decode, raw)
     if ok and type(record) == 'table' then
       if type(record.rpm) == 'number' and record.rpm >= 1 then rpm_limit = math.floor(record.rpm) end
@@ -80,18 +106,29 @@ local bin = math.floor(seconds / 60) % 64
 local rpm_key = KEYS[2] .. ':' .. bin
 local requests = tonumber(redis.call('GET', rpm_key) or '0')
 local tokens = tonumber(redis.call('GET', KEYS[3] .. ':' .. bin) or '0')
+if aibrix then
+  if requests >= rpm_limit then
+    return {1, rpm_limit, tpm_limit, bin, 0, requests, tokens, into, record_tpm}
+  end
+  requests = redis.call('INCR', rpm_key)
+  redis.call('EXPIRE', rpm_key, 60)
+  if tokens >= tpm_limit then
+    return {2, rpm_limit, tpm_limit, bin, 1, requests, tokens, into, record_tpm}
+  end
+  return {0, rpm_limit, tpm_limit, bin, 1, requests, tokens, into, record_tpm}
+end
 if rpm_limit > 0 and requests >= rpm_limit then
-  return {1, rpm_limit, tpm_limit, bin, 0, requests, tokens, into}
+  return {1, rpm_limit, tpm_limit, bin, 0, requests, tokens, into, record_tpm}
 end
 if tpm_limit > 0 and tokens >= tpm_limit then
-  return {2, rpm_limit, tpm_limit, bin, 0, requests, tokens, into}
+  return {2, rpm_limit, tpm_limit, bin, 0, requests, tokens, into, record_tpm}
 end
 if rpm_limit > 0 then
   requests = redis.call('INCR', rpm_key)
   redis.call('EXPIRE', rpm_key, 60)
-  return {0, rpm_limit, tpm_limit, bin, 1, requests, tokens, into}
+  return {0, rpm_limit, tpm_limit, bin, 1, requests, tokens, into, record_tpm}
 end
-return {0, rpm_limit, tpm_limit, bin, 0, requests, tokens, into}
+return {0, rpm_limit, tpm_limit, bin, 0, requests, tokens, into, record_tpm}
 ";
 
 /// KEYS[1] = TPM counter without the bin; ARGV[1] = tokens.
@@ -203,6 +240,7 @@ impl CounterStore for RedisStore {
     }
 
     async fn admit_user(&self, check: &UserCheck<'_>) -> Result<UserVerdict, StoreError> {
+        let aibrix = check.mode == UserLimitsMode::Aibrix;
         let rpm_key = rpm_counter_key(check.user);
         let mut invocation = self.user.prepare_invoke();
         invocation
@@ -211,12 +249,21 @@ impl CounterStore for RedisStore {
             .key(tpm_counter_key(check.user))
             .arg(check.limits.rpm.unwrap_or(0))
             .arg(check.limits.tpm.unwrap_or(0))
-            .arg(if check.lookup_record { "1" } else { "0" });
+            .arg(if check.lookup_record { "1" } else { "0" })
+            .arg(if aibrix { "1" } else { "0" });
         let reply: Vec<i64> = self.invoke(invocation).await?;
-        let &[verdict, rpm, tpm, bin, rpm_counted, requests, tokens, into_minute] = reply.as_slice() else {
-            return Err(bad_reply("user", &reply));
+        let no_record = |reason: &str| Ok(UserVerdict::NoRecord { reason: reason.to_owned() });
+        let &[verdict, rpm, tpm, bin, rpm_counted, requests, tokens, into_minute, record_tpm] = reply.as_slice() else {
+            return match reply.as_slice() {
+                [3] => no_record(users::NO_RECORD),
+                [4] => no_record("invalid user record: not a JSON object"),
+                [5] => no_record("invalid user record: rpm and tpm must be integers"),
+                _ => Err(bad_reply("user", &reply)),
+            };
         };
-        let limits = UserLimits { rpm: limit(rpm), tpm: limit(tpm) };
+        // Under AIBrix's rules every user is limited, 0 refusing everything.
+        let limit_of = |raw: i64| if aibrix { u64::try_from(raw).ok() } else { limit(raw) };
+        let limits = UserLimits { rpm: limit_of(rpm), tpm: limit_of(tpm) };
         let reset = time_left(into_minute, 60_000);
         let left = |limit: u64, used: i64| Quota {
             limit,
@@ -232,6 +279,7 @@ impl CounterStore for RedisStore {
                     rpm_slot,
                     requests: limits.rpm.map(|limit| left(limit, requests)),
                     tokens: limits.tpm.map(|limit| left(limit, tokens)),
+                    record_tpm: record_tpm == 1 || check.record_tpm,
                 })
             }
             (1, UserLimits { rpm: Some(limit), .. }) => Ok(UserVerdict::RpmExceeded { quota: left(limit, i64::MAX) }),

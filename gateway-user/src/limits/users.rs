@@ -2,9 +2,10 @@
 //! Redis (JSON `{"name","rpm","tpm"}`), a users file, and the defaults for
 //! users found in neither. Also the `turnstile users` commands.
 //!
-//! A limit that is absent or below 1 in a record means "the default" for
-//! that dimension, as AIBrix treats 0; the defaults themselves are none unless
-//! configured.
+//! Turnstile's rules: a limit that is absent or below 1 in a record means
+//! "the default" for that dimension; the defaults themselves are none unless
+//! configured. AIBrix's rules ([`UserRecord::aibrix_limits`]): rpm 0 is 100,
+//! tpm 0 is rpm × 1000, and a user without a record is refused.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,7 +13,15 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::{UserCheck, UserLimits, user_record_key};
+use super::{UserCheck, UserLimits, UserLimitsMode, user_record_key};
+
+/// AIBrix's answer for a user without a record: Go's text for a missing
+/// Redis key.
+pub const NO_RECORD: &str = "redis: nil";
+/// AIBrix's RPM of a record whose rpm is 0 (or absent).
+pub const AIBRIX_DEFAULT_RPM: i64 = 100;
+/// AIBrix's TPM of a record whose tpm is 0 (or absent), per request per minute.
+pub const AIBRIX_TPM_PER_RPM: i64 = 1000;
 
 /// A user record as AIBrix stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +82,36 @@ impl UserRecord {
     pub fn limits(&self, defaults: UserLimits) -> UserLimits {
         UserLimits { rpm: positive(self.rpm).or(defaults.rpm), tpm: positive(self.tpm).or(defaults.tpm) }
     }
+
+    /// The record's limits under AIBrix's rules: rpm 0 (or absent) is 100,
+    /// tpm 0 (or absent) is rpm × 1000. Both are always limited. A negative
+    /// limit refuses every request, as in AIBrix (whose message shows the
+    /// negative number where this one shows 0).
+    pub fn aibrix_limits(&self) -> UserLimits {
+        let rpm = match self.rpm.unwrap_or(0) {
+            0 => AIBRIX_DEFAULT_RPM,
+            rpm => rpm,
+        };
+        let tpm = match self.tpm.unwrap_or(0) {
+            0 => rpm.saturating_mul(AIBRIX_TPM_PER_RPM),
+            tpm => tpm,
+        };
+        let limit = |n: i64| Some(u64::try_from(n).unwrap_or(0));
+        UserLimits { rpm: limit(rpm), tpm: limit(tpm) }
+    }
+
+    /// The record itself sets a TPM (not a default): AIBrix then requires
+    /// usage on the user's streamed chats.
+    pub fn sets_tpm(&self) -> bool {
+        self.tpm.is_some_and(|tpm| tpm > 0)
+    }
+}
+
+/// A user of the users file, as the rules in force see them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileUser {
+    limits: UserLimits,
+    record_tpm: bool,
 }
 
 /// Most users whose last-known limits are remembered for the backstop.
@@ -81,8 +120,9 @@ const LAST_KNOWN_CAP: usize = 10_000;
 /// Where each user's limits come from.
 #[derive(Debug)]
 pub struct UserDirectory {
-    file: HashMap<String, UserLimits>,
+    file: HashMap<String, FileUser>,
     defaults: UserLimits,
+    mode: UserLimitsMode,
     /// Read `aibrix-users/<user>` records from Redis.
     redis_records: bool,
     /// Limits last read from Redis, so the local backstop keeps enforcing
@@ -91,30 +131,74 @@ pub struct UserDirectory {
 }
 
 impl UserDirectory {
-    pub fn new(file: &[UserRecord], defaults: UserLimits, redis_records: bool) -> Self {
-        let file = file.iter().map(|r| (r.name.clone(), r.limits(defaults))).collect();
-        Self { file, defaults, redis_records, last_known: Mutex::new(HashMap::new()) }
+    /// `defaults` apply under Turnstile's rules only (AIBrix has none for a
+    /// user without a record).
+    pub fn new(file: &[UserRecord], defaults: UserLimits, redis_records: bool, mode: UserLimitsMode) -> Self {
+        let file = file
+            .iter()
+            .map(|r| {
+                let limits = match mode {
+                    UserLimitsMode::Turnstile => r.limits(defaults),
+                    UserLimitsMode::Aibrix => r.aibrix_limits(),
+                };
+                (r.name.clone(), FileUser { limits, record_tpm: r.sets_tpm() })
+            })
+            .collect();
+        Self { file, defaults, mode, redis_records, last_known: Mutex::new(HashMap::new()) }
     }
 
-    /// What to check for `user` in the shared store. The users file wins over
-    /// Redis records; `None` when the user has no limit anywhere, so nothing
-    /// needs to be counted.
+    /// Whose rules the directory applies.
+    pub fn mode(&self) -> UserLimitsMode {
+        self.mode
+    }
+
+    /// What to check for `user` in the shared store (Turnstile's rules). The
+    /// users file wins over Redis records; `None` when the user has no limit
+    /// anywhere, so nothing needs to be counted.
     pub fn check<'a>(&self, user: &'a str) -> Option<UserCheck<'a>> {
         let (limits, lookup_record) = match self.file.get(user) {
-            Some(limits) => (*limits, false),
+            Some(known) => (known.limits, false),
             None => (self.defaults, self.redis_records),
         };
-        (lookup_record || limits.any()).then_some(UserCheck { user, limits, lookup_record })
+        (lookup_record || limits.any()).then_some(UserCheck {
+            user,
+            limits,
+            lookup_record,
+            mode: UserLimitsMode::Turnstile,
+            record_tpm: false,
+        })
+    }
+
+    /// What to check for `user` under AIBrix's rules: the users file's
+    /// record, else the Redis record (read by the check). `None`: the user has
+    /// no record anywhere (no Redis to read one from).
+    pub fn aibrix_check<'a>(&self, user: &'a str) -> Option<UserCheck<'a>> {
+        let mode = UserLimitsMode::Aibrix;
+        match self.file.get(user) {
+            Some(known) => {
+                Some(UserCheck { user, limits: known.limits, lookup_record: false, mode, record_tpm: known.record_tpm })
+            }
+            None if self.redis_records => {
+                Some(UserCheck { user, limits: UserLimits::default(), lookup_record: true, mode, record_tpm: false })
+            }
+            None => None,
+        }
     }
 
     /// What the local backstop checks while Redis is unreachable: the
     /// limits last read from Redis, else the file or the defaults.
     pub fn backstop_check<'a>(&self, user: &'a str) -> Option<UserCheck<'a>> {
         let limits = match self.file.get(user) {
-            Some(limits) => *limits,
+            Some(known) => known.limits,
             None => self.lock_last_known().get(user).copied().unwrap_or(self.defaults),
         };
-        limits.any().then_some(UserCheck { user, limits, lookup_record: false })
+        limits.any().then_some(UserCheck {
+            user,
+            limits,
+            lookup_record: false,
+            mode: UserLimitsMode::Turnstile,
+            record_tpm: false,
+        })
     }
 
     /// Remembers the limits Redis answered with for `user`.
@@ -243,25 +327,65 @@ mod tests {
     #[test]
     fn file_wins_then_redis_record_then_defaults() {
         let file = [UserRecord { name: "alice".into(), rpm: Some(1), tpm: None }];
-        let dir = UserDirectory::new(&file, NONE, true);
+        let dir = UserDirectory::new(&file, NONE, true, UserLimitsMode::Turnstile);
         let alice = dir.check("alice").expect("alice limited");
         assert_eq!((alice.limits.rpm, alice.lookup_record), (Some(1), false));
         let bob = dir.check("bob").expect("bob looked up in Redis");
         assert!(bob.lookup_record);
 
-        let no_redis = UserDirectory::new(&file, NONE, false);
+        let no_redis = UserDirectory::new(&file, NONE, false, UserLimitsMode::Turnstile);
         assert!(no_redis.check("bob").is_none(), "no limit anywhere: nothing to count");
-        let defaults = UserDirectory::new(&file, UserLimits { rpm: Some(7), tpm: None }, false);
+        let defaults =
+            UserDirectory::new(&file, UserLimits { rpm: Some(7), tpm: None }, false, UserLimitsMode::Turnstile);
         assert_eq!(defaults.check("bob").map(|c| c.limits.rpm), Some(Some(7)));
     }
 
     #[test]
     fn backstop_uses_limits_last_read_from_redis() {
-        let dir = UserDirectory::new(&[], NONE, true);
+        let dir = UserDirectory::new(&[], NONE, true, UserLimitsMode::Turnstile);
         assert!(dir.backstop_check("carol").is_none());
         dir.remember("carol", UserLimits { rpm: Some(3), tpm: Some(30) });
         let c = dir.backstop_check("carol").expect("remembered");
         assert_eq!(c.limits, UserLimits { rpm: Some(3), tpm: Some(30) });
         assert!(!c.lookup_record);
+    }
+
+    fn record(rpm: Option<i64>, tpm: Option<i64>) -> UserRecord {
+        UserRecord { name: "u".into(), rpm, tpm }
+    }
+
+    #[rstest]
+    #[case::all_defaults(None, None, 100, 100_000)]
+    #[case::zeros_are_defaults(Some(0), Some(0), 100, 100_000)]
+    #[case::tpm_follows_the_rpm(Some(7), None, 7, 7000)]
+    #[case::both_set(Some(7), Some(50), 7, 50)]
+    #[case::tpm_only(None, Some(50), 100, 50)]
+    #[case::negative_refuses_all(Some(-5), None, 0, 0)]
+    fn aibrix_defaults_rpm_100_and_tpm_rpm_times_1000(
+        #[case] rpm: Option<i64>,
+        #[case] tpm: Option<i64>,
+        #[case] want_rpm: u64,
+        #[case] want_tpm: u64,
+    ) {
+        assert_eq!(record(rpm, tpm).aibrix_limits(), UserLimits { rpm: Some(want_rpm), tpm: Some(want_tpm) });
+    }
+
+    #[test]
+    fn aibrix_rules_refuse_users_without_a_record_and_ignore_defaults() {
+        let file = [record(Some(5), Some(0)), UserRecord { name: "t".into(), rpm: None, tpm: Some(9) }];
+        let defaults = UserLimits { rpm: Some(1), tpm: Some(1) };
+        let dir = UserDirectory::new(&file, defaults, false, UserLimitsMode::Aibrix);
+        let u = dir.aibrix_check("u").expect("in the file");
+        assert_eq!(
+            (u.limits, u.lookup_record, u.record_tpm),
+            (UserLimits { rpm: Some(5), tpm: Some(5000) }, false, false)
+        );
+        assert!(dir.aibrix_check("t").expect("in the file").record_tpm, "the record sets a TPM");
+        assert!(dir.aibrix_check("nobody").is_none(), "no record, no Redis: refused");
+
+        let with_redis = UserDirectory::new(&file, defaults, true, UserLimitsMode::Aibrix);
+        let nobody = with_redis.aibrix_check("nobody").expect("looked up in Redis");
+        assert!(nobody.lookup_record);
+        assert_eq!(nobody.mode, UserLimitsMode::Aibrix);
     }
 }

@@ -311,6 +311,7 @@ impl<U: Upstream> Proxy<U> {
             profile: &resolved.profile,
             rps_cap: resolved.rps_cap,
             user: header_str(&parts.headers, &names::USER),
+            stream_usage: usage::stream_usage(&prepared.request),
         };
         let admission = self.limits.admit(&limit_request).await?;
         let forwarded = self.forward(&parts, &prepared, &resolved, admission, ctx).await?;
@@ -676,6 +677,8 @@ fn aibrix_status(error: &GatewayError) -> AibrixStatus {
         | E::UserRpmExceeded { .. }
         | E::UserTpmExceeded { .. }
         | E::LimitStoreUnavailable
+        | E::UserRecordFailed { .. }
+        | E::UserCounterFailed { .. }
         | E::InvalidExternalFilter { .. } => AibrixStatus::RequestHeadersFail,
         E::BodyNotJson
         | E::ModelMissing
@@ -692,6 +695,7 @@ fn aibrix_status(error: &GatewayError) -> AibrixStatus {
         | E::NoReadyPods { .. }
         | E::UnknownStrategy { .. }
         | E::ModelRpsExceeded { .. }
+        | E::StreamUsageRequired
         | E::NoPdRoleset { .. } => AibrixStatus::RequestBodyFail,
         E::UpstreamFailed { .. } | E::UpstreamTimeout { .. } | E::PrefillFailed { .. } => {
             AibrixStatus::ResponseHeadersFail

@@ -302,11 +302,48 @@ impl UsageChunkFilter {
     }
 }
 
+/// Whether a request's answer reports its usage to the client, as the
+/// per-user limits under AIBrix's rules need to know: AIBrix bills TPM from
+/// the usage it sees pass, and requires it on TPM users' streamed chats.
+/// (The gateway asks the engine for usage on every stream, see
+/// [`super::request::ask_for_usage`]; this is about what the client asked.)
+pub fn stream_usage(request: &super::request::ParsedRequest) -> crate::limits::StreamUsage {
+    use super::request::{Endpoint, StreamOptions};
+    use crate::limits::StreamUsage;
+    if !request.stream || request.stream_options == StreamOptions::IncludeUsage {
+        return StreamUsage::Reported;
+    }
+    match request.endpoint {
+        Endpoint::ChatCompletions => StreamUsage::ChatWithout,
+        Endpoint::Completions => StreamUsage::OtherWithout,
+        // Responses streams end with their usage; embeddings do not stream.
+        Endpoint::Responses | Endpoint::Embeddings => StreamUsage::Reported,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const USAGE: Usage = Usage { prompt_tokens: 3, completion_tokens: 5, total_tokens: 8 };
+
+    #[test]
+    fn what_the_client_asked_of_usage() {
+        use super::super::request::{Endpoint, ParsedRequest};
+        use crate::limits::StreamUsage;
+        let of = |endpoint, body: &str| {
+            stream_usage(&ParsedRequest::parse(endpoint, Bytes::copy_from_slice(body.as_bytes())).expect("parses"))
+        };
+        let chat = |extra: &str| {
+            of(Endpoint::ChatCompletions, &format!(r#"{{"model":"m","messages":[{{"content":"x"}}]{extra}}}"#))
+        };
+        assert_eq!(chat(""), StreamUsage::Reported, "not streamed");
+        assert_eq!(chat(r#","stream":true"#), StreamUsage::ChatWithout);
+        assert_eq!(chat(r#","stream":true,"stream_options":{"include_usage":false}"#), StreamUsage::ChatWithout);
+        assert_eq!(chat(r#","stream":true,"stream_options":{"include_usage":true}"#), StreamUsage::Reported);
+        assert_eq!(of(Endpoint::Completions, r#"{"model":"m","prompt":"x","stream":true}"#), StreamUsage::OtherWithout);
+        assert_eq!(of(Endpoint::Responses, r#"{"model":"m","input":"x","stream":true}"#), StreamUsage::Reported);
+    }
 
     fn gzip(text: &str) -> Vec<u8> {
         use std::io::Write as _;
