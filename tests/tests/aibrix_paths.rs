@@ -129,7 +129,7 @@ async fn upload(gw: &Gateway, path: &str, form: &Form, chunks: usize, chunk_len:
     // As curl does for large uploads, the request asked to continue: the
     // interim answer comes first.
     let text = text.strip_prefix("HTTP/1.1 100 Continue\r\n\r\n").unwrap_or(&text);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (Raw { status, head: head.to_ascii_lowercase(), body: body.to_owned() }, format!("{:x}", hasher.finalize()))
 }

@@ -316,8 +316,9 @@ pub fn stream_usage(request: &super::request::ParsedRequest) -> crate::limits::S
     match request.endpoint {
         Endpoint::ChatCompletions => StreamUsage::ChatWithout,
         Endpoint::Completions => StreamUsage::OtherWithout,
-        // Responses streams end with their usage; embeddings do not stream.
-        Endpoint::Responses | Endpoint::Embeddings => StreamUsage::Reported,
+        // Responses and Anthropic-style streams end with their usage; the
+        // others are billed from whatever usage passes, as AIBrix does.
+        _ => StreamUsage::Reported,
     }
 }
 
