@@ -642,7 +642,8 @@ fn aibrix_status(error: &GatewayError) -> AibrixStatus {
         | E::NoReadyPods { .. }
         | E::UnknownStrategy { .. }
         | E::ModelRpsExceeded { .. }
-        | E::NoPdRoleset { .. } => AibrixStatus::RequestBodyFail,
+        | E::NoPdRoleset { .. }
+        | E::RoutingFailed { .. } => AibrixStatus::RequestBodyFail,
         E::UpstreamFailed { .. } | E::UpstreamTimeout { .. } | E::PrefillFailed { .. } => {
             AibrixStatus::ResponseHeadersFail
         }
