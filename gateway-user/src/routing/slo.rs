@@ -17,8 +17,8 @@
 //!   routed by least-request, as AIBrix's fallback router does (counted in
 //!   `aibrix_gateway_routing_fallbacks_total{reason="no_slo_profile"}`).
 //! - Otherwise each profiled deployment ranks the request: seconds waited
-//!   + the profile's expected latency − the SLO target (E2E, TTFT, TPAT or
-//!   TPOT, the first set of tpot, ttft, tpat, e2e). The most relaxed
+//!   plus the profile's expected latency minus the SLO target (E2E, TTFT,
+//!   TPAT or TPOT, the first set of tpot, ttft, tpat, e2e). The most relaxed
 //!   deployment is tried first, the others only while they do not expect
 //!   a violation (rank ≤ 0). Only that deployment's pods are candidates.
 //! - A request *consumes* `1 / (throughput × mean latency)` of a pod at its
@@ -176,6 +176,9 @@ pub fn deployment_of(pod: &PodInfo) -> Option<&str> {
     pod.labels.get(deployment).filter(|_| !ray_node).map(String::as_str)
 }
 
+/// One deployment's candidates, with their indexes.
+type ByDeployment<'a> = Vec<(usize, &'a Arc<PodInfo>)>;
+
 /// A profiled deployment and how it ranks a request.
 struct Ranked<'a> {
     deployment: &'a str,
@@ -299,7 +302,7 @@ impl Strategy for Slo {
 
     fn admit(&self, request: &RouteRequest<'_>, candidates: &[Arc<PodInfo>]) -> Option<Result<RouteDecision, Unroutable>> {
         // Candidates by deployment, in order of first appearance.
-        let mut deployments: Vec<(&str, Vec<(usize, &Arc<PodInfo>)>)> = Vec::new();
+        let mut deployments: Vec<(&str, ByDeployment<'_>)> = Vec::new();
         for (index, pod) in candidates.iter().enumerate() {
             let name = deployment_of(pod).unwrap_or("");
             match deployments.iter_mut().find(|(d, _)| *d == name) {
@@ -462,7 +465,7 @@ impl OutputLengths {
     }
 
     fn epoch(&self) -> u64 {
-        (self.started.elapsed().as_secs() / SLOT.as_secs()).max(0)
+        self.started.elapsed().as_secs() / SLOT.as_secs()
     }
 
     fn record(&self, prompt_tokens: u64, output_tokens: u64) {
