@@ -266,6 +266,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     metrics.report_pod_in_flight(Arc::downgrade(&pod_in_flight));
     let router = crate::routing::Router::new(&(&args.routing).into(), &metrics.routing);
     let fleet_state = Arc::clone(router.fleet_state());
+    let slo_profiles = Arc::clone(&router.slo_state().profiles);
     let proxy = Arc::new(Proxy::new(ProxyParts {
         store: Arc::clone(&store),
         router,
@@ -326,6 +327,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         sharing,
         shutdown.clone(),
     );
+
+    // The slo* strategies' GPU profiles, read in the background from the
+    // Redis AIBrix's GPU optimizer writes them to; without Redis they have
+    // none and route by least-request.
+    if let Some(url) = &limits_redis_url
+        && let Err(err) = crate::routing::gpu_profile::spawn_refresh(url, slo_profiles, shutdown.clone())
+    {
+        tracing::warn!(error = %err, "cannot read GPU profiles from Redis; slo strategies route by least-request");
+    }
 
     let mut fleet_status = None;
     if let (Some(url), crate::cli::flags::MetricSharing::On) = (&limits_redis_url, args.routing.routing_state_sharing) {

@@ -122,6 +122,11 @@ pub enum GatewayError {
          (ready prefill pods: {prefill}, ready decode pods: {decode})"
     )]
     NoPdRoleset { model: String, prefill: usize, decode: usize },
+    /// A strategy refused the request (`slo*`: no pod has room, or the
+    /// request cannot meet its SLO); `reason` is logged, the client sees
+    /// AIBrix's message.
+    #[error("error on selecting target pod")]
+    RoutingFailed { model: String, reason: String },
     /// `pd`: the prefill request failed or timed out; no decode was sent.
     #[error("prefill request to pod {pod} failed: {reason}")]
     PrefillFailed { pod: String, reason: String },
@@ -210,6 +215,7 @@ impl GatewayError {
             | Self::Overloaded { .. }
             | Self::LimitStoreUnavailable
             | Self::NoPdRoleset { .. }
+            | Self::RoutingFailed { .. }
             | Self::PrefillFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ModelRpsExceeded { .. }
@@ -232,6 +238,7 @@ impl GatewayError {
             | Self::ShuttingDown
             | Self::Overloaded { .. }
             | Self::LimitStoreUnavailable
+            | Self::RoutingFailed { .. }
             | Self::NoPdRoleset { .. }
             | Self::UserRecordFailed { store_failed: true, .. }
             | Self::UserCounterFailed { .. } => Origin::Gateway,
@@ -249,7 +256,7 @@ impl GatewayError {
             | Self::UserRpmExceeded { .. }
             | Self::UserTpmExceeded { .. }
             | Self::ClientPenalised { .. } => Some("rate_limit_exceeded"),
-            Self::PodsNotLoaded => Some("service_unavailable"),
+            Self::PodsNotLoaded | Self::RoutingFailed { .. } => Some("service_unavailable"),
             Self::LimitStoreUnavailable => Some("service_unavailable"),
             Self::Overloaded { .. } => Some("overloaded"),
             Self::PrefillFailed { .. } => Some("prefill_failed"),
@@ -289,7 +296,9 @@ impl GatewayError {
                 Some((name("x-error-no-model-backends"), HeaderValue::from_str(model).unwrap_or(TRUE)))
             }
             Self::NoReadyPods { .. } | Self::NoPdRoleset { .. } => Some((name("x-error-no-model-backends"), TRUE)),
-            Self::UnknownStrategy { .. } | Self::InvalidExternalFilter { .. } => Some((name("x-error-routing"), TRUE)),
+            Self::UnknownStrategy { .. } | Self::InvalidExternalFilter { .. } | Self::RoutingFailed { .. } => {
+                Some((name("x-error-routing"), TRUE))
+            }
             Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } | Self::PrefillFailed { .. } => {
                 Some((name("x-error-upstream"), TRUE))
             }
@@ -481,6 +490,7 @@ mod tests {
         "include usage for stream options not set"
     )]
     #[case::upstream(GatewayError::UpstreamFailed { pod: "p".into(), reason: "reset".into() }, 502, "upstream p failed before answering: reset", "x-error-upstream", "true")]
+    #[case::routing_failed(GatewayError::RoutingFailed { model: "m1".into(), reason: "load capacity reached".into() }, 503, "error on selecting target pod", "x-error-routing", "true")]
     #[case::no_pd_roleset(GatewayError::NoPdRoleset { model: "m1".into(), prefill: 1, decode: 0 }, 503, "no roleset of model m1 has a ready prefill and a ready decode pod (ready prefill pods: 1, ready decode pods: 0)", "x-error-no-model-backends", "true")]
     #[case::prefill_failed(GatewayError::PrefillFailed { pod: "p".into(), reason: "no answer within 1 s".into() }, 503, "prefill request to pod p failed: no answer within 1 s", "x-error-upstream", "true")]
     #[tokio::test]

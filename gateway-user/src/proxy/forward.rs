@@ -180,6 +180,11 @@ impl<U: Upstream> Proxy<U> {
             let left = remaining(&candidates, &refused);
             let route = match self.router.route(resolved.strategy.as_ref(), route_request, &left) {
                 Ok(route) => route,
+                // `slo*`: no pod has room yet; wait (bounded, no lock held), then route again.
+                Err(Unroutable::Queued(wait)) => {
+                    wait.wait().await;
+                    continue;
+                }
                 // Nothing left after a refusal: the refusal is the failure.
                 Err(_) if !refused.is_empty() => return Err(self.give_up(refused.pop(), send, ctx)),
                 Err(unroutable) => return Err(unroutable_error(unroutable, send.model)),
@@ -336,6 +341,12 @@ fn unroutable_error(unroutable: Unroutable, model: &str) -> GatewayError {
         Unroutable::NoCandidates => GatewayError::NoReadyPods { model: model.to_owned() },
         Unroutable::NoRoleset(none) => {
             GatewayError::NoPdRoleset { model: model.to_owned(), prefill: none.prefill, decode: none.decode }
+        }
+        Unroutable::Slo(refusal) => {
+            GatewayError::RoutingFailed { model: model.to_owned(), reason: refusal.to_string() }
+        }
+        Unroutable::Queued(_) => {
+            GatewayError::RoutingFailed { model: model.to_owned(), reason: "load capacity reached".into() }
         }
     }
 }

@@ -696,7 +696,8 @@ fn aibrix_status(error: &GatewayError) -> AibrixStatus {
         | E::UnknownStrategy { .. }
         | E::ModelRpsExceeded { .. }
         | E::StreamUsageRequired
-        | E::NoPdRoleset { .. } => AibrixStatus::RequestBodyFail,
+        | E::NoPdRoleset { .. }
+        | E::RoutingFailed { .. } => AibrixStatus::RequestBodyFail,
         E::UpstreamFailed { .. } | E::UpstreamTimeout { .. } | E::PrefillFailed { .. } => {
             AibrixStatus::ResponseHeadersFail
         }

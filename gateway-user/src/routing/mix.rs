@@ -3,9 +3,11 @@
 //! weight; the highest total wins.
 //!
 //! As in AIBrix: weights are integers 0..=1000000, default 1, and a weight
-//! of 0 drops the entry; names must be strategies that score (not `random`,
-//! `power-of-two` or `pd`); an empty name, a bad weight or an all-zero list make
-//! the whole string invalid. A strategy that cannot score this request adds
+//! of 0 drops the entry; an empty name, a bad weight or an all-zero list make
+//! the whole string invalid. If an entry is `pd` or starts with `slo`, the
+//! first such entry is used alone and the others are ignored (AIBrix's
+//! exclusive strategies); otherwise names must be strategies that score (not
+//! `random` or `power-of-two`). A strategy that cannot score this request adds
 //! nothing (its fallback is counted under its own name); if none can, the
 //! router falls back as for a single strategy.
 
@@ -23,27 +25,40 @@ pub struct WeightedMix {
     fallbacks: Arc<Fallbacks>,
 }
 
+/// Whether AIBrix uses this entry of a mix alone.
+fn exclusive(name: &str) -> bool {
+    name == "pd" || name.starts_with("slo")
+}
+
 impl WeightedMix {
-    /// Parses `spec` against the registered strategies.
+    /// Parses `spec` against the registered strategies: a mix, or the
+    /// exclusive strategy it names.
     pub(super) fn parse(
         spec: &str,
         strategies: &HashMap<&'static str, Arc<dyn Strategy>>,
         fallbacks: Arc<Fallbacks>,
-    ) -> Result<Self, StrategyError> {
-        let mut parts = Vec::new();
+    ) -> Result<Arc<dyn Strategy>, StrategyError> {
+        let mut items = Vec::new();
         for item in spec.split(',') {
             let (name, weight) = match item.split_once(':') {
                 Some((name, weight)) => (name.trim(), weight.trim()),
                 None => (item.trim(), "1"),
             };
-            let strategy = strategies.get(name).filter(|s| s.mixable()).ok_or(StrategyError::Unknown)?;
             let weight: u32 = weight.parse().map_err(|_| StrategyError::Unknown)?;
-            if weight > MAX_WEIGHT {
+            if name.is_empty() || weight > MAX_WEIGHT {
                 return Err(StrategyError::Unknown);
             }
             if weight > 0 {
-                parts.push((Arc::clone(strategy), f64::from(weight)));
+                items.push((name, weight));
             }
+        }
+        if let Some((name, _)) = items.iter().find(|(name, _)| exclusive(name)) {
+            return strategies.get(name).cloned().ok_or(StrategyError::Unknown);
+        }
+        let mut parts = Vec::new();
+        for (name, weight) in items {
+            let strategy = strategies.get(name).filter(|s| s.mixable()).ok_or(StrategyError::Unknown)?;
+            parts.push((Arc::clone(strategy), f64::from(weight)));
         }
         let total: f64 = parts.iter().map(|(_, w)| w).sum();
         if parts.is_empty() || total <= 0.0 {
@@ -52,7 +67,7 @@ impl WeightedMix {
         for (_, weight) in &mut parts {
             *weight /= total;
         }
-        Ok(Self { parts, fallbacks })
+        Ok(Arc::new(Self { parts, fallbacks }))
     }
 }
 
@@ -147,10 +162,21 @@ mod tests {
     #[case::all_zero("least-request:0,throughput:0", StrategyError::Unknown)]
     #[case::random_does_not_score("random:1,least-request:1", StrategyError::Unknown)]
     #[case::power_of_two_does_not_score("power-of-two:1,least-request:1", StrategyError::Unknown)]
-    #[case::pd_is_exclusive("pd:1,least-request:1", StrategyError::Unknown)]
+    #[case::exclusive_but_unknown("least-request:1,slo-bogus:1", StrategyError::Unknown)]
+    #[case::exclusive_with_a_bad_weight("slo:1,least-request:x", StrategyError::Unknown)]
     #[case::double_colon("least-request:1:2", StrategyError::Unknown)]
     fn invalid_mixes(#[case] spec: &str, #[case] error: StrategyError) {
         assert_eq!(router().strategy(spec).err(), Some(error), "{spec}");
+    }
+
+    #[rstest]
+    #[case::slo_after("least-request:1,slo-least-load", "slo-least-load")]
+    #[case::first_exclusive_wins("throughput:2,slo-pack-load:1,pd:1,slo", "slo-pack-load")]
+    #[case::pd("pd:1,least-request:1", "pd")]
+    #[case::others_not_checked("bogus:1,slo:3", "slo")]
+    #[case::zero_weight_drops_it("slo:0,least-request:1", "weighted-mix")]
+    fn an_exclusive_entry_is_used_alone(#[case] spec: &str, #[case] name: &str) {
+        assert_eq!(router().strategy(spec).map(|s| s.name()).ok(), Some(name), "{spec}");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 mod config;
 mod filter;
 pub mod fleet;
+pub mod gpu_profile;
 mod mix;
 pub mod prefix_index;
 mod ties;
@@ -40,6 +41,7 @@ struct Build<'a> {
     hasher: &'a Arc<prefix_index::PrefixHasher>,
     metrics: &'a RoutingMetrics,
     fleet: &'a fleet::FleetState,
+    slo: &'a Arc<slo::SloState>,
 }
 
 /// Declares each strategy's module and how it is built; [`registered`] lists
@@ -50,10 +52,33 @@ macro_rules! registry {
 
         /// Every strategy, in registration order.
         fn registered(build: &Build<'_>) -> Vec<Arc<dyn Strategy>> {
-            let builders: &[fn(&Build<'_>) -> Arc<dyn Strategy>] = &[$($build),+];
-            builders.iter().map(|new| new(build)).collect()
+            let builders: &[fn(&Build<'_>) -> Vec<Arc<dyn Strategy>>] = &[$(|b| built(b, $build)),+];
+            builders.iter().flat_map(|new| new(build)).collect()
         }
     };
+}
+
+/// Runs one registry line.
+fn built<R: Built>(build: &Build<'_>, new: impl FnOnce(&Build<'_>) -> R) -> Vec<Arc<dyn Strategy>> {
+    new(build).list()
+}
+
+/// What a registry line builds: one strategy, or a family sharing one file
+/// (the four `slo*`).
+trait Built {
+    fn list(self) -> Vec<Arc<dyn Strategy>>;
+}
+
+impl<T: Strategy + 'static> Built for Arc<T> {
+    fn list(self) -> Vec<Arc<dyn Strategy>> {
+        vec![self]
+    }
+}
+
+impl Built for Vec<Arc<dyn Strategy>> {
+    fn list(self) -> Vec<Arc<dyn Strategy>> {
+        self
+    }
 }
 
 // The registry: the only list of strategies. A strategy is one file and one
@@ -81,6 +106,7 @@ registry! {
     vtc_basic => |b| Arc::new(vtc_basic::VtcBasic::new(b.config, Arc::clone(&b.fleet.tokens), Arc::clone(&b.fleet.link))),
     session_affinity => |_| Arc::new(session_affinity::SessionAffinity),
     pub pd => |b| Arc::new(pd::PdRouter::new(b.config, Arc::clone(b.hasher))),
+    pub slo => |b| slo::family(b.slo),
 }
 
 /// Request headers strategies read.
@@ -111,6 +137,8 @@ pub enum Unscored {
     NoSession,
     /// The strategy has no scores (random, power-of-two).
     NotScorable,
+    /// `slo*`: no candidate's deployment has a GPU profile that ranks the request.
+    NoSloProfile,
 }
 
 impl Unscored {
@@ -121,6 +149,7 @@ impl Unscored {
             Self::NoUser => "no_user",
             Self::NoSession => "no_session",
             Self::NotScorable => "not_scorable",
+            Self::NoSloProfile => "no_slo_profile",
         }
     }
 }
@@ -147,6 +176,8 @@ pub struct RouteRequest<'a> {
     prompt_source: Option<&'a PromptSource<'a>>,
     prompt: OnceLock<String>,
     prefix_hashes: OnceLock<Vec<u64>>,
+    /// `slo*`: the request's features, kept from its first try to its retries.
+    slo_features: OnceLock<Arc<slo::Features>>,
 }
 
 impl<'a> RouteRequest<'a> {
@@ -164,6 +195,7 @@ impl<'a> RouteRequest<'a> {
             prompt_source: None,
             prompt: OnceLock::new(),
             prefix_hashes: OnceLock::new(),
+            slo_features: OnceLock::new(),
         }
     }
 
@@ -300,6 +332,17 @@ pub trait Strategy: Send + Sync {
         true
     }
 
+    /// A strategy that may hold a request until a pod has room, or refuse
+    /// it (`slo*`), routes it here; `None` routes it the usual way (the
+    /// others always, `slo*` without a usable profile).
+    fn admit(
+        &self,
+        _request: &RouteRequest<'_>,
+        _candidates: &[Arc<PodInfo>],
+    ) -> Option<Result<RouteDecision, Unroutable>> {
+        None
+    }
+
     /// A strategy that splits a request over two pods (`pd`) chooses the
     /// pair here; the others route to one pod and leave this as it is.
     fn plan_pair(
@@ -327,6 +370,10 @@ pub enum Unroutable {
     NoCandidates,
     /// `pd`: no roleset has a ready prefill and a ready decode pod.
     NoRoleset(pd::NoRoleset),
+    /// `slo*`: every pod is at capacity; await this, then route again.
+    Queued(slo::SloWait),
+    /// `slo*`: the request is refused.
+    Slo(slo::SloRefusal),
 }
 
 /// Why a strategy name cannot be used.
@@ -383,6 +430,8 @@ pub struct Router {
     hasher: Arc<prefix_index::PrefixHasher>,
     /// What the strategies share with the other replicas.
     fleet: Arc<fleet::FleetState>,
+    /// What the `slo*` strategies share.
+    slo: Arc<slo::SloState>,
 }
 
 /// Distinct weighted-mix strings kept parsed; beyond this they are parsed per request.
@@ -399,7 +448,8 @@ impl Router {
             history: prefix_history.max(tokens.window()),
             tokens: Arc::new(tokens),
         });
-        let all = registered(&Build { config, hasher: &hasher, metrics, fleet: &fleet });
+        let slo = Arc::new(slo::SloState::default());
+        let all = registered(&Build { config, hasher: &hasher, metrics, fleet: &fleet, slo: &slo });
         let fallbacks = Arc::new(Fallbacks { metrics: metrics.clone(), logged: Mutex::new(HashMap::new()) });
         Self {
             names: all.iter().map(|s| s.name()).collect(),
@@ -408,7 +458,13 @@ impl Router {
             fallbacks,
             hasher,
             fleet,
+            slo,
         }
+    }
+
+    /// What the `slo*` strategies share (their GPU profiles are read into it).
+    pub fn slo_state(&self) -> &Arc<slo::SloState> {
+        &self.slo
     }
 
     /// The routing state shared with the other replicas (see [`fleet`]).
@@ -439,8 +495,7 @@ impl Router {
         if let Some(mix) = self.mixes.lock().unwrap_or_else(PoisonError::into_inner).get(name) {
             return Ok(Arc::clone(mix));
         }
-        let mix: Arc<dyn Strategy> =
-            Arc::new(mix::WeightedMix::parse(name, &self.strategies, Arc::clone(&self.fallbacks))?);
+        let mix = mix::WeightedMix::parse(name, &self.strategies, Arc::clone(&self.fallbacks))?;
         let mut cache = self.mixes.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.len() < MAX_CACHED_MIXES {
             cache.insert(name.to_owned(), Arc::clone(&mix));
@@ -461,6 +516,11 @@ impl Router {
         }
         if let Some(plan) = strategy.plan_pair(request, candidates) {
             return plan.map(Route::Disaggregated).map_err(Unroutable::NoRoleset);
+        }
+        if let Some(admitted) = strategy.admit(request, candidates) {
+            let decision = admitted?;
+            let pod = candidates.get(decision.index).cloned().ok_or(Unroutable::NoCandidates)?;
+            return Ok(Route::Single { pod, decision });
         }
         let decision = self.decide(strategy, request, candidates);
         let pod = candidates.get(decision.index).cloned().ok_or(Unroutable::NoCandidates)?;
@@ -693,6 +753,10 @@ mod tests {
         "vtc-basic",
         "session-affinity",
         "pd",
+        "slo",
+        "slo-pack-load",
+        "slo-least-load",
+        "slo-least-load-pulling",
     ];
 
     #[test]
