@@ -136,7 +136,14 @@ impl PodStore {
                 (name, Arc::new(entry))
             })
             .collect();
-        self.current.store(Arc::new(Snapshot { models }));
+        let snapshot = Arc::new(Snapshot { models });
+        if let Some(aibrix) = self.metrics.aibrix() {
+            // Series of pods that left go with them.
+            let live: HashSet<&str> =
+                snapshot.models.values().flat_map(|model| model.pods.iter().map(|pod| pod.name.as_str())).collect();
+            aibrix.retain_pods(&live);
+        }
+        self.current.store(snapshot);
         self.synced.store(true, Ordering::Release);
     }
 

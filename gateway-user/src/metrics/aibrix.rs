@@ -10,8 +10,9 @@
 //! `gateway_first_token_delay_over_1s_total` carries a request id as a label
 //! and is not exported.
 
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -128,20 +129,37 @@ impl AibrixStatus {
     }
 }
 
-/// A discovered pod as a label value: hashed and compared by its key, so
-/// the hot path clones an `Arc` instead of building strings.
+/// A discovered pod as a label value: hashed and compared by the label
+/// values it renders, so the hot path clones an `Arc` instead of building
+/// strings, and two routing targets that render alike (a data-parallel
+/// pod's ranks) share one series instead of rendering two identical ones.
 #[derive(Clone, Debug)]
 struct Pod(Arc<dyn PodIdentity>);
 
+impl Pod {
+    fn values(&self) -> [&str; 7] {
+        let pod = &self.0;
+        [
+            pod.namespace(),
+            pod.name(),
+            pod.model(),
+            pod.engine(),
+            pod.roleset().unwrap_or(""),
+            pod.label(ROLE_LABEL),
+            pod.label(ROLE_REPLICA_INDEX_LABEL),
+        ]
+    }
+}
+
 impl Hash for Pod {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.key().hash(state);
+        self.values().hash(state);
     }
 }
 
 impl PartialEq for Pod {
     fn eq(&self, other: &Self) -> bool {
-        self.0.key() == other.0.key()
+        self.values() == other.values()
     }
 }
 
@@ -216,19 +234,55 @@ struct PodLabels {
 
 impl EncodeLabelSet for PodLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        let pod = &self.pod.0;
+        let [namespace, pod, model, engine, roleset, role, replica] = self.pod.values();
         [
-            ("namespace", pod.namespace()),
-            ("pod", pod.name()),
-            ("model", pod.model()),
-            ("engine_type", pod.engine()),
-            ("roleset", pod.roleset().unwrap_or("")),
-            ("role", pod.label(ROLE_LABEL)),
-            ("role_replica_index", pod.label(ROLE_REPLICA_INDEX_LABEL)),
+            ("namespace", namespace),
+            ("pod", pod),
+            ("model", model),
+            ("engine_type", engine),
+            ("roleset", roleset),
+            ("role", role),
+            ("role_replica_index", replica),
             ("gateway_pod", &self.gateway_pod),
         ]
         .encode(encoder)
     }
+}
+
+/// The label sets of every per-pod series, by pod name, so the series of
+/// pods that are gone can be removed (a rollout would otherwise add a
+/// series per pod forever, each holding its pod).
+#[derive(Debug, Default)]
+struct PodSeries {
+    requests: Vec<RequestLabels>,
+    outcomes: Vec<OutcomeLabels>,
+    pods: Vec<PodLabels>,
+    buckets: Vec<(PodLabels, BucketLabel)>,
+}
+
+type SeriesIndex = Arc<Mutex<HashMap<String, PodSeries>>>;
+
+/// The counter of `labels` in `family`; a series made now is noted in
+/// `index` under pod `name` (in `list`), so it can be removed with its pod.
+/// Existing series cost one lookup, as `get_or_create` does.
+fn pod_counter<L>(
+    family: &Family<L, Counter>,
+    labels: &L,
+    index: &SeriesIndex,
+    name: Option<&str>,
+    list: fn(&mut PodSeries) -> &mut Vec<L>,
+) -> Counter
+where
+    L: EncodeLabelSet + Clone + Hash + Eq + Send + Sync + std::fmt::Debug + 'static,
+{
+    if let Some(counter) = family.get(labels) {
+        return counter.clone();
+    }
+    if let Some(name) = name {
+        let mut index = index.lock().unwrap_or_else(PoisonError::into_inner);
+        list(index.entry(name.to_owned()).or_default()).push(labels.clone());
+    }
+    family.get_or_create(labels).clone()
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -278,6 +332,7 @@ pub struct AibrixMetrics {
     prefix_selections: Family<PrefixSelectionLabels, Counter>,
     prefill_selections: Family<PodLabels, Counter>,
     decode_selections: Family<PodLabels, Counter>,
+    series: SeriesIndex,
 }
 
 impl AibrixMetrics {
@@ -350,6 +405,37 @@ impl AibrixMetrics {
             prefix_selections,
             prefill_selections,
             decode_selections,
+            series: SeriesIndex::default(),
+        }
+    }
+
+    /// Removes the series of every pod whose name is not in `live` (pods
+    /// that left discovery); a pod's series come back if it does.
+    pub fn retain_pods(&self, live: &HashSet<&str>) {
+        let gone: Vec<PodSeries> = {
+            let mut index = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+            let names: Vec<String> = index.keys().filter(|name| !live.contains(name.as_str())).cloned().collect();
+            names.iter().filter_map(|name| index.remove(name)).collect()
+        };
+        for series in gone {
+            for labels in &series.requests {
+                self.requests.remove(labels);
+            }
+            for labels in &series.outcomes {
+                self.successes.remove(labels);
+                self.failures.remove(labels);
+            }
+            for labels in &series.pods {
+                for family in
+                    [&self.input_tokens, &self.output_tokens, &self.prefill_selections, &self.decode_selections]
+                {
+                    family.remove(labels);
+                }
+            }
+            for labels in &series.buckets {
+                self.prompt_buckets.remove(labels);
+                self.completion_buckets.remove(labels);
+            }
         }
     }
 
@@ -368,7 +454,8 @@ impl AibrixMetrics {
             model: Arc::clone(model),
             pod_name: Self::pod_name(pod),
         };
-        self.requests.get_or_create(&labels).inc();
+        let name = pod.map(|pod| pod.name());
+        pod_counter(&self.requests, &labels, &self.series, name, |s| &mut s.requests).inc();
     }
 
     /// A request ended as `status` after the client got `answered`.
@@ -387,18 +474,20 @@ impl AibrixMetrics {
             status_code: status.status_code(answered),
         };
         let family = if status == AibrixStatus::Success { &self.successes } else { &self.failures };
-        family.get_or_create(&labels).inc();
+        let name = pod.map(|pod| pod.name());
+        pod_counter(family, &labels, &self.series, name, |s| &mut s.outcomes).inc();
     }
 
     /// The usage a completed answer reported.
     pub fn tokens<P: PodIdentity + 'static>(&self, pod: &Arc<P>, prompt_tokens: u64, completion_tokens: u64) {
         let labels = self.pod_labels(pod);
-        self.input_tokens.get_or_create(&labels).inc_by(prompt_tokens);
-        self.output_tokens.get_or_create(&labels).inc_by(completion_tokens);
+        let name = Some(pod.name());
+        pod_counter(&self.input_tokens, &labels, &self.series, name, |s| &mut s.pods).inc_by(prompt_tokens);
+        pod_counter(&self.output_tokens, &labels, &self.series, name, |s| &mut s.pods).inc_by(completion_tokens);
         let prompt = (labels.clone(), BucketLabel { bucket: token_bucket(prompt_tokens) });
-        self.prompt_buckets.get_or_create(&prompt).inc();
+        pod_counter(&self.prompt_buckets, &prompt, &self.series, name, |s| &mut s.buckets).inc();
         let completion = (labels, BucketLabel { bucket: token_bucket(completion_tokens) });
-        self.completion_buckets.get_or_create(&completion).inc();
+        pod_counter(&self.completion_buckets, &completion, &self.series, name, |s| &mut s.buckets).inc();
     }
 
     /// Gauges for one request in flight on `model`, to increment now and
@@ -425,8 +514,10 @@ impl AibrixMetrics {
 
     /// The pd strategy chose `prefill` and `decode`.
     pub fn pd_selected<P: PodIdentity + 'static>(&self, prefill: &Arc<P>, decode: &Arc<P>) {
-        self.prefill_selections.get_or_create(&self.pod_labels(prefill)).inc();
-        self.decode_selections.get_or_create(&self.pod_labels(decode)).inc();
+        let pods: fn(&mut PodSeries) -> &mut Vec<PodLabels> = |s| &mut s.pods;
+        let series = &self.series;
+        pod_counter(&self.prefill_selections, &self.pod_labels(prefill), series, Some(prefill.name()), pods).inc();
+        pod_counter(&self.decode_selections, &self.pod_labels(decode), series, Some(decode.name()), pods).inc();
     }
 }
 
@@ -474,6 +565,42 @@ pub(super) mod tests {
         for line in lines {
             assert!(text.lines().any(|l| l == *line), "missing {line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_pods_series_leave_with_it_and_its_ranks_share_one() {
+        let mut registry = Registry::default();
+        let metrics = AibrixMetrics::register(&mut registry, "gw-0");
+        let model: Arc<str> = Arc::from("m");
+        let (a, b) = (pod("a", "m", None), pod("b", "m", Some("decode")));
+        // A data-parallel rank: its own key, rendered as its pod.
+        let a_rank1 = Arc::new(PodInfo { key: "ns/a:8001".to_owned(), ..(*a).clone() });
+        for pod in [&a, &a_rank1, &b] {
+            metrics.request(&model, Some(pod));
+            metrics.outcome(&model, Some(pod), AibrixStatus::Success, 200);
+            metrics.tokens(pod, 300, 20);
+        }
+        metrics.pd_selected(&a, &b);
+        let text = render(&registry);
+        let a_lines = text.lines().filter(|l| l.contains(r#"pod="a""#) || l.contains(r#"pod_name="a""#)).count();
+        assert_lines(&text, &[r#"gateway_request_total{gateway_pod="gw-0",model="m",pod_name="a"} 2"#]);
+        assert_lines(
+            &text,
+            &[
+                r#"gateway_input_tokens_total{namespace="ns",pod="a",model="m",engine_type="vllm",roleset="",role="",role_replica_index="",gateway_pod="gw-0"} 600"#,
+            ],
+        );
+
+        metrics.retain_pods(&HashSet::from(["b"]));
+        let text = render(&registry);
+        assert!(!text.contains(r#"pod="a""#) && !text.contains(r#"pod_name="a""#), "a's series are gone:\n{text}");
+        assert!(a_lines >= 7, "a had its series: {a_lines}");
+        assert_lines(&text, &[r#"gateway_request_total{gateway_pod="gw-0",model="m",pod_name="b"} 1"#]);
+        assert_eq!(Arc::strong_count(&a), 1, "nothing holds the gone pod");
+
+        // A pod that comes back counts afresh.
+        metrics.request(&model, Some(&a));
+        assert_lines(&render(&registry), &[r#"gateway_request_total{gateway_pod="gw-0",model="m",pod_name="a"} 1"#]);
     }
 
     #[test]
