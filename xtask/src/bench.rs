@@ -79,6 +79,10 @@ pub struct BenchArgs {
     /// Warm-up before each measured period, seconds.
     #[arg(long, default_value_t = 2)]
     pub warmup_seconds: u64,
+    /// Extra environment of the gateway under test (`KEY=VALUE`, repeatable; core suite),
+    /// to measure what a setting costs: `--gateway-env TURNSTILE_AIBRIX_METRIC_NAMES=false`.
+    #[arg(long = "gateway-env", value_name = "KEY=VALUE", value_parser = key_value)]
+    pub gateway_env: Vec<(String, String)>,
     /// Options of the peers suite.
     #[command(flatten)]
     pub peers: peers::PeerArgs,
@@ -90,6 +94,14 @@ pub struct BenchArgs {
 const MODEL: &str = "bench-model";
 /// Tokens per answer; the engines add no delay, so this is pure proxying work.
 const TOKENS: u32 = 16;
+
+/// A `KEY=VALUE` pair.
+fn key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
 
 /// Runs the chosen suite.
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -253,9 +265,13 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
     }
     let pods_file = out_dir.join("pods.yaml");
     write_engine_pods(&stack.engines, &pods_file)?;
+    let env = args.gateway_env.clone();
     let (gateway, rust_log) =
-        start_release_gateway(binaries, &pods_file, out_dir.join("gateway.log"), Vec::new(), pinning, &client).await?;
+        start_release_gateway(binaries, &pods_file, out_dir.join("gateway.log"), env, pinning, &client).await?;
     ui::info(format!("gateway on {} (admin {}), least-request, RUST_LOG={rust_log}", gateway.listen, gateway.admin));
+    for (key, value) in &args.gateway_env {
+        ui::info(format!("gateway environment: {key}={value}"));
+    }
     let gateway_addr = gateway.listen;
     let gateway_pid = gateway.child.pid();
     stack.gateway = Some(gateway);
@@ -436,6 +452,7 @@ mod tests {
     #[test]
     fn markdown_has_rows_and_ratios() {
         let args = BenchArgs {
+            gateway_env: Vec::new(),
             suite: Suite::Core,
             connections: 32,
             seconds: 10,

@@ -486,6 +486,7 @@ mod tests {
         assert!(acceptance(&failing).failure.is_some());
         let markdown = render_markdown(
             &BenchArgs {
+                gateway_env: Vec::new(),
                 suite: super::super::Suite::Kernel,
                 connections: 4,
                 seconds: 10,

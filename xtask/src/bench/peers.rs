@@ -1006,6 +1006,7 @@ mod tests {
 
     fn args() -> BenchArgs {
         BenchArgs {
+            gateway_env: Vec::new(),
             suite: super::super::Suite::Peers,
             connections: 32,
             seconds: 10,
