@@ -17,7 +17,7 @@ use crate::kernel::penalties::{Cidr, PenaltySettings};
 use crate::kernel::{EbpfMode, KernelConfig, PenaltyMode};
 use crate::limits::{LimitsConfig, UserLimits, UserLimitsMode};
 use crate::proxy::defaults as proxy;
-use crate::routing::{PrefixTokenizer, RoutingConfig};
+use crate::routing::{PrefixTokenizer, RoutingConfig, VtcTimeUnit};
 
 /// Whole milliseconds of `duration`, for a flag counted in milliseconds.
 fn millis(duration: Duration) -> u64 {
@@ -77,11 +77,15 @@ pub struct ServeArgs {
           default_value_t = crate::metrics::MetricsConfig::default().aibrix_names)]
     pub aibrix_metric_names: bool,
 
-    /// Largest accepted request body in bytes; larger bodies get 413.
+    /// Largest accepted request body in bytes; larger bodies get 413. For
+    /// audio uploads: the most read before the form's `model` field (the
+    /// upload itself streams through, any size).
     #[arg(long, env = "TURNSTILE_MAX_BODY_BYTES", default_value_t = proxy::MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
 
-    /// Time a client has to send the whole request body (408 after).
+    /// Time a client has to send the whole request body (408 after); for
+    /// audio uploads, the time to reach the form's fields, and then the
+    /// longest pause mid-upload.
     #[arg(long, env = "TURNSTILE_BODY_READ_TIMEOUT_SECONDS", default_value_t = proxy::BODY_READ_TIMEOUT_SECONDS)]
     pub body_read_timeout_seconds: u64,
 
@@ -534,11 +538,16 @@ pub struct RoutingArgs {
           default_value_t = RoutingConfig::default().prefix_cache_eviction_duration_mins)]
     pub prefix_cache_eviction_duration_mins: u64,
 
-    /// vtc-basic: the window a user's tokens are counted over, in minutes.
-    #[arg(long, env = "AIBRIX_ROUTER_VTC_TOKEN_TRACKER_WINDOW_MINUTES",
-          default_value_t = RoutingConfig::default().vtc_window_minutes,
+    /// vtc-basic: the window a user's tokens are counted over, in `--vtc-time-unit`s.
+    #[arg(long, env = "AIBRIX_ROUTER_VTC_TOKEN_TRACKER_WINDOW_SIZE",
+          default_value_t = RoutingConfig::default().vtc_window_size,
           value_parser = clap::value_parser!(u64).range(1..))]
-    pub vtc_window_minutes: u64,
+    pub vtc_window_size: u64,
+
+    /// vtc-basic: the unit of `--vtc-window-size`.
+    #[arg(long, env = "AIBRIX_ROUTER_VTC_TOKEN_TRACKER_TIME_UNIT", value_enum,
+          default_value_t = RoutingConfig::default().vtc_time_unit)]
+    pub vtc_time_unit: VtcTimeUnit,
 
     /// vtc-basic: smallest token bucket users are spread over pods by.
     #[arg(long, env = "AIBRIX_ROUTER_VTC_TOKEN_TRACKER_MIN_TOKENS",
@@ -597,7 +606,8 @@ impl From<&RoutingArgs> for RoutingConfig {
             prefix_cache_imbalance_abs_count,
             prefix_cache_standard_deviation_factor,
             prefix_cache_eviction_duration_mins,
-            vtc_window_minutes,
+            vtc_window_size,
+            vtc_time_unit,
             vtc_min_tokens,
             vtc_fairness_weight,
             vtc_utilization_weight,
@@ -644,6 +654,20 @@ impl ValueEnum for PenaltyMode {
                 .help("`sk_lookup` drop: the client's connect fails at once with \"connection refused\""),
             Self::Xdp => PossibleValue::new("xdp")
                 .help("XDP drop of SYNs: cheapest against floods; the client waits for its connect timeout"),
+        })
+    }
+}
+
+impl ValueEnum for VtcTimeUnit {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Minutes, Self::Seconds, Self::Milliseconds]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            Self::Minutes => PossibleValue::new("minutes"),
+            Self::Seconds => PossibleValue::new("seconds"),
+            Self::Milliseconds => PossibleValue::new("milliseconds"),
         })
     }
 }

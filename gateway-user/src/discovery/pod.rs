@@ -21,6 +21,9 @@ pub const ENGINE_LABEL: &str = "model.aibrix.ai/engine";
 pub const CONFIG_ANNOTATION: &str = "model.aibrix.ai/config";
 /// Container env naming a pod's data-parallel ranks (AIBrix's name).
 pub const DATA_PARALLEL_ENV: &str = "data-parallel-size";
+/// Most data-parallel ranks a pod is routed as (a typo must not make
+/// thousands of routing targets).
+pub const MAX_DATA_PARALLEL: u16 = 64;
 /// Annotation listing extra path prefixes the model serves, comma-separated
 /// (AIBrix's model router adds them to the model's HTTPRoute).
 pub const CUSTOM_PATHS_ANNOTATION: &str = "model.aibrix.ai/model-router-custom-paths";
@@ -269,8 +272,10 @@ impl PodInfo {
 
 impl PodInfo {
     /// The routing targets of this pod: itself, or one per data-parallel
-    /// rank, rank `i` on port `+i` (metrics too), keyed `namespace/name:port`
-    /// and still named as the pod.
+    /// rank, rank `i` on port `+i`, keyed `namespace/name:port` and still
+    /// named as the pod. A rank serves its own metrics unless the pod names
+    /// a metrics port of its own (`model.aibrix.ai/metric-port`), which
+    /// every rank then reads.
     pub fn ranks(self) -> Vec<Self> {
         let Some(addr) = self.addr.filter(|_| self.data_parallel > 1) else {
             return vec![self];
@@ -283,7 +288,7 @@ impl PodInfo {
                     key: format!("{}:{port}", self.key),
                     addr: Some(addr),
                     addr_text: addr.to_string(),
-                    metric_port: self.metric_port.saturating_add(rank),
+                    metric_port: if self.metric_port == addr.port() { port } else { self.metric_port },
                     load: Arc::default(),
                     ..self.clone()
                 })
@@ -335,6 +340,10 @@ fn data_parallel_size(pod: &Pod, name: &str) -> u16 {
         .and_then(|env| env.value.as_deref());
     match value.map(|v| (v, v.trim().parse::<u16>())) {
         None => 1,
+        Some((value, Ok(size))) if size > MAX_DATA_PARALLEL => {
+            tracing::warn!(pod = name, value, max = MAX_DATA_PARALLEL, "data-parallel-size is too large; routing to one port");
+            1
+        }
         Some((_, Ok(size))) => size.max(1),
         Some((value, Err(_))) => {
             tracing::warn!(pod = name, value, "data-parallel-size is not a number; routing to one port");
@@ -409,7 +418,11 @@ mod tests {
         );
         assert!(ranks.iter().all(|r| r.name == "p0"), "each rank is still named as its pod");
         assert!(!Arc::ptr_eq(&ranks[0].load, &ranks[1].load), "each rank counts its own load");
-        for single in ["1", "0", "two"] {
+        let metrics = format!("{READY}").replace("model.aibrix.ai/port: \"9000\"", "model.aibrix.ai/port: \"9000\", model.aibrix.ai/metric-port: \"9100\"");
+        let yaml = format!("{metrics}spec:\n  containers:\n  - name: vllm\n    env: [{{name: data-parallel-size, value: '2'}}]\n");
+        let ranks = PodInfo::from_pod(&pod(&yaml)).expect("valid").expect("ours").ranks();
+        assert_eq!(ranks.iter().map(|r| r.metric_port).collect::<Vec<_>>(), [9100, 9100], "the pod's metrics port");
+        for single in ["1", "0", "two", "65"] {
             let ranks = dp(single).ranks();
             assert_eq!((ranks.len(), ranks[0].key.as_str()), (1, "ns/p0"), "{single}");
         }

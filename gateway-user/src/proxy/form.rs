@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::Stream;
 use http::HeaderMap;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::CONTENT_TYPE;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use tokio::time::Sleep;
@@ -66,10 +66,12 @@ pub async fn read_head(
     limit: usize,
     timeout: Duration,
 ) -> Result<FormHead, GatewayError> {
+    // The body's own length (hyper's reading of the framing), not the header's.
+    let length = body.size_hint().exact();
     let boundary = match boundary(headers) {
         Ok(boundary) => boundary,
         Err(err) => {
-            super::discard_rest(body, timeout);
+            refuse_unread(headers, body, timeout);
             return Err(err);
         }
     };
@@ -81,8 +83,12 @@ pub async fn read_head(
     };
     let read: usize = seen.iter().map(Bytes::len).sum();
     match scanned {
-        // Once the model is known, what follows is the engine's to read.
         Ok(Ok(())) => {}
+        // The client's body broke: nothing to send on.
+        Ok(Err(Scan::Form(multer::Error::StreamReadFailed(err)))) if read <= limit => {
+            return Err(GatewayError::BodyRead { reason: crate::logfmt::chain(err.as_ref()) });
+        }
+        // Once the model is known, what follows is the engine's to read.
         Ok(Err(_)) if fields.model.is_some() => {}
         Ok(Err(err)) => {
             let err = match err {
@@ -100,21 +106,38 @@ pub async fn read_head(
             super::discard_rest(body, timeout);
             return Err(err);
         }
-        Err(_) => return Err(GatewayError::BodyTimeout { timeout_seconds: timeout.as_secs() }),
+        Err(_) => {
+            super::discard_rest(body, timeout);
+            return Err(GatewayError::BodyTimeout { timeout_seconds: timeout.as_secs() });
+        }
     }
     let Some(model) = fields.model.filter(|model| !model.is_empty()) else {
         super::discard_rest(body, timeout);
         return Err(GatewayError::Multipart { message: "'model' is a required property", param: Some("model") });
     };
-    let length = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let upload = Upload {
         head: seen,
         rest: Arc::new(Mutex::new(Rest::Waiting(body))),
+        state: Arc::default(),
         length,
         idle: timeout,
         discard_within: timeout,
     };
     Ok(FormHead { model, stream: fields.stream, upload })
+}
+
+/// Refuses an upload before reading any of it. A client that asked to
+/// continue (`Expect: 100-continue`) is not invited to send the file just to
+/// have it dropped; any other is read to its end in the background, so it
+/// sees the answer rather than a reset.
+fn refuse_unread(headers: &HeaderMap, body: ClientBody, within: Duration) {
+    let expects_continue = headers
+        .get(http::header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
+    if !expects_continue {
+        super::discard_rest(body, within);
+    }
 }
 
 /// The small fields of a form.
@@ -204,6 +227,8 @@ pub struct Upload {
     /// What was read to find the fields, sent first.
     head: Vec<Bytes>,
     rest: Arc<Mutex<Rest>>,
+    /// Whether the client has sent it all, or failed to.
+    state: Arc<UploadState>,
     /// The client's `Content-Length`, kept for the pod.
     length: Option<u64>,
     /// Longest wait for the client's next bytes once the rest streams.
@@ -235,10 +260,61 @@ impl Upload {
             head: self.head.iter().cloned().collect(),
             rest: None,
             shared: Arc::clone(&self.rest),
+            state: Arc::clone(&self.state),
             length: self.length,
             idle: self.idle,
             timer: None,
         }
+    }
+
+    /// Why the client's side of the upload failed, if it did: what the
+    /// client gets instead of a failure blamed on the pod.
+    pub fn client_failure(&self) -> Option<GatewayError> {
+        match self.state.failure.get()? {
+            ClientFailure::Idle(idle) => Some(GatewayError::BodyTimeout { timeout_seconds: idle.as_secs() }),
+            ClientFailure::Broken(reason) => Some(GatewayError::BodyRead { reason: reason.clone() }),
+        }
+    }
+}
+
+/// How far the client's side of an upload got.
+#[derive(Debug, Default)]
+pub struct UploadState {
+    sent: std::sync::atomic::AtomicBool,
+    failure: std::sync::OnceLock<ClientFailure>,
+    changed: tokio::sync::Notify,
+}
+
+/// How the client failed to send its upload.
+#[derive(Debug)]
+enum ClientFailure {
+    /// Nothing for this long.
+    Idle(Duration),
+    /// The client's body broke (reset, bad framing).
+    Broken(String),
+}
+
+impl UploadState {
+    /// Resolves once the client has sent the whole upload, or failed to:
+    /// from then on the pod's answer is what is waited for.
+    pub async fn sent(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if self.sent.load(std::sync::atomic::Ordering::Acquire) || self.failure.get().is_some() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn finish(&self) {
+        self.sent.store(true, std::sync::atomic::Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    fn fail(&self, failure: ClientFailure) {
+        let _ = self.failure.set(failure);
+        self.changed.notify_waiters();
     }
 }
 
@@ -261,6 +337,7 @@ pub struct UploadBody {
     head: VecDeque<Bytes>,
     rest: Option<ClientBody>,
     shared: Arc<Mutex<Rest>>,
+    state: Arc<UploadState>,
     length: Option<u64>,
     idle: Duration,
     timer: Option<Pin<Box<Sleep>>>,
@@ -293,11 +370,19 @@ impl Body for UploadBody {
                         Err(_) => continue,
                     }
                 }
-                Poll::Ready(other) => return Poll::Ready(other),
+                Poll::Ready(Some(Err(err))) => {
+                    this.state.fail(ClientFailure::Broken(crate::logfmt::chain(err.as_ref())));
+                    return Poll::Ready(Some(Err(err)));
+                }
+                Poll::Ready(None) => {
+                    this.state.finish();
+                    return Poll::Ready(None);
+                }
                 Poll::Pending => {
                     let idle = this.idle;
                     let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                     ready!(timer.as_mut().poll(cx));
+                    this.state.fail(ClientFailure::Idle(idle));
                     let message = format!("the client sent no upload bytes for {} s", idle.as_secs());
                     return Poll::Ready(Some(Err(message.into())));
                 }
@@ -307,5 +392,12 @@ impl Body for UploadBody {
 
     fn size_hint(&self) -> SizeHint {
         self.length.map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+impl UploadBody {
+    /// How far the client's side of this upload got.
+    pub fn state(&self) -> &Arc<UploadState> {
+        &self.state
     }
 }

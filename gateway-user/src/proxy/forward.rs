@@ -293,6 +293,10 @@ impl<U: Upstream> Proxy<U> {
         let response = match self.upstream.send(request).await {
             Ok(response) => response,
             Err(SendError::Connect(reason)) => return Err(Failed::Refused(Refusal::Pod { pod, reason })),
+            // The client stopped sending its upload: its failure, not the pod's.
+            Err(_) if let Some(failure) = send.upload.and_then(Upload::client_failure) => {
+                return Err(Failed::Final(failure));
+            }
             Err(err) => return Err(Failed::Final(err.into_gateway_error(&pod))),
         };
         let held = Held { pod: Some(guard), gauge: Some(gauge), connection: Some(connection), gateway: None };

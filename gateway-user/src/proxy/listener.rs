@@ -23,6 +23,12 @@ use super::defaults;
 use crate::errors::{self, GatewayError};
 use crate::kernel::KernelAssist;
 use crate::kernel::tagging::{ClientConn, TaggedStream};
+
+/// HTTP/2 flow-control window of one request stream (hyper's default).
+const H2_STREAM_WINDOW_BYTES: u32 = 1 << 20;
+/// HTTP/2 flow-control window of a whole connection: four stalled streams'
+/// worth. It bounds what one connection can have the gateway hold unread.
+const H2_CONNECTION_WINDOW_BYTES: u32 = 4 << 20;
 use crate::proxy::write_watch::{WatchedStream, WriteWatch};
 
 /// What one client connection may send.
@@ -127,6 +133,11 @@ pub async fn serve_tracked<H, F, B>(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_streams_per_connection.max(1))
+        // An upload waiting for a pod holds up to a stream window unread;
+        // the connection's window is larger so a few such streams do not
+        // stop every other stream's body on the connection.
+        .initial_stream_window_size(H2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW_BYTES)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
     loop {

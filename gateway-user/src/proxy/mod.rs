@@ -327,6 +327,11 @@ impl<U: Upstream> Proxy<U> {
             if path == "/v1/models" && request.method() == Method::GET {
                 return if self.store.is_synced() { Ok(Target::Models) } else { Err(GatewayError::PodsNotLoaded) };
             }
+            // A model's own path is unknown until discovery has loaded the
+            // pods: retryable, as for every path then.
+            if !self.store.is_synced() {
+                return Err(GatewayError::PodsNotLoaded);
+            }
             if self.store.snapshot().is_custom_path(path) {
                 return Ok(Target::Api(Endpoint::Custom));
             }

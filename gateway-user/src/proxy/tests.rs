@@ -64,7 +64,11 @@ impl Upstream for FakeUpstream {
         let reply = self.reply(port);
         if !matches!(reply, Reply::Refuse) {
             let length = request.headers().get(header::CONTENT_LENGTH).map(|v| v.to_str().unwrap_or("?").to_owned());
-            let raw = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            // A body that breaks while being sent fails the exchange, as for hyper's client.
+            let raw = match request.into_body().collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(err) => return Err(SendError::Other(format!("sending the body: {err}"))),
+            };
             let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
             self.0.seen.lock().map(|mut seen| seen.push(Seen { port, body, raw, length })).unwrap_or(());
         }
@@ -615,9 +619,18 @@ async fn uploads_that_cannot_be_routed_get_aibrixs_answers() {
     let late = rig.call(upload(path, "b", chunked(&late, 64))).await;
     late.assert_error(413, "'model' field must come within the first 256 bytes");
 
+    // A client that breaks off or goes quiet mid-upload: its failure, not the pod's.
+    let mut broken = form("b", &[("model", "m")], b"");
+    broken.extend_from_slice(&[b'x'; 300]);
+    let mut steps: Vec<Step> = broken.chunks(100).map(|c| Step::data(String::from_utf8_lossy(c).into_owned())).collect();
+    steps.push(Step::Fail);
+    let answer = rig.call(upload(path, "b", Scripted::new(steps))).await;
+    answer.assert_error(400, "failed to read the request body");
+    assert_eq!(answer.header("x-error-upstream"), "", "not blamed on the pod");
+
     let unknown = rig.call(upload(path, "b", chunked(&form("b", &[("model", "nope")], b"RIFF"), 10))).await;
     unknown.assert_error(400, "model nope does not exist");
-    assert!(rig.engines.seen().is_empty(), "no engine was asked: {:?}", rig.engines.seen());
+    assert!(rig.engines.seen().is_empty(), "no whole upload reached an engine: {:?}", rig.engines.seen());
 }
 
 #[tokio::test]
@@ -642,6 +655,8 @@ async fn a_model_serves_the_paths_its_annotation_lists() {
     rig.call(get("/versions", "m")).await.assert_error(404, "unknown request path /versions");
     rig.call(get("/tokenize", "m")).await.assert_error(404, "unknown request path /tokenize");
     rig.call(get("/version", "")).await.assert_error(400, "'model' is a required property");
+    let starting = Rig::new(&[]);
+    starting.call(get("/version", "m")).await.assert_error(503, "has not loaded its pods");
     assert_eq!(rig.call(get("/tokenize", "other")).await.status, StatusCode::OK);
     assert_eq!(rig.engines.seen().last().map(|s| s.port), Some(9100));
 }

@@ -174,12 +174,36 @@ impl Upstream for HttpUpstream {
     type Body = Incoming;
 
     async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<Incoming>, SendError> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(crate::logfmt::chain(&err))),
-            Ok(Err(err)) => Err(SendError::Other(crate::logfmt::chain(&err))),
+        let upload = match request.body() {
+            UpstreamBody::Upload(upload) => Some(Arc::clone(upload.state())),
+            UpstreamBody::Whole(_) => None,
+        };
+        let answer = self.client.request(request);
+        tokio::pin!(answer);
+        if let Some(upload) = upload {
+            // An upload streams while the client sends it (bounded by the
+            // idle timeout between its chunks); the wait for the answer
+            // starts once it is all sent.
+            tokio::select! {
+                answered = &mut answer => return classify(answered),
+                () = upload.sent() => {}
+            }
+        }
+        match tokio::time::timeout(self.response_timeout, answer).await {
+            Ok(answered) => classify(answered),
             Err(_) => Err(SendError::Timeout(self.response_timeout)),
         }
+    }
+}
+
+/// A pod's answer, or how sending to it failed.
+fn classify(
+    answered: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+) -> Result<Response<Incoming>, SendError> {
+    match answered {
+        Ok(response) => Ok(response),
+        Err(err) if err.is_connect() => Err(SendError::Connect(crate::logfmt::chain(&err))),
+        Err(err) => Err(SendError::Other(crate::logfmt::chain(&err))),
     }
 }
 

@@ -11,6 +11,26 @@ pub enum PrefixTokenizer {
     Tiktoken,
 }
 
+/// The unit of vtc-basic's token window (AIBrix's
+/// `AIBRIX_ROUTER_VTC_TOKEN_TRACKER_TIME_UNIT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VtcTimeUnit {
+    Minutes,
+    Seconds,
+    Milliseconds,
+}
+
+impl VtcTimeUnit {
+    /// `size` of this unit.
+    pub fn times(self, size: u64) -> std::time::Duration {
+        match self {
+            Self::Minutes => std::time::Duration::from_secs(size.saturating_mul(60)),
+            Self::Seconds => std::time::Duration::from_secs(size),
+            Self::Milliseconds => std::time::Duration::from_millis(size),
+        }
+    }
+}
+
 /// Settings of the routing strategies.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutingConfig {
@@ -30,8 +50,10 @@ pub struct RoutingConfig {
     pub prefix_cache_standard_deviation_factor: f64,
     /// prefix-cache: a pod's blocks unused for this long no longer count as held.
     pub prefix_cache_eviction_duration_mins: u64,
-    /// vtc-basic: the window a user's tokens are counted over, in minutes.
-    pub vtc_window_minutes: u64,
+    /// vtc-basic: the window a user's tokens are counted over, in `vtc_time_unit`s.
+    pub vtc_window_size: u64,
+    /// vtc-basic: the unit of `vtc_window_size`.
+    pub vtc_time_unit: VtcTimeUnit,
     /// vtc-basic: smallest token bucket users are spread over pods by.
     pub vtc_min_tokens: f64,
     /// vtc-basic: weight of the fairness term (user tokens vs pod index).
@@ -46,6 +68,13 @@ pub struct RoutingConfig {
     pub vtc_output_token_weight: f64,
 }
 
+impl RoutingConfig {
+    /// vtc-basic's token window.
+    pub fn vtc_window(&self) -> std::time::Duration {
+        self.vtc_time_unit.times(self.vtc_window_size)
+    }
+}
+
 impl Default for RoutingConfig {
     /// AIBrix's defaults, and the flags'.
     fn default() -> Self {
@@ -57,10 +86,11 @@ impl Default for RoutingConfig {
             prefix_cache_imbalance_abs_count: 8,
             prefix_cache_standard_deviation_factor: 2.0,
             prefix_cache_eviction_duration_mins: 20,
-            vtc_window_minutes: 5,
+            vtc_window_size: 5,
+            vtc_time_unit: VtcTimeUnit::Minutes,
             vtc_min_tokens: 1000.0,
-            vtc_fairness_weight: 0.5,
-            vtc_utilization_weight: 0.5,
+            vtc_fairness_weight: 1.0,
+            vtc_utilization_weight: 1.0,
             vtc_max_pod_load: 100.0,
             vtc_input_token_weight: 1.0,
             vtc_output_token_weight: 2.0,

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 
-pub use config::{PrefixTokenizer, RoutingConfig};
+pub use config::{PrefixTokenizer, RoutingConfig, VtcTimeUnit};
 pub use filter::LabelSelector;
 
 use crate::discovery::PodInfo;
@@ -440,7 +440,7 @@ const MAX_CACHED_MIXES: usize = 256;
 impl Router {
     pub fn new(config: &RoutingConfig, metrics: &RoutingMetrics) -> Self {
         let hasher = Arc::new(prefix_index::PrefixHasher::new(config));
-        let tokens = vtc_basic::TokenTracker::new(Duration::from_secs(config.vtc_window_minutes.saturating_mul(60)));
+        let tokens = vtc_basic::TokenTracker::new(config.vtc_window());
         let prefix_history = Duration::from_secs(config.prefix_cache_eviction_duration_mins.saturating_mul(60));
         let fleet = Arc::new(fleet::FleetState {
             link: Arc::default(),

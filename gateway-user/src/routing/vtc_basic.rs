@@ -233,7 +233,7 @@ mod tests {
     use crate::routing::test_support::*;
 
     fn vtc(config: &RoutingConfig) -> VtcBasic {
-        let tracker = Arc::new(TokenTracker::new(Duration::from_secs(config.vtc_window_minutes.saturating_mul(60))));
+        let tracker = Arc::new(TokenTracker::new(config.vtc_window()));
         VtcBasic::new(config, tracker, Arc::default())
     }
 
