@@ -283,12 +283,13 @@ impl PodInfo {
         (0..self.data_parallel)
             .map_while(|rank| {
                 let port = addr.port().checked_add(rank)?;
+                let own_metrics = self.metric_port == addr.port();
                 let addr = SocketAddr::new(addr.ip(), port);
                 Some(Self {
                     key: format!("{}:{port}", self.key),
                     addr: Some(addr),
                     addr_text: addr.to_string(),
-                    metric_port: if self.metric_port == addr.port() { port } else { self.metric_port },
+                    metric_port: if own_metrics { port } else { self.metric_port },
                     load: Arc::default(),
                     ..self.clone()
                 })
@@ -341,7 +342,12 @@ fn data_parallel_size(pod: &Pod, name: &str) -> u16 {
     match value.map(|v| (v, v.trim().parse::<u16>())) {
         None => 1,
         Some((value, Ok(size))) if size > MAX_DATA_PARALLEL => {
-            tracing::warn!(pod = name, value, max = MAX_DATA_PARALLEL, "data-parallel-size is too large; routing to one port");
+            tracing::warn!(
+                pod = name,
+                value,
+                max = MAX_DATA_PARALLEL,
+                "data-parallel-size is too large; routing to one port"
+            );
             1
         }
         Some((_, Ok(size))) => size.max(1),
@@ -418,8 +424,13 @@ mod tests {
         );
         assert!(ranks.iter().all(|r| r.name == "p0"), "each rank is still named as its pod");
         assert!(!Arc::ptr_eq(&ranks[0].load, &ranks[1].load), "each rank counts its own load");
-        let metrics = format!("{READY}").replace("model.aibrix.ai/port: \"9000\"", "model.aibrix.ai/port: \"9000\", model.aibrix.ai/metric-port: \"9100\"");
-        let yaml = format!("{metrics}spec:\n  containers:\n  - name: vllm\n    env: [{{name: data-parallel-size, value: '2'}}]\n");
+        let metrics = READY.replace(
+            "model.aibrix.ai/port: \"9000\"",
+            "model.aibrix.ai/port: \"9000\", model.aibrix.ai/metric-port: \"9100\"",
+        );
+        let yaml = format!(
+            "{metrics}spec:\n  containers:\n  - name: vllm\n    env: [{{name: data-parallel-size, value: '2'}}]\n"
+        );
         let ranks = PodInfo::from_pod(&pod(&yaml)).expect("valid").expect("ours").ranks();
         assert_eq!(ranks.iter().map(|r| r.metric_port).collect::<Vec<_>>(), [9100, 9100], "the pod's metrics port");
         for single in ["1", "0", "two", "65"] {

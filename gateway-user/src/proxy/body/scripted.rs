@@ -95,6 +95,16 @@ impl Body for Scripted {
     fn is_end_stream(&self) -> bool {
         self.sized && self.steps.is_empty()
     }
+
+    /// A sized body's length is known: what its data steps hold.
+    fn size_hint(&self) -> http_body::SizeHint {
+        if !self.sized {
+            return http_body::SizeHint::default();
+        }
+        let length =
+            self.steps.iter().map(|step| if let Step::Data(data) = step { data.len() as u64 } else { 0 }).sum();
+        http_body::SizeHint::with_exact(length)
+    }
 }
 
 /// Reads `body` the way hyper does (stopping once it reports its end), as
