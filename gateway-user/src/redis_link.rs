@@ -93,6 +93,38 @@ pub fn open(url: &str) -> Result<redis::Client, String> {
     client(connection_info(url)?)
 }
 
+/// The keys matching `pattern`, sorted and without repeats, by `SCAN` with
+/// `count` keys a call; at most `limit` (the bool says whether more were left).
+pub async fn scan_keys<C: redis::aio::ConnectionLike>(
+    connection: &mut C,
+    pattern: &str,
+    count: usize,
+    limit: usize,
+) -> redis::RedisResult<(Vec<String>, bool)> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(connection)
+            .await?;
+        keys.extend(batch);
+        cursor = next;
+        if cursor == 0 || keys.len() >= limit {
+            break;
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let more = keys.len() > limit || (cursor != 0 && keys.len() >= limit);
+    keys.truncate(limit);
+    Ok((keys, more))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

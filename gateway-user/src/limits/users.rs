@@ -251,25 +251,7 @@ pub async fn show_user(url: &str, name: &str) -> anyhow::Result<Option<String>> 
 /// `turnstile users list`: every stored record, sorted by key.
 pub async fn list_users(url: &str) -> anyhow::Result<Vec<String>> {
     let mut connection = connect(url).await?;
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(user_record_key("*"))
-            .arg("COUNT")
-            .arg(500)
-            .query_async(&mut connection)
-            .await?;
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    keys.sort_unstable();
-    keys.dedup();
+    let (keys, _) = crate::redis_link::scan_keys(&mut connection, &user_record_key("*"), 500, usize::MAX).await?;
     let mut records = Vec::with_capacity(keys.len());
     for key in keys {
         let raw: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut connection).await?;

@@ -224,30 +224,12 @@ pub fn spawn_refresh(url: &str, profiles: Arc<Profiles>, shutdown: CancellationT
 /// parse are skipped and logged.
 async fn read_all(client: &redis::Client) -> Result<HashMap<String, GpuProfile>, String> {
     let mut connection = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{KEY_PREFIX}*"))
-            .arg("COUNT")
-            .arg(100)
-            .query_async(&mut connection)
-            .await
-            .map_err(|e| e.to_string())?;
-        keys.extend(batch);
-        cursor = next;
-        if cursor == 0 || keys.len() >= MAX_PROFILES {
-            break;
-        }
-    }
-    if keys.len() >= MAX_PROFILES {
+    let pattern = format!("{KEY_PREFIX}*");
+    let (keys, more) =
+        crate::redis_link::scan_keys(&mut connection, &pattern, 100, MAX_PROFILES).await.map_err(|e| e.to_string())?;
+    if more {
         tracing::warn!(limit = MAX_PROFILES, "more GPU profiles in Redis than are read; the rest are ignored");
-        keys.truncate(MAX_PROFILES);
     }
-    keys.sort();
-    keys.dedup();
     let mut read = HashMap::with_capacity(keys.len());
     for chunk in keys.chunks(100) {
         let values: Vec<Option<Vec<u8>>> =
