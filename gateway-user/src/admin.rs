@@ -47,6 +47,46 @@ pub struct DebugAccess {
     pub loopback: bool,
     /// `--admin-token`, as `Authorization: Bearer`.
     pub token: Option<BearerAuth>,
+    /// Refusals, logged at most once a minute (a scanner must not fill the log).
+    pub refusals: RefusalLog,
+}
+
+/// A count of refusals, to be logged now and then rather than one line each.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    since_logged: std::sync::atomic::AtomicU64,
+    /// When the last line was written, ms since the log was made (0: never).
+    logged_at_ms: std::sync::atomic::AtomicU64,
+    started: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl RefusalLog {
+    /// Most one line per this.
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Counts one refusal; returns the count to log when a line is due (the
+    /// first refusal, then at most once a minute).
+    fn due(&self) -> Option<u64> {
+        let now_ms =
+            u64::try_from(self.started.get_or_init(std::time::Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.due_at(now_ms.max(1))
+    }
+
+    /// [`RefusalLog::due`] at `now_ms` (at least 1).
+    fn due_at(&self, now_ms: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let count = self.since_logged.fetch_add(1, Relaxed) + 1;
+        let last = self.logged_at_ms.load(Relaxed);
+        let every = u64::try_from(Self::EVERY.as_millis()).unwrap_or(u64::MAX);
+        if last != 0 && now_ms.saturating_sub(last) < every {
+            return None;
+        }
+        if self.logged_at_ms.compare_exchange(last, now_ms, Relaxed, Relaxed).is_err() {
+            return None;
+        }
+        self.since_logged.fetch_sub(count, Relaxed);
+        Some(count)
+    }
 }
 
 impl DebugAccess {
@@ -126,7 +166,9 @@ impl Admin {
         if path.starts_with("/debug/")
             && let Err((status, message)) = self.debug.check(request.headers())
         {
-            tracing::info!(path, status = status.as_u16(), "admin: refused a /debug request");
+            if let Some(refused) = self.debug.refusals.due() {
+                tracing::info!(path, status = status.as_u16(), refused, "admin: refused /debug requests");
+            }
             return debug_refusal(status, message);
         }
         // On loopback without the admin token, the proxy's bearer token (when
@@ -223,4 +265,19 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_at_most_once_a_minute() {
+        let log = RefusalLog::default();
+        assert_eq!(log.due_at(1), Some(1), "the first is logged at once");
+        assert!((0..1000).all(|i| log.due_at(2 + i).is_none()), "a scanner's next thousand are only counted");
+        assert_eq!(log.due_at(59_999), None, "not before a minute has passed");
+        assert_eq!(log.due_at(60_001), Some(1002), "then one line with the count since the last");
+        assert_eq!(log.due_at(60_002), None);
+    }
 }

@@ -387,6 +387,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let debug_access = crate::admin::DebugAccess {
         loopback: admin_listener.local_addr()?.ip().is_loopback(),
         token: crate::limits::BearerAuth::new(args.admin_token.as_deref()),
+        refusals: crate::admin::RefusalLog::default(),
     };
     tracing::info!(debug = debug_access.describe(), "admin: /debug/*");
     let mut admin = Admin::new(Arc::clone(&store), Arc::clone(&metrics))

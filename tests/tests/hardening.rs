@@ -334,7 +334,7 @@ async fn debug_needs_the_admin_token_off_loopback() {
     assert_eq!(allowed.status, StatusCode::OK);
     assert_eq!(allowed.json()[MODEL]["pods"][0]["pod"], "default/hard-0", "{}", allowed.text());
     let log = std::fs::read_to_string(&gw.log_file).unwrap_or_default();
-    assert!(log.contains("refused a /debug request"), "refusals are logged");
+    assert!(log.contains("refused /debug requests"), "refusals are logged");
 }
 
 /// A scripted engine: answers each request on `listener` with the bytes

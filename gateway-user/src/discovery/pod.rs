@@ -217,7 +217,10 @@ impl PodInfo {
         let meta = &pod.metadata;
         let labels = meta.labels.clone().unwrap_or_default();
         let ray_worker = labels.get(RAY_NODE_TYPE_LABEL).is_some_and(|t| t.trim() == "worker");
-        let later_group = labels.get(POD_GROUP_INDEX_LABEL).is_some_and(|i| i.trim() != "0");
+        // An index, read as a number (`"00"` is group 0).
+        let later_group = labels
+            .get(POD_GROUP_INDEX_LABEL)
+            .is_some_and(|i| i.trim().parse::<u64>().map_or(i.trim() != "0", |index| index != 0));
         if ray_worker || later_group {
             return Ok(None);
         }
@@ -342,20 +345,38 @@ fn data_parallel_size(pod: &Pod, name: &str) -> u16 {
     match value.map(|v| (v, v.trim().parse::<u16>())) {
         None => 1,
         Some((value, Ok(size))) if size > MAX_DATA_PARALLEL => {
-            tracing::warn!(
-                pod = name,
-                value,
-                max = MAX_DATA_PARALLEL,
-                "data-parallel-size is too large; routing to one port"
-            );
+            if first_warning(format!("{name}\0{DATA_PARALLEL_ENV}\0{value}")) {
+                tracing::warn!(
+                    pod = name,
+                    value,
+                    max = MAX_DATA_PARALLEL,
+                    "data-parallel-size is too large; routing to one port"
+                );
+            }
             1
         }
         Some((_, Ok(size))) => size.max(1),
         Some((value, Err(_))) => {
-            tracing::warn!(pod = name, value, "data-parallel-size is not a number; routing to one port");
+            if first_warning(format!("{name}\0{DATA_PARALLEL_ENV}\0{value}")) {
+                tracing::warn!(pod = name, value, "data-parallel-size is not a number; routing to one port");
+            }
             1
         }
     }
+}
+
+/// Whether a warning about `what` (a pod's setting and its value) is new:
+/// pods are read again on every reload and watch event, and a bad label
+/// would otherwise be warned about each time. Remembers a bounded number.
+fn first_warning(what: String) -> bool {
+    const REMEMBERED: usize = 4096;
+    static WARNED: std::sync::Mutex<Option<std::collections::HashSet<String>>> = std::sync::Mutex::new(None);
+    let mut warned = WARNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let warned = warned.get_or_insert_with(Default::default);
+    if warned.len() >= REMEMBERED {
+        warned.clear();
+    }
+    warned.insert(what)
 }
 
 /// The path prefixes of a custom-paths annotation, as AIBrix's model router
@@ -368,7 +389,9 @@ pub fn custom_paths(value: &str) -> Vec<String> {
             continue;
         }
         if !path.starts_with('/') {
-            tracing::warn!(path = ?path, "custom path does not start with '/'; ignoring it");
+            if first_warning(format!("{CUSTOM_PATHS_ANNOTATION}\0{path}")) {
+                tracing::warn!(path = ?path, "custom path does not start with '/'; ignoring it");
+            }
             continue;
         }
         paths.push(path);
@@ -394,7 +417,9 @@ fn port_label(labels: &BTreeMap<String, String>, label: &'static str, pod: &str,
         None => default,
         Some((_, Ok(port))) if port > 0 => port,
         Some((value, _)) => {
-            tracing::warn!(pod, label, value = %value, port = default, "port label is not a port number; using the default");
+            if first_warning(format!("{pod}\0{label}\0{value}")) {
+                tracing::warn!(pod, label, value = %value, port = default, "port label is not a port number; using the default");
+            }
             default
         }
     }
@@ -437,6 +462,25 @@ mod tests {
             let ranks = dp(single).ranks();
             assert_eq!((ranks.len(), ranks[0].key.as_str()), (1, "ns/p0"), "{single}");
         }
+    }
+
+    #[test]
+    fn a_pod_group_index_is_a_number() {
+        for (index, served) in [("0", true), ("00", true), (" 0 ", true), ("1", false), ("01", false), ("x", false)] {
+            let yaml = READY.replace(
+                "role-name: prefill",
+                &format!("role-name: prefill, stormservice.orchestration.aibrix.ai/pod-group-index: '{index}'"),
+            );
+            assert_eq!(PodInfo::from_pod(&pod(&yaml)).expect("valid").is_some(), served, "index {index:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_setting_is_warned_about_once() {
+        let what = || "p9\0model.aibrix.ai/port\0eighty".to_owned();
+        assert!(first_warning(what()));
+        assert!(!first_warning(what()), "the same pod, setting and value: said already");
+        assert!(first_warning("p9\0model.aibrix.ai/port\0ninety".to_owned()), "a new value is news");
     }
 
     #[test]
