@@ -16,8 +16,8 @@
 //!
 //! Each address is `host:port` (a bare host means port 8000). Host names
 //! are resolved when the file is read and again every
-//! [`RESOLVE_EVERY`]; an address that does not resolve is listed but not
-//! ready. Pods are named as AIBrix names them (`<model>-<host>-<index>` in
+//! [`RESOLVE_EVERY`]; a host that stops resolving keeps its last good
+//! address, and one that never resolved is listed but not ready. Pods are named as AIBrix names them (`<model>-<host>-<index>` in
 //! namespace `standalone`) and carry AIBrix's labels, so profiles, PD
 //! rolesets and every strategy work as with Kubernetes. The file is
 //! re-read when it changes, like a pods file.
@@ -228,23 +228,59 @@ fn sanitize(model: &str) -> String {
     cut.trim_end_matches('-').to_owned()
 }
 
+/// What the last resolutions found: each `host:port`'s last good address,
+/// and the hosts failing now (warned about once, until they resolve again).
+#[derive(Debug, Default)]
+pub struct Resolutions {
+    last_good: BTreeMap<(String, u16), SocketAddr>,
+    failing: std::collections::BTreeSet<(String, u16)>,
+}
+
 /// Resolves every endpoint (blocking: run off the runtime's workers) and
-/// makes the pods; an unresolvable host is logged and its pod not ready.
-pub fn resolve(endpoints: &[Endpoint]) -> Vec<PodInfo> {
-    endpoints
+/// makes the pods. A host that stops resolving keeps its last good address
+/// (a DNS hiccup is not an outage); one that never resolved is listed, not
+/// ready. Each host's failure is warned about when it starts, and its
+/// recovery logged. Of a host's addresses an IPv4 one is preferred: vLLM
+/// listens on `0.0.0.0` by default, and `localhost` may list `::1` first.
+pub fn resolve(endpoints: &[Endpoint], seen: &mut Resolutions) -> Vec<PodInfo> {
+    let mut used = std::collections::BTreeSet::new();
+    let pods = endpoints
         .iter()
         .map(|endpoint| {
+            let host = (endpoint.host.clone(), endpoint.port);
+            used.insert(host.clone());
             let resolved = match (endpoint.host.as_str(), endpoint.port).to_socket_addrs() {
-                Ok(mut addrs) => addrs.next(),
+                Ok(addrs) => {
+                    let addrs: Vec<SocketAddr> = addrs.collect();
+                    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied()
+                }
                 Err(err) => {
-                    tracing::warn!(model = %endpoint.model, host = %endpoint.host, error = %err,
-                        "endpoint host does not resolve; listed, not ready");
+                    if seen.failing.insert(host.clone()) {
+                        let kept = seen.last_good.get(&host).map(ToString::to_string);
+                        tracing::warn!(model = %endpoint.model, host = %endpoint.host, error = %err,
+                            kept_address = kept.as_deref().unwrap_or("none: not ready"),
+                            "endpoint host does not resolve");
+                    }
                     None
                 }
             };
-            to_pod(endpoint, resolved)
+            let addr = match resolved {
+                Some(addr) => {
+                    if seen.failing.remove(&host) {
+                        tracing::info!(host = %endpoint.host, address = %addr, "endpoint host resolves again");
+                    }
+                    seen.last_good.insert(host, addr);
+                    Some(addr)
+                }
+                None => seen.last_good.get(&host).copied(),
+            };
+            to_pod(endpoint, addr)
         })
-        .collect()
+        .collect();
+    // Hosts no longer in the file are forgotten.
+    seen.last_good.retain(|host, _| used.contains(host));
+    seen.failing.retain(|host| used.contains(host));
+    pods
 }
 
 /// Reads, resolves and loads the file once into the store.
@@ -253,7 +289,8 @@ pub async fn load_once(path: &Path, store: &PodStore) -> Result<usize, Endpoints
         .await
         .map_err(|source| EndpointsFileError::Read { path: path.to_owned(), source })?;
     let endpoints = parse(&text)?;
-    let pods = tokio::task::spawn_blocking(move || resolve(&endpoints)).await.unwrap_or_default();
+    let pods =
+        tokio::task::spawn_blocking(move || resolve(&endpoints, &mut Resolutions::default())).await.unwrap_or_default();
     let count = pods.len();
     store.replace_all(pods);
     Ok(count)
@@ -263,13 +300,18 @@ pub async fn load_once(path: &Path, store: &PodStore) -> Result<usize, Endpoints
 /// until shutdown. An unreadable or invalid file leaves the last good
 /// state in place; the reason is logged once per distinct content.
 pub async fn watch(path: PathBuf, store: Arc<PodStore>, poll: Duration, shutdown: CancellationToken) {
+    let seen = Arc::new(std::sync::Mutex::new(Resolutions::default()));
     super::follow_file(&path, poll, Some(RESOLVE_EVERY), &shutdown, |current, changed| {
         let parsed = current.map(|text| parse(&text).map_err(|e| e.to_string()));
-        let (path, store) = (path.clone(), Arc::clone(&store));
+        let (path, store, seen) = (path.clone(), Arc::clone(&store), Arc::clone(&seen));
         async move {
             match parsed {
                 Ok(Ok(endpoints)) => {
-                    let pods = tokio::task::spawn_blocking(move || resolve(&endpoints)).await.unwrap_or_default();
+                    let resolve = move || {
+                        let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        resolve(&endpoints, &mut seen)
+                    };
+                    let pods = tokio::task::spawn_blocking(resolve).await.unwrap_or_default();
                     let (total, ready) = (pods.len(), pods.iter().filter(|p| p.ready).count());
                     store.replace_all(pods);
                     if changed {
@@ -309,7 +351,7 @@ models:
     #[test]
     fn aibrix_standalone_files_become_pods_as_aibrix_names_them() {
         let endpoints = parse(FILE).expect("valid");
-        let pods = resolve(&endpoints);
+        let pods = resolve(&endpoints, &mut Resolutions::default());
         let names: Vec<&str> = pods.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(
             names,
@@ -350,6 +392,25 @@ models:
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_host_that_stops_resolving_keeps_its_last_good_address() {
+        let endpoints =
+            parse("models: [{name: m, workers: ['localhost:8001', 'no-such-host.invalid:8002']}]").expect("valid");
+        let mut seen = Resolutions::default();
+        let pods = resolve(&endpoints, &mut seen);
+        assert_eq!(pods[0].addr_text, "127.0.0.1:8001", "IPv4 first, as vLLM listens");
+        assert!(!pods[1].ready, "never resolved: listed, not ready");
+        // The name stops resolving (here: its good address is known, the name is not).
+        let good = pods[0].addr.expect("resolved");
+        seen.last_good.insert(("no-such-host.invalid".to_owned(), 8002), good);
+        let again = resolve(&endpoints, &mut seen);
+        assert_eq!((again[1].ready, again[1].addr), (true, Some(good)), "the last good address stays");
+        assert!(seen.failing.contains(&("no-such-host.invalid".to_owned(), 8002)));
+        // Gone from the file: forgotten.
+        resolve(&endpoints[..1], &mut seen);
+        assert!(seen.last_good.len() == 1 && seen.failing.is_empty(), "{seen:?}");
     }
 
     #[test]
