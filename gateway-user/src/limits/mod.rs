@@ -678,21 +678,29 @@ mod tests {
         LimitRequest { model, profile: "default", rps_cap, user, stream_usage: StreamUsage::Reported }
     }
 
-    /// Runs `body` until one run stays within one wall-clock second, so the
-    /// in-process 1-second window does not roll over mid-test.
-    async fn within_one_second<F, Fut>(mut body: F)
+    /// Runs `body` until one run stays within one wall-clock window of
+    /// `window_ms`, so an in-process limit window does not roll over mid-test.
+    async fn within_one_window<F, Fut>(window_ms: u64, mut body: F)
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = ()>,
     {
         for _ in 0..3 {
-            let second = unix_now_ms() / 1000;
+            let window = unix_now_ms() / window_ms;
             body().await;
-            if unix_now_ms() / 1000 == second {
+            if unix_now_ms() / window_ms == window {
                 return;
             }
         }
-        panic!("three runs each crossed a second boundary");
+        panic!("three runs each crossed a {window_ms} ms window boundary");
+    }
+
+    async fn within_one_second<F, Fut>(body: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        within_one_window(1000, body).await;
     }
 
     #[tokio::test]
@@ -793,21 +801,12 @@ mod tests {
         assert!(metrics.render().contains(r#"limit="rps",decision="store_error_denied"} 1"#));
     }
 
-    /// Runs `body` until one run stays within one wall-clock minute, so the
-    /// in-process minute window does not roll over mid-test.
-    async fn within_one_minute<F, Fut>(mut body: F)
+    async fn within_one_minute<F, Fut>(body: F)
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = ()>,
     {
-        for _ in 0..3 {
-            let minute = unix_now_ms() / 60_000;
-            body().await;
-            if unix_now_ms() / 60_000 == minute {
-                return;
-            }
-        }
-        panic!("three runs each crossed a minute boundary");
+        within_one_window(60_000, body).await;
     }
 
     fn aibrix_limits(users: Vec<UserRecord>) -> Limits {

@@ -120,8 +120,7 @@ pub async fn read_head(
         rest: Arc::new(Mutex::new(Rest::Waiting(body))),
         state: Arc::default(),
         length,
-        idle: timeout,
-        discard_within: timeout,
+        read_timeout: timeout,
     };
     Ok(FormHead { model, stream: fields.stream, upload })
 }
@@ -231,9 +230,9 @@ pub struct Upload {
     state: Arc<UploadState>,
     /// The client's `Content-Length`, kept for the pod.
     length: Option<u64>,
-    /// Longest wait for the client's next bytes once the rest streams.
-    idle: Duration,
-    discard_within: Duration,
+    /// `--body-read-timeout-seconds`: the longest wait for the client's next
+    /// bytes once the rest streams, and for draining an upload no pod took.
+    read_timeout: Duration,
 }
 
 impl std::fmt::Debug for Upload {
@@ -262,7 +261,7 @@ impl Upload {
             shared: Arc::clone(&self.rest),
             state: Arc::clone(&self.state),
             length: self.length,
-            idle: self.idle,
+            idle: self.read_timeout,
             timer: None,
         }
     }
@@ -327,7 +326,7 @@ impl Drop for Upload {
         if let Rest::Waiting(body) = rest
             && tokio::runtime::Handle::try_current().is_ok()
         {
-            super::discard_rest(body, self.discard_within);
+            super::discard_rest(body, self.read_timeout);
         }
     }
 }
