@@ -31,6 +31,7 @@ fn pod(i: usize) -> Arc<PodInfo> {
         role: Role::Combined,
         labels: BTreeMap::new(),
         config_annotation: None,
+        pd: Default::default(),
         custom_paths: Vec::new(),
         data_parallel: 1,
         ready: true,

@@ -9,6 +9,9 @@ macro_rules! same_fields {
     ($args:expr => $config:ident { $($field:ident),+ $(,)? }) => {
         $config { $($field: $args.$field),+ }
     };
+    ($args:expr => $config:ident { $($field:ident),+ ; $($own:ident),+ $(,)? }) => {
+        $config { $($field: $args.$field,)+ $($own),+ }
+    };
 }
 
 mod flags;
@@ -238,6 +241,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections_per_pod: upstream_settings.max_connections_per_pod,
         upstream_timeout: upstream_settings.response_timeout,
         prefill_timeout: Duration::from_secs(args.routing.prefill_request_timeout_seconds.max(1)),
+        trt_machine_id: args.routing.trt_machine_id,
+        count_prompt_tokens: args.routing.prompt_length_bucketing,
     };
     // Kernel assist first: the upstream connector and the proxy tag sockets through it.
     let kernel = crate::kernel::KernelAssist::start(

@@ -247,6 +247,14 @@ impl GatewayError {
         }
     }
 
+    /// What the log says beyond the client's message: why routing failed.
+    pub fn logged_reason(&self) -> Option<&str> {
+        match self {
+            Self::RoutingFailed { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
     /// OpenAI `code` field.
     fn code(&self) -> Option<&'static str> {
         match self {

@@ -130,12 +130,13 @@ pub fn engine_metrics_page(data: &[u8]) {
             time_per_output_token,
             e2e_latency,
             queue_time,
+            prefill_time,
             prompt_tokens,
             generation_tokens,
             prefix_cache_queries,
             prefix_cache_hits,
         } = scraped;
-        let histograms = [time_to_first_token, time_per_output_token, e2e_latency, queue_time];
+        let histograms = [time_to_first_token, time_per_output_token, e2e_latency, queue_time, prefill_time];
         let values = [running, waiting, kv_cache_usage, gpu_cache_usage, prompt_tokens, generation_tokens]
             .into_iter()
             .chain([prefix_cache_queries, prefix_cache_hits])

@@ -118,6 +118,115 @@ impl ProfileRouting {
     }
 }
 
+/// A profile's `pd` settings, read from its `routingConfig` as AIBrix reads
+/// them: a value of the wrong type voids them all (AIBrix's decode into a
+/// typed struct fails as a whole).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PdProfile {
+    /// `promptLenBucketMinLength`..`promptLenBucketMaxLength`: the prompt
+    /// lengths (tokens) a PD pod takes when bucketing is on.
+    pub bucket: PromptBucket,
+    /// `combined`: a pod serving whole requests, the fallback when no
+    /// bucket matches.
+    pub combined: bool,
+    /// `prefillScorePolicy`, when set.
+    pub prefill_score_policy: Option<String>,
+    /// `decodeScorePolicy`, when set.
+    pub decode_score_policy: Option<String>,
+}
+
+/// An inclusive range of prompt lengths in tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptBucket {
+    pub min: i64,
+    pub max: i64,
+}
+
+/// AIBrix's "no maximum" (`math.MaxInt32`), also what a maximum of 0 means.
+const NO_MAX_LENGTH: i64 = i32::MAX as i64;
+
+impl Default for PromptBucket {
+    fn default() -> Self {
+        Self { min: 0, max: NO_MAX_LENGTH }
+    }
+}
+
+impl PromptBucket {
+    /// Whether a prompt of `tokens` falls in the range: a minimum above the
+    /// maximum takes nothing, the default range everything.
+    pub fn fits(&self, tokens: i64) -> bool {
+        if self.min > self.max {
+            return false;
+        }
+        (self.min == 0 && self.max == NO_MAX_LENGTH) || (self.min..=self.max).contains(&tokens)
+    }
+}
+
+impl ProfileRouting {
+    /// The profile's `pd` settings.
+    pub fn pd(&self) -> PdProfile {
+        self.try_pd().unwrap_or_default()
+    }
+
+    fn try_pd(&self) -> Option<PdProfile> {
+        let int = |key: &str| match self.extra.get(key) {
+            None | Some(serde_json::Value::Null) => Some(None),
+            Some(value) => value.as_i64().map(Some),
+        };
+        let text = |key: &str| match self.extra.get(key) {
+            None | Some(serde_json::Value::Null) => Some(None),
+            Some(serde_json::Value::String(s)) => Some(Some(s.trim().to_owned()).filter(|s| !s.is_empty())),
+            Some(_) => None,
+        };
+        let combined = match self.extra.get("combined") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(value) => value.as_bool()?,
+        };
+        let min = int("promptLenBucketMinLength")?.unwrap_or(0).max(0);
+        let max = match int("promptLenBucketMaxLength")?.unwrap_or(0) {
+            0 => NO_MAX_LENGTH,
+            max => max,
+        };
+        Some(PdProfile {
+            bucket: PromptBucket { min, max },
+            combined,
+            prefill_score_policy: text("prefillScorePolicy")?,
+            decode_score_policy: text("decodeScorePolicy")?,
+        })
+    }
+}
+
+/// A pod's own `pd` settings per profile of its `model.aibrix.ai/config`
+/// annotation: AIBrix buckets each PD pod by its own annotation, resolved
+/// for the request's profile.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodPdProfiles {
+    default_profile: String,
+    profiles: BTreeMap<String, PdProfile>,
+}
+
+impl PodPdProfiles {
+    /// The settings of every profile in `config`.
+    pub fn of(config: &ModelConfig) -> Self {
+        Self {
+            default_profile: config.default_profile_name().to_owned(),
+            profiles: config
+                .profiles
+                .iter()
+                .map(|(name, profile)| {
+                    (name.clone(), profile.routing_config.as_ref().map(ProfileRouting::pd).unwrap_or_default())
+                })
+                .collect(),
+        }
+    }
+
+    /// The settings of `profile`, else of the pod's default profile (as
+    /// AIBrix resolves a pod's profile); `None` when neither exists.
+    pub fn get(&self, profile: &str) -> Option<&PdProfile> {
+        self.profiles.get(profile).or_else(|| self.profiles.get(&self.default_profile))
+    }
+}
+
 /// Name of the profile used when nothing else names one.
 pub const DEFAULT_PROFILE: &str = "default";
 /// `config-profile` value that selects a profile from the request's shape.

@@ -1,6 +1,6 @@
 //! Dependencies between the top-level modules point one way (README,
 //! "Architecture"): the proxy calls profiles, limits, routing, kernel and
-//! metrics; routing reads the pod store, which discovery feeds and which
+//! metrics; routing reads the pod store (and the request's profile), which discovery feeds and which
 //! asks profiles to parse annotations; the kernel side is called and never
 //! calls back; metrics, logfmt (log text, error chains), tokens and plan use no
 //! other module, and
@@ -64,7 +64,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "tokens",
         ],
     ),
-    ("routing", &["discovery", "engine_metrics", "metrics", "redis_link", "tokens"]),
+    ("routing", &["discovery", "engine_metrics", "metrics", "profiles", "redis_link", "tokens"]),
     ("tokens", &[]),
 ];
 

@@ -41,6 +41,12 @@ struct Client {
 
 impl Engine {
     async fn start(args: &[&str]) -> Result<Self> {
+        Ok(Self::start_announcing(args, &[]).await?.0)
+    }
+
+    /// Starts an engine and reads its address, then one address per `more` banner prefix
+    /// (e.g. an SGLang prefill's bootstrap server).
+    async fn start_announcing(args: &[&str], more: &[&str]) -> Result<(Self, Vec<SocketAddr>)> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mock-engine"))
             .args(["--listen", "127.0.0.1:0", "--name", "pod-a"])
             .args(args)
@@ -48,17 +54,20 @@ impl Engine {
             .kill_on_drop(true)
             .spawn()
             .context("spawning mock-engine")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut line = String::new();
-        timeout(STEP, BufReader::new(stdout).read_line(&mut line))
-            .await
-            .context("mock-engine did not announce its address")??;
-        let addr = line
-            .trim()
-            .strip_prefix("mock-engine listening on ")
-            .with_context(|| format!("unexpected first line {line:?}"))?
-            .parse()?;
-        Ok(Self { client: Client { addr }, _child: child })
+        let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
+        let mut addrs = Vec::new();
+        for prefix in std::iter::once("mock-engine listening on ").chain(more.iter().copied()) {
+            let mut line = String::new();
+            timeout(STEP, stdout.read_line(&mut line)).await.context("mock-engine did not announce its address")??;
+            let addr = line
+                .trim()
+                .strip_prefix(prefix)
+                .with_context(|| format!("unexpected line {line:?}, wanted {prefix:?}"))?
+                .parse()?;
+            addrs.push(addr);
+        }
+        let addr = addrs.remove(0);
+        Ok((Self { client: Client { addr }, _child: child }, addrs))
     }
 }
 
@@ -343,5 +352,124 @@ async fn serves_models_health_and_other_endpoints() -> Result<()> {
 
     let (status, _, _) = engine.call(Method::GET, "/nowhere", None).await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    Ok(())
+}
+
+#[tokio::test]
+async fn sglang_decode_waits_for_its_prefill_on_the_bootstrap_server() -> Result<()> {
+    let (prefill, bootstrap) = Engine::start_announcing(
+        &["--role", "prefill", "--engine-kind", "sglang", "--bootstrap-port", "0"],
+        &["mock-engine bootstrap listening on "],
+    )
+    .await?;
+    let bootstrap = bootstrap[0];
+    assert_eq!(bootstrap.ip(), prefill.addr.ip());
+    assert_ne!(bootstrap.port(), prefill.addr.port());
+    let decode =
+        Engine::start(&["--role", "decode", "--engine-kind", "sglang", "--bootstrap-timeout-ms", "400"]).await?;
+    let (_, stats) = prefill.json(Method::GET, "/mock/stats", None).await?;
+    assert_eq!(stats["pd"]["bootstrap_port"], bootstrap.port());
+
+    let room = 9_007_199_254_740_993_u64;
+    let fields = json!({"bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap.port(), "bootstrap_room": room});
+    let mut decode_body = chat(3, true);
+    decode_body.as_object_mut().context("object")?.extend(fields.as_object().cloned().context("object")?);
+    let mut prefill_body = decode_body.clone();
+    prefill_body["max_tokens"] = json!(1);
+    prefill_body["stream"] = json!(false);
+    prefill_body.as_object_mut().context("object")?.remove("stream_options");
+
+    // The gateway sends both halves at once; here the decode even comes first.
+    let (prefill_client, decode_client) = (prefill.client, decode.client);
+    let decoded = tokio::spawn({
+        let body = decode_body.clone();
+        async move { decode_client.call(Method::POST, "/v1/chat/completions", Some(body)).await }
+    });
+    sleep(Duration::from_millis(50)).await;
+    let (status, answer) = prefill_client.json(Method::POST, "/v1/chat/completions", Some(prefill_body)).await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 1);
+    let (status, headers, body) = timeout(STEP, decoded).await???;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers["content-type"], "text/event-stream");
+    let (_, stats) = decode.json(Method::GET, "/mock/stats", None).await?;
+    assert_eq!(stats["pd"]["engine"], "sglang");
+    assert_eq!(stats["pd"]["transfers"][0]["bootstrap_room"], room.to_string());
+    assert_eq!(stats["pd"]["transfers"][0]["stream"], true);
+
+    // A room no prefill filled: 504 once the wait is over.
+    decode_body["bootstrap_room"] = json!(room + 1);
+    let (status, error) = decode.json(Method::POST, "/v1/chat/completions", Some(decode_body)).await?;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        error["error"]["message"],
+        format!("decode pod: bootstrap room {} was never prefilled within 400 ms", room + 1)
+    );
+    let (_, stats) = decode.json(Method::GET, "/mock/stats", None).await?;
+    assert_eq!((stats["pd"]["accepted"].as_u64(), stats["pd"]["rejected"].as_u64()), (Some(1), Some(1)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn trtllm_and_nixl_prefill_answers_carry_what_the_decode_needs() -> Result<()> {
+    // TensorRT-LLM: the prefill answers with the prompt's token ids and the parameters the
+    // decode needs; the decode takes them back, the ids as a completion's prompt.
+    let prefill = Engine::start(&["--role", "prefill", "--engine-kind", "trtllm"]).await?;
+    let decode = Engine::start(&["--role", "decode", "--engine-kind", "trtllm"]).await?;
+    let disagg_id = (1_u64 << 60) + 1;
+    let client = json!({"model": "mock-model", "prompt": "one two three", "max_tokens": 4});
+    let mut prefill_body = client.clone();
+    prefill_body["max_tokens"] = json!(1);
+    prefill_body["disaggregated_params"] = json!({"request_type": "context_only", "disagg_request_id": disagg_id});
+    let (status, answer) = prefill.json(Method::POST, "/v1/completions", Some(prefill_body)).await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["prompt_token_ids"].as_array().map(Vec::len), Some(3));
+    let mut params = answer["choices"][0]["disaggregated_params"].clone();
+    assert_eq!(params["ctx_request_id"].as_u64(), Some(disagg_id));
+    assert_eq!(params["opaque_state"], disagg_id.to_string());
+    params["request_type"] = json!("generation_only");
+    let mut decode_body = client.clone();
+    decode_body["prompt"] = answer["prompt_token_ids"].clone();
+    decode_body["disaggregated_params"] = params;
+    let (status, answer) = decode.json(Method::POST, "/v1/completions", Some(decode_body.clone())).await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["usage"], json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}));
+    decode_body["disaggregated_params"]["ctx_request_id"] = json!(disagg_id as f64);
+    let (status, error) = decode.json(Method::POST, "/v1/completions", Some(decode_body)).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["error"]["param"], "disaggregated_params");
+    let message = error["error"]["message"].as_str().unwrap_or("");
+    assert!(message.starts_with("decode pod: disaggregated_params.ctx_request_id must be an integer"), "{message}");
+
+    // vLLM with NIXL: the decode gets the prefill's whole answer, whose id names the transfer.
+    let prefill = Engine::start(&["--role", "prefill", "--kv-connector", "nixl"]).await?;
+    let decode = Engine::start(&["--role", "decode", "--kv-connector", "nixl"]).await?;
+    let (status, answer) = prefill.json(Method::POST, "/v1/chat/completions", Some(chat(1, false))).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "stream_options without stream: {answer}");
+    let mut prefill_body = chat(1, false);
+    prefill_body.as_object_mut().context("object")?.remove("stream_options");
+    let (status, answer) = prefill.json(Method::POST, "/v1/chat/completions", Some(prefill_body)).await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(answer["id"].as_str().is_some_and(|id| id.starts_with("chatcmpl-pod-a-0-")), "{answer}");
+    let mut decode_body = chat(2, true);
+    decode_body["disagg_prefill_resp"] = answer;
+    let (status, _, body) = decode.call(Method::POST, "/v1/chat/completions", Some(decode_body)).await?;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let (status, error) = decode.json(Method::POST, "/v1/chat/completions", Some(chat(2, true))).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let message = error["error"]["message"].as_str().unwrap_or("");
+    assert!(message.starts_with("decode pod: disagg_prefill_resp missing"), "{message}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_kv_connector_is_for_vllm_only() -> Result<()> {
+    let status = Command::new(env!("CARGO_BIN_EXE_mock-engine"))
+        .args(["--listen", "127.0.0.1:0", "--engine-kind", "sglang", "--kv-connector", "nixl"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    assert!(!timeout(STEP, status).await??.success());
     Ok(())
 }

@@ -17,6 +17,7 @@ use crate::kernel::penalties::{Cidr, PenaltySettings};
 use crate::kernel::{EbpfMode, KernelConfig, PenaltyMode};
 use crate::limits::{LimitsConfig, UserLimits, UserLimitsMode};
 use crate::proxy::defaults as proxy;
+use crate::routing::pd::{DecodePolicy, KvConnector, PdSettings, PrefillPolicy};
 use crate::routing::{PrefixTokenizer, RoutingConfig, VtcTimeUnit};
 
 /// Whole milliseconds of `duration`, for a flag counted in milliseconds.
@@ -586,6 +587,71 @@ pub struct RoutingArgs {
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub prefill_request_timeout_seconds: u64,
 
+    /// pd: send each prompt only to PD pods whose own profile's
+    /// `promptLenBucketMinLength`..`promptLenBucketMaxLength` holds its
+    /// length in cl100k tokens; prompts no complete roleset fits go to a
+    /// `combined` pod (README "Prefill/decode").
+    #[arg(long, env = "AIBRIX_PROMPT_LENGTH_BUCKETING", action = clap::ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true",
+          default_value_t = PdSettings::default().prompt_length_bucketing)]
+    pub prompt_length_bucketing: bool,
+
+    /// pd: how prefill pods are scored (a profile's `prefillScorePolicy` overrides it).
+    #[arg(long, env = "AIBRIX_PREFILL_SCORE_POLICY", value_enum,
+          default_value_t = PdSettings::default().prefill_score_policy)]
+    pub prefill_score_policy: PrefillPolicy,
+
+    /// pd: how decode pods are scored (a profile's `decodeScorePolicy` overrides it).
+    #[arg(long, env = "AIBRIX_DECODE_SCORE_POLICY", value_enum,
+          default_value_t = PdSettings::default().decode_score_policy)]
+    pub decode_score_policy: DecodePolicy,
+
+    /// pd: when prefills in flight on the busiest and the idlest prefill pod
+    /// differ by more than this, the idlest takes the request.
+    #[arg(long, env = "AIBRIX_PREFILL_LOAD_IMBALANCE_MIN_SPREAD",
+          default_value_t = PdSettings::default().prefill_imbalance_min_spread)]
+    pub prefill_load_imbalance_min_spread: u32,
+
+    /// pd: when requests on the busiest and the idlest decode pod differ by
+    /// at least this, the idlest takes the request.
+    #[arg(long, env = "AIBRIX_DECODE_LOAD_IMBALANCE_MIN_SPREAD",
+          default_value_t = PdSettings::default().decode_imbalance_min_spread)]
+    pub decode_load_imbalance_min_spread: f64,
+
+    /// pd: when decode pods' generation throughput (tokens/s) differs by more
+    /// than this, the slowest takes the request.
+    #[arg(long, env = "AIBRIX_DECODE_THROUGHPUT_IMBALANCE_MIN_SPREAD",
+          default_value_t = PdSettings::default().decode_throughput_imbalance_min_spread)]
+    pub decode_throughput_imbalance_min_spread: f64,
+
+    /// pd: when the longest time to drain a decode pod's requests is more
+    /// than this many times the shortest, the shortest takes the request.
+    #[arg(long, env = "AIBRIX_DECODE_SCORE_RATIO_THRESHOLD",
+          default_value_t = PdSettings::default().decode_score_ratio_threshold)]
+    pub decode_score_ratio_threshold: f64,
+
+    /// pd, `load_balancing`: weight of a decode pod's share of running requests.
+    #[arg(long, env = "AIBRIX_DECODE_LB_WEIGHT_RUNNING",
+          default_value_t = PdSettings::default().decode_lb_weight_running)]
+    pub decode_lb_weight_running: f64,
+
+    /// pd, `load_balancing`: weight of a decode pod's unused generation throughput.
+    #[arg(long, env = "AIBRIX_DECODE_LB_WEIGHT_THROUGHPUT",
+          default_value_t = PdSettings::default().decode_lb_weight_throughput)]
+    pub decode_lb_weight_throughput: f64,
+
+    /// pd, vLLM: the KV connector of prefill pods without the
+    /// `model.aibrix.ai/kv-connector-type` label.
+    #[arg(long, env = "AIBRIX_KV_CONNECTOR_TYPE", value_enum, default_value_t = PdSettings::default().kv_connector)]
+    pub kv_connector_type: KvConnector,
+
+    /// pd, TensorRT-LLM: this replica's 10-bit machine id in the
+    /// `disagg_request_id`s it makes (give each replica its own to keep ids
+    /// unique across the fleet).
+    #[arg(long, env = "AIBRIX_TRT_MACHINE_ID", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..1024))]
+    pub trt_machine_id: u16,
+
     /// With a Redis configured (`--redis-url`), replicas share what they
     /// route by: prefix-cache's index and vtc-basic's token counts (on a
     /// stream, read back by a replica that starts) and each pod's requests
@@ -597,7 +663,19 @@ pub struct RoutingArgs {
 
 impl From<&RoutingArgs> for RoutingConfig {
     fn from(args: &RoutingArgs) -> Self {
-        // `prefill_request_timeout_seconds` is the proxy's (see `serve`).
+        // `prefill_request_timeout_seconds` and `trt_machine_id` are the proxy's (see `serve`).
+        let pd = PdSettings {
+            prompt_length_bucketing: args.prompt_length_bucketing,
+            prefill_score_policy: args.prefill_score_policy,
+            decode_score_policy: args.decode_score_policy,
+            prefill_imbalance_min_spread: args.prefill_load_imbalance_min_spread,
+            decode_imbalance_min_spread: args.decode_load_imbalance_min_spread,
+            decode_throughput_imbalance_min_spread: args.decode_throughput_imbalance_min_spread,
+            decode_score_ratio_threshold: args.decode_score_ratio_threshold,
+            decode_lb_weight_running: args.decode_lb_weight_running,
+            decode_lb_weight_throughput: args.decode_lb_weight_throughput,
+            kv_connector: args.kv_connector_type,
+        };
         same_fields!(args => RoutingConfig {
             prefix_cache_block_size,
             prefix_cache_block_number,
@@ -613,7 +691,8 @@ impl From<&RoutingArgs> for RoutingConfig {
             vtc_utilization_weight,
             vtc_max_pod_load,
             vtc_input_token_weight,
-            vtc_output_token_weight,
+            vtc_output_token_weight;
+            pd,
         })
     }
 }
@@ -681,6 +760,57 @@ impl ValueEnum for PrefixTokenizer {
         Some(match self {
             Self::Character => PossibleValue::new("character").help("The prompt's UTF-8 bytes (AIBrix's default)"),
             Self::Tiktoken => PossibleValue::new("tiktoken").help("cl100k tokens, four big-endian bytes each"),
+        })
+    }
+}
+
+impl ValueEnum for PrefillPolicy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::PrefixCache, Self::LeastRequest, Self::Conductor]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let value = PossibleValue::new(self.name());
+        Some(match self {
+            Self::PrefixCache => {
+                value.help("(100 − prefix match %) × 0.1 + prefills / most prefills (AIBrix's default)")
+            }
+            Self::LeastRequest => value.help("Prefills in flight"),
+            Self::Conductor => value.help("Estimated time to first token: queued prefills, cached prefix, the rest"),
+        })
+    }
+}
+
+impl ValueEnum for DecodePolicy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::LoadBalancing, Self::LeastRequest, Self::Conductor]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let value = PossibleValue::new(self.name());
+        Some(match self {
+            Self::LoadBalancing => {
+                value.help("(running share + unused throughput share) / free KV cache share (AIBrix's default)")
+            }
+            Self::LeastRequest => value.help("Requests running"),
+            Self::Conductor => value.help("Estimated time between tokens once the request joins"),
+        })
+    }
+}
+
+impl ValueEnum for KvConnector {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Shfs, Self::Nixl, Self::Mooncake]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let value = PossibleValue::new(self.name());
+        Some(match self {
+            Self::Shfs => {
+                value.help("kv_transfer_params from the prefill answer into the decode body (AIBrix's default)")
+            }
+            Self::Nixl => value.help("The whole prefill answer into the decode body as disagg_prefill_resp"),
+            Self::Mooncake => value.help("Nothing passed between the two requests"),
         })
     }
 }

@@ -212,6 +212,7 @@ pub fn to_pod(endpoint: &Endpoint, resolved: Option<SocketAddr>) -> PodInfo {
         role,
         labels,
         config_annotation: None,
+        pd: Default::default(),
         custom_paths: Vec::new(),
         data_parallel: 1,
         ready: resolved.is_some(),

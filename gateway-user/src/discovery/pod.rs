@@ -31,6 +31,14 @@ pub const CUSTOM_PATHS_ANNOTATION: &str = "model.aibrix.ai/model-router-custom-p
 pub const ROLESET_LABEL: &str = "roleset-name";
 /// PD: `prefill` or `decode`.
 pub const ROLE_LABEL: &str = "role-name";
+/// PD: the replica of its role a pod belongs to (a replica may span pods).
+pub const ROLE_REPLICA_INDEX_LABEL: &str = "stormservice.orchestration.aibrix.ai/role-replica-index";
+/// PD, vLLM: the KV connector (`shfs`, `nixl`, `mooncake`).
+pub const KV_CONNECTOR_LABEL: &str = "model.aibrix.ai/kv-connector-type";
+/// PD, SGLang: the port of the prefill pod's bootstrap server.
+pub const SGLANG_BOOTSTRAP_PORT_ANNOTATION: &str = "model.aibrix.ai/sglang-bootstrap-port";
+/// SGLang's default bootstrap port.
+pub const DEFAULT_SGLANG_BOOTSTRAP_PORT: u16 = 8998;
 
 /// Ray: `worker` pods of a Ray cluster do not serve HTTP (only the head does).
 pub const RAY_NODE_TYPE_LABEL: &str = "ray.io/node-type";
@@ -170,6 +178,18 @@ pub enum Role {
     Combined,
 }
 
+/// What prefill/decode routing reads of a pod besides its role.
+#[derive(Clone, Debug, Default)]
+pub struct PodPd {
+    /// `model.aibrix.ai/kv-connector-type`, as written.
+    pub kv_connector: Option<String>,
+    /// `model.aibrix.ai/sglang-bootstrap-port`, else SGLang's default.
+    pub bootstrap_port: u16,
+    /// The pod's own `model.aibrix.ai/config` profiles, as `pd` reads them
+    /// (`None`: no annotation, or one that does not parse).
+    pub profiles: Option<Arc<crate::profiles::PodPdProfiles>>,
+}
+
 /// One engine pod, immutable for the lifetime of a pod-store generation.
 /// A clone shares the original's [`PodLoad`].
 #[derive(Clone, Debug)]
@@ -187,6 +207,8 @@ pub struct PodInfo {
     pub engine: String,
     pub roleset: Option<String>,
     pub role: Role,
+    /// Prefill/decode settings.
+    pub pd: PodPd,
     pub labels: BTreeMap<String, String>,
     /// Raw `model.aibrix.ai/config` annotation, parsed by the profiles module.
     pub config_annotation: Option<String>,
@@ -250,6 +272,7 @@ impl PodInfo {
             _ => Role::Combined,
         };
         let data_parallel = data_parallel_size(pod, &name);
+        let pd = pod_pd(&labels, annotations, &name);
         Ok(Some(Self {
             key: format!("{namespace}/{name}"),
             addr_text: addr.map(|a| a.to_string()).unwrap_or_default(),
@@ -259,6 +282,7 @@ impl PodInfo {
             engine: labels.get(ENGINE_LABEL).cloned().unwrap_or_else(|| "vllm".to_owned()),
             roleset: labels.get(ROLESET_LABEL).cloned(),
             role,
+            pd,
             config_annotation: annotations.and_then(|a| a.get(CONFIG_ANNOTATION)).cloned(),
             custom_paths: annotations
                 .and_then(|a| a.get(CUSTOM_PATHS_ANNOTATION))
@@ -377,6 +401,46 @@ fn first_warning(what: String) -> bool {
         warned.clear();
     }
     warned.insert(what)
+}
+
+/// A pod's prefill/decode settings: its KV connector label, its SGLang
+/// bootstrap port and its own config profiles.
+fn pod_pd(labels: &BTreeMap<String, String>, annotations: Option<&BTreeMap<String, String>>, pod: &str) -> PodPd {
+    let bootstrap_port = match annotations.and_then(|a| a.get(SGLANG_BOOTSTRAP_PORT_ANNOTATION)) {
+        None => DEFAULT_SGLANG_BOOTSTRAP_PORT,
+        Some(value) => match value.trim().parse::<u16>() {
+            Ok(port) if port > 0 => port,
+            _ => {
+                if first_warning(format!("{pod}\0{SGLANG_BOOTSTRAP_PORT_ANNOTATION}\0{value}")) {
+                    tracing::warn!(
+                        pod,
+                        annotation = SGLANG_BOOTSTRAP_PORT_ANNOTATION,
+                        value = %value,
+                        port = DEFAULT_SGLANG_BOOTSTRAP_PORT,
+                        "SGLang bootstrap port is not a port number; using the default"
+                    );
+                }
+                DEFAULT_SGLANG_BOOTSTRAP_PORT
+            }
+        },
+    };
+    let profiles = annotations
+        .and_then(|a| a.get(CONFIG_ANNOTATION))
+        .and_then(|raw| crate::profiles::ModelConfig::parse(raw).ok())
+        .map(|config| Arc::new(crate::profiles::PodPdProfiles::of(&config)));
+    let kv_connector = labels.get(KV_CONNECTOR_LABEL).cloned();
+    if let Some(value) = kv_connector.as_deref()
+        && !["shfs", "nixl", "mooncake"].iter().any(|known| value.trim().eq_ignore_ascii_case(known))
+        && first_warning(format!("{pod}\0{KV_CONNECTOR_LABEL}\0{value}"))
+    {
+        tracing::warn!(
+            pod,
+            label = KV_CONNECTOR_LABEL,
+            value,
+            "unknown KV connector (shfs, nixl, mooncake); using --kv-connector-type"
+        );
+    }
+    PodPd { kv_connector, bootstrap_port, profiles }
 }
 
 /// The path prefixes of a custom-paths annotation, as AIBrix's model router

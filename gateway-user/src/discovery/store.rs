@@ -184,6 +184,7 @@ mod tests {
             role: Role::Combined,
             labels: BTreeMap::new(),
             config_annotation: None,
+            pd: Default::default(),
             custom_paths: Vec::new(),
             data_parallel: 1,
             ready,

@@ -92,10 +92,14 @@ pub struct PodMetrics {
     pub e2e_latency: Option<f64>,
     /// Mean queueing time, seconds, over the window (newer engines only).
     pub queue_time: Option<f64>,
+    /// Mean prefill time, seconds, over the window (vLLM only).
+    pub prefill_time: Option<f64>,
     /// Prompt tokens processed per second over the window.
     pub prompt_tokens_per_second: Option<f64>,
     /// Tokens generated per second over the window.
     pub generation_tokens_per_second: Option<f64>,
+    /// Requests finished per second over the window.
+    pub requests_finished_per_second: Option<f64>,
     /// Tokens generated per finished request over the window.
     pub generation_tokens_per_request: Option<f64>,
     /// Share of the window with at least one request running.
@@ -118,8 +122,10 @@ impl PodMetrics {
             time_per_output_token: None,
             e2e_latency: None,
             queue_time: None,
+            prefill_time: None,
             prompt_tokens_per_second: None,
             generation_tokens_per_second: None,
+            requests_finished_per_second: None,
             generation_tokens_per_request: None,
             busy_fraction: None,
             prefix_cache_hit_rate: None,

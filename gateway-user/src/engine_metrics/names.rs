@@ -24,6 +24,8 @@ pub struct EngineNames {
     pub e2e_latency: &'static [&'static str],
     /// Histogram (seconds): time spent waiting for the batch.
     pub queue_time: &'static [&'static str],
+    /// Histogram (seconds): time spent prefilling the prompt.
+    pub prefill_time: &'static [&'static str],
     /// Counter: prompt tokens processed.
     pub prompt_tokens: &'static [&'static str],
     /// Counter: tokens generated.
@@ -43,6 +45,7 @@ const VLLM: EngineNames = EngineNames {
     time_per_output_token: &["vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"],
     e2e_latency: &["vllm:e2e_request_latency_seconds"],
     queue_time: &["vllm:request_queue_time_seconds"],
+    prefill_time: &["vllm:request_prefill_time_seconds"],
     prompt_tokens: &["vllm:prompt_tokens_total"],
     generation_tokens: &["vllm:generation_tokens_total"],
     prefix_cache_queries: &["vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"],
@@ -58,6 +61,7 @@ const SGLANG: EngineNames = EngineNames {
     time_per_output_token: &["sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds"],
     e2e_latency: &["sglang:e2e_request_latency_seconds"],
     queue_time: &["sglang:queue_time_seconds"],
+    prefill_time: &[],
     prompt_tokens: &["sglang:prompt_tokens_total"],
     generation_tokens: &["sglang:generation_tokens_total"],
     prefix_cache_queries: &[],
@@ -82,7 +86,13 @@ impl EngineNames {
             self.prefix_cache_queries,
             self.prefix_cache_hits,
         ];
-        let histograms = [self.time_to_first_token, self.time_per_output_token, self.e2e_latency, self.queue_time];
+        let histograms = [
+            self.time_to_first_token,
+            self.time_per_output_token,
+            self.e2e_latency,
+            self.queue_time,
+            self.prefill_time,
+        ];
         let mut samples: Vec<String> = single.iter().copied().flatten().map(|name| (*name).to_owned()).collect();
         for name in histograms.iter().copied().flatten() {
             samples.extend(["_bucket", "_sum", "_count"].map(|suffix| format!("{name}{suffix}")));

@@ -42,6 +42,7 @@ pub struct Scraped {
     pub time_per_output_token: Option<HistogramTotals>,
     pub e2e_latency: Option<HistogramTotals>,
     pub queue_time: Option<HistogramTotals>,
+    pub prefill_time: Option<HistogramTotals>,
     pub prompt_tokens: Option<f64>,
     pub generation_tokens: Option<f64>,
     pub prefix_cache_queries: Option<f64>,
@@ -99,7 +100,7 @@ pub fn parse(text: &str, names: &EngineNames) -> Result<Scraped, ParseError> {
 /// test keeps them within this).
 const MAX_CANDIDATES: usize = 4;
 /// The signals of [`Scraped`].
-const SIGNALS: usize = 12;
+const SIGNALS: usize = 13;
 
 /// How a signal's samples over label sets become one value.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -163,6 +164,7 @@ impl Signals {
             time_per_output_token,
             e2e_latency,
             queue_time,
+            prefill_time,
             prompt_tokens,
             generation_tokens,
             prefix_cache_queries,
@@ -178,6 +180,7 @@ impl Signals {
             signal(time_per_output_token, Kind::Histogram),
             signal(e2e_latency, Kind::Histogram),
             signal(queue_time, Kind::Histogram),
+            signal(prefill_time, Kind::Histogram),
             signal(prompt_tokens, Kind::Sum),
             signal(generation_tokens, Kind::Sum),
             signal(prefix_cache_queries, Kind::Sum),
@@ -232,6 +235,7 @@ fn scraped(totals: &[[Candidate; MAX_CANDIDATES]; SIGNALS]) -> Scraped {
         time_per_output_token,
         e2e_latency,
         queue_time,
+        prefill_time,
         prompt_tokens,
         generation_tokens,
         prefix_cache_queries,
@@ -252,6 +256,7 @@ fn scraped(totals: &[[Candidate; MAX_CANDIDATES]; SIGNALS]) -> Scraped {
         time_per_output_token: histogram(time_per_output_token),
         e2e_latency: histogram(e2e_latency),
         queue_time: histogram(queue_time),
+        prefill_time: histogram(prefill_time),
         prompt_tokens: single(prompt_tokens),
         generation_tokens: single(generation_tokens),
         prefix_cache_queries: single(prefix_cache_queries),

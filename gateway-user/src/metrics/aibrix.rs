@@ -548,6 +548,7 @@ pub(super) mod tests {
             role: Role::Combined,
             labels,
             config_annotation: None,
+            pd: Default::default(),
             custom_paths: Vec::new(),
             data_parallel: 1,
             ready: true,

@@ -126,6 +126,7 @@ impl AccessRecord {
             via = via.map(tracing::field::display),
             origin = end.error.map(|e| tracing::field::debug(e.origin())),
             error = end.error.map(tracing::field::display),
+            reason = end.error.and_then(GatewayError::logged_reason),
             "request end"
         );
     }

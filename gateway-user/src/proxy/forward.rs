@@ -17,13 +17,15 @@ use http::header::{HeaderName, HeaderValue};
 
 use super::body::Held;
 use super::form::Upload;
+use super::pd::{BodyError, PairBodies, PrefillFailure};
 use super::request::{self, Endpoint};
 use super::upstream::{self, SendError, Upstream, UpstreamBody};
 use super::{ConnectionSlot, Proxy, RequestContext, Resolved, header_value};
 use crate::discovery::{InFlightGuard, PodInfo};
 use crate::errors::GatewayError;
 use crate::limits::{Admission, TokenCharge, UserQuotas};
-use crate::routing::pd::PdPlan;
+use crate::metrics::PrefillErrorReason;
+use crate::routing::pd::{Handshake, PdPlan, PdRefusal};
 use crate::routing::{PromptSource, Route, RouteRequest, Unroutable, UsageCallback};
 
 /// Response header naming the pod that ran the prefill.
@@ -59,7 +61,7 @@ pub(super) enum Refusal {
     /// The answering pod.
     Pod { pod: Arc<PodInfo>, reason: String },
     /// A `pd` route's prefill pod.
-    Prefill { plan: PdPlan, failure: super::pd::PrefillFailure },
+    Prefill { plan: PdPlan, failure: PrefillFailure },
 }
 
 impl Refusal {
@@ -125,7 +127,7 @@ impl<U: Upstream> Proxy<U> {
         let hide_usage_chunk = asked.is_some();
         let body = asked.unwrap_or_else(|| parsed.body.clone());
         let prompt = || parsed.prompt();
-        let route_request = self.route_request(parts, prepared, &resolved.model_name, &prompt);
+        let route_request = self.route_request(parts, prepared, resolved, &prompt);
         let send = Outbound {
             parts,
             strategy: resolved.strategy.name(),
@@ -152,13 +154,16 @@ impl<U: Upstream> Proxy<U> {
         &self,
         parts: &'a http::request::Parts,
         prepared: &'a super::offload::Prepared,
-        model: &'a Arc<str>,
+        resolved: &'a Resolved,
         prompt: &'a PromptSource<'a>,
     ) -> RouteRequest<'a> {
-        let request = RouteRequest::new(model, &prepared.request.body)
+        let profile = resolved.model.config.as_deref().and_then(|c| c.profiles.get(&resolved.profile));
+        let request = RouteRequest::new(&resolved.model_name, &prepared.request.body)
             .with_headers(&parts.headers)
             .with_metrics(self.engine_metrics.view())
-            .with_prompt_source(prompt);
+            .with_prompt_source(prompt)
+            .with_prompt_tokens(prepared.prompt_tokens)
+            .with_profile(&resolved.profile, profile);
         match &prepared.prefix_hashes {
             Some(hashes) => request.with_prefix_hashes(hashes.clone()),
             None => request,
@@ -229,7 +234,7 @@ impl<U: Upstream> Proxy<U> {
     }
 
     /// A `pd` route: the prefill (for generation), then the decode pod
-    /// answers with the prefill's KV parameters in its body.
+    /// answers with what the prefill left for it in its body.
     async fn attempt_pd(
         &self,
         plan: PdPlan,
@@ -243,33 +248,108 @@ impl<U: Upstream> Proxy<U> {
         let guard = plan.decode.load.start();
         // Only generation is split; embeddings and responses are served
         // whole by the decode pod.
-        let (body, headers) = if matches!(send.endpoint, Endpoint::ChatCompletions | Endpoint::Completions) {
-            let body = match self.prefill(&plan, send, &ctx.access.request_id).await {
-                Ok(body) => body,
+        if !matches!(send.endpoint, Endpoint::ChatCompletions | Endpoint::Completions) {
+            ctx.routed(&self.metrics, send);
+            let decode = Arc::clone(&plan.decode);
+            return self.send_to(decode, guard, send.attempt_body(), send, quota, ctx).await;
+        }
+        let bodies = match self.pair_bodies(&plan, send) {
+            Ok(bodies) => bodies,
+            Err(BodyError::Client(error)) => return Err(Failed::Final(error)),
+            Err(BodyError::Gateway(detail)) => {
+                let failure = PrefillFailure::new(PrefillErrorReason::BadResponse, detail);
+                return Err(Failed::Final(self.prefill_failed(&plan, send, failure, ctx)));
+            }
+        };
+        let prefill_pod = vec![
+            (PREFILL_TARGET_POD, header_value(&plan.prefill.name)),
+            (PREFILL_TARGET_POD_IP, header_value(&plan.prefill.addr_text)),
+        ];
+        let forwarded = if let Handshake::Sglang { .. } = plan.handshake {
+            self.pair_side_by_side(plan, bodies, guard, send, quota, ctx).await?
+        } else {
+            let request_id = ctx.access.request_id.clone();
+            let answer = match self.run_prefill(&plan, send, bodies.prefill.clone(), &request_id).await {
+                Ok(answer) => answer,
                 Err(failure) if failure.not_sent => return Err(Failed::Refused(Refusal::Prefill { plan, failure })),
                 Err(failure) => return Err(Failed::Final(self.prefill_failed(&plan, send, failure, ctx))),
             };
-            let prefill_pod = vec![
-                (PREFILL_TARGET_POD, header_value(&plan.prefill.name)),
-                (PREFILL_TARGET_POD_IP, header_value(&plan.prefill.addr_text)),
-            ];
-            (body.into(), prefill_pod)
-        } else {
-            (send.attempt_body(), Vec::new())
+            let body = match self.decode_after(&plan, send, &bodies, &answer) {
+                Ok(body) => body,
+                Err(failure) => return Err(Failed::Final(self.prefill_failed(&plan, send, failure, ctx))),
+            };
+            ctx.routed(&self.metrics, send);
+            let decode = Arc::clone(&plan.decode);
+            match self.send_to(decode, guard, body.into(), send, quota, ctx).await {
+                Ok(forwarded) => forwarded,
+                // The prefill is done (its KV blocks wait for this pod): another
+                // pair would prefill again, so a refusing decode pod is final.
+                Err(Failed::Refused(Refusal::Pod { pod, reason })) => {
+                    return Err(Failed::Final(SendError::Connect(reason).into_gateway_error(&pod)));
+                }
+                Err(failed) => return Err(failed),
+            }
         };
+        Ok(Forwarded { headers: prefill_pod, ..forwarded })
+    }
+
+    /// SGLang: the prefill and the decode go out together (the decode pod
+    /// fetches the KV blocks through the prefill pod's bootstrap server, and
+    /// the prefill may wait for it). The decode's answer goes to the client
+    /// only once the prefill has succeeded; a prefill that fails ends the
+    /// decode, and the client gets the prefill's 503.
+    async fn pair_side_by_side(
+        &self,
+        plan: PdPlan,
+        bodies: PairBodies,
+        guard: InFlightGuard,
+        send: &Outbound<'_>,
+        quota: &mut Quota,
+        ctx: &mut RequestContext,
+    ) -> Result<Forwarded<U::Body>, Failed> {
+        enum Outcome<B> {
+            Answered(Box<Forwarded<B>>),
+            PrefillFailed(PrefillFailure),
+            DecodeFailed(Failed),
+        }
+        let decode_body = bodies.decode.clone().unwrap_or_else(|| send.body.clone());
         ctx.routed(&self.metrics, send);
-        let decode = Arc::clone(&plan.decode);
-        match self.send_to(decode, guard, body, send, quota, ctx).await {
-            Ok(mut forwarded) => {
-                forwarded.headers = headers;
-                Ok(forwarded)
+        let request_id = ctx.access.request_id.clone();
+        let outcome = {
+            let prefill = self.run_prefill(&plan, send, bodies.prefill.clone(), &request_id);
+            let decode = self.send_to(Arc::clone(&plan.decode), guard, decode_body.into(), send, quota, ctx);
+            tokio::pin!(prefill, decode);
+            let mut prefilled = false;
+            let mut answered = None;
+            loop {
+                tokio::select! {
+                    result = &mut prefill, if !prefilled => match result {
+                        Ok(_) => {
+                            prefilled = true;
+                            if let Some(forwarded) = answered.take() {
+                                break Outcome::Answered(Box::new(forwarded));
+                            }
+                        }
+                        Err(failure) => break Outcome::PrefillFailed(failure),
+                    },
+                    result = &mut decode, if answered.is_none() => match result {
+                        Ok(forwarded) if prefilled => break Outcome::Answered(Box::new(forwarded)),
+                        Ok(forwarded) => answered = Some(forwarded),
+                        Err(failed) => break Outcome::DecodeFailed(failed),
+                    },
+                    // Not reached: one of the two is always pending.
+                    else => break Outcome::DecodeFailed(Failed::Final(GatewayError::NoReadyPods { model: send.model.to_string() })),
+                }
             }
-            // The prefill is done (its KV blocks wait for this pod): another
-            // pair would prefill again, so a refusing decode pod is final.
-            Err(Failed::Refused(Refusal::Pod { pod, reason })) => {
-                Err(Failed::Final(SendError::Connect(reason).into_gateway_error(&pod)))
+        };
+        match outcome {
+            Outcome::Answered(forwarded) => Ok(*forwarded),
+            // Nothing reached the prefill pod: the decode went too, and a new pair may be tried.
+            Outcome::PrefillFailed(failure) if failure.not_sent => {
+                Err(Failed::Refused(Refusal::Prefill { plan, failure }))
             }
-            Err(failed) => Err(failed),
+            Outcome::PrefillFailed(failure) => Err(Failed::Final(self.prefill_failed(&plan, send, failure, ctx))),
+            Outcome::DecodeFailed(failed) => Err(failed),
         }
     }
 
@@ -343,9 +423,10 @@ fn remaining<'a>(candidates: &'a [Arc<PodInfo>], refused: &[Refusal]) -> Cow<'a,
 fn unroutable_error(unroutable: Unroutable, model: &str) -> GatewayError {
     match unroutable {
         Unroutable::NoCandidates => GatewayError::NoReadyPods { model: model.to_owned() },
-        Unroutable::NoRoleset(none) => {
-            GatewayError::NoPdRoleset { model: model.to_owned(), prefill: none.prefill, decode: none.decode }
+        Unroutable::Pd(PdRefusal::NotReady { prefill, decode }) => {
+            GatewayError::NoPdRoleset { model: model.to_owned(), prefill, decode }
         }
+        Unroutable::Pd(refusal) => GatewayError::RoutingFailed { model: model.to_owned(), reason: refusal.to_string() },
         Unroutable::Slo(refusal) => {
             GatewayError::RoutingFailed { model: model.to_owned(), reason: refusal.to_string() }
         }

@@ -87,6 +87,11 @@ pub struct ProxySettings {
     pub upstream_timeout: Duration,
     /// How long a `pd` prefill may take (`AIBRIX_PREFILL_REQUEST_TIMEOUT`).
     pub prefill_timeout: Duration,
+    /// TensorRT-LLM `pd`: this replica's machine id in `disagg_request_id`s.
+    pub trt_machine_id: u16,
+    /// Count prompt tokens before routing (off the async workers for large
+    /// bodies): `pd`'s prompt-length buckets need them.
+    pub count_prompt_tokens: bool,
 }
 
 /// The gateway's requests in flight, and the most there were since the
@@ -397,9 +402,10 @@ impl<U: Upstream> Proxy<U> {
         headers: &http::HeaderMap,
         body: Bytes,
     ) -> Result<Prepared, GatewayError> {
-        let auto_profile = header_str(headers, &names::CONFIG_PROFILE)
-            .is_some_and(|p| p.trim().eq_ignore_ascii_case(profiles::AUTO_PROFILE));
-        self.offload.prepare(endpoint, body, auto_profile, self.router.prefix_hasher()).await
+        let count_tokens = self.settings.count_prompt_tokens
+            || header_str(headers, &names::CONFIG_PROFILE)
+                .is_some_and(|p| p.trim().eq_ignore_ascii_case(profiles::AUTO_PROFILE));
+        self.offload.prepare(endpoint, body, count_tokens, self.router.prefix_hasher()).await
     }
 
     /// The model's pods, the profile and the strategy.

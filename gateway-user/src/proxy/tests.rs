@@ -185,6 +185,8 @@ impl Rig {
             max_connections_per_pod: 8,
             upstream_timeout: Duration::from_secs(300),
             prefill_timeout: Duration::from_secs(30),
+            trt_machine_id: 0,
+            count_prompt_tokens: false,
         };
         let limits = crate::limits::Limits::new(options.limits, Arc::clone(&metrics))
             .unwrap_or_else(|_| Limits::in_process(Arc::clone(&metrics)));
@@ -508,6 +510,60 @@ async fn pd_failures_say_what_failed_and_send_no_decode() {
         let answer = rig.chat(&[("routing-strategy", "pd")]).await;
         assert_eq!((answer.status, answer.header("prefill-target-pod")), (StatusCode::OK, "b-prefill"));
     }
+}
+
+/// A roleset whose pods say they run `engine`.
+fn engine_roleset(name: &str, engine: &str, prefill: u16, decode: u16) -> Vec<Value> {
+    roleset(name, prefill, decode).into_iter().map(|pod| with_label(pod, "model.aibrix.ai/engine", engine)).collect()
+}
+
+#[tokio::test]
+async fn sglang_pairs_go_out_together_with_one_bootstrap_room() {
+    let rig = Rig::new(&engine_roleset("rs", "sglang", 9100, 9101));
+    let answer = rig.chat(&[("routing-strategy", "pd")]).await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(answer.header("prefill-target-pod"), "rs-prefill");
+    let seen = rig.engines.seen();
+    let body = |port| seen.iter().find(|s| s.port == port).map(|s| s.body.clone()).unwrap_or(Value::Null);
+    let (prefill, decode) = (body(9100), body(9101));
+    for side in [&prefill, &decode] {
+        assert_eq!((side["bootstrap_host"].clone(), side["bootstrap_port"].clone()), (json!("127.0.0.1"), json!(8998)));
+    }
+    assert_eq!(prefill["bootstrap_room"], decode["bootstrap_room"]);
+    assert_eq!((prefill["max_tokens"].clone(), decode.get("max_tokens").cloned()), (json!(1), None), "{decode}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_sglang_prefill_that_never_answers_ends_the_decode_waiting_for_it() {
+    let rig = Rig::new(&engine_roleset("rs", "sglang", 9100, 9101));
+    // Both wait: the prefill never answers, the decode waits for its KV blocks.
+    rig.engines.set(9100, Reply::Hang);
+    rig.engines.set(9101, Reply::Hang);
+    let answer = rig.chat(&[("routing-strategy", "pd")]).await;
+    answer.assert_error(503, "prefill request to pod rs-prefill failed: no answer within 30 s");
+    let mut ports: Vec<u16> = rig.engines.seen().iter().map(|s| s.port).collect();
+    ports.sort_unstable();
+    assert_eq!(ports, [9100, 9101], "both went out together");
+    // A prefill error: the same, at once.
+    rig.engines.set(9100, Reply::Status(500, "no room"));
+    rig.chat(&[("routing-strategy", "pd")]).await.assert_error(503, "failed: status 500: no room");
+}
+
+#[tokio::test]
+async fn trtllm_decodes_with_the_context_phase_parameters() {
+    let rig = Rig::new(&engine_roleset("rs", "trtllm", 9100, 9101));
+    let prefill_answer = r#"{"id":"c","prompt_token_ids":[5,6],"choices":[{"disaggregated_params":{"request_type":"context_only","ctx_request_id":1152921504606846979}}]}"#;
+    rig.engines.set(9100, Reply::Json(prefill_answer));
+    let answer = rig.chat(&[("routing-strategy", "pd")]).await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    let seen = rig.engines.seen();
+    assert_eq!(seen.iter().map(|s| s.port).collect::<Vec<_>>(), [9100, 9101], "prefill first");
+    assert!(seen[0].body.get("max_completion_tokens").is_none());
+    assert_eq!(seen[0].body["disaggregated_params"]["request_type"], "context_only");
+    let decode = String::from_utf8_lossy(&seen[1].raw).into_owned();
+    assert!(decode.contains(r#""ctx_request_id":1152921504606846979"#), "exact id: {decode}");
+    assert_eq!(seen[1].body["disaggregated_params"]["request_type"], "generation_only");
+    assert_eq!(seen[1].body["prompt_token_ids"], json!([5, 6]));
 }
 
 #[test]

@@ -66,6 +66,8 @@ pub struct RoutingConfig {
     pub vtc_input_token_weight: f64,
     /// vtc-basic: weight of a generated token in a user's count.
     pub vtc_output_token_weight: f64,
+    /// pd: buckets, score policies, imbalance limits, KV connector.
+    pub pd: super::pd::PdSettings,
 }
 
 impl RoutingConfig {
@@ -94,6 +96,7 @@ impl Default for RoutingConfig {
             vtc_max_pod_load: 100.0,
             vtc_input_token_weight: 1.0,
             vtc_output_token_weight: 2.0,
+            pd: super::pd::PdSettings::default(),
         }
     }
 }

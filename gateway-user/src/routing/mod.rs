@@ -176,6 +176,12 @@ pub struct RouteRequest<'a> {
     prompt_source: Option<&'a PromptSource<'a>>,
     prompt: OnceLock<String>,
     prefix_hashes: OnceLock<Vec<u64>>,
+    /// The prompt's cl100k token count.
+    prompt_tokens: OnceLock<i64>,
+    /// The config profile the request runs under.
+    profile_name: &'a str,
+    /// That profile, when the model's config defines it.
+    profile: Option<&'a crate::profiles::Profile>,
     /// `slo*`: the request's features, kept from its first try to its retries.
     slo_features: OnceLock<Arc<slo::Features>>,
 }
@@ -195,6 +201,9 @@ impl<'a> RouteRequest<'a> {
             prompt_source: None,
             prompt: OnceLock::new(),
             prefix_hashes: OnceLock::new(),
+            prompt_tokens: OnceLock::new(),
+            profile_name: crate::profiles::DEFAULT_PROFILE,
+            profile: None,
             slo_features: OnceLock::new(),
         }
     }
@@ -226,6 +235,38 @@ impl<'a> RouteRequest<'a> {
     pub fn with_prefix_hashes(self, prefix_hashes: Vec<u64>) -> Self {
         let _ = self.prefix_hashes.set(prefix_hashes);
         self
+    }
+
+    /// The prompt's token count, counted before routing (off the async
+    /// workers, for large bodies).
+    pub fn with_prompt_tokens(self, tokens: Option<i64>) -> Self {
+        if let Some(tokens) = tokens {
+            let _ = self.prompt_tokens.set(tokens);
+        }
+        self
+    }
+
+    /// The config profile the request runs under (`pd` reads each pod's
+    /// own settings for it, and the profile's score policies).
+    pub fn with_profile(mut self, name: &'a str, profile: Option<&'a crate::profiles::Profile>) -> Self {
+        self.profile_name = name;
+        self.profile = profile;
+        self
+    }
+
+    /// The name of the request's config profile.
+    pub fn profile_name(&self) -> &str {
+        self.profile_name
+    }
+
+    /// The `routingConfig` of the request's profile.
+    pub fn profile_routing(&self) -> Option<&crate::profiles::ProfileRouting> {
+        self.profile?.routing_config.as_ref()
+    }
+
+    /// The prompt's cl100k token count (as AIBrix counts prompt length).
+    pub fn prompt_tokens(&self) -> i64 {
+        *self.prompt_tokens.get_or_init(|| crate::tokens::count_tokens(self.prompt()))
     }
 
     /// The prompt text.
@@ -349,7 +390,7 @@ pub trait Strategy: Send + Sync {
         &self,
         _request: &RouteRequest<'_>,
         _candidates: &[Arc<PodInfo>],
-    ) -> Option<Result<pd::PdPlan, pd::NoRoleset>> {
+    ) -> Option<Result<pd::PdRoute, pd::PdRefusal>> {
         None
     }
 }
@@ -368,8 +409,8 @@ pub enum Route {
 pub enum Unroutable {
     /// No ready pod is left to choose from.
     NoCandidates,
-    /// `pd`: no roleset has a ready prefill and a ready decode pod.
-    NoRoleset(pd::NoRoleset),
+    /// `pd`: no prefill/decode pair (or combined pod) can take the request.
+    Pd(pd::PdRefusal),
     /// `slo*`: every pod is at capacity; await this, then route again.
     Queued(slo::SloWait),
     /// `slo*`: the request is refused.
@@ -515,7 +556,10 @@ impl Router {
             return Err(Unroutable::NoCandidates);
         }
         if let Some(plan) = strategy.plan_pair(request, candidates) {
-            return plan.map(Route::Disaggregated).map_err(Unroutable::NoRoleset);
+            return match plan.map_err(Unroutable::Pd)? {
+                pd::PdRoute::Pair(plan) => Ok(Route::Disaggregated(plan)),
+                pd::PdRoute::Combined(pod) => Ok(Route::Single { pod, decision: RouteDecision::default() }),
+            };
         }
         if let Some(admitted) = strategy.admit(request, candidates) {
             let decision = admitted?;
@@ -678,6 +722,7 @@ pub(crate) mod test_support {
             role: Role::Combined,
             labels: BTreeMap::new(),
             config_annotation: None,
+            pd: Default::default(),
             custom_paths: Vec::new(),
             data_parallel: 1,
             ready: true,

@@ -36,11 +36,6 @@ impl<K: PartialOrd, T> Lowest<K, T> {
         }
     }
 
-    /// The lowest key and its item, `None` when nothing was offered.
-    pub(crate) fn into_best(self) -> Option<(K, T)> {
-        self.best
-    }
-
     /// The item of the lowest key, `None` when nothing was offered.
     pub(crate) fn into_item(self) -> Option<T> {
         self.best.map(|(_, item)| item)
@@ -85,7 +80,7 @@ mod tests {
         for (key, item) in [(3, 'a'), (1, 'b'), (2, 'c')] {
             lowest.offer(key, item);
         }
-        assert_eq!(lowest.into_best(), Some((1, 'b')));
+        assert_eq!(lowest.into_item(), Some('b'));
         assert_eq!(Lowest::<u32, char>::new().into_item(), None);
     }
 

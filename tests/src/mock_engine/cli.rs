@@ -106,9 +106,34 @@ pub struct MockEngineArgs {
     #[arg(long, value_enum)]
     pub role: Option<super::pd::PdRole>,
 
-    /// Decode role: the IP `kv_transfer_params.remote_host` must name (the prefill pods' IP).
+    /// The IP of the prefill pods, which the gateway must name in the handover: vLLM's
+    /// `kv_transfer_params.remote_host` (decode role) and SGLang's `bootstrap_host` (both roles).
     #[arg(long, default_value = "127.0.0.1")]
     pub prefill_host: String,
+
+    /// Which engine's prefill/decode handshake `--role` plays: vLLM's `kv_transfer_params`
+    /// family (see `--kv-connector`), SGLang's bootstrap rooms, or TensorRT-LLM's
+    /// `disaggregated_params`.
+    #[arg(long, value_enum, default_value_t = super::pd::EngineKind::Vllm)]
+    pub engine_kind: super::pd::EngineKind,
+
+    /// vLLM only: the KV connector, which decides what the gateway hands from prefill to
+    /// decode: `shfs` the prefill's `kv_transfer_params`, `nixl` the prefill's whole answer as
+    /// `disagg_prefill_resp`, `mooncake` nothing (the client's body).
+    #[arg(long, value_enum, default_value_t = super::pd::KvConnector::Shfs)]
+    pub kv_connector: super::pd::KvConnector,
+
+    /// SGLang prefill role: the port of the bootstrap server decodes poll for their rooms,
+    /// on the `--listen` IP. 0 picks a free port; the bound address is printed on stdout as
+    /// `mock-engine bootstrap listening on ADDR`, after the main listening line. Ignored
+    /// by other engines and roles.
+    #[arg(long, default_value_t = 0)]
+    pub bootstrap_port: u16,
+
+    /// SGLang decode role: how long a decode waits for its bootstrap room to be prefilled
+    /// before answering 504.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=MAX_DELAY_MS))]
+    pub bootstrap_timeout_ms: u64,
 }
 
 #[cfg(test)]
@@ -136,8 +161,38 @@ mod tests {
     }
 
     #[test]
+    fn pd_handshake_flags() {
+        use super::super::pd::{EngineKind, KvConnector};
+        let args = MockEngineArgs::parse_from(["mock-engine"]);
+        assert_eq!((args.engine_kind, args.kv_connector), (EngineKind::Vllm, KvConnector::Shfs));
+        assert_eq!((args.bootstrap_port, args.bootstrap_timeout_ms), (0, 3000));
+        let args = MockEngineArgs::parse_from([
+            "mock-engine",
+            "--engine-kind",
+            "trtllm",
+            "--kv-connector",
+            "mooncake",
+            "--bootstrap-port",
+            "8998",
+        ]);
+        assert_eq!(
+            (args.engine_kind, args.kv_connector, args.bootstrap_port),
+            (EngineKind::Trtllm, KvConnector::Mooncake, 8998)
+        );
+        let args = MockEngineArgs::parse_from(["mock-engine", "--engine-kind", "sglang", "--kv-connector", "nixl"]);
+        assert_eq!((args.engine_kind, args.kv_connector), (EngineKind::Sglang, KvConnector::Nixl));
+    }
+
+    #[test]
     fn rejects_out_of_range_values() {
-        for bad in [["--max-running", "0"], ["--tokens", "5000"], ["--fail-status", "99"], ["--itl-ms", "99999999"]] {
+        for bad in [
+            ["--max-running", "0"],
+            ["--tokens", "5000"],
+            ["--fail-status", "99"],
+            ["--itl-ms", "99999999"],
+            ["--engine-kind", "tgi"],
+            ["--bootstrap-timeout-ms", "0"],
+        ] {
             let argv = std::iter::once("mock-engine").chain(bad);
             assert!(MockEngineArgs::try_parse_from(argv).is_err(), "{bad:?}");
         }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::body::{MockBody, TokenStream};
 use super::connection::{ConnectionAborted, ResetSwitch};
 use super::generation::{Generation, TokenTiming};
-use super::openai::{Completion, KvTransferOut, Usage};
+use super::openai::{Completion, KvTransferOut, PrefillAnswer, Usage};
 use super::pd::PdOutcome;
 use super::request::{Endpoint, InferenceRequest};
 use super::state::EngineState;
@@ -89,10 +89,18 @@ pub async fn handle(
 
     let prompt_tokens = request.prompt_tokens();
     let prefilled = match state.pd.check(endpoint, &body, request_id.as_deref(), prompt_tokens) {
-        Ok(PdOutcome::Prefilled(kv_transfer)) => Some(kv_transfer),
+        Ok(PdOutcome::Prefilled(answer)) => Some(answer),
         Ok(PdOutcome::Plain | PdOutcome::Decoded) => None,
+        // An SGLang decode starts once its prefill has filled the bootstrap room.
+        Ok(PdOutcome::AwaitRoom(wait)) => match state.pd.await_room(wait).await {
+            Ok(()) => None,
+            Err((status, message)) => {
+                let kind = if status == StatusCode::GATEWAY_TIMEOUT { "TimeoutError" } else { "BadRequestError" };
+                return Ok(state.error(status, kind, &message, Some(state.pd.param())));
+            }
+        },
         Err(message) => {
-            return Ok(state.error(StatusCode::BAD_REQUEST, "BadRequestError", &message, Some("kv_transfer_params")));
+            return Ok(state.error(StatusCode::BAD_REQUEST, "BadRequestError", &message, Some(state.pd.param())));
         }
     };
     let completion_tokens = match endpoint {
@@ -122,10 +130,12 @@ pub async fn handle(
     let usage = Usage::new(prompt_tokens, u64::from(completion_tokens));
     let body = match endpoint {
         Endpoint::ChatCompletions | Endpoint::Completions => {
-            let kv_transfer = prefilled.or_else(|| {
-                request.is_remote_decode_prefill().then(|| KvTransferOut::new(&state.name, state.local_addr))
+            let prefilled = prefilled.or_else(|| {
+                request
+                    .is_remote_decode_prefill()
+                    .then(|| PrefillAnswer::kv(KvTransferOut::new(&state.name, state.local_addr)))
             });
-            completion.full_body(usage, kv_transfer.as_ref())
+            completion.full_body(usage, prefilled.as_ref())
         }
         Endpoint::Embeddings => completion.embeddings_body(request.embedding_count(), prompt_tokens),
         Endpoint::Responses => completion.response_body(usage),

@@ -15,7 +15,9 @@
 //! `generation` on the `load` model, answering with `openai` bodies (streamed by `body`);
 //! `control` serves health, models, `metrics` and `stats`. `state` is what they share. With
 //! `--role prefill|decode` the engine plays one half of a disaggregated request and `pd`
-//! checks the `kv_transfer_params` handover a PD gateway must perform.
+//! checks the handover a PD gateway must perform for the engine of `--engine-kind` (vLLM's
+//! `kv_transfer_params` and its other KV connectors, SGLang's bootstrap rooms, TensorRT-LLM's
+//! `disaggregated_params`).
 
 mod body;
 mod cli;
@@ -47,7 +49,7 @@ pub use faults::{Faults, FaultsPatch};
 pub use generation::TokenTiming;
 pub use load::{LoadModel, LoadSnapshot, RunningSlot};
 pub use metrics::EngineMetrics;
-pub use pd::PdRole;
+pub use pd::{EngineKind, KvConnector, PdRole};
 pub use prefix::PrefixCache;
 pub use request::{Endpoint, InferenceRequest, InputCount, WordCount};
 
@@ -57,16 +59,27 @@ use state::EngineState;
 #[derive(Debug)]
 pub struct MockEngine {
     listener: TcpListener,
+    /// An SGLang prefill's bootstrap server, and where it listens.
+    bootstrap: Option<(TcpListener, SocketAddr)>,
     state: Arc<EngineState>,
 }
 
 impl MockEngine {
-    /// Binds `args.listen` and builds the engine's state.
+    /// Binds `args.listen` (and, for an SGLang prefill, the bootstrap port on the same IP)
+    /// and builds the engine's state.
     pub async fn bind(args: &MockEngineArgs) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
         let local_addr = listener.local_addr().context("reading the bound address")?;
-        let state = Arc::new(EngineState::new(args, local_addr)?);
-        Ok(Self { listener, state })
+        let bootstrap = if args.role == Some(PdRole::Prefill) && args.engine_kind == EngineKind::Sglang {
+            let addr = SocketAddr::new(args.listen.ip(), args.bootstrap_port);
+            let listener = TcpListener::bind(addr).await.with_context(|| format!("binding bootstrap port {addr}"))?;
+            let bound = listener.local_addr().context("reading the bound bootstrap address")?;
+            Some((listener, bound))
+        } else {
+            None
+        };
+        let state = Arc::new(EngineState::new(args, local_addr, bootstrap.as_ref().map(|(_, addr)| *addr))?);
+        Ok(Self { listener, bootstrap, state })
     }
 
     /// The address actually bound (the real port when `--listen` asked for port 0).
@@ -74,8 +87,16 @@ impl MockEngine {
         self.state.local_addr
     }
 
+    /// Where an SGLang prefill's bootstrap server listens.
+    pub fn bootstrap_addr(&self) -> Option<SocketAddr> {
+        self.bootstrap.as_ref().map(|(_, addr)| *addr)
+    }
+
     /// Serves until the process ends.
     pub async fn serve(self) {
+        if let Some((listener, _)) = self.bootstrap {
+            tokio::spawn(pd::serve_bootstrap(listener, self.state.pd.rooms()));
+        }
         server::serve(self.listener, self.state).await;
     }
 }
@@ -91,9 +112,15 @@ pub fn run(args: &MockEngineArgs) -> anyhow::Result<()> {
     .context("building the tokio runtime")?;
     runtime.block_on(async {
         let engine = MockEngine::bind(args).await?;
-        // Harnesses that pass port 0 read the port from this line.
+        // Harnesses that pass port 0 read the port from this line, and the bootstrap port
+        // from the next. One write: a harness that reads only the first line and closes the
+        // pipe must not make the second fail.
+        let mut banner = format!("mock-engine listening on {}\n", engine.local_addr());
+        if let Some(addr) = engine.bootstrap_addr() {
+            banner.push_str(&format!("mock-engine bootstrap listening on {addr}\n"));
+        }
         let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "mock-engine listening on {}", engine.local_addr())?;
+        stdout.write_all(banner.as_bytes())?;
         stdout.flush()?;
         drop(stdout);
         engine.serve().await;

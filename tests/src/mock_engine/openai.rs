@@ -147,6 +147,44 @@ impl KvTransferOut {
     }
 }
 
+/// What a prefill engine adds to its one-token answer, as its engine's handshake asks.
+/// Empty for a handshake that hands nothing back (vLLM with Mooncake, SGLang).
+#[derive(Debug, Default)]
+pub struct PrefillAnswer {
+    /// vLLM's `kv_transfer_params`: where the KV blocks are.
+    pub kv_transfer: Option<KvTransferOut>,
+    /// The answer's `id` instead of a generated one (vLLM with NIXL names the transfer in
+    /// it, and the gateway hands the whole answer to the decode).
+    pub id: Option<String>,
+    /// TensorRT-LLM: the prompt's token ids, at the top level.
+    pub prompt_token_ids: Option<Vec<u64>>,
+    /// TensorRT-LLM: `choices[0].disaggregated_params`, which the decode needs.
+    pub disaggregated_params: Option<serde_json::Value>,
+}
+
+impl PrefillAnswer {
+    /// An answer carrying vLLM's `kv_transfer_params`.
+    pub fn kv(kv_transfer: KvTransferOut) -> Self {
+        Self { kv_transfer: Some(kv_transfer), ..Self::default() }
+    }
+}
+
+/// A completion's `id`: generated, or named by a prefill handshake.
+#[derive(Clone, Copy)]
+enum BodyId<'a> {
+    Generated(ResponseId),
+    Named(&'a str),
+}
+
+impl Serialize for BodyId<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BodyId::Generated(id) => id.serialize(serializer),
+            BodyId::Named(id) => serializer.serialize_str(id),
+        }
+    }
+}
+
 /// What every body of one generation request shares: id, creation time, model, shape.
 #[derive(Debug)]
 pub struct Completion {
@@ -176,11 +214,18 @@ impl Completion {
         Self { endpoint, id: ids.next(prefix), created: unix_seconds(), model, completion_tokens }
     }
 
-    /// The non-streaming answer with all tokens.
-    pub fn full_body(&self, usage: Usage, kv_transfer: Option<&KvTransferOut>) -> Bytes {
+    /// The non-streaming answer with all tokens, and what a prefill adds to it.
+    pub fn full_body(&self, usage: Usage, prefill: Option<&PrefillAnswer>) -> Bytes {
         let text = TokenText { first: 0, count: self.completion_tokens };
-        let choice =
-            Choice { index: 0, message: None, delta: None, text: None, logprobs: None, finish_reason: Some("length") };
+        let choice = Choice {
+            index: 0,
+            message: None,
+            delta: None,
+            text: None,
+            logprobs: None,
+            finish_reason: Some("length"),
+            disaggregated_params: prefill.and_then(|p| p.disaggregated_params.as_ref()),
+        };
         let (object, choice) = match self.endpoint {
             Endpoint::ChatCompletions => (
                 "chat.completion",
@@ -188,14 +233,16 @@ impl Completion {
             ),
             _ => ("text_completion", Choice { text: Some(text), ..choice }),
         };
+        let id = prefill.and_then(|p| p.id.as_deref()).map_or(BodyId::Generated(self.id), BodyId::Named);
         json_bytes(&CompletionBody {
-            id: self.id,
+            id,
             object,
             created: self.created,
             model: &self.model,
             choices: &[choice],
             usage: Some(usage),
-            kv_transfer_params: kv_transfer,
+            kv_transfer_params: prefill.and_then(|p| p.kv_transfer.as_ref()),
+            prompt_token_ids: prefill.and_then(|p| p.prompt_token_ids.as_deref()),
         })
     }
 
@@ -210,6 +257,7 @@ impl Completion {
             text: None,
             logprobs: None,
             finish_reason: last.then_some("length"),
+            disaggregated_params: None,
         };
         let (object, choice) = match self.endpoint {
             Endpoint::ChatCompletions => (
@@ -219,13 +267,14 @@ impl Completion {
             _ => ("text_completion", Choice { text: Some(text), ..choice }),
         };
         sse_event(&CompletionBody {
-            id: self.id,
+            id: BodyId::Generated(self.id),
             object,
             created: self.created,
             model: &self.model,
             choices: &[choice],
             usage: None,
             kv_transfer_params: None,
+            prompt_token_ids: None,
         })
     }
 
@@ -236,13 +285,14 @@ impl Completion {
             _ => "text_completion",
         };
         sse_event(&CompletionBody {
-            id: self.id,
+            id: BodyId::Generated(self.id),
             object,
             created: self.created,
             model: &self.model,
             choices: &[],
             usage: Some(usage),
             kv_transfer_params: None,
+            prompt_token_ids: None,
         })
     }
 
@@ -318,19 +368,21 @@ impl Completion {
 
 #[derive(Serialize)]
 struct CompletionBody<'a> {
-    id: ResponseId,
+    id: BodyId<'a>,
     object: &'static str,
     created: u64,
     model: &'a str,
-    choices: &'a [Choice],
+    choices: &'a [Choice<'a>],
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<Usage>,
     #[serde(skip_serializing_if = "Option::is_none")]
     kv_transfer_params: Option<&'a KvTransferOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_token_ids: Option<&'a [u64]>,
 }
 
 #[derive(Serialize)]
-struct Choice {
+struct Choice<'a> {
     index: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<Message>,
@@ -340,6 +392,8 @@ struct Choice {
     text: Option<TokenText>,
     logprobs: Option<()>,
     finish_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disaggregated_params: Option<&'a serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -519,6 +573,29 @@ mod tests {
         assert_eq!(body["choices"][0]["finish_reason"], "length");
         assert_eq!(body["usage"], json!({"prompt_tokens":4,"completion_tokens":3,"total_tokens":7}));
         assert!(body.get("kv_transfer_params").is_none());
+    }
+
+    #[test]
+    fn a_prefill_answer_adds_its_handshake_fields() {
+        let prefill = PrefillAnswer {
+            id: Some("chatcmpl-p0-0-00000000000000ff".to_owned()),
+            prompt_token_ids: Some(vec![7, 8]),
+            disaggregated_params: Some(json!({"request_type": "context_only"})),
+            ..PrefillAnswer::default()
+        };
+        let body: Value = serde_json::from_slice(
+            &completion(Endpoint::ChatCompletions, 1).full_body(Usage::new(2, 1), Some(&prefill)),
+        )
+        .unwrap();
+        assert_eq!(body["id"], "chatcmpl-p0-0-00000000000000ff");
+        assert_eq!(body["prompt_token_ids"], json!([7, 8]));
+        assert_eq!(body["choices"][0]["disaggregated_params"], json!({"request_type": "context_only"}));
+        assert_eq!(body["choices"][0]["message"]["content"], "tok0");
+        assert!(body.get("kv_transfer_params").is_none());
+
+        let plain: Value =
+            serde_json::from_slice(&completion(Endpoint::Completions, 1).full_body(Usage::new(2, 1), None)).unwrap();
+        assert!(plain.get("prompt_token_ids").is_none() && plain["choices"][0].get("disaggregated_params").is_none());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::faults::{FaultSwitch, Faults};
 use super::load::LoadModel;
 use super::metrics::EngineMetrics;
 use super::openai::{ErrorBody, ResponseIds};
-use super::pd::PdState;
+use super::pd::{Handshake, PdState};
 use super::prefix::PrefixCache;
 use super::stats::RequestStats;
 
@@ -55,10 +55,16 @@ pub struct EngineState {
 }
 
 impl EngineState {
-    /// The state of an engine configured by `args`, listening on `local_addr`.
-    pub fn new(args: &MockEngineArgs, local_addr: SocketAddr) -> anyhow::Result<Self> {
+    /// The state of an engine configured by `args`, listening on `local_addr` (and, as an
+    /// SGLang prefill, serving bootstrap rooms on `bootstrap_addr`).
+    pub fn new(
+        args: &MockEngineArgs,
+        local_addr: SocketAddr,
+        bootstrap_addr: Option<SocketAddr>,
+    ) -> anyhow::Result<Self> {
         let name_header = HeaderValue::from_str(&args.name)
             .with_context(|| format!("--name {:?} is not a valid header value", args.name))?;
+        let handshake = Handshake::from_args(args.engine_kind, args.kv_connector).map_err(anyhow::Error::msg)?;
         let models = if args.models.is_empty() { vec!["mock-model".to_owned()] } else { args.models.clone() };
         Ok(Self {
             name: args.name.clone(),
@@ -74,7 +80,12 @@ impl EngineState {
             ttft_per_running: Duration::from_micros(args.ttft_per_running_us),
             ttft_per_uncached_token: Duration::from_micros(args.ttft_per_uncached_token_us),
             ids: ResponseIds::new(),
-            pd: PdState::new(args.role, &args.name, local_addr.port(), &args.prefill_host),
+            pd: PdState::new(args.role, &args.name, local_addr.port(), &args.prefill_host)
+                .with_handshake(handshake)
+                .with_bootstrap(
+                    bootstrap_addr.map(|addr| addr.port()),
+                    Duration::from_millis(args.bootstrap_timeout_ms),
+                ),
             fail_body: args.fail_body,
         })
     }
