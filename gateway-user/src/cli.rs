@@ -17,6 +17,24 @@ macro_rules! same_fields {
 mod flags;
 mod plan;
 
+/// A TensorRT-LLM machine id for this replica when none is set: from its
+/// pod name (stable across restarts, distinct across most of a DaemonSet),
+/// else at random. Two replicas with one id could make one
+/// `disagg_request_id` in the same millisecond.
+fn replica_machine_id() -> u16 {
+    use std::hash::{Hash, Hasher};
+    let (id, from) = match std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()) {
+        Some(name) => {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            name.hash(&mut hasher);
+            ((hasher.finish() % 1024) as u16, "POD_NAME")
+        }
+        None => (rand::random_range(0..1024), "random"),
+    };
+    tracing::info!(machine_id = id, from, "TensorRT-LLM disagg_request_id machine id (set --trt-machine-id to choose)");
+    id
+}
+
 /// How long a starting replica waits to read the other replicas' recent
 /// routing decisions before serving.
 const FLEET_CATCH_UP_LIMIT: Duration = Duration::from_secs(3);
@@ -241,8 +259,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections_per_pod: upstream_settings.max_connections_per_pod,
         upstream_timeout: upstream_settings.response_timeout,
         prefill_timeout: Duration::from_secs(args.routing.prefill_request_timeout_seconds.max(1)),
-        trt_machine_id: args.routing.trt_machine_id,
-        count_prompt_tokens: args.routing.prompt_length_bucketing,
+        trt_machine_id: args.routing.trt_machine_id.unwrap_or_else(replica_machine_id),
+        count_prompt_tokens: if args.routing.prompt_length_bucketing {
+            crate::proxy::offload::TokenCount::Exact
+        } else if args.routing.prefill_score_policy == crate::routing::pd::PrefillPolicy::Conductor {
+            crate::proxy::offload::TokenCount::Estimate
+        } else {
+            crate::proxy::offload::TokenCount::Skip
+        },
     };
     // Kernel assist first: the upstream connector and the proxy tag sockets through it.
     let kernel = crate::kernel::KernelAssist::start(

@@ -13,8 +13,11 @@ use crate::discovery::{PodStore, pods_file};
 use crate::engine_metrics;
 use crate::metrics::Metrics;
 use crate::profiles::{self, ModelConfig, RequestFeatures};
+use crate::proxy::pd::body::TopLevel;
+use crate::proxy::pd::engine;
 use crate::proxy::request::{self, Endpoint};
 use crate::proxy::usage::{self, UsageTap};
+use crate::routing::pd::{Handshake, KvConnector};
 use crate::routing::{Router, RoutingConfig};
 
 /// Every endpoint with a JSON body.
@@ -148,5 +151,47 @@ pub fn engine_metrics_page(data: &[u8]) {
             let crlf = text.replace('\n', "\r\n");
             assert_eq!(engine_metrics::parse(&crlf, names), Ok(scraped), "{engine}: CRLF endings read differently");
         }
+    }
+}
+
+/// A `pd` pair's bodies: the first byte picks the engine and the endpoint;
+/// the rest is a client's body, then (after the first NUL) the prefill
+/// pod's answer, both untrusted. Whatever the gateway writes from them is a
+/// JSON object, and a prefill always asks for one token without streaming.
+pub fn pd_bodies(data: &[u8]) {
+    const HANDSHAKES: [Handshake; 6] = [
+        Handshake::Vllm(KvConnector::Shfs),
+        Handshake::Vllm(KvConnector::Nixl),
+        Handshake::Vllm(KvConnector::Mooncake),
+        Handshake::Sglang { bootstrap_port: 8998 },
+        Handshake::TrtLlm,
+        Handshake::Plain,
+    ];
+    let Some((&selector, rest)) = data.split_first() else { return };
+    let handshake = HANDSHAKES[usize::from(selector) % HANDSHAKES.len()];
+    let endpoint = if selector & 0x80 == 0 { Endpoint::ChatCompletions } else { Endpoint::Completions };
+    let (client, answer) = match rest.iter().position(|&b| b == 0) {
+        Some(at) => (&rest[..at], &rest[at + 1..]),
+        None => (rest, &[][..]),
+    };
+    let Ok(top) = TopLevel::parse(client) else { return };
+    let client = Bytes::copy_from_slice(client);
+    let object = |bytes: &[u8]| {
+        let parsed = serde_json::from_slice::<serde_json::Value>(bytes);
+        assert!(matches!(parsed, Ok(serde_json::Value::Object(_))), "{handshake:?}: not a JSON object: {parsed:?}");
+        match parsed {
+            Ok(serde_json::Value::Object(object)) => object,
+            _ => serde_json::Map::new(),
+        }
+    };
+    let Ok(bodies) = engine::bodies(handshake, &top, &client, "10.0.0.1", 7) else { return };
+    let prefill = object(&bodies.prefill);
+    assert_eq!(prefill.get("max_tokens"), Some(&serde_json::Value::from(1)), "{handshake:?}");
+    assert_eq!(prefill.get("stream"), Some(&serde_json::Value::Bool(false)), "{handshake:?}");
+    if let Some(decode) = &bodies.decode {
+        object(decode);
+    }
+    if let Ok(decode) = engine::decode_body(handshake, endpoint, &top, &client, answer, "10.0.0.1") {
+        object(&decode);
     }
 }

@@ -37,6 +37,18 @@ pub fn count_tokens(text: &str) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)
 }
 
+/// Counts every prompt token with cl100k (no extrapolation): for
+/// prompt-length buckets, whose boundaries may sit at long-context sizes.
+/// Linear in the prompt (the tokenizer sees bounded pieces); callers run it
+/// off the async workers for large bodies.
+pub fn count_tokens_exact(text: &str) -> i64 {
+    let count = match cl100k() {
+        Some(bpe) => tokenizer_pieces(text).map(|piece| bpe.encode_ordinary(piece).len()).sum(),
+        None => text.len().div_ceil(4),
+    };
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
 /// The longest prefix of `text` of at most `max` bytes that ends on a
 /// character boundary.
 pub fn char_prefix(text: &str, max: usize) -> &str {

@@ -11,12 +11,13 @@ use gateway_user::fuzzing;
 type Entry = fn(&[u8]);
 
 /// Fuzz targets and the entry point each one drives.
-const TARGETS: [(&str, Entry); 5] = [
+const TARGETS: [(&str, Entry); 6] = [
     ("request_body", fuzzing::request_body),
     ("sse_usage", fuzzing::sse_usage),
     ("config_annotation", fuzzing::config_annotation),
     ("pods_file", fuzzing::pods_file),
     ("engine_metrics", fuzzing::engine_metrics_page),
+    ("pd_bodies", fuzzing::pd_bodies),
 ];
 
 fn corpus_files(target: &str) -> Vec<PathBuf> {

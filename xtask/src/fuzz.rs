@@ -16,7 +16,8 @@ use crate::procs::{self, capture, run_streaming};
 use crate::ui;
 
 /// The fuzz targets, in the order they run.
-pub const TARGETS: [&str; 5] = ["request_body", "sse_usage", "config_annotation", "pods_file", "engine_metrics"];
+pub const TARGETS: [&str; 6] =
+    ["request_body", "sse_usage", "config_annotation", "pods_file", "engine_metrics", "pd_bodies"];
 
 /// Longest the sanitizer build of the targets may take.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(40 * 60);

@@ -593,16 +593,17 @@ pub struct RoutingArgs {
     /// `combined` pod (README "Prefill/decode").
     #[arg(long, env = "AIBRIX_PROMPT_LENGTH_BUCKETING", action = clap::ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(),
           default_value_t = PdSettings::default().prompt_length_bucketing)]
     pub prompt_length_bucketing: bool,
 
     /// pd: how prefill pods are scored (a profile's `prefillScorePolicy` overrides it).
-    #[arg(long, env = "AIBRIX_PREFILL_SCORE_POLICY", value_enum,
+    #[arg(long, env = "AIBRIX_PREFILL_SCORE_POLICY", value_enum, ignore_case = true,
           default_value_t = PdSettings::default().prefill_score_policy)]
     pub prefill_score_policy: PrefillPolicy,
 
     /// pd: how decode pods are scored (a profile's `decodeScorePolicy` overrides it).
-    #[arg(long, env = "AIBRIX_DECODE_SCORE_POLICY", value_enum,
+    #[arg(long, env = "AIBRIX_DECODE_SCORE_POLICY", value_enum, ignore_case = true,
           default_value_t = PdSettings::default().decode_score_policy)]
     pub decode_score_policy: DecodePolicy,
 
@@ -642,15 +643,15 @@ pub struct RoutingArgs {
 
     /// pd, vLLM: the KV connector of prefill pods without the
     /// `model.aibrix.ai/kv-connector-type` label.
-    #[arg(long, env = "AIBRIX_KV_CONNECTOR_TYPE", value_enum, default_value_t = PdSettings::default().kv_connector)]
+    #[arg(long, env = "AIBRIX_KV_CONNECTOR_TYPE", value_enum, ignore_case = true,
+          default_value_t = PdSettings::default().kv_connector)]
     pub kv_connector_type: KvConnector,
 
     /// pd, TensorRT-LLM: this replica's 10-bit machine id in the
-    /// `disagg_request_id`s it makes (give each replica its own to keep ids
-    /// unique across the fleet).
-    #[arg(long, env = "AIBRIX_TRT_MACHINE_ID", default_value_t = 0,
-          value_parser = clap::value_parser!(u16).range(0..1024))]
-    pub trt_machine_id: u16,
+    /// `disagg_request_id`s it makes, so replicas do not make the same id.
+    /// Unset: derived from POD_NAME (else chosen at random) and logged.
+    #[arg(long, env = "AIBRIX_TRT_MACHINE_ID", value_parser = clap::value_parser!(u16).range(0..1024))]
+    pub trt_machine_id: Option<u16>,
 
     /// With a Redis configured (`--redis-url`), replicas share what they
     /// route by: prefix-cache's index and vtc-basic's token counts (on a

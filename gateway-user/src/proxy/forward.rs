@@ -24,7 +24,7 @@ use super::{ConnectionSlot, Proxy, RequestContext, Resolved, header_value};
 use crate::discovery::{InFlightGuard, PodInfo};
 use crate::errors::GatewayError;
 use crate::limits::{Admission, TokenCharge, UserQuotas};
-use crate::metrics::PrefillErrorReason;
+use crate::metrics::{InFlightMetric, PrefillErrorReason};
 use crate::routing::pd::{Handshake, PdPlan, PdRefusal};
 use crate::routing::{PromptSource, Route, RouteRequest, Unroutable, UsageCallback};
 
@@ -295,9 +295,12 @@ impl<U: Upstream> Proxy<U> {
 
     /// SGLang: the prefill and the decode go out together (the decode pod
     /// fetches the KV blocks through the prefill pod's bootstrap server, and
-    /// the prefill may wait for it). The decode's answer goes to the client
-    /// only once the prefill has succeeded; a prefill that fails ends the
-    /// decode, and the client gets the prefill's 503.
+    /// the prefill may wait for it), once the decode pod has a connection
+    /// slot, so the prefill's time is not spent queueing for it. The
+    /// decode's answer goes to the client once the prefill has succeeded
+    /// (an error answer at once); a prefill that fails ends the decode, and
+    /// the client gets the prefill's 503. The quota is committed only when
+    /// the decode's answer goes out.
     async fn pair_side_by_side(
         &self,
         plan: PdPlan,
@@ -314,10 +317,12 @@ impl<U: Upstream> Proxy<U> {
         }
         let decode_body = bodies.decode.clone().unwrap_or_else(|| send.body.clone());
         ctx.routed(&self.metrics, send);
+        let (gauge, connection) = self.take_slot(&plan.decode, send, ctx).await?;
+        let held = Held { pod: Some(guard), gauge: Some(gauge), connection: Some(connection), gateway: None };
         let request_id = ctx.access.request_id.clone();
         let outcome = {
             let prefill = self.run_prefill(&plan, send, bodies.prefill.clone(), &request_id);
-            let decode = self.send_to(Arc::clone(&plan.decode), guard, decode_body.into(), send, quota, ctx);
+            let decode = self.send_on(Arc::clone(&plan.decode), held, decode_body.into(), send, quota.quotas, ctx);
             tokio::pin!(prefill, decode);
             let mut prefilled = false;
             let mut answered = None;
@@ -333,7 +338,10 @@ impl<U: Upstream> Proxy<U> {
                         Err(failure) => break Outcome::PrefillFailed(failure),
                     },
                     result = &mut decode, if answered.is_none() => match result {
-                        Ok(forwarded) if prefilled => break Outcome::Answered(Box::new(forwarded)),
+                        // An engine error needs no KV blocks: it goes out at once.
+                        Ok(forwarded) if prefilled || !forwarded.response.status().is_success() => {
+                            break Outcome::Answered(Box::new(forwarded));
+                        }
                         Ok(forwarded) => answered = Some(forwarded),
                         Err(failed) => break Outcome::DecodeFailed(failed),
                     },
@@ -343,7 +351,10 @@ impl<U: Upstream> Proxy<U> {
             }
         };
         match outcome {
-            Outcome::Answered(forwarded) => Ok(*forwarded),
+            Outcome::Answered(forwarded) => {
+                quota.commit();
+                Ok(*forwarded)
+            }
             // Nothing reached the prefill pod: the decode went too, and a new pair may be tried.
             Outcome::PrefillFailed(failure) if failure.not_sent => {
                 Err(Failed::Refused(Refusal::Prefill { plan, failure }))
@@ -364,9 +375,35 @@ impl<U: Upstream> Proxy<U> {
         ctx: &mut RequestContext,
     ) -> Result<Forwarded<U::Body>, Failed> {
         quota.commit();
-        ctx.access.pod = Some(Arc::clone(&pod));
+        let (gauge, connection) = self.take_slot(&pod, send, ctx).await?;
+        let held = Held { pod: Some(guard), gauge: Some(gauge), connection: Some(connection), gateway: None };
+        self.send_on(pod, held, body, send, quota.quotas, ctx).await
+    }
+
+    /// Counts the request in flight for the model and waits for one of the
+    /// answering pod's connection slots.
+    async fn take_slot(
+        &self,
+        pod: &Arc<PodInfo>,
+        send: &Outbound<'_>,
+        ctx: &mut RequestContext,
+    ) -> Result<(InFlightMetric, ConnectionSlot), Failed> {
+        ctx.access.pod = Some(Arc::clone(pod));
         let gauge = self.metrics.in_flight(send.model);
-        let connection = self.connection_slot(&pod).await.map_err(|err| Failed::Final(err.into_gateway_error(&pod)))?;
+        let connection = self.connection_slot(pod).await.map_err(|err| Failed::Final(err.into_gateway_error(pod)))?;
+        Ok((gauge, connection))
+    }
+
+    /// Sends the request to `pod`, holding `held` until its answer ends.
+    async fn send_on(
+        &self,
+        pod: Arc<PodInfo>,
+        held: Held,
+        body: UpstreamBody,
+        send: &Outbound<'_>,
+        quotas: UserQuotas,
+        ctx: &RequestContext,
+    ) -> Result<Forwarded<U::Body>, Failed> {
         let pool = Some(self.kernel.model_id(send.model));
         let request = upstream::build_request(send.parts, body, &pod, &ctx.access.request_id, pool)
             .map_err(|reason| Failed::Final(GatewayError::UpstreamFailed { pod: pod.name.clone(), reason }))?;
@@ -379,7 +416,6 @@ impl<U: Upstream> Proxy<U> {
             }
             Err(err) => return Err(Failed::Final(err.into_gateway_error(&pod))),
         };
-        let held = Held { pod: Some(guard), gauge: Some(gauge), connection: Some(connection), gateway: None };
         Ok(Forwarded {
             response,
             pod,
@@ -387,7 +423,7 @@ impl<U: Upstream> Proxy<U> {
             on_usage: None,
             held,
             charge: None,
-            quotas: quota.quotas,
+            quotas,
             hide_usage_chunk: false,
         })
     }

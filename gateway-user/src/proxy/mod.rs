@@ -18,7 +18,7 @@ mod forward;
 pub mod listener;
 pub mod memory;
 pub mod offload;
-mod pd;
+pub mod pd;
 pub mod request;
 #[cfg(test)]
 mod tests;
@@ -89,9 +89,10 @@ pub struct ProxySettings {
     pub prefill_timeout: Duration,
     /// TensorRT-LLM `pd`: this replica's machine id in `disagg_request_id`s.
     pub trt_machine_id: u16,
-    /// Count prompt tokens before routing (off the async workers for large
-    /// bodies): `pd`'s prompt-length buckets need them.
-    pub count_prompt_tokens: bool,
+    /// Prompt tokens counted before routing (off the async workers for
+    /// large bodies): `pd`'s buckets need every one, its `conductor` policy
+    /// an estimate.
+    pub count_prompt_tokens: offload::TokenCount,
 }
 
 /// The gateway's requests in flight, and the most there were since the
@@ -402,9 +403,10 @@ impl<U: Upstream> Proxy<U> {
         headers: &http::HeaderMap,
         body: Bytes,
     ) -> Result<Prepared, GatewayError> {
-        let count_tokens = self.settings.count_prompt_tokens
-            || header_str(headers, &names::CONFIG_PROFILE)
-                .is_some_and(|p| p.trim().eq_ignore_ascii_case(profiles::AUTO_PROFILE));
+        let auto_profile = header_str(headers, &names::CONFIG_PROFILE)
+            .is_some_and(|p| p.trim().eq_ignore_ascii_case(profiles::AUTO_PROFILE));
+        let for_profile = if auto_profile { offload::TokenCount::Estimate } else { offload::TokenCount::Skip };
+        let count_tokens = self.settings.count_prompt_tokens.max(for_profile);
         self.offload.prepare(endpoint, body, count_tokens, self.router.prefix_hasher()).await
     }
 

@@ -63,6 +63,18 @@ impl Default for Offload {
     }
 }
 
+/// Which prompt-token count routing needs before it starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TokenCount {
+    /// None: counted on demand, if at all.
+    #[default]
+    Skip,
+    /// Exact up to [`tokens::COUNTED_PROMPT_BYTES`], extrapolated past it.
+    Estimate,
+    /// Every token (prompt-length buckets).
+    Exact,
+}
+
 impl Offload {
     /// Inspects `body` (and, when large, extracts its prompt, counts its
     /// tokens if `count_tokens`, and hashes its prefix) without blocking a
@@ -71,7 +83,7 @@ impl Offload {
         &self,
         endpoint: Endpoint,
         body: Bytes,
-        count_tokens: bool,
+        count_tokens: TokenCount,
         hasher: Arc<PrefixHasher>,
     ) -> Result<Prepared, GatewayError> {
         if body.len() < OFFLOAD_BYTES {
@@ -85,7 +97,11 @@ impl Offload {
             let _permit = permit;
             let request = ParsedRequest::parse(endpoint, body)?;
             let prompt = request.prompt();
-            let prompt_tokens = count_tokens.then(|| tokens::count_tokens(prompt));
+            let prompt_tokens = match count_tokens {
+                TokenCount::Skip => None,
+                TokenCount::Estimate => Some(tokens::count_tokens(prompt)),
+                TokenCount::Exact => Some(tokens::count_tokens_exact(prompt)),
+            };
             let prefix_hashes = Some(hasher.hashes(prompt));
             Ok(Prepared { request, prefix_hashes, prompt_tokens, upload: None })
         };
@@ -113,23 +129,36 @@ mod tests {
     async fn large_bodies_are_prepared_whole_and_small_ones_lazily() {
         let offload = Offload::default();
         let hasher = Arc::new(PrefixHasher::new(&RoutingConfig::default()));
-        let small = offload.prepare(Endpoint::Completions, body("hi"), true, Arc::clone(&hasher)).await.unwrap();
+        let small = offload
+            .prepare(Endpoint::Completions, body("hi"), TokenCount::Estimate, Arc::clone(&hasher))
+            .await
+            .unwrap();
         assert_eq!(small.request.model, "m");
         assert!(small.prefix_hashes.is_none() && small.prompt_tokens.is_none(), "small bodies keep the lazy path");
 
         // Runs on a current-thread runtime: the job must not need this thread.
         let prompt = "lorem ipsum ".repeat(OFFLOAD_BYTES / 8);
-        let large = offload.prepare(Endpoint::Completions, body(&prompt), true, Arc::clone(&hasher)).await.unwrap();
+        let large = offload
+            .prepare(Endpoint::Completions, body(&prompt), TokenCount::Estimate, Arc::clone(&hasher))
+            .await
+            .unwrap();
         assert_eq!(large.request.prompt(), prompt);
         assert_eq!(large.prefix_hashes.expect("hashed up front"), hasher.hashes(&prompt));
         assert_eq!(large.prompt_tokens, Some(tokens::count_tokens(&prompt)));
-        let unasked = offload.prepare(Endpoint::Completions, body(&prompt), false, hasher).await.unwrap();
+        let unasked =
+            offload.prepare(Endpoint::Completions, body(&prompt), TokenCount::Skip, Arc::clone(&hasher)).await.unwrap();
         assert_eq!(unasked.prompt_tokens, None);
+        // Past the counted bytes an estimate extrapolates; buckets count every token.
+        let long = "lorem ipsum, ".repeat(tokens::COUNTED_PROMPT_BYTES / 6) + &"x".repeat(64 * 1024);
+        let exact =
+            offload.prepare(Endpoint::Completions, body(&long), TokenCount::Exact, Arc::clone(&hasher)).await.unwrap();
+        assert_eq!(exact.prompt_tokens, Some(tokens::count_tokens_exact(&long)));
+        assert_ne!(exact.prompt_tokens, Some(tokens::count_tokens(&long)), "the estimate differs here");
 
         let broken = Bytes::from(format!("{{\"model\": \"m\", \"prompt\": \"{prompt}"));
         let hasher = Arc::new(PrefixHasher::new(&RoutingConfig::default()));
         assert!(matches!(
-            offload.prepare(Endpoint::Completions, broken, true, hasher).await,
+            offload.prepare(Endpoint::Completions, broken, TokenCount::Estimate, hasher).await,
             Err(GatewayError::BodyNotJson)
         ));
     }

@@ -186,7 +186,7 @@ impl Rig {
             upstream_timeout: Duration::from_secs(300),
             prefill_timeout: Duration::from_secs(30),
             trt_machine_id: 0,
-            count_prompt_tokens: false,
+            count_prompt_tokens: super::offload::TokenCount::Skip,
         };
         let limits = crate::limits::Limits::new(options.limits, Arc::clone(&metrics))
             .unwrap_or_else(|_| Limits::in_process(Arc::clone(&metrics)));
@@ -547,6 +547,13 @@ async fn an_sglang_prefill_that_never_answers_ends_the_decode_waiting_for_it() {
     // A prefill error: the same, at once.
     rig.engines.set(9100, Reply::Status(500, "no room"));
     rig.chat(&[("routing-strategy", "pd")]).await.assert_error(503, "failed: status 500: no room");
+    // A decode pod that answers with an error does not wait for the prefill.
+    rig.engines.set(9100, Reply::Hang);
+    rig.engines.set(9101, Reply::Status(429, r#"{"error":{"message":"busy","type":"rate_limit","code":429}}"#));
+    let started = tokio::time::Instant::now();
+    let answer = rig.chat(&[("routing-strategy", "pd")]).await;
+    assert_eq!(answer.status.as_u16(), 429, "{answer:?}");
+    assert!(started.elapsed() < Duration::from_secs(1), "not held until the prefill timeout");
 }
 
 #[tokio::test]

@@ -480,7 +480,10 @@ impl PdRouter {
                 continue;
             };
             let cost = prefill_score / prefill_best.max + decode_score / decode_best.max;
-            best.offer(Cost(cost), (*roleset, *prefill_pod, *decode_pod));
+            // An infinite score (a pod reporting absurd times) makes NaN: never a winner.
+            if cost.is_finite() {
+                best.offer(Cost(cost), (*roleset, *prefill_pod, *decode_pod));
+            }
         }
         let (roleset, prefill, decode) = best.into_item().ok_or(PdRefusal::NoPair)?;
         if !hashes.is_empty() {
@@ -626,7 +629,12 @@ impl PdRouter {
         let max_load = loads.iter().copied().fold(1.0, f64::max);
         let count = loads.len().max(1) as f64;
         let mean = loads.iter().sum::<f64>() / count;
-        let deviation = (loads.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / count).sqrt();
+        // The sample standard deviation, as AIBrix (and prefix-cache) take it.
+        let deviation = if loads.len() > 1 {
+            (loads.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / (count - 1.0)).sqrt()
+        } else {
+            0.0
+        };
         let ids: Vec<u64> = prefill.iter().map(|c| pod_id(&c.pod.key)).collect();
         let mut depths = Vec::with_capacity(ids.len());
         if !hashes.is_empty() {

@@ -19,6 +19,7 @@
 //! Bodies are edited at the top level only ([`TopLevel`]): the rest keeps
 //! the client's bytes, and 64-bit ids are never turned into floats.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -215,9 +216,12 @@ fn now_ms() -> i64 {
 /// the machine id (10 bits) and a per-process counter (12 bits), moved
 /// into the global range [2^42, 2^63) as AIBrix does.
 pub fn disagg_request_id(machine_id: u16, now_ms: i64) -> i64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // From a random start: replicas that share a machine id still rarely
+    // make the same id in the same millisecond.
+    static COUNTER: OnceLock<AtomicU64> = OnceLock::new();
+    let counter = COUNTER.get_or_init(|| AtomicU64::new(rand::random()));
     let timestamp = (now_ms - TRT_EPOCH_MS).clamp(0, (1 << 41) - 1);
-    let counter = (COUNTER.fetch_add(1, Ordering::Relaxed) & 0xfff) as i64;
+    let counter = (counter.fetch_add(1, Ordering::Relaxed) & 0xfff) as i64;
     let global = (timestamp << 22) | (i64::from(machine_id & 0x3ff) << 12) | counter;
     global % (i64::MAX - TRT_MIN_GLOBAL_ID) + TRT_MIN_GLOBAL_ID
 }

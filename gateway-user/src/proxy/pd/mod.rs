@@ -15,8 +15,8 @@
 //! A prefill that fails or times out is logged as `pd-prefill-request-error`
 //! (request id, model, pod), counted, and answered with 503.
 
-mod body;
-mod engine;
+pub mod body;
+pub mod engine;
 
 use std::time::Instant;
 
