@@ -5,3 +5,4 @@ pub mod harness;
 pub mod load;
 pub mod mock_engine;
 pub mod netns;
+pub mod pd;

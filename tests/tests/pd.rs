@@ -12,59 +12,8 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::{Value, json};
-use turnstile_tests::harness::{Engine, Gateway, PodSpec, Reply, eventually, next_data, open_stream, post, send};
-
-const MODEL: &str = "llama";
-
-/// One prefill and one decode engine forming a roleset.
-struct Roleset {
-    name: String,
-    prefill: Engine,
-    decode: Engine,
-}
-
-impl Roleset {
-    fn start(name: &str, engine_args: &[&str]) -> Self {
-        let prefill_args: Vec<&str> = ["--role", "prefill"].iter().chain(engine_args).copied().collect();
-        let decode_args: Vec<&str> = ["--role", "decode"].iter().chain(engine_args).copied().collect();
-        Self {
-            name: name.to_owned(),
-            prefill: Engine::start(&format!("{name}-prefill"), MODEL, &prefill_args),
-            decode: Engine::start(&format!("{name}-decode"), MODEL, &decode_args),
-        }
-    }
-
-    /// Its two pods, with the given readiness.
-    fn pods(&self, prefill_ready: bool, decode_ready: bool) -> Vec<PodSpec> {
-        vec![
-            PodSpec::for_engine(&self.prefill, MODEL)
-                .label("roleset-name", &self.name)
-                .label("role-name", "prefill")
-                .ready(prefill_ready),
-            PodSpec::for_engine(&self.decode, MODEL)
-                .label("roleset-name", &self.name)
-                .label("role-name", "decode")
-                .ready(decode_ready),
-        ]
-    }
-
-    async fn pd_stats(engine: &Engine) -> Value {
-        engine.stats().await["pd"].clone()
-    }
-
-    /// Neither engine refused a request of the handover.
-    async fn assert_no_rejections(&self) {
-        for engine in [&self.prefill, &self.decode] {
-            let pd = Self::pd_stats(engine).await;
-            assert_eq!(pd["rejected"], 0, "{} refused a request: {}", engine.name, pd["last_rejection"]);
-        }
-    }
-}
-
-async fn start_gateway(pods: &[PodSpec], extra: &[&str]) -> Gateway {
-    let args: Vec<&str> = ["--routing-algorithm", "pd"].iter().chain(extra).copied().collect();
-    Gateway::start(pods, &args).await
-}
+use turnstile_tests::harness::{Gateway, PodSpec, Reply, eventually, next_data, open_stream, post, send};
+use turnstile_tests::pd::{MODEL, Roleset, start_gateway};
 
 fn chat(content: &str, stream: bool) -> String {
     json!({
@@ -88,8 +37,8 @@ fn roleset_of(pod: &str) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_prefilled_then_decoded_in_one_roleset() {
-    let a = Roleset::start("rs-a", &[]);
-    let b = Roleset::start("rs-b", &[]);
+    let a = Roleset::vllm("rs-a", &[]);
+    let b = Roleset::vllm("rs-b", &[]);
     let pods: Vec<PodSpec> = [a.pods(true, true), b.pods(true, true)].concat();
     let gw = start_gateway(&pods, &[]).await;
 
@@ -151,9 +100,9 @@ async fn requests_are_prefilled_then_decoded_in_one_roleset() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incomplete_rolesets_are_skipped() {
-    let complete = Roleset::start("rs-ok", &[]);
-    let no_decode = Roleset::start("rs-half", &[]);
-    let decode_starting = Roleset::start("rs-starting", &[]);
+    let complete = Roleset::vllm("rs-ok", &[]);
+    let no_decode = Roleset::vllm("rs-half", &[]);
+    let decode_starting = Roleset::vllm("rs-starting", &[]);
     // rs-half has only its prefill pod; rs-starting's decode pod is not Ready.
     let pods: Vec<PodSpec> =
         [complete.pods(true, true), no_decode.pods(true, true)[..1].to_vec(), decode_starting.pods(true, false)]
@@ -191,7 +140,7 @@ async fn incomplete_rolesets_are_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_prefill_answers_503_and_sends_no_decode() {
-    let set = Roleset::start("rs-a", &[]);
+    let set = Roleset::vllm("rs-a", &[]);
     let gw = start_gateway(&set.pods(true, true), &["--prefill-request-timeout-seconds", "1"]).await;
 
     set.prefill.set_faults(json!({"hang": true})).await;
@@ -255,8 +204,8 @@ async fn a_failed_prefill_answers_503_and_sends_no_decode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefill_pod_that_refuses_connections_is_passed_over() {
-    let crashed = Roleset::start("rs-a", &[]);
-    let healthy = Roleset::start("rs-b", &[]);
+    let crashed = Roleset::vllm("rs-a", &[]);
+    let healthy = Roleset::vllm("rs-b", &[]);
     let gw = start_gateway(&[crashed.pods(true, true), healthy.pods(true, true)].concat(), &[]).await;
     // rs-a's prefill engine dies; the pods file still says Ready (the kubelet has not noticed).
     let Roleset { prefill, decode: crashed_decode, .. } = crashed;
@@ -275,7 +224,7 @@ async fn a_prefill_pod_that_refuses_connections_is_passed_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_answers_pass_through_from_the_decode_pod() {
-    let set = Roleset::start("rs-a", &["--tokens", "6", "--itl-ms", "5"]);
+    let set = Roleset::vllm("rs-a", &["--tokens", "6", "--itl-ms", "5"]);
     let gw = start_gateway(&set.pods(true, true), &[]).await;
     let body = json!({
         "model": MODEL,
@@ -323,8 +272,8 @@ async fn streaming_answers_pass_through_from_the_decode_pod() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_roleset_rollout_under_load_fails_no_request() {
     let timing = ["--ttft-ms", "5", "--itl-ms", "3"];
-    let old = Roleset::start("rs-old", &timing);
-    let new = Roleset::start("rs-new", &timing);
+    let old = Roleset::vllm("rs-old", &timing);
+    let new = Roleset::vllm("rs-new", &timing);
     let gw = Arc::new(start_gateway(&old.pods(true, true), &[]).await);
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -218,13 +218,8 @@ impl Completion {
     pub fn full_body(&self, usage: Usage, prefill: Option<&PrefillAnswer>) -> Bytes {
         let text = TokenText { first: 0, count: self.completion_tokens };
         let choice = Choice {
-            index: 0,
-            message: None,
-            delta: None,
-            text: None,
-            logprobs: None,
-            finish_reason: Some("length"),
             disaggregated_params: prefill.and_then(|p| p.disaggregated_params.as_ref()),
+            ..Choice::ending(Some("length"))
         };
         let (object, choice) = match self.endpoint {
             Endpoint::ChatCompletions => (
@@ -250,15 +245,7 @@ impl Completion {
     pub fn token_event(&self, index: u32) -> Bytes {
         let text = TokenText { first: index, count: 1 };
         let last = index.saturating_add(1) >= self.completion_tokens;
-        let choice = Choice {
-            index: 0,
-            message: None,
-            delta: None,
-            text: None,
-            logprobs: None,
-            finish_reason: last.then_some("length"),
-            disaggregated_params: None,
-        };
+        let choice = Choice::ending(last.then_some("length"));
         let (object, choice) = match self.endpoint {
             Endpoint::ChatCompletions => (
                 "chat.completion.chunk",
@@ -379,6 +366,21 @@ struct CompletionBody<'a> {
     kv_transfer_params: Option<&'a KvTransferOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     prompt_token_ids: Option<&'a [u64]>,
+}
+
+impl Choice<'_> {
+    /// The first choice, with no content yet, ending for `finish_reason`.
+    fn ending(finish_reason: Option<&'static str>) -> Self {
+        Self {
+            index: 0,
+            message: None,
+            delta: None,
+            text: None,
+            logprobs: None,
+            finish_reason,
+            disaggregated_params: None,
+        }
+    }
 }
 
 #[derive(Serialize)]
