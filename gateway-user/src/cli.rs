@@ -258,6 +258,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_in_flight: args.max_in_flight.max(1),
         max_connections_per_pod: upstream_settings.max_connections_per_pod,
         upstream_timeout: upstream_settings.response_timeout,
+        wake_sleeping_models: args.wake_sleeping_models,
         prefill_timeout: Duration::from_secs(args.routing.prefill_request_timeout_seconds.max(1)),
         trt_machine_id: args.routing.trt_machine_id.unwrap_or_else(replica_machine_id),
         count_prompt_tokens: if args.routing.prompt_length_bucketing {

@@ -130,6 +130,10 @@ pub enum GatewayError {
     /// `pd`: the prefill request failed or timed out; no decode was sent.
     #[error("prefill request to pod {pod} failed: {reason}")]
     PrefillFailed { pod: String, reason: String },
+    /// Every ready pod of the model sleeps (vLLM's sleep mode); `waking`:
+    /// one was asked to wake up (`--wake-sleeping-models`).
+    #[error("model {model} is sleeping{}", if *.waking { "; retry shortly" } else { "" })]
+    ModelSleeping { model: String, waking: bool },
 }
 
 /// Most bytes of a client-sent value (model, user, path, strategy, filter)
@@ -216,6 +220,7 @@ impl GatewayError {
             | Self::LimitStoreUnavailable
             | Self::NoPdRoleset { .. }
             | Self::RoutingFailed { .. }
+            | Self::ModelSleeping { .. }
             | Self::PrefillFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ModelRpsExceeded { .. }
@@ -240,6 +245,7 @@ impl GatewayError {
             | Self::LimitStoreUnavailable
             | Self::RoutingFailed { .. }
             | Self::NoPdRoleset { .. }
+            | Self::ModelSleeping { .. }
             | Self::UserRecordFailed { store_failed: true, .. }
             | Self::UserCounterFailed { .. } => Origin::Gateway,
             Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } | Self::PrefillFailed { .. } => Origin::Upstream,
@@ -264,7 +270,9 @@ impl GatewayError {
             | Self::UserRpmExceeded { .. }
             | Self::UserTpmExceeded { .. }
             | Self::ClientPenalised { .. } => Some("rate_limit_exceeded"),
-            Self::PodsNotLoaded | Self::RoutingFailed { .. } => Some("service_unavailable"),
+            Self::PodsNotLoaded | Self::RoutingFailed { .. } | Self::ModelSleeping { .. } => {
+                Some("service_unavailable")
+            }
             Self::LimitStoreUnavailable => Some("service_unavailable"),
             Self::Overloaded { .. } => Some("overloaded"),
             Self::PrefillFailed { .. } => Some("prefill_failed"),
@@ -303,7 +311,9 @@ impl GatewayError {
             Self::UnknownModel { model } => {
                 Some((name("x-error-no-model-backends"), HeaderValue::from_str(model).unwrap_or(TRUE)))
             }
-            Self::NoReadyPods { .. } | Self::NoPdRoleset { .. } => Some((name("x-error-no-model-backends"), TRUE)),
+            Self::NoReadyPods { .. } | Self::NoPdRoleset { .. } | Self::ModelSleeping { .. } => {
+                Some((name("x-error-no-model-backends"), TRUE))
+            }
             Self::UnknownStrategy { .. } | Self::InvalidExternalFilter { .. } | Self::RoutingFailed { .. } => {
                 Some((name("x-error-routing"), TRUE))
             }
@@ -347,6 +357,8 @@ impl GatewayError {
         }
         match self {
             Self::ClientPenalised { wait, .. } => Some(*wait),
+            // AIBrix's wait for a model it wakes (ModelClaim).
+            Self::ModelSleeping { waking: true, .. } => Some(Duration::from_secs(10)),
             Self::PodsNotLoaded
             | Self::NoReadyPods { .. }
             | Self::NoPdRoleset { .. }

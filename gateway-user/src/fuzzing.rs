@@ -138,11 +138,12 @@ pub fn engine_metrics_page(data: &[u8]) {
             generation_tokens,
             prefix_cache_queries,
             prefix_cache_hits,
+            awake,
         } = scraped;
         let histograms = [time_to_first_token, time_per_output_token, e2e_latency, queue_time, prefill_time];
         let values = [running, waiting, kv_cache_usage, gpu_cache_usage, prompt_tokens, generation_tokens]
             .into_iter()
-            .chain([prefix_cache_queries, prefix_cache_hits])
+            .chain([prefix_cache_queries, prefix_cache_hits, awake])
             .chain(histograms.iter().flat_map(|h| [h.map(|h| h.sum), h.map(|h| h.count)]));
         for value in values.flatten() {
             assert!(value.is_finite(), "{engine}: a non-finite value was read: {scraped:?}");

@@ -103,6 +103,13 @@ struct StoreErrorLabels {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WakeLabels {
+    model: Arc<str>,
+    /// `woken` or `failed`.
+    outcome: &'static str,
+}
+
 /// All gateway metric families.
 pub struct Metrics {
     registry: Registry,
@@ -119,6 +126,7 @@ pub struct Metrics {
     /// Prefill/decode disaggregation: selections, prefill latency and errors.
     pub pd: PdMetrics,
     invalid_configs: Family<ModelLabels, Counter>,
+    wakeups: Family<WakeLabels, Counter>,
     ratelimit_decisions: Family<RateLimitLabels, Counter>,
     ratelimit_rejections: Family<RejectionLabels, Counter>,
     /// Requests in flight per pod, read from the pod store at scrape time.
@@ -215,6 +223,12 @@ impl Metrics {
             "model.aibrix.ai/config annotations ignored because they do not parse",
             invalid_configs.clone(),
         );
+        let wakeups = Family::default();
+        registry.register(
+            "aibrix_gateway_model_wakeups",
+            "Wake-up calls sent to a pod of a model whose every pod sleeps, by outcome (woken, failed)",
+            wakeups.clone(),
+        );
         let ratelimit_decisions = Family::default();
         registry.register(
             "aibrix_gateway_ratelimit_decisions",
@@ -261,6 +275,7 @@ impl Metrics {
             routing,
             pd,
             invalid_configs,
+            wakeups,
             ratelimit_decisions,
             ratelimit_rejections,
             pod_in_flight,
@@ -325,6 +340,11 @@ impl Metrics {
     pub fn pod_readiness_transition(&self, model: &str, pod: &str, ready: bool) {
         let labels = ReadinessLabels { model: Arc::from(model), pod: Arc::from(pod), ready };
         self.readiness_transitions.get_or_create(&labels).inc();
+    }
+
+    /// A wake-up call to a sleeping model's pod ended: `woken` or `failed`.
+    pub fn model_wakeup(&self, model: &Arc<str>, outcome: &'static str) {
+        self.wakeups.get_or_create(&WakeLabels { model: Arc::clone(model), outcome }).inc();
     }
 
     pub fn invalid_config(&self, model: &str) {

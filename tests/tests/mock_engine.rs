@@ -355,6 +355,76 @@ async fn serves_models_health_and_other_endpoints() -> Result<()> {
     Ok(())
 }
 
+/// The `vllm:engine_sleep_state` samples of a `/metrics` page: (awake, weights_offloaded,
+/// discard_all).
+fn sleep_state(text: &str) -> (f64, f64, f64) {
+    let state = |label: &str| {
+        sample(text, &format!(r#"vllm:engine_sleep_state{{engine="0",model_name="mock-model",sleep_state="{label}"}}"#))
+    };
+    (state("awake"), state("weights_offloaded"), state("discard_all"))
+}
+
+#[tokio::test]
+async fn a_sleeping_engine_refuses_inference_until_it_has_woken() -> Result<()> {
+    let delay = Duration::from_millis(300);
+    let engine = Engine::start(&["--sleeping", "--wake-delay-ms", "300"]).await?;
+    let (status, answer) = engine.json(Method::GET, "/is_sleeping", None).await?;
+    assert_eq!((status, answer), (StatusCode::OK, json!({"is_sleeping": true})));
+    assert_eq!(sleep_state(&engine.metrics().await?), (0.0, 1.0, 0.0));
+
+    let (status, headers, body) = engine.call(Method::POST, "/v1/chat/completions", Some(chat(2, false))).await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["x-mock-engine"], "pod-a");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body)?,
+        json!({"error": {"message": "model is sleeping", "type": "ServiceUnavailableError", "param": null, "code": 503}})
+    );
+    // Models and health still answer.
+    let (status, _, _) = engine.call(Method::GET, "/v1/models", None).await?;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = engine.call(Method::GET, "/health", None).await?;
+    assert_eq!(status, StatusCode::OK);
+
+    let asked = Instant::now();
+    let (status, _, body) = engine.call(Method::POST, "/wake_up", None).await?;
+    assert_eq!((status, body.len()), (StatusCode::OK, 0));
+    let (_, answer) = engine.json(Method::GET, "/is_sleeping", None).await?;
+    assert!(answer["is_sleeping"] == true || asked.elapsed() >= delay, "awake before the delay: {answer}");
+    let deadline = asked + STEP;
+    loop {
+        let (_, answer) = engine.json(Method::GET, "/is_sleeping", None).await?;
+        if answer["is_sleeping"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never woke");
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert!(asked.elapsed() >= delay, "woke after {:?}", asked.elapsed());
+    let (status, answer) = engine.json(Method::POST, "/v1/chat/completions", Some(chat(2, false))).await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(sleep_state(&engine.metrics().await?), (1.0, 0.0, 0.0));
+
+    // Level 2, asked for by name on a filtered page.
+    let (status, _, body) = engine.call(Method::POST, "/sleep?level=2", None).await?;
+    assert_eq!((status, body.len()), (StatusCode::OK, 0));
+    let (_, _, page) = engine.call(Method::GET, "/metrics?name[]=vllm:engine_sleep_state", None).await?;
+    let page = String::from_utf8(page.to_vec())?;
+    assert_eq!(sleep_state(&page), (0.0, 0.0, 1.0));
+    assert_eq!(page.lines().count(), 5, "{page}");
+    let (status, error) = engine.json(Method::POST, "/sleep?level=3", None).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["error"]["param"], "level");
+
+    let (_, stats) = engine.json(Method::GET, "/mock/stats", None).await?;
+    assert_eq!(
+        stats["sleep"],
+        json!({"state": "discard_all", "waking": false, "sleep_calls": 2, "wake_up_calls": 1,
+            "refused_while_asleep": 1})
+    );
+    assert_eq!(stats["by_path"]["/v1/chat/completions"], 2);
+    Ok(())
+}
+
 #[tokio::test]
 async fn sglang_decode_waits_for_its_prefill_on_the_bootstrap_server() -> Result<()> {
     let (prefill, bootstrap) = Engine::start_announcing(

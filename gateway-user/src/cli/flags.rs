@@ -146,6 +146,15 @@ pub struct ServeArgs {
     #[arg(long, env = "TURNSTILE_MAX_CONNECT_ATTEMPTS", default_value_t = proxy::MAX_CONNECT_ATTEMPTS)]
     pub max_connect_attempts: usize,
 
+    /// When every ready pod of a model sleeps (vLLM's sleep mode, read from
+    /// `vllm:engine_sleep_state`), ask one to wake up (`POST /wake_up`, once
+    /// per model) and answer 503 with Retry-After until it is awake; off: 503
+    /// saying the model sleeps. Sleeping pods never get requests either way.
+    #[arg(long, env = "TURNSTILE_WAKE_SLEEPING_MODELS", action = clap::ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
+    pub wake_sleeping_models: bool,
+
     /// On SIGTERM: how long in-flight requests may take to finish.
     #[arg(long, env = "TURNSTILE_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,

@@ -31,7 +31,7 @@ pub use self::{
 };
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,8 @@ pub struct PodMetrics {
     pub busy_fraction: Option<f64>,
     /// Prompt tokens found in the engine's prefix cache over those looked up.
     pub prefix_cache_hit_rate: Option<f64>,
+    /// The engine says it sleeps (vLLM's sleep mode): it refuses requests.
+    pub sleeping: bool,
 }
 
 impl PodMetrics {
@@ -129,6 +131,7 @@ impl PodMetrics {
             generation_tokens_per_request: None,
             busy_fraction: None,
             prefix_cache_hit_rate: None,
+            sleeping: false,
         }
     }
 }
@@ -138,15 +141,35 @@ impl PodMetrics {
 pub struct PodSlot {
     model: Arc<str>,
     latest: ArcSwapOption<PodMetrics>,
+    /// The store's count of pods whose latest reading says they sleep.
+    sleeping: Arc<AtomicUsize>,
 }
 
 impl PodSlot {
-    fn new(model: &str) -> Self {
-        Self { model: Arc::from(model), latest: ArcSwapOption::empty() }
+    fn new(model: &str, sleeping: Arc<AtomicUsize>) -> Self {
+        Self { model: Arc::from(model), latest: ArcSwapOption::empty(), sleeping }
     }
 
     fn publish(&self, metrics: PodMetrics) {
-        self.latest.store(Some(Arc::new(metrics)));
+        let now = metrics.sleeping;
+        let before = self.latest.swap(Some(Arc::new(metrics))).is_some_and(|m| m.sleeping);
+        match (before, now) {
+            (false, true) => {
+                self.sleeping.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                self.sleeping.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for PodSlot {
+    fn drop(&mut self) {
+        if self.latest.load().as_ref().is_some_and(|m| m.sleeping) {
+            self.sleeping.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -161,6 +184,9 @@ pub struct EngineMetrics {
     stale_after_nanos: AtomicU64,
     /// Serialises the scraper's slot-map updates (request paths never take it).
     writer: Mutex<()>,
+    /// Pods whose latest reading says they sleep: while none does, requests
+    /// skip looking (one load).
+    sleeping: Arc<AtomicUsize>,
 }
 
 impl EngineMetrics {
@@ -170,6 +196,7 @@ impl EngineMetrics {
             slots: ArcSwap::from_pointee(HashMap::new()),
             stale_after_nanos: AtomicU64::new(nanos(stale_after)),
             writer: Mutex::new(()),
+            sleeping: Arc::default(),
         }
     }
 
@@ -179,6 +206,7 @@ impl EngineMetrics {
             source: ViewSource::Slots(self.slots.load_full()),
             now: Instant::now(),
             stale_after: self.stale_after(),
+            any_sleeping: self.sleeping.load(Ordering::Relaxed) > 0,
         }
     }
 
@@ -199,7 +227,7 @@ impl EngineMetrics {
         if let Some(slot) = current.get(key).filter(|s| &*s.model == model) {
             return Arc::clone(slot);
         }
-        let slot = Arc::new(PodSlot::new(model));
+        let slot = Arc::new(PodSlot::new(model, Arc::clone(&self.sleeping)));
         let mut next: Slots = (**current).clone();
         next.insert(key.to_owned(), Arc::clone(&slot));
         self.slots.store(Arc::new(next));
@@ -257,6 +285,8 @@ pub struct MetricsView {
     source: ViewSource,
     now: Instant,
     stale_after: Duration,
+    /// Some pod's latest reading says it sleeps.
+    any_sleeping: bool,
 }
 
 impl MetricsView {
@@ -267,8 +297,20 @@ impl MetricsView {
 
     /// A view of fixed readings, staleness judged against now.
     pub fn fixed(pods: impl IntoIterator<Item = (String, PodMetrics)>, stale_after: Duration) -> Self {
-        let map = pods.into_iter().map(|(k, m)| (k, Arc::new(m))).collect();
-        Self { source: ViewSource::Fixed(Arc::new(map)), now: Instant::now(), stale_after }
+        let map: HashMap<String, Arc<PodMetrics>> = pods.into_iter().map(|(k, m)| (k, Arc::new(m))).collect();
+        let any_sleeping = map.values().any(|m| m.sleeping);
+        Self { source: ViewSource::Fixed(Arc::new(map)), now: Instant::now(), stale_after, any_sleeping }
+    }
+
+    /// Whether the pod `key` says it sleeps (a fresh reading of vLLM's
+    /// sleep-state gauge): it refuses requests until woken.
+    pub fn sleeping(&self, key: &str) -> bool {
+        self.any_sleeping && matches!(self.reading(key), Reading::Fresh(m) if m.sleeping)
+    }
+
+    /// Some pod's latest reading says it sleeps.
+    pub fn any_sleeping(&self) -> bool {
+        self.any_sleeping
     }
 
     /// The metrics of the pod `key`.

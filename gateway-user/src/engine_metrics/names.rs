@@ -34,6 +34,9 @@ pub struct EngineNames {
     pub prefix_cache_queries: &'static [&'static str],
     /// Counter: prompt tokens found in the prefix cache.
     pub prefix_cache_hits: &'static [&'static str],
+    /// Gauge per `sleep_state` label value (`awake`, `weights_offloaded`,
+    /// `discard_all`), 1 for the engine's state: read for `awake`.
+    pub sleep_state: Option<&'static str>,
 }
 
 const VLLM: EngineNames = EngineNames {
@@ -50,6 +53,7 @@ const VLLM: EngineNames = EngineNames {
     generation_tokens: &["vllm:generation_tokens_total"],
     prefix_cache_queries: &["vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"],
     prefix_cache_hits: &["vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"],
+    sleep_state: Some("vllm:engine_sleep_state"),
 };
 
 const SGLANG: EngineNames = EngineNames {
@@ -66,6 +70,7 @@ const SGLANG: EngineNames = EngineNames {
     generation_tokens: &["sglang:generation_tokens_total"],
     prefix_cache_queries: &[],
     prefix_cache_hits: &[],
+    sleep_state: None,
 };
 
 impl EngineNames {
@@ -94,6 +99,7 @@ impl EngineNames {
             self.prefill_time,
         ];
         let mut samples: Vec<String> = single.iter().copied().flatten().map(|name| (*name).to_owned()).collect();
+        samples.extend(self.sleep_state.map(str::to_owned));
         for name in histograms.iter().copied().flatten() {
             samples.extend(["_bucket", "_sum", "_count"].map(|suffix| format!("{name}{suffix}")));
         }

@@ -47,6 +47,10 @@ pub struct Scraped {
     pub generation_tokens: Option<f64>,
     pub prefix_cache_queries: Option<f64>,
     pub prefix_cache_hits: Option<f64>,
+    /// The engine's `awake` sleep-state gauge: 1 awake, 0 asleep (the
+    /// largest over data-parallel ranks: awake if any rank is).
+    #[serde(default)]
+    pub awake: Option<f64>,
 }
 
 /// Why a scrape body gave nothing usable.
@@ -69,12 +73,23 @@ pub fn parse(text: &str, names: &EngineNames) -> Result<Scraped, ParseError> {
     // Until one line proves the body is a metrics page, unwanted lines are
     // tokenised too; after it they are only skipped.
     let mut has_sample = false;
+    let mut awake: Option<f64> = None;
     for line in lines(text) {
         if line.starts_with('#') || line.is_empty() {
             continue;
         }
         let name_end = memchr3(b'{', b' ', b'\t', line.as_bytes()).unwrap_or(line.len());
         let Some(name) = line.get(..name_end) else { continue };
+        if names.sleep_state == Some(name) {
+            if let Some(value) = sample_value(line, name_end) {
+                has_sample = true;
+                let labels = line.get(name_end..).unwrap_or_default();
+                if value.is_finite() && labels.contains("sleep_state=\"awake\"") {
+                    awake = Some(awake.map_or(value, |a| a.max(value)));
+                }
+            }
+            continue;
+        }
         let wanted = signals.reads(name);
         if !wanted && has_sample {
             continue;
@@ -93,7 +108,7 @@ pub fn parse(text: &str, names: &EngineNames) -> Result<Scraped, ParseError> {
         let start: String = text.chars().take(40).collect();
         return Err(ParseError::Syntax(format!("no sample line in {} bytes starting {start:?}", text.len())));
     }
-    Ok(scraped(&totals))
+    Ok(Scraped { awake, ..scraped(&totals) })
 }
 
 /// Most names read per signal (the lists in `names.rs` hold two at most; a
@@ -169,6 +184,7 @@ impl Signals {
             generation_tokens,
             prefix_cache_queries,
             prefix_cache_hits,
+            sleep_state: _,
         } = *names;
         let signal = |names, kind| Signal { names, kind };
         let signals = [
@@ -261,6 +277,7 @@ fn scraped(totals: &[[Candidate; MAX_CANDIDATES]; SIGNALS]) -> Scraped {
         generation_tokens: single(generation_tokens),
         prefix_cache_queries: single(prefix_cache_queries),
         prefix_cache_hits: single(prefix_cache_hits),
+        awake: None,
     }
 }
 
@@ -475,6 +492,26 @@ vllm:prefix_cache_queries_total{engine="0",model_name="llama \"q\", x"} 80.0
             }
         }
         kept
+    }
+
+    #[test]
+    fn the_sleep_state_is_read_from_its_awake_sample() {
+        let vllm = names::for_engine("vllm");
+        let page = |awake: &str, offloaded: &str| {
+            format!(
+                "vllm:num_requests_running 0\n\
+                 vllm:engine_sleep_state{{engine=\"0\",model_name=\"m\",sleep_state=\"awake\"}} {awake}\n\
+                 vllm:engine_sleep_state{{engine=\"0\",model_name=\"m\",sleep_state=\"weights_offloaded\"}} {offloaded}\n"
+            )
+        };
+        assert_eq!(parse(&page("0.0", "1.0"), vllm).map(|s| s.awake), Ok(Some(0.0)));
+        assert_eq!(parse(&page("1.0", "0.0"), vllm).map(|s| s.awake), Ok(Some(1.0)));
+        assert_eq!(parse("vllm:num_requests_running 0\n", vllm).map(|s| s.awake), Ok(None), "no gauge: not known");
+        // Data-parallel ranks: awake while any rank is.
+        let ranks = "vllm:engine_sleep_state{engine=\"0\",sleep_state=\"awake\"} 0\n\
+                     vllm:engine_sleep_state{engine=\"1\",sleep_state=\"awake\"} 1\n";
+        assert_eq!(parse(ranks, vllm).map(|s| s.awake), Ok(Some(1.0)));
+        assert_eq!(parse(FULL_PAGE, vllm).map(|s| s.awake), Ok(Some(1.0)));
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl<U: Upstream> Proxy<U> {
         quota: &mut Quota,
         ctx: &mut RequestContext,
     ) -> Result<Forwarded<U::Body>, GatewayError> {
-        let candidates = resolved.candidates();
+        let candidates = self.awake(resolved.candidates(), route_request, send.model)?;
         let mut refused: Vec<Refusal> = Vec::new();
         loop {
             let left = remaining(&candidates, &refused);
@@ -207,6 +207,28 @@ impl<U: Upstream> Proxy<U> {
                 Err(Failed::Refused(refusal)) => return Err(self.give_up(Some(refusal), send, ctx)),
             }
         }
+    }
+
+    /// The candidates whose engines do not say they sleep. When every one
+    /// sleeps: 503, after asking one to wake up (`--wake-sleeping-models`).
+    fn awake<'a>(
+        &self,
+        candidates: Cow<'a, [Arc<PodInfo>]>,
+        route_request: &RouteRequest<'_>,
+        model: &Arc<str>,
+    ) -> Result<Cow<'a, [Arc<PodInfo>]>, GatewayError> {
+        let view = &route_request.metrics;
+        if !view.any_sleeping() || !candidates.iter().any(|p| view.sleeping(&p.key)) {
+            self.waker.awake(model);
+            return Ok(candidates);
+        }
+        let awake: Vec<Arc<PodInfo>> = candidates.iter().filter(|p| !view.sleeping(&p.key)).cloned().collect();
+        if awake.is_empty() {
+            let waking = self.waker.wake(model, &candidates);
+            return Err(GatewayError::ModelSleeping { model: model.to_string(), waking });
+        }
+        self.waker.awake(model);
+        Ok(Cow::Owned(awake))
     }
 
     /// Sends the request along one route.

@@ -25,6 +25,7 @@ mod tests;
 pub mod upstream;
 pub mod upstream_conn;
 pub mod usage;
+pub mod wake;
 pub mod write_watch;
 
 use std::borrow::Cow;
@@ -87,6 +88,8 @@ pub struct ProxySettings {
     pub upstream_timeout: Duration,
     /// How long a `pd` prefill may take (`AIBRIX_PREFILL_REQUEST_TIMEOUT`).
     pub prefill_timeout: Duration,
+    /// Wake a model whose every pod sleeps (`--wake-sleeping-models`).
+    pub wake_sleeping_models: bool,
     /// TensorRT-LLM `pd`: this replica's machine id in `disagg_request_id`s.
     pub trt_machine_id: u16,
     /// Prompt tokens counted before routing (off the async workers for
@@ -154,6 +157,8 @@ pub struct Proxy<U = HttpUpstream> {
     settings: ProxySettings,
     /// Where large bodies are parsed, tokenized and hashed.
     offload: offload::Offload,
+    /// Wakes models whose every pod sleeps.
+    waker: wake::Waker,
     /// Requests in flight, against `settings.max_in_flight`.
     in_flight: Arc<InFlightCount>,
 }
@@ -230,7 +235,9 @@ enum Target {
 impl<U: Upstream> Proxy<U> {
     pub fn new(parts: ProxyParts<U>) -> Self {
         let ProxyParts { store, router, engine_metrics, metrics, limits, upstream, kernel, settings } = parts;
+        let waker = wake::Waker::new(settings.wake_sleeping_models, Arc::clone(&metrics));
         Self {
+            waker,
             store,
             router,
             engine_metrics,
@@ -710,6 +717,7 @@ fn aibrix_status(error: &GatewayError) -> AibrixStatus {
         | E::ModelRpsExceeded { .. }
         | E::StreamUsageRequired
         | E::NoPdRoleset { .. }
+        | E::ModelSleeping { .. }
         | E::RoutingFailed { .. } => AibrixStatus::RequestBodyFail,
         E::UpstreamFailed { .. } | E::UpstreamTimeout { .. } | E::PrefillFailed { .. } => {
             AibrixStatus::ResponseHeadersFail

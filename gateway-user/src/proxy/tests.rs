@@ -185,6 +185,7 @@ impl Rig {
             max_connections_per_pod: 8,
             upstream_timeout: Duration::from_secs(300),
             prefill_timeout: Duration::from_secs(30),
+            wake_sleeping_models: false,
             trt_machine_id: 0,
             count_prompt_tokens: super::offload::TokenCount::Skip,
         };

@@ -134,6 +134,16 @@ pub struct MockEngineArgs {
     /// before answering 504.
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=MAX_DELAY_MS))]
     pub bootstrap_timeout_ms: u64,
+
+    /// Start asleep, as after vLLM's `POST /sleep?level=1`: inference answers 503 until a
+    /// `POST /wake_up`.
+    #[arg(long)]
+    pub sleeping: bool,
+
+    /// How long a `POST /wake_up` takes: the engine stays asleep until this has passed.
+    /// 0 wakes it at once.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(..=MAX_DELAY_MS))]
+    pub wake_delay_ms: u64,
 }
 
 #[cfg(test)]
@@ -155,9 +165,12 @@ mod tests {
         assert_eq!(args.max_running, 256);
         assert_eq!(args.listen.port(), 0);
         assert_eq!((args.ttft_per_running_us, args.ttft_per_uncached_token_us, args.prefix_cache_blocks), (0, 0, 0));
+        assert_eq!((args.sleeping, args.wake_delay_ms), (false, 200));
 
         let args = MockEngineArgs::parse_from(["mock-engine", "--model", "a", "--model", "b"]);
         assert_eq!(args.models, ["a", "b"]);
+        let args = MockEngineArgs::parse_from(["mock-engine", "--sleeping", "--wake-delay-ms", "0"]);
+        assert_eq!((args.sleeping, args.wake_delay_ms), (true, 0));
     }
 
     #[test]
@@ -192,6 +205,7 @@ mod tests {
             ["--itl-ms", "99999999"],
             ["--engine-kind", "tgi"],
             ["--bootstrap-timeout-ms", "0"],
+            ["--wake-delay-ms", "99999999"],
         ] {
             let argv = std::iter::once("mock-engine").chain(bad);
             assert!(MockEngineArgs::try_parse_from(argv).is_err(), "{bad:?}");

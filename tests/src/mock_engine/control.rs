@@ -1,5 +1,5 @@
-//! Everything that is not inference: health, models, metrics, and the `/mock/*` control
-//! endpoints tests use to steer and inspect the engine.
+//! Everything that is not inference: health, models, metrics, vLLM's sleep mode endpoints,
+//! and the `/mock/*` control endpoints tests use to steer and inspect the engine.
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -8,6 +8,7 @@ use super::body::MockBody;
 use super::faults::FaultsPatch;
 use super::inference::{ReadError, read_body};
 use super::openai::{json_bytes, models_body};
+use super::sleep::SleepLevel;
 use super::state::EngineState;
 
 /// Largest `/mock/faults` body accepted.
@@ -22,7 +23,7 @@ pub async fn handle(state: &EngineState, request: Request<Incoming>) -> Response
         (&Method::GET, "/version") => state.json(StatusCode::OK, json_bytes(&serde_json::json!({"version": "mock"}))),
         (&Method::GET, "/metrics") => {
             state.stats.scraped();
-            let text = state.metrics.render(state.first_model(), state.load.snapshot());
+            let text = state.metrics.render(state.first_model(), state.load.snapshot(), state.sleep.state());
             let text = match requested_samples(request.uri().query()) {
                 Some(samples) => restrict(&text, &samples),
                 None => text,
@@ -32,13 +33,35 @@ pub async fn handle(state: &EngineState, request: Request<Incoming>) -> Response
         (&Method::GET, "/mock/stats") => {
             let mut stats = state.stats.to_json(&state.name);
             stats["pd"] = state.pd.to_json();
+            stats["sleep"] = state.sleep.to_json();
             state.json(StatusCode::OK, json_bytes(&stats))
+        }
+        // vLLM's dev-mode sleep endpoints: empty 200 answers, `level` read from the query.
+        (&Method::POST, "/sleep") => {
+            state.sleep.count_sleep_call();
+            let level = query_value(request.uri().query(), "level");
+            match SleepLevel::parse(level.as_deref().unwrap_or("1")) {
+                Ok(level) => {
+                    state.sleep.sleep(level);
+                    state.respond(StatusCode::OK, "", MockBody::empty())
+                }
+                Err(message) => state.error(StatusCode::BAD_REQUEST, "BadRequestError", &message, Some("level")),
+            }
+        }
+        (&Method::POST, "/wake_up") => {
+            state.sleep.wake_up();
+            state.respond(StatusCode::OK, "", MockBody::empty())
+        }
+        (&Method::GET, "/is_sleeping") => {
+            state.json(StatusCode::OK, json_bytes(&serde_json::json!({"is_sleeping": state.sleep.is_sleeping()})))
         }
         (&Method::GET, "/mock/faults") => state.json(StatusCode::OK, json_bytes(&state.faults.current())),
         (&Method::POST, "/mock/faults") => update_faults(state, request).await,
-        (_, "/health" | "/v1/models" | "/version" | "/metrics" | "/mock/stats" | "/mock/faults") => {
-            method_not_allowed(state)
-        }
+        (
+            _,
+            "/health" | "/v1/models" | "/version" | "/metrics" | "/sleep" | "/wake_up" | "/is_sleeping" | "/mock/stats"
+            | "/mock/faults",
+        ) => method_not_allowed(state),
         _ => state.error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None),
     }
 }
@@ -65,15 +88,25 @@ async fn update_faults(state: &EngineState, request: Request<Incoming>) -> Respo
     }
 }
 
+/// The decoded `key=value` pairs of a query, in order.
+fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (String, String)> + '_ {
+    query
+        .into_iter()
+        .flat_map(|query| query.split('&'))
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(key, value)| (percent_decoded(key), percent_decoded(value)))
+}
+
+/// The value of `key` in a query; the last one when repeated, as Starlette reads it.
+fn query_value(query: Option<&str>, key: &str) -> Option<String> {
+    query_pairs(query).filter(|(name, _)| name == key).map(|(_, value)| value).last()
+}
+
 /// The sample names a `/metrics` query asks for (`name[]=…`, as
 /// prometheus_client reads it); `None` when it names none.
 fn requested_samples(query: Option<&str>) -> Option<std::collections::HashSet<String>> {
-    let samples: std::collections::HashSet<String> = query?
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .filter(|(key, _)| percent_decoded(key) == "name[]")
-        .map(|(_, value)| percent_decoded(value))
-        .collect();
+    let samples: std::collections::HashSet<String> =
+        query_pairs(query).filter(|(key, _)| key == "name[]").map(|(_, value)| value).collect();
     (!samples.is_empty()).then_some(samples)
 }
 
@@ -148,5 +181,29 @@ mod tests {
         );
         assert_eq!(requested_samples(Some("x=1")), None);
         assert_eq!(requested_samples(None), None);
+    }
+
+    #[test]
+    fn a_name_query_keeps_the_sleep_state_gauge() {
+        use super::super::load::LoadSnapshot;
+        use super::super::metrics::EngineMetrics;
+        use super::super::sleep::SleepState;
+
+        let load = LoadSnapshot { running: 0, waiting: 0, kv_usage: 0.0 };
+        let page = EngineMetrics::default().render("m", load, SleepState::DiscardAll);
+        let asked = requested_samples(Some("name[]=vllm%3Aengine_sleep_state")).expect("names");
+        let kept = restrict(&page, &asked);
+        let lines: Vec<&str> = kept.lines().collect();
+        assert_eq!(lines.len(), 5, "{kept}");
+        assert!(lines[0].starts_with("# HELP vllm:engine_sleep_state "), "{kept}");
+        assert_eq!(lines[1], "# TYPE vllm:engine_sleep_state gauge");
+        assert_eq!(lines[4], r#"vllm:engine_sleep_state{engine="0",model_name="m",sleep_state="discard_all"} 1.0"#);
+    }
+
+    #[test]
+    fn query_values_are_decoded_and_the_last_one_wins() {
+        assert_eq!(query_value(Some("level=1&mode=wait&level=%32"), "level").as_deref(), Some("2"));
+        assert_eq!(query_value(Some("levels=1"), "level"), None);
+        assert_eq!(query_value(None, "level"), None);
     }
 }

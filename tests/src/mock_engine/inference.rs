@@ -1,5 +1,5 @@
-//! The life of an inference request, in order: count → read → faults → parse → check the
-//! model → generate → answer.
+//! The life of an inference request, in order: count → read → faults → refuse while asleep
+//! → parse → check the model → generate → answer.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -59,6 +59,10 @@ pub async fn handle(
     if let Some(status) = faults.fail_status {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Ok(state.failure(status));
+    }
+    // After the faults, which stand for a broken server or network in front of the engine.
+    if let Some(refusal) = state.refusal_while_asleep() {
+        return Ok(refusal);
     }
 
     let mut request = match serde_json::from_slice::<InferenceRequest>(&body) {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::load::LoadSnapshot;
+use super::sleep::SleepState;
 
 /// vLLM's `vllm:time_to_first_token_seconds` buckets.
 const TTFT_BUCKETS: &[f64] = &[
@@ -88,15 +89,16 @@ impl EngineMetrics {
         self.e2e_request_latency.observe(since_arrival);
     }
 
-    /// The Prometheus text exposition of these metrics and `load`, labelled with `model`.
-    pub fn render(&self, model: &str, load: LoadSnapshot) -> String {
+    /// The Prometheus text exposition of these metrics, `load` and the `sleep` state,
+    /// labelled with `model`.
+    pub fn render(&self, model: &str, load: LoadSnapshot, sleep: SleepState) -> String {
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
-        let _ = self.write(&mut out, &escape_label_value(model), load);
+        let _ = self.write(&mut out, &escape_label_value(model), load, sleep);
         out
     }
 
-    fn write(&self, out: &mut String, model: &str, load: LoadSnapshot) -> fmt::Result {
+    fn write(&self, out: &mut String, model: &str, load: LoadSnapshot, sleep: SleepState) -> fmt::Result {
         let labels = format!("model_name=\"{model}\"");
         let LoadSnapshot { running, waiting, kv_usage } = load;
         let family = |out: &mut String, name: &str, kind: &str, help: &str| {
@@ -112,6 +114,21 @@ impl EngineMetrics {
         // Older engines export the same value under this name; the gateway falls back to it.
         family(out, "vllm:gpu_cache_usage_perc", "gauge", "GPU KV-cache usage. 1 means 100 percent usage.")?;
         writeln!(out, "vllm:gpu_cache_usage_perc{{{labels}}} {kv_usage:?}")?;
+        // One sample per state, 1 for the current one. vLLM labels this family with its
+        // engine index too, and prometheus_client writes labels sorted by name.
+        let name = "vllm:engine_sleep_state";
+        family(
+            out,
+            name,
+            "gauge",
+            "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is awake; \
+             weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",
+        )?;
+        for state in SleepState::ALL {
+            let value = if state == sleep { 1.0_f64 } else { 0.0 };
+            let label = state.label();
+            writeln!(out, "{name}{{engine=\"0\",{labels},sleep_state=\"{label}\"}} {value:?}")?;
+        }
 
         let counters = [
             ("vllm:prompt_tokens_total", "Number of prefill tokens processed.", &self.prompt_tokens, ""),
@@ -243,7 +260,7 @@ mod tests {
     #[test]
     fn renders_load_state() {
         let load = LoadSnapshot { running: 3, waiting: 2, kv_usage: 0.25 };
-        let text = EngineMetrics::default().render("m", load);
+        let text = EngineMetrics::default().render("m", load, SleepState::Awake);
         assert_eq!(sample(&text, r#"vllm:num_requests_running{model_name="m"}"#), "3");
         assert_eq!(sample(&text, r#"vllm:num_requests_waiting{model_name="m"}"#), "2");
         assert_eq!(sample(&text, r#"vllm:kv_cache_usage_perc{model_name="m"}"#), "0.25");
@@ -266,7 +283,7 @@ mod tests {
         metrics.token_generated();
         metrics.request_succeeded(Duration::from_millis(400));
         metrics.prefix_cache_lookup(12, 8);
-        let text = metrics.render("m", idle());
+        let text = metrics.render("m", idle(), SleepState::Awake);
         assert_eq!(sample(&text, r#"vllm:prefix_cache_queries_total{model_name="m"}"#), "12");
         assert_eq!(sample(&text, r#"vllm:prefix_cache_hits_total{model_name="m"}"#), "8");
 
@@ -287,6 +304,33 @@ mod tests {
     }
 
     #[test]
+    fn renders_one_sleep_state_sample_per_state() {
+        let text = EngineMetrics::default().render("m", idle(), SleepState::Awake);
+        let family: Vec<&str> = text.lines().filter(|line| line.contains("vllm:engine_sleep_state")).collect();
+        assert_eq!(
+            family,
+            [
+                "# HELP vllm:engine_sleep_state Engine sleep state; awake = 0 means engine is sleeping; \
+                 awake = 1 means engine is awake; weights_offloaded = 1 means sleep level 1; \
+                 discard_all = 1 means sleep level 2.",
+                "# TYPE vllm:engine_sleep_state gauge",
+                r#"vllm:engine_sleep_state{engine="0",model_name="m",sleep_state="awake"} 1.0"#,
+                r#"vllm:engine_sleep_state{engine="0",model_name="m",sleep_state="weights_offloaded"} 0.0"#,
+                r#"vllm:engine_sleep_state{engine="0",model_name="m",sleep_state="discard_all"} 0.0"#,
+            ]
+        );
+        for state in [SleepState::WeightsOffloaded, SleepState::DiscardAll] {
+            let text = EngineMetrics::default().render("m", idle(), state);
+            for other in SleepState::ALL {
+                let series =
+                    format!(r#"vllm:engine_sleep_state{{engine="0",model_name="m",sleep_state="{}"}}"#, other.label());
+                let expected = if other == state { "1.0" } else { "0.0" };
+                assert_eq!(sample(&text, &series), expected, "{state:?}: {series}");
+            }
+        }
+    }
+
+    #[test]
     fn bucket_bounds_are_inclusive() {
         let histogram = Histogram::new(&[0.5, 1.0]);
         histogram.observe(Duration::from_millis(500));
@@ -297,7 +341,7 @@ mod tests {
 
     #[test]
     fn escapes_model_label() {
-        let text = EngineMetrics::default().render("a\"b\\c", idle());
+        let text = EngineMetrics::default().render("a\"b\\c", idle(), SleepState::Awake);
         assert!(text.contains(r#"vllm:num_requests_running{model_name="a\"b\\c"} 0"#));
     }
 }

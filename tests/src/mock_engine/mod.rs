@@ -8,16 +8,18 @@
 //! size, a FIFO queue before it, a KV cache filled by running requests, a prefix cache, and
 //! token timing where the time to first token can grow with the batch and with the prompt
 //! tokens the prefix cache did not hold. Faults (error status, connection reset, hang) and timing can be switched at run
-//! time through `POST /mock/faults`; `GET /mock/stats` reports the traffic received.
+//! time through `POST /mock/faults`; `GET /mock/stats` reports the traffic received. vLLM's
+//! sleep mode (`POST /sleep`, `POST /wake_up`, `GET /is_sleeping`, `--sleeping`) puts the
+//! engine to sleep: inference answers 503 until it has woken.
 //!
 //! Layout, in request order: `server` accepts connections (`connection` can end them with a
 //! reset); `inference` takes an inference request through `faults`, `request` parsing and a
 //! `generation` on the `load` model, answering with `openai` bodies (streamed by `body`);
-//! `control` serves health, models, `metrics` and `stats`. `state` is what they share. With
-//! `--role prefill|decode` the engine plays one half of a disaggregated request and `pd`
-//! checks the handover a PD gateway must perform for the engine of `--engine-kind` (vLLM's
-//! `kv_transfer_params` and its other KV connectors, SGLang's bootstrap rooms, TensorRT-LLM's
-//! `disaggregated_params`).
+//! `control` serves health, models, `metrics`, `stats` and the `sleep` endpoints. `state` is
+//! what they share. With `--role prefill|decode` the engine plays one half of a
+//! disaggregated request and `pd` checks the handover a PD gateway must perform for the
+//! engine of `--engine-kind` (vLLM's `kv_transfer_params` and its other KV connectors,
+//! SGLang's bootstrap rooms, TensorRT-LLM's `disaggregated_params`).
 
 mod body;
 mod cli;
@@ -33,6 +35,7 @@ mod pd;
 mod prefix;
 mod request;
 mod server;
+mod sleep;
 mod state;
 mod stats;
 mod upload;

@@ -15,6 +15,7 @@ use super::metrics::EngineMetrics;
 use super::openai::{ErrorBody, ResponseIds};
 use super::pd::{Handshake, PdState};
 use super::prefix::PrefixCache;
+use super::sleep::SleepSwitch;
 use super::stats::RequestStats;
 
 /// Names the engine on every response, so tests see which pod answered.
@@ -52,6 +53,8 @@ pub struct EngineState {
     pub pd: PdState,
     /// What a `--fail-status` answer's body looks like.
     pub fail_body: super::cli::FailBody,
+    /// vLLM's sleep mode: asleep or awake, and the sleep calls seen.
+    pub sleep: SleepSwitch,
 }
 
 impl EngineState {
@@ -87,6 +90,7 @@ impl EngineState {
                     Duration::from_millis(args.bootstrap_timeout_ms),
                 ),
             fail_body: args.fail_body,
+            sleep: SleepSwitch::new(args.sleeping, Duration::from_millis(args.wake_delay_ms)),
         })
     }
 
@@ -135,6 +139,15 @@ impl EngineState {
                 MockBody::full(bytes::Bytes::from_static(b"<html><body><h1>mock failure</h1></body></html>")),
             ),
         }
+    }
+
+    /// The answer to an inference request while the engine sleeps (counted), or `None`
+    /// when it is awake: 503 `ServiceUnavailableError`, "model is sleeping". See
+    /// [`super::sleep`] for how this differs from vLLM.
+    pub fn refusal_while_asleep(&self) -> Option<Response<MockBody>> {
+        self.sleep
+            .refuse()
+            .then(|| self.error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", "model is sleeping", None))
     }
 
     /// A vLLM-style error response; `kind` is vLLM's exception name.

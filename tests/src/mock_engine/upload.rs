@@ -65,6 +65,9 @@ pub async fn handle(
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Ok(state.failure(status));
     }
+    if let Some(refusal) = state.refusal_while_asleep() {
+        return Ok(refusal);
+    }
     let model = received.fields.get("model").and_then(Value::as_str).unwrap_or("").to_owned();
     if !state.models.contains(&model) {
         let message = format!("The model `{model}` does not exist.");
