@@ -2,9 +2,13 @@
 //! tests/pd_engines.rs): one prefill and one decode engine playing an engine's
 //! role, their pods labelled as AIBrix labels them, and what the mocks saw.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::StatusCode;
 use serde_json::Value;
 
-use crate::harness::{Engine, Gateway, PodSpec, free_port};
+use crate::harness::{Engine, Gateway, PodSpec, free_port, post, send};
 
 /// The model every roleset serves.
 pub const MODEL: &str = "llama";
@@ -128,4 +132,59 @@ impl Roleset {
 pub async fn start_gateway(pods: &[PodSpec], extra: &[&str]) -> Gateway {
     let args: Vec<&str> = ["--routing-algorithm", "pd"].iter().chain(extra).copied().collect();
     Gateway::start(pods, &args).await
+}
+
+/// Clients sending requests through a rollout; every answer must be a 200
+/// (and a stream must end with `[DONE]`).
+pub struct RolloutLoad {
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl RolloutLoad {
+    /// `workers` clients posting to `path` the body `body(worker, n)` gives
+    /// (with whether it streams), until [`RolloutLoad::finish`], at most
+    /// 2000 requests each.
+    pub fn start(
+        gw: &Arc<Gateway>,
+        path: &'static str,
+        workers: usize,
+        body: impl Fn(usize, usize) -> (String, bool) + Send + Sync + 'static,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let body = Arc::new(body);
+        let workers = (0..workers)
+            .map(|worker| {
+                let (gw, stop, body) = (Arc::clone(gw), Arc::clone(&stop), Arc::clone(&body));
+                tokio::spawn(async move {
+                    let mut failures = Vec::new();
+                    let mut sent = 0;
+                    // Bounded by the stop flag and by count.
+                    while !stop.load(Ordering::Relaxed) && sent < 2000 {
+                        let (request, stream) = body(worker, sent);
+                        let reply = send(post(&gw.url(path), &request, &[])).await;
+                        let complete = !stream || reply.text().contains("data: [DONE]");
+                        if reply.status != StatusCode::OK || !complete {
+                            failures.push(format!("worker {worker}: {}: {}", reply.status, reply.text()));
+                        }
+                        sent += 1;
+                    }
+                    (sent, failures)
+                })
+            })
+            .collect();
+        Self { stop, workers }
+    }
+
+    /// Stops the clients, asserts that no request failed, and says how many were sent.
+    pub async fn finish(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for worker in self.workers {
+            let (sent, failures) = worker.await.expect("worker finished");
+            assert!(failures.is_empty(), "{} requests failed, first: {}", failures.len(), failures[0]);
+            total += sent;
+        }
+        total
+    }
 }

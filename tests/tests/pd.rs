@@ -7,13 +7,12 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::{Value, json};
 use turnstile_tests::harness::{Gateway, PodSpec, Reply, eventually, next_data, open_stream, post, send};
-use turnstile_tests::pd::{MODEL, Roleset, start_gateway};
+use turnstile_tests::pd::{MODEL, Roleset, RolloutLoad, start_gateway};
 
 fn chat(content: &str, stream: bool) -> String {
     json!({
@@ -276,27 +275,10 @@ async fn a_roleset_rollout_under_load_fails_no_request() {
     let new = Roleset::vllm("rs-new", &timing);
     let gw = Arc::new(start_gateway(&old.pods(true, true), &[]).await);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for worker in 0..4 {
-        let (gw, stop) = (Arc::clone(&gw), Arc::clone(&stop));
-        workers.push(tokio::spawn(async move {
-            let mut failures = Vec::new();
-            let mut sent = 0;
-            // Bounded by the stop flag and by count.
-            while !stop.load(Ordering::Relaxed) && sent < 2000 {
-                let stream = sent % 3 == 0;
-                let body = chat(&format!("worker {worker} request {sent}"), stream);
-                let reply = send(post(&gw.url("/v1/chat/completions"), &body, &[])).await;
-                let complete = !stream || reply.text().contains("data: [DONE]");
-                if reply.status != StatusCode::OK || !complete {
-                    failures.push(format!("{}: {}", reply.status, reply.text()));
-                }
-                sent += 1;
-            }
-            (sent, failures)
-        }));
-    }
+    let load = RolloutLoad::start(&gw, "/v1/chat/completions", 4, |worker, sent| {
+        let stream = sent % 3 == 0;
+        (chat(&format!("worker {worker} request {sent}"), stream), stream)
+    });
 
     let step = Duration::from_millis(400);
     tokio::time::sleep(step).await;
@@ -329,13 +311,7 @@ async fn a_roleset_rollout_under_load_fails_no_request() {
     drop(old);
     tokio::time::sleep(step).await;
 
-    stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    for worker in workers {
-        let (sent, failures) = worker.await.expect("worker finished");
-        assert!(failures.is_empty(), "{} requests failed, first: {}", failures.len(), failures[0]);
-        total += sent;
-    }
+    let total = load.finish().await;
     assert!(total > 40, "steady load: {total} requests");
     new.assert_no_rejections().await;
 }

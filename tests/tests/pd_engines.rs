@@ -9,13 +9,12 @@
 //! prompt's token ids). vLLM's default connector is tests/pd.rs.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::json;
 use turnstile_tests::harness::{Engine, Gateway, PodSpec, Reply, post, send};
-use turnstile_tests::pd::{CONFIG_ANNOTATION, ENGINE_LABEL, Kind, MODEL, Roleset, start_gateway};
+use turnstile_tests::pd::{CONFIG_ANNOTATION, ENGINE_LABEL, Kind, MODEL, Roleset, RolloutLoad, start_gateway};
 
 fn chat(content: &str, stream: bool) -> String {
     json!({"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 5, "stream": stream})
@@ -230,30 +229,11 @@ async fn a_rollout_of_one_bucket_under_load_fails_no_request() {
     let short_prompt = Arc::new(prompt_of(10));
     let long_prompt = Arc::new(prompt_of(40));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for worker in 0..4 {
-        let (gw, stop) = (Arc::clone(&gw), Arc::clone(&stop));
-        let (short_prompt, long_prompt) = (Arc::clone(&short_prompt), Arc::clone(&long_prompt));
-        workers.push(tokio::spawn(async move {
-            let mut failures = Vec::new();
-            let mut sent = 0;
-            // Bounded by the stop flag and by count.
-            while !stop.load(Ordering::Relaxed) && sent < 2000 {
-                let prompt = if sent % 4 == 3 { &long_prompt } else { &short_prompt };
-                let stream = sent % 3 == 0;
-                let body = json!({"model": MODEL, "prompt": format!("{prompt}"), "max_tokens": 3, "stream": stream})
-                    .to_string();
-                let reply = send(post(&gw.url("/v1/completions"), &body, &[])).await;
-                let complete = !stream || reply.text().contains("data: [DONE]");
-                if reply.status != StatusCode::OK || !complete {
-                    failures.push(format!("worker {worker}: {}: {}", reply.status, reply.text()));
-                }
-                sent += 1;
-            }
-            (sent, failures)
-        }));
-    }
+    let load = RolloutLoad::start(&gw, "/v1/completions", 4, move |_, sent| {
+        let prompt = if sent % 4 == 3 { &long_prompt } else { &short_prompt };
+        let stream = sent % 3 == 0;
+        (json!({"model": MODEL, "prompt": format!("{prompt}"), "max_tokens": 3, "stream": stream}).to_string(), stream)
+    });
 
     let step = Duration::from_millis(400);
     tokio::time::sleep(step).await;
@@ -275,13 +255,7 @@ async fn a_rollout_of_one_bucket_under_load_fails_no_request() {
     tokio::time::sleep(step).await;
     assert!(new.decode.requests_total().await > new_before, "the new roleset serves the bucket");
 
-    stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    for worker in workers {
-        let (sent, failures) = worker.await.expect("worker finished");
-        assert!(failures.is_empty(), "{} requests failed, first: {}", failures.len(), failures[0]);
-        total += sent;
-    }
+    let total = load.finish().await;
     assert!(total > 40, "steady load: {total} requests");
     new.assert_no_rejections().await;
     long.assert_no_rejections().await;
