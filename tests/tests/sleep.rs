@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use turnstile_tests::harness::{Engine, Gateway, PodSpec, chat_body, eventually, post, send};
+use turnstile_tests::pd::{MODEL as PD_MODEL, Roleset, start_gateway};
 
 const MODEL: &str = "llama";
 
@@ -89,4 +90,24 @@ async fn fifty_concurrent_requests_wake_a_sleeping_model_once() {
         0,
         "no request reached a sleeping engine"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pd_model_whose_decode_pods_sleep_has_a_decode_pod_woken() {
+    let set = Roleset::vllm("rs", &["--wake-delay-ms", "300"]);
+    let slept = send(post(&set.decode.url("/sleep"), "", &[])).await;
+    assert_eq!(slept.status, StatusCode::OK);
+    let gw = start_gateway(&set.pods(true, true), &["--wake-sleeping-models"]).await;
+    scraped(&set.decode).await;
+    let body = chat_body(PD_MODEL, false);
+    let reply = send(post(&gw.url("/v1/chat/completions"), &body, &[])).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["message"], "model llama is sleeping; retry shortly");
+    eventually(Duration::from_secs(5), "the woken decode pod serves", || async {
+        send(post(&gw.url("/v1/chat/completions"), &body, &[])).await.status == StatusCode::OK
+    })
+    .await;
+    let calls = |stats: serde_json::Value| stats["sleep"]["wake_up_calls"].as_u64();
+    assert_eq!(calls(set.decode.stats().await), Some(1), "the decode pod was woken");
+    assert_eq!(calls(set.prefill.stats().await), Some(0), "the awake prefill pod was left alone");
 }

@@ -302,10 +302,11 @@ impl MetricsView {
         Self { source: ViewSource::Fixed(Arc::new(map)), now: Instant::now(), stale_after, any_sleeping }
     }
 
-    /// Whether the pod `key` says it sleeps (a fresh reading of vLLM's
-    /// sleep-state gauge): it refuses requests until woken.
+    /// Whether the pod `key` says it sleeps (vLLM's sleep-state gauge). Sleep
+    /// only ends with a wake-up call, so the last reading holds even when it
+    /// is stale: a pod whose scrapes lag is not taken for awake.
     pub fn sleeping(&self, key: &str) -> bool {
-        self.any_sleeping && matches!(self.reading(key), Reading::Fresh(m) if m.sleeping)
+        self.any_sleeping && self.latest(key).is_some_and(|m| m.sleeping)
     }
 
     /// Some pod's latest reading says it sleeps.
@@ -313,13 +314,17 @@ impl MetricsView {
         self.any_sleeping
     }
 
-    /// The metrics of the pod `key`.
-    pub fn reading(&self, key: &str) -> Reading {
-        let latest = match &self.source {
+    /// The pod's latest metrics, however old.
+    fn latest(&self, key: &str) -> Option<Arc<PodMetrics>> {
+        match &self.source {
             ViewSource::Slots(slots) => slots.get(key).and_then(|slot| slot.latest.load_full()),
             ViewSource::Fixed(map) => map.get(key).cloned(),
-        };
-        match latest {
+        }
+    }
+
+    /// The metrics of the pod `key`.
+    pub fn reading(&self, key: &str) -> Reading {
+        match self.latest(key) {
             None => Reading::Missing,
             Some(m) if self.now.saturating_duration_since(m.scraped_at) > self.stale_after => Reading::Stale,
             Some(m) => Reading::Fresh(m),

@@ -21,7 +21,7 @@ use super::pd::{BodyError, PairBodies, PrefillFailure};
 use super::request::{self, Endpoint};
 use super::upstream::{self, SendError, Upstream, UpstreamBody};
 use super::{ConnectionSlot, Proxy, RequestContext, Resolved, header_value};
-use crate::discovery::{InFlightGuard, PodInfo};
+use crate::discovery::{InFlightGuard, PodInfo, Role};
 use crate::errors::GatewayError;
 use crate::limits::{Admission, TokenCharge, UserQuotas};
 use crate::metrics::{InFlightMetric, PrefillErrorReason};
@@ -179,7 +179,7 @@ impl<U: Upstream> Proxy<U> {
         quota: &mut Quota,
         ctx: &mut RequestContext,
     ) -> Result<Forwarded<U::Body>, GatewayError> {
-        let candidates = self.awake(resolved.candidates(), route_request, send.model)?;
+        let candidates = self.awake(resolved.candidates(), route_request, send)?;
         let mut refused: Vec<Refusal> = Vec::new();
         loop {
             let left = remaining(&candidates, &refused);
@@ -210,24 +210,44 @@ impl<U: Upstream> Proxy<U> {
     }
 
     /// The candidates whose engines do not say they sleep. When every one
-    /// sleeps: 503, after asking one to wake up (`--wake-sleeping-models`).
+    /// sleeps (for `pd`: every prefill or every decode pod), 503, after
+    /// asking one to wake up (`--wake-sleeping-models`).
     fn awake<'a>(
         &self,
         candidates: Cow<'a, [Arc<PodInfo>]>,
         route_request: &RouteRequest<'_>,
-        model: &Arc<str>,
+        send: &Outbound<'_>,
     ) -> Result<Cow<'a, [Arc<PodInfo>]>, GatewayError> {
         let view = &route_request.metrics;
         if !view.any_sleeping() || !candidates.iter().any(|p| view.sleeping(&p.key)) {
-            self.waker.awake(model);
             return Ok(candidates);
         }
-        let awake: Vec<Arc<PodInfo>> = candidates.iter().filter(|p| !view.sleeping(&p.key)).cloned().collect();
-        if awake.is_empty() {
-            let waking = self.waker.wake(model, &candidates);
-            return Err(GatewayError::ModelSleeping { model: model.to_string(), waking });
+        let (asleep, awake): (Vec<Arc<PodInfo>>, Vec<Arc<PodInfo>>) =
+            candidates.iter().cloned().partition(|p| view.sleeping(&p.key));
+        // The groups that must have an awake pod: the whole model, or each
+        // half of a `pd` pair.
+        let groups: &[(&str, Option<Role>)] = if send.strategy == crate::routing::pd::NAME {
+            &[("prefill", Some(Role::Prefill)), ("decode", Some(Role::Decode))]
+        } else {
+            &[("", None)]
+        };
+        let in_group = |role: Option<Role>, pod: &PodInfo| role.is_none_or(|r| pod.role == r);
+        let mut waking = false;
+        let mut all_asleep = false;
+        for &(group, role) in groups {
+            if awake.iter().any(|p| in_group(role, p)) {
+                continue;
+            }
+            let sleeping: Vec<Arc<PodInfo>> = asleep.iter().filter(|p| in_group(role, p)).cloned().collect();
+            if sleeping.is_empty() {
+                continue;
+            }
+            all_asleep = true;
+            waking |= self.waker.wake(send.model, group, &sleeping);
         }
-        self.waker.awake(model);
+        if all_asleep {
+            return Err(GatewayError::ModelSleeping { model: send.model.to_string(), waking });
+        }
         Ok(Cow::Owned(awake))
     }
 
