@@ -2,6 +2,7 @@
 //!
 //! Sources feed one [`PodStore`]; routing and profiles only read the store.
 
+pub mod adapters;
 pub mod endpoints_file;
 pub mod kubernetes;
 pub mod pod;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+pub use adapters::{AdapterBinding, AdapterSource};
 pub use pod::{InFlightGuard, PodInfo, PodLoad, Role, load_changed};
 pub use store::{ModelPods, PodStore, Snapshot};
 

@@ -5,13 +5,14 @@
 //! handlers load without locking. Per-pod load counters are carried over from
 //! one snapshot to the next, so a reload never forgets requests in flight.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 
+use super::adapters::{self, AdapterBinding, AdapterSource};
 use super::pod::PodInfo;
 use crate::metrics::Metrics;
 use crate::profiles::ModelConfig;
@@ -29,6 +30,8 @@ pub struct ModelPods {
     pub config: Option<Arc<ModelConfig>>,
     /// Path prefixes any of the model's pods lists in its custom-paths annotation.
     pub custom_paths: Vec<String>,
+    /// For a LoRA adapter, the base model whose pods serve it.
+    pub parent: Option<Arc<str>>,
 }
 
 impl ModelPods {
@@ -86,6 +89,9 @@ pub struct PodStore {
     /// `(pod key, annotation)` pairs already reported as invalid, so a bad
     /// annotation is logged once rather than on every reload.
     reported_configs: Mutex<HashSet<(String, String)>>,
+    /// Each source's adapter bindings; also held while a snapshot is built
+    /// and published, so pod and adapter updates never overwrite each other.
+    adapters: Mutex<BTreeMap<AdapterSource, Vec<AdapterBinding>>>,
 }
 
 impl PodStore {
@@ -95,6 +101,7 @@ impl PodStore {
             synced: AtomicBool::new(false),
             metrics,
             reported_configs: Mutex::new(HashSet::new()),
+            adapters: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -111,6 +118,7 @@ impl PodStore {
     /// Replaces the whole pod set with `pods`, as one complete list from a
     /// discovery source.
     pub fn replace_all(&self, pods: Vec<PodInfo>) {
+        let adapters = self.adapters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let previous = self.current.load();
         let mut by_model: HashMap<String, Vec<Arc<PodInfo>>> = HashMap::new();
         for mut pod in pods.into_iter().flat_map(PodInfo::ranks) {
@@ -132,10 +140,44 @@ impl PodStore {
                     pods.iter().flat_map(|pod| pod.custom_paths.iter().cloned()).collect();
                 custom_paths.sort_unstable();
                 custom_paths.dedup();
-                let entry = ModelPods { name: Arc::from(name.as_str()), pods, ready, config, custom_paths };
+                let entry =
+                    ModelPods { name: Arc::from(name.as_str()), pods, ready, config, custom_paths, parent: None };
                 (name, Arc::new(entry))
             })
             .collect();
+        self.publish(models, &adapters);
+    }
+
+    /// Replaces the adapter bindings `source` knows with `bindings`.
+    pub fn set_adapters(&self, source: AdapterSource, bindings: Vec<AdapterBinding>) {
+        let mut adapters = self.adapters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if adapters.get(&source).is_some_and(|known| *known == bindings) {
+            return;
+        }
+        adapters.insert(source, bindings);
+        let current = self.current.load();
+        let bases = current
+            .models
+            .iter()
+            .filter(|(_, model)| model.parent.is_none())
+            .map(|(name, model)| (name.clone(), Arc::clone(model)))
+            .collect();
+        self.publish(bases, &adapters);
+    }
+
+    /// Publishes the base models `models` with the adapters of `bindings`.
+    fn publish(
+        &self,
+        mut models: HashMap<String, Arc<ModelPods>>,
+        bindings: &BTreeMap<AdapterSource, Vec<AdapterBinding>>,
+    ) {
+        let entries = adapters::entries(
+            &models,
+            bindings,
+            |adapter, raw, err| self.report_invalid_adapter_config(adapter, raw, err),
+            |adapter| self.report_shadowed(adapter),
+        );
+        models.extend(entries);
         let snapshot = Arc::new(Snapshot { models });
         if let Some(aibrix) = self.metrics.aibrix() {
             // Series of pods that left go with them.
@@ -152,6 +194,24 @@ impl PodStore {
         ModelConfig::first_valid(annotations, |pod, raw, err| self.report_invalid_config(pod, raw, err)).map(Arc::new)
     }
 
+    fn report_invalid_adapter_config(&self, adapter: &str, raw: &str, err: &crate::profiles::ConfigError) {
+        if self.first_report(format!("adapter:{adapter}"), raw) {
+            tracing::warn!(adapter, error = %err, "ignoring invalid model.aibrix.ai/config annotation of a LoRA adapter");
+            self.metrics.invalid_config(adapter);
+        }
+    }
+
+    fn report_shadowed(&self, adapter: &str) {
+        if self.first_report(format!("shadowed:{adapter}"), "") {
+            tracing::warn!(adapter, "a LoRA adapter has the name of a base model; the name routes to the base model");
+        }
+    }
+
+    /// True the first time `(what, raw)` is reported.
+    fn first_report(&self, what: String, raw: &str) -> bool {
+        self.reported_configs.lock().map(|mut seen| seen.insert((what, raw.to_owned()))).unwrap_or(true)
+    }
+
     fn report_invalid_config(&self, pod: &PodInfo, raw: &str, err: &crate::profiles::ConfigError) {
         let first_time =
             self.reported_configs.lock().map(|mut seen| seen.insert((pod.key.clone(), raw.to_owned()))).unwrap_or(true);
@@ -164,12 +224,12 @@ impl PodStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::discovery::pod::Role;
     use std::collections::BTreeMap;
 
-    pub(crate) fn test_pod(model: &str, name: &str, port: u16, ready: bool) -> PodInfo {
+    pub fn test_pod(model: &str, name: &str, port: u16, ready: bool) -> PodInfo {
         let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
         PodInfo {
             key: format!("default/{name}"),
@@ -240,5 +300,36 @@ mod tests {
         let snap = store.snapshot();
         let config = snap.model("a").expect("a").config.as_ref().expect("config");
         assert_eq!(config.profiles["default"].routing_strategy.as_deref(), Some("random"));
+    }
+
+    #[test]
+    fn adapters_follow_pod_reloads_and_each_source_replaces_only_its_own() {
+        let store = store();
+        store.replace_all(vec![test_pod("llama", "p0", 1, true), test_pod("llama", "p1", 2, true)]);
+        let binding = |pod: &str| AdapterBinding {
+            adapter: "sql".to_owned(),
+            parent: None,
+            namespace: "default".to_owned(),
+            pod: pod.to_owned(),
+            key: None,
+            config_annotation: None,
+        };
+        store.set_adapters(AdapterSource::Engines, vec![binding("p0")]);
+        store.set_adapters(AdapterSource::ModelAdapter, vec![binding("p1")]);
+        let pods = |store: &PodStore| {
+            store.snapshot().model("sql").map(|m| m.pods.iter().map(|p| p.name.clone()).collect::<Vec<_>>())
+        };
+        assert_eq!(pods(&store), Some(vec!["p0".to_owned(), "p1".to_owned()]));
+        store.set_adapters(AdapterSource::Engines, Vec::new());
+        assert_eq!(pods(&store), Some(vec!["p1".to_owned()]));
+        // A reload keeps the bindings; a pod that left takes the adapter with it.
+        store.replace_all(vec![test_pod("llama", "p0", 1, true)]);
+        assert_eq!(pods(&store), None);
+        store.replace_all(vec![test_pod("llama", "p0", 1, true), test_pod("llama", "p1", 2, false)]);
+        let snap = store.snapshot();
+        let sql = snap.model("sql").expect("back with p1");
+        assert!(sql.ready.is_empty());
+        assert_eq!(sql.parent.as_deref(), Some("llama"));
+        assert_eq!(snap.model_names(), ["llama", "sql"]);
     }
 }
