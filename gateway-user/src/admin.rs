@@ -16,7 +16,7 @@ use crate::errors;
 use crate::kernel::KernelAssist;
 use crate::limits::{BearerAuth, Limits};
 use crate::metrics::Metrics;
-use crate::proxy::{json_response, models_response};
+use crate::proxy::{json_response, model_response, models_response};
 
 /// Shared state the admin endpoints report on.
 pub struct Admin {
@@ -188,13 +188,17 @@ impl Admin {
             // What the proxy's clients may not see without the token (the
             // model list, pod addresses) needs it here too; probes and
             // metrics do not.
-            ("/v1/models" | "/debug/endpoints", &Method::GET)
-                if !(admin_token && path.starts_with("/debug/"))
+            (guarded, &Method::GET)
+                if (matches!(guarded, "/v1/models" | "/debug/endpoints") || guarded.starts_with("/v1/models/"))
+                    && !(admin_token && path.starts_with("/debug/"))
                     && let Some(Err(error)) = self.limits.as_ref().map(|l| l.authorize(request.headers())) =>
             {
                 errors::respond(&error.into())
             }
             ("/v1/models", &Method::GET) => models_response(&self.store),
+            (path, &Method::GET) if let Some(id) = crate::proxy::model_id(path) => {
+                model_response(&self.store, &id).unwrap_or_else(|error| errors::respond(&error))
+            }
             ("/debug/endpoints", &Method::GET) => self.endpoints(),
             ("/healthz" | "/readyz" | "/metrics" | "/v1/models" | "/debug/endpoints", _) => {
                 json_response(StatusCode::METHOD_NOT_ALLOWED, &serde_json::json!({"error": "method not allowed"}))

@@ -349,6 +349,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    crate::engine_metrics::served_models::spawn(
+        Arc::clone(&store),
+        args.engine_metrics.adapter_reads(),
+        shutdown.clone(),
+    );
     crate::engine_metrics::scraper::spawn(
         Arc::clone(&store),
         Arc::clone(&engine_metrics),

@@ -66,6 +66,9 @@ pub enum GatewayError {
     UriTooLong { limit_bytes: usize },
     #[error("model {model} does not exist")]
     UnknownModel { model: String },
+    /// `GET /v1/models/{id}` for a model no pod serves (OpenAI's 404).
+    #[error("The model `{model}` does not exist.")]
+    ModelNotFound { model: String },
     /// Discovery has not delivered its first pod list (pods file missing or
     /// invalid, first Kubernetes list pending): no model is known yet.
     #[error("the gateway has not loaded its pods yet")]
@@ -229,7 +232,7 @@ impl GatewayError {
             | Self::ClientPenalised { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::UnknownPath { .. } => StatusCode::NOT_FOUND,
+            Self::UnknownPath { .. } | Self::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             Self::UserRecordFailed { .. } | Self::UserCounterFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -264,7 +267,7 @@ impl GatewayError {
     /// OpenAI `code` field.
     fn code(&self) -> Option<&'static str> {
         match self {
-            Self::UnknownModel { .. } => Some("model_not_found"),
+            Self::UnknownModel { .. } | Self::ModelNotFound { .. } => Some("model_not_found"),
             Self::Unauthorized => Some("invalid_api_key"),
             Self::ModelRpsExceeded { .. }
             | Self::UserRpmExceeded { .. }
@@ -283,7 +286,7 @@ impl GatewayError {
     /// OpenAI `param` field: the request field at fault, when there is one.
     fn param(&self) -> Option<&'static str> {
         match self {
-            Self::ModelMissing | Self::UnknownModel { .. } => Some("model"),
+            Self::ModelMissing | Self::UnknownModel { .. } | Self::ModelNotFound { .. } => Some("model"),
             Self::NoMessages => Some("messages"),
             Self::InvalidField { param, .. } => Some(param),
             Self::Multipart { param, .. } => *param,
@@ -308,7 +311,7 @@ impl GatewayError {
             Self::Multipart { .. } | Self::FormModelTooLate { .. } => Some((name("x-error-multipart-parsing"), TRUE)),
             // AIBrix echoes the unknown model name; a name that is not a
             // valid header value (it came from the client) degrades to "true".
-            Self::UnknownModel { model } => {
+            Self::UnknownModel { model } | Self::ModelNotFound { model } => {
                 Some((name("x-error-no-model-backends"), HeaderValue::from_str(model).unwrap_or(TRUE)))
             }
             Self::NoReadyPods { .. } | Self::NoPdRoleset { .. } | Self::ModelSleeping { .. } => {
@@ -479,6 +482,7 @@ mod tests {
         "true"
     )]
     #[case::unknown_model(GatewayError::UnknownModel { model: "m1".into() }, 400, "model m1 does not exist", "x-error-no-model-backends", "m1")]
+    #[case::model_not_found(GatewayError::ModelNotFound { model: "m1".into() }, 404, "The model `m1` does not exist.", "x-error-no-model-backends", "m1")]
     #[case::no_pods(GatewayError::NoReadyPods { model: "m1".into() }, 503, "no ready pods for model m1", "x-error-no-model-backends", "true")]
     #[case::bad_strategy(GatewayError::UnknownStrategy { name: "nope".into() }, 400, "incorrect routing strategy nope", "x-error-routing", "true")]
     #[case::bad_filter(GatewayError::InvalidExternalFilter { filter: "a in b".into(), reason: "expected a list".into() }, 400, "invalid external-filter \"a in b\": expected a list", "x-error-routing", "true")]

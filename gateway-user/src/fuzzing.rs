@@ -139,11 +139,12 @@ pub fn engine_metrics_page(data: &[u8]) {
             prefix_cache_queries,
             prefix_cache_hits,
             awake,
+            lora,
         } = scraped;
         let histograms = [time_to_first_token, time_per_output_token, e2e_latency, queue_time, prefill_time];
         let values = [running, waiting, kv_cache_usage, gpu_cache_usage, prompt_tokens, generation_tokens]
             .into_iter()
-            .chain([prefix_cache_queries, prefix_cache_hits, awake])
+            .chain([prefix_cache_queries, prefix_cache_hits, awake, lora.map(|l| l.reported)])
             .chain(histograms.iter().flat_map(|h| [h.map(|h| h.sum), h.map(|h| h.count)]));
         for value in values.flatten() {
             assert!(value.is_finite(), "{engine}: a non-finite value was read: {scraped:?}");

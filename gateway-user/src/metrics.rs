@@ -110,6 +110,14 @@ struct WakeLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LoraTierLabels {
+    /// The adapter's model name.
+    model: Arc<str>,
+    /// `running`, `free_slot` or `other`.
+    tier: &'static str,
+}
+
 /// All gateway metric families.
 pub struct Metrics {
     registry: Registry,
@@ -127,6 +135,7 @@ pub struct Metrics {
     pub pd: PdMetrics,
     invalid_configs: Family<ModelLabels, Counter>,
     wakeups: Family<WakeLabels, Counter>,
+    lora_tiers: Family<LoraTierLabels, Counter>,
     ratelimit_decisions: Family<RateLimitLabels, Counter>,
     ratelimit_rejections: Family<RejectionLabels, Counter>,
     /// Requests in flight per pod, read from the pod store at scrape time.
@@ -229,6 +238,12 @@ impl Metrics {
             "Wake-up calls sent to a pod of a model whose every pod sleeps, by outcome (woken, failed)",
             wakeups.clone(),
         );
+        let lora_tiers = Family::default();
+        registry.register(
+            "turnstile_lora_affinity_routes",
+            "Requests for a LoRA adapter by the tier of pods they were routed among: running (the adapter runs there), free_slot, other",
+            lora_tiers.clone(),
+        );
         let ratelimit_decisions = Family::default();
         registry.register(
             "aibrix_gateway_ratelimit_decisions",
@@ -276,6 +291,7 @@ impl Metrics {
             pd,
             invalid_configs,
             wakeups,
+            lora_tiers,
             ratelimit_decisions,
             ratelimit_rejections,
             pod_in_flight,
@@ -345,6 +361,11 @@ impl Metrics {
     /// A wake-up call to a sleeping model's pod ended: `woken` or `failed`.
     pub fn model_wakeup(&self, model: &Arc<str>, outcome: &'static str) {
         self.wakeups.get_or_create(&WakeLabels { model: Arc::clone(model), outcome }).inc();
+    }
+
+    /// A request for the adapter `model` routed among pods of `tier`.
+    pub fn lora_route(&self, model: &Arc<str>, tier: &'static str) {
+        self.lora_tiers.get_or_create(&LoraTierLabels { model: Arc::clone(model), tier }).inc();
     }
 
     pub fn invalid_config(&self, model: &str) {

@@ -13,6 +13,7 @@ use clap::{Args, ValueEnum};
 use super::LogFormat;
 use crate::discovery::DiscoverySource;
 use crate::engine_metrics::ScrapeConfig;
+use crate::engine_metrics::served_models::AdapterReadConfig;
 use crate::kernel::penalties::{Cidr, PenaltySettings};
 use crate::kernel::{EbpfMode, KernelConfig, PenaltyMode};
 use crate::limits::{LimitsConfig, UserLimits, UserLimitsMode};
@@ -481,6 +482,21 @@ pub struct EngineMetricsArgs {
     #[arg(long, env = "TURNSTILE_POD_METRIC_WINDOW_SECONDS",
           default_value_t = ScrapeConfig::default().window.as_secs())]
     pub pod_metric_window_seconds: u64,
+
+    /// How often each ready pod's `/v1/models` is read for the LoRA adapters
+    /// it serves (entries whose `parent` is its base model), in
+    /// milliseconds; a pod is also read as soon as it turns ready. 0: only
+    /// ModelAdapter resources say which pod serves an adapter.
+    #[arg(long, env = "TURNSTILE_ADAPTER_REFRESH_INTERVAL_MS",
+          default_value_t = millis(AdapterReadConfig::default().interval))]
+    pub adapter_refresh_interval_ms: u64,
+}
+
+impl EngineMetricsArgs {
+    /// How the engines' adapter lists are read.
+    pub fn adapter_reads(&self) -> AdapterReadConfig {
+        AdapterReadConfig { interval: Duration::from_millis(self.adapter_refresh_interval_ms), ..Default::default() }
+    }
 }
 
 impl From<&EngineMetricsArgs> for ScrapeConfig {
@@ -493,6 +509,7 @@ impl From<&EngineMetricsArgs> for ScrapeConfig {
             pod_metric_max_scrapes_per_second,
             pod_metric_sharing: _,
             pod_metric_window_seconds,
+            adapter_refresh_interval_ms: _,
         } = args;
         Self {
             interval: Duration::from_millis((*pod_metric_refresh_interval_ms).max(1)),

@@ -19,6 +19,7 @@ mod names;
 mod parse;
 mod schedule;
 pub mod scraper;
+pub mod served_models;
 pub mod sharing;
 mod window;
 
@@ -29,6 +30,7 @@ pub use self::{
     names::for_engine,
     parse::{Scraped, parse},
 };
+pub use parse::{LoraSlots, lora_hash};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -108,6 +110,8 @@ pub struct PodMetrics {
     pub prefix_cache_hit_rate: Option<f64>,
     /// The engine says it sleeps (vLLM's sleep mode): it refuses requests.
     pub sleeping: bool,
+    /// The engine's LoRA adapter slots and running adapters (vLLM only).
+    pub lora: Option<LoraSlots>,
 }
 
 impl PodMetrics {
@@ -132,6 +136,7 @@ impl PodMetrics {
             busy_fraction: None,
             prefix_cache_hit_rate: None,
             sleeping: false,
+            lora: None,
         }
     }
 }

@@ -37,6 +37,9 @@ pub struct EngineNames {
     /// Gauge per `sleep_state` label value (`awake`, `weights_offloaded`,
     /// `discard_all`), 1 for the engine's state: read for `awake`.
     pub sleep_state: Option<&'static str>,
+    /// Gauge whose labels say the adapters running (`running_lora_adapters`)
+    /// and the adapter slots (`max_lora`), its value the time of the report.
+    pub lora_info: Option<&'static str>,
 }
 
 const VLLM: EngineNames = EngineNames {
@@ -54,6 +57,7 @@ const VLLM: EngineNames = EngineNames {
     prefix_cache_queries: &["vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"],
     prefix_cache_hits: &["vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"],
     sleep_state: Some("vllm:engine_sleep_state"),
+    lora_info: Some("vllm:lora_requests_info"),
 };
 
 const SGLANG: EngineNames = EngineNames {
@@ -71,6 +75,7 @@ const SGLANG: EngineNames = EngineNames {
     prefix_cache_queries: &[],
     prefix_cache_hits: &[],
     sleep_state: None,
+    lora_info: None,
 };
 
 impl EngineNames {
@@ -100,6 +105,7 @@ impl EngineNames {
         ];
         let mut samples: Vec<String> = single.iter().copied().flatten().map(|name| (*name).to_owned()).collect();
         samples.extend(self.sleep_state.map(str::to_owned));
+        samples.extend(self.lora_info.map(str::to_owned));
         for name in histograms.iter().copied().flatten() {
             samples.extend(["_bucket", "_sum", "_count"].map(|suffix| format!("{name}{suffix}")));
         }

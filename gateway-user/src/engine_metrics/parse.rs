@@ -51,6 +51,89 @@ pub struct Scraped {
     /// largest over data-parallel ranks: awake if any rank is).
     #[serde(default)]
     pub awake: Option<f64>,
+    /// vLLM's `vllm:lora_requests_info`: adapter slots and the adapters of
+    /// running requests, from its newest sample.
+    #[serde(default)]
+    pub lora: Option<LoraSlots>,
+}
+
+/// Most running adapters remembered per pod; vLLM runs at most `max_loras`
+/// adapters in a batch, rarely more than a few.
+pub const MAX_RUNNING_LORAS: usize = 16;
+
+/// An engine's LoRA slots at its last report, kept without allocating: the
+/// running adapters as hashes of their names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraSlots {
+    /// Adapters the engine can hold in GPU memory at once (`max_lora`).
+    pub max_lora: u32,
+    /// Adapters with requests running (`running_lora_adapters`).
+    pub running: u32,
+    /// [`lora_hash`] of the first [`MAX_RUNNING_LORAS`] running adapters.
+    pub hashes: [u64; MAX_RUNNING_LORAS],
+    /// The sample's value: vLLM sets it to the time of the report.
+    pub reported: f64,
+}
+
+impl LoraSlots {
+    /// Whether `hash` (of [`lora_hash`]) is among the running adapters.
+    pub fn runs(&self, hash: u64) -> bool {
+        let known = usize::try_from(self.running).unwrap_or(MAX_RUNNING_LORAS).min(MAX_RUNNING_LORAS);
+        self.hashes.get(..known).is_some_and(|hashes| hashes.contains(&hash))
+    }
+
+    /// Whether another adapter could be loaded without evicting one.
+    pub fn has_free_slot(&self) -> bool {
+        self.running < self.max_lora
+    }
+
+    /// From one sample's label block (inside the braces) and value.
+    fn from_sample(labels: &str, reported: f64) -> Option<Self> {
+        let max_lora = label_value(labels, "max_lora").or_else(|| label_value(labels, "max_loras"))?;
+        let mut slots = Self { max_lora: max_lora.trim().parse().ok()?, reported, ..Self::default() };
+        let running = label_value(labels, "running_lora_adapters").unwrap_or_default();
+        for name in running.split(',').map(str::trim).filter(|name| !name.is_empty()) {
+            // vLLM's newer reports append a count (`name:2`); older ones do not.
+            let name = name.rsplit_once(':').filter(|(_, n)| n.parse::<u32>().is_ok()).map_or(name, |(name, _)| name);
+            if let Some(slot) = slots.hashes.get_mut(usize::try_from(slots.running).unwrap_or(usize::MAX)) {
+                *slot = lora_hash(name);
+            }
+            slots.running = slots.running.saturating_add(1);
+        }
+        Some(slots)
+    }
+}
+
+/// The hash [`LoraSlots`] keeps an adapter name as.
+pub fn lora_hash(name: &str) -> u64 {
+    xxhash_rust::xxh64::xxh64(name.as_bytes(), 0x4c6f5241)
+}
+
+/// The raw value of label `wanted` in a label block (without its braces).
+fn label_value<'a>(labels: &'a str, wanted: &str) -> Option<&'a str> {
+    let mut rest = labels;
+    loop {
+        rest = rest.trim_start_matches([',', ' ', '\t']);
+        let (name, after) = rest.split_once('=')?;
+        let after = after.strip_prefix('"')?;
+        let bytes = after.as_bytes();
+        let mut end = 0;
+        let mut escaped = false;
+        while let Some(&byte) = bytes.get(end) {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => break,
+                _ => {}
+            }
+            end += 1;
+        }
+        let value = after.get(..end)?;
+        if name.trim() == wanted {
+            return Some(value);
+        }
+        rest = after.get(end + 1..)?;
+    }
 }
 
 /// Why a scrape body gave nothing usable.
@@ -74,6 +157,7 @@ pub fn parse(text: &str, names: &EngineNames) -> Result<Scraped, ParseError> {
     // tokenised too; after it they are only skipped.
     let mut has_sample = false;
     let mut awake: Option<f64> = None;
+    let mut lora: Option<LoraSlots> = None;
     for line in lines(text) {
         if line.starts_with('#') || line.is_empty() {
             continue;
@@ -86,6 +170,21 @@ pub fn parse(text: &str, names: &EngineNames) -> Result<Scraped, ParseError> {
                 let labels = line.get(name_end..).unwrap_or_default();
                 if value.is_finite() && labels.contains("sleep_state=\"awake\"") {
                     awake = Some(awake.map_or(value, |a| a.max(value)));
+                }
+            }
+            continue;
+        }
+        if names.lora_info == Some(name) {
+            if let Some(value) = sample_value(line, name_end) {
+                has_sample = true;
+                let labels = line.get(name_end..).unwrap_or_default().trim_start_matches([' ', '\t']);
+                let labels =
+                    labels.strip_prefix('{').and_then(|l| l.get(..label_block_len(l.as_bytes())?.checked_sub(1)?));
+                // The gauge keeps every label set it ever had: the newest report wins.
+                if let Some(slots) = labels.and_then(|labels| LoraSlots::from_sample(labels, value))
+                    && lora.is_none_or(|best| value >= best.reported)
+                {
+                    lora = Some(slots);
                 }
             }
             continue;
@@ -108,7 +207,7 @@ pub fn parse(text: &str, names: &EngineNames) -> Result<Scraped, ParseError> {
         let start: String = text.chars().take(40).collect();
         return Err(ParseError::Syntax(format!("no sample line in {} bytes starting {start:?}", text.len())));
     }
-    Ok(Scraped { awake, ..scraped(&totals) })
+    Ok(Scraped { awake, lora, ..scraped(&totals) })
 }
 
 /// Most names read per signal (the lists in `names.rs` hold two at most; a
@@ -185,6 +284,7 @@ impl Signals {
             prefix_cache_queries,
             prefix_cache_hits,
             sleep_state: _,
+            lora_info: _,
         } = *names;
         let signal = |names, kind| Signal { names, kind };
         let signals = [
@@ -278,6 +378,7 @@ fn scraped(totals: &[[Candidate; MAX_CANDIDATES]; SIGNALS]) -> Scraped {
         prefix_cache_queries: single(prefix_cache_queries),
         prefix_cache_hits: single(prefix_cache_hits),
         awake: None,
+        lora: None,
     }
 }
 
@@ -512,6 +613,33 @@ vllm:prefix_cache_queries_total{engine="0",model_name="llama \"q\", x"} 80.0
                      vllm:engine_sleep_state{engine=\"1\",sleep_state=\"awake\"} 1\n";
         assert_eq!(parse(ranks, vllm).map(|s| s.awake), Ok(Some(1.0)));
         assert_eq!(parse(FULL_PAGE, vllm).map(|s| s.awake), Ok(Some(1.0)));
+    }
+
+    #[test]
+    fn lora_slots_come_from_the_newest_lora_requests_info_sample() {
+        let vllm = names::for_engine("vllm");
+        // The gauge keeps old label sets; the newest report (largest value) holds.
+        let page = "vllm:num_requests_running 1\n\
+                    vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"old\",waiting_lora_adapters=\"\"} 1.7e9\n\
+                    vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"sql, chat\",waiting_lora_adapters=\"x\"} 1.8e9\n\
+                    vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"} 1.6e9\n";
+        let lora = parse(page, vllm).expect("page").lora.expect("lora");
+        assert_eq!((lora.max_lora, lora.running), (2, 2));
+        assert!(lora.runs(lora_hash("sql")) && lora.runs(lora_hash("chat")));
+        assert!(!lora.runs(lora_hash("old")) && !lora.runs(lora_hash("x")), "only the newest running list");
+        assert!(!lora.has_free_slot());
+        let idle = "vllm:lora_requests_info{running_lora_adapters=\"\",max_lora=\"1\",waiting_lora_adapters=\"\"} 5\n";
+        let idle = parse(idle, vllm).expect("page").lora.expect("lora");
+        assert!(idle.has_free_slot() && idle.running == 0 && !idle.runs(lora_hash("")));
+        // Counts after names (newer vLLM) and more adapters than are kept.
+        let many: Vec<String> = (0..20).map(|i| format!("a{i}:3")).collect();
+        let page =
+            format!("vllm:lora_requests_info{{max_lora=\"32\",running_lora_adapters=\"{}\"}} 9\n", many.join(","));
+        let lora = parse(&page, vllm).expect("page").lora.expect("lora");
+        assert_eq!(lora.running, 20);
+        assert!(lora.runs(lora_hash("a0")) && lora.runs(lora_hash("a15")) && !lora.runs(lora_hash("a16")));
+        assert_eq!(parse("vllm:num_requests_running 0\n", vllm).map(|s| s.lora), Ok(None));
+        assert_eq!(parse("vllm:lora_requests_info{running_lora_adapters=\"a\"} 1\n", vllm).map(|s| s.lora), Ok(None));
     }
 
     #[test]

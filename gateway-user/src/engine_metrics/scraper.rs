@@ -36,7 +36,7 @@ const MAX_BODY_BYTES: usize = 4 << 20;
 /// A pod that keeps failing is logged again at most this often.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+pub(super) type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
 /// Starts the scraper; it runs until `shutdown`. With `sharing`, replicas
 /// share one scrape per pod per period.
@@ -433,12 +433,12 @@ async fn scrape(key: String, job: Job, shared: Arc<Shared>) -> Done {
 
 /// A failed scrape: `kind` is a bounded metric label.
 #[derive(Debug)]
-struct ScrapeError {
+pub(super) struct ScrapeError {
     kind: &'static str,
-    detail: String,
+    pub(super) detail: String,
 }
 
-async fn fetch(client: &HttpClient, uri: &Uri, timeout: Duration) -> Result<String, ScrapeError> {
+pub(super) async fn fetch(client: &HttpClient, uri: &Uri, timeout: Duration) -> Result<String, ScrapeError> {
     let work = async {
         let response = client.get(uri.clone()).await.map_err(|err| ScrapeError {
             kind: if err.is_connect() { "connect" } else { "http" },

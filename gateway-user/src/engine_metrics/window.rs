@@ -123,6 +123,7 @@ fn derive(oldest: Option<&Point>, kept: &VecDeque<Point>, now: Point) -> PodMetr
         busy_fraction: busy_fraction(kept, &now),
         prefix_cache_hit_rate,
         sleeping: scraped.awake.is_some_and(|awake| awake < 0.5),
+        lora: scraped.lora,
     }
 }
 

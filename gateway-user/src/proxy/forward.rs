@@ -181,8 +181,15 @@ impl<U: Upstream> Proxy<U> {
     ) -> Result<Forwarded<U::Body>, GatewayError> {
         let candidates = self.awake(resolved.candidates(), route_request, send)?;
         let mut refused: Vec<Refusal> = Vec::new();
+        // A LoRA adapter's requests go to the pods of its best tier.
+        let lora = resolved.model.parent.is_some() && send.strategy != crate::routing::pd::NAME;
         loop {
-            let left = remaining(&candidates, &refused);
+            let mut left = remaining(&candidates, &refused);
+            let mut tier = None;
+            if lora {
+                let (pods, best) = super::lora::best_tier(left, send.model, &route_request.metrics);
+                (left, tier) = (pods, Some(best));
+            }
             let route = match self.router.route(resolved.strategy.as_ref(), route_request, &left) {
                 Ok(route) => route,
                 // `slo*`: no pod has room yet; wait (bounded, no lock held), then route again.
@@ -196,6 +203,11 @@ impl<U: Upstream> Proxy<U> {
             };
             // Arrival to the first route (a pd prefill is not routing): counted
             // once the request goes to the pod that answers.
+            if ctx.first_route.is_none()
+                && let Some(tier) = tier
+            {
+                self.metrics.lora_route(send.model, tier.label());
+            }
             ctx.first_route.get_or_insert_with(|| ctx.access.started.elapsed());
             match self.attempt(route, send, quota, ctx).await {
                 Ok(forwarded) => return Ok(forwarded),

@@ -16,6 +16,7 @@ pub mod defaults;
 pub mod form;
 mod forward;
 pub mod listener;
+mod lora;
 pub mod memory;
 pub mod offload;
 pub mod pd;
@@ -230,6 +231,8 @@ impl Resolved {
 enum Target {
     Api(Endpoint),
     Models,
+    /// `GET /v1/models/{id}`.
+    Model(String),
 }
 
 impl<U: Upstream> Proxy<U> {
@@ -310,6 +313,7 @@ impl<U: Upstream> Proxy<U> {
         let endpoint = match self.target(&request)? {
             Target::Api(endpoint) => endpoint,
             Target::Models => return Ok(models_response(&self.store).map(Either::Left)),
+            Target::Model(id) => return model_response(&self.store, &id).map(|r| r.map(Either::Left)),
         };
         let (mut parts, body) = request.into_parts();
         let write_watch = parts.extensions.remove::<Arc<write_watch::WriteWatch>>();
@@ -339,6 +343,11 @@ impl<U: Upstream> Proxy<U> {
         let Some(endpoint) = Endpoint::from_path(path) else {
             if path == "/v1/models" && request.method() == Method::GET {
                 return if self.store.is_synced() { Ok(Target::Models) } else { Err(GatewayError::PodsNotLoaded) };
+            }
+            if let Some(id) = model_id(path)
+                && request.method() == Method::GET
+            {
+                return if self.store.is_synced() { Ok(Target::Model(id)) } else { Err(GatewayError::PodsNotLoaded) };
             }
             // A model's own path is unknown until discovery has loaded the
             // pods: retryable, as for every path then.
@@ -663,15 +672,39 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     }
 }
 
-/// `GET /v1/models`: discovered models in the OpenAI list format.
+/// `GET /v1/models`: discovered models in the OpenAI list format, LoRA
+/// adapters with their base model as `parent` (as vLLM lists them).
 pub fn models_response(store: &PodStore) -> Response<Full<Bytes>> {
     let snapshot = store.snapshot();
-    let data: Vec<serde_json::Value> = snapshot
-        .model_names()
-        .into_iter()
-        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "aibrix"}))
-        .collect();
+    let data: Vec<serde_json::Value> =
+        snapshot.model_names().into_iter().filter_map(|id| Some(model_object(snapshot.model(id)?))).collect();
     json_response(StatusCode::OK, &serde_json::json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/models/{id}`: one model as `/v1/models` lists it, or OpenAI's 404.
+pub fn model_response(store: &PodStore, id: &str) -> Result<Response<Full<Bytes>>, GatewayError> {
+    match store.snapshot().model(id) {
+        Some(model) => Ok(json_response(StatusCode::OK, &model_object(model))),
+        None => Err(GatewayError::ModelNotFound { model: errors::echo(id) }),
+    }
+}
+
+fn model_object(model: &crate::discovery::ModelPods) -> serde_json::Value {
+    serde_json::json!({
+        "id": &*model.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "aibrix",
+        "root": &*model.name,
+        "parent": model.parent.as_deref(),
+    })
+}
+
+/// The model id of a `/v1/models/{id}` path, percent-decoded (an id may
+/// hold slashes, as in `org/model`).
+pub fn model_id(path: &str) -> Option<String> {
+    let raw = path.strip_prefix("/v1/models/").filter(|id| !id.is_empty())?;
+    Some(percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned())
 }
 
 /// A JSON response with the right content type.
@@ -711,6 +744,7 @@ fn aibrix_status(error: &GatewayError) -> AibrixStatus {
         | E::BodyRead { .. }
         | E::BodyTimeout { .. }
         | E::UnknownModel { .. }
+        | E::ModelNotFound { .. }
         | E::PodsNotLoaded
         | E::NoReadyPods { .. }
         | E::UnknownStrategy { .. }

@@ -1,0 +1,329 @@
+//! LoRA adapters as the engines themselves list them: each ready pod's
+//! `/v1/models` is read when the pod turns ready and every
+//! `--adapter-refresh-interval-ms` after, and its entries whose `parent` is
+//! a base model (the pod's, or one the same answer lists) become adapter
+//! bindings of the pod store ([`AdapterSource::Engines`]). Reads are bounded
+//! in number at once, in time and in size, like the metrics scrape. A pod
+//! that fails to answer, or turns not ready, keeps what it last listed (its
+//! adapters then answer 503 for want of ready pods, not 400 for want of a
+//! model) until it answers again or leaves.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::Uri;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use super::scraper::{HttpClient, fetch};
+use crate::discovery::{AdapterBinding, AdapterSource, PodInfo, PodStore};
+
+/// Settings of the reads (`turnstile serve` flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdapterReadConfig {
+    /// How often each ready pod's `/v1/models` is read again; zero: never.
+    pub interval: Duration,
+    /// Time one read may take.
+    pub timeout: Duration,
+    /// Most reads in flight at once, over all pods.
+    pub concurrency: usize,
+}
+
+impl Default for AdapterReadConfig {
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(5), timeout: Duration::from_secs(2), concurrency: 8 }
+    }
+}
+
+/// Most adapters taken from one pod's answer.
+const MAX_ADAPTERS_PER_POD: usize = 1024;
+/// How often the loop looks for pods that turned ready.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Starts reading adapters until `shutdown`; nothing when the interval is zero.
+pub fn spawn(
+    pods: Arc<PodStore>,
+    config: AdapterReadConfig,
+    shutdown: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    (!config.interval.is_zero()).then(|| tokio::spawn(run(pods, config, shutdown)))
+}
+
+/// What one pod is read at; a change reads it afresh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Target {
+    addr: SocketAddr,
+    model: String,
+    namespace: String,
+    name: String,
+}
+
+#[derive(Debug)]
+struct PodState {
+    target: Target,
+    read_at: Option<Instant>,
+    in_progress: bool,
+    /// Only ready pods are read.
+    ready: bool,
+    /// What the pod last listed.
+    adapters: Vec<String>,
+}
+
+async fn run(pods: Arc<PodStore>, config: AdapterReadConfig, shutdown: CancellationToken) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(config.timeout));
+    let client: HttpClient =
+        Client::builder(TokioExecutor::new()).pool_timer(TokioTimer::new()).pool_max_idle_per_host(1).build(connector);
+    let client = Arc::new(client);
+    let mut states: HashMap<String, PodState> = HashMap::new();
+    let mut tasks: JoinSet<(String, Target, Option<Vec<String>>)> = JoinSet::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut published: Option<Vec<AdapterBinding>> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(Ok((key, target, listed))) = tasks.join_next() => {
+                if let Some(state) = states.get_mut(&key).filter(|state| state.target == target) {
+                    state.in_progress = false;
+                    state.read_at = Some(Instant::now());
+                    if let Some(adapters) = listed {
+                        state.adapters = adapters;
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                follow(&mut states, &pods);
+                let now = Instant::now();
+                for (key, state) in &mut states {
+                    if tasks.len() >= config.concurrency.max(1) {
+                        break;
+                    }
+                    let due = state.ready && state.read_at.is_none_or(|at| now.duration_since(at) >= config.interval);
+                    if due && !state.in_progress {
+                        state.in_progress = true;
+                        let (key, target, client) = (key.clone(), state.target.clone(), Arc::clone(&client));
+                        let timeout = config.timeout;
+                        tasks.spawn(async move {
+                            let listed = read(&client, &target, timeout).await;
+                            (key, target, listed)
+                        });
+                    }
+                }
+            }
+        }
+        let bindings = bindings(&states);
+        if published.as_ref() != Some(&bindings) {
+            pods.set_adapters(AdapterSource::Engines, bindings.clone());
+            published = Some(bindings);
+        }
+    }
+    tasks.abort_all();
+}
+
+/// Follows the store's base-model pods: ready ones never read are read at
+/// once; ones that left or changed address are dropped.
+fn follow(states: &mut HashMap<String, PodState>, pods: &PodStore) {
+    let snapshot = pods.snapshot();
+    let mut known: HashMap<&str, (&PodInfo, SocketAddr)> = HashMap::new();
+    for model in snapshot.models.values().filter(|model| model.parent.is_none()) {
+        for pod in &model.pods {
+            if let Some(addr) = pod.addr {
+                known.insert(pod.key.as_str(), (pod, addr));
+            }
+        }
+    }
+    states.retain(|key, state| {
+        known.get(key.as_str()).is_some_and(|(pod, addr)| state.target.addr == *addr && state.target.model == pod.model)
+    });
+    for (key, (pod, addr)) in known {
+        let state = states.entry(key.to_owned()).or_insert_with(|| PodState {
+            target: Target { addr, model: pod.model.clone(), namespace: pod.namespace.clone(), name: pod.name.clone() },
+            read_at: None,
+            in_progress: false,
+            ready: pod.ready,
+            adapters: Vec::new(),
+        });
+        state.ready = pod.ready;
+    }
+}
+
+/// Every pod's adapters as bindings, in a stable order.
+fn bindings(states: &HashMap<String, PodState>) -> Vec<AdapterBinding> {
+    let mut out: Vec<AdapterBinding> = states
+        .iter()
+        .flat_map(|(key, state)| {
+            state.adapters.iter().map(move |adapter| AdapterBinding {
+                adapter: adapter.clone(),
+                parent: Some(state.target.model.clone()),
+                namespace: state.target.namespace.clone(),
+                pod: state.target.name.clone(),
+                key: Some(key.clone()),
+                config_annotation: None,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.adapter, &a.key).cmp(&(&b.adapter, &b.key)));
+    out
+}
+
+/// One read of a pod's `/v1/models`: its adapters, or `None` when it did not
+/// answer with a model list (what it listed before then stands).
+async fn read(client: &HttpClient, target: &Target, timeout: Duration) -> Option<Vec<String>> {
+    let uri: Uri = format!("http://{}/v1/models", target.addr).parse().ok()?;
+    match fetch(client, &uri, timeout).await {
+        Ok(text) => {
+            let adapters = adapters_of(&text, &target.model);
+            if adapters.is_none() {
+                tracing::debug!(pod = %target.name, "engine /v1/models is not a model list; adapters unchanged");
+            }
+            adapters
+        }
+        Err(err) => {
+            tracing::debug!(pod = %target.name, error = %err.detail, "cannot read the engine's /v1/models");
+            None
+        }
+    }
+}
+
+/// The adapters of a `/v1/models` answer: entries with a `parent` that is
+/// `model` or a model the answer lists without a parent (the engine's
+/// served name for it). `None` when the text is not a model list.
+pub fn adapters_of(text: &str, model: &str) -> Option<Vec<String>> {
+    #[derive(serde::Deserialize)]
+    struct List {
+        data: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        id: String,
+        #[serde(default)]
+        parent: Option<String>,
+    }
+    let list: List = serde_json::from_str(text).ok()?;
+    let bases: Vec<&str> = list.data.iter().filter(|e| e.parent.is_none()).map(|e| e.id.as_str()).collect();
+    let mut adapters: Vec<String> = list
+        .data
+        .iter()
+        .filter(|entry| {
+            entry.parent.as_deref().is_some_and(|parent| parent == model || bases.contains(&parent))
+                && entry.id != model
+                && !entry.id.is_empty()
+        })
+        .map(|entry| entry.id.clone())
+        .take(MAX_ADAPTERS_PER_POD)
+        .collect();
+    adapters.sort_unstable();
+    adapters.dedup();
+    Some(adapters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::store::tests::test_pod;
+    use crate::metrics::Metrics;
+    use bytes::Bytes;
+    use std::sync::Mutex;
+
+    #[test]
+    fn adapters_are_entries_whose_parent_is_a_base_model() {
+        let text = r#"{"object":"list","data":[
+            {"id":"llama","object":"model","parent":null,"root":"/models/llama"},
+            {"id":"sql","object":"model","parent":"llama","root":"/adapters/sql"},
+            {"id":"chat","object":"model","parent":"meta/llama-8b"},
+            {"id":"meta/llama-8b","object":"model"},
+            {"id":"stray","object":"model","parent":"other"}]}"#;
+        assert_eq!(adapters_of(text, "llama"), Some(vec!["chat".to_owned(), "sql".to_owned()]));
+        assert_eq!(adapters_of(r#"{"data":[]}"#, "llama"), Some(Vec::new()));
+        assert_eq!(adapters_of("<html>", "llama"), None);
+        assert_eq!(adapters_of(r#"{"data":[{"id":"llama","parent":"llama"}]}"#, "llama"), Some(Vec::new()));
+    }
+
+    /// An engine whose `/v1/models` answer the test sets.
+    async fn engine(answer: Arc<Mutex<String>>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let answer = Arc::clone(&answer);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                        let text = answer.lock().expect("answer").clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                                Bytes::from(text),
+                            )))
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn listing(adapters: &[&str]) -> String {
+        let mut data = vec![serde_json::json!({"id": "llama", "parent": null})];
+        data.extend(adapters.iter().map(|a| serde_json::json!({"id": a, "parent": "llama"})));
+        serde_json::json!({"data": data}).to_string()
+    }
+
+    async fn wait_for(store: &PodStore, what: &str, check: impl Fn(&PodStore) -> bool) {
+        for _ in 0..200 {
+            if check(store) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    fn serving(store: &PodStore, adapter: &str) -> Vec<String> {
+        store.snapshot().model(adapter).map(|m| m.ready.iter().map(|p| p.name.clone()).collect()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn adapters_follow_what_each_ready_engine_lists() {
+        let (a, b) = (Arc::new(Mutex::new(listing(&["sql"]))), Arc::new(Mutex::new(listing(&[]))));
+        let (addr_a, addr_b) = (engine(Arc::clone(&a)).await, engine(Arc::clone(&b)).await);
+        let store = Arc::new(PodStore::new(Arc::new(Metrics::new())));
+        store.replace_all(vec![
+            test_pod("llama", "a", addr_a.port(), true),
+            test_pod("llama", "b", addr_b.port(), true),
+        ]);
+        let config =
+            AdapterReadConfig { interval: Duration::from_millis(100), timeout: Duration::from_secs(1), concurrency: 2 };
+        let shutdown = CancellationToken::new();
+        spawn(Arc::clone(&store), config, shutdown.clone()).expect("reading");
+        wait_for(&store, "sql on a", |s| serving(s, "sql") == ["a"]).await;
+        *b.lock().expect("b") = listing(&["sql", "chat"]);
+        wait_for(&store, "sql on a and b", |s| serving(s, "sql") == ["a", "b"] && serving(s, "chat") == ["b"]).await;
+        // Unloaded on a; b stops answering with a list and keeps what it had.
+        *a.lock().expect("a") = listing(&[]);
+        *b.lock().expect("b") = "not json".to_owned();
+        wait_for(&store, "sql on b only", |s| serving(s, "sql") == ["b"]).await;
+        assert_eq!(serving(&store, "chat"), ["b"]);
+        // A pod that turns not ready keeps its adapters, which then have no
+        // ready pod; one that leaves takes them with it.
+        store.replace_all(vec![
+            test_pod("llama", "a", addr_a.port(), true),
+            test_pod("llama", "b", addr_b.port(), false),
+        ]);
+        wait_for(&store, "sql without ready pods", |s| {
+            s.snapshot().model("sql").is_some_and(|m| m.ready.is_empty() && m.pods.len() == 1)
+        })
+        .await;
+        store.replace_all(vec![test_pod("llama", "a", addr_a.port(), true)]);
+        wait_for(&store, "no sql", |s| s.snapshot().model("sql").is_none()).await;
+        shutdown.cancel();
+    }
+}
