@@ -750,3 +750,57 @@ async fn every_aibrix_path_is_routed_by_its_body() {
     let get = Request::get("/v1/rerank").body(Full::<Bytes>::default()).unwrap_or_default();
     rig.call(get).await.assert_error(405, "method GET");
 }
+
+#[tokio::test]
+async fn a_lora_adapter_routes_to_its_pods_and_is_listed_with_its_parent() {
+    use crate::discovery::{AdapterBinding, AdapterSource};
+    let rig = Rig::new(&[pod("p0", 9000), pod("p1", 9001), pod("p2", 9002)]);
+    let bind = |pod: &str| AdapterBinding {
+        adapter: "org/sql-lora".to_owned(),
+        parent: Some(MODEL.to_owned()),
+        namespace: "default".to_owned(),
+        pod: pod.to_owned(),
+        key: None,
+        config_annotation: None,
+    };
+    rig.store.set_adapters(AdapterSource::ModelAdapter, vec![bind("p0"), bind("p2")]);
+    let body = r#"{"model":"org/sql-lora","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut pods = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let answer = rig.call(post("/v1/chat/completions", body, &[])).await;
+        assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+        pods.insert(answer.header("target-pod").to_owned());
+    }
+    assert_eq!(pods.into_iter().collect::<Vec<_>>(), ["p0", "p2"], "only the pods serving the adapter");
+    let sent = rig.engines.seen();
+    assert!(sent.iter().all(|seen| seen.body["model"] == "org/sql-lora"), "the engine is asked for the adapter");
+    let metrics = rig.proxy.metrics.render();
+    assert!(
+        metrics.contains(r#"turnstile_lora_affinity_routes_total{model="org/sql-lora",tier="other"} 12"#),
+        "no engine reported its adapters: {metrics}"
+    );
+
+    let get = |path: &str| Request::get(path.to_owned()).body(Full::default()).unwrap_or_default();
+    let list = rig.call(get("/v1/models")).await;
+    let list: Value = serde_json::from_str(&list.body).expect("json");
+    let parents: Vec<(&str, Option<&str>)> = list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap_or(""), m["parent"].as_str()))
+        .collect();
+    assert_eq!(parents, [("m", None), ("org/sql-lora", Some("m"))]);
+    let one = rig.call(get("/v1/models/org/sql-lora")).await;
+    assert_eq!(one.status, StatusCode::OK, "{one:?}");
+    let one: Value = serde_json::from_str(&one.body).expect("json");
+    assert_eq!((one["id"].as_str(), one["parent"].as_str()), (Some("org/sql-lora"), Some("m")));
+    assert_eq!(rig.call(get("/v1/models/org%2Fsql-lora")).await.status, StatusCode::OK, "an encoded slash");
+    let missing = rig.call(get("/v1/models/nope")).await;
+    missing.assert_error(404, "The model `nope` does not exist.");
+    let error: Value = serde_json::from_str(&missing.body).expect("json");
+    assert_eq!(error["error"]["code"], "model_not_found");
+
+    // Unbound: the adapter is gone; a request for it is an unknown model.
+    rig.store.set_adapters(AdapterSource::ModelAdapter, Vec::new());
+    rig.call(post("/v1/chat/completions", body, &[])).await.assert_error(400, "model org/sql-lora does not exist");
+}
