@@ -319,7 +319,12 @@ async fn serves_models_health_and_other_endpoints() -> Result<()> {
     let engine = Engine::start(&["--model", "a", "--model", "b", "--tokens", "3"]).await?;
     let (status, models) = engine.json(Method::GET, "/v1/models", None).await?;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(models["data"][1], json!({"id": "b", "object": "model", "created": 0, "owned_by": "vllm"}));
+    let b = &models["data"][1];
+    assert_eq!(
+        (&b["id"], &b["object"], &b["created"], &b["owned_by"], &b["root"], &b["parent"], &b["max_model_len"]),
+        (&json!("b"), &json!("model"), &json!(0), &json!("vllm"), &json!("b"), &Value::Null, &json!(65536))
+    );
+    assert_eq!(b["permission"][0]["object"], "model_permission");
     let (status, _, body) = engine.call(Method::GET, "/health", None).await?;
     assert_eq!((status, body.len()), (StatusCode::OK, 0));
 
@@ -422,6 +427,136 @@ async fn a_sleeping_engine_refuses_inference_until_it_has_woken() -> Result<()> 
             "refused_while_asleep": 1})
     );
     assert_eq!(stats["by_path"]["/v1/chat/completions"], 2);
+    Ok(())
+}
+
+/// The labels and value of the `vllm:lora_requests_info` sample of a `/metrics` page.
+fn lora_info(text: &str) -> (String, f64) {
+    text.lines()
+        .find_map(|line| {
+            let (labels, value) = line.strip_prefix("vllm:lora_requests_info{")?.split_once("} ")?;
+            Some((labels.to_owned(), value.parse().ok()?))
+        })
+        .unwrap_or_else(|| panic!("no vllm:lora_requests_info sample in\n{text}"))
+}
+
+/// The ids `/v1/models` lists.
+async fn model_ids(client: &Client) -> Result<Vec<String>> {
+    let (status, models) = client.json(Method::GET, "/v1/models", None).await?;
+    assert_eq!(status, StatusCode::OK);
+    let data = models["data"].as_array().context("data")?;
+    Ok(data.iter().filter_map(|model| model["id"].as_str().map(str::to_owned)).collect())
+}
+
+#[tokio::test]
+async fn lora_adapters_load_serve_and_unload() -> Result<()> {
+    let engine = Engine::start(&["--lora-modules", "sql=/models/sql", "--max-loras", "2"]).await?;
+    let (status, models) = engine.json(Method::GET, "/v1/models", None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(models["data"][0]["parent"], Value::Null);
+    let sql = &models["data"][1];
+    assert_eq!(
+        (&sql["id"], &sql["root"], &sql["parent"]),
+        (&json!("sql"), &json!("/models/sql"), &json!("mock-model"))
+    );
+    let (labels, _) = lora_info(&engine.metrics().await?);
+    assert_eq!(labels, r#"max_lora="2",running_lora_adapters="",waiting_lora_adapters="""#);
+
+    // Loading: a short text; a name already loaded or a missing field is refused.
+    let load = |name: &str, path: &str| json!({"lora_name": name, "lora_path": path});
+    let (status, headers, body) =
+        engine.call(Method::POST, "/v1/load_lora_adapter", Some(load("chat", "/adapters/chat"))).await?;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"Success: LoRA adapter 'chat' added successfully."[..]));
+    assert_eq!(headers["x-mock-engine"], "pod-a");
+    let (status, error) = engine.json(Method::POST, "/v1/load_lora_adapter", Some(load("chat", "/elsewhere"))).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        error,
+        json!({"error": {"message": "The lora adapter 'chat' has already been loaded.", "type": "BadRequestError",
+            "param": null, "code": 400}})
+    );
+    let (status, error) = engine.json(Method::POST, "/v1/load_lora_adapter", Some(json!({"lora_name": "x"}))).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["error"]["message"], "Both 'lora_name' and 'lora_path' must be provided.");
+    let (status, _, _) = engine.call(Method::GET, "/v1/load_lora_adapter", None).await?;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+
+    assert_eq!(model_ids(&engine).await?, ["mock-model", "sql", "chat"]);
+    let (_, models) = engine.json(Method::GET, "/v1/models", None).await?;
+    let chat_card = &models["data"][2];
+    assert_eq!((&chat_card["root"], &chat_card["parent"]), (&json!("/adapters/chat"), &json!("mock-model")));
+
+    // Served like the base model, under the adapter's name.
+    let completion = json!({"model": "chat", "prompt": "x y", "max_tokens": 2});
+    let (status, answer) = engine.json(Method::POST, "/v1/completions", Some(completion.clone())).await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!((&answer["model"], &answer["choices"][0]["text"]), (&json!("chat"), &json!("tok0 tok1")));
+    let (status, answer) =
+        engine.json(Method::POST, "/v1/embeddings", Some(json!({"model": "sql", "input": "a"}))).await?;
+    assert_eq!((status, &answer["model"]), (StatusCode::OK, &json!("sql")));
+
+    // Running while in flight: a stream on one adapter, a slow answer on the other.
+    engine.json(Method::POST, "/mock/faults", Some(json!({"itl_ms": 150}))).await?;
+    let mut streamed = chat(8, true);
+    streamed["model"] = json!("chat");
+    let stream = engine.send(Method::POST, "/v1/chat/completions", Some(streamed)).await?;
+    assert_eq!(stream.status(), StatusCode::OK);
+    let client = engine.client;
+    let slow = tokio::spawn(async move {
+        let body = json!({"model": "sql", "prompt": "x", "max_tokens": 4});
+        client.json(Method::POST, "/v1/completions", Some(body)).await
+    });
+    let page = engine
+        .wait_for_metrics("both adapters running", |text| {
+            lora_info(text).0.contains(r#"running_lora_adapters="chat,sql""#)
+        })
+        .await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    assert!((lora_info(&page).1 - now).abs() < 60.0, "the gauge is the time: {page}");
+    let (_, _, filtered) = engine.call(Method::GET, "/metrics?name[]=vllm:lora_requests_info", None).await?;
+    let filtered = String::from_utf8(filtered.to_vec())?;
+    assert_eq!(filtered.lines().count(), 3, "{filtered}");
+    assert!(lora_info(&filtered).0.contains(r#"running_lora_adapters="chat,sql""#), "{filtered}");
+
+    let (events, failed) = read_events(stream.into_body()).await;
+    assert!(!failed);
+    assert_eq!(events.len(), 10, "8 tokens, usage, [DONE]: {events:?}");
+    assert_eq!(event_json(&events[0].1)["model"], "chat");
+    let (status, answer) = timeout(STEP, slow).await???;
+    assert_eq!((status, &answer["model"]), (StatusCode::OK, &json!("sql")));
+    let idle = r#"max_lora="2",running_lora_adapters="",waiting_lora_adapters="""#;
+    engine.wait_for_metrics("no adapter running", |text| lora_info(text).0 == idle).await?;
+
+    let (_, stats) = engine.json(Method::GET, "/mock/stats", None).await?;
+    assert_eq!(
+        stats["lora"],
+        json!({"loaded": ["chat", "sql"], "max_loras": 2, "served": {"chat": 2, "sql": 2}, "loads": 1, "unloads": 0})
+    );
+
+    // Unloaded: no longer listed nor served; a second unload finds nothing.
+    let unload = json!({"lora_name": "chat"});
+    let (status, _, body) = engine.call(Method::POST, "/v1/unload_lora_adapter", Some(unload.clone())).await?;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"Success: LoRA adapter 'chat' removed successfully."[..]));
+    let (status, error) = engine.json(Method::POST, "/v1/completions", Some(completion)).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        error,
+        json!({"error": {"message": "The model `chat` does not exist.", "type": "NotFoundError", "param": "model",
+            "code": 404}})
+    );
+    assert_eq!(model_ids(&engine).await?, ["mock-model", "sql"]);
+    let (status, error) = engine.json(Method::POST, "/v1/unload_lora_adapter", Some(unload)).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        error,
+        json!({"error": {"message": "The lora adapter 'chat' cannot be found.", "type": "NotFoundError",
+            "param": null, "code": 404}})
+    );
+    let (_, stats) = engine.json(Method::GET, "/mock/stats", None).await?;
+    assert_eq!(
+        stats["lora"],
+        json!({"loaded": ["sql"], "max_loras": 2, "served": {"chat": 2, "sql": 2}, "loads": 1, "unloads": 1})
+    );
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::connection::{ConnectionAborted, ResetSwitch};
 use super::generation::Generation;
+use super::lora::AdapterRequest;
 use super::openai::{Completion, SSE_DONE, Usage};
 use super::stats::InFlight;
 
@@ -76,7 +77,8 @@ pub struct TokenStream {
     reset: Option<StreamReset>,
     events_sent: u32,
     next: Next,
-    _in_flight: InFlight,
+    /// The request's counts, ended with the stream.
+    _in_flight: (InFlight, Option<AdapterRequest>),
 }
 
 /// The `reset_after_chunks` fault, armed on one stream.
@@ -88,13 +90,14 @@ struct StreamReset {
 
 impl TokenStream {
     /// A stream of `generation`'s tokens shaped as `completion`; with `reset`, the
-    /// connection is reset after that many events.
+    /// connection is reset after that many events. The request stays in flight (on its
+    /// LoRA adapter, if any) until the stream is dropped.
     pub fn new(
         generation: Generation,
         completion: Completion,
         include_usage: bool,
         reset: Option<(u32, ResetSwitch)>,
-        in_flight: InFlight,
+        in_flight: (InFlight, Option<AdapterRequest>),
     ) -> Self {
         Self {
             generation,

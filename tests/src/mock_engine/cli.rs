@@ -144,6 +144,18 @@ pub struct MockEngineArgs {
     /// 0 wakes it at once.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(..=MAX_DELAY_MS))]
     pub wake_delay_ms: u64,
+
+    /// LoRA adapters loaded at start, as `NAME` or `NAME=PATH` (repeatable or
+    /// comma-separated; the path defaults to `/adapters/NAME` and is never read). Requests
+    /// naming one are served like the base model; more can be loaded at run time with
+    /// `POST /v1/load_lora_adapter`.
+    #[arg(long, value_delimiter = ',', value_parser = super::lora::LoraModule::parse)]
+    pub lora_modules: Vec<super::lora::LoraModule>,
+
+    /// vLLM's `max_loras` (adapters in one batch), reported as the `max_lora` label of
+    /// `vllm:lora_requests_info` and in `/mock/stats`; not enforced.
+    #[arg(long, default_value_t = 4)]
+    pub max_loras: u32,
 }
 
 #[cfg(test)]
@@ -171,6 +183,29 @@ mod tests {
         assert_eq!(args.models, ["a", "b"]);
         let args = MockEngineArgs::parse_from(["mock-engine", "--sleeping", "--wake-delay-ms", "0"]);
         assert_eq!((args.sleeping, args.wake_delay_ms), (true, 0));
+    }
+
+    #[test]
+    fn lora_flags() {
+        use super::super::lora::LoraModule;
+        let args = MockEngineArgs::parse_from(["mock-engine"]);
+        assert!(args.lora_modules.is_empty());
+        assert_eq!(args.max_loras, 4);
+
+        let args = MockEngineArgs::parse_from([
+            "mock-engine",
+            "--lora-modules",
+            "sql=/models/sql,chat",
+            "--lora-modules",
+            "tone=/a=b",
+            "--max-loras",
+            "0",
+        ]);
+        let modules: Vec<(&str, &str)> =
+            args.lora_modules.iter().map(|module| (module.name.as_str(), module.path.as_str())).collect();
+        assert_eq!(modules, [("sql", "/models/sql"), ("chat", "/adapters/chat"), ("tone", "/a=b")]);
+        assert_eq!(args.max_loras, 0);
+        assert_eq!(LoraModule::parse("chat").map(|module| module.path), Ok("/adapters/chat".to_owned()));
     }
 
     #[test]
@@ -206,6 +241,9 @@ mod tests {
             ["--engine-kind", "tgi"],
             ["--bootstrap-timeout-ms", "0"],
             ["--wake-delay-ms", "99999999"],
+            ["--lora-modules", "=/path"],
+            ["--lora-modules", "sql="],
+            ["--max-loras", "-1"],
         ] {
             let argv = std::iter::once("mock-engine").chain(bad);
             assert!(MockEngineArgs::try_parse_from(argv).is_err(), "{bad:?}");

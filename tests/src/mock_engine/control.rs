@@ -1,5 +1,6 @@
-//! Everything that is not inference: health, models, metrics, vLLM's sleep mode endpoints,
-//! and the `/mock/*` control endpoints tests use to steer and inspect the engine.
+//! Everything that is not inference: health, models, metrics, vLLM's sleep mode and LoRA
+//! adapter endpoints, and the `/mock/*` control endpoints tests use to steer and inspect
+//! the engine.
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -7,23 +8,28 @@ use hyper::body::Incoming;
 use super::body::MockBody;
 use super::faults::FaultsPatch;
 use super::inference::{ReadError, read_body};
+use super::lora::{LoraAdapters, Refusal};
 use super::openai::{json_bytes, models_body};
 use super::sleep::SleepLevel;
 use super::state::EngineState;
 
-/// Largest `/mock/faults` body accepted.
+/// Largest `/mock/faults`, `/v1/load_lora_adapter` or `/v1/unload_lora_adapter` body
+/// accepted.
 const MAX_CONTROL_BODY_BYTES: usize = 64 * 1024;
 
 /// Answers a request to any path other than the inference endpoints.
 pub async fn handle(state: &EngineState, request: Request<Incoming>) -> Response<MockBody> {
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/health") => state.respond(StatusCode::OK, "", MockBody::empty()),
-        (&Method::GET, "/v1/models") => state.json(StatusCode::OK, models_body(&state.models)),
+        (&Method::GET, "/v1/models") => {
+            state.json(StatusCode::OK, models_body(&state.models, state.max_model_len, &state.lora.loaded()))
+        }
         // vLLM's version endpoint (a path operators list as a model's custom path).
         (&Method::GET, "/version") => state.json(StatusCode::OK, json_bytes(&serde_json::json!({"version": "mock"}))),
         (&Method::GET, "/metrics") => {
             state.stats.scraped();
-            let text = state.metrics.render(state.first_model(), state.load.snapshot(), state.sleep.state());
+            let lora = state.lora.snapshot();
+            let text = state.metrics.render(state.first_model(), state.load.snapshot(), state.sleep.state(), &lora);
             let text = match requested_samples(request.uri().query()) {
                 Some(samples) => restrict(&text, &samples),
                 None => text,
@@ -34,6 +40,7 @@ pub async fn handle(state: &EngineState, request: Request<Incoming>) -> Response
             let mut stats = state.stats.to_json(&state.name);
             stats["pd"] = state.pd.to_json();
             stats["sleep"] = state.sleep.to_json();
+            stats["lora"] = state.lora.to_json();
             state.json(StatusCode::OK, json_bytes(&stats))
         }
         // vLLM's dev-mode sleep endpoints: empty 200 answers, `level` read from the query.
@@ -55,12 +62,24 @@ pub async fn handle(state: &EngineState, request: Request<Incoming>) -> Response
         (&Method::GET, "/is_sleeping") => {
             state.json(StatusCode::OK, json_bytes(&serde_json::json!({"is_sleeping": state.sleep.is_sleeping()})))
         }
+        // vLLM's runtime LoRA endpoints: a short text answer, or a vLLM error.
+        (&Method::POST, "/v1/load_lora_adapter") => change_adapters(state, request, LoraAdapters::load_body).await,
+        (&Method::POST, "/v1/unload_lora_adapter") => change_adapters(state, request, LoraAdapters::unload_body).await,
         (&Method::GET, "/mock/faults") => state.json(StatusCode::OK, json_bytes(&state.faults.current())),
         (&Method::POST, "/mock/faults") => update_faults(state, request).await,
         (
             _,
-            "/health" | "/v1/models" | "/version" | "/metrics" | "/sleep" | "/wake_up" | "/is_sleeping" | "/mock/stats"
-            | "/mock/faults",
+            "/health"
+            | "/v1/models"
+            | "/version"
+            | "/metrics"
+            | "/sleep"
+            | "/wake_up"
+            | "/is_sleeping"
+            | "/mock/stats"
+            | "/mock/faults"
+            | "/v1/load_lora_adapter"
+            | "/v1/unload_lora_adapter",
         ) => method_not_allowed(state),
         _ => state.error(StatusCode::NOT_FOUND, "NotFoundError", "Not Found", None),
     }
@@ -85,6 +104,24 @@ async fn update_faults(state: &EngineState, request: Request<Incoming>) -> Respo
     match state.faults.apply(patch) {
         Ok(faults) => state.json(StatusCode::OK, json_bytes(&faults)),
         Err(message) => state.error(StatusCode::BAD_REQUEST, "BadRequestError", &message, None),
+    }
+}
+
+/// Loads or unloads a LoRA adapter as the request's JSON body asks (`change`).
+async fn change_adapters(
+    state: &EngineState,
+    request: Request<Incoming>,
+    change: fn(&LoraAdapters, &[u8]) -> Result<String, Refusal>,
+) -> Response<MockBody> {
+    let body = match read_body(request.into_body(), MAX_CONTROL_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(ReadError::TooLarge | ReadError::Broken) => {
+            return state.error(StatusCode::BAD_REQUEST, "BadRequestError", "unreadable body", None);
+        }
+    };
+    match change(&state.lora, &body) {
+        Ok(text) => state.respond(StatusCode::OK, "text/plain; charset=utf-8", MockBody::full(text)),
+        Err(Refusal { status, kind, message }) => state.error(status, kind, &message, None),
     }
 }
 
@@ -186,11 +223,12 @@ mod tests {
     #[test]
     fn a_name_query_keeps_the_sleep_state_gauge() {
         use super::super::load::LoadSnapshot;
+        use super::super::lora::LoraSnapshot;
         use super::super::metrics::EngineMetrics;
         use super::super::sleep::SleepState;
 
         let load = LoadSnapshot { running: 0, waiting: 0, kv_usage: 0.0 };
-        let page = EngineMetrics::default().render("m", load, SleepState::DiscardAll);
+        let page = EngineMetrics::default().render("m", load, SleepState::DiscardAll, &LoraSnapshot::idle());
         let asked = requested_samples(Some("name[]=vllm%3Aengine_sleep_state")).expect("names");
         let kept = restrict(&page, &asked);
         let lines: Vec<&str> = kept.lines().collect();
@@ -198,6 +236,25 @@ mod tests {
         assert!(lines[0].starts_with("# HELP vllm:engine_sleep_state "), "{kept}");
         assert_eq!(lines[1], "# TYPE vllm:engine_sleep_state gauge");
         assert_eq!(lines[4], r#"vllm:engine_sleep_state{engine="0",model_name="m",sleep_state="discard_all"} 1.0"#);
+    }
+
+    #[test]
+    fn a_name_query_keeps_the_lora_requests_gauge() {
+        use super::super::load::LoadSnapshot;
+        use super::super::lora::LoraSnapshot;
+        use super::super::metrics::EngineMetrics;
+        use super::super::sleep::SleepState;
+
+        let load = LoadSnapshot { running: 1, waiting: 0, kv_usage: 0.5 };
+        let lora = LoraSnapshot { max_loras: 2, running: vec!["sql".to_owned()], at: 1.5 };
+        let page = EngineMetrics::default().render("m", load, SleepState::Awake, &lora);
+        let asked = requested_samples(Some("name[]=vllm%3Alora_requests_info")).expect("names");
+        assert_eq!(
+            restrict(&page, &asked),
+            "# HELP vllm:lora_requests_info Running stats on lora requests.\n\
+             # TYPE vllm:lora_requests_info gauge\n\
+             vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"sql\",waiting_lora_adapters=\"\"} 1.5\n"
+        );
     }
 
     #[test]

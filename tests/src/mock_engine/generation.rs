@@ -200,7 +200,8 @@ mod tests {
 
     fn metric(metrics: &EngineMetrics, series: &str) -> String {
         let load = super::super::load::LoadSnapshot { running: 0, waiting: 0, kv_usage: 0.0 };
-        let text = metrics.render("m", load, super::super::sleep::SleepState::Awake);
+        let lora = super::super::lora::LoraSnapshot::idle();
+        let text = metrics.render("m", load, super::super::sleep::SleepState::Awake, &lora);
         text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')).unwrap().to_owned()
     }
 

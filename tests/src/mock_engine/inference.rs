@@ -1,5 +1,5 @@
 //! The life of an inference request, in order: count → read → faults → refuse while asleep
-//! → parse → check the model → generate → answer.
+//! → parse → check the model (a base model or a loaded LoRA adapter) → generate → answer.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -82,13 +82,11 @@ pub async fn handle(
         let message = message.as_str();
         return Ok(state.error(StatusCode::BAD_REQUEST, "BadRequestError", message, Some("stream")));
     }
-    let model = match request.model.take() {
-        Some(model) if state.models.contains(&model) => model,
-        Some(model) => {
-            let message = format!("The model `{model}` does not exist.");
-            return Ok(state.error(StatusCode::NOT_FOUND, "NotFoundError", &message, Some("model")));
-        }
-        None => state.first_model().to_owned(),
+    // A request on a LoRA adapter counts as running on it until `adapter` is dropped: with
+    // the answer, or with the stream that carries it.
+    let (model, adapter) = match state.serve_model(request.model.take()) {
+        Ok(served) => (served.name, served.adapter),
+        Err(unknown) => return Ok(state.model_not_found(&unknown)),
     };
 
     let prompt_tokens = request.prompt_tokens();
@@ -126,7 +124,7 @@ pub async fn handle(
 
     if streams {
         let reset = faults.reset_after_chunks.map(|events| (events, reset));
-        let stream = TokenStream::new(generation, completion, request.include_usage(), reset, in_flight);
+        let stream = TokenStream::new(generation, completion, request.include_usage(), reset, (in_flight, adapter));
         return Ok(state.respond(StatusCode::OK, "text/event-stream", MockBody::Stream(Box::new(stream))));
     }
 
@@ -145,7 +143,7 @@ pub async fn handle(
         Endpoint::Responses => completion.response_body(usage),
         _ => completion.other_body(usage, request.pooled_items()),
     };
-    drop(in_flight);
+    drop((in_flight, adapter));
     Ok(state.json(StatusCode::OK, body))
 }
 

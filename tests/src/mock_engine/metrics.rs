@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::load::LoadSnapshot;
+use super::lora::LoraSnapshot;
 use super::sleep::SleepState;
 
 /// vLLM's `vllm:time_to_first_token_seconds` buckets.
@@ -89,16 +90,23 @@ impl EngineMetrics {
         self.e2e_request_latency.observe(since_arrival);
     }
 
-    /// The Prometheus text exposition of these metrics, `load` and the `sleep` state,
-    /// labelled with `model`.
-    pub fn render(&self, model: &str, load: LoadSnapshot, sleep: SleepState) -> String {
+    /// The Prometheus text exposition of these metrics, `load`, the `sleep` state and the
+    /// `lora` adapters running, labelled with `model`.
+    pub fn render(&self, model: &str, load: LoadSnapshot, sleep: SleepState, lora: &LoraSnapshot) -> String {
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
-        let _ = self.write(&mut out, &escape_label_value(model), load, sleep);
+        let _ = self.write(&mut out, &escape_label_value(model), load, sleep, lora);
         out
     }
 
-    fn write(&self, out: &mut String, model: &str, load: LoadSnapshot, sleep: SleepState) -> fmt::Result {
+    fn write(
+        &self,
+        out: &mut String,
+        model: &str,
+        load: LoadSnapshot,
+        sleep: SleepState,
+        lora: &LoraSnapshot,
+    ) -> fmt::Result {
         let labels = format!("model_name=\"{model}\"");
         let LoadSnapshot { running, waiting, kv_usage } = load;
         let family = |out: &mut String, name: &str, kind: &str, help: &str| {
@@ -129,6 +137,16 @@ impl EngineMetrics {
             let label = state.label();
             writeln!(out, "{name}{{engine=\"0\",{labels},sleep_state=\"{label}\"}} {value:?}")?;
         }
+        // vLLM's one sample is the time of its last update, labelled with the adapters of
+        // the running and waiting requests (comma-joined); no model_name label.
+        let name = "vllm:lora_requests_info";
+        family(out, name, "gauge", "Running stats on lora requests.")?;
+        let LoraSnapshot { max_loras, running, at } = lora;
+        let running = escape_label_value(&running.join(","));
+        writeln!(
+            out,
+            "{name}{{max_lora=\"{max_loras}\",running_lora_adapters=\"{running}\",waiting_lora_adapters=\"\"}} {at:?}"
+        )?;
 
         let counters = [
             ("vllm:prompt_tokens_total", "Number of prefill tokens processed.", &self.prompt_tokens, ""),
@@ -260,7 +278,7 @@ mod tests {
     #[test]
     fn renders_load_state() {
         let load = LoadSnapshot { running: 3, waiting: 2, kv_usage: 0.25 };
-        let text = EngineMetrics::default().render("m", load, SleepState::Awake);
+        let text = EngineMetrics::default().render("m", load, SleepState::Awake, &LoraSnapshot::idle());
         assert_eq!(sample(&text, r#"vllm:num_requests_running{model_name="m"}"#), "3");
         assert_eq!(sample(&text, r#"vllm:num_requests_waiting{model_name="m"}"#), "2");
         assert_eq!(sample(&text, r#"vllm:kv_cache_usage_perc{model_name="m"}"#), "0.25");
@@ -283,7 +301,7 @@ mod tests {
         metrics.token_generated();
         metrics.request_succeeded(Duration::from_millis(400));
         metrics.prefix_cache_lookup(12, 8);
-        let text = metrics.render("m", idle(), SleepState::Awake);
+        let text = metrics.render("m", idle(), SleepState::Awake, &LoraSnapshot::idle());
         assert_eq!(sample(&text, r#"vllm:prefix_cache_queries_total{model_name="m"}"#), "12");
         assert_eq!(sample(&text, r#"vllm:prefix_cache_hits_total{model_name="m"}"#), "8");
 
@@ -305,7 +323,7 @@ mod tests {
 
     #[test]
     fn renders_one_sleep_state_sample_per_state() {
-        let text = EngineMetrics::default().render("m", idle(), SleepState::Awake);
+        let text = EngineMetrics::default().render("m", idle(), SleepState::Awake, &LoraSnapshot::idle());
         let family: Vec<&str> = text.lines().filter(|line| line.contains("vllm:engine_sleep_state")).collect();
         assert_eq!(
             family,
@@ -320,7 +338,7 @@ mod tests {
             ]
         );
         for state in [SleepState::WeightsOffloaded, SleepState::DiscardAll] {
-            let text = EngineMetrics::default().render("m", idle(), state);
+            let text = EngineMetrics::default().render("m", idle(), state, &LoraSnapshot::idle());
             for other in SleepState::ALL {
                 let series =
                     format!(r#"vllm:engine_sleep_state{{engine="0",model_name="m",sleep_state="{}"}}"#, other.label());
@@ -328,6 +346,29 @@ mod tests {
                 assert_eq!(sample(&text, &series), expected, "{state:?}: {series}");
             }
         }
+    }
+
+    #[test]
+    fn renders_the_running_lora_adapters_with_the_time() {
+        let text = EngineMetrics::default().render("m", idle(), SleepState::Awake, &LoraSnapshot::idle());
+        let family: Vec<&str> = text.lines().filter(|line| line.contains("vllm:lora_requests_info")).collect();
+        assert_eq!(
+            family,
+            [
+                "# HELP vllm:lora_requests_info Running stats on lora requests.",
+                "# TYPE vllm:lora_requests_info gauge",
+                r#"vllm:lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""} 0.0"#,
+            ]
+        );
+        let lora = LoraSnapshot { max_loras: 0, running: vec!["a".to_owned(), "b\"c".to_owned()], at: 1712345678.25 };
+        let text = EngineMetrics::default().render("m", idle(), SleepState::Awake, &lora);
+        assert_eq!(
+            sample(
+                &text,
+                r#"vllm:lora_requests_info{max_lora="0",running_lora_adapters="a,b\"c",waiting_lora_adapters=""}"#
+            ),
+            "1712345678.25"
+        );
     }
 
     #[test]
@@ -341,7 +382,7 @@ mod tests {
 
     #[test]
     fn escapes_model_label() {
-        let text = EngineMetrics::default().render("a\"b\\c", idle(), SleepState::Awake);
+        let text = EngineMetrics::default().render("a\"b\\c", idle(), SleepState::Awake, &LoraSnapshot::idle());
         assert!(text.contains(r#"vllm:num_requests_running{model_name="a\"b\\c"} 0"#));
     }
 }

@@ -10,13 +10,15 @@
 //! tokens the prefix cache did not hold. Faults (error status, connection reset, hang) and timing can be switched at run
 //! time through `POST /mock/faults`; `GET /mock/stats` reports the traffic received. vLLM's
 //! sleep mode (`POST /sleep`, `POST /wake_up`, `GET /is_sleeping`, `--sleeping`) puts the
-//! engine to sleep: inference answers 503 until it has woken.
+//! engine to sleep: inference answers 503 until it has woken. LoRA adapters (`--lora-modules`,
+//! `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter`) are listed by `/v1/models`
+//! and served as models of their own.
 //!
 //! Layout, in request order: `server` accepts connections (`connection` can end them with a
 //! reset); `inference` takes an inference request through `faults`, `request` parsing and a
 //! `generation` on the `load` model, answering with `openai` bodies (streamed by `body`);
-//! `control` serves health, models, `metrics`, `stats` and the `sleep` endpoints. `state` is
-//! what they share. With `--role prefill|decode` the engine plays one half of a
+//! `control` serves health, models, `metrics`, `stats`, the `sleep` endpoints and the `lora`
+//! adapter endpoints. `state` is what they share. With `--role prefill|decode` the engine plays one half of a
 //! disaggregated request and `pd` checks the handover a PD gateway must perform for the
 //! engine of `--engine-kind` (vLLM's `kv_transfer_params` and its other KV connectors,
 //! SGLang's bootstrap rooms, TensorRT-LLM's `disaggregated_params`).
@@ -29,6 +31,7 @@ mod faults;
 mod generation;
 mod inference;
 mod load;
+mod lora;
 mod metrics;
 mod openai;
 mod pd;
@@ -51,6 +54,7 @@ pub use cli::MockEngineArgs;
 pub use faults::{Faults, FaultsPatch};
 pub use generation::TokenTiming;
 pub use load::{LoadModel, LoadSnapshot, RunningSlot};
+pub use lora::{LoraModule, LoraSnapshot};
 pub use metrics::EngineMetrics;
 pub use pd::{EngineKind, KvConnector, PdRole};
 pub use prefix::PrefixCache;

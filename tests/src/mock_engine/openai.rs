@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::{Serialize, Serializer};
 
+use super::lora::LoadedAdapter;
 use super::request::Endpoint;
 
 /// The last event of every stream.
@@ -506,24 +507,77 @@ impl<'a> ErrorBody<'a> {
     }
 }
 
-/// `GET /v1/models`.
-pub fn models_body(models: &[String]) -> Bytes {
+/// `GET /v1/models`, as vLLM lists its models: the base `models` (`max_model_len` long,
+/// `root` their name, no `parent`), then the loaded LoRA `adapters` (`root` their path,
+/// `parent` the first base model, no `max_model_len`). Base models keep `created` 0;
+/// adapters give their load time.
+pub fn models_body(models: &[String], max_model_len: u64, adapters: &[LoadedAdapter]) -> Bytes {
     #[derive(Serialize)]
     struct Model<'a> {
         id: &'a str,
         object: &'static str,
         created: u64,
         owned_by: &'static str,
+        root: &'a str,
+        parent: Option<&'a str>,
+        max_model_len: Option<u64>,
+        permission: [Permission; 1],
+    }
+    /// vLLM's `ModelPermission` with its defaults.
+    #[derive(Serialize)]
+    struct Permission {
+        /// vLLM draws a random one per listing; here it is the card's position.
+        id: String,
+        object: &'static str,
+        created: u64,
+        allow_create_engine: bool,
+        allow_sampling: bool,
+        allow_logprobs: bool,
+        allow_search_indices: bool,
+        allow_view: bool,
+        allow_fine_tuning: bool,
+        organization: &'static str,
+        group: Option<&'static str>,
+        is_blocking: bool,
     }
     #[derive(Serialize)]
     struct ModelList<'a> {
         object: &'static str,
         data: Vec<Model<'a>>,
     }
-    json_bytes(&ModelList {
-        object: "list",
-        data: models.iter().map(|id| Model { id, object: "model", created: 0, owned_by: "vllm" }).collect(),
-    })
+    let permission = |index: usize, created: u64| Permission {
+        id: format!("modelperm-{index:032x}"),
+        object: "model_permission",
+        created,
+        allow_create_engine: false,
+        allow_sampling: true,
+        allow_logprobs: true,
+        allow_search_indices: false,
+        allow_view: true,
+        allow_fine_tuning: false,
+        organization: "*",
+        group: None,
+        is_blocking: false,
+    };
+    let parent = models.first().map(String::as_str);
+    let base = models.iter().map(|id| (id.as_str(), 0, id.as_str(), None, Some(max_model_len)));
+    let adapters =
+        adapters.iter().map(|adapter| (adapter.name.as_str(), adapter.created, adapter.path.as_str(), parent, None));
+    let data = base
+        .chain(adapters)
+        .enumerate()
+        .map(|(index, (id, created, root, parent, max_model_len))| Model {
+            id,
+            object: "model",
+            created,
+            owned_by: "vllm",
+            root,
+            parent,
+            max_model_len,
+            permission: [permission(index, created)],
+        })
+        .collect();
+    json_bytes(&ModelList { object: "list", data })
 }
 
 /// `value` as JSON bytes.
@@ -642,6 +696,30 @@ mod tests {
         assert_eq!(body["data"][1]["index"], 1);
         assert_eq!(body["data"][1]["embedding"].as_array().unwrap().len(), 8);
         assert_eq!(body["usage"], json!({"prompt_tokens":5,"total_tokens":5}));
+    }
+
+    #[test]
+    fn models_list_base_models_then_adapters_with_their_parent() {
+        let adapter = LoadedAdapter { name: "sql".to_owned(), path: "/adapters/sql".to_owned(), created: 7 };
+        let body: Value =
+            serde_json::from_slice(&models_body(&["a".to_owned(), "b".to_owned()], 4096, &[adapter])).unwrap();
+        assert_eq!(body["object"], "list");
+        let ids: Vec<&str> = body["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["a", "b", "sql"]);
+        assert_eq!(
+            body["data"][1],
+            json!({"id": "b", "object": "model", "created": 0, "owned_by": "vllm", "root": "b", "parent": null,
+                "max_model_len": 4096, "permission": [{"id": "modelperm-00000000000000000000000000000001",
+                "object": "model_permission", "created": 0, "allow_create_engine": false, "allow_sampling": true,
+                "allow_logprobs": true, "allow_search_indices": false, "allow_view": true,
+                "allow_fine_tuning": false, "organization": "*", "group": null, "is_blocking": false}]})
+        );
+        let sql = &body["data"][2];
+        assert_eq!(
+            (&sql["root"], &sql["parent"], &sql["max_model_len"], &sql["created"]),
+            (&json!("/adapters/sql"), &json!("a"), &Value::Null, &json!(7))
+        );
+        assert_eq!(sql["permission"][0]["created"], 7);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use super::body::MockBody;
 use super::cli::MockEngineArgs;
 use super::faults::{FaultSwitch, Faults};
 use super::load::LoadModel;
+use super::lora::{AdapterRequest, LoraAdapters};
 use super::metrics::EngineMetrics;
 use super::openai::{ErrorBody, ResponseIds};
 use super::pd::{Handshake, PdState};
@@ -29,6 +30,9 @@ pub struct EngineState {
     name_header: HeaderValue,
     /// Served model ids; never empty.
     pub models: Vec<String>,
+    /// The `max_model_len` `/v1/models` gives base models: the KV cache's size, the longest
+    /// sequence it could hold.
+    pub max_model_len: u64,
     /// Completion tokens when a request names no cap.
     pub default_completion_tokens: u32,
     /// Where the engine listens, reported to disaggregated prefill callers.
@@ -55,6 +59,18 @@ pub struct EngineState {
     pub fail_body: super::cli::FailBody,
     /// vLLM's sleep mode: asleep or awake, and the sleep calls seen.
     pub sleep: SleepSwitch,
+    /// LoRA adapters loaded and their requests.
+    pub lora: Arc<LoraAdapters>,
+}
+
+/// The model an inference request is served as.
+#[derive(Debug)]
+pub struct ServedModel {
+    /// The model id the answer names: the base model asked for (or the first one), or the
+    /// adapter.
+    pub name: String,
+    /// For an adapter, its request, running until dropped.
+    pub adapter: Option<AdapterRequest>,
 }
 
 impl EngineState {
@@ -69,10 +85,12 @@ impl EngineState {
             .with_context(|| format!("--name {:?} is not a valid header value", args.name))?;
         let handshake = Handshake::from_args(args.engine_kind, args.kv_connector).map_err(anyhow::Error::msg)?;
         let models = if args.models.is_empty() { vec!["mock-model".to_owned()] } else { args.models.clone() };
+        let lora = LoraAdapters::new(args.max_loras, &args.lora_modules).map_err(anyhow::Error::msg)?;
         Ok(Self {
             name: args.name.clone(),
             name_header,
             models,
+            max_model_len: args.kv_capacity_tokens,
             default_completion_tokens: args.tokens,
             local_addr,
             faults: FaultSwitch::new(Faults::from_args(args)),
@@ -91,12 +109,36 @@ impl EngineState {
                 ),
             fail_body: args.fail_body,
             sleep: SleepSwitch::new(args.sleeping, Duration::from_millis(args.wake_delay_ms)),
+            lora: Arc::new(lora),
         })
     }
 
     /// The model that labels `/metrics` and answers requests that name none.
     pub fn first_model(&self) -> &str {
         self.models.first().map_or("mock-model", String::as_str)
+    }
+
+    /// The model a request naming `requested` is served as: a base model, the first one when
+    /// it names none, or a loaded LoRA adapter (whose request then counts as running until
+    /// the [`ServedModel`] is dropped). `Err` holds any other name, which
+    /// [`EngineState::model_not_found`] answers.
+    pub fn serve_model(&self, requested: Option<String>) -> Result<ServedModel, String> {
+        let Some(name) = requested else {
+            return Ok(ServedModel { name: self.first_model().to_owned(), adapter: None });
+        };
+        if self.models.contains(&name) {
+            return Ok(ServedModel { name, adapter: None });
+        }
+        match self.lora.start_request(&name) {
+            Some(adapter) => Ok(ServedModel { name, adapter: Some(adapter) }),
+            None => Err(name),
+        }
+    }
+
+    /// vLLM's 404 for a request naming a model it does not serve.
+    pub fn model_not_found(&self, model: &str) -> Response<MockBody> {
+        let message = format!("The model `{model}` does not exist.");
+        self.error(StatusCode::NOT_FOUND, "NotFoundError", &message, Some("model"))
     }
 
     /// A response with the engine's header.

@@ -69,10 +69,11 @@ pub async fn handle(
         return Ok(refusal);
     }
     let model = received.fields.get("model").and_then(Value::as_str).unwrap_or("").to_owned();
-    if !state.models.contains(&model) {
-        let message = format!("The model `{model}` does not exist.");
-        return Ok(state.error(StatusCode::NOT_FOUND, "NotFoundError", &message, Some("model")));
-    }
+    // An adapter's request runs until the answer is built (the stream is built whole).
+    let (model, _adapter) = match state.serve_model(Some(model)) {
+        Ok(served) => (served.name, served.adapter),
+        Err(unknown) => return Ok(state.model_not_found(&unknown)),
+    };
     let upload = json!({
         "fields": received.fields,
         "file_name": received.file_name,
