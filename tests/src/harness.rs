@@ -729,3 +729,13 @@ impl Redis {
         second + 1
     }
 }
+
+/// The pinned `openai` SDK's Python, installed by `cargo xtask setup`.
+pub fn openai_python() -> PathBuf {
+    let pins = include_str!("../python/requirements-openai.txt");
+    let version = pins.lines().find_map(|l| l.trim().strip_prefix("openai==")).expect("openai pinned");
+    let home = std::env::var_os("HOME").expect("HOME");
+    let python = PathBuf::from(home).join(format!(".local/share/turnstile/openai-{version}/bin/python"));
+    assert!(python.exists(), "{} is missing: run `cargo xtask setup`", python.display());
+    python
+}

@@ -331,11 +331,7 @@ async fn a_keep_alive_connection_switching_models_is_counted_request_by_request(
 #[tokio::test]
 async fn one_openai_client_calling_two_models_is_counted_per_model() {
     let Some((_sandbox, _engine, gw)) = two_models_counted_both_ways("sdk").await else { return };
-    let pins_file = include_str!("../python/requirements-openai.txt");
-    let version = pins_file.lines().find_map(|l| l.trim().strip_prefix("openai==")).expect("openai pinned");
-    let home = std::env::var_os("HOME").expect("HOME");
-    let python = PathBuf::from(home).join(format!(".local/share/turnstile/openai-{version}/bin/python"));
-    assert!(python.exists(), "{} is missing: run `cargo xtask setup`", python.display());
+    let python = turnstile_tests::harness::openai_python();
     // Run from this thread, which is inside the test's network namespace.
     let output = Command::new(python)
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_two_models.py"))

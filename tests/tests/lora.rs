@@ -168,3 +168,36 @@ async fn adapter_requests_prefer_pods_running_it_then_pods_with_a_free_slot() {
     assert_eq!((chat_tiered, chat_other), (24, 0), "{after}");
     held.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_lists_and_retrieves_adapters_and_chats_with_one() {
+    let engine = Engine::start("a", MODEL, &["--lora-modules", "org/sql-lora"]);
+    let gw = Gateway::start(&[PodSpec::for_engine(&engine, MODEL)], REFRESH).await;
+    eventually(Duration::from_secs(5), "the adapter is known", || async {
+        chat(&gw, "org/sql-lora").await.status == StatusCode::OK
+    })
+    .await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_models.py");
+    let (python, base_url) = (turnstile_tests::harness::openai_python(), gw.url("/v1"));
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .args([base_url.as_str(), "org/sql-lora", "nope"])
+            .output()
+            .expect("run python")
+    })
+    .await
+    .expect("python task");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(
+        seen,
+        json!({
+            "listed": {"llama": null, "org/sql-lora": "llama"},
+            "retrieved": ["org/sql-lora", "llama"],
+            "missing": "NotFoundError",
+            "answered_as": "org/sql-lora",
+        })
+    );
+}

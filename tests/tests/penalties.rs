@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use http::StatusCode;
 use turnstile_tests::harness::{
-    Discovery, Engine, Gateway, PodSpec, Redis, Reply, eventually, get, next_data, open_stream, post, send, try_send,
+    Discovery, Engine, Gateway, PodSpec, Redis, Reply, eventually, get, next_data, open_stream, openai_python, post,
+    send, try_send,
 };
 use turnstile_tests::load::{self, Event, Outcome, Target, sample};
 
@@ -134,16 +135,6 @@ async fn every_429_says_when_to_come_back_in_headers_sdks_read() {
         serde_json::json!({"error": {"message": "model: capped has exceeded RPS: 2", "type": "rate_limit_error",
             "code": "rate_limit_exceeded", "param": null}})
     );
-}
-
-/// The pinned `openai` SDK's Python, installed by `cargo xtask setup`.
-fn openai_python() -> PathBuf {
-    let pins = include_str!("../python/requirements-openai.txt");
-    let version = pins.lines().find_map(|l| l.trim().strip_prefix("openai==")).expect("openai pinned");
-    let home = std::env::var_os("HOME").expect("HOME");
-    let python = PathBuf::from(home).join(format!(".local/share/turnstile/openai-{version}/bin/python"));
-    assert!(python.exists(), "{} is missing: run `cargo xtask setup`", python.display());
-    python
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
