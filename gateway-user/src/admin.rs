@@ -197,7 +197,12 @@ impl Admin {
             }
             ("/v1/models", &Method::GET) => models_response(&self.store),
             (path, &Method::GET) if let Some(id) = crate::proxy::model_id(path) => {
-                model_response(&self.store, &id).unwrap_or_else(|error| errors::respond(&error))
+                let answer = if self.store.is_synced() {
+                    model_response(&self.store, &id)
+                } else {
+                    Err(errors::GatewayError::PodsNotLoaded)
+                };
+                answer.unwrap_or_else(|error| errors::respond(&error))
             }
             ("/debug/endpoints", &Method::GET) => self.endpoints(),
             ("/healthz" | "/readyz" | "/metrics" | "/v1/models" | "/debug/endpoints", _) => {

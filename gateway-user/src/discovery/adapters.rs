@@ -51,6 +51,9 @@ impl AdapterBinding {
     }
 }
 
+/// A pod of a base model, with its model.
+type BasePod<'a> = (&'a Arc<ModelPods>, &'a Arc<PodInfo>);
+
 /// The adapter entries for `bases` (the base models, by name) from every
 /// source's bindings. An adapter naming a base model, or whose pods are all
 /// gone, has no entry; `shadowed` is told the names that collide.
@@ -64,6 +67,16 @@ pub fn entries(
     for binding in bindings.values().flatten() {
         by_adapter.entry(binding.adapter.as_str()).or_default().push(binding);
     }
+    if by_adapter.is_empty() {
+        return Vec::new();
+    }
+    // Every base pod (each rank) by namespace and name, once per publish.
+    let mut by_name: HashMap<(&str, &str), Vec<BasePod<'_>>> = HashMap::new();
+    for base in bases.values().filter(|base| base.parent.is_none()) {
+        for pod in &base.pods {
+            by_name.entry((pod.namespace.as_str(), pod.name.as_str())).or_default().push((base, pod));
+        }
+    }
     let mut out = Vec::new();
     for (adapter, bindings) in by_adapter {
         if bases.contains_key(adapter) {
@@ -74,19 +87,14 @@ pub fn entries(
         let mut pods: Vec<Arc<PodInfo>> = Vec::new();
         let mut parent: Option<&Arc<ModelPods>> = None;
         for binding in &bindings {
-            let candidates: Box<dyn Iterator<Item = &Arc<ModelPods>>> = match &binding.parent {
-                Some(name) => Box::new(bases.get(name).into_iter()),
-                None => Box::new(bases.values()),
-            };
-            for base in candidates {
-                for pod in base.pods.iter().filter(|pod| binding.serves(pod)) {
-                    if seen.insert(pod.key.as_str()) {
-                        pods.push(Arc::clone(pod));
-                        // The first base in name order is the parent of a
-                        // (rare) adapter bound to pods of several models.
-                        if parent.is_none_or(|p| base.name < p.name) {
-                            parent = Some(base);
-                        }
+            let named = by_name.get(&(binding.namespace.as_str(), binding.pod.as_str()));
+            for &(base, pod) in named.into_iter().flatten().filter(|(_, pod)| binding.serves(pod)) {
+                if seen.insert(pod.key.as_str()) {
+                    pods.push(Arc::clone(pod));
+                    // The first base in name order is the parent of a
+                    // (rare) adapter bound to pods of several models.
+                    if parent.is_none_or(|p| base.name < p.name) {
+                        parent = Some(base);
                     }
                 }
             }

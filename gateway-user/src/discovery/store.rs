@@ -53,6 +53,12 @@ impl Snapshot {
         self.models.get(model)
     }
 
+    /// The base models: every model but the LoRA adapters, whose pods are
+    /// theirs too.
+    pub fn base_models(&self) -> impl Iterator<Item = &Arc<ModelPods>> {
+        self.models.values().filter(|model| model.parent.is_none())
+    }
+
     /// Whether any model's custom path prefixes cover `path`.
     pub fn is_custom_path(&self, path: &str) -> bool {
         self.models.values().any(|model| model.serves_custom_path(path))
@@ -74,7 +80,9 @@ impl crate::metrics::PodInFlight for PodStore {
     fn visit(&self, visit: &mut dyn FnMut(&str, &str, i64)) {
         let snapshot = self.snapshot();
         for name in snapshot.model_names() {
-            for pod in snapshot.model(name).map(|m| m.pods.as_slice()).unwrap_or_default() {
+            // An adapter's pods are its base model's, counted there.
+            let Some(model) = snapshot.model(name).filter(|model| model.parent.is_none()) else { continue };
+            for pod in &model.pods {
                 visit(name, &pod.key, i64::try_from(pod.load.in_flight()).unwrap_or(i64::MAX));
             }
         }
@@ -146,6 +154,8 @@ impl PodStore {
             })
             .collect();
         self.publish(models, &adapters);
+        // Only a pod list makes the store synced: adapters alone are no list.
+        self.synced.store(true, Ordering::Release);
     }
 
     /// Replaces the adapter bindings `source` knows with `bindings`.
@@ -186,7 +196,6 @@ impl PodStore {
             aibrix.retain_pods(&live);
         }
         self.current.store(snapshot);
-        self.synced.store(true, Ordering::Release);
     }
 
     fn first_valid_config(&self, pods: &[Arc<PodInfo>]) -> Option<Arc<ModelConfig>> {

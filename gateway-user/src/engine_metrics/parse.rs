@@ -93,15 +93,34 @@ impl LoraSlots {
         let mut slots = Self { max_lora: max_lora.trim().parse().ok()?, reported, ..Self::default() };
         let running = label_value(labels, "running_lora_adapters").unwrap_or_default();
         for name in running.split(',').map(str::trim).filter(|name| !name.is_empty()) {
-            // vLLM's newer reports append a count (`name:2`); older ones do not.
-            let name = name.rsplit_once(':').filter(|(_, n)| n.parse::<u32>().is_ok()).map_or(name, |(name, _)| name);
             if let Some(slot) = slots.hashes.get_mut(usize::try_from(slots.running).unwrap_or(usize::MAX)) {
-                *slot = lora_hash(name);
+                *slot = lora_hash(&unescape(name));
             }
             slots.running = slots.running.saturating_add(1);
         }
         Some(slots)
     }
+}
+
+/// A label value as written (`\\\\`, `\\"` and `\\n` escaped) as the text it stands for.
+fn unescape(raw: &str) -> std::borrow::Cow<'_, str> {
+    if !raw.contains('\\') {
+        return std::borrow::Cow::Borrowed(raw);
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// The hash [`LoraSlots`] keeps an adapter name as.
@@ -181,7 +200,8 @@ pub fn parse(text: &str, names: &EngineNames) -> Result<Scraped, ParseError> {
                 let labels =
                     labels.strip_prefix('{').and_then(|l| l.get(..label_block_len(l.as_bytes())?.checked_sub(1)?));
                 // The gauge keeps every label set it ever had: the newest report wins.
-                if let Some(slots) = labels.and_then(|labels| LoraSlots::from_sample(labels, value))
+                if value.is_finite()
+                    && let Some(slots) = labels.and_then(|labels| LoraSlots::from_sample(labels, value))
                     && lora.is_none_or(|best| value >= best.reported)
                 {
                     lora = Some(slots);
@@ -631,13 +651,18 @@ vllm:prefix_cache_queries_total{engine="0",model_name="llama \"q\", x"} 80.0
         let idle = "vllm:lora_requests_info{running_lora_adapters=\"\",max_lora=\"1\",waiting_lora_adapters=\"\"} 5\n";
         let idle = parse(idle, vllm).expect("page").lora.expect("lora");
         assert!(idle.has_free_slot() && idle.running == 0 && !idle.runs(lora_hash("")));
-        // Counts after names (newer vLLM) and more adapters than are kept.
-        let many: Vec<String> = (0..20).map(|i| format!("a{i}:3")).collect();
+        // More adapters than are kept; escaped names; a NaN report is no report.
+        let many: Vec<String> = (0..20).map(|i| format!("a{i}")).collect();
         let page =
             format!("vllm:lora_requests_info{{max_lora=\"32\",running_lora_adapters=\"{}\"}} 9\n", many.join(","));
         let lora = parse(&page, vllm).expect("page").lora.expect("lora");
         assert_eq!(lora.running, 20);
         assert!(lora.runs(lora_hash("a0")) && lora.runs(lora_hash("a15")) && !lora.runs(lora_hash("a16")));
+        let escaped = r#"vllm:lora_requests_info{max_lora="2",running_lora_adapters="q\"x\\y"} 3"#;
+        assert!(parse(escaped, vllm).expect("page").lora.expect("lora").runs(lora_hash(r#"q"x\y"#)));
+        let nan = "vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"a\"} NaN\n\
+                   vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"b\"} 1\n";
+        assert!(parse(nan, vllm).expect("page").lora.expect("lora").runs(lora_hash("b")));
         assert_eq!(parse("vllm:num_requests_running 0\n", vllm).map(|s| s.lora), Ok(None));
         assert_eq!(parse("vllm:lora_requests_info{running_lora_adapters=\"a\"} 1\n", vllm).map(|s| s.lora), Ok(None));
     }

@@ -270,7 +270,7 @@ fn follow(
     window: Duration,
 ) {
     let mut wanted: HashMap<&str, (Target, &crate::discovery::PodInfo)> = HashMap::new();
-    for model in snapshot.models.values() {
+    for model in snapshot.base_models() {
         for pod in &model.ready {
             let Some(addr) = pod.addr else { continue };
             let target = Target {

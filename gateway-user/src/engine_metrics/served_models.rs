@@ -43,6 +43,8 @@ impl Default for AdapterReadConfig {
 
 /// Most adapters taken from one pod's answer.
 const MAX_ADAPTERS_PER_POD: usize = 1024;
+/// Longest adapter name taken; longer ones are left out.
+const MAX_ADAPTER_NAME_BYTES: usize = 256;
 /// How often the loop looks for pods that turned ready.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -83,24 +85,38 @@ async fn run(pods: Arc<PodStore>, config: AdapterReadConfig, shutdown: Cancellat
         Client::builder(TokioExecutor::new()).pool_timer(TokioTimer::new()).pool_max_idle_per_host(1).build(connector);
     let client = Arc::new(client);
     let mut states: HashMap<String, PodState> = HashMap::new();
-    let mut tasks: JoinSet<(String, Target, Option<Vec<String>>)> = JoinSet::new();
+    let mut tasks: JoinSet<(Target, Option<Vec<String>>)> = JoinSet::new();
+    // Which pod each read in flight is for.
+    let mut reading: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut published: Option<Vec<AdapterBinding>> = None;
+    let mut seen: Option<Arc<crate::discovery::Snapshot>> = None;
+    // The bindings changed since they were last handed to the store.
+    let mut changed = true;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            Some(Ok((key, target, listed))) = tasks.join_next() => {
-                if let Some(state) = states.get_mut(&key).filter(|state| state.target == target) {
-                    state.in_progress = false;
-                    state.read_at = Some(Instant::now());
-                    if let Some(adapters) = listed {
-                        state.adapters = adapters;
-                    }
+            Some(joined) = tasks.join_next_with_id() => {
+                let (id, result) = match joined {
+                    Ok((id, result)) => (id, Some(result)),
+                    Err(err) => (err.id(), None),
+                };
+                let Some(key) = reading.remove(&id) else { continue };
+                let Some(state) = states.get_mut(&key) else { continue };
+                state.in_progress = false;
+                let Some((_, listed)) = result.filter(|(target, _)| *target == state.target) else { continue };
+                state.read_at = Some(Instant::now());
+                if let Some(adapters) = listed.filter(|adapters| *adapters != state.adapters) {
+                    state.adapters = adapters;
+                    changed = true;
                 }
             }
             _ = tick.tick() => {
-                follow(&mut states, &pods);
+                let snapshot = pods.snapshot();
+                if !seen.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &snapshot)) {
+                    changed |= follow(&mut states, &snapshot);
+                    seen = Some(snapshot);
+                }
                 let now = Instant::now();
                 for (key, state) in &mut states {
                     if tasks.len() >= config.concurrency.max(1) {
@@ -109,39 +125,44 @@ async fn run(pods: Arc<PodStore>, config: AdapterReadConfig, shutdown: Cancellat
                     let due = state.ready && state.read_at.is_none_or(|at| now.duration_since(at) >= config.interval);
                     if due && !state.in_progress {
                         state.in_progress = true;
-                        let (key, target, client) = (key.clone(), state.target.clone(), Arc::clone(&client));
+                        let (target, client) = (state.target.clone(), Arc::clone(&client));
                         let timeout = config.timeout;
-                        tasks.spawn(async move {
+                        let task = tasks.spawn(async move {
                             let listed = read(&client, &target, timeout).await;
-                            (key, target, listed)
+                            (target, listed)
                         });
+                        reading.insert(task.id(), key.clone());
                     }
                 }
             }
         }
-        let bindings = bindings(&states);
-        if published.as_ref() != Some(&bindings) {
-            pods.set_adapters(AdapterSource::Engines, bindings.clone());
-            published = Some(bindings);
+        if changed && seen.is_some() {
+            pods.set_adapters(AdapterSource::Engines, bindings(&states));
+            changed = false;
         }
     }
     tasks.abort_all();
 }
 
-/// Follows the store's base-model pods: ready ones never read are read at
-/// once; ones that left or changed address are dropped.
-fn follow(states: &mut HashMap<String, PodState>, pods: &PodStore) {
-    let snapshot = pods.snapshot();
+/// Follows the store's base-model pods: ready ones never read, or ready
+/// again, are read at once; ones that left or changed address are dropped.
+/// True when a pod with adapters left.
+fn follow(states: &mut HashMap<String, PodState>, snapshot: &crate::discovery::Snapshot) -> bool {
     let mut known: HashMap<&str, (&PodInfo, SocketAddr)> = HashMap::new();
-    for model in snapshot.models.values().filter(|model| model.parent.is_none()) {
+    for model in snapshot.base_models() {
         for pod in &model.pods {
             if let Some(addr) = pod.addr {
                 known.insert(pod.key.as_str(), (pod, addr));
             }
         }
     }
+    let mut dropped = false;
     states.retain(|key, state| {
-        known.get(key.as_str()).is_some_and(|(pod, addr)| state.target.addr == *addr && state.target.model == pod.model)
+        let keep = known
+            .get(key.as_str())
+            .is_some_and(|(pod, addr)| state.target.addr == *addr && state.target.model == pod.model);
+        dropped |= !keep && !state.adapters.is_empty();
+        keep
     });
     for (key, (pod, addr)) in known {
         let state = states.entry(key.to_owned()).or_insert_with(|| PodState {
@@ -151,8 +172,13 @@ fn follow(states: &mut HashMap<String, PodState>, pods: &PodStore) {
             ready: pod.ready,
             adapters: Vec::new(),
         });
+        if pod.ready && !state.ready {
+            // Back from not ready (an engine restarted?): what it serves now.
+            state.read_at = None;
+        }
         state.ready = pod.ready;
     }
+    dropped
 }
 
 /// Every pod's adapters as bindings, in a stable order.
@@ -174,6 +200,10 @@ fn bindings(states: &HashMap<String, PodState>) -> Vec<AdapterBinding> {
     out
 }
 
+/// Pods already reported as refusing `/v1/models`.
+static REFUSED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+    std::sync::LazyLock::new(Default::default);
+
 /// One read of a pod's `/v1/models`: its adapters, or `None` when it did not
 /// answer with a model list (what it listed before then stands).
 async fn read(client: &HttpClient, target: &Target, timeout: Duration) -> Option<Vec<String>> {
@@ -185,6 +215,15 @@ async fn read(client: &HttpClient, target: &Target, timeout: Duration) -> Option
                 tracing::debug!(pod = %target.name, "engine /v1/models is not a model list; adapters unchanged");
             }
             adapters
+        }
+        Err(err) if err.detail.starts_with("401") || err.detail.starts_with("403") => {
+            // An engine started with --api-key: say so, once a pod.
+            let first = REFUSED.lock().map(|mut said| said.insert(target.name.clone())).unwrap_or(false);
+            if first {
+                tracing::warn!(pod = %target.name, status = %err.detail,
+                    "the engine refuses /v1/models; its LoRA adapters are known only from ModelAdapter resources");
+            }
+            None
         }
         Err(err) => {
             tracing::debug!(pod = %target.name, error = %err.detail, "cannot read the engine's /v1/models");
@@ -208,14 +247,16 @@ pub fn adapters_of(text: &str, model: &str) -> Option<Vec<String>> {
         parent: Option<String>,
     }
     let list: List = serde_json::from_str(text).ok()?;
-    let bases: Vec<&str> = list.data.iter().filter(|e| e.parent.is_none()).map(|e| e.id.as_str()).collect();
+    let bases: std::collections::HashSet<&str> =
+        list.data.iter().filter(|e| e.parent.is_none()).map(|e| e.id.as_str()).collect();
     let mut adapters: Vec<String> = list
         .data
         .iter()
         .filter(|entry| {
-            entry.parent.as_deref().is_some_and(|parent| parent == model || bases.contains(&parent))
+            entry.parent.as_deref().is_some_and(|parent| parent == model || bases.contains(parent))
                 && entry.id != model
                 && !entry.id.is_empty()
+                && entry.id.len() <= MAX_ADAPTER_NAME_BYTES
         })
         .map(|entry| entry.id.clone())
         .take(MAX_ADAPTERS_PER_POD)
@@ -245,6 +286,13 @@ mod tests {
         assert_eq!(adapters_of(r#"{"data":[]}"#, "llama"), Some(Vec::new()));
         assert_eq!(adapters_of("<html>", "llama"), None);
         assert_eq!(adapters_of(r#"{"data":[{"id":"llama","parent":"llama"}]}"#, "llama"), Some(Vec::new()));
+        let long = "x".repeat(MAX_ADAPTER_NAME_BYTES + 1);
+        let text = serde_json::json!({"data": [{"id": long, "parent": "llama"}, {"id": "ok", "parent": "llama"}]});
+        assert_eq!(
+            adapters_of(&text.to_string(), "llama"),
+            Some(vec!["ok".to_owned()]),
+            "an overlong name is left out"
+        );
     }
 
     /// An engine whose `/v1/models` answer the test sets.

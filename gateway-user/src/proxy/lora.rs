@@ -1,9 +1,14 @@
 //! LoRA affinity: among the pods serving an adapter, the model's strategy
 //! chooses within the best tier that has a pod: those where the adapter is
 //! already running (vLLM's `vllm:lora_requests_info` `running_lora_adapters`),
-//! then those with a free adapter slot (fewer running than `max_lora`), then
-//! the rest (a pod without a fresh report is in the rest). Loading an adapter
-//! costs the engine a swap; a pod that runs it already does not pay it.
+//! then those with a free adapter slot (fewer running than `max_lora`, or no
+//! request running at all), then the rest (a pod without a fresh report is in
+//! the rest). Loading an adapter costs the engine a swap; a pod that runs it
+//! already does not pay it.
+//!
+//! Affinity never queues behind a backlog: a tier whose every pod has
+//! requests waiting in its engine is passed over while a lower tier has a pod
+//! with none waiting.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -40,20 +45,36 @@ pub fn best_tier<'a>(
     view: &MetricsView,
 ) -> (Cow<'a, [Arc<PodInfo>]>, Tier) {
     let hash = lora_hash(adapter);
-    let tier_of = |pod: &PodInfo| match view.reading(&pod.key) {
-        Reading::Fresh(metrics) => match metrics.lora {
-            Some(lora) if lora.runs(hash) => Tier::Running,
-            Some(lora) if lora.has_free_slot() => Tier::FreeSlot,
-            _ => Tier::Other,
-        },
-        Reading::Stale | Reading::Missing => Tier::Other,
-    };
-    let tiers: Vec<Tier> = pods.iter().map(|pod| tier_of(pod)).collect();
-    for tier in [Tier::Running, Tier::FreeSlot] {
-        if tiers.contains(&tier) {
-            let chosen = pods.iter().zip(&tiers).filter(|(_, t)| **t == tier).map(|(p, _)| Arc::clone(p)).collect();
-            return (Cow::Owned(chosen), tier);
+    // Each pod's tier, and whether its engine has requests waiting.
+    let judged: Vec<(Tier, bool)> = pods
+        .iter()
+        .map(|pod| match view.reading(&pod.key) {
+            Reading::Fresh(metrics) => {
+                let idle = metrics.running.is_some_and(|running| running <= 0.0);
+                let tier = match metrics.lora {
+                    Some(lora) if lora.runs(hash) => Tier::Running,
+                    Some(lora) if lora.has_free_slot() || (idle && lora.max_lora > 0) => Tier::FreeSlot,
+                    _ => Tier::Other,
+                };
+                (tier, metrics.waiting.is_some_and(|waiting| waiting > 0.0))
+            }
+            Reading::Stale | Reading::Missing => (Tier::Other, false),
+        })
+        .collect();
+    let tiers = [Tier::Running, Tier::FreeSlot, Tier::Other];
+    for (at, &tier) in tiers.iter().enumerate() {
+        let mut members = judged.iter().filter(|(t, _)| *t == tier);
+        let Some(_) = members.clone().next() else { continue };
+        let backed_up = members.all(|(_, waiting)| *waiting);
+        let lower_free = judged.iter().any(|(t, waiting)| tiers[at + 1..].contains(t) && !*waiting);
+        if backed_up && lower_free {
+            continue;
         }
+        if tier == Tier::Other && judged.iter().all(|(t, _)| *t == Tier::Other) {
+            return (pods, tier);
+        }
+        let chosen = pods.iter().zip(&judged).filter(|(_, (t, _))| *t == tier).map(|(p, _)| Arc::clone(p)).collect();
+        return (Cow::Owned(chosen), tier);
     }
     (pods, Tier::Other)
 }
@@ -74,9 +95,16 @@ mod tests {
     }
 
     fn view(reports: &[(&str, Option<LoraSlots>)]) -> MetricsView {
-        let readings = reports.iter().map(|(name, lora)| {
+        view_with(&reports.iter().map(|(name, lora)| (*name, *lora, 1.0, 0.0)).collect::<Vec<_>>())
+    }
+
+    /// Reports of (pod, slots, requests running, requests waiting).
+    fn view_with(reports: &[(&str, Option<LoraSlots>, f64, f64)]) -> MetricsView {
+        let readings = reports.iter().map(|(name, lora, running, waiting)| {
             let mut metrics = PodMetrics::empty(Instant::now());
             metrics.lora = *lora;
+            metrics.running = Some(*running);
+            metrics.waiting = Some(*waiting);
             (format!("default/{name}"), metrics)
         });
         MetricsView::fixed(readings, Duration::from_secs(60))
@@ -106,6 +134,27 @@ mod tests {
         let full = [("a", Some(slots(1, &["chat"]))), ("b", Some(slots(1, &["sql"])))];
         let (chosen, tier) = best_tier(Cow::Borrowed(&all[..2]), "math", &view(&full));
         assert_eq!((names(&chosen), tier), (vec!["a", "b"], Tier::Other));
+    }
+
+    #[test]
+    fn an_idle_engine_has_a_free_slot_and_a_backlog_is_passed_over() {
+        let all = pods(&["a", "b", "c"]);
+        // b last ran chat and is idle now: its slot is free for sql.
+        let idle = [("a", Some(slots(1, &["chat"])), 2.0, 0.0), ("b", Some(slots(1, &["chat"])), 0.0, 0.0)];
+        let (chosen, tier) = best_tier(Cow::Borrowed(&all[..2]), "sql", &view_with(&idle));
+        assert_eq!((names(&chosen), tier), (vec!["b"], Tier::FreeSlot));
+        // a runs sql but has requests queued; b has a free slot and none waiting.
+        let backlog = [
+            ("a", Some(slots(2, &["sql"])), 8.0, 3.0),
+            ("b", Some(slots(2, &[])), 1.0, 0.0),
+            ("c", Some(slots(1, &["x"])), 1.0, 0.0),
+        ];
+        let (chosen, tier) = best_tier(Cow::Borrowed(&all), "sql", &view_with(&backlog));
+        assert_eq!((names(&chosen), tier), (vec!["b"], Tier::FreeSlot));
+        // Every pod queues: affinity holds.
+        let everywhere = [("a", Some(slots(2, &["sql"])), 8.0, 3.0), ("b", Some(slots(2, &[])), 8.0, 1.0)];
+        let (chosen, tier) = best_tier(Cow::Borrowed(&all[..2]), "sql", &view_with(&everywhere));
+        assert_eq!((names(&chosen), tier), (vec!["a"], Tier::Running));
     }
 
     #[test]

@@ -344,11 +344,6 @@ impl<U: Upstream> Proxy<U> {
             if path == "/v1/models" && request.method() == Method::GET {
                 return if self.store.is_synced() { Ok(Target::Models) } else { Err(GatewayError::PodsNotLoaded) };
             }
-            if let Some(id) = model_id(path)
-                && request.method() == Method::GET
-            {
-                return if self.store.is_synced() { Ok(Target::Model(id)) } else { Err(GatewayError::PodsNotLoaded) };
-            }
             // A model's own path is unknown until discovery has loaded the
             // pods: retryable, as for every path then.
             if !self.store.is_synced() {
@@ -356,6 +351,11 @@ impl<U: Upstream> Proxy<U> {
             }
             if self.store.snapshot().is_custom_path(path) {
                 return Ok(Target::Api(Endpoint::Custom));
+            }
+            if let Some(id) = model_id(path)
+                && request.method() == Method::GET
+            {
+                return Ok(Target::Model(id));
             }
             return Err(GatewayError::UnknownPath { path: errors::echo(path) });
         };

@@ -691,8 +691,7 @@ async fn share_load(
         }
         let mine: HashMap<String, usize> = pods
             .snapshot()
-            .models
-            .values()
+            .base_models()
             .flat_map(|model| model.pods.iter())
             .filter(|pod| pod.load.in_flight() > 0)
             .map(|pod| (pod.key.clone(), pod.load.in_flight()))
@@ -738,14 +737,13 @@ fn apply_others(me: &str, others: &Others, pods: &PodStore, status: &Status, all
     }
     let snapshot = pods.snapshot();
     if all {
-        for pod in snapshot.models.values().flat_map(|model| model.pods.iter()) {
+        for pod in snapshot.base_models().flat_map(|model| model.pods.iter()) {
             pod.load.others_in_flight(sums.get(&pod.key).copied().unwrap_or(0), LOAD_VALID);
         }
     } else {
         if index.as_ref().is_none_or(|(seen, _)| !Arc::ptr_eq(seen, &snapshot)) {
             let by_key = snapshot
-                .models
-                .values()
+                .base_models()
                 .flat_map(|model| model.pods.iter())
                 .map(|pod| (pod.key.clone(), Arc::clone(pod)))
                 .collect();
