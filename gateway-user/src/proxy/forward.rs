@@ -62,12 +62,15 @@ pub(super) enum Refusal {
     Pod { pod: Arc<PodInfo>, reason: String },
     /// A `pd` route's prefill pod.
     Prefill { plan: PdPlan, failure: PrefillFailure },
+    /// The engine answered 404 for a LoRA adapter it no longer serves
+    /// (unloaded since its `/v1/models` was last read): it did no work.
+    Unserved { pod: Arc<PodInfo> },
 }
 
 impl Refusal {
     fn pod_key(&self) -> &str {
         match self {
-            Self::Pod { pod, .. } => &pod.key,
+            Self::Pod { pod, .. } | Self::Unserved { pod } => &pod.key,
             Self::Prefill { plan, .. } => &plan.prefill.key,
         }
     }
@@ -97,6 +100,9 @@ pub(super) struct Outbound<'a> {
     /// An upload streaming from the client: sent instead of `body`.
     pub upload: Option<&'a Upload>,
     pub model: &'a Arc<str>,
+    /// A LoRA adapter routed by affinity (not `pd`): an engine's 404 sends
+    /// the request on to another pod.
+    pub adapter: bool,
 }
 
 impl Outbound<'_> {
@@ -135,6 +141,7 @@ impl<U: Upstream> Proxy<U> {
             body: &body,
             upload: prepared.upload.as_ref(),
             model: &resolved.model_name,
+            adapter: resolved.model.parent.is_some() && resolved.strategy.name() != crate::routing::pd::NAME,
         };
         let quotas = admission.user_quotas();
         let mut quota = Quota { pending: Some(admission), charge: None, quotas };
@@ -182,7 +189,7 @@ impl<U: Upstream> Proxy<U> {
         let candidates = self.awake(resolved.candidates(), route_request, send)?;
         let mut refused: Vec<Refusal> = Vec::new();
         // A LoRA adapter's requests go to the pods of its best tier.
-        let lora = resolved.model.parent.is_some() && send.strategy != crate::routing::pd::NAME;
+        let lora = send.adapter;
         loop {
             let mut left = remaining(&candidates, &refused);
             let mut tier = None;
@@ -470,6 +477,10 @@ impl<U: Upstream> Proxy<U> {
             }
             Err(err) => return Err(Failed::Final(err.into_gateway_error(&pod))),
         };
+        // vLLM answers 404 for a model it does not serve before doing any work.
+        if send.adapter && send.upload.is_none() && response.status() == http::StatusCode::NOT_FOUND {
+            return Err(Failed::Refused(Refusal::Unserved { pod }));
+        }
         Ok(Forwarded {
             response,
             pod,
@@ -497,6 +508,7 @@ impl<U: Upstream> Proxy<U> {
         match last {
             Some(Refusal::Pod { pod, reason }) => SendError::Connect(reason).into_gateway_error(&pod),
             Some(Refusal::Prefill { plan, failure }) => self.prefill_failed(&plan, send, failure, ctx),
+            Some(Refusal::Unserved { .. }) => GatewayError::UnknownModel { model: send.model.to_string() },
             None => GatewayError::NoReadyPods { model: send.model.to_string() },
         }
     }
@@ -531,6 +543,9 @@ fn log_refusal(refusal: &Refusal, ctx: &RequestContext) {
     match refusal {
         Refusal::Pod { pod, reason } => {
             tracing::warn!(request_id, pod = %pod.key, reason, "connect to pod failed; trying another pod");
+        }
+        Refusal::Unserved { pod } => {
+            tracing::warn!(request_id, pod = %pod.key, "the engine does not serve the adapter (404); trying another pod");
         }
         Refusal::Prefill { plan, failure } => tracing::warn!(
             request_id,

@@ -800,6 +800,23 @@ async fn a_lora_adapter_routes_to_its_pods_and_is_listed_with_its_parent() {
     let error: Value = serde_json::from_str(&missing.body).expect("json");
     assert_eq!(error["error"]["code"], "model_not_found");
 
+    // An engine that unloaded the adapter answers 404: the request goes on to
+    // the other pod; when every pod says so, the adapter is an unknown model.
+    rig.engines.set(9000, Reply::Status(404, r#"{"error":{"message":"The model `org/sql-lora` does not exist."}}"#));
+    for _ in 0..6 {
+        let answer = rig.call(post("/v1/chat/completions", body, &[])).await;
+        assert_eq!((answer.status, answer.header("target-pod")), (StatusCode::OK, "p2"), "{answer:?}");
+    }
+    rig.engines.set(9002, Reply::Status(404, "{}"));
+    rig.call(post("/v1/chat/completions", body, &[])).await.assert_error(400, "model org/sql-lora does not exist");
+    // For the base model a 404 is the engine's answer, passed on.
+    let mut statuses = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let answer = rig.chat(&[]).await;
+        statuses.insert((answer.header("target-pod").to_owned(), answer.status.as_u16()));
+    }
+    assert!(statuses.contains(&("p0".to_owned(), 404)), "{statuses:?}");
+
     // Unbound: the adapter is gone; a request for it is an unknown model.
     rig.store.set_adapters(AdapterSource::ModelAdapter, Vec::new());
     rig.call(post("/v1/chat/completions", body, &[])).await.assert_error(400, "model org/sql-lora does not exist");
