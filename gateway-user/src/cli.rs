@@ -205,9 +205,12 @@ pub fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     // TURNSTILE_LOG first; RUST_LOG is honoured too because operators expect it.
+    // The default leaves out kube's watcher warnings: it repeats a 403 on every
+    // retry, where the pod and ModelAdapter watchers log their failures
+    // themselves, rate-limited.
     let filter = EnvFilter::try_from_env("TURNSTILE_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new("info,kube_runtime::watcher=error"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),

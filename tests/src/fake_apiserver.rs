@@ -13,9 +13,18 @@
 //! drop or reset open watches, expire resource versions, send bookmarks and
 //! fail requests. Every change gets the next resourceVersion.
 //!
-//! Simplifications: one resource (Pods), no pagination (`limit` is ignored,
-//! lists are always complete), and an object that stops matching a watch's
-//! label selector is not turned into a `DELETED` event for it.
+//! AIBrix's `ModelAdapter` resources are served the same way, under
+//! `/apis/model.aibrix.ai/v1alpha1/modeladapters` and
+//! `/apis/model.aibrix.ai/v1alpha1/namespaces/<ns>/modeladapters`, with one
+//! resourceVersion sequence and one history for both kinds, as etcd has; the
+//! test adds, changes and deletes them, or has them answered `404` as a
+//! cluster without AIBrix's CRD does. Dropping, resetting and expiring
+//! watches, bookmarks and unavailability apply to the watches of both kinds;
+//! the request counters count the pods' only, unless named after adapters.
+//!
+//! Simplifications: two resources (Pods, ModelAdapters), no pagination
+//! (`limit` is ignored, lists are always complete), and an object that stops
+//! matching a watch's label selector is not turned into a `DELETED` event for it.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -44,6 +53,34 @@ use crate::harness::PodSpec;
 /// Namespace of pods named without one.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// API group and version of AIBrix's `ModelAdapter` resources.
+const MODEL_ADAPTER_API_VERSION: &str = "model.aibrix.ai/v1alpha1";
+
+/// The kinds of object the server holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Pod,
+    ModelAdapter,
+}
+
+impl Kind {
+    /// `(apiVersion, kind)` of one object.
+    fn type_meta(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Pod => ("v1", "Pod"),
+            Self::ModelAdapter => (MODEL_ADAPTER_API_VERSION, "ModelAdapter"),
+        }
+    }
+
+    /// The `kind` of a list.
+    fn list_kind(self) -> &'static str {
+        match self {
+            Self::Pod => "PodList",
+            Self::ModelAdapter => "ModelAdapterList",
+        }
+    }
+}
+
 /// A fake API server on 127.0.0.1, stopped when dropped.
 pub struct FakeApiServer {
     addr: SocketAddr,
@@ -58,6 +95,7 @@ struct Shared {
     /// from here.
     notices: broadcast::Sender<Notice>,
     open_watches: AtomicUsize,
+    open_adapter_watches: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -66,6 +104,12 @@ struct State {
     resource_version: u64,
     /// Current pods by `namespace/name`.
     pods: BTreeMap<String, Value>,
+    /// Current ModelAdapters by `namespace/name`.
+    adapters: BTreeMap<String, Value>,
+    /// Answer ModelAdapter requests with 404, as without the CRD.
+    adapters_unserved: bool,
+    /// ModelAdapter requests of any kind, 404s included.
+    adapter_requests: usize,
     /// Every change, oldest first.
     history: Vec<Arc<Change>>,
     /// Watches from a resourceVersion below this get 410 Gone.
@@ -77,13 +121,16 @@ struct State {
     next_uid: u64,
 }
 
-/// One change to one pod.
+/// One change to one object.
 #[derive(Debug)]
 struct Change {
     resource_version: u64,
+    /// Of the object.
+    object_kind: Kind,
+    /// Of the event: `ADDED`, `MODIFIED` or `DELETED`.
     kind: &'static str,
     namespace: String,
-    pod: Value,
+    object: Value,
 }
 
 #[derive(Clone, Debug)]
@@ -108,6 +155,7 @@ impl FakeApiServer {
             state: Mutex::new(State { oldest_valid: 1, ..State::default() }),
             notices,
             open_watches: AtomicUsize::new(0),
+            open_adapter_watches: AtomicUsize::new(0),
         });
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
         Self { addr, shared, accept }
@@ -138,7 +186,7 @@ impl FakeApiServer {
         state.next_uid += 1;
         let uid = format!("00000000-0000-4000-8000-{:012}", state.next_uid);
         let object = pod_json(namespace, pod, &uid);
-        self.shared.commit(&mut state, "ADDED", key, object);
+        self.shared.commit(&mut state, Kind::Pod, "ADDED", key, object);
     }
 
     /// Replaces a pod's labels, annotations and readiness with `pod`'s (`MODIFIED`).
@@ -172,7 +220,55 @@ impl FakeApiServer {
         let key = pod_key(name);
         let mut state = self.shared.lock();
         let object = state.pods.get(&key).cloned().unwrap_or_else(|| panic!("no pod {key}"));
-        self.shared.commit(&mut state, "DELETED", key, object);
+        self.shared.commit(&mut state, Kind::Pod, "DELETED", key, object);
+    }
+
+    /// Adds the ModelAdapter `namespace/name` (`ADDED`): a LoRA adapter of
+    /// `base_model` (`spec.baseModel`, left out when `None`) loaded on the pods
+    /// `instances` of `namespace` (`status.instances`).
+    pub fn add_model_adapter(&self, namespace: &str, name: &str, base_model: Option<&str>, instances: &[&str]) {
+        let mut state = self.shared.lock();
+        let key = format!("{namespace}/{name}");
+        assert!(!state.adapters.contains_key(&key), "ModelAdapter {key} exists already");
+        state.next_uid += 1;
+        let uid = format!("00000000-0000-4000-8000-{:012}", state.next_uid);
+        let object = model_adapter_json(namespace, name, base_model, instances, &uid);
+        self.shared.commit(&mut state, Kind::ModelAdapter, "ADDED", key, object);
+    }
+
+    /// Replaces the ModelAdapter's `status.instances` (`MODIFIED`), as AIBrix's
+    /// controller does when it loads or unloads the adapter on pods.
+    pub fn set_adapter_instances(&self, namespace: &str, name: &str, instances: &[&str]) {
+        let key = format!("{namespace}/{name}");
+        let mut state = self.shared.lock();
+        let mut object = state.adapters.get(&key).cloned().unwrap_or_else(|| panic!("no ModelAdapter {key}"));
+        object["status"] = adapter_status(instances);
+        self.shared.commit(&mut state, Kind::ModelAdapter, "MODIFIED", key, object);
+    }
+
+    /// Deletes the ModelAdapter (`DELETED`).
+    pub fn delete_model_adapter(&self, namespace: &str, name: &str) {
+        let key = format!("{namespace}/{name}");
+        let mut state = self.shared.lock();
+        let object = state.adapters.get(&key).cloned().unwrap_or_else(|| panic!("no ModelAdapter {key}"));
+        self.shared.commit(&mut state, Kind::ModelAdapter, "DELETED", key, object);
+    }
+
+    /// With `false`, ModelAdapter lists and watches are answered `404 page
+    /// not found`, as by an API server without AIBrix's CRD (served by
+    /// default). Watches already open stay open.
+    pub fn serve_model_adapters(&self, serve: bool) {
+        self.shared.lock().adapters_unserved = !serve;
+    }
+
+    /// ModelAdapter requests answered so far, lists and watches, 404s included.
+    pub fn model_adapter_requests(&self) -> usize {
+        self.shared.lock().adapter_requests
+    }
+
+    /// ModelAdapter watches streaming right now.
+    pub fn open_model_adapter_watches(&self) -> usize {
+        self.shared.open_adapter_watches.load(Ordering::Acquire)
     }
 
     /// Ends every open watch cleanly, as an API server or load balancer
@@ -211,17 +307,17 @@ impl FakeApiServer {
         self.shared.lock().unavailable = unavailable;
     }
 
-    /// LIST requests answered so far.
+    /// Pod LIST requests answered so far.
     pub fn list_requests(&self) -> usize {
         self.shared.lock().lists
     }
 
-    /// WATCH requests answered so far.
+    /// Pod WATCH requests answered so far.
     pub fn watch_requests(&self) -> usize {
         self.shared.lock().watches
     }
 
-    /// Watches streaming right now.
+    /// Pod watches streaming right now.
     pub fn open_watches(&self) -> usize {
         self.shared.open_watches.load(Ordering::Acquire)
     }
@@ -231,7 +327,7 @@ impl FakeApiServer {
         let mut state = self.shared.lock();
         let mut object = state.pods.get(&key).cloned().unwrap_or_else(|| panic!("no pod {key}"));
         change(&mut object);
-        self.shared.commit(&mut state, "MODIFIED", key, object);
+        self.shared.commit(&mut state, Kind::Pod, "MODIFIED", key, object);
     }
 }
 
@@ -248,19 +344,36 @@ impl Shared {
     }
 
     /// Records a change under the next resourceVersion and tells open watches.
-    fn commit(&self, state: &mut State, kind: &'static str, key: String, mut object: Value) {
+    fn commit(&self, state: &mut State, object_kind: Kind, kind: &'static str, key: String, mut object: Value) {
         state.resource_version += 1;
         let resource_version = state.resource_version;
         object["metadata"]["resourceVersion"] = json!(resource_version.to_string());
         let namespace = object["metadata"]["namespace"].as_str().unwrap_or(DEFAULT_NAMESPACE).to_owned();
+        let objects = state.objects_mut(object_kind);
         if kind == "DELETED" {
-            state.pods.remove(&key);
+            objects.remove(&key);
         } else {
-            state.pods.insert(key, object.clone());
+            objects.insert(key, object.clone());
         }
-        let change = Arc::new(Change { resource_version, kind, namespace, pod: object });
+        let change = Arc::new(Change { resource_version, object_kind, kind, namespace, object });
         state.history.push(Arc::clone(&change));
         let _ = self.notices.send(Notice::Change(change));
+    }
+}
+
+impl State {
+    fn objects(&self, kind: Kind) -> &BTreeMap<String, Value> {
+        match kind {
+            Kind::Pod => &self.pods,
+            Kind::ModelAdapter => &self.adapters,
+        }
+    }
+
+    fn objects_mut(&mut self, kind: Kind) -> &mut BTreeMap<String, Value> {
+        match kind {
+            Kind::Pod => &mut self.pods,
+            Kind::ModelAdapter => &mut self.adapters,
+        }
     }
 }
 
@@ -298,6 +411,32 @@ fn pod_json(namespace: &str, pod: &PodSpec, uid: &str) -> Value {
             "conditions": [{"type": "Ready", "status": if pod.ready { "True" } else { "False" }}],
         },
     })
+}
+
+/// A ModelAdapter as the API server returns it once AIBrix's controller has
+/// loaded it on `instances`.
+fn model_adapter_json(namespace: &str, name: &str, base_model: Option<&str>, instances: &[&str], uid: &str) -> Value {
+    let mut spec = json!({"artifactURL": format!("huggingface://fake/{name}")});
+    if let Some(base) = base_model {
+        spec["baseModel"] = json!(base);
+        spec["podSelector"] = json!({"matchLabels": {"model.aibrix.ai/name": base}});
+    }
+    json!({
+        "apiVersion": MODEL_ADAPTER_API_VERSION,
+        "kind": "ModelAdapter",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": uid,
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": spec,
+        "status": adapter_status(instances),
+    })
+}
+
+fn adapter_status(instances: &[&str]) -> Value {
+    json!({"phase": if instances.is_empty() { "Pending" } else { "Running" }, "instances": instances})
 }
 
 /// A kubeconfig for a plain-HTTP server and no credentials.
@@ -343,8 +482,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Which pods a request asks about.
+/// Which objects a request asks about.
 struct Query {
+    kind: Kind,
     namespace: Option<String>,
     selector: Vec<Requirement>,
     watch: bool,
@@ -357,14 +497,18 @@ fn handle(shared: &Arc<Shared>, request: &Request<Incoming>) -> Response<Respons
     if request.method() != Method::GET {
         return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "only GET is served");
     }
-    let namespace = match request.uri().path().trim_end_matches('/') {
-        "/api/v1/pods" => None,
-        path => match path.strip_prefix("/api/v1/namespaces/").and_then(|rest| rest.strip_suffix("/pods")) {
-            Some(ns) if !ns.is_empty() && !ns.contains('/') => Some(ns.to_owned()),
-            _ => return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource"),
-        },
+    let Some((kind, namespace)) = route(request.uri().path().trim_end_matches('/')) else {
+        return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");
     };
-    let query = match parse_query(namespace, request.uri().query().unwrap_or("")) {
+    if kind == Kind::ModelAdapter {
+        let mut state = shared.lock();
+        state.adapter_requests += 1;
+        if state.adapters_unserved {
+            // What an API server answers for a group it does not serve: plain text.
+            return plain_text(StatusCode::NOT_FOUND, "404 page not found\n");
+        }
+    }
+    let query = match parse_query(kind, namespace, request.uri().query().unwrap_or("")) {
         Ok(query) => query,
         Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", &message),
     };
@@ -374,8 +518,26 @@ fn handle(shared: &Arc<Shared>, request: &Request<Incoming>) -> Response<Respons
     if query.watch { watch(shared, query) } else { list(shared, &query) }
 }
 
-fn parse_query(namespace: Option<String>, raw: &str) -> Result<Query, String> {
+/// The kind and namespace (`None`: all) a path lists.
+fn route(path: &str) -> Option<(Kind, Option<String>)> {
+    const ADAPTERS: &str = "/apis/model.aibrix.ai/v1alpha1";
+    let (kind, rest) = if let Some(rest) = path.strip_prefix("/api/v1") {
+        (Kind::Pod, rest.strip_suffix("/pods")?)
+    } else {
+        (Kind::ModelAdapter, path.strip_prefix(ADAPTERS)?.strip_suffix("/modeladapters")?)
+    };
+    if rest.is_empty() {
+        return Some((kind, None));
+    }
+    match rest.strip_prefix("/namespaces/") {
+        Some(ns) if !ns.is_empty() && !ns.contains('/') => Some((kind, Some(ns.to_owned()))),
+        _ => None,
+    }
+}
+
+fn parse_query(kind: Kind, namespace: Option<String>, raw: &str) -> Result<Query, String> {
     let mut query = Query {
+        kind,
         namespace,
         selector: Vec::new(),
         watch: false,
@@ -405,11 +567,13 @@ fn parse_query(namespace: Option<String>, raw: &str) -> Result<Query, String> {
 
 fn list(shared: &Shared, query: &Query) -> Response<ResponseBody> {
     let mut state = shared.lock();
-    state.lists += 1;
-    let items: Vec<Value> = state.pods.values().filter(|pod| query.matches(pod)).cloned().collect();
+    if query.kind == Kind::Pod {
+        state.lists += 1;
+    }
+    let items: Vec<Value> = state.objects(query.kind).values().filter(|pod| query.matches(pod)).cloned().collect();
     let body = json!({
-        "kind": "PodList",
-        "apiVersion": "v1",
+        "kind": query.kind.list_kind(),
+        "apiVersion": query.kind.type_meta().0,
         "metadata": {"resourceVersion": state.resource_version.to_string()},
         "items": items,
     });
@@ -419,13 +583,15 @@ fn list(shared: &Shared, query: &Query) -> Response<ResponseBody> {
 fn watch(shared: &Arc<Shared>, query: Query) -> Response<ResponseBody> {
     let (tx, rx) = mpsc::channel::<Result<Bytes, io::Error>>(256);
     let mut state = shared.lock();
-    state.watches += 1;
+    if query.kind == Kind::Pod {
+        state.watches += 1;
+    }
     let since = query.resource_version.unwrap_or(0);
     // Like a real server: no resourceVersion (or "0") starts with the current
     // pods as ADDED events; an expired one gets 410 Gone.
     let mut replay: Vec<Bytes> = Vec::new();
     if since == 0 {
-        for pod in state.pods.values().filter(|pod| query.matches(pod)) {
+        for pod in state.objects(query.kind).values().filter(|pod| query.matches(pod)) {
             replay.push(event_line("ADDED", pod));
         }
     } else if since < state.oldest_valid {
@@ -436,25 +602,40 @@ fn watch(shared: &Arc<Shared>, query: Query) -> Response<ResponseBody> {
     } else {
         for change in state.history.iter().filter(|c| c.resource_version > since) {
             if query.matches_change(change) {
-                replay.push(event_line(change.kind, &change.pod));
+                replay.push(event_line(change.kind, &change.object));
             }
         }
     }
     let notices = shared.notices.subscribe();
     let last_seen = state.resource_version.max(since);
     drop(state);
-    shared.open_watches.fetch_add(1, Ordering::AcqRel);
-    let guard = OpenWatch(Arc::clone(shared));
+    let guard = OpenWatch::new(Arc::clone(shared), query.kind);
     tokio::spawn(stream_watch(query, replay, notices, last_seen, tx, guard));
     stream_response(rx)
 }
 
 /// Counts a watch as open until dropped.
-struct OpenWatch(Arc<Shared>);
+struct OpenWatch(Arc<Shared>, Kind);
+
+impl OpenWatch {
+    fn new(shared: Arc<Shared>, kind: Kind) -> Self {
+        shared.open_count(kind).fetch_add(1, Ordering::AcqRel);
+        Self(shared, kind)
+    }
+}
+
+impl Shared {
+    fn open_count(&self, kind: Kind) -> &AtomicUsize {
+        match kind {
+            Kind::Pod => &self.open_watches,
+            Kind::ModelAdapter => &self.open_adapter_watches,
+        }
+    }
+}
 
 impl Drop for OpenWatch {
     fn drop(&mut self) {
-        self.0.open_watches.fetch_sub(1, Ordering::AcqRel);
+        self.0.open_count(self.1).fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -488,13 +669,14 @@ async fn stream_watch(
                 if !query.matches_change(&change) {
                     continue;
                 }
-                event_line(change.kind, &change.pod)
+                event_line(change.kind, &change.object)
             }
             Ok(Notice::Bookmark(resource_version)) => {
                 if !query.bookmarks {
                     continue;
                 }
-                let object = json!({"kind": "Pod", "apiVersion": "v1",
+                let (api_version, kind) = query.kind.type_meta();
+                let object = json!({"kind": kind, "apiVersion": api_version,
                                     "metadata": {"resourceVersion": resource_version.to_string()}});
                 event_line("BOOKMARK", &object)
             }
@@ -537,7 +719,9 @@ impl Query {
     }
 
     fn matches_change(&self, change: &Change) -> bool {
-        self.namespace.as_deref().is_none_or(|ns| ns == change.namespace) && self.matches(&change.pod)
+        self.kind == change.object_kind
+            && self.namespace.as_deref().is_none_or(|ns| ns == change.namespace)
+            && self.matches(&change.object)
     }
 }
 
@@ -632,6 +816,17 @@ fn json_response(code: StatusCode, body: &Value) -> Response<ResponseBody> {
     response
 }
 
+fn plain_text(code: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes())).map_err(|never: Infallible| match never {}).boxed(),
+    );
+    *response.status_mut() = code;
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
 /// A `Status` error body, as the API server sends with error codes.
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<ResponseBody> {
     let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -662,6 +857,28 @@ mod tests {
         let labels = json!({"model.aibrix.ai/name": "m"});
         assert!(Requirement::Exists("model.aibrix.ai/name".into()).matches(&labels));
         assert!(!Requirement::Exists("app".into()).matches(&labels));
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("/api/v1/pods"), Some((Kind::Pod, None)));
+        assert_eq!(route("/api/v1/namespaces/ns/pods"), Some((Kind::Pod, Some("ns".into()))));
+        assert_eq!(route("/apis/model.aibrix.ai/v1alpha1/modeladapters"), Some((Kind::ModelAdapter, None)));
+        assert_eq!(
+            route("/apis/model.aibrix.ai/v1alpha1/namespaces/ns/modeladapters"),
+            Some((Kind::ModelAdapter, Some("ns".into())))
+        );
+        for unknown in [
+            "/api/v1/namespaces//pods",
+            "/api/v1/namespaces/a/b/pods",
+            "/api/v1/services",
+            "/api/v1pods",
+            "/apis/model.aibrix.ai/v1alpha1/namespaces/ns/pods",
+            "/apis/model.aibrix.ai/v1beta1/modeladapters",
+            "/api/v1/modeladapters",
+        ] {
+            assert_eq!(route(unknown), None, "{unknown}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `--discovery kubernetes`: the real `turnstile` binary watching pods on an
 //! in-process fake API server (list, watch, bookmarks, 410 Gone), routing to
-//! mock vLLM engines on 127.0.0.1.
+//! mock vLLM engines on 127.0.0.1, and AIBrix ModelAdapter resources (LoRA
+//! adapters) routed to their instances.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -338,4 +339,93 @@ async fn without_a_cluster_config_the_gateway_exits_with_a_readable_error() {
     assert!(!status.success());
     let log = gw.log();
     assert!(log.contains("--discovery kubernetes: no Kubernetes API config: set KUBECONFIG"), "{log}");
+}
+
+const ADAPTER: &str = "sql-lora";
+
+/// The pods `count` requests for `model` went to, in order; each must succeed.
+async fn target_pods(gw: &Gateway, model: &str, count: usize) -> Vec<String> {
+    let mut pods = Vec::new();
+    for _ in 0..count {
+        let reply = gw.chat(model, &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{model}: {}", reply.text());
+        pods.push(reply.header("target-pod").to_owned());
+    }
+    pods
+}
+
+async fn listed_models(gw: &Gateway) -> Vec<String> {
+    let models = get_json(&gw.url("/v1/models")).await;
+    models["data"].as_array().expect("data").iter().filter_map(|m| m["id"].as_str().map(str::to_owned)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_adapter_routes_its_name_to_its_instances_and_follows_them() {
+    // Every engine answers for the adapter too (the mock checks model names): only the
+    // gateway decides which pods get it.
+    let engines: Vec<Engine> =
+        (0..3).map(|i| Engine::start(&format!("pod{i}"), MODEL, &["--model", ADAPTER])).collect();
+    let api = FakeApiServer::start().await;
+    for engine in &engines {
+        api.add_pod(&PodSpec::for_engine(engine, MODEL));
+    }
+    api.add_model_adapter("default", ADAPTER, Some(MODEL), &["pod0", "pod2"]);
+    let gw = start_gateway(&api, &["--routing-algorithm", "random"]).await;
+
+    // Readiness does not wait for the ModelAdapter list: the adapter comes when it comes.
+    eventually(RECOVERY, "the adapter is routable", || async { gw.chat(ADAPTER, &[]).await.status == StatusCode::OK })
+        .await;
+    let pods = target_pods(&gw, ADAPTER, 20).await;
+    assert!(pods.iter().all(|pod| pod == "pod0" || pod == "pod2"), "only the adapter's instances: {pods:?}");
+    assert!(pods.iter().any(|pod| pod == "pod0") && pods.iter().any(|pod| pod == "pod2"), "both: {pods:?}");
+    assert_eq!(listed_models(&gw).await, [MODEL, ADAPTER]);
+    let base = target_pods(&gw, MODEL, 20).await;
+    assert!(base.iter().any(|pod| pod == "pod1"), "the base model keeps every pod: {base:?}");
+
+    // AIBrix's controller moves the adapter to pod1.
+    eventually(RECOVERY, "the gateway watches ModelAdapters", || async { api.open_model_adapter_watches() == 1 }).await;
+    api.set_adapter_instances("default", ADAPTER, &["pod1"]);
+    eventually(PROPAGATION, "the adapter moved to pod1", || routes_to(&gw, ADAPTER, "pod1")).await;
+    let pods = target_pods(&gw, ADAPTER, 10).await;
+    assert!(pods.iter().all(|pod| pod == "pod1"), "{pods:?}");
+
+    // Deleted: the name is unknown again, the base model unaffected.
+    api.delete_model_adapter("default", ADAPTER);
+    eventually(PROPAGATION, "the adapter is gone", || async {
+        gw.chat(ADAPTER, &[]).await.status == StatusCode::BAD_REQUEST
+    })
+    .await;
+    let reply = gw.chat(ADAPTER, &[]).await;
+    assert_eq!(reply.json()["error"]["message"], format!("model {ADAPTER} does not exist"), "{}", reply.text());
+    assert_eq!(listed_models(&gw).await, [MODEL]);
+    assert_eq!(gw.chat(MODEL, &[]).await.status, StatusCode::OK);
+    assert!(!gw.log().contains("adapters from ModelAdapter resources are off"), "{}", gw.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_model_adapter_crd_pods_are_discovered_and_one_warning_says_why() {
+    let engine = Engine::start("pod-a", MODEL, &["--model", ADAPTER]);
+    let api = FakeApiServer::start().await;
+    api.add_pod(&PodSpec::for_engine(&engine, MODEL));
+    api.serve_model_adapters(false);
+    let gw = start_gateway(&api, &[]).await;
+    assert!(routes_to(&gw, MODEL, "pod-a").await);
+
+    // kube's backoff retries (0.8 s, doubling): wait for a few 404s, then count the warnings.
+    eventually(RECOVERY, "the ModelAdapter list is retried", || async { api.model_adapter_requests() >= 3 }).await;
+    let log = gw.log();
+    let warning = "adapters from ModelAdapter resources are off: the API server does not serve \
+                   modeladapters.model.aibrix.ai/v1alpha1";
+    assert_eq!(log.matches(warning).count(), 1, "one warning, however many retries:\n{log}");
+    assert!(!log.contains("ModelAdapter watch failed"), "a 404 is not a watch failure:\n{log}");
+    assert_eq!(send(get(&gw.admin_url("/readyz"))).await.status, StatusCode::OK);
+    assert!(routes_to(&gw, MODEL, "pod-a").await);
+    assert_eq!(listed_models(&gw).await, [MODEL]);
+
+    // The CRD gets installed: adapters come without a restart.
+    api.add_model_adapter("default", ADAPTER, None, &["pod-a"]);
+    api.serve_model_adapters(true);
+    eventually(Duration::from_secs(45), "the adapter is routable once served", || routes_to(&gw, ADAPTER, "pod-a"))
+        .await;
+    assert!(gw.log().contains("ModelAdapter resources are served now"), "{}", gw.log());
 }

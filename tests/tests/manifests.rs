@@ -244,10 +244,16 @@ fn base_runs_the_gateway_per_node_with_bpf_net_admin_and_perfmon_only() {
     assert!(init["command"].to_string().contains("mount -t bpf bpf /sys/fs/bpf"), "{init}");
     assert_eq!(mounted_at(init).expect("the init container mounts the bpffs")["mountPropagation"], "Bidirectional");
 
-    // Redis, and read-only RBAC on pods.
+    // Redis, and read-only RBAC on pods and AIBrix's ModelAdapters, in the chart as here.
     find(&documents, "Deployment", "redis");
     let role = find(&documents, "ClusterRole", "turnstile-pod-reader");
-    assert_eq!(role["rules"], json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]));
+    let rules = json!([
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["model.aibrix.ai"], "resources": ["modeladapters"], "verbs": ["get", "list", "watch"]},
+    ]);
+    assert_eq!(role["rules"], rules);
+    assert_eq!(find(&render("rbac/namespaced"), "Role", "turnstile-pod-reader")["rules"], rules);
+    assert_eq!(find(&render_chart(&[]), "ClusterRole", "turnstile-pod-reader")["rules"], rules);
     // No engine comes with the gateway.
     assert!(!documents.iter().any(|d| d["spec"]["template"]["metadata"]["labels"]["model.aibrix.ai/name"].is_string()));
 }

@@ -2,7 +2,7 @@
 //!
 //! Two sources say which pod serves which adapter, and the store takes their
 //! union: each ready engine's own `/v1/models` (entries whose `parent` is a
-//! base model, read by [`poller`](super::adapter_poller)), and AIBrix's
+//! base model, read by `engine_metrics::served_models`), and AIBrix's
 //! `ModelAdapter` resources (`status.instances`, watched with
 //! `--discovery kubernetes`). An adapter becomes one more model of the
 //! snapshot, whose pods are the base model's own (the same in-flight

@@ -12,6 +12,10 @@
 //! When the watch breaks, kube-rs resumes it from the last resourceVersion or,
 //! after `410 Gone`, lists again, with backoff; routing continues from the
 //! last known pods meanwhile.
+//!
+//! The same client and namespace scope also watch AIBrix's `ModelAdapter`
+//! resources ([`model_adapters`](super::model_adapters)), on their own: they
+//! never hold back readiness, and a cluster without them only logs why.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -69,8 +73,8 @@ pub async fn spawn(
         .build();
     let namespace = namespace.map(|ns| ns.trim().to_owned()).filter(|ns| !ns.is_empty());
     let api: Api<Pod> = match &namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     };
     tracing::info!(
         server = %server,
@@ -79,6 +83,7 @@ pub async fn spawn(
         "watching pods"
     );
     metrics.discovery.watch_started();
+    super::model_adapters::spawn(client, namespace.as_deref(), Arc::clone(&store), shutdown.clone());
     tokio::spawn(run(api, store, metrics, shutdown));
     Ok(())
 }
@@ -217,7 +222,7 @@ fn pod_key(pod: &Pod) -> String {
 
 /// Keeps a failing watch from flooding the log: the first failure is logged
 /// at once, later ones at most once per interval with the count in between.
-struct ErrorLog {
+pub(super) struct ErrorLog {
     interval: Duration,
     last_logged: Option<Instant>,
     suppressed: u64,
@@ -225,13 +230,13 @@ struct ErrorLog {
 }
 
 impl ErrorLog {
-    fn new(interval: Duration) -> Self {
+    pub(super) fn new(interval: Duration) -> Self {
         Self { interval, last_logged: None, suppressed: 0, failing: false }
     }
 
     /// Records a failure; `Some(failures not logged since the last line)`
     /// when this one should be logged.
-    fn failure(&mut self, now: Instant) -> Option<u64> {
+    pub(super) fn failure(&mut self, now: Instant) -> Option<u64> {
         self.failing = true;
         let due = self.last_logged.is_none_or(|at| now.duration_since(at) >= self.interval);
         if !due {
@@ -243,15 +248,16 @@ impl ErrorLog {
     }
 
     /// True once after a run of failures, when the watch works again.
-    fn recovered(&mut self) -> bool {
+    pub(super) fn recovered(&mut self) -> bool {
         std::mem::take(&mut self.failing)
     }
 }
 
-/// Marks the pod view current whenever the API server accepts a watch.
-/// kube's watcher resumes a dropped watch without emitting anything; without
-/// this, a quiet cluster would look stale after any transient error until
-/// the next pod changed.
+/// Marks the pod view current whenever the API server accepts a watch of
+/// pods (the client is shared with the `ModelAdapter` watcher, whose watches
+/// say nothing about pods). kube's watcher resumes a dropped watch without
+/// emitting anything; without this, a quiet cluster would look stale after
+/// any transient error until the next pod changed.
 struct WatchEstablishedLayer {
     metrics: Arc<Metrics>,
 }
@@ -287,7 +293,8 @@ where
     }
 
     fn call(&mut self, request: Request<kube::client::Body>) -> Self::Future {
-        let is_watch = request.uri().query().is_some_and(|q| q.split('&').any(|pair| pair == "watch=true"));
+        let is_watch = request.uri().path().ends_with("/pods")
+            && request.uri().query().is_some_and(|q| q.split('&').any(|pair| pair == "watch=true"));
         let response = self.inner.call(request);
         let metrics = Arc::clone(&self.metrics);
         Box::pin(async move {

@@ -5,6 +5,7 @@
 pub mod adapters;
 pub mod endpoints_file;
 pub mod kubernetes;
+pub mod model_adapters;
 pub mod pod;
 pub mod pods_file;
 pub mod store;

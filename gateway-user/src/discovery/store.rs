@@ -158,7 +158,8 @@ impl PodStore {
         self.synced.store(true, Ordering::Release);
     }
 
-    /// Replaces the adapter bindings `source` knows with `bindings`.
+    /// Replaces the adapter bindings `source` knows with `bindings`. Only a
+    /// pod list makes the store synced: adapters never gate readiness.
     pub fn set_adapters(&self, source: AdapterSource, bindings: Vec<AdapterBinding>) {
         let mut adapters = self.adapters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if adapters.get(&source).is_some_and(|known| *known == bindings) {
@@ -309,6 +310,25 @@ pub(crate) mod tests {
         let snap = store.snapshot();
         let config = snap.model("a").expect("a").config.as_ref().expect("config");
         assert_eq!(config.profiles["default"].routing_strategy.as_deref(), Some("random"));
+    }
+
+    #[test]
+    fn adapters_before_the_first_pod_list_do_not_make_the_store_synced() {
+        let store = store();
+        let binding = AdapterBinding {
+            adapter: "sql".to_owned(),
+            parent: None,
+            namespace: "default".to_owned(),
+            pod: "p0".to_owned(),
+            key: None,
+            config_annotation: None,
+        };
+        store.set_adapters(AdapterSource::ModelAdapter, vec![binding]);
+        assert!(!store.is_synced(), "readiness waits for pods, never for adapters");
+        assert!(store.snapshot().model("sql").is_none(), "no pods yet");
+        store.replace_all(vec![test_pod("llama", "p0", 1, true)]);
+        assert!(store.is_synced());
+        assert_eq!(store.snapshot().model("sql").expect("bound once the pods are known").pods.len(), 1);
     }
 
     #[test]
