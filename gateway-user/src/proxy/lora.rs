@@ -2,8 +2,8 @@
 //! chooses within the best tier that has a pod: those where the adapter is
 //! already running (vLLM's `vllm:lora_requests_info` `running_lora_adapters`),
 //! then those with a free adapter slot (fewer running than `max_lora`, or no
-//! request running at all), then the rest (a pod without a fresh report is in
-//! the rest). Loading an adapter costs the engine a swap; a pod that runs it
+//! request running at all; a pod not scraped yet, new, is taken to have one),
+//! then the rest (among them pods whose scrapes have gone stale). Loading an adapter costs the engine a swap; a pod that runs it
 //! already does not pay it.
 //!
 //! Affinity never queues behind a backlog: a tier whose every pod has
@@ -58,7 +58,8 @@ pub fn best_tier<'a>(
                 };
                 (tier, metrics.waiting.is_some_and(|waiting| waiting > 0.0))
             }
-            Reading::Stale | Reading::Missing => (Tier::Other, false),
+            Reading::Missing => (Tier::FreeSlot, false),
+            Reading::Stale => (Tier::Other, false),
         })
         .collect();
     let tiers = [Tier::Running, Tier::FreeSlot, Tier::Other];
@@ -131,6 +132,9 @@ mod tests {
         assert_eq!((names(&chosen), tier), (vec!["b"], Tier::Running));
         let (chosen, tier) = best_tier(Cow::Borrowed(&all), "math", &view(&reports));
         assert_eq!((names(&chosen), tier), (vec!["b", "c"], Tier::FreeSlot), "a is full, d says nothing");
+        let unscraped = view(&[("a", Some(slots(1, &["chat"]))), ("b", Some(slots(1, &["sql"])))]);
+        let (chosen, tier) = best_tier(Cow::Borrowed(&all[..3]), "math", &unscraped);
+        assert_eq!((names(&chosen), tier), (vec!["c"], Tier::FreeSlot), "c is new: not scraped yet");
         let full = [("a", Some(slots(1, &["chat"]))), ("b", Some(slots(1, &["sql"])))];
         let (chosen, tier) = best_tier(Cow::Borrowed(&all[..2]), "math", &view(&full));
         assert_eq!((names(&chosen), tier), (vec!["a", "b"], Tier::Other));
