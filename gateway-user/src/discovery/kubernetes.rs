@@ -144,80 +144,95 @@ fn event_kind(event: &Event<Pod>) -> Option<DiscoveryEvent> {
     }
 }
 
-/// The pods the watcher has delivered, keyed by `namespace/name`.
-#[derive(Default)]
-struct PodSet {
-    current: BTreeMap<String, PodInfo>,
-    /// Pods of a list in progress (between `Init` and `InitDone`). The
-    /// current set stays in force until the list is complete.
-    listing: Option<BTreeMap<String, PodInfo>>,
+/// What one watcher has delivered, an entry per object keyed by
+/// `namespace/name`. A (re)list is buffered from `Init` to `InitDone`, the
+/// current set staying in force until the list is complete.
+pub(super) struct Watched<V> {
+    pub(super) current: BTreeMap<String, V>,
+    listing: Option<BTreeMap<String, V>>,
     /// A complete list has been seen: only then is the set worth publishing.
     listed: bool,
 }
 
-impl PodSet {
-    /// Applies one event; true when the store should now get [`PodSet::pods`].
-    fn apply(&mut self, event: Event<Pod>) -> bool {
+impl<V> Default for Watched<V> {
+    fn default() -> Self {
+        Self { current: BTreeMap::new(), listing: None, listed: false }
+    }
+}
+
+impl<V> Watched<V> {
+    /// Applies one event, `entry` making an object's entry from its key and
+    /// the object (`None`: the object is not kept); true when the set should
+    /// now be published.
+    pub(super) fn apply<K: kube::Resource>(&mut self, event: Event<K>, entry: impl Fn(&str, &K) -> Option<V>) -> bool {
+        let put = |set: &mut BTreeMap<String, V>, object: &K| {
+            let key = object_key(object);
+            match entry(&key, object) {
+                Some(value) => set.insert(key, value),
+                None => set.remove(&key),
+            };
+        };
         match event {
             Event::Init => {
                 self.listing = Some(BTreeMap::new());
                 false
             }
-            Event::InitApply(pod) => {
-                upsert(self.listing.get_or_insert_with(BTreeMap::new), &pod);
+            Event::InitApply(object) => {
+                put(self.listing.get_or_insert_with(BTreeMap::new), &object);
                 false
             }
             Event::InitDone => {
-                // Pods missing from the new list were deleted while the watch was down.
+                // Objects missing from the new list were deleted while the watch was down.
                 self.current = self.listing.take().unwrap_or_default();
                 self.listed = true;
                 true
             }
-            Event::Apply(pod) => {
-                upsert(&mut self.current, &pod);
+            Event::Apply(object) => {
+                put(&mut self.current, &object);
                 self.listed
             }
-            Event::Delete(pod) => {
-                self.current.remove(&pod_key(&pod));
+            Event::Delete(object) => {
+                self.current.remove(&object_key(&object));
                 self.listed
             }
         }
+    }
+}
+
+/// `namespace/name`, as [`PodInfo::key`] spells it for pods.
+fn object_key<K: kube::Resource>(object: &K) -> String {
+    let meta = object.meta();
+    format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or_default())
+}
+
+/// The pods the watcher has delivered.
+#[derive(Default)]
+struct PodSet(Watched<PodInfo>);
+
+impl PodSet {
+    /// Applies one event; true when the store should now get [`PodSet::pods`].
+    /// A pod that is no longer usable leaves the set.
+    fn apply(&mut self, event: Event<Pod>) -> bool {
+        self.0.apply(event, |key, pod| match PodInfo::from_pod(pod) {
+            Ok(info) => info,
+            Err(err) => {
+                tracing::warn!(pod = %key, error = %err, "skipping pod");
+                None
+            }
+        })
     }
 
     fn pods(&self) -> Vec<PodInfo> {
-        self.current.values().cloned().collect()
+        self.0.current.values().cloned().collect()
     }
 
     fn len(&self) -> usize {
-        self.current.len()
+        self.0.current.len()
     }
 
     fn ready(&self) -> usize {
-        self.current.values().filter(|p| p.ready).count()
+        self.0.current.values().filter(|p| p.ready).count()
     }
-}
-
-/// Adds or replaces one pod; a pod that is no longer usable leaves the set.
-fn upsert(pods: &mut BTreeMap<String, PodInfo>, pod: &Pod) {
-    let key = pod_key(pod);
-    match PodInfo::from_pod(pod) {
-        Ok(Some(info)) => {
-            pods.insert(key, info);
-        }
-        Ok(None) => {
-            pods.remove(&key);
-        }
-        Err(err) => {
-            tracing::warn!(pod = %key, error = %err, "skipping pod");
-            pods.remove(&key);
-        }
-    }
-}
-
-/// `namespace/name`, as [`PodInfo::key`] spells it.
-fn pod_key(pod: &Pod) -> String {
-    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-    format!("{namespace}/{}", pod.metadata.name.as_deref().unwrap_or_default())
 }
 
 /// Keeps a failing watch from flooding the log: the first failure is logged

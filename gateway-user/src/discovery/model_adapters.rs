@@ -21,7 +21,7 @@
 //! built from the group, version, kind and plural: no generated type, no
 //! derive, no further crate.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ use kube::runtime::watcher::{self, Event};
 use tokio_util::sync::CancellationToken;
 
 use super::adapters::{AdapterBinding, AdapterSource};
-use super::kubernetes::ErrorLog;
+use super::kubernetes::{ErrorLog, Watched};
 use super::pod::CONFIG_ANNOTATION;
 use super::store::PodStore;
 
@@ -211,68 +211,30 @@ impl Availability {
     }
 }
 
-/// The bindings of every `ModelAdapter` the watcher has delivered, keyed by
-/// `namespace/name`.
+/// The bindings of every `ModelAdapter` the watcher has delivered.
 #[derive(Default)]
-struct AdapterSet {
-    current: BTreeMap<String, Vec<AdapterBinding>>,
-    /// Resources of a list in progress (between `Init` and `InitDone`); the
-    /// current set stays in force until the list is complete.
-    listing: Option<BTreeMap<String, Vec<AdapterBinding>>>,
-    /// A complete list has been seen: only then is the set worth publishing.
-    listed: bool,
-}
+struct AdapterSet(Watched<Vec<AdapterBinding>>);
 
 impl AdapterSet {
     /// Applies one event; true when the store should now get [`AdapterSet::bindings`].
     fn apply(&mut self, event: Event<DynamicObject>) -> bool {
-        match event {
-            Event::Init => {
-                self.listing = Some(BTreeMap::new());
-                false
-            }
-            Event::InitApply(adapter) => {
-                let listing = self.listing.get_or_insert_with(BTreeMap::new);
-                listing.insert(adapter_key(&adapter), bindings_of(&adapter));
-                false
-            }
-            Event::InitDone => {
-                // Resources missing from the new list were deleted while the watch was down.
-                self.current = self.listing.take().unwrap_or_default();
-                self.listed = true;
-                true
-            }
-            Event::Apply(adapter) => {
-                self.current.insert(adapter_key(&adapter), bindings_of(&adapter));
-                self.listed
-            }
-            Event::Delete(adapter) => {
-                self.current.remove(&adapter_key(&adapter));
-                self.listed
-            }
-        }
+        self.0.apply(event, |_, adapter| Some(bindings_of(adapter)))
     }
 
     /// Forgets every resource; true when some were known.
     fn clear(&mut self) -> bool {
-        let known = !self.current.is_empty();
-        self.current.clear();
+        let known = !self.0.current.is_empty();
+        self.0.current.clear();
         known
     }
 
     fn bindings(&self) -> Vec<AdapterBinding> {
-        self.current.values().flatten().cloned().collect()
+        self.0.current.values().flatten().cloned().collect()
     }
 
     fn len(&self) -> usize {
-        self.current.len()
+        self.0.current.len()
     }
-}
-
-/// `namespace/name` of a resource.
-fn adapter_key(adapter: &DynamicObject) -> String {
-    let namespace = adapter.metadata.namespace.as_deref().unwrap_or("default");
-    format!("{namespace}/{}", adapter.metadata.name.as_deref().unwrap_or_default())
 }
 
 /// One binding per pod in `status.instances` (names of pods in the
