@@ -5,7 +5,8 @@ Run by tests/tests/lora.rs with the pinned SDK (requirements-openai.txt):
     python openai_models.py BASE_URL ADAPTER MISSING
 
 Prints one JSON line: the listed models with their parents, the retrieved adapter's id and
-parent, the error class retrieving MISSING raised, and the model a chat with ADAPTER answered as.
+parent, the error class retrieving MISSING raised (and the request id it carries), the model a
+chat with ADAPTER answered as, and the request id the SDK read from that answer.
 """
 
 import json
@@ -19,9 +20,10 @@ listed = {model.id: (model.model_extra or {}).get("parent") for model in client.
 card = client.models.retrieve(adapter)
 try:
     client.models.retrieve(missing)
-    missing_error = None
+    missing_error = missing_request_id = None
 except openai.APIStatusError as err:
     missing_error = type(err).__name__
+    missing_request_id = err.request_id
 answer = client.chat.completions.create(
     model=adapter, messages=[{"role": "user", "content": "hi"}], max_tokens=4
 )
@@ -32,6 +34,7 @@ print(
             "retrieved": [card.id, (card.model_extra or {}).get("parent")],
             "missing": missing_error,
             "answered_as": answer.model,
+            "request_ids": [missing_request_id, answer._request_id],
         }
     )
 )

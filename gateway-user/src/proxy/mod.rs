@@ -172,6 +172,8 @@ mod names {
     pub const TARGET_POD: HeaderName = HeaderName::from_static("target-pod");
     pub const TARGET_POD_IP: HeaderName = HeaderName::from_static("target-pod-ip");
     pub const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+    /// The same id under the name OpenAI's SDKs read (`_request_id`).
+    pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     pub const CHOSEN_PROFILE: HeaderName = HeaderName::from_static("x-aibrix-config-profile");
     pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
     pub const USER: HeaderName = HeaderName::from_static("user");
@@ -503,7 +505,7 @@ impl<U: Upstream> Proxy<U> {
         for (name, value) in route_headers {
             headers.insert(name, value);
         }
-        headers.insert(names::REQUEST_ID, ctx.access.request_id.clone());
+        stamp_request_id(headers, ctx);
         quotas.insert_headers(headers);
         if resolved.auto_profile {
             headers.insert(names::CHOSEN_PROFILE, header_value(&resolved.profile));
@@ -542,7 +544,7 @@ impl<U: Upstream> Proxy<U> {
         }
         ctx.access.write(&Ending { status: status.as_u16(), error: Some(error), ..Ending::default() });
         let mut response = errors::respond(error).map(Either::Left);
-        response.headers_mut().insert(names::REQUEST_ID, ctx.access.request_id.clone());
+        stamp_request_id(response.headers_mut(), ctx);
         if status == StatusCode::TOO_MANY_REQUESTS {
             let client = ctx.access.client;
             self.kernel.rate_limited(client);
@@ -589,9 +591,16 @@ fn answered<B: Upstream>(
 ) -> Response<ProxyBody<B::Body>> {
     if let Either::Left(_) = response.body() {
         ctx.access.write(&Ending { status: response.status().as_u16(), ..Ending::default() });
-        response.headers_mut().insert(names::REQUEST_ID, ctx.access.request_id.clone());
+        stamp_request_id(response.headers_mut(), ctx);
     }
     response
+}
+
+/// The request's id on its answer, as `request-id` (AIBrix's name) and
+/// `x-request-id` (OpenAI's, which its SDKs show), replacing an engine's own.
+fn stamp_request_id(headers: &mut http::HeaderMap, ctx: &RequestContext) {
+    headers.insert(names::REQUEST_ID, ctx.access.request_id.clone());
+    headers.insert(names::X_REQUEST_ID, ctx.access.request_id.clone());
 }
 
 /// Most bytes of a refused body read and dropped (see [`discard_rest`]).

@@ -266,6 +266,7 @@ impl Answer {
         assert_eq!(self.status.as_u16(), status, "{self:?}");
         assert!(self.message().contains(message), "{message:?} not in {self:?}");
         assert!(!self.header("request-id").is_empty(), "every answer names its request");
+        assert_eq!(self.header("x-request-id"), self.header("request-id"), "under OpenAI's name too");
     }
 }
 
@@ -333,6 +334,8 @@ async fn a_proxied_answer_carries_the_gateways_headers() {
     assert_eq!((answer.header("target-pod"), answer.header("target-pod-ip")), ("p0", "127.0.0.1:9000"));
     assert_eq!(answer.header("routing-strategy"), "least-request");
     assert_eq!(rig.engines.seen().len(), 1);
+    assert!(!answer.header("request-id").is_empty());
+    assert_eq!(answer.header("x-request-id"), answer.header("request-id"), "the id OpenAI's SDKs read");
 }
 
 #[tokio::test]
