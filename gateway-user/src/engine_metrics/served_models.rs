@@ -123,18 +123,29 @@ async fn run(pods: Arc<PodStore>, config: AdapterReadConfig, shutdown: Cancellat
                 // Synced first: a snapshot loaded after holds that pod list.
                 let synced = pods.is_synced();
                 let snapshot = pods.snapshot();
-                if !seen.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &snapshot)) {
+                if seen.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &snapshot)) {
+                    // Synced since this snapshot was followed: it is the list.
+                    seen_synced |= synced;
+                } else {
                     changed |= follow(&mut states, &snapshot);
                     seen = Some(snapshot);
                     seen_synced = synced;
                 }
                 let now = Instant::now();
-                for (key, state) in &mut states {
-                    if tasks.len() >= config.concurrency.max(1) {
-                        break;
-                    }
-                    let due = state.ready && state.read_at.is_none_or(|at| now.duration_since(at) >= config.interval);
-                    if due && !state.in_progress {
+                // Never read first, then the longest unread: with more pods than
+                // reads fit in an interval, every pod still takes its turn.
+                let mut due: Vec<(Option<Instant>, &String)> = states
+                    .iter()
+                    .filter(|(_, state)| state.ready && !state.in_progress)
+                    .filter(|(_, state)| state.read_at.is_none_or(|at| now.duration_since(at) >= config.interval))
+                    .map(|(key, state)| (state.read_at, key))
+                    .collect();
+                due.sort_unstable();
+                let free = config.concurrency.max(1).saturating_sub(tasks.len());
+                let due: Vec<String> = due.into_iter().take(free).map(|(_, key)| key.clone()).collect();
+                for key in due {
+                    let Some(state) = states.get_mut(&key) else { continue };
+                    {
                         state.in_progress = true;
                         let (target, client) = (state.target.clone(), Arc::clone(&client));
                         let timeout = config.timeout;
@@ -142,7 +153,7 @@ async fn run(pods: Arc<PodStore>, config: AdapterReadConfig, shutdown: Cancellat
                             let listed = read(&client, &target, timeout).await;
                             (target, listed)
                         });
-                        reading.insert(task.id(), key.clone());
+                        reading.insert(task.id(), key);
                     }
                 }
             }
@@ -391,6 +402,26 @@ mod tests {
         .await;
         store.replace_all(vec![test_pod("llama", "a", addr_a.port(), true)]);
         wait_for(&store, "no sql", |s| s.snapshot().model("sql").is_none()).await;
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn with_more_pods_than_reads_fit_in_an_interval_every_pod_takes_its_turn() {
+        let store = Arc::new(PodStore::new(Arc::new(Metrics::new())));
+        let mut pods = Vec::new();
+        for i in 0..6 {
+            let addr = engine(Arc::new(Mutex::new(listing(&[&format!("a{i}")])))).await;
+            pods.push(test_pod("llama", &format!("p{i}"), addr.port(), true));
+        }
+        store.replace_all(pods);
+        // One read at a time, every pod due again long before six ticks pass.
+        let config =
+            AdapterReadConfig { interval: Duration::from_millis(10), timeout: Duration::from_secs(1), concurrency: 1 };
+        let shutdown = CancellationToken::new();
+        spawn(Arc::clone(&store), config, shutdown.clone()).expect("reading");
+        wait_for(&store, "every pod read once", |s| (0..6).all(|i| s.snapshot().model(&format!("a{i}")).is_some()))
+            .await;
+        assert!(store.adapters_settled());
         shutdown.cancel();
     }
 }

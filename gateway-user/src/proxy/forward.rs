@@ -188,6 +188,8 @@ impl<U: Upstream> Proxy<U> {
     ) -> Result<Forwarded<U::Body>, GatewayError> {
         let candidates = self.awake(resolved.candidates(), route_request, send)?;
         let mut refused: Vec<Refusal> = Vec::new();
+        // Adapter 404s cost the engine nothing: they have a budget of their own.
+        let mut unserved = 0;
         // A LoRA adapter's requests go to the pods of its best tier.
         let lora = send.adapter;
         loop {
@@ -219,7 +221,15 @@ impl<U: Upstream> Proxy<U> {
             match self.attempt(route, send, quota, ctx).await {
                 Ok(forwarded) => return Ok(forwarded),
                 Err(Failed::Final(error)) => return Err(error),
-                Err(Failed::Refused(refusal)) if refused.len() + 1 < self.settings.max_connect_attempts => {
+                Err(Failed::Refused(refusal @ Refusal::Unserved { .. })) if unserved < MAX_UNSERVED => {
+                    unserved += 1;
+                    log_refusal(&refusal, ctx);
+                    refused.push(refusal);
+                }
+                Err(Failed::Refused(refusal))
+                    if !matches!(refusal, Refusal::Unserved { .. })
+                        && refused.len() - unserved + 1 < self.settings.max_connect_attempts =>
+                {
                     log_refusal(&refusal, ctx);
                     refused.push(refusal);
                 }
@@ -478,7 +488,11 @@ impl<U: Upstream> Proxy<U> {
             Err(err) => return Err(Failed::Final(err.into_gateway_error(&pod))),
         };
         // vLLM answers 404 for a model it does not serve before doing any work.
-        if send.adapter && send.upload.is_none() && response.status() == http::StatusCode::NOT_FOUND {
+        if send.adapter
+            && send.upload.is_none()
+            && send.endpoint != Endpoint::Custom
+            && response.status() == http::StatusCode::NOT_FOUND
+        {
             return Err(Failed::Refused(Refusal::Unserved { pod }));
         }
         Ok(Forwarded {
@@ -513,6 +527,9 @@ impl<U: Upstream> Proxy<U> {
         }
     }
 }
+
+/// Most pods one adapter request is sent on to after a 404 for the adapter.
+const MAX_UNSERVED: usize = 8;
 
 /// The candidates no refusal has ruled out.
 fn remaining<'a>(candidates: &'a [Arc<PodInfo>], refused: &[Refusal]) -> Cow<'a, [Arc<PodInfo>]> {

@@ -59,7 +59,8 @@ pub fn best_tier<'a>(
                 (tier, metrics.waiting.is_some_and(|waiting| waiting > 0.0))
             }
             Reading::Missing => (Tier::FreeSlot, false),
-            Reading::Stale => (Tier::Other, false),
+            // Silent lately: not taken for a pod with nothing waiting.
+            Reading::Stale => (Tier::Other, true),
         })
         .collect();
     let tiers = [Tier::Running, Tier::FreeSlot, Tier::Other];

@@ -824,3 +824,30 @@ async fn a_lora_adapter_routes_to_its_pods_and_is_listed_with_its_parent() {
     rig.store.set_adapters(AdapterSource::ModelAdapter, Vec::new());
     rig.call(post("/v1/chat/completions", body, &[])).await.assert_error(400, "model org/sql-lora does not exist");
 }
+
+#[tokio::test]
+async fn an_adapter_unloaded_on_many_pods_still_reaches_one_that_serves_it() {
+    use crate::discovery::{AdapterBinding, AdapterSource};
+    let pods: Vec<Value> = (0..5).map(|i| pod(&format!("p{i}"), 9100 + i)).collect();
+    let rig = Rig::new(&pods);
+    let bindings = (0..5)
+        .map(|i| AdapterBinding {
+            adapter: "sql".to_owned(),
+            parent: Some(MODEL.to_owned()),
+            namespace: "default".to_owned(),
+            pod: format!("p{i}"),
+            key: None,
+            config_annotation: None,
+        })
+        .collect();
+    rig.store.set_adapters(AdapterSource::Engines, bindings);
+    // Four engines have unloaded it (more than --max-connect-attempts): the fifth still serves it.
+    for port in 9100..9104 {
+        rig.engines.set(port, Reply::Status(404, r#"{"error":{"message":"The model `sql` does not exist."}}"#));
+    }
+    let body = r#"{"model":"sql","prompt":"x"}"#;
+    for _ in 0..4 {
+        let answer = rig.call(post("/v1/completions", body, &[])).await;
+        assert_eq!((answer.status, answer.header("target-pod")), (StatusCode::OK, "p4"), "{answer:?}");
+    }
+}
