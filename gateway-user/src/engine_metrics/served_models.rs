@@ -87,8 +87,10 @@ async fn run(pods: Arc<PodStore>, config: AdapterReadConfig, shutdown: Cancellat
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(config.timeout));
+    // No connection is kept between reads: one read a pod every few seconds
+    // is not worth an idle connection to every pod of the fleet.
     let client: HttpClient =
-        Client::builder(TokioExecutor::new()).pool_timer(TokioTimer::new()).pool_max_idle_per_host(1).build(connector);
+        Client::builder(TokioExecutor::new()).pool_timer(TokioTimer::new()).pool_max_idle_per_host(0).build(connector);
     let client = Arc::new(client);
     let mut states: HashMap<String, PodState> = HashMap::new();
     let mut tasks: JoinSet<(Target, Option<Vec<String>>)> = JoinSet::new();
