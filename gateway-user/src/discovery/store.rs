@@ -93,9 +93,6 @@ impl crate::metrics::PodInFlight for PodStore {
 pub struct PodStore {
     current: ArcSwap<Snapshot>,
     synced: AtomicBool,
-    /// Cleared while the engines' adapter lists are first being read: until
-    /// then an unknown model may be an adapter not read yet.
-    adapters_settled: AtomicBool,
     metrics: Arc<Metrics>,
     /// `(pod key, annotation)` pairs already reported as invalid, so a bad
     /// annotation is logged once rather than on every reload.
@@ -110,7 +107,6 @@ impl PodStore {
         Self {
             current: ArcSwap::from_pointee(Snapshot::default()),
             synced: AtomicBool::new(false),
-            adapters_settled: AtomicBool::new(true),
             metrics,
             reported_configs: Mutex::new(HashSet::new()),
             adapters: Mutex::new(BTreeMap::new()),
@@ -125,16 +121,6 @@ impl PodStore {
     /// True once a discovery source has delivered a complete pod list.
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
-    }
-
-    /// Whether every adapter the engines list has been read once (always,
-    /// unless a reader said otherwise with `set_adapters_settled(false)`).
-    pub fn adapters_settled(&self) -> bool {
-        self.adapters_settled.load(Ordering::Acquire)
-    }
-
-    pub fn set_adapters_settled(&self, settled: bool) {
-        self.adapters_settled.store(settled, Ordering::Release);
     }
 
     /// Replaces the whole pod set with `pods`, as one complete list from a

@@ -443,10 +443,6 @@ impl<U: Upstream> Proxy<U> {
         let request = &prepared.request;
         let snapshot = self.store.snapshot();
         let Some(model) = snapshot.model(&request.model).cloned() else {
-            // Maybe an adapter whose engine has not been read yet, at start.
-            if !self.store.adapters_settled() {
-                return Err(GatewayError::PodsNotLoaded);
-            }
             return Err(GatewayError::UnknownModel { model: errors::echo(&request.model) });
         };
         ctx.access.model = Some(Arc::clone(&model.name));
