@@ -78,6 +78,8 @@ struct PodState {
     ready: bool,
     /// What the pod last listed.
     adapters: Vec<String>,
+    /// Its refusal of `/v1/models` has been logged.
+    refusal_logged: bool,
 }
 
 async fn run(pods: Arc<PodStore>, config: AdapterReadConfig, shutdown: CancellationToken) {
@@ -90,7 +92,7 @@ async fn run(pods: Arc<PodStore>, config: AdapterReadConfig, shutdown: Cancellat
         Client::builder(TokioExecutor::new()).pool_timer(TokioTimer::new()).pool_max_idle_per_host(0).build(connector);
     let client = Arc::new(client);
     let mut states: HashMap<String, PodState> = HashMap::new();
-    let mut tasks: JoinSet<(Target, Option<Vec<String>>)> = JoinSet::new();
+    let mut tasks: JoinSet<(Target, Read)> = JoinSet::new();
     // Which pod each read in flight is for.
     let mut reading: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
@@ -109,11 +111,20 @@ async fn run(pods: Arc<PodStore>, config: AdapterReadConfig, shutdown: Cancellat
                 let Some(key) = reading.remove(&id) else { continue };
                 let Some(state) = states.get_mut(&key) else { continue };
                 state.in_progress = false;
-                let Some((_, listed)) = result.filter(|(target, _)| *target == state.target) else { continue };
+                let Some((_, read)) = result.filter(|(target, _)| *target == state.target) else { continue };
                 state.read_at = Some(Instant::now());
-                if let Some(adapters) = listed.filter(|adapters| *adapters != state.adapters) {
-                    state.adapters = adapters;
-                    changed = true;
+                match read {
+                    Read::Listed(adapters) if adapters != state.adapters => {
+                        state.adapters = adapters;
+                        changed = true;
+                    }
+                    // An engine started with --api-key: said once a pod.
+                    Read::Refused(status) if !state.refusal_logged => {
+                        state.refusal_logged = true;
+                        tracing::warn!(pod = %state.target.name, status = %status,
+                            "the engine refuses /v1/models; its LoRA adapters are known only from ModelAdapter resources");
+                    }
+                    _ => {}
                 }
             }
             _ = tick.tick() => {
@@ -184,6 +195,7 @@ fn follow(states: &mut HashMap<String, PodState>, snapshot: &crate::discovery::S
             in_progress: false,
             ready: pod.ready,
             adapters: Vec::new(),
+            refusal_logged: false,
         });
         if pod.ready && !state.ready {
             // Back from not ready (an engine restarted?): what it serves now.
@@ -213,34 +225,30 @@ fn bindings(states: &HashMap<String, PodState>) -> Vec<AdapterBinding> {
     out
 }
 
-/// Pods already reported as refusing `/v1/models`.
-static REFUSED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<String>>> =
-    std::sync::LazyLock::new(Default::default);
+/// What one read of a pod's `/v1/models` gave.
+enum Read {
+    /// Its adapters.
+    Listed(Vec<String>),
+    /// 401 or 403, with the status: what it listed before stands.
+    Refused(String),
+    /// No model list: what it listed before stands.
+    Failed,
+}
 
-/// One read of a pod's `/v1/models`: its adapters, or `None` when it did not
-/// answer with a model list (what it listed before then stands).
-async fn read(client: &HttpClient, target: &Target, timeout: Duration) -> Option<Vec<String>> {
-    let uri: Uri = format!("http://{}/v1/models", target.addr).parse().ok()?;
+async fn read(client: &HttpClient, target: &Target, timeout: Duration) -> Read {
+    let Ok(uri) = format!("http://{}/v1/models", target.addr).parse::<Uri>() else { return Read::Failed };
     match fetch(client, &uri, timeout).await {
-        Ok(text) => {
-            let adapters = adapters_of(&text, &target.model);
-            if adapters.is_none() {
+        Ok(text) => match adapters_of(&text, &target.model) {
+            Some(adapters) => Read::Listed(adapters),
+            None => {
                 tracing::debug!(pod = %target.name, "engine /v1/models is not a model list; adapters unchanged");
+                Read::Failed
             }
-            adapters
-        }
-        Err(err) if err.detail.starts_with("401") || err.detail.starts_with("403") => {
-            // An engine started with --api-key: say so, once a pod.
-            let first = REFUSED.lock().map(|mut said| said.insert(target.name.clone())).unwrap_or(false);
-            if first {
-                tracing::warn!(pod = %target.name, status = %err.detail,
-                    "the engine refuses /v1/models; its LoRA adapters are known only from ModelAdapter resources");
-            }
-            None
-        }
+        },
+        Err(err) if err.detail.starts_with("401") || err.detail.starts_with("403") => Read::Refused(err.detail),
         Err(err) => {
             tracing::debug!(pod = %target.name, error = %err.detail, "cannot read the engine's /v1/models");
-            None
+            Read::Failed
         }
     }
 }
