@@ -241,6 +241,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     args.limits.redis.configure_link()?;
     // Before anything starts: a users file or flags that do not go together stop the gateway here.
     let limits_config = args.limits.config()?;
+    let trace_config = args.tracing.config().context("tracing")?;
     let metrics = Arc::new(Metrics::with_config(&crate::metrics::MetricsConfig::from_env(args.aibrix_metric_names)));
     let store = Arc::new(PodStore::new(Arc::clone(&metrics)));
     let shutdown = CancellationToken::new();
@@ -280,6 +281,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     )?;
     let upstream = HttpUpstream::new(&upstream_settings, Arc::clone(&kernel));
+    let traces = crate::traces::Traces::start(&trace_config, metrics.traces.clone()).context("tracing")?;
+    if let Some(endpoint) = &trace_config.endpoint {
+        tracing::info!(
+            endpoint,
+            protocol = ?trace_config.protocol,
+            service = trace_config.service_name,
+            sampling_ratio = trace_config.sampling_ratio,
+            "request traces exported over OTLP"
+        );
+    }
     tracing::info!(
         redis = limits_config.redis_url.as_deref().map(crate::limits::redis_store::redacted).as_deref(),
         failure_mode = ?limits_config.failure_mode,
@@ -308,6 +319,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         limits,
         upstream,
         kernel: Arc::clone(&kernel),
+        traces: traces.clone(),
         settings: settings.clone(),
     }));
     crate::proxy::memory::spawn_trimmer(proxy.in_flight_counter(), shutdown.clone());
@@ -455,6 +467,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = proxy_task.await;
     // The admin listener outlives the drain so probes see "draining" until the end.
     shutdown.cancel();
+    if let Some(traces) = traces {
+        // The last requests' spans, within a bound: a collector that is down
+        // does not hold the exit up.
+        traces.shutdown(Duration::from_secs(2)).await;
+    }
     let _ = tokio::task::spawn_blocking(move || admin_task.join()).await;
     tracing::info!("stopped");
     Ok(())

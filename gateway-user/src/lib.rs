@@ -2,7 +2,8 @@
 //!
 //! The proxy (request lifecycle) calls profiles, limits, routing, kernel and metrics;
 //! routing reads the pod store; discovery feeds the pod store; the kernel side
-//! (eBPF counters and fast reject) is called and never calls back; only `cli`
+//! (eBPF counters and fast reject) is called and never calls back; traces
+//! (OpenTelemetry spans and their export) is called by the proxy; only `cli`
 //! knows clap and every module. `tests/module_edges.rs` holds the whole table.
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -23,3 +24,4 @@ pub mod proxy;
 pub mod redis_link;
 pub mod routing;
 pub mod tokens;
+pub mod traces;

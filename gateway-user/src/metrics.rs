@@ -17,10 +17,12 @@ mod aibrix;
 mod discovery;
 mod pd;
 mod routing;
+mod traces;
 pub use aibrix::{AibrixMetrics, AibrixStatus, PodIdentity};
 pub use discovery::{DiscoveryEvent, DiscoveryMetrics};
 pub use pd::{PdMetrics, PrefillErrorReason};
 pub use routing::{PodAges, RoutingMetrics};
+pub use traces::{SpanDrop, TraceMetrics};
 
 /// Model label for requests that never matched a discovered model.
 pub const UNKNOWN_MODEL: &str = "unknown";
@@ -133,6 +135,8 @@ pub struct Metrics {
     pub routing: RoutingMetrics,
     /// Prefill/decode disaggregation: selections, prefill latency and errors.
     pub pd: PdMetrics,
+    /// Spans exported to the OTLP collector, and spans lost.
+    pub traces: TraceMetrics,
     invalid_configs: Family<ModelLabels, Counter>,
     wakeups: Family<WakeLabels, Counter>,
     lora_tiers: Family<LoraTierLabels, Counter>,
@@ -226,6 +230,7 @@ impl Metrics {
         let discovery = DiscoveryMetrics::register(&mut registry);
         let routing = RoutingMetrics::register(&mut registry, aibrix.clone());
         let pd = PdMetrics::register(&mut registry, aibrix.clone());
+        let traces = TraceMetrics::register(&mut registry);
         let invalid_configs = Family::default();
         registry.register(
             "aibrix_gateway_invalid_config",
@@ -289,6 +294,7 @@ impl Metrics {
             discovery,
             routing,
             pd,
+            traces,
             invalid_configs,
             wakeups,
             lora_tiers,

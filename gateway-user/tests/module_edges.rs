@@ -35,6 +35,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "redis_link",
             "routing",
             "tokens",
+            "traces",
         ],
     ),
     ("discovery", &["metrics", "profiles"]),
@@ -62,10 +63,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "profiles",
             "routing",
             "tokens",
+            "traces",
         ],
     ),
     ("routing", &["discovery", "engine_metrics", "metrics", "profiles", "redis_link", "tokens"]),
     ("tokens", &[]),
+    ("traces", &["metrics"]),
 ];
 
 /// One use of another module.

@@ -20,6 +20,7 @@ use crate::limits::{LimitsConfig, UserLimits, UserLimitsMode};
 use crate::proxy::defaults as proxy;
 use crate::routing::pd::{DecodePolicy, KvConnector, PdSettings, PrefillPolicy};
 use crate::routing::{PrefixTokenizer, RoutingConfig, VtcTimeUnit};
+use crate::traces::TraceConfig;
 
 /// Whole milliseconds of `duration`, for a flag counted in milliseconds.
 fn millis(duration: Duration) -> u64 {
@@ -184,6 +185,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub routing: RoutingArgs,
+
+    #[command(flatten)]
+    pub tracing: TraceArgs,
 }
 
 impl ServeArgs {
@@ -519,6 +523,44 @@ impl From<&EngineMetricsArgs> for ScrapeConfig {
             max_scrapes_per_second: (*pod_metric_max_scrapes_per_second).max(1),
             window: Duration::from_secs((*pod_metric_window_seconds).max(1)),
         }
+    }
+}
+
+/// Request tracing (OpenTelemetry, OTLP export). The other standard
+/// variables are read as well: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as
+/// is, before the flag), `OTEL_EXPORTER_OTLP_HEADERS`,
+/// `OTEL_EXPORTER_OTLP_TIMEOUT`, `OTEL_SERVICE_NAME`,
+/// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER(_ARG)`, `OTEL_BSP_*`,
+/// `OTEL_SDK_DISABLED`.
+#[derive(Args, Debug, Clone)]
+pub struct TraceArgs {
+    /// OTLP collector to export request traces to: a base URL like
+    /// `http://otel-collector:4318` (HTTP appends `/v1/traces`) or, with
+    /// `--otlp-protocol grpc`, `http://otel-collector:4317`. Tracing is off
+    /// when neither this nor OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// OTLP transport: `http/protobuf` or `grpc` (plaintext).
+    /// OTEL_EXPORTER_OTLP_TRACES_PROTOCOL wins when set. [default: http/protobuf]
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL")]
+    pub otlp_protocol: Option<String>,
+
+    /// Share of new traces sampled, 0 to 1; a request whose `traceparent`
+    /// says sampled or not keeps its client's decision (parent-based).
+    /// [default: 1, or OTEL_TRACES_SAMPLER/OTEL_TRACES_SAMPLER_ARG]
+    #[arg(long, env = "TURNSTILE_TRACE_SAMPLING_RATIO")]
+    pub trace_sampling_ratio: Option<f64>,
+}
+
+impl TraceArgs {
+    /// The flags resolved against the process environment.
+    pub fn config(&self) -> anyhow::Result<TraceConfig> {
+        let Self { otlp_endpoint, otlp_protocol, trace_sampling_ratio } = self;
+        TraceConfig::resolve(otlp_endpoint.as_deref(), otlp_protocol.as_deref(), *trace_sampling_ratio, |name| {
+            std::env::var(name).ok()
+        })
+        .map_err(anyhow::Error::msg)
     }
 }
 

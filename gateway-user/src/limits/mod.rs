@@ -591,6 +591,18 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// Where this request was counted, for its trace: `redis`, `local` (in
+    /// process, or Redis's in-process backstop), or `none` (no limit applies).
+    pub fn store(&self) -> &'static str {
+        if self.held.is_empty() {
+            "none"
+        } else if self.held.iter().any(|(_, placement)| *placement == Placement::Shared) {
+            "redis"
+        } else {
+            "local"
+        }
+    }
+
     /// What is left of the user's limits, for the answer's headers.
     pub fn user_quotas(&self) -> UserQuotas {
         self.quotas

@@ -27,6 +27,9 @@ use crate::limits::{Admission, TokenCharge, UserQuotas};
 use crate::metrics::{InFlightMetric, PrefillErrorReason};
 use crate::routing::pd::{Handshake, PdPlan, PdRefusal};
 use crate::routing::{PromptSource, Route, RouteRequest, Unroutable, UsageCallback};
+use crate::traces::{Phase, RequestTrace, attr};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 
 /// Response header naming the pod that ran the prefill.
 pub const PREFILL_TARGET_POD: HeaderName = HeaderName::from_static("prefill-target-pod");
@@ -46,6 +49,8 @@ pub(super) struct Forwarded<B> {
     pub quotas: UserQuotas,
     /// The gateway asked the engine for a usage chunk the client did not.
     pub hide_usage_chunk: bool,
+    /// The engine exchange's span, open until the answer ends.
+    pub trace: Phase,
 }
 
 /// Why one attempt failed.
@@ -199,7 +204,13 @@ impl<U: Upstream> Proxy<U> {
                 let (pods, best) = super::lora::best_tier(left, send.model, &route_request.metrics);
                 (left, tier) = (pods, Some(best));
             }
-            let route = match self.router.route(resolved.strategy.as_ref(), route_request, &left) {
+            let mut phase = ctx.phase("route", SpanKind::Internal);
+            let routed = self.router.route(resolved.strategy.as_ref(), route_request, &left);
+            if phase.is_recording() {
+                trace_route(&mut phase, &routed, send.strategy);
+            }
+            phase.end();
+            let route = match routed {
                 Ok(route) => route,
                 // `slo*`: no pod has room yet; wait (bounded, no lock held), then route again.
                 Err(Unroutable::Queued(wait)) => {
@@ -340,7 +351,7 @@ impl<U: Upstream> Proxy<U> {
             self.pair_side_by_side(plan, bodies, guard, send, quota, ctx).await?
         } else {
             let request_id = ctx.access.request_id.clone();
-            let answer = match self.run_prefill(&plan, send, bodies.prefill.clone(), &request_id).await {
+            let answer = match self.run_prefill(&plan, send, bodies.prefill.clone(), &request_id, ctx).await {
                 Ok(answer) => answer,
                 Err(failure) if failure.not_sent => return Err(Failed::Refused(Refusal::Prefill { plan, failure })),
                 Err(failure) => return Err(Failed::Final(self.prefill_failed(&plan, send, failure, ctx))),
@@ -392,7 +403,7 @@ impl<U: Upstream> Proxy<U> {
         let held = Held { pod: Some(guard), gauge: Some(gauge), connection: Some(connection), gateway: None };
         let request_id = ctx.access.request_id.clone();
         let outcome = {
-            let prefill = self.run_prefill(&plan, send, bodies.prefill.clone(), &request_id);
+            let prefill = self.run_prefill(&plan, send, bodies.prefill.clone(), &request_id, ctx);
             let decode = self.send_on(Arc::clone(&plan.decode), held, decode_body.into(), send, quota.quotas, ctx);
             tokio::pin!(prefill, decode);
             let mut prefilled = false;
@@ -475,27 +486,45 @@ impl<U: Upstream> Proxy<U> {
         quotas: UserQuotas,
         ctx: &RequestContext,
     ) -> Result<Forwarded<U::Body>, Failed> {
+        let mut phase = engine_phase(ctx, "upstream", &pod);
         let pool = Some(self.kernel.model_id(send.model));
-        let request = upstream::build_request(send.parts, body, &pod, &ctx.access.request_id, pool)
+        let propagation = phase.propagation().or_else(|| ctx.trace.as_ref().map(RequestTrace::propagation));
+        let request = upstream::build_request(send.parts, body, &pod, &ctx.access.request_id, pool, propagation)
             .map_err(|reason| Failed::Final(GatewayError::UpstreamFailed { pod: pod.name.clone(), reason }))?;
         let response = match self.upstream.send(request).await {
             Ok(response) => response,
-            Err(SendError::Connect(reason)) => return Err(Failed::Refused(Refusal::Pod { pod, reason })),
+            Err(SendError::Connect(reason)) => {
+                phase.fail("connect", reason.clone());
+                return Err(Failed::Refused(Refusal::Pod { pod, reason }));
+            }
             // The client stopped sending its upload: its failure, not the pod's.
             Err(_) if let Some(failure) = send.upload.and_then(Upload::client_failure) => {
+                phase.fail("client", failure.to_string());
                 return Err(Failed::Final(failure));
             }
-            Err(err) => return Err(Failed::Final(err.into_gateway_error(&pod))),
+            Err(err) => {
+                let error = err.into_gateway_error(&pod);
+                phase.fail(error.status().as_str().to_owned(), error.to_string());
+                return Err(Failed::Final(error));
+            }
         };
+        let status = response.status();
+        if phase.is_recording() {
+            let head = KeyValue::new(attr::HTTP_STATUS, i64::from(status.as_u16()));
+            phase.event("response headers", std::time::Instant::now(), vec![head.clone()]);
+            phase.set(head);
+        }
         // vLLM answers 404 for a model it does not serve before doing any work.
         if send.adapter
             && send.upload.is_none()
             && send.endpoint != Endpoint::Custom
-            && response.status() == http::StatusCode::NOT_FOUND
+            && status == http::StatusCode::NOT_FOUND
         {
+            phase.fail("404", "the engine does not serve the adapter");
             return Err(Failed::Refused(Refusal::Unserved { pod }));
         }
         Ok(Forwarded {
+            trace: phase,
             response,
             pod,
             headers: Vec::new(),
@@ -552,6 +581,36 @@ fn unroutable_error(unroutable: Unroutable, model: &str) -> GatewayError {
         Unroutable::Queued(_) => {
             GatewayError::RoutingFailed { model: model.to_owned(), reason: "load capacity reached".into() }
         }
+    }
+}
+
+/// A span for an exchange with an engine (the answer, or a `pd` prefill):
+/// the engine sees it as its parent.
+pub(super) fn engine_phase(ctx: &RequestContext, name: &'static str, pod: &PodInfo) -> Phase {
+    let mut phase = ctx.phase(name, SpanKind::Client);
+    if phase.is_recording() {
+        phase.set(KeyValue::new(attr::POD, pod.name.to_string()));
+        if let Some((host, port)) = pod.addr_text.rsplit_once(':') {
+            phase.set(KeyValue::new(attr::SERVER_ADDRESS, host.trim_matches(['[', ']']).to_owned()));
+            if let Ok(port) = port.parse::<i64>() {
+                phase.set(KeyValue::new(attr::SERVER_PORT, port));
+            }
+        }
+    }
+    phase
+}
+
+/// What the strategy chose, on the route span.
+fn trace_route(phase: &mut Phase, routed: &Result<Route, Unroutable>, strategy: &'static str) {
+    phase.set(KeyValue::new(attr::STRATEGY, strategy));
+    match routed {
+        Ok(Route::Single { pod, .. }) => phase.set(KeyValue::new(attr::POD, pod.name.to_string())),
+        Ok(Route::Disaggregated(plan)) => {
+            phase.set(KeyValue::new(attr::POD, plan.decode.name.to_string()));
+            phase.set(KeyValue::new("turnstile.prefill_pod", plan.prefill.name.to_string()));
+        }
+        Err(Unroutable::Queued(_)) => phase.set(KeyValue::new("turnstile.queued", true)),
+        Err(_) => phase.fail("unroutable", "no pod could be chosen"),
     }
 }
 

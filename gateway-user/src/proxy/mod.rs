@@ -51,10 +51,13 @@ use crate::limits::{LimitRequest, Limits};
 use crate::metrics::{AibrixStatus, Metrics, UNKNOWN_MODEL};
 use crate::profiles::{self, RequestFeatures};
 use crate::routing::{self, LabelSelector, Router, Strategy};
+use crate::traces::{self, AnswerTrace, Phase, RequestTrace, Traces};
 use access_log::{AccessRecord, Ending};
 use body::{AnswerShape, EndRecord, ResponseBody};
 use forward::Forwarded;
 use offload::Prepared;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use request::{BodyKind, Endpoint, ParsedRequest};
 pub use upstream::{BoxError, HttpUpstream, Upstream};
 
@@ -143,6 +146,8 @@ pub struct ProxyParts<U> {
     /// Kernel assist: socket tagging, and penalties for clients that keep
     /// sending after 429 (userspace only when the eBPF programs do not load).
     pub kernel: Arc<KernelAssist>,
+    /// Request tracing, when an OTLP collector is configured.
+    pub traces: Option<Traces>,
     pub settings: ProxySettings,
 }
 
@@ -155,6 +160,7 @@ pub struct Proxy<U = HttpUpstream> {
     limits: Arc<Limits>,
     upstream: U,
     kernel: Arc<KernelAssist>,
+    traces: Option<Traces>,
     settings: ProxySettings,
     /// Where large bodies are parsed, tokenized and hashed.
     offload: offload::Offload,
@@ -188,9 +194,33 @@ pub struct RequestContext {
     conn: Option<ClientConn>,
     /// Arrival to the first route, until the request is counted as routed.
     first_route: Option<Duration>,
+    /// The request's spans (tracing on); taken by its answer's body.
+    trace: Option<RequestTrace>,
 }
 
 impl RequestContext {
+    /// A phase of the request as a child span (nothing when not traced).
+    fn phase(&self, name: &'static str, kind: SpanKind) -> Phase {
+        match &self.trace {
+            Some(trace) => trace.phase(name, kind),
+            None => Phase::none(),
+        }
+    }
+
+    /// The request's span when it is recorded, to set attributes on (built
+    /// only then).
+    fn recording(&mut self) -> Option<&mut RequestTrace> {
+        self.trace.as_mut().filter(|trace| trace.is_recording())
+    }
+
+    /// Ends the request's span (a gateway-made answer).
+    fn end_trace(&mut self, status: StatusCode) {
+        if let Some(trace) = &mut self.trace {
+            let error = (status.is_client_error() || status.is_server_error()).then(|| status.as_str());
+            trace.end(status.as_u16(), error);
+        }
+    }
+
     /// The request goes to the pod that answers it: its routing time is
     /// logged and counted, once.
     fn routed(&mut self, metrics: &Metrics, send: &forward::Outbound<'_>) {
@@ -239,7 +269,7 @@ enum Target {
 
 impl<U: Upstream> Proxy<U> {
     pub fn new(parts: ProxyParts<U>) -> Self {
-        let ProxyParts { store, router, engine_metrics, metrics, limits, upstream, kernel, settings } = parts;
+        let ProxyParts { store, router, engine_metrics, metrics, limits, upstream, kernel, traces, settings } = parts;
         let waker = wake::Waker::new(settings.wake_sleeping_models, Arc::clone(&metrics));
         Self {
             waker,
@@ -250,6 +280,7 @@ impl<U: Upstream> Proxy<U> {
             limits,
             upstream,
             kernel,
+            traces,
             settings,
             offload: offload::Offload::default(),
             in_flight: Arc::default(),
@@ -288,16 +319,34 @@ impl<U: Upstream> Proxy<U> {
             self.kernel.tag(conn, client_model(ctx.http1, ctx.access.model.as_deref()));
         }
         match served {
-            Ok(response) => answered::<U>(response, &ctx),
-            Err(error) => self.failed(&error, &ctx),
+            Ok(response) => answered::<U>(response, &mut ctx),
+            Err(error) => self.failed(&error, &mut ctx),
         }
     }
 
     fn context<RB>(&self, request: &Request<RB>, peer: SocketAddr) -> RequestContext {
         let client = self.settings.trusted_proxies.client(peer.ip(), request.headers());
-        let access = AccessRecord::new(request_id(request.headers()), request.uri().path(), client, peer);
+        let path = request.uri().path();
+        let mut trace = self.traces.as_ref().map(|traces| {
+            // The span's name holds the route only for the gateway's own
+            // paths: any other path is the client's text.
+            let known = Endpoint::from_path(path).is_some() || path == "/v1/models";
+            traces.request(request.headers(), request.method(), if known { path } else { "" })
+        });
+        // Traced, the request id is the trace id (the client's, or a new
+        // one), so the access log joins the trace.
+        let id = match &trace {
+            Some(trace) => trace.trace_id(),
+            None => request_id(request.headers()),
+        };
+        let access = AccessRecord::new(id, path, client, peer);
+        if let Some(trace) = trace.as_mut().filter(|trace| trace.is_recording()) {
+            trace.set(KeyValue::new(traces::attr::URL_PATH, errors::echo(path)));
+            trace.set(KeyValue::new(traces::attr::CLIENT_ADDRESS, client.ip.to_string()));
+        }
         let http1 = request.version() < http::Version::HTTP_2;
-        RequestContext { access, http1, conn: request.extensions().get::<ClientConn>().cloned(), first_route: None }
+        let conn = request.extensions().get::<ClientConn>().cloned();
+        RequestContext { access, http1, conn, first_route: None, trace }
     }
 
     /// The phases of a request that gets past the in-flight limit.
@@ -319,8 +368,21 @@ impl<U: Upstream> Proxy<U> {
         };
         let (mut parts, body) = request.into_parts();
         let write_watch = parts.extensions.remove::<Arc<write_watch::WriteWatch>>();
-        let prepared = self.read_request(endpoint, &parts.headers, body, ctx).await?;
-        let resolved = self.resolve(&parts.headers, &prepared, ctx)?;
+        let phase = ctx.phase("read body", SpanKind::Internal);
+        let prepared = self.read_request(endpoint, &parts.headers, body, ctx).await;
+        let prepared = close(phase, prepared, |phase, prepared| {
+            // An upload streams on to the pod: its size is not known here.
+            if prepared.upload.is_none() {
+                let size = i64::try_from(prepared.request.body.len()).unwrap_or(i64::MAX);
+                phase.set(KeyValue::new(traces::attr::BODY_SIZE, size));
+            }
+        })?;
+        let phase = ctx.phase("resolve", SpanKind::Internal);
+        let resolved = self.resolve(&parts.headers, &prepared, ctx);
+        let resolved = close(phase, resolved, |_, _| {})?;
+        if let Some(trace) = ctx.recording() {
+            trace_resolved(trace, &prepared, &resolved);
+        }
         if endpoint == Endpoint::Custom && !resolved.model.serves_custom_path(parts.uri.path()) {
             // Another model's custom path: this model has no such route.
             return Err(GatewayError::UnknownPath { path: errors::echo(parts.uri.path()) });
@@ -332,7 +394,11 @@ impl<U: Upstream> Proxy<U> {
             user: header_str(&parts.headers, &names::USER),
             stream_usage: usage::stream_usage(&prepared.request),
         };
-        let admission = self.limits.admit(&limit_request).await?;
+        let phase = ctx.phase("limit", SpanKind::Internal);
+        let admission = self.limits.admit(&limit_request).await.map_err(GatewayError::from);
+        let admission = close(phase, admission, |phase, admission| {
+            phase.set(KeyValue::new(traces::attr::LIMIT_STORE, admission.store()));
+        })?;
         let forwarded = self.forward(&parts, &prepared, &resolved, admission, ctx).await?;
         let clock = write_watch.map(|watch| watch.register());
         Ok(self.respond(forwarded, &resolved, ctx, slot, clock))
@@ -481,12 +547,21 @@ impl<U: Upstream> Proxy<U> {
         &self,
         forwarded: Forwarded<U::Body>,
         resolved: &Resolved,
-        ctx: &RequestContext,
+        ctx: &mut RequestContext,
         slot: InFlightSlot,
         clock: Option<Arc<write_watch::BodyClock>>,
     ) -> Response<ProxyBody<U::Body>> {
-        let Forwarded { response, pod, headers: route_headers, on_usage, mut held, charge, quotas, hide_usage_chunk } =
-            forwarded;
+        let Forwarded {
+            response,
+            pod,
+            headers: route_headers,
+            on_usage,
+            mut held,
+            charge,
+            quotas,
+            hide_usage_chunk,
+            trace: upstream_phase,
+        } = forwarded;
         let (mut parts, upstream_body) = response.into_parts();
         if let Some(UpstreamConn(conn)) = parts.extensions.remove::<UpstreamConn>() {
             self.kernel.tag(&conn, &resolved.model_name);
@@ -521,9 +596,13 @@ impl<U: Upstream> Proxy<U> {
             hide_usage_chunk,
         };
         held.gateway = Some(slot);
+        if let Some(trace) = ctx.recording() {
+            trace.set(KeyValue::new(traces::attr::POD, pod.name.to_string()));
+        }
+        let trace = ctx.trace.take().map(|request| Box::new(AnswerTrace { request, upstream: upstream_phase }));
         let mut access = ctx.access.clone();
         access.pod = Some(pod);
-        let record = EndRecord { metrics: Arc::clone(&self.metrics), access, status, held, on_usage };
+        let record = EndRecord { metrics: Arc::clone(&self.metrics), access, status, held, on_usage, trace };
         let charge = charge.map(|charge| Box::new(charge) as Box<dyn body::Charge>);
         let body = body::response_body(upstream_body, &shape, charge, record, clock);
         Response::from_parts(parts, Either::Right(body))
@@ -531,8 +610,18 @@ impl<U: Upstream> Proxy<U> {
 
     /// The answer to a request that failed: counted, logged, and (for 429s)
     /// reported to kernel assist.
-    fn failed(&self, error: &GatewayError, ctx: &RequestContext) -> Response<ProxyBody<U::Body>> {
+    fn failed(&self, error: &GatewayError, ctx: &mut RequestContext) -> Response<ProxyBody<U::Body>> {
         let status = error.status();
+        if let Some(trace) = ctx.trace.as_mut().filter(|trace| trace.is_recording()) {
+            if let Some(pod) = &ctx.access.pod {
+                trace.set(KeyValue::new(traces::attr::POD, pod.name.to_string()));
+            }
+            if status.is_server_error() {
+                // The span's status says why, as the client's message does.
+                trace.set(KeyValue::new("exception.message", error.to_string()));
+            }
+        }
+        ctx.end_trace(status);
         let model = ctx.access.model_label();
         self.metrics.request_done(&model, ctx.access.pod.as_ref(), status.as_u16());
         if let Some(aibrix) = self.metrics.aibrix() {
@@ -583,9 +672,10 @@ impl<U: Upstream> Proxy<U> {
 /// logs its end here; a proxied answer logs its own when its body ends.
 fn answered<B: Upstream>(
     mut response: Response<ProxyBody<B::Body>>,
-    ctx: &RequestContext,
+    ctx: &mut RequestContext,
 ) -> Response<ProxyBody<B::Body>> {
     if let Either::Left(_) = response.body() {
+        ctx.end_trace(response.status());
         ctx.access.write(&Ending { status: response.status().as_u16(), ..Ending::default() });
         stamp_request_id(response.headers_mut(), ctx);
     }
@@ -597,6 +687,38 @@ fn answered<B: Upstream>(
 fn stamp_request_id(headers: &mut http::HeaderMap, ctx: &RequestContext) {
     headers.insert(names::REQUEST_ID, ctx.access.request_id.clone());
     headers.insert(names::X_REQUEST_ID, ctx.access.request_id.clone());
+}
+
+/// Ends a phase's span with its outcome: `traced` records what a success
+/// says about it, a failure marks it failed.
+fn close<T>(
+    mut phase: Phase,
+    result: Result<T, GatewayError>,
+    traced: impl FnOnce(&mut Phase, &T),
+) -> Result<T, GatewayError> {
+    if phase.is_recording() {
+        match &result {
+            Ok(value) => traced(&mut phase, value),
+            Err(error) => phase.fail(error.status().as_str().to_owned(), error.to_string()),
+        }
+    }
+    phase.end();
+    result
+}
+
+/// What resolution decided, on the request's span.
+fn trace_resolved(trace: &mut RequestTrace, prepared: &Prepared, resolved: &Resolved) {
+    use traces::attr;
+    let request = &prepared.request;
+    trace.set(KeyValue::new(attr::GEN_AI_MODEL, resolved.model_name.to_string()));
+    if let Some(operation) = request.endpoint.gen_ai_operation() {
+        trace.set(KeyValue::new(attr::GEN_AI_OPERATION, operation));
+    }
+    if let Some(max_tokens) = request.max_tokens {
+        trace.set(KeyValue::new(attr::GEN_AI_MAX_TOKENS, max_tokens));
+    }
+    trace.set(KeyValue::new(attr::PROFILE, resolved.profile.clone()));
+    trace.set(KeyValue::new(attr::STRATEGY, resolved.strategy.name()));
 }
 
 /// Most bytes of a refused body read and dropped (see [`discard_rest`]).

@@ -70,6 +70,17 @@ impl Endpoint {
         }
     }
 
+    /// OpenTelemetry's `gen_ai.operation.name` for the endpoint, where the
+    /// GenAI conventions name one.
+    pub fn gen_ai_operation(self) -> Option<&'static str> {
+        match self {
+            Self::ChatCompletions | Self::Responses | Self::Messages => Some("chat"),
+            Self::Completions => Some("text_completion"),
+            Self::Embeddings => Some("embeddings"),
+            _ => None,
+        }
+    }
+
     /// How the body is read.
     pub fn body_kind(self) -> BodyKind {
         match self {

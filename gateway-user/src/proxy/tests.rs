@@ -44,6 +44,8 @@ struct Seen {
     /// The body as sent, and its `Content-Length` (`None`: chunked).
     raw: Bytes,
     length: Option<String>,
+    /// The W3C `traceparent` the engine got.
+    traceparent: Option<String>,
 }
 
 /// Engines by port, each answering by its script.
@@ -64,13 +66,14 @@ impl Upstream for FakeUpstream {
         let reply = self.reply(port);
         if !matches!(reply, Reply::Refuse) {
             let length = request.headers().get(header::CONTENT_LENGTH).map(|v| v.to_str().unwrap_or("?").to_owned());
+            let traceparent = request.headers().get("traceparent").map(|v| v.to_str().unwrap_or("?").to_owned());
             // A body that breaks while being sent fails the exchange, as for hyper's client.
             let raw = match request.into_body().collect().await {
                 Ok(body) => body.to_bytes(),
                 Err(err) => return Err(SendError::Other(format!("sending the body: {err}"))),
             };
             let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-            self.0.seen.lock().map(|mut seen| seen.push(Seen { port, body, raw, length })).unwrap_or(());
+            self.0.seen.lock().map(|mut seen| seen.push(Seen { port, body, raw, length, traceparent })).unwrap_or(());
         }
         let answer = |status: u16, content_type: &str, body: Scripted| {
             let mut response = Response::new(body);
@@ -150,6 +153,7 @@ struct RigOptions {
     max_in_flight: usize,
     max_body_bytes: usize,
     default_strategy: &'static str,
+    traces: Option<Traces>,
 }
 
 impl Default for RigOptions {
@@ -160,6 +164,7 @@ impl Default for RigOptions {
             max_in_flight: 64,
             max_body_bytes: 1 << 20,
             default_strategy: "least-request",
+            traces: None,
         }
     }
 }
@@ -199,6 +204,7 @@ impl Rig {
             limits: Arc::new(limits),
             upstream: engines.clone(),
             kernel: Arc::clone(&kernel),
+            traces: options.traces,
             settings,
         });
         let rig = Self { proxy: Arc::new(proxy), engines, store: rig_store, kernel };
@@ -850,4 +856,99 @@ async fn an_adapter_unloaded_on_many_pods_still_reaches_one_that_serves_it() {
         let answer = rig.call(post("/v1/completions", body, &[])).await;
         assert_eq!((answer.status, answer.header("target-pod")), (StatusCode::OK, "p4"), "{answer:?}");
     }
+}
+
+/// A rig whose spans are kept in memory, sampling `ratio` of new traces.
+fn traced_rig(pods: &[Value], ratio: f64) -> (Rig, Arc<Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>) {
+    let (traces, spans) = Traces::in_memory(ratio);
+    (Rig::with(pods, RigOptions { traces: Some(traces), ..RigOptions::default() }), spans)
+}
+
+fn span_attr(span: &opentelemetry_sdk::trace::SpanData, key: &str) -> Option<String> {
+    span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.to_string())
+}
+
+#[tokio::test]
+async fn a_traced_request_is_one_span_tree_and_the_engine_continues_it() {
+    let (rig, spans) = traced_rig(&[pod("p0", 9000)], 1.0);
+    let answer = rig.chat(&[]).await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    let spans = spans.lock().map(|s| s.clone()).unwrap_or_default();
+    let names: Vec<&str> = spans.iter().map(|s| &*s.name).collect();
+    let root = spans.iter().find(|s| s.name == "POST /v1/chat/completions").expect("the request's span");
+    let trace_id = root.span_context.trace_id();
+    assert_eq!(answer.header("request-id"), trace_id.to_string(), "the request id is the trace id");
+    for phase in ["read body", "resolve", "limit", "route", "upstream"] {
+        let span = spans.iter().find(|s| s.name == phase).unwrap_or_else(|| panic!("no {phase} span in {names:?}"));
+        assert_eq!(span.span_context.trace_id(), trace_id);
+        assert_eq!(span.parent_span_id, root.span_context.span_id(), "{phase} is a child of the request");
+    }
+    assert_eq!(root.span_kind, opentelemetry::trace::SpanKind::Server);
+    assert_eq!(span_attr(root, "gen_ai.request.model").as_deref(), Some("m"));
+    assert_eq!(span_attr(root, "gen_ai.operation.name").as_deref(), Some("chat"));
+    assert_eq!(span_attr(root, "gen_ai.usage.input_tokens").as_deref(), Some("4"));
+    assert_eq!(span_attr(root, "gen_ai.usage.output_tokens").as_deref(), Some("6"));
+    assert_eq!(span_attr(root, "turnstile.pod").as_deref(), Some("p0"));
+    assert_eq!(span_attr(root, "turnstile.strategy").as_deref(), Some("least-request"));
+    assert_eq!(span_attr(root, "http.response.status_code").as_deref(), Some("200"));
+    let limit = spans.iter().find(|s| s.name == "limit").expect("limit span");
+    assert_eq!(span_attr(limit, "turnstile.limit.store").as_deref(), Some("none"));
+    let upstream = spans.iter().find(|s| s.name == "upstream").expect("upstream span");
+    assert_eq!(upstream.span_kind, opentelemetry::trace::SpanKind::Client);
+    let events: Vec<&str> = upstream.events.iter().map(|e| &*e.name).collect();
+    assert_eq!(events, ["response headers", "first byte"]);
+    assert!(upstream.end_time <= root.end_time, "the exchange ends with the answer, within the request");
+    let seen = rig.engines.seen();
+    let sent = format!("00-{trace_id}-{}-01", upstream.span_context.span_id());
+    assert_eq!(seen[0].traceparent.as_deref(), Some(sent.as_str()), "the engine's parent is the exchange's span");
+}
+
+#[tokio::test]
+async fn a_clients_trace_is_continued_and_its_sampling_decision_kept() {
+    let (rig, spans) = traced_rig(&[pod("p0", 9000)], 0.0);
+    let client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    rig.chat(&[("traceparent", client), ("tracestate", "vendor=1")]).await;
+    let kept = spans.lock().map(|s| s.clone()).unwrap_or_default();
+    let root =
+        kept.iter().find(|s| s.span_kind == opentelemetry::trace::SpanKind::Server).expect("sampled by the client");
+    assert_eq!(root.span_context.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(root.parent_span_id.to_string(), "00f067aa0ba902b7", "the client's span is the parent");
+
+    // Not sampled by the client, none sampled by the ratio: nothing is
+    // recorded, and the engine still gets the trace, unsampled, under a span
+    // id of the gateway's.
+    let before = kept.len();
+    rig.chat(&[("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")]).await;
+    rig.chat(&[]).await;
+    assert_eq!(spans.lock().map(|s| s.len()).unwrap_or(0), before, "unsampled requests record nothing");
+    let seen = rig.engines.seen();
+    let sent = seen[1].traceparent.clone().unwrap_or_default();
+    assert!(sent.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && sent.ends_with("-00"), "{sent}");
+    assert!(!sent.contains("b7ad6b7169203331"), "the gateway's own span id: {sent}");
+    let fresh = seen[2].traceparent.clone().unwrap_or_default();
+    assert!(fresh.len() == 55 && fresh.ends_with("-00"), "a trace is started when the client sent none: {fresh}");
+}
+
+#[tokio::test]
+async fn failed_requests_and_refused_pods_show_in_the_trace() {
+    let (rig, spans) = traced_rig(&[pod("p0", 9000), pod("p1", 9001)], 1.0);
+    rig.call(post("/v1/chat/completions", r#"{"model":"nope","messages":[{}]}"#, &[])).await.assert_error(400, "nope");
+    let kept = spans.lock().map(|s| s.clone()).unwrap_or_default();
+    let root = kept.iter().find(|s| s.span_kind == opentelemetry::trace::SpanKind::Server).expect("request span");
+    assert_eq!(span_attr(root, "http.response.status_code").as_deref(), Some("400"));
+    assert_eq!(span_attr(root, "error.type").as_deref(), Some("400"));
+    let resolve = kept.iter().find(|s| s.name == "resolve").expect("resolve span");
+    assert!(matches!(resolve.status, opentelemetry::trace::Status::Error { .. }), "{:?}", resolve.status);
+    assert!(!kept.iter().any(|s| s.name == "upstream"), "no engine was asked");
+
+    spans.lock().map(|mut s| s.clear()).unwrap_or(());
+    rig.engines.set(9000, Reply::Refuse);
+    rig.engines.set(9001, Reply::Refuse);
+    rig.chat(&[]).await.assert_error(502, "connection refused");
+    let kept = spans.lock().map(|s| s.clone()).unwrap_or_default();
+    let attempts: Vec<_> = kept.iter().filter(|s| s.name == "upstream").collect();
+    assert_eq!(attempts.len(), 2, "one span per pod tried");
+    assert!(attempts.iter().all(|s| span_attr(s, "error.type").as_deref() == Some("connect")));
+    let root = kept.iter().find(|s| s.span_kind == opentelemetry::trace::SpanKind::Server).expect("request span");
+    assert!(matches!(root.status, opentelemetry::trace::Status::Error { .. }), "a 502 is a server error");
 }

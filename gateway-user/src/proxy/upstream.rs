@@ -22,6 +22,7 @@ use super::upstream_conn::TrackingConnector;
 use crate::discovery::PodInfo;
 use crate::errors::GatewayError;
 use crate::kernel::KernelAssist;
+use crate::traces::TraceHeaders;
 
 /// Where requests are sent: one engine request in, its answer's head out.
 pub trait Upstream: Send + Sync + 'static {
@@ -241,6 +242,7 @@ pub fn build_request(
     pod: &PodInfo,
     request_id: &HeaderValue,
     pool: Option<u32>,
+    trace: Option<TraceHeaders>,
 ) -> Result<Request<UpstreamBody>, String> {
     let body = body.into();
     let authority = Authority::try_from(super::upstream_conn::pool_authority(&pod.addr_text, pool))
@@ -263,6 +265,15 @@ pub fn build_request(
         None => headers.remove(header::CONTENT_LENGTH),
     };
     headers.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+    if let Some(TraceHeaders { traceparent, tracestate }) = trace {
+        // The gateway's span is the engine's parent; a client's own
+        // `tracestate` goes on with it (the propagator kept it).
+        headers.insert(HeaderName::from_static("traceparent"), traceparent);
+        match tracestate {
+            Some(state) => headers.insert(HeaderName::from_static("tracestate"), state),
+            None => headers.remove("tracestate"),
+        };
+    }
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
@@ -303,10 +314,12 @@ mod tests {
             .expect("request")
             .into_parts();
         let (pod, _) = crate::routing::test_support::pod(1, 0);
-        let request = build_request(&parts, Bytes::from_static(b"{}"), &pod, &HeaderValue::from_static("rid-1"), None)
-            .expect("built");
+        let request =
+            build_request(&parts, Bytes::from_static(b"{}"), &pod, &HeaderValue::from_static("rid-1"), None, None)
+                .expect("built");
         assert_eq!(request.uri().to_string(), "http://127.0.0.1:9001/v1/completions?x=1");
-        let pooled = build_request(&parts, Bytes::new(), &pod, &HeaderValue::from_static("rid-1"), Some(3)).unwrap();
+        let pooled =
+            build_request(&parts, Bytes::new(), &pod, &HeaderValue::from_static("rid-1"), Some(3), None).unwrap();
         assert_eq!(pooled.uri().to_string(), "http://m3@127.0.0.1:9001/v1/completions?x=1");
         assert_eq!(request.headers()["content-length"], "2");
         assert_eq!(request.headers()["x-request-id"], "rid-1");

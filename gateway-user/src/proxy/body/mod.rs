@@ -229,6 +229,7 @@ mod tests {
                 status: 200,
                 held: Held { pod: Some(self.pod.load.start()), ..Held::default() },
                 on_usage: Some(UsageCallback::new(move |usage| told.lock().map(|mut t| t.push(usage)).unwrap_or(()))),
+                trace: None,
             };
             let charge = TestCharge { billed: Arc::clone(&self.billed), gate };
             response_body(steps, shape, Some(Box::new(charge)), record, clock)

@@ -19,6 +19,7 @@ use crate::proxy::access_log::{AccessRecord, Ending, Outcome};
 use crate::proxy::write_watch::BodyClock;
 use crate::proxy::{ConnectionSlot, InFlightSlot};
 use crate::routing::{TokenUsage, UsageCallback};
+use crate::traces::{AnswerEnd, AnswerTrace};
 
 type Polled<E> = Option<Result<Frame<Bytes>, E>>;
 
@@ -43,6 +44,8 @@ pub struct EndRecord {
     pub held: Held,
     /// Tells the routing strategy the answer's usage (`vtc-basic`).
     pub on_usage: Option<UsageCallback>,
+    /// The request's spans (tracing on), ended with the answer.
+    pub trace: Option<Box<AnswerTrace>>,
 }
 
 /// The request-end layer.
@@ -64,9 +67,12 @@ impl<B: UsageSource> RequestEnd<B> {
         if self.first_byte.is_some() {
             return;
         }
-        if let Some(record) = &self.record {
+        if let Some(record) = &mut self.record {
             // Timed when the engine sent it, not when a TPM charge let it go.
             let at = self.inner.first_data().unwrap_or_else(Instant::now);
+            if let Some(trace) = &mut record.trace {
+                trace.first_byte(at);
+            }
             let elapsed = at.saturating_duration_since(record.access.started);
             record.metrics.upstream_first_byte(&record.access.model_label(), elapsed.as_secs_f64());
             self.first_byte = Some(elapsed);
@@ -82,6 +88,15 @@ impl<B: UsageSource> RequestEnd<B> {
             );
         }
         let usage = if outcome == Outcome::Completed { usage } else { None };
+        if let Some(trace) = record.trace {
+            trace.finish(&AnswerEnd {
+                status: record.status,
+                outcome: outcome.as_str(),
+                broken: outcome != Outcome::Completed,
+                usage: usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+                error_type: None,
+            });
+        }
         let ending =
             Ending { status: record.status, outcome: Some(outcome), usage, first_byte: self.first_byte, error: None };
         record.access.write(&ending);

@@ -98,16 +98,27 @@ impl<U: Upstream> Proxy<U> {
         send: &Outbound<'_>,
         body: Bytes,
         request_id: &HeaderValue,
+        ctx: &RequestContext,
     ) -> Result<Bytes, PrefillFailure> {
         let _prefilling = plan.prefill.load.start();
         let began = Instant::now();
         let timeout = self.settings.prefill_timeout;
-        let exchange = self.prefill_exchange(plan, send, body, request_id);
+        let mut phase = super::forward::engine_phase(ctx, "prefill", &plan.prefill);
+        let propagation =
+            phase.propagation().or_else(|| ctx.trace.as_ref().map(crate::traces::RequestTrace::propagation));
+        let exchange = self.prefill_exchange(plan, send, body, request_id, propagation);
         let outcome = tokio::time::timeout(timeout, exchange).await;
         self.metrics.pd.prefill_done(send.model, began.elapsed().as_secs_f64());
-        outcome.unwrap_or_else(|_| {
+        let outcome = outcome.unwrap_or_else(|_| {
             Err(PrefillFailure::new(PrefillErrorReason::Timeout, format!("no answer within {} s", timeout.as_secs())))
-        })
+        });
+        if let Err(failure) = &outcome
+            && phase.is_recording()
+        {
+            phase.fail(failure.reason.as_str(), failure.detail.clone());
+        }
+        phase.end();
+        outcome
     }
 
     /// Sends the prefill request; returns its answer.
@@ -117,10 +128,11 @@ impl<U: Upstream> Proxy<U> {
         send: &Outbound<'_>,
         body: Bytes,
         request_id: &HeaderValue,
+        propagation: Option<crate::traces::TraceHeaders>,
     ) -> Result<Bytes, PrefillFailure> {
         let failure = PrefillFailure::new;
         let pool = Some(self.kernel.model_id(send.model));
-        let request = upstream::build_request(send.parts, body, &plan.prefill, request_id, pool)
+        let request = upstream::build_request(send.parts, body, &plan.prefill, request_id, pool, propagation)
             .map_err(|detail| failure(PrefillErrorReason::Connect, detail))?;
         let response = self.upstream.send(request).await.map_err(|err| match err {
             SendError::Timeout(limit) => {
