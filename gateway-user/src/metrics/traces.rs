@@ -65,3 +65,12 @@ impl TraceMetrics {
         self.dropped.get_or_create(&DropLabels { reason: reason.as_str() }).inc_by(spans);
     }
 }
+
+#[cfg(test)]
+impl TraceMetrics {
+    /// Spans exported, dropped on a full queue, dropped by failed exports.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        let dropped = |reason: SpanDrop| self.dropped.get_or_create(&DropLabels { reason: reason.as_str() }).get();
+        (self.exported.get(), dropped(SpanDrop::QueueFull), dropped(SpanDrop::ExportFailed))
+    }
+}

@@ -169,3 +169,139 @@ impl<E: SpanExporter> Sender<E> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::SystemTime;
+
+    use opentelemetry::InstrumentationScope;
+    use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+    use opentelemetry_sdk::error::OTelSdkError;
+    use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+
+    fn span(n: u64) -> SpanData {
+        let context = SpanContext::new(
+            TraceId::from(u128::from(n) + 1),
+            SpanId::from(n + 1),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        SpanData {
+            span_context: context,
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Server,
+            name: "test".into(),
+            start_time: SystemTime::now(),
+            end_time: SystemTime::now(),
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: Status::Unset,
+            instrumentation_scope: InstrumentationScope::default(),
+        }
+    }
+
+    /// A collector: answers, refuses, or never answers.
+    #[derive(Debug, Clone)]
+    struct Collector {
+        mode: Arc<Mutex<&'static str>>,
+        batches: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl SpanExporter for Collector {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            let mode = *self.mode.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match mode {
+                "up" => {
+                    self.batches.lock().map(|mut b| b.push(batch.len())).unwrap_or(());
+                    Ok(())
+                }
+                "refusing" => Err(OTelSdkError::InternalFailure("connection refused".into())),
+                _ => std::future::pending().await,
+            }
+        }
+    }
+
+    fn queue() -> QueueConfig {
+        QueueConfig {
+            max_spans: 8,
+            max_batch: 3,
+            delay: Duration::from_millis(100),
+            export_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn start_with(collector: &Collector, queue: QueueConfig) -> (QueueProcessor, ExportHandle, TraceMetrics) {
+        let metrics = TraceMetrics::register(&mut Registry::default());
+        let (tx, spans) = mpsc::channel(queue.max_spans);
+        let (flush, flushes) = mpsc::channel(1);
+        tokio::spawn(export_loop(collector.clone(), spans, flushes, queue, metrics.clone()));
+        (QueueProcessor { queue: tx, metrics: metrics.clone() }, ExportHandle { flush }, metrics)
+    }
+
+    fn collector(mode: &'static str) -> Collector {
+        Collector { mode: Arc::new(Mutex::new(mode)), batches: Arc::default() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spans_go_out_in_bounded_batches_and_a_flush_sends_the_rest() {
+        let up = collector("up");
+        let (processor, handle, metrics) = start_with(&up, queue());
+        for n in 0..7 {
+            processor.on_end(span(n));
+        }
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let batches = up.batches.lock().map(|b| b.clone()).unwrap_or_default();
+        assert_eq!(batches.iter().sum::<usize>(), 7, "{batches:?}");
+        assert!(batches.iter().all(|&b| b <= 3), "batches of at most OTEL_BSP_MAX_EXPORT_BATCH_SIZE: {batches:?}");
+        assert_eq!(metrics.counts(), (7, 0, 0));
+
+        // A span that has not waited its batch delay yet goes out on flush.
+        processor.on_end(span(99));
+        handle.flush(Duration::from_secs(1)).await;
+        assert_eq!(metrics.counts().0, 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_collector_that_is_down_costs_spans_not_waiting_and_is_counted() {
+        let down = collector("hanging");
+        let (processor, _handle, metrics) = start_with(&down, queue());
+        // The request path never waits: past the queue's bound spans are dropped at once.
+        for n in 0..40 {
+            processor.on_end(span(n));
+        }
+        let (exported, queue_full, _) = metrics.counts();
+        assert_eq!(exported, 0);
+        assert!(queue_full >= 40 - 8 - 3, "the queue holds 8 and one batch is out: {queue_full}");
+        // Each batch held by the silent collector is dropped after the export timeout.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let (_, queue_full, failed) = metrics.counts();
+        assert_eq!(queue_full + failed, 40, "every span is exported or counted: {:?}", metrics.counts());
+
+        // Back up: new spans go out again.
+        *down.mode.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = "up";
+        processor.on_end(span(1000));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(metrics.counts().0, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusing_collector_is_tried_once_a_delay_not_once_a_batch() {
+        let refusing = collector("refusing");
+        let (processor, _handle, metrics) = start_with(&refusing, queue());
+        for n in 0..6 {
+            processor.on_end(span(n));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(metrics.counts().2, 3, "one batch failed, the next waits a batch delay (100 ms)");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(metrics.counts().2, 6);
+    }
+}
