@@ -534,15 +534,17 @@ impl From<&EngineMetricsArgs> for ScrapeConfig {
 /// `OTEL_SDK_DISABLED`.
 #[derive(Args, Debug, Clone)]
 pub struct TraceArgs {
-    /// OTLP collector to export request traces to: a base URL like
-    /// `http://otel-collector:4318` (HTTP appends `/v1/traces`) or, with
-    /// `--otlp-protocol grpc`, `http://otel-collector:4317`. Tracing is off
-    /// when neither this nor OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set.
+    /// OTLP collector to export request traces to (plaintext): with gRPC
+    /// `http://otel-collector:4317`; with `--otlp-protocol http/protobuf`
+    /// a base URL like `http://otel-collector:4318` (`/v1/traces` is
+    /// appended). Tracing is off when neither this nor
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 
-    /// OTLP transport: `http/protobuf` or `grpc` (plaintext).
-    /// OTEL_EXPORTER_OTLP_TRACES_PROTOCOL wins when set. [default: http/protobuf]
+    /// OTLP transport: `grpc` (AIBrix's default) or `http/protobuf`
+    /// (`http`). OTEL_EXPORTER_OTLP_TRACES_PROTOCOL wins when set.
+    /// [default: grpc]
     #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL")]
     pub otlp_protocol: Option<String>,
 

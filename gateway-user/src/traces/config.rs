@@ -6,11 +6,11 @@ use std::time::Duration;
 /// The OTLP transport.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OtlpProtocol {
-    /// OTLP/gRPC (collector port 4317).
-    Grpc,
-    /// OTLP/HTTP with protobuf bodies (collector port 4318), the
-    /// OpenTelemetry default.
+    /// OTLP/gRPC (collector port 4317): AIBrix's gateway default, kept so
+    /// its `OTEL_EXPORTER_OTLP_ENDPOINT` works unchanged.
     #[default]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (collector port 4318).
     HttpProtobuf,
 }
 
@@ -19,7 +19,8 @@ impl OtlpProtocol {
     pub fn parse(value: &str) -> Result<Self, String> {
         match value.trim() {
             "grpc" => Ok(Self::Grpc),
-            "http/protobuf" => Ok(Self::HttpProtobuf),
+            // AIBrix takes `http` for HTTP/protobuf as well.
+            "http/protobuf" | "http" => Ok(Self::HttpProtobuf),
             other => Err(format!("OTLP protocol {other:?} is not supported (grpc, http/protobuf)")),
         }
     }
@@ -102,6 +103,14 @@ impl TraceConfig {
             }),
             (None, None) => None,
         };
+        if let Some(url) = endpoint.as_deref()
+            && !url.starts_with("http://")
+        {
+            return Err(format!(
+                "OTLP endpoint {url:?}: only plaintext http:// collectors are supported (a node-local collector \
+                 or agent can forward over TLS)"
+            ));
+        }
         let sampling_ratio = match sampling_ratio {
             Some(ratio) => ratio,
             None => sampler_ratio(var("OTEL_TRACES_SAMPLER").as_deref(), var("OTEL_TRACES_SAMPLER_ARG").as_deref())?,
@@ -171,8 +180,9 @@ mod tests {
 
     #[rstest]
     #[case::off_when_nothing_is_set(None, &[], None)]
-    #[case::http_appends_the_traces_path(Some("http://otel:4318/"), &[], Some("http://otel:4318/v1/traces"))]
-    #[case::grpc_takes_the_address(Some("http://otel:4317"), &[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")], Some("http://otel:4317"))]
+    #[case::http_appends_the_traces_path(Some("http://otel:4318/"), &[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")], Some("http://otel:4318/v1/traces"))]
+    #[case::aibrix_http_is_http_protobuf(Some("http://otel:4318"), &[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http")], Some("http://otel:4318/v1/traces"))]
+    #[case::grpc_by_default_takes_the_address(Some("http://otel:4317"), &[], Some("http://otel:4317"))]
     #[case::the_traces_variable_is_used_as_is(Some("http://a:4318"), &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://b:9/x")], Some("http://b:9/x"))]
     #[case::sdk_disabled(Some("http://a:4318"), &[("OTEL_SDK_DISABLED", "true")], None)]
     #[case::exporter_none(Some("http://a:4318"), &[("OTEL_TRACES_EXPORTER", "none")], None)]
@@ -199,6 +209,7 @@ mod tests {
     #[case::json_protocol(None, &[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")])]
     #[case::bad_queue(None, &[("OTEL_BSP_MAX_QUEUE_SIZE", "0")])]
     #[case::bad_delay(None, &[("OTEL_BSP_SCHEDULE_DELAY", "soon")])]
+    #[case::tls_collector(None, &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://otel:4318/v1/traces")])]
     fn refused(#[case] flag: Option<f64>, #[case] vars: &[(&str, &str)]) {
         assert!(TraceConfig::resolve(Some("http://a"), None, flag, env(vars)).is_err());
     }
