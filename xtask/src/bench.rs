@@ -23,12 +23,18 @@
 //! per size, the gateway's idle CPU, the scrapes each engine receives, the metrics age p99, and
 //! CPU per request and latency under load, next to nginx as the proxy in the gateway's place
 //! (see `fleet.rs`).
+//!
+//! `tracing` measures what OpenTelemetry tracing costs the gateway per request: direct, then
+//! fresh gateways with tracing off and exporting at sampling ratios 1.0 and 0.01 to an OTLP/HTTP
+//! sink in this process; CPU per request against tracing off, spans exported and dropped, and
+//! what the sink received (see `tracing.rs`).
 
 mod fleet;
 mod kernel;
 mod peers;
 mod replicas;
 mod routing;
+mod tracing;
 mod users;
 
 use std::fmt::Write as _;
@@ -62,6 +68,8 @@ pub enum Suite {
     Fleet,
     /// Routing as one brain across 1, 2 and 4 replicas sharing Redis: prefix affinity, load spread, TTFT.
     Replicas,
+    /// OpenTelemetry tracing off vs on (sampling 1.0 and 0.01): gateway CPU per request, spans exported.
+    Tracing,
 }
 
 /// Options of `cargo xtask bench`.
@@ -79,7 +87,7 @@ pub struct BenchArgs {
     /// Warm-up before each measured period, seconds.
     #[arg(long, default_value_t = 2)]
     pub warmup_seconds: u64,
-    /// Extra environment of the gateway under test (`KEY=VALUE`, repeatable; core suite),
+    /// Extra environment of the gateway under test (`KEY=VALUE`, repeatable; core and tracing suites),
     /// to measure what a setting costs: `--gateway-env TURNSTILE_AIBRIX_METRIC_NAMES=false`.
     #[arg(long = "gateway-env", value_name = "KEY=VALUE", value_parser = key_value)]
     pub gateway_env: Vec<(String, String)>,
@@ -113,6 +121,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Suite::Users => users::run(args.connections),
         Suite::Fleet => fleet::run(args),
         Suite::Replicas => replicas::run(),
+        Suite::Tracing => tracing::run(args),
     }
 }
 

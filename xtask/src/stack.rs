@@ -247,6 +247,10 @@ pub async fn start_gateway(spec: GatewaySpec<'_>, client: &Client) -> Result<Gat
         args.extend(["--routing-algorithm".into(), algorithm.into()]);
     }
     args.extend(extra_args);
+    // `Command::env_remove` after `envs` would drop a setting the caller passed on purpose
+    // when the shell happens to carry the same variable.
+    let env_remove =
+        inherited_gateway_settings().into_iter().filter(|key| !env.iter().any(|(set, _)| set == key)).collect();
     let mut child = ChildGuard::spawn(ServerSpec {
         name: "gateway".into(),
         program: binary.to_path_buf(),
@@ -254,7 +258,7 @@ pub async fn start_gateway(spec: GatewaySpec<'_>, client: &Client) -> Result<Gat
         log,
         stdout: StdoutTo::Log,
         env,
-        env_remove: inherited_gateway_settings(),
+        env_remove,
         cpu,
     })?;
     wait_ready(&mut child, admin, client).await?;
@@ -270,6 +274,8 @@ fn inherited_gateway_settings() -> Vec<String> {
             key.starts_with("TURNSTILE_")
                 || key.starts_with("AIBRIX_")
                 || key.starts_with("REDIS_")
+                // OTEL_EXPORTER_OTLP_ENDPOINT and friends turn tracing on, which costs CPU.
+                || key.starts_with("OTEL_")
                 || key == "ROUTING_ALGORITHM"
         })
         .collect()
