@@ -952,3 +952,25 @@ async fn failed_requests_and_refused_pods_show_in_the_trace() {
     let root = kept.iter().find(|s| s.span_kind == opentelemetry::trace::SpanKind::Server).expect("request span");
     assert!(matches!(root.status, opentelemetry::trace::Status::Error { .. }), "a 502 is a server error");
 }
+
+#[tokio::test]
+async fn a_traced_pd_request_has_a_prefill_span_the_prefill_engine_continues() {
+    let (rig, spans) = traced_rig(&roleset("rs", 9100, 9101), 1.0);
+    rig.engines.set(9100, Reply::Json(r#"{"kv_transfer_params":{"remote_engine_id":"e1"}}"#));
+    let answer = rig.chat(&[("routing-strategy", "pd")]).await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    let kept = spans.lock().map(|s| s.clone()).unwrap_or_default();
+    let span = |name: &str| kept.iter().find(|s| s.name == name).cloned().unwrap_or_else(|| panic!("no {name} span"));
+    let (root, prefill, upstream) = (span("POST /v1/chat/completions"), span("prefill"), span("upstream"));
+    assert_eq!(prefill.parent_span_id, root.span_context.span_id());
+    assert_eq!(span_attr(&prefill, "turnstile.pod").as_deref(), Some("rs-prefill"));
+    assert_eq!(span_attr(&upstream, "turnstile.pod").as_deref(), Some("rs-decode"));
+    assert!(prefill.end_time <= upstream.start_time, "the decode goes out after its prefill");
+    let seen = rig.engines.seen();
+    let parent_of = |port: u16| {
+        let sent = seen.iter().find(|s| s.port == port).and_then(|s| s.traceparent.clone()).unwrap_or_default();
+        sent.split('-').nth(2).unwrap_or_default().to_owned()
+    };
+    assert_eq!(parent_of(9100), prefill.span_context.span_id().to_string(), "the prefill engine's parent");
+    assert_eq!(parent_of(9101), upstream.span_context.span_id().to_string(), "the decode engine's parent");
+}

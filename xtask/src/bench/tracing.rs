@@ -198,6 +198,8 @@ impl Bench<'_> {
                 let mut env = args.gateway_env.clone();
                 if let Target::TracingOn(ratio) = target {
                     env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), format!("http://{}", self.sink.addr)));
+                    // The sink speaks OTLP/HTTP; the gateway's default is gRPC (as AIBrix's).
+                    env.push(("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "http/protobuf".into()));
                     env.push(("TURNSTILE_TRACE_SAMPLING_RATIO".into(), ratio.into()));
                 }
                 let log = self.out_dir.join(format!("tracing-gateway-{}.log", target.slug()));
