@@ -5,4 +5,5 @@ pub mod harness;
 pub mod load;
 pub mod mock_engine;
 pub mod netns;
+pub mod otlp;
 pub mod pd;
