@@ -138,6 +138,12 @@ impl Engine {
         self.stats().await["requests_total"].as_u64().unwrap_or(0)
     }
 
+    /// The `traceparent` headers of the inference requests this engine received (its latest
+    /// 1024), in arrival order; requests that carried none are skipped.
+    pub async fn traceparents(&self) -> Vec<String> {
+        traceparents_of(&self.stats().await)
+    }
+
     /// `GET /metrics` requests this engine has answered.
     pub async fn metrics_scrapes(&self) -> u64 {
         self.stats().await["metrics_scrapes"].as_u64().unwrap_or(0)
@@ -148,6 +154,12 @@ impl Engine {
         let r = send(post(&self.url("/mock/faults"), &faults.to_string(), &[])).await;
         assert_eq!(r.status, StatusCode::OK, "set faults: {}", r.text());
     }
+}
+
+/// The non-null `traceparent` values of a `/mock/stats` document, in order.
+fn traceparents_of(stats: &serde_json::Value) -> Vec<String> {
+    let contexts = stats["traceparents"].as_array().map(Vec::as_slice).unwrap_or_default();
+    contexts.iter().filter_map(|context| context["traceparent"].as_str().map(str::to_owned)).collect()
 }
 
 impl EngineEndpoint for Engine {
@@ -738,4 +750,20 @@ pub fn openai_python() -> PathBuf {
     let python = PathBuf::from(home).join(format!(".local/share/turnstile/openai-{version}/bin/python"));
     assert!(python.exists(), "{} is missing: run `cargo xtask setup`", python.display());
     python
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_skip_requests_without_one() {
+        let stats = serde_json::json!({"traceparents": [
+            {"path": "/v1/chat/completions", "traceparent": "00-a-b-01", "tracestate": null},
+            {"path": "/v1/completions", "traceparent": null, "tracestate": null},
+            {"path": "/v1/chat/completions", "traceparent": "00-c-d-01", "tracestate": "k=v"},
+        ]});
+        assert_eq!(traceparents_of(&stats), ["00-a-b-01", "00-c-d-01"]);
+        assert!(traceparents_of(&serde_json::json!({})).is_empty());
+    }
 }

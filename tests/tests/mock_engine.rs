@@ -315,6 +315,33 @@ async fn faults_switch_at_run_time() -> Result<()> {
 }
 
 #[tokio::test]
+async fn records_the_trace_context_of_each_request() -> Result<()> {
+    use turnstile_tests::harness;
+
+    // Through the harness's engine handle, whose `traceparents` tracing tests read.
+    let engine = harness::Engine::start("pod-t", "m", &[]);
+    let url = engine.url("/v1/chat/completions");
+    let body = harness::chat_body("m", false);
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced =
+        harness::send(harness::post(&url, &body, &[("traceparent", traceparent), ("tracestate", "gw=1")])).await;
+    assert_eq!(traced.status, StatusCode::OK, "{}", traced.text());
+    let untraced = harness::send(harness::post(&url, &body, &[])).await;
+    assert_eq!(untraced.status, StatusCode::OK, "{}", untraced.text());
+
+    assert_eq!(engine.traceparents().await, [traceparent]);
+    let stats = engine.stats().await;
+    assert_eq!(
+        stats["traceparents"],
+        json!([
+            {"path": "/v1/chat/completions", "traceparent": traceparent, "tracestate": "gw=1"},
+            {"path": "/v1/chat/completions", "traceparent": null, "tracestate": null},
+        ])
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn serves_models_health_and_other_endpoints() -> Result<()> {
     let engine = Engine::start(&["--model", "a", "--model", "b", "--tokens", "3"]).await?;
     let (status, models) = engine.json(Method::GET, "/v1/models", None).await?;

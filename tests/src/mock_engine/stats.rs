@@ -1,5 +1,6 @@
 //! What tests ask the engine about the traffic it got: `GET /mock/stats`.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -9,13 +10,55 @@ use serde_json::{Map, Value, json};
 
 use super::request::Endpoint;
 
-/// Inference request counts and the last inference request received.
+/// Trace contexts kept: the newest, enough for any test's requests, while a benchmark's
+/// millions of requests cost a fixed amount of memory.
+pub const MAX_TRACE_CONTEXTS: usize = 1024;
+
+/// Inference request counts, the last inference request received and the W3C trace context
+/// of the latest ones.
 #[derive(Debug, Default)]
 pub struct RequestStats {
     by_endpoint: [AtomicU64; Endpoint::ALL.len()],
     in_flight: AtomicU64,
     metrics_scrapes: AtomicU64,
     last_request: Mutex<Option<RecordedRequest>>,
+    trace_contexts: Mutex<VecDeque<TraceContext>>,
+}
+
+/// The W3C trace context headers of one inference request, so a test can check that the
+/// gateway propagates its trace to the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// Request path.
+    pub path: String,
+    /// The `traceparent` header, if sent.
+    pub traceparent: Option<String>,
+    /// The `tracestate` header, if sent.
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    fn of(request: &RecordedRequest) -> Self {
+        let header = |name: &str| {
+            // A repeated header reads as one comma-joined value, as in `last_request`.
+            let values: Vec<String> = request
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+                .collect();
+            (!values.is_empty()).then(|| values.join(","))
+        };
+        Self {
+            path: request.uri.path().to_owned(),
+            traceparent: header("traceparent"),
+            tracestate: header("tracestate"),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({"path": self.path, "traceparent": self.traceparent, "tracestate": self.tracestate})
+    }
 }
 
 /// An inference request as received. The parts are shared buffers, so keeping one costs a
@@ -42,8 +85,16 @@ impl RequestStats {
         InFlight(Arc::clone(self))
     }
 
-    /// Keeps `request` as the last request received.
+    /// Keeps `request` as the last request received, and its trace context.
     pub fn record(&self, request: RecordedRequest) {
+        let context = TraceContext::of(&request);
+        {
+            let mut contexts = self.trace_contexts.lock().unwrap_or_else(PoisonError::into_inner);
+            if contexts.len() == MAX_TRACE_CONTEXTS {
+                contexts.pop_front();
+            }
+            contexts.push_back(context);
+        }
         let previous = self.last_request.lock().unwrap_or_else(PoisonError::into_inner).replace(request);
         // Freed outside the lock.
         drop(previous);
@@ -73,6 +124,13 @@ impl RequestStats {
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
             .map_or(Value::Null, RecordedRequest::to_json);
+        let traceparents: Vec<Value> = self
+            .trace_contexts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(TraceContext::to_json)
+            .collect();
         json!({
             "name": name,
             "requests_total": requests_total,
@@ -80,6 +138,7 @@ impl RequestStats {
             "in_flight": self.in_flight(),
             "metrics_scrapes": self.metrics_scrapes.load(Ordering::Relaxed),
             "last_request": last_request,
+            "traceparents": traceparents,
         })
     }
 }
@@ -154,8 +213,37 @@ mod tests {
         assert_eq!(json["last_request"]["headers"]["x-request-id"], "r1");
         assert_eq!(json["last_request"]["headers"]["accept"], "a, b");
         assert_eq!(json["last_request"]["body"]["input"], "hi");
+        assert_eq!(json["traceparents"], json!([{"path": "/v1/embeddings", "traceparent": null, "tracestate": null}]));
 
         drop(second);
         assert_eq!(stats.in_flight(), 0);
+    }
+
+    #[test]
+    fn keeps_the_latest_trace_contexts() {
+        let stats = RequestStats::default();
+        let traced = |n: usize| {
+            let mut headers = HeaderMap::new();
+            let traceparent = format!("00-{n:032x}-00f067aa0ba902b7-01");
+            headers.insert("traceparent", HeaderValue::from_str(&traceparent).expect("header"));
+            headers.insert("tracestate", HeaderValue::from_static("vendor=1"));
+            RecordedRequest {
+                method: Method::POST,
+                uri: Uri::from_static("/v1/completions"),
+                headers,
+                body: Bytes::new(),
+            }
+        };
+        for n in 0..MAX_TRACE_CONTEXTS + 5 {
+            stats.record(traced(n));
+        }
+        let json = stats.to_json("pod-a");
+        let contexts = json["traceparents"].as_array().expect("an array");
+        assert_eq!(contexts.len(), MAX_TRACE_CONTEXTS);
+        assert_eq!(contexts[0]["traceparent"], format!("00-{:032x}-00f067aa0ba902b7-01", 5));
+        assert_eq!(contexts[0]["tracestate"], "vendor=1");
+        assert_eq!(contexts[0]["path"], "/v1/completions");
+        let last = &contexts[MAX_TRACE_CONTEXTS - 1]["traceparent"];
+        assert_eq!(*last, format!("00-{:032x}-00f067aa0ba902b7-01", MAX_TRACE_CONTEXTS + 4));
     }
 }
