@@ -278,6 +278,10 @@ impl Gateway {
         for var in ["TURNSTILE_REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "AIBRIX_AUTH_BEARER_TOKEN"] {
             command.env_remove(var);
         }
+        // Nor at its trace collector.
+        for var in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
+            command.env_remove(var);
+        }
         let child = command
             .args(args)
             .envs(env.iter().copied())

@@ -114,7 +114,7 @@ impl Traces {
     /// `traceparent` when it sent a valid one.
     pub fn request(&self, headers: &http::HeaderMap, method: &http::Method, route: &str) -> RequestTrace {
         let parent = propagation::extract(headers);
-        let name = format!("{method} {route}");
+        let name = if route.is_empty() { method.as_str().to_owned() } else { format!("{method} {route}") };
         let builder = self
             .tracer
             .span_builder(name)
