@@ -279,7 +279,8 @@ impl Gateway {
             command.env_remove(var);
         }
         // Nor at its trace collector.
-        for var in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
+        for var in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"]
+        {
             command.env_remove(var);
         }
         let child = command

@@ -29,7 +29,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// A gateway over `engines` exporting to `receiver` over HTTP/protobuf,
 /// with `env` added (exports every 100 ms so tests wait little).
 async fn traced_gateway(engines: &[&Engine], receiver: &OtlpReceiver, args: &[&str], env: &[(&str, &str)]) -> Gateway {
-    let pods: Vec<PodSpec> = engines.iter().map(|e| PodSpec::for_engine(e, MODEL)).collect();
+    let pods: Vec<PodSpec> = engines.iter().map(|e| PodSpec::for_engine(*e, MODEL)).collect();
     let endpoint = receiver.endpoint();
     let args = [&["--otlp-endpoint", endpoint.as_str()], args].concat();
     let env = [&[("OTEL_BSP_SCHEDULE_DELAY", "100")], env].concat();
@@ -214,7 +214,9 @@ async fn a_collector_that_is_down_or_silent_costs_no_requests_and_bounded_memory
     let metrics = hung.metrics().await;
     let lost = ["export_failed", "queue_full"]
         .iter()
-        .map(|reason| load::sample(&metrics, "turnstile_trace_spans_dropped_total", &[("reason", reason)]).unwrap_or(0.0))
+        .map(|reason| {
+            load::sample(&metrics, "turnstile_trace_spans_dropped_total", &[("reason", reason)]).unwrap_or(0.0)
+        })
         .sum::<f64>();
     assert!(lost > 1000.0, "the spans the silent collector held up are counted: {lost}");
     drop(silent);
