@@ -286,10 +286,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(
             endpoint,
             protocol = ?trace_config.protocol,
-            service = trace_config.service_name,
             sampling_ratio = trace_config.sampling_ratio,
             "request traces exported over OTLP"
         );
+    }
+    if let Some(why) = &trace_config.refused {
+        tracing::error!(reason = why.as_str(), "request tracing is off");
     }
     tracing::info!(
         redis = limits_config.redis_url.as_deref().map(crate::limits::redis_store::redacted).as_deref(),

@@ -278,10 +278,11 @@ impl Gateway {
         for var in ["TURNSTILE_REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "AIBRIX_AUTH_BEARER_TOKEN"] {
             command.env_remove(var);
         }
-        // Nor at its trace collector.
-        for var in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"]
-        {
-            command.env_remove(var);
+        // Nor at its trace collector, nor change how it traces.
+        for (var, _) in std::env::vars_os() {
+            if var.to_str().is_some_and(|name| name.starts_with("OTEL_")) {
+                command.env_remove(var);
+            }
         }
         let child = command
             .args(args)

@@ -61,11 +61,20 @@ pub struct ConnTag {
     /// Userspace-only mode: traffic before the first tag (in packets, in
     /// bytes, out packets, out bytes), charged to the first model tagged.
     pending: [AtomicU64; 4],
+    /// When the connection was made: a request's trace tells a connection
+    /// made for it from a pooled one.
+    opened: std::time::Instant,
 }
 
 impl ConnTag {
     pub(crate) fn new(fd: RawFd, side: Side, user: Option<Arc<UserCounters>>) -> Self {
-        Self { fd: RwLock::new(Some(fd)), side, model: AtomicU32::new(0), user, pending: Default::default() }
+        let opened = std::time::Instant::now();
+        Self { fd: RwLock::new(Some(fd)), side, model: AtomicU32::new(0), user, pending: Default::default(), opened }
+    }
+
+    /// When the connection was made.
+    pub fn opened(&self) -> std::time::Instant {
+        self.opened
     }
 
     pub fn side(&self) -> Side {

@@ -23,6 +23,7 @@ use super::upstream::{self, SendError, Upstream, UpstreamBody};
 use super::{ConnectionSlot, Proxy, RequestContext, Resolved, header_value};
 use crate::discovery::{InFlightGuard, PodInfo, Role};
 use crate::errors::GatewayError;
+use crate::kernel::tagging::UpstreamConn;
 use crate::limits::{Admission, TokenCharge, UserQuotas};
 use crate::metrics::{InFlightMetric, PrefillErrorReason};
 use crate::routing::pd::{Handshake, PdPlan, PdRefusal};
@@ -487,6 +488,7 @@ impl<U: Upstream> Proxy<U> {
         ctx: &RequestContext,
     ) -> Result<Forwarded<U::Body>, Failed> {
         let mut phase = engine_phase(ctx, "upstream", &pod);
+        let sending = std::time::Instant::now();
         let pool = Some(self.kernel.model_id(send.model));
         let propagation = phase.propagation().or_else(|| ctx.trace.as_ref().map(RequestTrace::propagation));
         let request = upstream::build_request(send.parts, body, &pod, &ctx.access.request_id, pool, propagation)
@@ -510,9 +512,21 @@ impl<U: Upstream> Proxy<U> {
         };
         let status = response.status();
         if phase.is_recording() {
+            // A connection made for this request is the exchange's connect
+            // phase; a pooled one had none.
+            let opened = response.extensions().get::<UpstreamConn>().map(|UpstreamConn(conn)| conn.opened());
+            match opened {
+                Some(at) if at >= sending => phase.event("connected", at, Vec::new()),
+                Some(_) => phase.set(KeyValue::new("turnstile.connection.reused", true)),
+                None => {}
+            }
             let head = KeyValue::new(attr::HTTP_STATUS, i64::from(status.as_u16()));
             phase.event("response headers", std::time::Instant::now(), vec![head.clone()]);
             phase.set(head);
+            // A client span fails with any 4xx or 5xx (OpenTelemetry's HTTP conventions).
+            if status.is_client_error() || status.is_server_error() {
+                phase.fail(status.as_str().to_owned(), format!("the engine answered {status}"));
+            }
         }
         // vLLM answers 404 for a model it does not serve before doing any work.
         if send.adapter

@@ -217,7 +217,7 @@ impl RequestContext {
     fn end_trace(&mut self, status: StatusCode) {
         if let Some(trace) = &mut self.trace {
             let error = (status.is_client_error() || status.is_server_error()).then(|| status.as_str());
-            trace.end(status.as_u16(), error);
+            trace.end(status.as_u16(), error, status.is_server_error());
         }
     }
 
@@ -327,12 +327,10 @@ impl<U: Upstream> Proxy<U> {
     fn context<RB>(&self, request: &Request<RB>, peer: SocketAddr) -> RequestContext {
         let client = self.settings.trusted_proxies.client(peer.ip(), request.headers());
         let path = request.uri().path();
-        let mut trace = self.traces.as_ref().map(|traces| {
-            // The span's name holds the route only for the gateway's own
-            // paths: any other path is the client's text.
-            let known = Endpoint::from_path(path).is_some() || path == "/v1/models";
-            traces.request(request.headers(), request.method(), if known { path } else { "" })
-        });
+        let mut trace = self
+            .traces
+            .as_ref()
+            .map(|traces| traces.request(request.headers(), request.method(), span_name(request.method(), path)));
         // Traced, the request id is the trace id (the client's, or a new
         // one), so the access log joins the trace.
         let id = match &trace {
@@ -599,7 +597,12 @@ impl<U: Upstream> Proxy<U> {
         if let Some(trace) = ctx.recording() {
             trace.set(KeyValue::new(traces::attr::POD, pod.name.to_string()));
         }
-        let trace = ctx.trace.take().map(|request| Box::new(AnswerTrace { request, upstream: upstream_phase }));
+        // An unsampled request has nothing to record when its answer ends.
+        let trace = ctx
+            .trace
+            .take()
+            .filter(RequestTrace::is_recording)
+            .map(|request| Box::new(AnswerTrace { request, upstream: upstream_phase }));
         let mut access = ctx.access.clone();
         access.pod = Some(pod);
         let record = EndRecord { metrics: Arc::clone(&self.metrics), access, status, held, on_usage, trace };
@@ -699,11 +702,28 @@ fn close<T>(
     if phase.is_recording() {
         match &result {
             Ok(value) => traced(&mut phase, value),
-            Err(error) => phase.fail(error.status().as_str().to_owned(), error.to_string()),
+            Err(error) if error.status().is_server_error() => {
+                phase.fail(error.status().as_str().to_owned(), error.to_string());
+            }
+            // A refusal (a 429 from `limit`, a 400 from `resolve`) is the
+            // phase doing its job: noted, not a failure.
+            Err(error) => phase.set(KeyValue::new(traces::attr::ERROR_TYPE, error.status().as_str().to_owned())),
         }
     }
     phase.end();
     result
+}
+
+/// The request span's name: `{method} {route}` for the gateway's own
+/// routes, the method alone for any other path (the client's text), `HTTP`
+/// for a method outside HTTP's own (OpenTelemetry's HTTP conventions). Never
+/// allocated, whether the request is sampled or not.
+fn span_name(method: &Method, path: &str) -> &'static str {
+    match (Endpoint::from_path(path), path) {
+        (Some(endpoint), _) if method == Method::POST => endpoint.span_name(),
+        (None, "/v1/models") if method == Method::GET => "GET /v1/models",
+        _ => traces::method_name(method).unwrap_or("HTTP"),
+    }
 }
 
 /// What resolution decided, on the request's span.

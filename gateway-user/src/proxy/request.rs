@@ -70,6 +70,26 @@ impl Endpoint {
         }
     }
 
+    /// The name of a `POST` to the endpoint's path in a trace (`{method}
+    /// {route}`, without allocating: every request names its span).
+    pub fn span_name(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "POST /v1/chat/completions",
+            Self::Completions => "POST /v1/completions",
+            Self::Embeddings => "POST /v1/embeddings",
+            Self::Responses => "POST /v1/responses",
+            Self::Messages => "POST /v1/messages",
+            Self::Rerank => "POST /v1/rerank",
+            Self::Classify => "POST /v1/classify",
+            Self::Score => "POST /v1/score",
+            Self::ImagesGenerations => "POST /v1/images/generations",
+            Self::VideoGenerations => "POST /v1/video/generations",
+            Self::AudioTranscriptions => "POST /v1/audio/transcriptions",
+            Self::AudioTranslations => "POST /v1/audio/translations",
+            Self::Custom => "POST",
+        }
+    }
+
     /// OpenTelemetry's `gen_ai.operation.name` for the endpoint, where the
     /// GenAI conventions name one.
     pub fn gen_ai_operation(self) -> Option<&'static str> {

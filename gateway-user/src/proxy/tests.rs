@@ -34,6 +34,8 @@ enum Reply {
     Refuse,
     /// No answer within the upstream timeout.
     Timeout,
+    /// No answer yet: the engine is still thinking.
+    Thinking,
 }
 
 /// A request a fake engine received.
@@ -94,6 +96,7 @@ impl Upstream for FakeUpstream {
             }
             Reply::Refuse => Err(SendError::Connect("connection refused".to_owned())),
             Reply::Timeout => Err(SendError::Timeout(Duration::from_secs(300))),
+            Reply::Thinking => std::future::pending().await,
         }
     }
 }
@@ -938,7 +941,9 @@ async fn failed_requests_and_refused_pods_show_in_the_trace() {
     assert_eq!(span_attr(root, "http.response.status_code").as_deref(), Some("400"));
     assert_eq!(span_attr(root, "error.type").as_deref(), Some("400"));
     let resolve = kept.iter().find(|s| s.name == "resolve").expect("resolve span");
-    assert!(matches!(resolve.status, opentelemetry::trace::Status::Error { .. }), "{:?}", resolve.status);
+    assert_eq!(span_attr(resolve, "error.type").as_deref(), Some("400"), "the phase that refused says so");
+    assert_eq!(resolve.status, opentelemetry::trace::Status::Unset, "a refusal is not a failure of the phase");
+    assert_eq!(root.status, opentelemetry::trace::Status::Unset, "a 4xx is not the server's failure");
     assert!(!kept.iter().any(|s| s.name == "upstream"), "no engine was asked");
 
     spans.lock().map(|mut s| s.clear()).unwrap_or(());
@@ -973,4 +978,23 @@ async fn a_traced_pd_request_has_a_prefill_span_the_prefill_engine_continues() {
     };
     assert_eq!(parent_of(9100), prefill.span_context.span_id().to_string(), "the prefill engine's parent");
     assert_eq!(parent_of(9101), upstream.span_context.span_id().to_string(), "the decode engine's parent");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_leaves_before_the_answer_ends_its_spans_saying_so() {
+    let (rig, spans) = traced_rig(&[pod("p0", 9000)], 1.0);
+    rig.engines.set(9000, Reply::Thinking);
+    let proxy = Arc::clone(&rig.proxy);
+    let call = tokio::spawn(async move {
+        let _ = proxy.handle(post("/v1/chat/completions", CHAT, &[]), ([10, 0, 0, 9], 1).into()).await;
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The client goes away while the engine thinks: hyper drops the request's future.
+    call.abort();
+    let _ = call.await;
+    let kept = spans.lock().map(|s| s.clone()).unwrap_or_default();
+    let root = kept.iter().find(|s| s.name == "POST /v1/chat/completions").expect("the request's span ended");
+    assert_eq!(span_attr(root, "turnstile.outcome").as_deref(), Some("client_gone"));
+    let upstream = kept.iter().find(|s| s.name == "upstream").expect("the exchange's span ended");
+    assert_eq!(span_attr(upstream, "error.type").as_deref(), Some("cancelled"));
 }

@@ -54,12 +54,15 @@ pub struct TraceConfig {
     /// `None`: tracing is off.
     pub endpoint: Option<String>,
     pub protocol: OtlpProtocol,
-    /// The `service.name` of the gateway's spans (`OTEL_SERVICE_NAME`).
-    pub service_name: String,
+    /// `OTEL_SERVICE_NAME`, which wins over a `service.name` in
+    /// `OTEL_RESOURCE_ATTRIBUTES`; with neither, [`DEFAULT_SERVICE_NAME`].
+    pub service_name: Option<String>,
     /// Share of new traces sampled; a client's sampled flag decides for
     /// its own trace.
     pub sampling_ratio: f64,
     pub queue: QueueConfig,
+    /// Why tracing is off although an endpoint was given (logged at start).
+    pub refused: Option<String>,
 }
 
 /// `service.name` when `OTEL_SERVICE_NAME` is unset.
@@ -86,10 +89,11 @@ impl TraceConfig {
         if disabled || (traces_endpoint.is_none() && base.is_none()) {
             // Off: the other variables may be meant for other programs and
             // are not read (a value this gateway does not take is no error).
-            let protocol = OtlpProtocol::default();
-            let service_name = DEFAULT_SERVICE_NAME.to_owned();
-            let sampling_ratio = sampling_ratio.unwrap_or(1.0);
-            return Ok(Self { endpoint: None, protocol, service_name, sampling_ratio, queue: QueueConfig::default() });
+            return Ok(Self::off(sampling_ratio, None));
+        }
+        match var("OTEL_TRACES_EXPORTER").as_deref() {
+            None | Some("otlp") => {}
+            Some(other) => return Err(format!("OTEL_TRACES_EXPORTER={other:?} is not supported (otlp, none)")),
         }
         let protocol = match var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").as_deref().or(protocol) {
             Some(value) => OtlpProtocol::parse(value)?,
@@ -106,10 +110,13 @@ impl TraceConfig {
         if let Some(url) = endpoint.as_deref()
             && !url.starts_with("http://")
         {
-            return Err(format!(
+            // Often set for a whole pod by others (an operator's injection,
+            // AIBrix's TLS default): the gateway runs, untraced, and says why.
+            let why = format!(
                 "OTLP endpoint {url:?}: only plaintext http:// collectors are supported (a node-local collector \
                  or agent can forward over TLS)"
-            ));
+            );
+            return Ok(Self::off(sampling_ratio, Some(why)));
         }
         let sampling_ratio = match sampling_ratio {
             Some(ratio) => ratio,
@@ -147,8 +154,20 @@ impl TraceConfig {
             delay: millis("OTEL_BSP_SCHEDULE_DELAY", defaults.delay)?,
             export_timeout: timeout,
         };
-        let service_name = var("OTEL_SERVICE_NAME").unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned());
-        Ok(Self { endpoint, protocol, service_name, sampling_ratio, queue })
+        let service_name = var("OTEL_SERVICE_NAME");
+        Ok(Self { endpoint, protocol, service_name, sampling_ratio, queue, refused: None })
+    }
+
+    /// Tracing off (`refused`: though an endpoint was given).
+    fn off(sampling_ratio: Option<f64>, refused: Option<String>) -> Self {
+        Self {
+            endpoint: None,
+            protocol: OtlpProtocol::default(),
+            service_name: None,
+            sampling_ratio: sampling_ratio.unwrap_or(1.0),
+            queue: QueueConfig::default(),
+            refused,
+        }
     }
 }
 
@@ -209,7 +228,7 @@ mod tests {
     #[case::json_protocol(None, &[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")])]
     #[case::bad_queue(None, &[("OTEL_BSP_MAX_QUEUE_SIZE", "0")])]
     #[case::bad_delay(None, &[("OTEL_BSP_SCHEDULE_DELAY", "soon")])]
-    #[case::tls_collector(None, &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://otel:4318/v1/traces")])]
+    #[case::console_exporter(None, &[("OTEL_TRACES_EXPORTER", "console")])]
     fn refused(#[case] flag: Option<f64>, #[case] vars: &[(&str, &str)]) {
         assert!(TraceConfig::resolve(Some("http://a"), None, flag, env(vars)).is_err());
     }
@@ -231,9 +250,17 @@ mod tests {
             export_timeout: Duration::from_secs(2),
         };
         assert_eq!(config.queue, expected);
-        assert_eq!(config.service_name, "edge-gw");
+        assert_eq!(config.service_name.as_deref(), Some("edge-gw"));
         let plain = TraceConfig::resolve(Some("http://a"), None, None, env(&[])).unwrap();
-        assert_eq!(plain.service_name, DEFAULT_SERVICE_NAME);
+        assert_eq!(plain.service_name, None);
         assert_eq!(plain.queue, QueueConfig::default());
+    }
+
+    #[test]
+    fn a_tls_collector_leaves_tracing_off_and_says_why() {
+        let vars = [("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://otel:4318/v1/traces")];
+        let config = TraceConfig::resolve(None, None, None, env(&vars)).unwrap();
+        assert_eq!(config.endpoint, None);
+        assert!(config.refused.is_some_and(|why| why.contains("https://otel:4318/v1/traces")));
     }
 }

@@ -3,7 +3,8 @@
 //! queue drops it, counted), and one task sends batches with the OTLP
 //! exporter, one at a time, each within the export timeout (a failed batch
 //! is dropped, counted, and the next waits one batch delay: a collector
-//! that is down costs a failed connect per delay, not one per batch).
+//! that is down costs one export a delay, with the exporter's own few
+//! retries, not one a batch).
 //!
 //! This replaces the SDK's batch processor, whose drops are only logged.
 
@@ -99,36 +100,46 @@ async fn export_loop<E: SpanExporter>(
 ) {
     let mut sender = Sender { exporter, timeout: queue.export_timeout, metrics, failing: false };
     loop {
-        let first = tokio::select! {
+        let mut batch = Vec::new();
+        // A flush is answered whatever the loop is waiting for: a first
+        // span, a batch to fill, or the back-off after a failed export.
+        let mut flush = tokio::select! {
             biased;
-            Some(done) = flushes.recv() => {
-                while !spans.is_empty() {
-                    let mut batch = Vec::with_capacity(queue.max_batch.min(spans.len()));
-                    spans.recv_many(&mut batch, queue.max_batch).await;
-                    sender.send(batch).await;
-                }
-                let _ = done.send(());
-                continue;
-            }
+            Some(done) = flushes.recv() => Some(done),
             span = spans.recv() => match span {
-                Some(span) => span,
+                Some(span) => {
+                    batch.push(span);
+                    None
+                }
                 None => return,
             },
         };
-        let mut batch = Vec::with_capacity(queue.max_batch.min(spans.len() + 1));
-        batch.push(first);
         let deadline = tokio::time::Instant::now() + queue.delay;
-        while batch.len() < queue.max_batch {
+        while flush.is_none() && batch.len() < queue.max_batch {
             let room = queue.max_batch - batch.len();
             tokio::select! {
+                biased;
+                Some(done) = flushes.recv() => flush = Some(done),
                 got = spans.recv_many(&mut batch, room) => if got == 0 { break },
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
+        if let Some(done) = flush {
+            sender.drain(batch, &mut spans, queue.max_batch).await;
+            let _ = done.send(());
+            continue;
+        }
         if !sender.send(batch).await {
             // The collector is down or refusing: wait a batch delay before
             // the next try; meanwhile the queue fills and drops, counted.
-            tokio::time::sleep(queue.delay).await;
+            tokio::select! {
+                biased;
+                Some(done) = flushes.recv() => {
+                    sender.drain(Vec::new(), &mut spans, queue.max_batch).await;
+                    let _ = done.send(());
+                }
+                () = tokio::time::sleep(queue.delay) => {}
+            }
         }
     }
 }
@@ -143,6 +154,18 @@ struct Sender<E> {
 }
 
 impl<E: SpanExporter> Sender<E> {
+    /// Exports `batch` and everything queued now (a flush).
+    async fn drain(&mut self, batch: Vec<SpanData>, spans: &mut mpsc::Receiver<SpanData>, max_batch: usize) {
+        if !batch.is_empty() {
+            self.send(batch).await;
+        }
+        while !spans.is_empty() {
+            let mut batch = Vec::with_capacity(max_batch.min(spans.len()));
+            spans.recv_many(&mut batch, max_batch).await;
+            self.send(batch).await;
+        }
+    }
+
     /// Exports `batch`; false when it was dropped.
     async fn send(&mut self, batch: Vec<SpanData>) -> bool {
         let spans = batch.len() as u64;
@@ -263,10 +286,31 @@ mod tests {
         assert!(batches.iter().all(|&b| b <= 3), "batches of at most OTEL_BSP_MAX_EXPORT_BATCH_SIZE: {batches:?}");
         assert_eq!(metrics.counts(), (7, 0, 0));
 
-        // A span that has not waited its batch delay yet goes out on flush.
+        // A span that has not waited its batch delay yet goes out on flush,
+        // at once: the loop is already filling its batch when the flush comes.
         processor.on_end(span(99));
+        tokio::task::yield_now().await;
+        let began = tokio::time::Instant::now();
         handle.flush(Duration::from_secs(1)).await;
         assert_eq!(metrics.counts().0, 8);
+        assert!(began.elapsed() < Duration::from_millis(50), "the flush did not wait for the batch delay");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_during_the_back_off_after_a_failure_sends_what_is_queued() {
+        let flaky = collector("refusing");
+        let (processor, handle, metrics) = start_with(&flaky, QueueConfig { delay: Duration::from_secs(5), ..queue() });
+        for n in 0..3 {
+            processor.on_end(span(n));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(metrics.counts().2, 3, "the first batch failed; the loop backs off for 5 s");
+        *flaky.mode.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = "up";
+        processor.on_end(span(7));
+        let began = tokio::time::Instant::now();
+        handle.flush(Duration::from_secs(1)).await;
+        assert_eq!(metrics.counts().0, 1);
+        assert!(began.elapsed() < Duration::from_millis(50), "the flush cut the back-off short");
     }
 
     #[tokio::test(start_paused = true)]

@@ -71,7 +71,7 @@ impl Traces {
     /// when tracing is off.
     pub fn start(config: &TraceConfig, metrics: TraceMetrics) -> anyhow::Result<Option<Self>> {
         let Some(endpoint) = config.endpoint.as_deref() else { return Ok(None) };
-        let resource = opentelemetry_sdk::Resource::builder().with_service_name(config.service_name.clone()).build();
+        let resource = resource(config.service_name.as_deref());
         let (processor, exporter) = export::start(config, endpoint, &resource, metrics)?;
         let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sampling_ratio)));
         let provider = SdkTracerProvider::builder()
@@ -112,14 +112,14 @@ impl Traces {
 
     /// The trace of one request: its server span, a child of the client's
     /// `traceparent` when it sent a valid one.
-    pub fn request(&self, headers: &http::HeaderMap, method: &http::Method, route: &str) -> RequestTrace {
+    pub fn request(&self, headers: &http::HeaderMap, method: &http::Method, name: &'static str) -> RequestTrace {
         let parent = propagation::extract(headers);
-        let name = if route.is_empty() { method.as_str().to_owned() } else { format!("{method} {route}") };
+        let method = method_name(method).unwrap_or("_OTHER");
         let builder = self
             .tracer
             .span_builder(name)
             .with_kind(SpanKind::Server)
-            .with_attributes([KeyValue::new(attr::HTTP_METHOD, method.as_str().to_owned())]);
+            .with_attributes([KeyValue::new(attr::HTTP_METHOD, method)]);
         let root = self.tracer.build_with_context(builder, &parent);
         RequestTrace { tracer: self.tracer.clone(), root, ended: false }
     }
@@ -131,6 +131,24 @@ impl Traces {
         }
         let _ = self.provider.shutdown_with_timeout(within);
     }
+}
+
+/// An HTTP method's name when it is one of HTTP's own: a client's made-up
+/// method never names a span or fills an attribute.
+pub fn method_name(method: &http::Method) -> Option<&'static str> {
+    use http::Method;
+    Some(match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => return None,
+    })
 }
 
 /// The trace of one request: the gateway's server span, from the request's
@@ -179,22 +197,35 @@ impl RequestTrace {
         TraceHeaders::of(self.root.span_context())
     }
 
-    /// Ends the request's span with the answer's status. A 5xx, or an
-    /// answer that broke off (`error` with a status below 400), makes the
-    /// span an error, as HTTP server spans count them; `error` is recorded
-    /// as `error.type` either way.
-    pub fn end(&mut self, status: u16, error: Option<&str>) {
+    /// Ends the request's span with the answer's status. `error_type` is
+    /// recorded as `error.type`; `failed` (a 5xx, an engine that broke off)
+    /// makes the span an error, as HTTP server spans count them (a client
+    /// that left, or a 4xx, is not the server's failure).
+    pub fn end(&mut self, status: u16, error_type: Option<&str>, failed: bool) {
         if std::mem::replace(&mut self.ended, true) || !self.root.is_recording() {
             return;
         }
         self.root.set_attribute(KeyValue::new(attr::HTTP_STATUS, i64::from(status)));
-        if let Some(error) = error {
+        if let Some(error) = error_type {
             self.root.set_attribute(KeyValue::new(attr::ERROR_TYPE, error.to_owned()));
         }
-        if status >= 500 || (status < 400 && error.is_some()) {
-            self.root.set_status(Status::error(error.unwrap_or("server error").to_owned()));
+        if failed {
+            self.root.set_status(Status::error(error_type.unwrap_or("server error").to_owned()));
         }
         self.root.end();
+    }
+}
+
+impl Drop for RequestTrace {
+    /// A request whose span was not ended went away before its answer
+    /// (the client left, or the gateway stopped): its span says so.
+    fn drop(&mut self) {
+        if !self.ended && self.root.is_recording() {
+            self.root.set_attribute(KeyValue::new(attr::OUTCOME, "client_gone"));
+            self.root.set_attribute(KeyValue::new(attr::ERROR_TYPE, "client_gone"));
+            self.ended = true;
+            self.root.end();
+        }
     }
 }
 
@@ -245,7 +276,18 @@ impl Phase {
     }
 
     pub fn end(mut self) {
-        if let Some(span) = &mut self.span {
+        if let Some(mut span) = self.span.take() {
+            span.end();
+        }
+    }
+}
+
+impl Drop for Phase {
+    /// A phase whose span was not ended was cut short: its request went
+    /// away, or a `pd` pair's other half decided the answer.
+    fn drop(&mut self) {
+        if let Some(mut span) = self.span.take() {
+            span.set_attribute(KeyValue::new(attr::ERROR_TYPE, "cancelled"));
             span.end();
         }
     }
@@ -264,6 +306,21 @@ impl TraceHeaders {
     }
 }
 
+/// The gateway's resource: the SDK's (with `OTEL_RESOURCE_ATTRIBUTES`),
+/// `service.name` from `OTEL_SERVICE_NAME`, else from the attributes, else
+/// `turnstile` (not the SDK's `unknown_service`).
+fn resource(service_name: Option<&str>) -> opentelemetry_sdk::Resource {
+    let detected = opentelemetry_sdk::Resource::builder().build();
+    let named = detected
+        .get(&opentelemetry::Key::new("service.name"))
+        .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
+    match service_name {
+        Some(name) => opentelemetry_sdk::Resource::builder().with_service_name(name.to_owned()).build(),
+        None if named => detected,
+        None => opentelemetry_sdk::Resource::builder().with_service_name(config::DEFAULT_SERVICE_NAME).build(),
+    }
+}
+
 /// `at` on the wall clock (spans carry wall-clock times).
 fn system_time(at: Instant) -> SystemTime {
     let ago = Instant::now().saturating_duration_since(at);
@@ -278,14 +335,15 @@ pub struct AnswerTrace {
 }
 
 /// How an answer ended, for its spans.
-pub struct AnswerEnd<'a> {
+pub struct AnswerEnd {
+    /// The engine's status, as the client got it.
     pub status: u16,
-    /// The access log's outcome (`completed`, `client_gone`, ...).
+    /// The access log's outcome (`completed`, `upstream_broken`,
+    /// `client_gone`, `client_stalled`).
     pub outcome: &'static str,
-    /// It did not end as it should have: the engine broke off, the client left.
-    pub broken: bool,
+    /// The engine broke off mid-answer.
+    pub upstream_broken: bool,
     pub usage: Option<(u64, u64)>,
-    pub error_type: Option<&'a str>,
 }
 
 impl AnswerTrace {
@@ -295,7 +353,7 @@ impl AnswerTrace {
     }
 
     /// The answer ended as `end` says: both spans close.
-    pub fn finish(mut self, end: &AnswerEnd<'_>) {
+    pub fn finish(mut self, end: &AnswerEnd) {
         if !self.request.is_recording() {
             return;
         }
@@ -307,12 +365,16 @@ impl AnswerTrace {
             self.request.set(KeyValue::new(attr::GEN_AI_INPUT_TOKENS, input));
             self.request.set(KeyValue::new(attr::GEN_AI_OUTPUT_TOKENS, output));
         }
-        if end.broken {
-            self.upstream.fail("stream_broken", end.outcome);
+        if end.upstream_broken {
+            self.upstream.fail("stream_broken", "the engine broke off mid-answer");
         }
         self.upstream.end();
-        let error = end.error_type.or(end.broken.then_some(end.outcome));
-        self.request.end(end.status, error);
+        let status_error = (end.status >= 400).then(|| end.status.to_string());
+        let error_type = match end.outcome {
+            "completed" => status_error.as_deref(),
+            other => Some(other),
+        };
+        self.request.end(end.status, error_type, end.status >= 500 || end.upstream_broken);
     }
 }
 

@@ -92,9 +92,8 @@ impl<B: UsageSource> RequestEnd<B> {
             trace.finish(&AnswerEnd {
                 status: record.status,
                 outcome: outcome.as_str(),
-                broken: outcome != Outcome::Completed,
+                upstream_broken: outcome == Outcome::UpstreamBroken,
                 usage: usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
-                error_type: None,
             });
         }
         let ending =
