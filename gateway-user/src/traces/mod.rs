@@ -115,12 +115,12 @@ impl Traces {
     pub fn request(&self, headers: &http::HeaderMap, method: &http::Method, name: &'static str) -> RequestTrace {
         let parent = propagation::extract(headers);
         let method = method_name(method).unwrap_or("_OTHER");
-        let builder = self
-            .tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Server)
-            .with_attributes([KeyValue::new(attr::HTTP_METHOD, method)]);
-        let root = self.tracer.build_with_context(builder, &parent);
+        let builder = self.tracer.span_builder(name).with_kind(SpanKind::Server);
+        let mut root = self.tracer.build_with_context(builder, &parent);
+        // Set once sampled: an unsampled request builds no attribute.
+        if root.is_recording() {
+            root.set_attribute(KeyValue::new(attr::HTTP_METHOD, method));
+        }
         RequestTrace { tracer: self.tracer.clone(), root, ended: false }
     }
 
