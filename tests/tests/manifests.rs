@@ -925,3 +925,28 @@ fn the_chart_points_the_gateways_at_a_managed_redis_with_the_operators_secret() 
         "{policy}"
     );
 }
+
+#[test]
+fn the_chart_turns_tracing_on_with_its_collector_and_lets_its_port_out() {
+    let off = render_chart(&["mode=userspace"]);
+    let gateway = container(find(&off, "Deployment", "turnstile"), "turnstile");
+    let names: Vec<String> =
+        gateway["env"].as_array().map(|env| env.iter().map(|e| e["name"].to_string()).collect()).unwrap_or_default();
+    assert!(!names.iter().any(|n| n.contains("OTEL_")), "tracing is off by default: {names:?}");
+
+    let chart = render_chart(&[
+        "mode=userspace",
+        "tracing.otlpEndpoint=http://otel-collector.observability:4318",
+        "tracing.protocol=http/protobuf",
+    ]);
+    let gateway = container(find(&chart, "Deployment", "turnstile"), "turnstile");
+    let env = |name: &str| {
+        gateway["env"].as_array().and_then(|env| env.iter().find(|e| e["name"] == name)).map(|e| e["value"].clone())
+    };
+    assert_eq!(env("OTEL_EXPORTER_OTLP_ENDPOINT"), Some("http://otel-collector.observability:4318".into()));
+    assert_eq!(env("OTEL_EXPORTER_OTLP_PROTOCOL"), Some("http/protobuf".into()));
+    assert_eq!(env("TURNSTILE_TRACE_SAMPLING_RATIO"), Some("0.05".into()));
+    let policy = component(&chart, &["NetworkPolicy"], "gateway");
+    let egress = policy["spec"]["egress"].as_array().expect("egress");
+    assert!(egress.iter().any(|rule| rule_ports(rule).contains(&(4318, "TCP".to_owned()))), "{policy}");
+}
