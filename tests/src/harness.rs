@@ -343,6 +343,16 @@ impl Gateway {
     }
 }
 
+/// `VmRSS` of process `pid`, KiB (what memory bounds in tests are judged by).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
 /// A minimal chat completion body.
 pub fn chat_body(model: &str, stream: bool) -> String {
     serde_json::json!({

@@ -10,7 +10,7 @@ use http::StatusCode;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use turnstile_tests::harness::{Engine, Gateway, PodSpec, get, post, send};
+use turnstile_tests::harness::{Engine, Gateway, PodSpec, get, post, rss_kib, send};
 
 const MODEL: &str = "whisper-ish";
 
@@ -175,16 +175,6 @@ async fn an_audio_upload_is_routed_by_its_model_field_and_arrives_byte_for_byte(
     let (unknown, _) = upload(&gw, "/v1/audio/transcriptions", &Form::new(&[("model", "nope")]), 1, 100).await;
     assert_eq!((unknown.status, json_in(&unknown.body)["error"]["code"].as_str()), (400, Some("model_not_found")));
     assert_eq!(engine.requests_total().await, 2, "only the routable uploads reached the engine");
-}
-
-/// `VmRSS` of process `pid`, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,19 +11,9 @@ use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use turnstile_tests::harness::{Engine, Gateway, PodSpec, chat_body, eventually, get, post, send, try_send};
+use turnstile_tests::harness::{Engine, Gateway, PodSpec, chat_body, eventually, get, post, rss_kib, send, try_send};
 
 const MODEL: &str = "hard-model";
-
-/// `VmRSS` of process `pid`, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
 
 /// Established TCP connections whose remote port is `port` (the gateway's
 /// connections to an engine on loopback), from /proc/net/tcp.

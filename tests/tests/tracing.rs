@@ -8,23 +8,13 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use http::StatusCode;
-use turnstile_tests::harness::{Engine, Gateway, PodSpec, chat_body, post, send};
+use turnstile_tests::harness::{Engine, Gateway, PodSpec, chat_body, post, rss_kib, send};
 use turnstile_tests::load::{self, Outcome, Target};
 use turnstile_tests::otlp::{OtlpReceiver, ReceivedSpan};
 
 const MODEL: &str = "llama";
 /// The phases every proxied request has, as child spans of its own.
 const PHASES: [&str; 5] = ["read body", "resolve", "limit", "route", "upstream"];
-
-/// `VmRSS` of process `pid`, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
 
 /// A gateway over `engines` exporting to `receiver` over HTTP/protobuf,
 /// with `env` added (exports every 100 ms so tests wait little).

@@ -236,6 +236,25 @@ fn instant_engine(pod: String, tokens: u32, pinning: Pinning) -> EngineSpec {
     }
 }
 
+/// Starts two instant engines of [`MODEL`] (`engine-0`, `engine-1`, pinned as `pinning` says)
+/// and writes their pods file at `pods_file`.
+async fn start_instant_engines(
+    binaries: &Binaries,
+    out_dir: &std::path::Path,
+    pods_file: &std::path::Path,
+    pinning: Pinning,
+) -> Result<Stack> {
+    let mut stack = Stack { engines: Vec::new(), gateway: None };
+    for index in 0..2 {
+        let spec = instant_engine(format!("engine-{index}"), TOKENS, pinning);
+        let engine = stack::start_engine(&binaries.engine, &spec, out_dir, pinning.others).await?;
+        ui::info(format!("{} on {}", engine.pod, engine.addr));
+        stack.engines.push(engine);
+    }
+    write_engine_pods(&stack.engines, pods_file)?;
+    Ok(stack)
+}
+
 /// Writes a pods file at `path` listing `engines`, each a ready pod of its model.
 fn write_engine_pods(engines: &[stack::Engine], path: &std::path::Path) -> Result<()> {
     stack::write_pods(path, &stack::engine_pods(engines))
@@ -265,15 +284,8 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
     let client = Client::new();
 
     let step = ui::step("bench: start 2 mock engines and the gateway (release)");
-    let mut stack = Stack { engines: Vec::new(), gateway: None };
-    for index in 0..2 {
-        let spec = instant_engine(format!("engine-{index}"), TOKENS, pinning);
-        let engine = stack::start_engine(&binaries.engine, &spec, &out_dir, pinning.others).await?;
-        ui::info(format!("{} on {}", engine.pod, engine.addr));
-        stack.engines.push(engine);
-    }
     let pods_file = out_dir.join("pods.yaml");
-    write_engine_pods(&stack.engines, &pods_file)?;
+    let mut stack = start_instant_engines(binaries, &out_dir, &pods_file, pinning).await?;
     let env = args.gateway_env.clone();
     let (gateway, rust_log) =
         start_release_gateway(binaries, &pods_file, out_dir.join("gateway.log"), env, pinning, &client).await?;

@@ -998,3 +998,13 @@ async fn a_client_that_leaves_before_the_answer_ends_its_spans_saying_so() {
     let upstream = kept.iter().find(|s| s.name == "upstream").expect("the exchange's span ended");
     assert_eq!(span_attr(upstream, "error.type").as_deref(), Some("cancelled"));
 }
+
+#[rstest::rstest]
+#[case::an_endpoint(Method::POST, "/v1/chat/completions", "POST /v1/chat/completions")]
+#[case::the_model_list(Method::GET, "/v1/models", "GET /v1/models")]
+#[case::a_path_the_gateway_does_not_own(Method::POST, "/v1/the/clients/own/text", "POST")]
+#[case::another_method_on_an_endpoint(Method::GET, "/v1/chat/completions", "GET")]
+#[case::a_made_up_method(Method::from_bytes(b"BREW").unwrap_or_default(), "/v1/chat/completions", "HTTP")]
+fn span_names_never_carry_the_clients_text(#[case] method: Method, #[case] path: &str, #[case] name: &str) {
+    assert_eq!(super::span_name(&method, path), name);
+}

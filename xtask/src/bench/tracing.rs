@@ -34,8 +34,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::{
     BenchArgs, MODEL, Pinning, TOKENS, bench_dir, block_on_until_stopped, cpu_over, describe_load, format_ms,
-    instant_engine, per_request_us, pin_for_run, publish_report, ratio, revision, start_release_gateway, summarize,
-    write_engine_pods,
+    per_request_us, pin_for_run, publish_report, ratio, revision, start_instant_engines, start_release_gateway,
+    summarize,
 };
 use crate::client::Client;
 use crate::loadgen::{self, LoadReport, LoadSpec, Schedule};
@@ -113,15 +113,8 @@ async fn tracing_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) 
     let client = Client::new();
 
     let step = ui::step("bench tracing: start 2 mock engines and the OTLP sink");
-    let mut stack = Stack { engines: Vec::new(), gateway: None };
-    for index in 0..2 {
-        let spec = instant_engine(format!("engine-{index}"), TOKENS, pinning);
-        let engine = stack::start_engine(&binaries.engine, &spec, &out_dir, pinning.others).await?;
-        ui::info(format!("{} on {}", engine.pod, engine.addr));
-        stack.engines.push(engine);
-    }
     let pods_file = out_dir.join("tracing-pods.yaml");
-    write_engine_pods(&stack.engines, &pods_file)?;
+    let mut stack = start_instant_engines(binaries, &out_dir, &pods_file, pinning).await?;
     let sink = Sink::start().await?;
     ui::info(format!("OTLP sink on http://{}", sink.addr));
     for (key, value) in &args.gateway_env {
