@@ -32,6 +32,7 @@
 mod fleet;
 mod kernel;
 mod peers;
+mod profile;
 mod replicas;
 mod routing;
 mod tracing;
@@ -87,6 +88,10 @@ pub struct BenchArgs {
     /// Warm-up before each measured period, seconds.
     #[arg(long, default_value_t = 2)]
     pub warmup_seconds: u64,
+    /// Core suite: record each gateway row with `perf record` and draw its flame graph into
+    /// `docs/bench/` (root; `perf` installed), with the samples split by part of the gateway.
+    #[arg(long)]
+    pub perf: bool,
     /// Extra environment of the gateway under test (`KEY=VALUE`, repeatable; core and tracing suites),
     /// to measure what a setting costs: `--gateway-env TURNSTILE_AIBRIX_METRIC_NAMES=false`.
     #[arg(long = "gateway-env", value_name = "KEY=VALUE", value_parser = key_value)]
@@ -255,6 +260,13 @@ async fn start_instant_engines(
     Ok(stack)
 }
 
+/// Where `--perf` flame graphs go: `docs/bench/` of the repository, committed.
+fn profile_dir() -> Result<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
 /// Writes a pods file at `path` listing `engines`, each a ready pod of its model.
 fn write_engine_pods(engines: &[stack::Engine], path: &std::path::Path) -> Result<()> {
     stack::write_pods(path, &stack::engine_pods(engines))
@@ -301,6 +313,7 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
 
     let engine_addrs: Vec<_> = stack.engines.iter().map(|engine| engine.addr).collect();
     let mut rows = Vec::new();
+    let mut profiles = Vec::new();
     for (scenario, stream) in [("chat", false), ("chat stream", true)] {
         for (target, targets) in [("direct", engine_addrs.clone()), ("gateway", vec![gateway_addr])] {
             let step = ui::step(format!(
@@ -318,20 +331,41 @@ async fn core_async(args: &BenchArgs, binaries: &Binaries, pinning: Pinning) -> 
             let schedule =
                 Schedule::starting_now(Duration::from_secs(args.warmup_seconds), Duration::from_secs(args.seconds));
             let sample_pid = (target == "gateway").then_some(gateway_pid);
-            let (report, cpu) = tokio::join!(loadgen::run(&spec, schedule), cpu_over(sample_pid, schedule));
+            let perf_data = out_dir.join(format!("perf-{}.data", scenario.replace(' ', "-")));
+            let record = async {
+                match sample_pid {
+                    Some(pid) if args.perf => profile::record(pid, schedule, &perf_data).await.map(Some),
+                    _ => Ok(None),
+                }
+            };
+            let (report, cpu, recorded) =
+                tokio::join!(loadgen::run(&spec, schedule), cpu_over(sample_pid, schedule), record);
             let report = report?;
             let gateway_cpu_us = cpu?.map(|cpu| per_request_us(cpu, &report));
             if let Some(reason) = stack.exited_child() {
                 bail!("a child died during the run: {reason}");
             }
             ui::info(summarize(&report));
+            if let (Some(()), Some(cpu_us)) = (recorded?, gateway_cpu_us) {
+                let svg = profile_dir()?.join(format!("core-{}.svg", scenario.replace(' ', "-")));
+                let title = format!("turnstile {} — {scenario}, {cpu_us:.1} µs/request", revision());
+                let shares = profile::render(&perf_data, &svg, &title)?;
+                ui::info(format!("flame graph: {}", svg.display()));
+                profiles.push(format!(
+                    "\n### Where the gateway's CPU goes: {scenario}\n\n{}\nFlame graph: `docs/bench/{}`.\n",
+                    profile::table(&shares, cpu_us),
+                    svg.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                ));
+            }
             rows.push(Row { scenario, target, report, gateway_cpu_us });
             step.done();
         }
     }
     stack.stop().await?;
 
-    publish_report(&out_dir, "core.md", &render_markdown(args, pinning, &revision(), &rows))?;
+    let mut report = render_markdown(args, pinning, &revision(), &rows);
+    report.extend(profiles);
+    publish_report(&out_dir, "core.md", &report)?;
     let failed: u64 = rows.iter().map(|row| row.report.errors).sum();
     let empty = rows.iter().any(|row| row.report.completed == 0);
     if empty {
@@ -474,6 +508,7 @@ mod tests {
     fn markdown_has_rows_and_ratios() {
         let args = BenchArgs {
             gateway_env: Vec::new(),
+            perf: false,
             suite: Suite::Core,
             connections: 32,
             seconds: 10,

@@ -487,6 +487,7 @@ mod tests {
         let markdown = render_markdown(
             &BenchArgs {
                 gateway_env: Vec::new(),
+                perf: false,
                 suite: super::super::Suite::Kernel,
                 connections: 4,
                 seconds: 10,

@@ -1007,6 +1007,7 @@ mod tests {
     fn args() -> BenchArgs {
         BenchArgs {
             gateway_env: Vec::new(),
+            perf: false,
             suite: super::super::Suite::Peers,
             connections: 32,
             seconds: 10,

@@ -455,6 +455,7 @@ mod tests {
     fn args(gateway_env: Vec<(String, String)>) -> BenchArgs {
         BenchArgs {
             gateway_env,
+            perf: false,
             suite: Suite::Tracing,
             connections: 32,
             seconds: 10,
