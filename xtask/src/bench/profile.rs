@@ -11,8 +11,12 @@ use inferno::collapse::Collapse as _;
 
 use crate::loadgen::Schedule;
 
-/// The parts samples are split into: the first whose pattern a sample's stack holds (any frame)
-/// takes it, so a part's share includes what it calls (its syscalls, its allocations).
+/// The parts samples are split into. A sample goes to the part of the innermost frame of its
+/// stack that names one (within a frame, the first part listed), so a part's share includes what
+/// it calls that no other part claims: its allocations, its syscalls, hyper's shared h1 code.
+/// Samples no frame claims go to the runtime's column when it is on their stack (on loopback mostly
+/// the kernel's TCP work and hyper's shared connection code, which the unwound stacks do not tie
+/// to the client or the engine side), else `other`.
 const PARTS: &[(&str, &[&str])] = &[
     ("access log line", &["access_log::AccessRecord::write"]),
     ("trace export", &["gateway_user::traces", "opentelemetry"]),
@@ -22,11 +26,20 @@ const PARTS: &[(&str, &[&str])] = &[
     ("routing", &["gateway_user::routing"]),
     ("limits", &["gateway_user::limits"]),
     ("response body layers", &["gateway_user::proxy::body"]),
-    ("engine connection (hyper client)", &["hyper_util::client", "hyper::client", "proxy::upstream"]),
-    ("client connection (hyper server)", &["hyper::server", "hyper::proto", "hyper_util::server", "proxy::listener"]),
+    (
+        "engine connection (hyper client)",
+        &["hyper_util::client", "hyper::client", "proxy::upstream", "h1::role::Client"],
+    ),
+    (
+        "client connection (hyper server)",
+        &["hyper::server", "hyper_util::server", "proxy::listener", "h1::role::Server"],
+    ),
     ("other request path", &["gateway_user::proxy"]),
-    ("tokio runtime", &["tokio::runtime"]),
 ];
+
+/// The last two columns: samples on the runtime's own frames, and the rest.
+const RUNTIME: &str = "runtime, socket I/O not tied to a side";
+const OTHER: &str = "other";
 
 /// One part's share of the samples.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,18 +88,21 @@ pub fn render(data: &Path, svg: &Path, title: &str) -> Result<Vec<Share>> {
     Ok(shares(&String::from_utf8_lossy(&folded)))
 }
 
-/// Each part's share of the samples in `folded` (`frame;frame;... count` lines), in [`PARTS`]
-/// order, then `other`.
+/// Each part's share of the samples in `folded` (`frame;frame;... count` lines, outermost frame
+/// first), in [`PARTS`] order, then the runtime and `other`.
 pub fn shares(folded: &str) -> Vec<Share> {
-    let mut counts = vec![0u64; PARTS.len() + 1];
+    let mut counts = vec![0u64; PARTS.len() + 2];
     for line in folded.lines() {
         let Some((stack, count)) = line.rsplit_once(' ') else { continue };
         let Ok(count) = count.parse::<u64>() else { continue };
-        let part = PARTS.iter().position(|(_, patterns)| patterns.iter().any(|p| stack.contains(p)));
-        counts[part.unwrap_or(PARTS.len())] += count;
+        let part = stack
+            .rsplit(';')
+            .find_map(|frame| PARTS.iter().position(|(_, patterns)| patterns.iter().any(|p| frame.contains(p))))
+            .unwrap_or(if stack.contains("tokio::runtime") { PARTS.len() } else { PARTS.len() + 1 });
+        counts[part] += count;
     }
     let total = counts.iter().sum::<u64>().max(1) as f64;
-    let names = PARTS.iter().map(|(name, _)| *name).chain(std::iter::once("other"));
+    let names = PARTS.iter().map(|(name, _)| *name).chain([RUNTIME, OTHER]);
     names.zip(counts).map(|(part, count)| Share { part, fraction: count as f64 / total }).collect()
 }
 
@@ -105,18 +121,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn samples_go_to_the_first_part_their_stack_holds() {
-        let folded = "\
-turnstile;tokio::runtime::x;hyper::proto::h1::dispatch;gateway_user::proxy::access_log::AccessRecord::write;write 30
-turnstile;tokio::runtime::x;hyper::proto::h1::dispatch;read 50
-turnstile;tokio::runtime::x;gateway_user::routing::least_request::pick 10
+    fn samples_go_to_the_part_of_their_innermost_named_frame() {
+        let server =
+            "turnstile;tokio::runtime::park;hyper::server::conn::http1::Connection::poll;hyper::proto::h1::dispatch";
+        let folded = format!(
+            "\
+{server};gateway_user::proxy::Proxy::handle;gateway_user::proxy::access_log::AccessRecord::write;write 30
+{server};hyper::proto::h1::io::poll_read;read 40
+{server};gateway_user::proxy::Proxy::serve;gateway_user::routing::least_request::pick;malloc 10
+{server};gateway_user::proxy::Proxy::serve;memcpy 5
+turnstile;tokio::runtime::park;epoll_wait 5
 libc;unknown 10
-";
-        let shares = shares(folded);
+"
+        );
+        let shares = shares(&folded);
         let of = |part: &str| shares.iter().find(|s| s.part == part).map_or(0.0, |s| s.fraction);
-        assert!((of("access log line") - 0.3).abs() < 1e-9, "the access log wins over the hyper frame below it");
-        assert!((of("client connection (hyper server)") - 0.5).abs() < 1e-9);
-        assert!((of("routing") - 0.1).abs() < 1e-9);
+        assert!((of("access log line") - 0.3).abs() < 1e-9, "the access log, not the hyper frames around it");
+        assert!((of("client connection (hyper server)") - 0.4).abs() < 1e-9, "hyper's own reading");
+        assert!((of("routing") - 0.1).abs() < 1e-9, "with the allocation it made");
+        assert!((of("other request path") - 0.05).abs() < 1e-9);
+        assert!((of(RUNTIME) - 0.05).abs() < 1e-9);
         assert!((of("other") - 0.1).abs() < 1e-9);
         assert!(table(&shares, 50.0).contains("| access log line | 30.0 % | 15.0 |"));
     }
