@@ -54,7 +54,6 @@ pub mod attr {
     pub const PROFILE: &str = "turnstile.profile";
     pub const LIMIT_STORE: &str = "turnstile.limit.store";
     pub const OUTCOME: &str = "turnstile.outcome";
-    pub const REQUEST_ID: &str = "turnstile.request_id";
 }
 
 /// The gateway's tracer, shared by every request. Cloning is cheap.
