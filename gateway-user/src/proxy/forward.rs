@@ -28,7 +28,7 @@ use crate::limits::{Admission, TokenCharge, UserQuotas};
 use crate::metrics::{InFlightMetric, PrefillErrorReason};
 use crate::routing::pd::{Handshake, PdPlan, PdRefusal};
 use crate::routing::{PromptSource, Route, RouteRequest, Unroutable, UsageCallback};
-use crate::traces::{Phase, RequestTrace, attr};
+use crate::traces::{Phase, attr};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 
@@ -351,8 +351,7 @@ impl<U: Upstream> Proxy<U> {
         let forwarded = if let Handshake::Sglang { .. } = plan.handshake {
             self.pair_side_by_side(plan, bodies, guard, send, quota, ctx).await?
         } else {
-            let request_id = ctx.access.request_id.clone();
-            let answer = match self.run_prefill(&plan, send, bodies.prefill.clone(), &request_id, ctx).await {
+            let answer = match self.run_prefill(&plan, send, bodies.prefill.clone(), ctx).await {
                 Ok(answer) => answer,
                 Err(failure) if failure.not_sent => return Err(Failed::Refused(Refusal::Prefill { plan, failure })),
                 Err(failure) => return Err(Failed::Final(self.prefill_failed(&plan, send, failure, ctx))),
@@ -402,9 +401,8 @@ impl<U: Upstream> Proxy<U> {
         ctx.routed(&self.metrics, send);
         let (gauge, connection) = self.take_slot(&plan.decode, send, ctx).await?;
         let held = Held { pod: Some(guard), gauge: Some(gauge), connection: Some(connection), gateway: None };
-        let request_id = ctx.access.request_id.clone();
         let outcome = {
-            let prefill = self.run_prefill(&plan, send, bodies.prefill.clone(), &request_id, ctx);
+            let prefill = self.run_prefill(&plan, send, bodies.prefill.clone(), ctx);
             let decode = self.send_on(Arc::clone(&plan.decode), held, decode_body.into(), send, quota.quotas, ctx);
             tokio::pin!(prefill, decode);
             let mut prefilled = false;
@@ -490,9 +488,9 @@ impl<U: Upstream> Proxy<U> {
         let mut phase = engine_phase(ctx, "upstream", &pod);
         let sending = std::time::Instant::now();
         let pool = Some(self.kernel.model_id(send.model));
-        let propagation = phase.propagation().or_else(|| ctx.trace.as_ref().map(RequestTrace::propagation));
-        let request = upstream::build_request(send.parts, body, &pod, &ctx.access.request_id, pool, propagation)
-            .map_err(|reason| Failed::Final(GatewayError::UpstreamFailed { pod: pod.name.clone(), reason }))?;
+        let request =
+            upstream::build_request(send.parts, body, &pod, &ctx.access.request_id, pool, phase.propagation())
+                .map_err(|reason| Failed::Final(GatewayError::UpstreamFailed { pod: pod.name.clone(), reason }))?;
         let response = match self.upstream.send(request).await {
             Ok(response) => response,
             Err(SendError::Connect(reason)) => {

@@ -190,12 +190,6 @@ impl RequestTrace {
         Phase { parent: span.span_context().clone(), span: Some(span) }
     }
 
-    /// The headers that carry this request's trace to an engine when no
-    /// phase span stands between (the request's span is the parent).
-    pub fn propagation(&self) -> TraceHeaders {
-        TraceHeaders::of(self.root.span_context())
-    }
-
     /// Ends the request's span with the answer's status. `error_type` is
     /// recorded as `error.type`; `failed` (a 5xx, an engine that broke off)
     /// makes the span an error, as HTTP server spans count them (a client
@@ -269,7 +263,8 @@ impl Phase {
     }
 
     /// The headers that carry the trace to an engine, this phase's span as
-    /// the parent (`None` when tracing is off).
+    /// the parent, or the request's when the phase is not recorded (`None`
+    /// when tracing is off).
     pub fn propagation(&self) -> Option<TraceHeaders> {
         self.parent.is_valid().then(|| TraceHeaders::of(&self.parent))
     }

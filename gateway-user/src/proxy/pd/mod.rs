@@ -97,16 +97,13 @@ impl<U: Upstream> Proxy<U> {
         plan: &PdPlan,
         send: &Outbound<'_>,
         body: Bytes,
-        request_id: &HeaderValue,
         ctx: &RequestContext,
     ) -> Result<Bytes, PrefillFailure> {
         let _prefilling = plan.prefill.load.start();
         let began = Instant::now();
         let timeout = self.settings.prefill_timeout;
         let mut phase = super::forward::engine_phase(ctx, "prefill", &plan.prefill);
-        let propagation =
-            phase.propagation().or_else(|| ctx.trace.as_ref().map(crate::traces::RequestTrace::propagation));
-        let exchange = self.prefill_exchange(plan, send, body, request_id, propagation);
+        let exchange = self.prefill_exchange(plan, send, body, &ctx.access.request_id, phase.propagation());
         let outcome = tokio::time::timeout(timeout, exchange).await;
         self.metrics.pd.prefill_done(send.model, began.elapsed().as_secs_f64());
         let outcome = outcome.unwrap_or_else(|_| {
