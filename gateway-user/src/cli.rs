@@ -160,17 +160,24 @@ pub fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(err) => {
                     tracing::error!(error = %err, "cannot start the async runtime");
+                    crate::logfmt::sink::flush(LOG_FLUSH_TIMEOUT);
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(*args)) {
+            let code = match runtime.block_on(serve(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!("{err:#}");
+                    crate::logfmt::sink::flush(LOG_FLUSH_TIMEOUT);
                     eprintln!("turnstile: {err:#}");
                     ExitCode::FAILURE
                 }
-            }
+            };
+            // Tasks still running end with the runtime (bounded: a blocking
+            // task must not hold the exit); then the log's last lines go out.
+            runtime.shutdown_timeout(LOG_FLUSH_TIMEOUT);
+            crate::logfmt::sink::flush(LOG_FLUSH_TIMEOUT);
+            code
         }
         Command::Users(args) => match users_command(args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -211,12 +218,34 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_env("TURNSTILE_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info,kube_runtime::watcher=error"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Lines go through the log sink: a worker copies its line into memory and
+    // one thread writes them out in batches. Without that thread, straight to stderr.
+    let Some(sink) = crate::logfmt::sink::install() else {
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        match format {
+            LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+            LogFormat::Text => builder.with_ansi(false).fmt_fields(crate::logfmt::EscapedFields).init(),
+        }
+        tracing::warn!("cannot start the log writer thread; every line is written as it is logged");
+        return;
+    };
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(crate::logfmt::sink::LineWriter::new(sink));
     match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
         LogFormat::Text => builder.with_ansi(false).fmt_fields(crate::logfmt::EscapedFields).init(),
     }
+    // A panic's own message goes straight to stderr: the lines before it go first.
+    let panic_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        crate::logfmt::sink::flush(LOG_FLUSH_TIMEOUT);
+        panic_hook(info);
+    }));
 }
+
+/// Longest the log's last lines are waited for at exit (an output that does
+/// not take them must not hold the process).
+const LOG_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Raises the soft limit on open files to the hard one. Each pod takes a
 /// kept-alive scrape connection and upstream connections, each client one:
@@ -242,7 +271,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Before anything starts: a users file or flags that do not go together stop the gateway here.
     let limits_config = args.limits.config()?;
     let trace_config = args.tracing.config().context("tracing")?;
-    let metrics = Arc::new(Metrics::with_config(&crate::metrics::MetricsConfig::from_env(args.aibrix_metric_names)));
+    let metrics = Metrics::with_config(&crate::metrics::MetricsConfig::from_env(args.aibrix_metric_names))
+        .with_log_lines(|| {
+            let sink = crate::logfmt::sink::stats();
+            crate::metrics::LogLines {
+                written: sink.written_lines,
+                dropped: sink.dropped_lines,
+                pending_bytes: sink.pending_bytes,
+            }
+        });
+    let metrics = Arc::new(metrics);
     let store = Arc::new(PodStore::new(Arc::clone(&metrics)));
     let shutdown = CancellationToken::new();
     let grace = Duration::from_secs(args.shutdown_grace_seconds);

@@ -15,11 +15,13 @@ use prometheus_client::registry::Registry;
 
 mod aibrix;
 mod discovery;
+mod logs;
 mod pd;
 mod routing;
 mod traces;
 pub use aibrix::{AibrixMetrics, AibrixStatus, PodIdentity};
 pub use discovery::{DiscoveryEvent, DiscoveryMetrics};
+pub use logs::LogLines;
 pub use pd::{PdMetrics, PrefillErrorReason};
 pub use routing::{PodAges, RoutingMetrics};
 pub use traces::{SpanDrop, TraceMetrics};
@@ -58,7 +60,8 @@ struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelStrategyLabels {
     model: Arc<str>,
-    strategy: Arc<str>,
+    /// Strategy names are static: no allocation per request.
+    strategy: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -183,6 +186,13 @@ fn latency_histogram() -> Histogram {
 }
 
 impl Metrics {
+    /// Exports the log's counts (`turnstile_log_*`), read from `read` at
+    /// scrape time.
+    pub fn with_log_lines(mut self, read: fn() -> LogLines) -> Self {
+        self.registry.register_collector(Box::new(logs::LogCollector(read)));
+        self
+    }
+
     /// Turnstile's families and AIBrix's names, with an empty `gateway_pod`.
     pub fn new() -> Self {
         Self::with_config(&MetricsConfig::default())
@@ -336,7 +346,7 @@ impl Metrics {
     }
 
     pub fn routed(&self, model: &Arc<str>, strategy: &'static str, seconds: f64) {
-        let labels = ModelStrategyLabels { model: Arc::clone(model), strategy: Arc::from(strategy) };
+        let labels = ModelStrategyLabels { model: Arc::clone(model), strategy };
         self.routing_latency.get_or_create(&labels).observe(seconds);
     }
 

@@ -327,9 +327,24 @@ impl Gateway {
         testkit::write_atomically(&self.pods_file, text).expect("replace pods file");
     }
 
-    /// The gateway's log so far.
+    /// The gateway's log so far: every line it has logged until now.
     pub fn log(&self) -> String {
+        self.wait_log_written();
         std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the gateway has written every log line it took:
+    /// its log thread writes lines a few milliseconds after they are logged
+    /// (`turnstile_log_pending_bytes` on the admin port). A gateway that does
+    /// not answer is not waited for.
+    fn wait_log_written(&self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while let Some(pending) = pending_log_bytes(self.admin)
+            && pending > 0
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// The admin `/metrics` text.
@@ -341,6 +356,20 @@ impl Gateway {
     pub async fn chat(&self, model: &str, headers: &[(&str, &str)]) -> Reply {
         send(post(&self.url("/v1/chat/completions"), &chat_body(model, false), headers)).await
     }
+}
+
+/// `turnstile_log_pending_bytes` from the admin `/metrics` at `admin`, read
+/// with a blocking request (logs are read from sync code too).
+fn pending_log_bytes(admin: SocketAddr) -> Option<u64> {
+    use std::io::{Read as _, Write as _};
+    let timeout = Duration::from_secs(1);
+    let mut stream = std::net::TcpStream::connect_timeout(&admin, timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.set_write_timeout(Some(timeout)).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: turnstile\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.lines().find_map(|line| line.strip_prefix("turnstile_log_pending_bytes ")).and_then(|v| v.trim().parse().ok())
 }
 
 /// `VmRSS` of process `pid`, KiB (what memory bounds in tests are judged by).

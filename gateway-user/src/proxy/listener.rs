@@ -188,7 +188,9 @@ pub async fn serve_tracked<H, F, B>(
                 if let Some(watch) = &watch_for_requests {
                     request.extensions_mut().insert(Arc::clone(watch));
                 }
-                Some(handler(request, peer))
+                // Boxed once here: the request's future is large (every phase's
+                // state), and hyper moves the one it is given into place.
+                Some(Box::pin(handler(request, peer)))
             };
             async move {
                 Ok::<_, Infallible>(match response {

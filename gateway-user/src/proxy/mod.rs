@@ -399,7 +399,12 @@ impl<U: Upstream> Proxy<U> {
         })?;
         let forwarded = self.forward(&parts, &prepared, &resolved, admission, ctx).await?;
         let clock = write_watch.map(|watch| watch.register());
-        Ok(self.respond(forwarded, &resolved, ctx, slot, clock))
+        let mut response = self.respond(forwarded, &resolved, ctx, slot, clock);
+        if let Either::Right(body) = response.body_mut() {
+            // A stream the engine has already sent leaves with the head, in one write.
+            body::gather(body).await;
+        }
+        Ok(response)
     }
 
     /// What the request asks for: an inference endpoint (POST only), a path

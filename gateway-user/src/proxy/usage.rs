@@ -195,29 +195,58 @@ impl UsageTap {
     }
 }
 
+/// Finds `"usage"`, built once (a searcher per call costs more than the
+/// search in a frame of a few events).
+fn usage_key() -> &'static memchr::memmem::Finder<'static> {
+    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
+    FINDER.get_or_init(|| memchr::memmem::Finder::new(b"\"usage\""))
+}
+
+/// Whether `text` mentions `"usage"`.
+fn mentions_usage(text: &[u8]) -> bool {
+    usage_key().find(text).is_some()
+}
+
+/// Reads the usage of the lines `frame` ends, the last one found winning;
+/// only lines mentioning `"usage"` are looked at, found with one search over
+/// the frame. An unfinished last line waits in `partial`.
 fn scan_sse(partial: &mut Vec<u8>, usage: &mut Option<Usage>, frame: &[u8]) {
     let mut rest = frame;
-    while let Some(newline) = memchr::memchr(b'\n', rest) {
-        let (line, tail) = rest.split_at(newline);
-        rest = &tail[1..];
-        let found = if partial.is_empty() {
-            check_sse_line(line)
-        } else {
-            partial.extend_from_slice(line);
-            let found = check_sse_line(partial);
-            partial.clear();
-            found
+    if !partial.is_empty() {
+        // A line split across frames: complete it first.
+        let Some(newline) = memchr::memchr(b'\n', rest) else {
+            partial.extend_from_slice(rest);
+            return;
         };
-        if found.is_some() {
+        partial.extend_from_slice(&rest[..newline]);
+        if let found @ Some(_) = check_sse_line(partial) {
+            *usage = found;
+        }
+        partial.clear();
+        rest = &rest[newline + 1..];
+    }
+    let whole = memchr::memrchr(b'\n', rest).map_or(0, |newline| newline + 1);
+    let (lines, tail) = rest.split_at(whole);
+    let mut checked_to = 0;
+    for at in usage_key().find_iter(lines) {
+        if at < checked_to {
+            continue;
+        }
+        let start = memchr::memrchr(b'\n', &lines[..at]).map_or(0, |newline| newline + 1);
+        let end = memchr::memchr(b'\n', &lines[at..]).map_or(lines.len(), |newline| at + newline);
+        checked_to = end;
+        if let found @ Some(_) = check_sse_line(&lines[start..end]) {
             *usage = found;
         }
     }
-    partial.extend_from_slice(rest);
+    partial.extend_from_slice(tail);
 }
 
 fn check_sse_line(line: &[u8]) -> Option<Usage> {
     let payload = line.strip_prefix(b"data:")?;
-    memchr::memmem::find(payload, b"\"usage\"")?;
+    if !mentions_usage(payload) {
+        return None;
+    }
     parse_usage_json(payload.trim_ascii())
 }
 
@@ -248,7 +277,7 @@ struct ChunkProbe {
 impl UsageChunkFilter {
     /// What of `frame` the client receives.
     pub fn filter(&mut self, frame: &Bytes) -> Bytes {
-        if self.partial.is_empty() && !self.drop_blank && memchr::memmem::find(frame, b"\"usage\"").is_none() {
+        if self.partial.is_empty() && !self.drop_blank && !mentions_usage(frame) {
             // Nothing here can go; only an unfinished last line is held.
             let kept = memchr::memrchr(b'\n', frame).map_or(0, |newline| newline + 1);
             self.partial.extend_from_slice(&frame[kept..]);
@@ -294,7 +323,7 @@ impl UsageChunkFilter {
         }
         let usage_only = content
             .strip_prefix(b"data:")
-            .filter(|payload| memchr::memmem::find(payload, b"\"usage\"").is_some())
+            .filter(|payload| mentions_usage(payload))
             .and_then(|payload| serde_json::from_slice::<ChunkProbe>(payload.trim_ascii()).ok())
             .is_some_and(|chunk| chunk.usage.is_some() && chunk.choices.is_some_and(|c| c.is_empty()));
         self.drop_blank = usage_only;

@@ -579,10 +579,15 @@ async fn start_turnstile(
     let pods_file = conf_dir.join("pods.yaml");
     super::write_engine_pods(engines, &pods_file)?;
     let log = if kernel { "turnstile-kernel.log" } else { "turnstile.log" };
-    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-    let mut env = vec![("RUST_LOG".to_owned(), rust_log), ("TURNSTILE_EBPF".to_owned(), "off".to_owned())];
+    // The gateway's own default logging (info: the access line of every request, text, to the
+    // log file), unless the caller set TURNSTILE_LOG or RUST_LOG.
+    let mut env = vec![("TURNSTILE_EBPF".to_owned(), if kernel { "required" } else { "off" }.to_owned())];
+    for name in ["TURNSTILE_LOG", "RUST_LOG"] {
+        if let Ok(value) = std::env::var(name) {
+            env.push((name.to_owned(), value));
+        }
+    }
     if kernel {
-        env[1].1 = "required".into();
         env.push(("TURNSTILE_BPFFS_DIR".into(), format!("/sys/fs/bpf/turnstile-peers-{}", std::process::id())));
     }
     let client = Client::new();
@@ -590,7 +595,6 @@ async fn start_turnstile(
         GatewaySpec {
             listen,
             routing_algorithm: Some("least-request"),
-            log_format: "json",
             env,
             cpu: pinning.gateway,
             ..GatewaySpec::on_free_ports(&binaries.gateway, &pods_file, conf_dir.join(log))?
@@ -870,6 +874,9 @@ fn render_markdown(args: &BenchArgs, pinning: Pinning, revision: &str, rows: &[R
             }
         }
         let _ = writeln!(out, "\n{}\n", acceptance(&in_scenario, direct));
+        if let Some(budget) = nginx_budget(&in_scenario, direct, scenario) {
+            let _ = writeln!(out, "{budget}\n");
+        }
     }
     out
 }
@@ -907,6 +914,24 @@ fn acceptance(rows: &[&Row], direct: Option<&LoadReport>) -> String {
     } else {
         format!("Acceptance: FAIL — {}", failures.join("; "))
     }
+}
+
+/// Turnstile with its default access log against nginx in the same run: at most 2× nginx's
+/// CPU per request on plain answers and 1.5× on streams, and at most 1 ms added p99 over
+/// direct. `None` without both rows.
+fn nginx_budget(rows: &[&Row], direct: Option<&LoadReport>, scenario: &str) -> Option<String> {
+    let measured =
+        |target: Target| rows.iter().find(|row| row.target == target).and_then(|row| row.outcome.as_ref().ok());
+    let (turnstile, nginx) = (measured(Target::Turnstile { kernel: false })?, measured(Target::Nginx)?);
+    let ratio = turnstile.cpu_us? / nginx.cpu_us?;
+    let limit = if scenario.contains("stream") { 1.5 } else { 2.0 };
+    let added_p99 = turnstile.report.percentile_ms(99.0)? - direct?.percentile_ms(99.0)?;
+    let pass = ratio <= limit && added_p99 <= 1.0;
+    Some(format!(
+        "Against nginx: Turnstile (default access log) spends {ratio:.2}× nginx's CPU per request (at most \
+         {limit}×) and adds {added_p99:+.2} ms p99 over direct (at most 1 ms): {}",
+        if pass { "PASS" } else { "FAIL" }
+    ))
 }
 
 /// Two bar panels per scenario: proxy CPU µs per request and added p99 ms.
@@ -1042,6 +1067,22 @@ mod tests {
         ];
         let markdown = render_markdown(&args(), pinning, "abc1234", &slower);
         assert!(markdown.contains("FAIL — CPU per request not below sglang-router"), "{markdown}");
+    }
+
+    #[test]
+    fn turnstile_is_held_to_twice_nginx_plain_and_one_and_a_half_on_streams() {
+        let rows = [
+            row(Target::Direct, Ok(measured(100_000, vec![1000, 1000, 2000], None))),
+            row(Target::Nginx, Ok(measured(90_000, vec![1100, 1100, 2200], Some(30.0)))),
+            row(Target::Turnstile { kernel: false }, Ok(measured(80_000, vec![1500, 1500, 2500], Some(54.0)))),
+        ];
+        let refs: Vec<&Row> = rows.iter().collect();
+        let direct = rows[0].outcome.as_ref().ok().map(|m| &m.report);
+        let plain = nginx_budget(&refs, direct, "chat").unwrap_or_default();
+        assert!(plain.contains("1.80×") && plain.contains("+0.50 ms") && plain.ends_with("PASS"), "{plain}");
+        let stream = nginx_budget(&refs, direct, "chat stream").unwrap_or_default();
+        assert!(stream.contains("at most 1.5×") && stream.ends_with("FAIL"), "{stream}");
+        assert_eq!(nginx_budget(&refs[..1], direct, "chat"), None, "no nginx row, no verdict");
     }
 
     #[test]

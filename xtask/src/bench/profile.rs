@@ -18,7 +18,7 @@ use crate::loadgen::Schedule;
 /// the kernel's TCP work and hyper's shared connection code, which the unwound stacks do not tie
 /// to the client or the engine side), else `other`.
 const PARTS: &[(&str, &[&str])] = &[
-    ("access log line", &["access_log::AccessRecord::write"]),
+    ("access log line", &["access_log::AccessRecord::write", "gateway_user::logfmt"]),
     ("trace export", &["gateway_user::traces", "opentelemetry"]),
     ("request metrics", &["prometheus_client", "gateway_user::metrics"]),
     ("engine scrapes", &["gateway_user::engine_metrics"]),

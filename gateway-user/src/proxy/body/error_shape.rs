@@ -113,6 +113,11 @@ pub struct ErrorShaped<B> {
 }
 
 impl<B> ErrorShaped<B> {
+    /// The layer below.
+    pub(super) fn inner_mut(&mut self) -> &mut B {
+        &mut self.inner
+    }
+
     /// Shapes `inner` when `status` is an error (see [`shapes`]).
     pub fn new(inner: B, shaped: Option<StatusCode>) -> Self {
         Self { inner, held: shaped.map(|status| (status, BytesMut::new())), done: false }

@@ -204,6 +204,11 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Metered<B> {
 }
 
 impl<B> Metered<B> {
+    /// The layer below.
+    pub(super) fn inner_mut(&mut self) -> &mut B {
+        &mut self.inner
+    }
+
     /// The answer broke off or its client left: bill what it reported.
     fn abandon(&mut self) {
         if let Some(charge) = self.charge.take()

@@ -4,7 +4,8 @@
 //! ```text
 //! engine body ─▶ Coalesced ─▶ Metered ─▶ RequestEnd ─▶ ErrorShaped ─▶ SseErrorEvent ─▶ Clocked ─▶ client
 //!                (SSE bursts   (usage tap,  (access log,   (an engine's   (a break as an   (turn-taking for
-//!                 as one write) TPM settle)  metrics, slots) error in the   SSE error event) the write watch)
+//!                 as one write, TPM settle)  metrics, slots) error in the   SSE error event) the write watch)
+//!                 read by a pump)
 //!                                                           OpenAI shape)
 //! ```
 //!
@@ -55,7 +56,7 @@ pub struct AnswerShape<'a> {
 }
 
 /// Stacks the layers over an engine's answer body.
-pub fn response_body<B: Body<Data = Bytes, Error: Unpin> + Unpin>(
+pub fn response_body<B: Body<Data = Bytes, Error: Unpin + Send> + Send + Unpin + 'static>(
     inner: B,
     shape: &AnswerShape<'_>,
     charge: Option<Box<dyn Charge>>,
@@ -70,6 +71,16 @@ pub fn response_body<B: Body<Data = Bytes, Error: Unpin> + Unpin>(
     let ended = RequestEnd::new(metered, record, clock.clone());
     let shaped = ErrorShaped::new(ended, shape.shaped_error);
     Clocked { inner: SseErrorEvent { inner: shaped, sse, ended: false }, clock }
+}
+
+/// Waits until the answer's first burst is in, so the answer's head and
+/// what the engine has already sent leave in one write (see
+/// [`Coalesced::gather`]).
+pub async fn gather<B>(body: &mut ResponseBody<B>)
+where
+    B: Body<Data = Bytes, Error: Unpin + Send> + Send + Unpin + 'static,
+{
+    body.inner.inner.inner_mut().inner_mut().inner_mut().gather().await;
 }
 
 /// Sent to a streaming client when the engine breaks off mid-stream, so the

@@ -59,6 +59,11 @@ pub struct RequestEnd<B: UsageSource> {
 }
 
 impl<B: UsageSource> RequestEnd<B> {
+    /// The layer below.
+    pub(super) fn inner_mut(&mut self) -> &mut B {
+        &mut self.inner
+    }
+
     pub fn new(inner: B, record: EndRecord, clock: Option<Arc<BodyClock>>) -> Self {
         Self { inner, record: Some(record), first_byte: None, clock }
     }
