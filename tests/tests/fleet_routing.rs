@@ -203,3 +203,64 @@ async fn replicas_route_around_each_others_requests_in_flight() {
         drop(held);
     }
 }
+
+/// The engine's count of running requests, read while another replica held
+/// streams on a pod, does not keep the pod looking busy once that replica
+/// says they ended: least-request uses it again at once, not only after
+/// the next scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_read_busy_is_used_again_once_the_other_replica_says_its_requests_ended() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let engines: Vec<Engine> = ["a", "b"].iter().map(|n| Engine::start(n, MODEL, &["--itl-ms", "100"])).collect();
+    let pods: Vec<PodSpec> = engines.iter().map(|e| PodSpec::for_engine(e, MODEL)).collect();
+    // Scraped every 1.5 s, a reading believed for 6 s.
+    let args = ["--redis-url", url.as_str(), "--pod-metric-refresh-interval-ms", "1500"];
+    let a = Gateway::start(&pods, &args).await;
+    let b = Gateway::start(&pods, &args).await;
+    let quick = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).to_string();
+    let first = send(post(&a.url("/v1/chat/completions"), &quick, &[("routing-strategy", "session-affinity")])).await;
+    let session = first.header("x-session-id").to_owned();
+    let busy = first.header("target-pod").to_owned();
+    let busy_engine = if busy == "a" { &engines[0] } else { &engines[1] };
+    let story = json!({"model": MODEL, "messages": [{"role": "user", "content": "tell a long story"}],
+        "max_tokens": 60, "stream": true})
+    .to_string();
+    let pin = [("routing-strategy", "session-affinity"), ("x-session-id", session.as_str())];
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(open_stream(post(&a.url("/v1/chat/completions"), &story, &pin)).await);
+    }
+    eventually(Duration::from_secs(5), "streams running on the busy pod", || async {
+        busy_engine.stats().await["in_flight"].as_u64() == Some(3)
+    })
+    .await;
+    // A scrape after that reads the three.
+    let scrapes = busy_engine.stats().await["metrics_scrapes"].as_u64().unwrap_or(0);
+    eventually(Duration::from_secs(5), "a scrape while the streams run", || async {
+        busy_engine.stats().await["metrics_scrapes"].as_u64().unwrap_or(0) > scrapes
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The streams end well before the next scrape.
+    drop(held);
+    eventually(Duration::from_secs(5), "the busy pod's streams gone", || async {
+        busy_engine.stats().await["in_flight"].as_u64() == Some(0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Replica `b` now splits its own streams evenly over the two idle pods.
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "another story"}],
+        "max_tokens": 60, "stream": true})
+    .to_string();
+    let mut on_busy = 0;
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let stream =
+            open_stream(post(&b.url("/v1/chat/completions"), &body, &[("routing-strategy", "least-request")])).await;
+        assert_eq!(stream.status(), StatusCode::OK);
+        on_busy += usize::from(stream.headers().get("target-pod").is_some_and(|pod| pod == busy.as_str()));
+        streams.push(stream);
+    }
+    assert_eq!(on_busy, 2, "of 4 streams on two idle pods, the one read busy took {on_busy}");
+}

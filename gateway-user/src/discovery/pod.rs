@@ -67,6 +67,9 @@ pub struct PodLoad {
     engine_queue: AtomicUsize,
     /// This replica's in-flight count when the scrape of that reading started.
     engine_base: AtomicUsize,
+    /// The other replicas' count (as they said) when the reading came;
+    /// [`NOT_HEARD`] when their word had lapsed then.
+    engine_others: AtomicUsize,
     /// Until when (on [`clock_ms`]) the engine reading holds; 0: none.
     engine_until: AtomicU64,
     /// Upstream connection slots (`--max-connections-per-pod`), made on
@@ -81,6 +84,9 @@ fn clock_ms() -> u64 {
     let elapsed = START.get_or_init(Instant::now).elapsed();
     u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX).saturating_add(1)
 }
+
+/// [`PodLoad`]'s `engine_others` when the other replicas were not heard.
+const NOT_HEARD: usize = usize::MAX;
 
 /// Woken when a request starts or ends on any pod.
 static LOAD_CHANGED: tokio::sync::Notify = tokio::sync::Notify::const_new();
@@ -104,35 +110,51 @@ impl PodLoad {
     /// The load routing compares pods by: the most of this replica's
     /// requests in flight plus the other replicas' (when they said within
     /// the last second, through Redis), and the engine's running and
-    /// waiting requests at its last reading (when recent) plus this
-    /// replica's requests started since, less those ended since.
+    /// waiting requests at its last reading (when recent) moved by what
+    /// changed since in the counts the replicas say: this replica's starts
+    /// and ends, and the others' as they report them.
     ///
     /// Every replica reads the engine alike, so replicas that cannot talk
     /// still see each other's load within a scrape period, and load that no
     /// replica reports (one that cannot publish, traffic sent to the engine
     /// directly) still counts; between scrapes a replica's own starts keep
-    /// it from herding onto the pod that read lowest.
+    /// it from herding onto the pod that read lowest. Replicas that do talk
+    /// turn their requests over many times within a scrape period, so the
+    /// reading is moved by their reported ends too: otherwise a pod that
+    /// read high would look busy long after its requests ended, and be
+    /// passed over until the next scrape.
     pub fn routing_load(&self) -> usize {
         let own = self.in_flight();
         let now = clock_ms();
-        let mut load = own;
-        if self.others_until.load(Ordering::Acquire) > now {
-            load = load.max(own.saturating_add(self.others.load(Ordering::Relaxed)));
-        }
+        let others = self.others_now(now);
+        let mut load = own.saturating_add(others.unwrap_or(0));
         if self.engine_until.load(Ordering::Acquire) > now {
             let queue = self.engine_queue.load(Ordering::Relaxed);
             let base = self.engine_base.load(Ordering::Relaxed);
-            load = load.max(queue.saturating_add(own).saturating_sub(base));
+            // Not hearing the others now or at the reading: what they had then stands.
+            let (others, then) = match (others, self.engine_others.load(Ordering::Relaxed)) {
+                (Some(others), then) if then != NOT_HEARD => (others, then),
+                _ => (0, 0),
+            };
+            load = load.max(queue.saturating_add(own).saturating_add(others).saturating_sub(base.saturating_add(then)));
         }
         load
     }
 
+    /// The other replicas' requests in flight on the pod, as they last said;
+    /// `None` once that lapsed.
+    fn others_now(&self, now: u64) -> Option<usize> {
+        (self.others_until.load(Ordering::Acquire) > now).then(|| self.others.load(Ordering::Relaxed))
+    }
+
     /// The engine counted `queue` requests running or waiting when this
     /// replica had `base` in flight (when the scrape started); believed for
-    /// `valid_for`.
+    /// `valid_for`. The other replicas' count as said now is taken as theirs
+    /// at the reading.
     pub fn engine_reading(&self, queue: usize, base: usize, valid_for: Duration) {
         self.engine_queue.store(queue, Ordering::Relaxed);
         self.engine_base.store(base, Ordering::Relaxed);
+        self.engine_others.store(self.others_now(clock_ms()).unwrap_or(NOT_HEARD), Ordering::Relaxed);
         self.engine_until.store(until(valid_for), Ordering::Release);
     }
 
@@ -667,5 +689,25 @@ status:
         load.others_in_flight(9, Duration::ZERO);
         load.engine_reading(6, 1, Duration::ZERO);
         assert_eq!(load.routing_load(), 3, "lapsed views count no more");
+    }
+
+    #[test]
+    fn the_engines_reading_moves_with_the_other_replicas_reported_ends() {
+        let load = Arc::new(PodLoad::default());
+        let _a = load.start();
+        load.others_in_flight(5, Duration::from_secs(60));
+        // The engine ran 9: this replica's 1, the others' 5, and 3 nobody reports.
+        load.engine_reading(9, 1, Duration::from_secs(60));
+        assert_eq!(load.routing_load(), 9);
+        // Three of the others' requests end, as they say: the pod is less busy now.
+        load.others_in_flight(2, Duration::from_secs(60));
+        assert_eq!(load.routing_load(), 6, "1 own + 2 others' + 3 unreported");
+        load.others_in_flight(0, Duration::ZERO);
+        load.others_in_flight(2, Duration::ZERO);
+        assert_eq!(load.routing_load(), 9, "not hearing the others: the reading as it came");
+        // A reading taken while not hearing them is not moved once they are heard again.
+        load.engine_reading(9, 1, Duration::from_secs(60));
+        load.others_in_flight(5, Duration::from_secs(60));
+        assert_eq!(load.routing_load(), 9);
     }
 }

@@ -12,7 +12,7 @@
 //!   (within the longest window the state is kept for), so it routes a
 //!   conversation that began before it existed to the pod holding it.
 //! - **Requests in flight per pod** go on a pub/sub channel as they change
-//!   (every 2 ms at most, less often as the fleet grows, and every 300 ms
+//!   (every 1 ms at most, less often as the fleet grows, and every 300 ms
 //!   regardless), as AIBrix shares them: least-request, power-of-two and
 //!   every tie-break count the fleet's requests, not one replica's
 //!   ([`PodLoad::routing_load`](crate::discovery::PodLoad::routing_load)).
@@ -64,7 +64,7 @@ const READ_BLOCK: Duration = Duration::from_millis(500);
 /// which it sends as they change: requests last tens of milliseconds, and
 /// counts older than a few send every replica to the pod that was
 /// emptiest, which no longer is.
-const LOAD_EVERY: Duration = Duration::from_millis(2);
+const LOAD_EVERY: Duration = Duration::from_millis(1);
 /// Reports Redis delivers per second at most, all replicas together: each
 /// replica's gap between reports widens with the square of the fleet.
 const LOAD_DELIVERIES_PER_SECOND: f64 = 20_000.0;
