@@ -241,7 +241,8 @@ async fn a_pod_read_busy_is_used_again_once_the_other_replica_says_its_requests_
         busy_engine.stats().await["metrics_scrapes"].as_u64().unwrap_or(0) > scrapes
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The reading reaches both replicas (one scrapes, the other hears it through Redis).
+    tokio::time::sleep(Duration::from_millis(400)).await;
     // The streams end well before the next scrape.
     drop(held);
     eventually(Duration::from_secs(5), "the busy pod's streams gone", || async {

@@ -54,8 +54,9 @@ pub const DEFAULT_PORT: u16 = 8000;
 /// Besides this replica's own count, two views of the rest of the fleet's
 /// requests feed [`PodLoad::routing_load`]: what the other replicas say they
 /// have in flight (through Redis, as it changes), and the engine's own count
-/// of running and waiting requests at its last reading, moved by what this
-/// replica started and finished since. Each lapses when not renewed.
+/// of running and waiting requests at its last reading, moved by what the
+/// replicas started and finished since (this one's own, the others' as they
+/// report them). Each lapses when not renewed.
 #[derive(Debug, Default)]
 pub struct PodLoad {
     in_flight: AtomicUsize,
@@ -87,6 +88,11 @@ fn clock_ms() -> u64 {
 
 /// [`PodLoad`]'s `engine_others` when the other replicas were not heard.
 const NOT_HEARD: usize = usize::MAX;
+
+/// The other replicas' requests in flight on a pod when an engine reading
+/// was taken (see [`PodLoad::others_heard`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OthersHeard(usize);
 
 /// Woken when a request starts or ends on any pod.
 static LOAD_CHANGED: tokio::sync::Notify = tokio::sync::Notify::const_new();
@@ -152,10 +158,31 @@ impl PodLoad {
     /// `valid_for`. The other replicas' count as said now is taken as theirs
     /// at the reading.
     pub fn engine_reading(&self, queue: usize, base: usize, valid_for: Duration) {
+        self.engine_reading_at(queue, base, self.others_heard(), valid_for);
+    }
+
+    /// [`PodLoad::engine_reading`] with the other replicas' count at the
+    /// reading as [`PodLoad::others_heard`] gave it when the scrape started.
+    pub fn engine_reading_at(&self, queue: usize, base: usize, others: OthersHeard, valid_for: Duration) {
         self.engine_queue.store(queue, Ordering::Relaxed);
         self.engine_base.store(base, Ordering::Relaxed);
-        self.engine_others.store(self.others_now(clock_ms()).unwrap_or(NOT_HEARD), Ordering::Relaxed);
+        self.engine_others.store(others.0, Ordering::Relaxed);
         self.engine_until.store(until(valid_for), Ordering::Release);
+    }
+
+    /// The other replicas' requests in flight on the pod as said now, to
+    /// time an engine reading by.
+    pub fn others_heard(&self) -> OthersHeard {
+        OthersHeard(self.others_now(clock_ms()).unwrap_or(NOT_HEARD))
+    }
+
+    /// The replicas heard changed (one went silent, or one was heard anew):
+    /// the others' sum now moves by more than their requests, so the engine
+    /// reading is no longer moved by it until the next reading. A replica
+    /// that stops reporting keeps counting through the reading, and one
+    /// heard again is not counted twice.
+    pub fn others_changed(&self) {
+        self.engine_others.store(NOT_HEARD, Ordering::Relaxed);
     }
 
     /// The other replicas have `count` requests in flight on the pod;
@@ -709,5 +736,10 @@ status:
         load.engine_reading(9, 1, Duration::from_secs(60));
         load.others_in_flight(5, Duration::from_secs(60));
         assert_eq!(load.routing_load(), 9);
+        // A replica holding 3 goes silent: the sum falls by its count, not by ends.
+        load.engine_reading(9, 1, Duration::from_secs(60));
+        load.others_changed();
+        load.others_in_flight(2, Duration::from_secs(60));
+        assert_eq!(load.routing_load(), 9, "the silent replica's requests still count");
     }
 }

@@ -28,7 +28,7 @@ use super::schedule::{Cadence, Planner, PodTurn};
 use super::sharing::{Claim, Remote, Sharing};
 use super::window::History;
 use super::{EngineMetrics, PodSlot, ScrapeConfig};
-use crate::discovery::{PodLoad, PodStore};
+use crate::discovery::{OthersHeard, PodLoad, PodStore};
 use crate::metrics::Metrics;
 
 /// Largest `/metrics` body read; a vLLM engine prints a few tens of KiB.
@@ -110,6 +110,8 @@ struct Scrape {
     at: Instant,
     /// This replica's requests in flight to the pod when the scrape started.
     base: usize,
+    /// The other replicas' then, as they said.
+    others: OthersHeard,
     result: Result<Scraped, ScrapeError>,
     /// It fell back to the whole page.
     whole_page: bool,
@@ -322,7 +324,7 @@ fn follow(
 fn finish(states: &mut HashMap<String, PodState>, done: Done, metrics: &Metrics, valid_for: Duration) {
     let Some(state) = states.get_mut(&done.key).filter(|s| s.target.addr == done.addr) else { return };
     state.in_progress = false;
-    let Some(Scrape { at, base, result, whole_page }) = done.scrape else { return };
+    let Some(Scrape { at, base, others, result, whole_page }) = done.scrape else { return };
     if whole_page && !state.whole_page {
         tracing::info!(pod = %done.key, "engine refuses the metrics filter; scraping its whole page");
         state.whole_page = true;
@@ -330,7 +332,7 @@ fn finish(states: &mut HashMap<String, PodState>, done: Done, metrics: &Metrics,
     match result {
         Ok(scraped) => {
             if state.history.is_newer(at) {
-                note_engine_queue(&state.load, &scraped, base, valid_for);
+                note_engine_queue(&state.load, &scraped, (base, others), valid_for);
                 state.slot.publish(state.history.push(at, scraped));
             }
             if state.last_logged.take().is_some() {
@@ -353,7 +355,12 @@ fn take_remote(states: &mut HashMap<String, PodState>, reading: &Remote, valid_f
     let Some(state) = states.get_mut(&reading.pod).filter(|s| s.addr_text == reading.addr) else { return };
     let at = Instant::now();
     if state.history.is_newer(at) {
-        note_engine_queue(&state.load, &reading.scraped, state.load.in_flight(), valid_for);
+        note_engine_queue(
+            &state.load,
+            &reading.scraped,
+            (state.load.in_flight(), state.load.others_heard()),
+            valid_for,
+        );
         state.slot.publish(state.history.push(at, reading.scraped));
         // Scraped for us: not due again here until a period after it.
         state.last_started = Some(state.last_started.map_or(at, |started| started.max(at)));
@@ -373,11 +380,13 @@ const MAX_ENGINE_QUEUE: f64 = 1e6;
 
 /// Tells routing the engine's own count of running and waiting requests,
 /// which every replica reads alike (see [`PodLoad::routing_load`]); `base`
-/// is this replica's in flight when the reading was taken.
-fn note_engine_queue(load: &PodLoad, scraped: &Scraped, base: usize, valid_for: Duration) {
+/// is this replica's in flight and the other replicas' as they said when
+/// the reading was taken.
+fn note_engine_queue(load: &PodLoad, scraped: &Scraped, base: (usize, OthersHeard), valid_for: Duration) {
     if let Some(running) = scraped.running.filter(|r| r.is_finite() && *r >= 0.0) {
         let waiting = scraped.waiting.filter(|w| w.is_finite() && *w >= 0.0).unwrap_or(0.0);
-        load.engine_reading((running + waiting).min(MAX_ENGINE_QUEUE) as usize, base, valid_for);
+        let queue = (running + waiting).min(MAX_ENGINE_QUEUE) as usize;
+        load.engine_reading_at(queue, base.0, base.1, valid_for);
     }
 }
 
@@ -411,6 +420,7 @@ async fn scrape(key: String, job: Job, shared: Arc<Shared>) -> Done {
     }
     let mut whole_page = job.whole_page;
     let base = job.load.in_flight();
+    let others = job.load.others_heard();
     let uri = if whole_page { &job.urls.whole } else { &job.urls.filtered };
     let mut result = fetch(&shared.client, uri, shared.timeout).await;
     if !whole_page && result.as_ref().is_err_and(|err| err.kind == "status") {
@@ -428,7 +438,7 @@ async fn scrape(key: String, job: Job, shared: Arc<Shared>) -> Done {
             Err(_) => sharing.release(&key, &job.addr_text).await,
         }
     }
-    done(Some(Scrape { at, base, result, whole_page }))
+    done(Some(Scrape { at, base, others, result, whole_page }))
 }
 
 /// A failed scrape: `kind` is a bounded metric label.

@@ -629,6 +629,8 @@ struct LoadView {
     applied: HashMap<String, usize>,
     /// The pods by key, for the snapshot they were taken from.
     index: Option<(Arc<crate::discovery::Snapshot>, PodsByKey)>,
+    /// The replicas whose counts the pods were last given (none while not hearing).
+    members: Vec<String>,
 }
 
 type PodsByKey = HashMap<String, Arc<crate::discovery::PodInfo>>;
@@ -719,14 +721,23 @@ fn apply_others(me: &str, others: &Others, pods: &PodStore, status: &Status, all
     let now = Instant::now();
     // Held while the pods are written, so an older sum never overwrites a newer one.
     let mut view = others.lock().unwrap_or_else(PoisonError::into_inner);
-    let LoadView { reports, applied, index } = &mut *view;
+    let LoadView { reports, applied, index, members } = &mut *view;
     reports.retain(|_, (at, _)| now.saturating_duration_since(*at) < LOAD_VALID);
     status.peers.store(reports.len(), Ordering::Relaxed);
     let hearing = status.hearing_loads.load(Ordering::Relaxed);
     set_turn(me, if hearing { Some(reports.keys()) } else { None }.into_iter().flatten());
     if !hearing {
         applied.clear();
+        members.clear();
         return;
+    }
+    let snapshot = pods.snapshot();
+    if members.len() != reports.len() || members.iter().any(|member| !reports.contains_key(member)) {
+        // The sums now move by whole replicas, not by requests.
+        for pod in snapshot.base_models().flat_map(|model| model.pods.iter()) {
+            pod.load.others_changed();
+        }
+        *members = reports.keys().cloned().collect();
     }
     let mut sums: HashMap<String, usize> = HashMap::new();
     for (_, counts) in reports.values() {
@@ -735,7 +746,6 @@ fn apply_others(me: &str, others: &Others, pods: &PodStore, status: &Status, all
             *sum = sum.saturating_add((*count).min(MAX_IN_FLIGHT));
         }
     }
-    let snapshot = pods.snapshot();
     if all {
         for pod in snapshot.base_models().flat_map(|model| model.pods.iter()) {
             pod.load.others_in_flight(sums.get(&pod.key).copied().unwrap_or(0), LOAD_VALID);
