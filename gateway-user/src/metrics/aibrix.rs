@@ -129,10 +129,15 @@ impl AibrixStatus {
     }
 }
 
-/// A discovered pod as a label value: hashed and compared by the label
-/// values it renders, so the hot path clones an `Arc` instead of building
-/// strings, and two routing targets that render alike (a data-parallel
-/// pod's ranks) share one series instead of rendering two identical ones.
+/// A discovered pod as a label value: compared by the label values it
+/// renders, so the hot path clones an `Arc` instead of building strings, and
+/// two routing targets that render alike (a data-parallel pod's ranks) share
+/// one series instead of rendering two identical ones.
+///
+/// Every request looks its pod's series up several times, so both halves of
+/// a lookup stay cheap: the hash takes only the namespace and the name (pods
+/// that render alike have the same ones; the role labels are map lookups),
+/// and the same pod is equal to itself without comparing its values.
 #[derive(Clone, Debug)]
 struct Pod(Arc<dyn PodIdentity>);
 
@@ -153,13 +158,15 @@ impl Pod {
 
 impl Hash for Pod {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.values().hash(state);
+        // A part of what `eq` compares: equal pods hash alike.
+        self.0.namespace().hash(state);
+        self.0.name().hash(state);
     }
 }
 
 impl PartialEq for Pod {
     fn eq(&self, other: &Self) -> bool {
-        self.values() == other.values()
+        std::ptr::addr_eq(Arc::as_ptr(&self.0), Arc::as_ptr(&other.0)) || self.values() == other.values()
     }
 }
 
