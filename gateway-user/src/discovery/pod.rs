@@ -153,16 +153,17 @@ impl PodLoad {
         (self.others_until.load(Ordering::Acquire) > now).then(|| self.others.load(Ordering::Relaxed))
     }
 
-    /// The engine counted `queue` requests running or waiting when this
-    /// replica had `base` in flight (when the scrape started); believed for
-    /// `valid_for`. The other replicas' count as said now is taken as theirs
-    /// at the reading.
+    /// [`PodLoad::engine_reading_at`] with the other replicas' count as
+    /// said now taken as theirs at the reading.
+    #[cfg(test)]
     pub fn engine_reading(&self, queue: usize, base: usize, valid_for: Duration) {
         self.engine_reading_at(queue, base, self.others_heard(), valid_for);
     }
 
-    /// [`PodLoad::engine_reading`] with the other replicas' count at the
-    /// reading as [`PodLoad::others_heard`] gave it when the scrape started.
+    /// The engine counted `queue` requests running or waiting when this
+    /// replica had `base` in flight and the others `others` (as
+    /// [`PodLoad::others_heard`] gave it when the scrape started); believed
+    /// for `valid_for`.
     pub fn engine_reading_at(&self, queue: usize, base: usize, others: OthersHeard, valid_for: Duration) {
         self.engine_queue.store(queue, Ordering::Relaxed);
         self.engine_base.store(base, Ordering::Relaxed);

@@ -332,7 +332,7 @@ fn finish(states: &mut HashMap<String, PodState>, done: Done, metrics: &Metrics,
     match result {
         Ok(scraped) => {
             if state.history.is_newer(at) {
-                note_engine_queue(&state.load, &scraped, (base, others), valid_for);
+                note_engine_queue(&state.load, &scraped, base, others, valid_for);
                 state.slot.publish(state.history.push(at, scraped));
             }
             if state.last_logged.take().is_some() {
@@ -355,12 +355,8 @@ fn take_remote(states: &mut HashMap<String, PodState>, reading: &Remote, valid_f
     let Some(state) = states.get_mut(&reading.pod).filter(|s| s.addr_text == reading.addr) else { return };
     let at = Instant::now();
     if state.history.is_newer(at) {
-        note_engine_queue(
-            &state.load,
-            &reading.scraped,
-            (state.load.in_flight(), state.load.others_heard()),
-            valid_for,
-        );
+        let (base, others) = (state.load.in_flight(), state.load.others_heard());
+        note_engine_queue(&state.load, &reading.scraped, base, others, valid_for);
         state.slot.publish(state.history.push(at, reading.scraped));
         // Scraped for us: not due again here until a period after it.
         state.last_started = Some(state.last_started.map_or(at, |started| started.max(at)));
@@ -380,13 +376,13 @@ const MAX_ENGINE_QUEUE: f64 = 1e6;
 
 /// Tells routing the engine's own count of running and waiting requests,
 /// which every replica reads alike (see [`PodLoad::routing_load`]); `base`
-/// is this replica's in flight and the other replicas' as they said when
-/// the reading was taken.
-fn note_engine_queue(load: &PodLoad, scraped: &Scraped, base: (usize, OthersHeard), valid_for: Duration) {
+/// is this replica's in flight and `others` the other replicas' as they
+/// said when the reading was taken.
+fn note_engine_queue(load: &PodLoad, scraped: &Scraped, base: usize, others: OthersHeard, valid_for: Duration) {
     if let Some(running) = scraped.running.filter(|r| r.is_finite() && *r >= 0.0) {
         let waiting = scraped.waiting.filter(|w| w.is_finite() && *w >= 0.0).unwrap_or(0.0);
         let queue = (running + waiting).min(MAX_ENGINE_QUEUE) as usize;
-        load.engine_reading_at(queue, base.0, base.1, valid_for);
+        load.engine_reading_at(queue, base, others, valid_for);
     }
 }
 
