@@ -119,8 +119,8 @@ impl SloState {
         state
     }
 
-    fn load(&self, pod: &PodInfo) -> f64 {
-        self.loads.lock().unwrap_or_else(PoisonError::into_inner).get(&pod.key).copied().unwrap_or(0.0)
+    fn loads(&self) -> std::sync::MutexGuard<'_, HashMap<String, f64>> {
+        self.loads.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -227,9 +227,12 @@ impl Slo {
     }
 
     /// Chooses among the pods of one deployment: the pod and the load the
-    /// request adds to it, or why none.
+    /// request adds to it, or why none. `loads` is held from this choice
+    /// until the load is added, so requests routed at once cannot all see
+    /// the same room.
     fn within(
         &self,
+        loads: &HashMap<String, f64>,
         pods: &[(usize, &Arc<PodInfo>)],
         profile: &GpuProfile,
         features: &Features,
@@ -242,7 +245,7 @@ impl Slo {
         };
         let mut best = Lowest::new();
         for &(index, pod) in pods {
-            let load = self.state.load(pod);
+            let load = loads.get(&pod.key).copied().unwrap_or(0.0);
             let consumption = match consumption(profile, features) {
                 Ok(c) => c,
                 // Push mode only counts the load: the request is routed anyway.
@@ -267,10 +270,18 @@ impl Slo {
         best.into_item().ok_or(last)
     }
 
-    fn decision(&self, index: usize, pod: &PodInfo, added: f64, model: &Arc<ModelState>, features: &Features) -> RouteDecision {
+    /// Adds the request's load to its pod (in `loads`, still held since the
+    /// choice) and takes it off again when the request ends.
+    fn decision(
+        &self,
+        loads: &mut HashMap<String, f64>,
+        (index, pod): (usize, &PodInfo),
+        added: f64,
+        model: &Arc<ModelState>,
+        features: &Features,
+    ) -> RouteDecision {
         if added != 0.0 {
-            *self.state.loads.lock().unwrap_or_else(PoisonError::into_inner).entry(pod.key.clone()).or_insert(0.0) +=
-                added;
+            *loads.entry(pod.key.clone()).or_insert(0.0) += added;
         }
         let pending = Pending { state: Arc::clone(&self.state), model: Arc::clone(model), pod: pod.key.clone(), added };
         let prompt_tokens = features.prompt_tokens;
@@ -328,14 +339,16 @@ impl Strategy for Slo {
         }
         ranked.sort_by(|a, b| a.rank.total_cmp(&b.rank));
         let mut last = SloRefusal::NoPodAvailable;
+        let mut loads = self.state.loads();
         for (i, ranked) in ranked.iter().enumerate() {
             if i > 0 && ranked.rank > 0.0 {
                 break;
             }
             let pods = deployments.iter().find(|(d, _)| *d == ranked.deployment).map_or(&[][..], |(_, p)| p);
-            match self.within(pods, &ranked.profile, &features) {
+            match self.within(&loads, pods, &ranked.profile, &features) {
                 Ok((index, added)) => {
-                    return Some(Ok(self.decision(index, &candidates[index], added, &model, &features)));
+                    let pod = (index, &*candidates[index]);
+                    return Some(Ok(self.decision(&mut loads, pod, added, &model, &features)));
                 }
                 Err(err) => last = err,
             }
@@ -343,6 +356,9 @@ impl Strategy for Slo {
         if last != SloRefusal::LoadCapacityReached {
             return Some(Err(Unroutable::Slo(last)));
         }
+        // Entered with `loads` still held: a request that ends takes its
+        // load off under the same lock before it wakes the queue, so that
+        // wake-up is not missed.
         let deadline = features.first_try + QUEUE_WAIT;
         Some(match model.queue.enter(deadline) {
             Some(wait) => Err(Unroutable::Queued(wait)),
@@ -364,7 +380,7 @@ struct Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         if self.added != 0.0 {
-            let mut loads = self.state.loads.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut loads = self.state.loads();
             if let Some(load) = loads.get_mut(&self.pod) {
                 *load -= self.added;
                 if *load <= 1e-9 {
@@ -572,6 +588,33 @@ mod tests {
         let (freed, done) = held.pop().expect("held");
         done.call(None);
         assert_eq!(chosen(route(&router, "slo", &pods)).0, freed);
+    }
+
+    #[test]
+    fn requests_routed_at_once_do_not_share_the_last_room() {
+        // Two pods hold four requests; eight threads route at once, many
+        // times over. Never more than four may be admitted.
+        let router = with_profiles(&[("d", profile("d", 2.0, 1.0, 10.0))]);
+        let pods = [pod_of(0, "d"), pod_of(1, "d")];
+        for round in 0..300 {
+            let start = std::sync::Barrier::new(8);
+            let routed: Vec<_> = std::thread::scope(|scope| {
+                let threads: Vec<_> = (0..8)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            start.wait();
+                            match route(&router, "slo", &pods) {
+                                Ok(Route::Single { decision, .. }) => Some(decision.on_usage.expect("tracked")),
+                                Err(Unroutable::Queued(_)) => None,
+                                other => panic!("neither routed nor queued: {other:?}"),
+                            }
+                        })
+                    })
+                    .collect();
+                threads.into_iter().filter_map(|thread| thread.join().expect("router thread")).collect()
+            });
+            assert_eq!(routed.len(), 4, "round {round}: four fit, the others wait");
+        }
     }
 
     #[test]
