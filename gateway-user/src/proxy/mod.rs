@@ -13,6 +13,7 @@ pub mod access_log;
 pub mod body;
 pub mod client;
 pub mod defaults;
+pub mod engine_conn;
 pub mod form;
 mod forward;
 pub mod listener;
@@ -612,7 +613,10 @@ impl<U: Upstream> Proxy<U> {
         access.pod = Some(pod);
         let record = EndRecord { metrics: Arc::clone(&self.metrics), access, status, held, on_usage, trace };
         let charge = charge.map(|charge| Box::new(charge) as Box<dyn body::Charge>);
-        let body = body::response_body(upstream_body, &shape, charge, record, clock);
+        let mut body = body::response_body(upstream_body, &shape, charge, record, clock);
+        if U::BODY_DRIVES_CONNECTION {
+            body::read_inline(&mut body);
+        }
         Response::from_parts(parts, Either::Right(body))
     }
 

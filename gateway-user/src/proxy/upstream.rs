@@ -12,11 +12,9 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::engine_conn::{EngineBody, EnginePool};
 use super::form::UploadBody;
 use super::upstream_conn::TrackingConnector;
 use crate::discovery::PodInfo;
@@ -31,6 +29,11 @@ pub trait Upstream: Send + Sync + 'static {
         + Send
         + Unpin
         + 'static;
+
+    /// Whether reading [`Self::Body`] drives the engine connection itself
+    /// (so a body that returns `Pending` has nothing more buffered anywhere,
+    /// and SSE bursts are gathered in the reader's task, without a pump).
+    const BODY_DRIVES_CONNECTION: bool = false;
 
     /// Sends `request` (its URI names the pod) and waits for the answer's
     /// head, within the response timeout.
@@ -91,10 +94,10 @@ impl Body for UpstreamBody {
     }
 }
 
-/// Pooled HTTP/1.1 client to engine pods.
+/// Pooled HTTP/1.1 client to engine pods ([`super::engine_conn`]).
 #[derive(Clone)]
 pub struct HttpUpstream {
-    client: Client<TrackingConnector, UpstreamBody>,
+    pool: EnginePool,
     response_timeout: Duration,
 }
 
@@ -163,50 +166,40 @@ impl HttpUpstream {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let max_connections_per_pod = settings.max_connections_per_pod.max(1);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(settings.idle_timeout)
-            .pool_max_idle_per_host(max_connections_per_pod)
-            .build(TrackingConnector::new(connector, kernel));
-        Self { client, response_timeout: settings.response_timeout }
+        let pool = EnginePool::new(
+            TrackingConnector::new(connector, kernel),
+            settings.max_connections_per_pod,
+            settings.idle_timeout,
+        );
+        Self { pool, response_timeout: settings.response_timeout }
     }
 }
 
 impl Upstream for HttpUpstream {
-    type Body = Incoming;
+    type Body = EngineBody;
 
-    async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<Incoming>, SendError> {
+    const BODY_DRIVES_CONNECTION: bool = true;
+
+    async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<EngineBody>, SendError> {
         let upload = match request.body() {
             UpstreamBody::Upload(upload) => Some(Arc::clone(upload.state())),
             UpstreamBody::Whole(_) => None,
         };
-        let answer = self.client.request(request);
+        let answer = self.pool.request(request);
         tokio::pin!(answer);
         if let Some(upload) = upload {
             // An upload streams while the client sends it (bounded by the
             // idle timeout between its chunks); the wait for the answer
             // starts once it is all sent.
             tokio::select! {
-                answered = &mut answer => return classify(answered),
+                answered = &mut answer => return answered,
                 () = upload.sent() => {}
             }
         }
         match tokio::time::timeout(self.response_timeout, answer).await {
-            Ok(answered) => classify(answered),
+            Ok(answered) => answered,
             Err(_) => Err(SendError::Timeout(self.response_timeout)),
         }
-    }
-}
-
-/// A pod's answer, or how sending to it failed.
-fn classify(
-    answered: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
-) -> Result<Response<Incoming>, SendError> {
-    match answered {
-        Ok(response) => Ok(response),
-        Err(err) if err.is_connect() => Err(SendError::Connect(crate::logfmt::chain(&err))),
-        Err(err) => Err(SendError::Other(crate::logfmt::chain(&err))),
     }
 }
 

@@ -28,7 +28,7 @@ const PARTS: &[(&str, &[&str])] = &[
     ("response body layers", &["gateway_user::proxy::body"]),
     (
         "engine connection (hyper client)",
-        &["hyper_util::client", "hyper::client", "proxy::upstream", "h1::role::Client"],
+        &["hyper_util::client", "hyper::client", "proxy::upstream", "proxy::engine_conn", "h1::role::Client"],
     ),
     (
         "client connection (hyper server)",

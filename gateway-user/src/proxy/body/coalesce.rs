@@ -18,6 +18,12 @@
 //! stops (dropping the engine body, which ends the engine exchange) when the
 //! client's body is dropped.
 //!
+//! The production engine body drives its own connection while it is read
+//! (`proxy::engine_conn`): there no task stands between the engine's bytes
+//! and the reader, a `Pending` means the engine has sent nothing more, and
+//! the body is always read here ([`Coalesced::read_inline`]), what it had
+//! ready passed on as one frame. The pump serves bodies fed by another task.
+//!
 //! [`Coalesced::gather`] waits for the first burst before the answer's head
 //! goes out, so that a stream the engine has already sent leaves in one
 //! write, head and body together, instead of the head alone first.
@@ -162,6 +168,9 @@ enum Source<B: Body> {
 pub struct Coalesced<B: Body> {
     source: Source<B>,
     on: bool,
+    /// A body that makes the reader wait moves to a pump (see
+    /// [`Coalesced::read_inline`]).
+    pump: bool,
     /// Data read here, not yet passed on.
     kept: Kept,
     /// What [`Coalesced::gather`] read here, passed on first.
@@ -184,12 +193,20 @@ where
         Self {
             source: Source::Here(inner),
             on,
+            pump: true,
             kept: Kept::default(),
             gathered: None,
             stashed: None,
             read_ahead: false,
             inner_done: false,
         }
+    }
+
+    /// The engine body drives its connection when it is read (so `Pending`
+    /// means the engine has sent nothing more): it is always read here, and
+    /// what it had ready is passed on when it makes the reader wait.
+    pub fn read_inline(&mut self) {
+        self.pump = false;
     }
 
     /// Kept data goes before `next` (trailers or an error).
@@ -236,8 +253,10 @@ where
 
     /// The engine made the body wait: it moves to a pump, with what was kept.
     fn hand_over(&mut self, cx: &mut Context<'_>) -> Poll<Polled<B::Error>> {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime to pump in: pass on what is kept, then wait here.
+        let runtime = tokio::runtime::Handle::try_current().ok().filter(|_| self.pump);
+        let Some(runtime) = runtime else {
+            // Read inline, or no runtime to pump in: pass on what is kept,
+            // then wait here.
             return match self.kept.take() {
                 Some(kept) => Poll::Ready(Some(Ok(kept))),
                 None => Poll::Pending,

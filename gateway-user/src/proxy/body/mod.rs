@@ -83,6 +83,15 @@ where
     body.inner.inner.inner_mut().inner_mut().inner_mut().gather().await;
 }
 
+/// The engine body drives its own connection: it is read in the client's
+/// task, never moved to a pump (see [`Coalesced::read_inline`]).
+pub fn read_inline<B>(body: &mut ResponseBody<B>)
+where
+    B: Body<Data = Bytes, Error: Unpin + Send> + Send + Unpin + 'static,
+{
+    body.inner.inner.inner_mut().inner_mut().inner_mut().read_inline();
+}
+
 /// Sent to a streaming client when the engine breaks off mid-stream, so the
 /// client sees why its stream ended instead of a silent truncation.
 pub const SSE_UPSTREAM_ERROR: &[u8] = b"data: {\"error\":{\"message\":\"upstream connection lost mid-stream\",\"type\":\"api_error\",\"code\":\"upstream_error\",\"param\":null}}\n\n";
