@@ -141,24 +141,26 @@ impl PoolInner {
 
     /// Closes the connections that waited the idle timeout or that their
     /// engine closed.
+    /// The connections are looked at (and the closed ones closed) outside
+    /// the lock that checkouts take.
     fn sweep(&self) {
-        let mut closed = Vec::new();
-        {
-            let mut pools = self.idle();
-            for pool in pools.values_mut() {
-                let mut kept = Vec::with_capacity(pool.len());
-                for mut idle in pool.drain(..) {
-                    if idle.since.elapsed() < self.idle_timeout && idle.leased.ready_for_more() {
-                        kept.push(idle);
-                    } else {
-                        closed.push(idle);
-                    }
-                }
-                *pool = kept;
-            }
-            pools.retain(|_, pool| !pool.is_empty());
+        let mut swept = std::mem::take(&mut *self.idle());
+        for pool in swept.values_mut() {
+            pool.retain_mut(|idle| idle.since.elapsed() < self.idle_timeout && idle.leased.ready_for_more());
         }
-        drop(closed);
+        let mut pools = self.idle();
+        for (key, kept) in swept {
+            // Connections checked in meanwhile are the more recent: on top.
+            let pool = pools.entry(Arc::clone(&key)).or_default();
+            let room = self.max_idle_per_pod.saturating_sub(pool.len());
+            let newer = std::mem::replace(pool, kept);
+            let over = pool.len().saturating_sub(room);
+            pool.drain(..over);
+            pool.extend(newer);
+            if pool.is_empty() {
+                pools.remove(&key);
+            }
+        }
     }
 
     /// A new connection to the pod `target` names.
@@ -225,11 +227,10 @@ impl EnginePool {
                 if let Poll::Ready(answered) = sending.as_mut().poll(cx) {
                     return Poll::Ready(answered);
                 }
-                match leased.drive(cx) {
-                    // Ended: the request has been answered with why.
-                    Poll::Ready(()) => sending.as_mut().poll(cx),
-                    Poll::Pending => Poll::Pending,
-                }
+                // The connection writes the request and reads what came
+                // back; if it ended, the request has been answered with why.
+                let _ = leased.drive(cx);
+                sending.as_mut().poll(cx)
             })
             .await;
             match answered {
@@ -350,7 +351,7 @@ mod tests {
 
     /// A raw engine: for each request read on a connection it writes the
     /// next of `answers` (in one write), then, when the answer says so,
-    /// closes. Counts the connections it accepted and sends each request
+    /// closes it 20 ms later. Counts the connections it accepted and sends each request
     /// head it read.
     struct RawEngine {
         addr: SocketAddr,
@@ -389,7 +390,13 @@ mod tests {
                             let _ = heads_tx.send(String::from_utf8_lossy(&head).into_owned());
                             let next = answers.lock().expect("answers").next();
                             let Some((answer, close)) = next else { return };
-                            if socket.write_all(answer.as_bytes()).await.is_err() || close {
+                            if socket.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            if close {
+                                // Later, as a keep-alive timeout would: the
+                                // connection is in the pool by then.
+                                tokio::time::sleep(Duration::from_millis(20)).await;
                                 return;
                             }
                         }
@@ -478,6 +485,24 @@ mod tests {
         let response = pool.request(get(&engine, None)).await.expect("sent on a new connection");
         assert_eq!(body_text(response).await, "ok");
         assert_eq!(engine.accepted(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_sweep_closes_idle_connections_the_engine_closed_and_keeps_the_others() {
+        let closing = RawEngine::start(vec![(OK, true)]).await;
+        let staying = RawEngine::start(vec![(OK, false)]).await;
+        let pool = pool(4, Duration::from_secs(30));
+        for engine in [&closing, &staying] {
+            let response = pool.request(get(engine, None)).await.expect("answered");
+            assert_eq!(body_text(response).await, "ok");
+        }
+        let idle = |pool: &EnginePool| pool.inner.idle().values().map(Vec::len).sum::<usize>();
+        assert_eq!(idle(&pool), 2);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pool.inner.sweep();
+        let pools = pool.inner.idle();
+        assert_eq!(pools.keys().map(|key| key.to_string()).collect::<Vec<_>>(), [staying.addr.to_string()]);
+        assert_eq!(pools.values().map(Vec::len).sum::<usize>(), 1);
     }
 
     #[tokio::test]
