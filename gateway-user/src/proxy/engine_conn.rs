@@ -433,6 +433,12 @@ mod tests {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// Sends a request to `engine` and reads its whole answer, `ok`.
+    async fn answered_ok(pool: &EnginePool, engine: &RawEngine, model: Option<u32>) {
+        let response = pool.request(get(engine, model)).await.expect("answered");
+        assert_eq!(body_text(response).await, "ok");
+    }
+
     #[tokio::test]
     async fn a_connection_is_used_again_once_its_answer_is_read() {
         let mut engine = RawEngine::start(vec![(OK, false), (OK, false), (OK, false)]).await;
@@ -454,8 +460,7 @@ mod tests {
         let engine = RawEngine::start(vec![(OK, false); 4]).await;
         let pool = pool(4, Duration::from_secs(30));
         for model in [Some(1), Some(2), Some(1), Some(2)] {
-            let response = pool.request(get(&engine, model)).await.expect("answered");
-            assert_eq!(body_text(response).await, "ok");
+            answered_ok(&pool, &engine, model).await;
         }
         assert_eq!(engine.accepted(), 2, "a connection per model");
     }
@@ -469,8 +474,7 @@ mod tests {
         let first = response.body_mut().frame().await.expect("a frame").expect("data");
         assert_eq!(first.into_data().expect("data"), "data:1");
         drop(response);
-        let response = pool.request(get(&engine, None)).await.expect("answered");
-        assert_eq!(body_text(response).await, "ok");
+        answered_ok(&pool, &engine, None).await;
         assert_eq!(engine.accepted(), 2, "the half-read connection was not used again");
     }
 
@@ -478,12 +482,10 @@ mod tests {
     async fn a_connection_the_engine_closed_while_idle_is_not_used() {
         let engine = RawEngine::start(vec![(OK, true), (OK, false)]).await;
         let pool = pool(4, Duration::from_secs(30));
-        let response = pool.request(get(&engine, None)).await.expect("answered");
-        assert_eq!(body_text(response).await, "ok");
+        answered_ok(&pool, &engine, None).await;
         // The engine closes the connection after its answer (without saying so).
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let response = pool.request(get(&engine, None)).await.expect("sent on a new connection");
-        assert_eq!(body_text(response).await, "ok");
+        answered_ok(&pool, &engine, None).await;
         assert_eq!(engine.accepted(), 2);
     }
 
@@ -493,8 +495,7 @@ mod tests {
         let staying = RawEngine::start(vec![(OK, false)]).await;
         let pool = pool(4, Duration::from_secs(30));
         for engine in [&closing, &staying] {
-            let response = pool.request(get(engine, None)).await.expect("answered");
-            assert_eq!(body_text(response).await, "ok");
+            answered_ok(&pool, engine, None).await;
         }
         let idle = |pool: &EnginePool| pool.inner.idle().values().map(Vec::len).sum::<usize>();
         assert_eq!(idle(&pool), 2);
@@ -509,11 +510,9 @@ mod tests {
     async fn idle_connections_close_after_the_idle_timeout() {
         let engine = RawEngine::start(vec![(OK, false), (OK, false)]).await;
         let pool = pool(4, Duration::from_millis(100));
-        let response = pool.request(get(&engine, None)).await.expect("answered");
-        assert_eq!(body_text(response).await, "ok");
+        answered_ok(&pool, &engine, None).await;
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let response = pool.request(get(&engine, None)).await.expect("answered");
-        assert_eq!(body_text(response).await, "ok");
+        answered_ok(&pool, &engine, None).await;
         assert_eq!(engine.accepted(), 2, "the idle connection had timed out");
     }
 
