@@ -160,7 +160,7 @@ impl ConnTag {
 pub struct ClientConn(pub Arc<ConnTag>);
 
 /// An upstream connection's tag, carried in the extensions of each response
-/// read from it (the upstream connector puts it there).
+/// read from it (the engine pool, `proxy::engine_conn`, puts it there).
 #[derive(Clone, Debug)]
 pub struct UpstreamConn(pub Arc<ConnTag>);
 

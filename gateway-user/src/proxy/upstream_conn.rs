@@ -1,12 +1,13 @@
-//! The connector of the upstream client: hyper-util's `HttpConnector`, with
-//! each new connection to a pod registered with kernel assist and tagged with
-//! the model of its pool. With kernel assist the proxy keeps one pool per pod
-//! and model (the model id rides in the pool's authority as user info,
-//! `m7@10.0.3.17:8000`, which hyper leaves out of `Host`), so an upstream
-//! socket carries one model all its life and its bytes are that model's, to
-//! the packet: a pooled connection is chosen before anyone could know which
-//! socket to tag. The connection's [`UpstreamConn`] rides in the extensions of
-//! every response read from it.
+//! The connector of the engine pool (`engine_conn`): hyper-util's
+//! `HttpConnector`, with each new connection to a pod registered with kernel
+//! assist and tagged with the model of its pool. With kernel assist the proxy
+//! keeps one pool per pod and model (the model id rides in the pool's
+//! authority as user info, `m7@10.0.3.17:8000`, which the pool leaves out of
+//! `Host`), so an upstream socket carries one model all its life and its
+//! bytes are that model's, to the packet: a pooled connection is chosen
+//! before anyone could know which socket to tag. The pool puts the
+//! connection's [`UpstreamConn`](crate::kernel::tagging::UpstreamConn) in the
+//! extensions of every response read from it.
 
 use std::future::Future;
 use std::os::fd::AsRawFd as _;
@@ -15,12 +16,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::kernel::KernelAssist;
-use crate::kernel::tagging::{TaggedStream, UpstreamConn};
+use crate::kernel::tagging::TaggedStream;
 
 /// `HttpConnector` plus kernel-assist tracking.
 #[derive(Clone)]
@@ -75,16 +76,6 @@ fn pool_model(uri: &Uri) -> u32 {
         .and_then(|(user, _)| user.strip_prefix('m'))
         .and_then(|id| id.parse().ok())
         .unwrap_or(0)
-}
-
-impl Connection for TaggedStream<TcpStream> {
-    fn connected(&self) -> Connected {
-        let connected = self.get_ref().connected();
-        match self.tag() {
-            Some(tag) => connected.extra(UpstreamConn(Arc::clone(tag))),
-            None => connected,
-        }
-    }
 }
 
 #[cfg(test)]
