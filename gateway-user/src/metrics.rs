@@ -19,7 +19,7 @@ mod logs;
 mod pd;
 mod routing;
 mod traces;
-pub use aibrix::{AibrixMetrics, AibrixStatus, PodIdentity};
+pub use aibrix::{AibrixMetrics, AibrixStatus, PodIdentity, SeriesHandles};
 pub use discovery::{DiscoveryEvent, DiscoveryMetrics};
 pub use logs::LogLines;
 pub use pd::{PdMetrics, PrefillErrorReason};

@@ -217,6 +217,7 @@ pub fn to_pod(endpoint: &Endpoint, resolved: Option<SocketAddr>) -> PodInfo {
         data_parallel: 1,
         ready: resolved.is_some(),
         load: Arc::default(),
+        series: Default::default(),
     }
 }
 

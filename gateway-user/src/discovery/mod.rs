@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 pub use adapters::{AdapterBinding, AdapterSource};
-pub use pod::{InFlightGuard, OthersHeard, PodInfo, PodLoad, Role, load_changed};
+pub use pod::{InFlightGuard, LoadClock, OthersHeard, PodInfo, PodLoad, Role, load_changed};
 pub use store::{ModelPods, PodStore, Snapshot};
 
 /// Where pods come from (`--discovery`).

@@ -76,6 +76,12 @@ pub struct PodLoad {
     /// Upstream connection slots (`--max-connections-per-pod`), made on
     /// first use; one HTTP/1.1 request in flight holds one connection.
     connection_slots: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
+    /// The engine's latest metrics, published by the scraper (through the
+    /// pod's [`crate::engine_metrics::PodSlot`]): kept here, beside the
+    /// counts routing reads anyway, so a request reads a pod's metrics
+    /// through the pod itself rather than looking it up by name among all
+    /// the fleet's.
+    engine_metrics: arc_swap::ArcSwapOption<crate::engine_metrics::PodMetrics>,
 }
 
 /// Milliseconds since the process first asked, never 0: the clock the
@@ -84,6 +90,17 @@ fn clock_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let elapsed = START.get_or_init(Instant::now).elapsed();
     u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX).saturating_add(1)
+}
+
+/// A reading of the clock [`PodLoad::routing_load_at`] judges lapsed views by.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadClock(u64);
+
+impl LoadClock {
+    /// The clock now.
+    pub fn now() -> Self {
+        Self(clock_ms())
+    }
 }
 
 /// [`PodLoad`]'s `engine_others` when the other replicas were not heard.
@@ -130,8 +147,14 @@ impl PodLoad {
     /// read high would look busy long after its requests ended, and be
     /// passed over until the next scrape.
     pub fn routing_load(&self) -> usize {
+        self.routing_load_at(LoadClock::now())
+    }
+
+    /// [`PodLoad::routing_load`] as of `now`: a request comparing many pods
+    /// reads the clock once for them all.
+    pub fn routing_load_at(&self, now: LoadClock) -> usize {
+        let LoadClock(now) = now;
         let own = self.in_flight();
-        let now = clock_ms();
         let others = self.others_now(now);
         let mut load = own.saturating_add(others.unwrap_or(0));
         if self.engine_until.load(Ordering::Acquire) > now {
@@ -191,6 +214,21 @@ impl PodLoad {
     pub fn others_in_flight(&self, count: usize, valid_for: Duration) {
         self.others.store(count, Ordering::Relaxed);
         self.others_until.store(until(valid_for), Ordering::Release);
+    }
+
+    /// The engine's latest metrics, however old (`None`: none yet, or the
+    /// pod is no longer scraped).
+    pub fn engine_metrics(&self) -> Option<Arc<crate::engine_metrics::PodMetrics>> {
+        self.engine_metrics.load_full()
+    }
+
+    /// Replaces the engine's latest metrics, returning the previous ones.
+    /// Only the pod's metrics slot calls this.
+    pub(crate) fn swap_engine_metrics(
+        &self,
+        metrics: Option<Arc<crate::engine_metrics::PodMetrics>>,
+    ) -> Option<Arc<crate::engine_metrics::PodMetrics>> {
+        self.engine_metrics.swap(metrics)
     }
 
     /// The pod's upstream connection slots, `cap` of them.
@@ -271,6 +309,9 @@ pub struct PodInfo {
     /// Ready for new requests: has an IP, is not terminating, condition Ready=True.
     pub ready: bool,
     pub load: Arc<PodLoad>,
+    /// Its handles on its own AIBrix series (this generation's labels; a
+    /// clone starts without).
+    pub series: crate::metrics::SeriesHandles,
 }
 
 /// Why a pod carrying the model label could not be used at all.
@@ -343,6 +384,7 @@ impl PodInfo {
             namespace,
             model,
             load: Arc::default(),
+            series: Default::default(),
         }))
     }
 }
@@ -402,6 +444,10 @@ impl crate::metrics::PodIdentity for PodInfo {
 
     fn label(&self, name: &str) -> &str {
         self.labels.get(name).map_or("", String::as_str)
+    }
+
+    fn series(&self) -> Option<&crate::metrics::SeriesHandles> {
+        Some(&self.series)
     }
 }
 

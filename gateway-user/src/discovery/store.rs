@@ -259,6 +259,7 @@ pub(crate) mod tests {
             data_parallel: 1,
             ready,
             load: Arc::default(),
+            series: Default::default(),
         }
     }
 

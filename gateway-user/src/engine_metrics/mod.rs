@@ -37,8 +37,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 
+use crate::discovery::{PodInfo, PodLoad};
 use crate::metrics::PodAges;
 
 /// Scraper settings (set by `turnstile serve` flags, whose defaults these are).
@@ -141,23 +142,36 @@ impl PodMetrics {
     }
 }
 
-/// The latest metrics of one pod, written by its scrape task only.
+/// The latest metrics of one pod, written by its scrape task only. They
+/// are kept in the pod's [`PodLoad`], where requests read them through the
+/// pod they are choosing between ([`MetricsView::reading_of`]); the slot is
+/// what the store knows the pod by.
 #[derive(Debug)]
 pub struct PodSlot {
     model: Arc<str>,
-    latest: ArcSwapOption<PodMetrics>,
+    load: Arc<PodLoad>,
     /// The store's count of pods whose latest reading says they sleep.
     sleeping: Arc<AtomicUsize>,
 }
 
 impl PodSlot {
-    fn new(model: &str, sleeping: Arc<AtomicUsize>) -> Self {
-        Self { model: Arc::from(model), latest: ArcSwapOption::empty(), sleeping }
+    fn new(model: &str, load: Arc<PodLoad>, sleeping: Arc<AtomicUsize>) -> Self {
+        Self { model: Arc::from(model), load, sleeping }
+    }
+
+    /// The latest metrics, however old.
+    fn latest(&self) -> Option<Arc<PodMetrics>> {
+        self.load.engine_metrics()
     }
 
     fn publish(&self, metrics: PodMetrics) {
-        let now = metrics.sleeping;
-        let before = self.latest.swap(Some(Arc::new(metrics))).is_some_and(|m| m.sleeping);
+        self.replace(Some(Arc::new(metrics)));
+    }
+
+    /// Puts `metrics` in place of the latest, keeping the sleeping count.
+    fn replace(&self, metrics: Option<Arc<PodMetrics>>) {
+        let now = metrics.as_ref().is_some_and(|m| m.sleeping);
+        let before = self.load.swap_engine_metrics(metrics).is_some_and(|m| m.sleeping);
         match (before, now) {
             (false, true) => {
                 self.sleeping.fetch_add(1, Ordering::Relaxed);
@@ -166,14 +180,6 @@ impl PodSlot {
                 self.sleeping.fetch_sub(1, Ordering::Relaxed);
             }
             _ => {}
-        }
-    }
-}
-
-impl Drop for PodSlot {
-    fn drop(&mut self) {
-        if self.latest.load().as_ref().is_some_and(|m| m.sleeping) {
-            self.sleeping.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -225,18 +231,32 @@ impl EngineMetrics {
         self.stale_after_nanos.store(nanos(stale_after), Ordering::Relaxed);
     }
 
-    /// The slot of `key`, created if the pod is new. Used by the scraper.
-    fn slot(&self, key: &str, model: &str) -> Arc<PodSlot> {
+    /// The slot of `key`, created if the pod is new (or came back as a new
+    /// pod, with a new `load`; it keeps the metrics it had). Used by the
+    /// scraper.
+    fn slot(&self, key: &str, model: &str, load: &Arc<PodLoad>) -> Arc<PodSlot> {
         let _guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.slots.load();
-        if let Some(slot) = current.get(key).filter(|s| &*s.model == model) {
+        let previous = current.get(key);
+        if let Some(slot) = previous.filter(|s| &*s.model == model && Arc::ptr_eq(&s.load, load)) {
             return Arc::clone(slot);
         }
-        let slot = Arc::new(PodSlot::new(model, Arc::clone(&self.sleeping)));
+        let kept = previous.filter(|s| &*s.model == model).and_then(|s| s.latest());
+        if let Some(previous) = previous {
+            previous.replace(None);
+        }
+        let slot = Arc::new(PodSlot::new(model, Arc::clone(load), Arc::clone(&self.sleeping)));
+        slot.replace(kept);
         let mut next: Slots = (**current).clone();
         next.insert(key.to_owned(), Arc::clone(&slot));
         self.slots.store(Arc::new(next));
         slot
+    }
+
+    /// Takes `metrics` as `pod`'s latest, as a scrape would: for metrics
+    /// that come from elsewhere than the scraper (benchmarks).
+    pub fn record(&self, pod: &PodInfo, metrics: PodMetrics) {
+        self.slot(&pod.key, &pod.model, &pod.load).publish(metrics);
     }
 
     /// Keeps only the slots of `keys` (pods that left lose their state).
@@ -246,7 +266,15 @@ impl EngineMetrics {
         if current.keys().all(|k| keep(k)) {
             return;
         }
-        let next: Slots = current.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), Arc::clone(v))).collect();
+        let mut next = Slots::with_capacity(current.len());
+        for (key, slot) in current.iter() {
+            if keep(key) {
+                next.insert(key.clone(), Arc::clone(slot));
+            } else {
+                // A pod no longer scraped has no metrics (not stale ones kept forever).
+                slot.replace(None);
+            }
+        }
         self.slots.store(Arc::new(next));
     }
 }
@@ -259,7 +287,7 @@ impl PodAges for EngineMetrics {
     fn visit(&self, visit: &mut dyn FnMut(&str, &str, f64)) {
         let now = Instant::now();
         for (key, slot) in self.slots.load().iter() {
-            if let Some(latest) = slot.latest.load().as_ref() {
+            if let Some(latest) = slot.latest() {
                 visit(&slot.model, key, now.saturating_duration_since(latest.scraped_at).as_secs_f64());
             }
         }
@@ -322,14 +350,29 @@ impl MetricsView {
     /// The pod's latest metrics, however old.
     fn latest(&self, key: &str) -> Option<Arc<PodMetrics>> {
         match &self.source {
-            ViewSource::Slots(slots) => slots.get(key).and_then(|slot| slot.latest.load_full()),
+            ViewSource::Slots(slots) => slots.get(key).and_then(|slot| slot.latest()),
             ViewSource::Fixed(map) => map.get(key).cloned(),
         }
     }
 
     /// The metrics of the pod `key`.
     pub fn reading(&self, key: &str) -> Reading {
-        match self.latest(key) {
+        self.judge(self.latest(key))
+    }
+
+    /// The metrics of `pod`: [`MetricsView::reading`] of its key, read
+    /// through the pod itself (no lookup among the fleet's pods).
+    pub fn reading_of(&self, pod: &PodInfo) -> Reading {
+        let latest = match &self.source {
+            ViewSource::Slots(_) => pod.load.engine_metrics(),
+            ViewSource::Fixed(map) => map.get(&pod.key).cloned(),
+        };
+        self.judge(latest)
+    }
+
+    /// Fresh, stale or missing, by the view's clock.
+    fn judge(&self, latest: Option<Arc<PodMetrics>>) -> Reading {
+        match latest {
             None => Reading::Missing,
             Some(m) if self.now.saturating_duration_since(m.scraped_at) > self.stale_after => Reading::Stale,
             Some(m) => Reading::Fresh(m),
@@ -357,9 +400,10 @@ mod tests {
     #[test]
     fn slots_follow_pods_and_report_ages() {
         let store = EngineMetrics::new(Duration::from_secs(2));
-        let a = store.slot("ns/a", "m");
-        let b = store.slot("ns/b", "m");
-        assert!(Arc::ptr_eq(&a, &store.slot("ns/a", "m")), "same pod, same slot");
+        let (load_a, load_b) = (Arc::new(PodLoad::default()), Arc::new(PodLoad::default()));
+        let a = store.slot("ns/a", "m", &load_a);
+        let b = store.slot("ns/b", "m", &load_b);
+        assert!(Arc::ptr_eq(&a, &store.slot("ns/a", "m", &load_a)), "same pod, same slot");
         assert!(matches!(store.view().reading("ns/a"), Reading::Missing), "not scraped yet");
         a.publish(PodMetrics { running: Some(3.0), ..PodMetrics::empty(Instant::now()) });
         b.publish(PodMetrics::empty(Instant::now()));
@@ -374,5 +418,45 @@ mod tests {
         store.retain(|key| key == "ns/b");
         assert!(matches!(store.view().reading("ns/a"), Reading::Missing), "pod left, state dropped");
         assert!(matches!(store.view().reading("ns/b"), Reading::Fresh(_)));
+    }
+
+    /// A pod with key `ns/a` serving `m`, with `load`.
+    fn pod_a(load: &Arc<PodLoad>) -> PodInfo {
+        PodInfo {
+            key: "ns/a".into(),
+            load: Arc::clone(load),
+            ..crate::routing::test_support::pod(0, 0).0.as_ref().clone()
+        }
+    }
+
+    #[test]
+    fn requests_read_a_pods_metrics_through_the_pod() {
+        let store = EngineMetrics::new(Duration::from_secs(2));
+        let load = Arc::new(PodLoad::default());
+        let slot = store.slot("ns/a", "m", &load);
+        let pod = pod_a(&load);
+        assert!(matches!(store.view().reading_of(&pod), Reading::Missing), "not scraped yet");
+        slot.publish(PodMetrics { running: Some(3.0), sleeping: true, ..PodMetrics::empty(Instant::now()) });
+        let Reading::Fresh(m) = store.view().reading_of(&pod) else { panic!("fresh") };
+        assert_eq!(m.running, Some(3.0));
+        assert!(store.view().sleeping("ns/a"));
+
+        // The pod came back as a new pod (a new load): its metrics move to it.
+        let again = Arc::new(PodLoad::default());
+        let moved = store.slot("ns/a", "m", &again);
+        assert!(!Arc::ptr_eq(&slot, &moved));
+        assert!(matches!(store.view().reading_of(&pod_a(&again)), Reading::Fresh(_)));
+        assert!(matches!(store.view().reading_of(&pod), Reading::Missing), "the old pod's are gone");
+        assert!(store.view().sleeping("ns/a"), "still asleep, counted once");
+        assert_eq!(store.sleeping.load(Ordering::Relaxed), 1);
+
+        // Serving another model, it starts over; once gone, nothing is left.
+        store.slot("ns/a", "other", &again);
+        assert!(matches!(store.view().reading_of(&pod_a(&again)), Reading::Missing));
+        assert_eq!(store.sleeping.load(Ordering::Relaxed), 0);
+        store.slot("ns/a", "m", &again).publish(PodMetrics::empty(Instant::now()));
+        store.retain(|_| false);
+        assert!(matches!(store.view().reading_of(&pod_a(&again)), Reading::Missing), "no longer scraped");
+        assert!(matches!(store.view().reading("ns/a"), Reading::Missing));
     }
 }

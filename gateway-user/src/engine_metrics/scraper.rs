@@ -287,7 +287,11 @@ fn follow(
     store.retain(|key| states.contains_key(key) || wanted.contains_key(key));
     for (key, (target, pod)) in wanted {
         if let Some(state) = states.get_mut(key) {
-            state.load = Arc::clone(&pod.load);
+            if !Arc::ptr_eq(&state.load, &pod.load) {
+                // The pod came back as a new one: its metrics move with it.
+                state.slot = store.slot(key, &target.model, &pod.load);
+                state.load = Arc::clone(&pod.load);
+            }
             continue;
         }
         let names = names::for_engine(&target.engine);
@@ -298,7 +302,7 @@ fn follow(
                 continue;
             }
         };
-        let slot = store.slot(key, &target.model);
+        let slot = store.slot(key, &target.model, &pod.load);
         states.insert(
             key.to_owned(),
             PodState {
@@ -534,6 +538,7 @@ mod tests {
             data_parallel: 1,
             ready: true,
             load: Arc::default(),
+            series: Default::default(),
         }
     }
 

@@ -48,7 +48,7 @@ pub fn best_tier<'a>(
     // Each pod's tier, and whether its engine has requests waiting.
     let judged: Vec<(Tier, bool)> = pods
         .iter()
-        .map(|pod| match view.reading(&pod.key) {
+        .map(|pod| match view.reading_of(pod) {
             Reading::Fresh(metrics) => {
                 let idle = metrics.running.is_some_and(|running| running <= 0.0);
                 let tier = match metrics.lora {

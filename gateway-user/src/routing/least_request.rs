@@ -24,7 +24,8 @@ impl Strategy for LeastRequest {
 
     fn score(&self, _: &RouteRequest<'_>, candidates: &[Arc<PodInfo>], scores: &mut Vec<f64>) -> Result<(), Unscored> {
         scores.clear();
-        scores.extend(candidates.iter().map(|pod| pod.load.routing_load() as f64));
+        let now = crate::discovery::LoadClock::now();
+        scores.extend(candidates.iter().map(|pod| pod.load.routing_load_at(now) as f64));
         Ok(())
     }
 

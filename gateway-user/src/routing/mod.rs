@@ -30,7 +30,7 @@ use http::header::{HeaderName, HeaderValue};
 pub use config::{PrefixTokenizer, RoutingConfig, VtcTimeUnit};
 pub use filter::LabelSelector;
 
-use crate::discovery::PodInfo;
+use crate::discovery::{LoadClock, PodInfo};
 use crate::engine_metrics::{MetricsView, PodMetrics, Reading};
 use crate::metrics::RoutingMetrics;
 use ties::Lowest;
@@ -285,7 +285,7 @@ impl<'a> RouteRequest<'a> {
 
     /// Engine metrics of `pod`, or why there are none.
     pub fn pod_metrics(&self, pod: &PodInfo) -> Result<Arc<PodMetrics>, Unscored> {
-        match self.metrics.reading(&pod.key) {
+        match self.metrics.reading_of(pod) {
             Reading::Fresh(metrics) => Ok(metrics),
             Reading::Stale => Err(Unscored::MetricsStale),
             Reading::Missing => Err(Unscored::MetricsMissing),
@@ -640,9 +640,10 @@ pub fn strategy_names() -> Vec<&'static str> {
 /// taking it all.
 pub(crate) fn least_in_flight(candidates: &[Arc<PodInfo>]) -> usize {
     let turn = fleet::turn_of();
+    let now = LoadClock::now();
     let mut least = Lowest::new();
     for (i, pod) in candidates.iter().enumerate() {
-        least.offer((pod.load.routing_load(), turn.not_mine(i, candidates.len())), i);
+        least.offer((pod.load.routing_load_at(now), turn.not_mine(i, candidates.len())), i);
     }
     least.into_item().unwrap_or(0)
 }
@@ -658,10 +659,11 @@ pub(crate) fn lowest(scores: &[f64], candidates: &[Arc<PodInfo>]) -> Option<usiz
     let min = scores.iter().copied().fold(f64::INFINITY, f64::min);
     let tolerance = 1e-9 * min.abs().max(1.0);
     let turn = fleet::turn_of();
+    let now = LoadClock::now();
     let mut least = Lowest::new();
     for (i, (score, pod)) in scores.iter().zip(candidates).enumerate() {
         if *score <= min + tolerance {
-            least.offer((pod.load.routing_load(), turn.not_mine(i, candidates.len())), i);
+            least.offer((pod.load.routing_load_at(now), turn.not_mine(i, candidates.len())), i);
         }
     }
     least.into_item()
@@ -727,6 +729,7 @@ pub(crate) mod test_support {
             data_parallel: 1,
             ready: true,
             load,
+            series: Default::default(),
         };
         (Arc::new(info), guards)
     }

@@ -381,7 +381,7 @@ impl PdRouter {
         let bucketing = settings.prompt_length_bucketing;
         let prompt_tokens = if bucketing { request.prompt_tokens() } else { 0 };
         let fits = |pod: &PodInfo| pod_profile(pod).is_none_or(|p| p.bucket.fits(prompt_tokens));
-        let reading = |pod: &PodInfo| match request.metrics.reading(&pod.key) {
+        let reading = |pod: &PodInfo| match request.metrics.reading_of(pod) {
             Reading::Fresh(metrics) => Some(metrics),
             Reading::Stale | Reading::Missing => None,
         };
