@@ -11,6 +11,7 @@ pub mod admin;
 pub mod cli;
 pub mod discovery;
 pub mod engine_metrics;
+pub mod engine_report;
 pub mod errors;
 #[doc(hidden)]
 pub mod fuzzing;

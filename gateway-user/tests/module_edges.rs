@@ -38,8 +38,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "traces",
         ],
     ),
-    ("discovery", &["metrics", "profiles"]),
-    ("engine_metrics", &["discovery", "metrics", "redis_link"]),
+    ("discovery", &["engine_report", "metrics", "profiles"]),
+    ("engine_metrics", &["discovery", "engine_report", "metrics", "redis_link"]),
+    ("engine_report", &[]),
     ("errors", &["limits"]),
     // Fuzz entry points reach into what they fuzz.
     ("fuzzing", &["discovery", "engine_metrics", "metrics", "profiles", "proxy", "routing", "tokens"]),

@@ -77,11 +77,11 @@ pub struct PodLoad {
     /// first use; one HTTP/1.1 request in flight holds one connection.
     connection_slots: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
     /// The engine's latest metrics, published by the scraper (through the
-    /// pod's [`crate::engine_metrics::PodSlot`]): kept here, beside the
+    /// pod's slot in the engine metrics store): kept here, beside the
     /// counts routing reads anyway, so a request reads a pod's metrics
     /// through the pod itself rather than looking it up by name among all
     /// the fleet's.
-    engine_metrics: arc_swap::ArcSwapOption<crate::engine_metrics::PodMetrics>,
+    engine_metrics: arc_swap::ArcSwapOption<crate::engine_report::PodMetrics>,
 }
 
 /// Milliseconds since the process first asked, never 0: the clock the
@@ -218,7 +218,7 @@ impl PodLoad {
 
     /// The engine's latest metrics, however old (`None`: none yet, or the
     /// pod is no longer scraped).
-    pub fn engine_metrics(&self) -> Option<Arc<crate::engine_metrics::PodMetrics>> {
+    pub fn engine_metrics(&self) -> Option<Arc<crate::engine_report::PodMetrics>> {
         self.engine_metrics.load_full()
     }
 
@@ -226,8 +226,8 @@ impl PodLoad {
     /// Only the pod's metrics slot calls this.
     pub(crate) fn swap_engine_metrics(
         &self,
-        metrics: Option<Arc<crate::engine_metrics::PodMetrics>>,
-    ) -> Option<Arc<crate::engine_metrics::PodMetrics>> {
+        metrics: Option<Arc<crate::engine_report::PodMetrics>>,
+    ) -> Option<Arc<crate::engine_report::PodMetrics>> {
         self.engine_metrics.swap(metrics)
     }
 

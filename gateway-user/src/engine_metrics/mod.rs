@@ -30,7 +30,7 @@ pub use self::{
     names::for_engine,
     parse::{Scraped, parse},
 };
-pub use parse::{LoraSlots, lora_hash};
+pub use crate::engine_report::{LoraSlots, PodMetrics, lora_hash};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -69,75 +69,6 @@ impl Default for ScrapeConfig {
             concurrency: 16,
             max_scrapes_per_second: 500,
             window: Duration::from_secs(5),
-        }
-    }
-}
-
-/// What one pod's engine reported at its last scrape, with recent-window
-/// means and rates. `None` where the engine exports no such series (or, for
-/// means, where no request finished within the window).
-#[derive(Clone, Debug, PartialEq)]
-pub struct PodMetrics {
-    pub scraped_at: Instant,
-    /// Requests in the running batch.
-    pub running: Option<f64>,
-    /// Requests queued for the batch.
-    pub waiting: Option<f64>,
-    /// KV cache in use, 0..1 (`vllm:kv_cache_usage_perc`, else the v0 name).
-    pub kv_cache_usage: Option<f64>,
-    /// GPU KV cache in use, 0..1 (`vllm:gpu_cache_usage_perc`, else the v1 name).
-    pub gpu_cache_usage: Option<f64>,
-    /// Mean time to first token, seconds, over the window.
-    pub time_to_first_token: Option<f64>,
-    /// Mean time per output token, seconds, over the window.
-    pub time_per_output_token: Option<f64>,
-    /// Mean end-to-end request latency, seconds, over the window.
-    pub e2e_latency: Option<f64>,
-    /// Mean queueing time, seconds, over the window (newer engines only).
-    pub queue_time: Option<f64>,
-    /// Mean prefill time, seconds, over the window (vLLM only).
-    pub prefill_time: Option<f64>,
-    /// Prompt tokens processed per second over the window.
-    pub prompt_tokens_per_second: Option<f64>,
-    /// Tokens generated per second over the window.
-    pub generation_tokens_per_second: Option<f64>,
-    /// Requests finished per second over the window.
-    pub requests_finished_per_second: Option<f64>,
-    /// Tokens generated per finished request over the window.
-    pub generation_tokens_per_request: Option<f64>,
-    /// Share of the window with at least one request running.
-    pub busy_fraction: Option<f64>,
-    /// Prompt tokens found in the engine's prefix cache over those looked up.
-    pub prefix_cache_hit_rate: Option<f64>,
-    /// The engine says it sleeps (vLLM's sleep mode): it refuses requests.
-    pub sleeping: bool,
-    /// The engine's LoRA adapter slots and running adapters (vLLM only).
-    pub lora: Option<LoraSlots>,
-}
-
-impl PodMetrics {
-    /// Metrics of a pod that reported nothing but a scrape time; tests fill
-    /// in the fields they need.
-    pub fn empty(scraped_at: Instant) -> Self {
-        Self {
-            scraped_at,
-            running: None,
-            waiting: None,
-            kv_cache_usage: None,
-            gpu_cache_usage: None,
-            time_to_first_token: None,
-            time_per_output_token: None,
-            e2e_latency: None,
-            queue_time: None,
-            prefill_time: None,
-            prompt_tokens_per_second: None,
-            generation_tokens_per_second: None,
-            requests_finished_per_second: None,
-            generation_tokens_per_request: None,
-            busy_fraction: None,
-            prefix_cache_hit_rate: None,
-            sleeping: false,
-            lora: None,
         }
     }
 }

@@ -22,6 +22,7 @@
 use memchr::{memchr, memchr3};
 
 use super::names::EngineNames;
+use crate::engine_report::{LoraSlots, lora_hash};
 
 /// The running sum and count of a histogram.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -57,49 +58,18 @@ pub struct Scraped {
     pub lora: Option<LoraSlots>,
 }
 
-/// Most running adapters remembered per pod; vLLM runs at most `max_loras`
-/// adapters in a batch, rarely more than a few.
-pub const MAX_RUNNING_LORAS: usize = 16;
-
-/// An engine's LoRA slots at its last report, kept without allocating: the
-/// running adapters as hashes of their names.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct LoraSlots {
-    /// Adapters the engine can hold in GPU memory at once (`max_lora`).
-    pub max_lora: u32,
-    /// Adapters with requests running (`running_lora_adapters`).
-    pub running: u32,
-    /// [`lora_hash`] of the first [`MAX_RUNNING_LORAS`] running adapters.
-    pub hashes: [u64; MAX_RUNNING_LORAS],
-    /// The sample's value: vLLM sets it to the time of the report.
-    pub reported: f64,
-}
-
-impl LoraSlots {
-    /// Whether `hash` (of [`lora_hash`]) is among the running adapters.
-    pub fn runs(&self, hash: u64) -> bool {
-        let known = usize::try_from(self.running).unwrap_or(MAX_RUNNING_LORAS).min(MAX_RUNNING_LORAS);
-        self.hashes.get(..known).is_some_and(|hashes| hashes.contains(&hash))
-    }
-
-    /// Whether another adapter could be loaded without evicting one.
-    pub fn has_free_slot(&self) -> bool {
-        self.running < self.max_lora
-    }
-
-    /// From one sample's label block (inside the braces) and value.
-    fn from_sample(labels: &str, reported: f64) -> Option<Self> {
-        let max_lora = label_value(labels, "max_lora").or_else(|| label_value(labels, "max_loras"))?;
-        let mut slots = Self { max_lora: max_lora.trim().parse().ok()?, reported, ..Self::default() };
-        let running = label_value(labels, "running_lora_adapters").unwrap_or_default();
-        for name in running.split(',').map(str::trim).filter(|name| !name.is_empty()) {
-            if let Some(slot) = slots.hashes.get_mut(usize::try_from(slots.running).unwrap_or(usize::MAX)) {
-                *slot = lora_hash(&unescape(name));
-            }
-            slots.running = slots.running.saturating_add(1);
+/// A [`LoraSlots`] from one sample's label block (inside the braces) and value.
+fn lora_slots(labels: &str, reported: f64) -> Option<LoraSlots> {
+    let max_lora = label_value(labels, "max_lora").or_else(|| label_value(labels, "max_loras"))?;
+    let mut slots = LoraSlots { max_lora: max_lora.trim().parse().ok()?, reported, ..LoraSlots::default() };
+    let running = label_value(labels, "running_lora_adapters").unwrap_or_default();
+    for name in running.split(',').map(str::trim).filter(|name| !name.is_empty()) {
+        if let Some(slot) = slots.hashes.get_mut(usize::try_from(slots.running).unwrap_or(usize::MAX)) {
+            *slot = lora_hash(&unescape(name));
         }
-        Some(slots)
+        slots.running = slots.running.saturating_add(1);
     }
+    Some(slots)
 }
 
 /// A label value as written (`\\\\`, `\\"` and `\\n` escaped) as the text it stands for.
@@ -121,11 +91,6 @@ fn unescape(raw: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     std::borrow::Cow::Owned(out)
-}
-
-/// The hash [`LoraSlots`] keeps an adapter name as.
-pub fn lora_hash(name: &str) -> u64 {
-    xxhash_rust::xxh64::xxh64(name.as_bytes(), 0x4c6f5241)
 }
 
 /// The raw value of label `wanted` in a label block (without its braces).
@@ -201,7 +166,7 @@ pub fn parse(text: &str, names: &EngineNames) -> Result<Scraped, ParseError> {
                     labels.strip_prefix('{').and_then(|l| l.get(..label_block_len(l.as_bytes())?.checked_sub(1)?));
                 // The gauge keeps every label set it ever had: the newest report wins.
                 if value.is_finite()
-                    && let Some(slots) = labels.and_then(|labels| LoraSlots::from_sample(labels, value))
+                    && let Some(slots) = labels.and_then(|labels| lora_slots(labels, value))
                     && lora.is_none_or(|best| value >= best.reported)
                 {
                     lora = Some(slots);
