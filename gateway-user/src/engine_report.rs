@@ -8,17 +8,22 @@ use std::time::Instant;
 /// What one pod's engine reported at its last scrape, with recent-window
 /// means and rates. `None` where the engine exports no such series (or, for
 /// means, where no request finished within the window).
+///
+/// Laid out in the order written, the scrape time and the readings most
+/// strategies compare first: a strategy choosing among pods reads those from
+/// each pod's report, and with many pods they are rarely still in cache.
 #[derive(Clone, Debug, PartialEq)]
+#[repr(C)]
 pub struct PodMetrics {
     pub scraped_at: Instant,
-    /// Requests in the running batch.
-    pub running: Option<f64>,
-    /// Requests queued for the batch.
-    pub waiting: Option<f64>,
     /// KV cache in use, 0..1 (`vllm:kv_cache_usage_perc`, else the v0 name).
     pub kv_cache_usage: Option<f64>,
     /// GPU KV cache in use, 0..1 (`vllm:gpu_cache_usage_perc`, else the v1 name).
     pub gpu_cache_usage: Option<f64>,
+    /// Requests in the running batch.
+    pub running: Option<f64>,
+    /// Requests queued for the batch.
+    pub waiting: Option<f64>,
     /// Mean time to first token, seconds, over the window.
     pub time_to_first_token: Option<f64>,
     /// Mean time per output token, seconds, over the window.

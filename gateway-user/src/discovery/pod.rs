@@ -222,6 +222,13 @@ impl PodLoad {
         self.engine_metrics.load_full()
     }
 
+    /// `read` of the engine's latest metrics, however old, without taking a
+    /// reference on them (no write to their memory: a strategy reads many
+    /// pods' metrics per request, from many threads at once).
+    pub fn read_engine_metrics<R>(&self, read: impl FnOnce(Option<&crate::engine_report::PodMetrics>) -> R) -> R {
+        read(self.engine_metrics.load().as_deref())
+    }
+
     /// Replaces the engine's latest metrics, returning the previous ones.
     /// Only the pod's metrics slot calls this.
     pub(crate) fn swap_engine_metrics(

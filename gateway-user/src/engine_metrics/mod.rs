@@ -243,6 +243,15 @@ enum ViewSource {
     Fixed(Arc<HashMap<String, Arc<PodMetrics>>>),
 }
 
+/// Why a pod's metrics cannot be read ([`MetricsView::read_fresh`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unfresh {
+    /// Last scraped longer ago than the cut-off.
+    Stale,
+    /// Never scraped successfully (or not scraped at all).
+    Missing,
+}
+
 /// The engine metrics of every pod at the moment a request is routed.
 #[derive(Clone, Debug)]
 pub struct MetricsView {
@@ -299,6 +308,20 @@ impl MetricsView {
             ViewSource::Fixed(map) => map.get(&pod.key).cloned(),
         };
         self.judge(latest)
+    }
+
+    /// `read` of `pod`'s metrics when fresh, or why not: what
+    /// [`MetricsView::reading_of`] says, without taking a reference on them.
+    pub fn read_fresh<R>(&self, pod: &PodInfo, read: impl FnOnce(&PodMetrics) -> R) -> Result<R, Unfresh> {
+        let judge = |latest: Option<&PodMetrics>| match latest {
+            None => Err(Unfresh::Missing),
+            Some(m) if self.now.saturating_duration_since(m.scraped_at) > self.stale_after => Err(Unfresh::Stale),
+            Some(m) => Ok(read(m)),
+        };
+        match &self.source {
+            ViewSource::Slots(_) => pod.load.read_engine_metrics(judge),
+            ViewSource::Fixed(map) => judge(map.get(&pod.key).map(Arc::as_ref)),
+        }
     }
 
     /// Fresh, stale or missing, by the view's clock.
@@ -367,9 +390,16 @@ mod tests {
         let slot = store.slot("ns/a", "m", &load);
         let pod = pod_a(&load);
         assert!(matches!(store.view().reading_of(&pod), Reading::Missing), "not scraped yet");
+        assert_eq!(store.view().read_fresh(&pod, |m| m.running), Err(Unfresh::Missing));
         slot.publish(PodMetrics { running: Some(3.0), sleeping: true, ..PodMetrics::empty(Instant::now()) });
         let Reading::Fresh(m) = store.view().reading_of(&pod) else { panic!("fresh") };
         assert_eq!(m.running, Some(3.0));
+        assert_eq!(store.view().read_fresh(&pod, |m| m.running), Ok(Some(3.0)));
+        let old = Instant::now().checked_sub(Duration::from_secs(10)).unwrap_or_else(Instant::now);
+        slot.publish(PodMetrics { running: Some(3.0), sleeping: true, ..PodMetrics::empty(old) });
+        assert_eq!(store.view().read_fresh(&pod, |m| m.running), Err(Unfresh::Stale), "older than the cut-off");
+        assert!(matches!(store.view().reading_of(&pod), Reading::Stale));
+        slot.publish(PodMetrics { running: Some(3.0), sleeping: true, ..PodMetrics::empty(Instant::now()) });
         assert!(store.view().sleeping("ns/a"));
 
         // The pod came back as a new pod (a new load): its metrics move to it.

@@ -31,7 +31,7 @@ pub use config::{PrefixTokenizer, RoutingConfig, VtcTimeUnit};
 pub use filter::LabelSelector;
 
 use crate::discovery::{LoadClock, PodInfo};
-use crate::engine_metrics::{MetricsView, PodMetrics, Reading};
+use crate::engine_metrics::{MetricsView, PodMetrics, Reading, Unfresh};
 use crate::metrics::RoutingMetrics;
 use ties::Lowest;
 
@@ -694,8 +694,12 @@ pub(crate) fn score_by_metrics(
 ) -> Result<(), Unscored> {
     scores.clear();
     for pod in candidates {
-        let metrics = request.pod_metrics(pod)?;
-        scores.push(score(&metrics, pod).filter(|s| s.is_finite()).ok_or(Unscored::MetricsMissing)?);
+        let scored =
+            request.metrics.read_fresh(pod, |metrics| score(metrics, pod)).map_err(|unfresh| match unfresh {
+                Unfresh::Stale => Unscored::MetricsStale,
+                Unfresh::Missing => Unscored::MetricsMissing,
+            })?;
+        scores.push(scored.filter(|s| s.is_finite()).ok_or(Unscored::MetricsMissing)?);
     }
     Ok(())
 }
