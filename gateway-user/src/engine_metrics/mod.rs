@@ -185,7 +185,8 @@ impl EngineMetrics {
     }
 
     /// Takes `metrics` as `pod`'s latest, as a scrape would: for metrics
-    /// that come from elsewhere than the scraper (benchmarks).
+    /// that come from elsewhere than the scraper (benchmarks), on a store no
+    /// scraper fills (the scraper alone publishes to the slots it follows).
     pub fn record(&self, pod: &PodInfo, metrics: PodMetrics) {
         self.slot(&pod.key, &pod.model, &pod.load).publish(metrics);
     }
@@ -300,8 +301,10 @@ impl MetricsView {
         self.judge(self.latest(key))
     }
 
-    /// The metrics of `pod`: [`MetricsView::reading`] of its key, read
-    /// through the pod itself (no lookup among the fleet's pods).
+    /// The metrics of `pod`, read through the pod itself (no lookup among
+    /// the fleet's pods): what [`MetricsView::reading`] says of its key,
+    /// but for a pod that came back as a new one until the scraper's next
+    /// tick moves its metrics to it (missing meanwhile).
     pub fn reading_of(&self, pod: &PodInfo) -> Reading {
         let latest = match &self.source {
             ViewSource::Slots(_) => pod.load.engine_metrics(),
@@ -415,8 +418,10 @@ mod tests {
         store.slot("ns/a", "other", &again);
         assert!(matches!(store.view().reading_of(&pod_a(&again)), Reading::Missing));
         assert_eq!(store.sleeping.load(Ordering::Relaxed), 0);
-        store.slot("ns/a", "m", &again).publish(PodMetrics::empty(Instant::now()));
+        store.slot("ns/a", "m", &again).publish(PodMetrics { sleeping: true, ..PodMetrics::empty(Instant::now()) });
+        assert_eq!(store.sleeping.load(Ordering::Relaxed), 1);
         store.retain(|_| false);
+        assert_eq!(store.sleeping.load(Ordering::Relaxed), 0, "a pod no longer scraped sleeps no more");
         assert!(matches!(store.view().reading_of(&pod_a(&again)), Reading::Missing), "no longer scraped");
         assert!(matches!(store.view().reading("ns/a"), Reading::Missing));
     }

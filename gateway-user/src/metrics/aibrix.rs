@@ -108,13 +108,12 @@ impl SeriesHandles {
     fn keep(&self, owner: Owner, handle: Handle, counter: &Counter) {
         let current = self.0.load_full();
         let mut next = match current.as_deref() {
+            Some(held) if held.owner == owner && held.counters.len() >= MAX_HANDLES => return,
             Some(held) if held.owner == owner => held.clone(),
             _ => Handles { owner, counters: Vec::new() },
         };
-        if next.counters.len() < MAX_HANDLES {
-            next.counters.push((handle, counter.clone()));
-            self.0.store(Some(Arc::new(next)));
-        }
+        next.counters.push((handle, counter.clone()));
+        self.0.store(Some(Arc::new(next)));
     }
 }
 
@@ -518,9 +517,7 @@ impl AibrixMetrics {
             let names: Vec<String> = index.keys().filter(|name| !live.contains(name.as_str())).cloned().collect();
             names.iter().filter_map(|name| index.remove(name)).collect()
         };
-        if !gone.is_empty() {
-            self.removals.fetch_add(1, Ordering::Relaxed);
-        }
+        let removed = !gone.is_empty();
         for series in gone {
             for labels in &series.requests {
                 self.requests.remove(labels);
@@ -540,6 +537,12 @@ impl AibrixMetrics {
                 self.prompt_buckets.remove(labels);
                 self.completion_buckets.remove(labels);
             }
+        }
+        // Only once the series are gone: a handle taken meanwhile (on a
+        // series about to go) is then one of before, and not used again; an
+        // answer that sees the new count finds the series removed.
+        if removed {
+            self.removals.fetch_add(1, Ordering::Release);
         }
     }
 
@@ -566,7 +569,7 @@ impl AibrixMetrics {
         L: EncodeLabelSet + Clone + Hash + Eq + Send + Sync + std::fmt::Debug + 'static,
         P: PodIdentity + 'static,
     {
-        let owner = Owner { id: self.id, removals: self.removals.load(Ordering::Relaxed) };
+        let owner = Owner { id: self.id, removals: self.removals.load(Ordering::Acquire) };
         let held = pod.and_then(|pod| pod.series());
         let handle = held.map(|held| (held, handle()));
         if let Some((held, handle)) = &handle
@@ -796,6 +799,28 @@ pub(super) mod tests {
                 &format!(r#"gateway_input_tokens_total{{{a_labels},gateway_pod="gw-0"}} 1500"#),
             ],
         );
+    }
+
+    #[test]
+    fn a_pod_past_its_handles_still_counts_every_series() {
+        let mut registry = Registry::default();
+        let metrics = AibrixMetrics::register(&mut registry, "gw-0");
+        let a = pod("a", "m", None);
+        let models: Vec<Arc<str>> = (0..MAX_HANDLES + 8).map(|i| Arc::from(format!("m{i}"))).collect();
+        for _ in 0..2 {
+            for model in &models {
+                metrics.request(model, Some(&a));
+            }
+        }
+        let held = a.series.0.load().as_ref().map(|held| held.counters.len());
+        assert_eq!(held, Some(MAX_HANDLES), "the pod holds no more than its cap");
+        let text = render(&registry);
+        for model in &models {
+            assert_lines(
+                &text,
+                &[&format!(r#"gateway_request_total{{gateway_pod="gw-0",model="{model}",pod_name="a"}} 2"#)],
+            );
+        }
     }
 
     #[test]
