@@ -3,7 +3,9 @@
 //! pod that holds its latest (`discovery`'s `PodLoad`) and the strategies
 //! and request path that read it; it uses no other module.
 
-use std::time::Instant;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering, fence};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 /// What one pod's engine reported at its last scrape, with recent-window
 /// means and rates. `None` where the engine exports no such series (or, for
@@ -113,4 +115,304 @@ impl LoraSlots {
 /// The hash [`LoraSlots`] keeps an adapter name as.
 pub fn lora_hash(name: &str) -> u64 {
     xxhash_rust::xxh64::xxh64(name.as_bytes(), 0x4c6f5241)
+}
+
+/// The readings of a report that strategies score pods by, each `None`
+/// where the report has none: what [`PodGauges`] holds for a pod.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Gauges {
+    pub kv_cache_usage: Option<f64>,
+    pub gpu_cache_usage: Option<f64>,
+    pub running: Option<f64>,
+    pub waiting: Option<f64>,
+    pub busy_fraction: Option<f64>,
+    pub prompt_tokens_per_second: Option<f64>,
+    pub generation_tokens_per_second: Option<f64>,
+}
+
+/// How many readings [`Gauges`] has.
+const GAUGES: usize = 7;
+
+impl Gauges {
+    fn to_array(self) -> [Option<f64>; GAUGES] {
+        [
+            self.kv_cache_usage,
+            self.gpu_cache_usage,
+            self.running,
+            self.waiting,
+            self.busy_fraction,
+            self.prompt_tokens_per_second,
+            self.generation_tokens_per_second,
+        ]
+    }
+
+    fn from_array(values: [Option<f64>; GAUGES]) -> Self {
+        let [kv_cache_usage, gpu_cache_usage, running, waiting, busy_fraction, prompt, generation] = values;
+        Self {
+            kv_cache_usage,
+            gpu_cache_usage,
+            running,
+            waiting,
+            busy_fraction,
+            prompt_tokens_per_second: prompt,
+            generation_tokens_per_second: generation,
+        }
+    }
+}
+
+impl From<&PodMetrics> for Gauges {
+    fn from(m: &PodMetrics) -> Self {
+        Self {
+            kv_cache_usage: m.kv_cache_usage,
+            gpu_cache_usage: m.gpu_cache_usage,
+            running: m.running,
+            waiting: m.waiting,
+            busy_fraction: m.busy_fraction,
+            prompt_tokens_per_second: m.prompt_tokens_per_second,
+            generation_tokens_per_second: m.generation_tokens_per_second,
+        }
+    }
+}
+
+/// The bits a missing reading is kept as: a NaN no reading is kept as (a
+/// reported NaN is kept as the usual one), so a reported NaN stays a
+/// reading and a missing one stays missing.
+const MISSING: u64 = u64::MAX;
+
+fn reading_bits(reading: Option<f64>) -> u64 {
+    match reading {
+        None => MISSING,
+        Some(value) if value.to_bits() == MISSING => f64::NAN.to_bits(),
+        Some(value) => value.to_bits(),
+    }
+}
+
+fn reading_of(bits: u64) -> Option<f64> {
+    (bits != MISSING).then(|| f64::from_bits(bits))
+}
+
+/// [`PodGauges`]' stamp while nothing is held.
+const STAMP_NONE: i64 = i64::MIN;
+/// [`PodGauges`]' stamp while a report is being written.
+const STAMP_WRITING: i64 = i64::MAX;
+
+/// The instant stamps count from: the first one asked for.
+fn stamp_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// `at` as nanoseconds from [`stamp_base`] (before it: negative), never one
+/// of the sentinels.
+fn stamp_of(at: Instant) -> i64 {
+    let base = stamp_base();
+    let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+    match at.checked_duration_since(base) {
+        Some(after) => nanos(after),
+        None => nanos(base.duration_since(at)).saturating_neg(),
+    }
+    .clamp(STAMP_NONE + 1, STAMP_WRITING - 1)
+}
+
+/// The low bits of a stamp: which write it was, so that two reports scraped
+/// at the same time (to the 256 ns the stamp keeps) still differ.
+const GENERATION_BITS: i64 = 0xFF;
+
+fn instant_of(stamp: i64) -> Instant {
+    let stamp = stamp & !GENERATION_BITS;
+    let base = stamp_base();
+    let offset = Duration::from_nanos(stamp.unsigned_abs());
+    if stamp >= 0 { base.checked_add(offset) } else { base.checked_sub(offset) }.unwrap_or(base)
+}
+
+/// A pod's latest [`Gauges`] and when they were scraped, kept in one cache
+/// line beside its in-flight counts, so a strategy comparing many pods reads
+/// them with plain loads: no reference taken, no fence, and one pod's read
+/// need not wait for the last one's (taking a reference on each pod's full
+/// report serialises the reads, each a cache miss with a large fleet).
+///
+/// A sequence lock: the stamp is the version. A writer sets it to
+/// `STAMP_WRITING`, writes the readings, then sets the new stamp; a reader
+/// that saw the stamp change while it read tries again, and one that finds
+/// a writer busy is told so (and reads the full report). Writers take turns
+/// (the mutex, on the next cache line) and each stamp differs from the one
+/// before it (its low bits count writes; the scrape time is kept to 256 ns),
+/// so a reader never mistakes two reports for one.
+#[derive(Debug)]
+#[repr(C, align(64))]
+pub struct PodGauges {
+    stamp: AtomicI64,
+    readings: [AtomicU64; GAUGES],
+    /// The generation of the last stamp written.
+    writer: Mutex<u8>,
+}
+
+impl Default for PodGauges {
+    fn default() -> Self {
+        Self {
+            stamp: AtomicI64::new(STAMP_NONE),
+            readings: std::array::from_fn(|_| AtomicU64::new(MISSING)),
+            writer: Mutex::new(0),
+        }
+    }
+}
+
+impl PodGauges {
+    /// Holds `report`, gauges scraped at that instant (`None`: holds none),
+    /// and runs `also` while no other writer can: what the pod keeps beside
+    /// them changes with them.
+    pub fn publish<R>(&self, report: Option<(Instant, Gauges)>, also: impl FnOnce() -> R) -> R {
+        let mut generation = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        self.stamp.store(STAMP_WRITING, Ordering::Relaxed);
+        // Readings written below are seen only with the stamp above (or a
+        // later one), so a reader that saw any of them looks again.
+        fence(Ordering::Release);
+        let stamp = match report {
+            Some((scraped_at, gauges)) => {
+                for (slot, reading) in self.readings.iter().zip(gauges.to_array()) {
+                    slot.store(reading_bits(reading), Ordering::Relaxed);
+                }
+                *generation = generation.wrapping_add(1);
+                (stamp_of(scraped_at) & !GENERATION_BITS | i64::from(*generation))
+                    .clamp(STAMP_NONE + 1, STAMP_WRITING - 1)
+            }
+            None => STAMP_NONE,
+        };
+        let result = also();
+        self.stamp.store(stamp, Ordering::Release);
+        result
+    }
+
+    /// The gauges held and when they were scraped, if no writer is busy
+    /// with them. A reader does not wait for a writer: a writer the OS
+    /// stopped halfway would keep it waiting for a time slice.
+    pub fn read(&self) -> GaugeRead {
+        for _ in 0..READ_ATTEMPTS {
+            let stamp = self.stamp.load(Ordering::Acquire);
+            match stamp {
+                STAMP_NONE => return GaugeRead::Empty,
+                STAMP_WRITING => return GaugeRead::Busy,
+                _ => {}
+            }
+            let bits: [u64; GAUGES] = std::array::from_fn(|i| self.readings[i].load(Ordering::Relaxed));
+            fence(Ordering::Acquire);
+            if self.stamp.load(Ordering::Relaxed) == stamp {
+                return GaugeRead::Held(instant_of(stamp), Gauges::from_array(bits.map(reading_of)));
+            }
+        }
+        GaugeRead::Busy
+    }
+}
+
+/// Reads of [`PodGauges`] that found readings changing before giving up.
+const READ_ATTEMPTS: usize = 2;
+
+/// What [`PodGauges::read`] found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GaugeRead {
+    /// Gauges scraped at that instant.
+    Held(Instant, Gauges),
+    /// None held.
+    Empty,
+    /// A writer was busy: read the full report instead.
+    Busy,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    fn report(at: Instant, fill: impl FnOnce(&mut PodMetrics)) -> Option<(Instant, Gauges)> {
+        let mut metrics = PodMetrics::empty(at);
+        fill(&mut metrics);
+        Some((at, Gauges::from(&metrics)))
+    }
+
+    #[test]
+    fn gauges_hold_the_latest_report() {
+        let gauges = PodGauges::default();
+        assert_eq!(gauges.read(), GaugeRead::Empty, "nothing published yet");
+        let now = Instant::now();
+        let first = report(now, |m| {
+            m.kv_cache_usage = Some(0.25);
+            m.running = Some(3.0);
+            m.waiting = Some(f64::NAN);
+            m.e2e_latency = Some(9.0);
+        });
+        gauges.publish(first, || ());
+        let GaugeRead::Held(at, read) = gauges.read() else { panic!("published") };
+        assert!(at <= now && now.duration_since(at) < Duration::from_nanos(256), "the scrape time, to 256 ns");
+        assert_eq!(read.kv_cache_usage, Some(0.25));
+        assert_eq!(read.running, Some(3.0));
+        assert!(read.waiting.is_some_and(f64::is_nan), "a reported NaN stays a reading");
+        assert_eq!(read.gpu_cache_usage, None, "not reported");
+        assert_eq!(Some(Gauges { waiting: None, ..read }), first.map(|(_, g)| Gauges { waiting: None, ..g }));
+        gauges.publish(report(now, |m| m.gpu_cache_usage = Some(0.5)), || ());
+        let GaugeRead::Held(again, read) = gauges.read() else { panic!("published") };
+        assert_eq!(again, at, "the same scrape time");
+        assert_eq!((read.kv_cache_usage, read.gpu_cache_usage), (None, Some(0.5)), "nothing kept from before");
+        let busy = gauges.publish(report(now, |_| {}), || gauges.read());
+        assert_eq!(busy, GaugeRead::Busy, "a reader during a write is told to look elsewhere, not kept waiting");
+        assert_eq!(gauges.publish(None, || 7), 7, "runs what goes with it");
+        assert_eq!(gauges.read(), GaugeRead::Empty, "cleared");
+    }
+
+    #[test]
+    fn old_scrapes_keep_their_time() {
+        let gauges = PodGauges::default();
+        let now = Instant::now();
+        let old = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
+        gauges.publish(report(old, |m| m.busy_fraction = Some(1.0)), || ());
+        let GaugeRead::Held(at, read) = gauges.read() else { panic!("published") };
+        assert!(at <= old && old.duration_since(at) < Duration::from_nanos(256), "before the stamps' base too");
+        assert_eq!(read.busy_fraction, Some(1.0));
+        gauges.publish(report(now, |_| {}), || ());
+        gauges.publish(report(old, |_| {}), || ());
+        assert!(matches!(gauges.read(), GaugeRead::Held(at, _) if at <= old), "an older report after a newer one");
+    }
+
+    /// Readers racing a writer only ever see whole reports (or are told a
+    /// writer is busy): each report has every reading equal, and a torn
+    /// read would mix two.
+    #[test]
+    fn readers_never_see_half_a_report() {
+        let gauges = Arc::new(PodGauges::default());
+        let done = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (gauges, done) = (Arc::clone(&gauges), Arc::clone(&done));
+                std::thread::spawn(move || {
+                    let mut seen = 0u64;
+                    while !done.load(Ordering::Relaxed) {
+                        if let GaugeRead::Held(_, read) = gauges.read() {
+                            let values = read.to_array();
+                            assert!(values.iter().all(|v| *v == values[0]), "torn read: {read:?}");
+                            seen += 1;
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let now = Instant::now();
+        for i in 0..200_000u32 {
+            let v = Some(f64::from(i));
+            let metrics = report(now, |m| {
+                m.kv_cache_usage = v;
+                m.gpu_cache_usage = v;
+                m.running = v;
+                m.waiting = v;
+                m.busy_fraction = v;
+                m.prompt_tokens_per_second = v;
+                m.generation_tokens_per_second = v;
+            });
+            gauges.publish(metrics, || ());
+        }
+        done.store(true, Ordering::Relaxed);
+        for reader in readers {
+            assert!(reader.join().expect("reader") > 0, "the readers read");
+        }
+    }
 }

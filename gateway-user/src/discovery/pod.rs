@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 
+use crate::engine_report::{GaugeRead, Gauges, PodGauges, PodMetrics};
+
 /// Label (or annotation, for names containing `/`) naming the model a pod serves.
 pub const MODEL_NAME_LABEL: &str = "model.aibrix.ai/name";
 /// Label holding the serving port.
@@ -81,7 +83,9 @@ pub struct PodLoad {
     /// counts routing reads anyway, so a request reads a pod's metrics
     /// through the pod itself rather than looking it up by name among all
     /// the fleet's.
-    engine_metrics: arc_swap::ArcSwapOption<crate::engine_report::PodMetrics>,
+    engine_metrics: arc_swap::ArcSwapOption<PodMetrics>,
+    /// The gauges of those metrics, on a cache line of their own.
+    engine_gauges: PodGauges,
 }
 
 /// Milliseconds since the process first asked, never 0: the clock the
@@ -218,24 +222,28 @@ impl PodLoad {
 
     /// The engine's latest metrics, however old (`None`: none yet, or the
     /// pod is no longer scraped).
-    pub fn engine_metrics(&self) -> Option<Arc<crate::engine_report::PodMetrics>> {
+    pub fn engine_metrics(&self) -> Option<Arc<PodMetrics>> {
         self.engine_metrics.load_full()
     }
 
-    /// `read` of the engine's latest metrics, however old, without taking a
-    /// reference on them (no write to their memory: a strategy reads many
-    /// pods' metrics per request, from many threads at once).
-    pub fn read_engine_metrics<R>(&self, read: impl FnOnce(Option<&crate::engine_report::PodMetrics>) -> R) -> R {
-        read(self.engine_metrics.load().as_deref())
+    /// The gauges of the engine's latest metrics and when they were scraped,
+    /// however old (`None`: none yet, or the pod is no longer scraped). What
+    /// strategies score pods by: read with plain loads from the pod's own
+    /// memory, no reference taken (a strategy reads many pods' per request,
+    /// from many threads at once).
+    pub fn engine_gauges(&self) -> Option<(Instant, Gauges)> {
+        match self.engine_gauges.read() {
+            GaugeRead::Held(scraped_at, gauges) => Some((scraped_at, gauges)),
+            GaugeRead::Empty => None,
+            GaugeRead::Busy => self.engine_metrics.load().as_deref().map(|m| (m.scraped_at, Gauges::from(m))),
+        }
     }
 
-    /// Replaces the engine's latest metrics, returning the previous ones.
-    /// Only the pod's metrics slot calls this.
-    pub(crate) fn swap_engine_metrics(
-        &self,
-        metrics: Option<Arc<crate::engine_report::PodMetrics>>,
-    ) -> Option<Arc<crate::engine_report::PodMetrics>> {
-        self.engine_metrics.swap(metrics)
+    /// Replaces the engine's latest metrics (and their gauges), returning
+    /// the previous ones. Only the pod's metrics slot calls this.
+    pub(crate) fn swap_engine_metrics(&self, metrics: Option<Arc<PodMetrics>>) -> Option<Arc<PodMetrics>> {
+        let gauges = metrics.as_deref().map(|m| (m.scraped_at, Gauges::from(m)));
+        self.engine_gauges.publish(gauges, || self.engine_metrics.swap(metrics))
     }
 
     /// The pod's upstream connection slots, `cap` of them.

@@ -30,7 +30,7 @@ pub use self::{
     names::for_engine,
     parse::{Scraped, parse},
 };
-pub use crate::engine_report::{LoraSlots, PodMetrics, lora_hash};
+pub use crate::engine_report::{Gauges, LoraSlots, PodMetrics, lora_hash};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -313,25 +313,31 @@ impl MetricsView {
         self.judge(latest)
     }
 
-    /// `read` of `pod`'s metrics when fresh, or why not: what
-    /// [`MetricsView::reading_of`] says, without taking a reference on them.
-    pub fn read_fresh<R>(&self, pod: &PodInfo, read: impl FnOnce(&PodMetrics) -> R) -> Result<R, Unfresh> {
-        let judge = |latest: Option<&PodMetrics>| match latest {
-            None => Err(Unfresh::Missing),
-            Some(m) if self.now.saturating_duration_since(m.scraped_at) > self.stale_after => Err(Unfresh::Stale),
-            Some(m) => Ok(read(m)),
+    /// `read` of `pod`'s gauges when fresh, or why not: what
+    /// [`MetricsView::reading_of`] says, read from the pod's own memory
+    /// without taking a reference on its report.
+    pub fn read_fresh<R>(&self, pod: &PodInfo, read: impl FnOnce(&Gauges) -> R) -> Result<R, Unfresh> {
+        let latest = match &self.source {
+            ViewSource::Slots(_) => pod.load.engine_gauges(),
+            ViewSource::Fixed(map) => map.get(&pod.key).map(|m| (m.scraped_at, Gauges::from(&**m))),
         };
-        match &self.source {
-            ViewSource::Slots(_) => pod.load.read_engine_metrics(judge),
-            ViewSource::Fixed(map) => judge(map.get(&pod.key).map(Arc::as_ref)),
+        match latest {
+            None => Err(Unfresh::Missing),
+            Some((scraped_at, _)) if self.is_stale(scraped_at) => Err(Unfresh::Stale),
+            Some((_, gauges)) => Ok(read(&gauges)),
         }
+    }
+
+    /// Whether a reading scraped at `scraped_at` is past the cut-off.
+    fn is_stale(&self, scraped_at: Instant) -> bool {
+        self.now.saturating_duration_since(scraped_at) > self.stale_after
     }
 
     /// Fresh, stale or missing, by the view's clock.
     fn judge(&self, latest: Option<Arc<PodMetrics>>) -> Reading {
         match latest {
             None => Reading::Missing,
-            Some(m) if self.now.saturating_duration_since(m.scraped_at) > self.stale_after => Reading::Stale,
+            Some(m) if self.is_stale(m.scraped_at) => Reading::Stale,
             Some(m) => Reading::Fresh(m),
         }
     }

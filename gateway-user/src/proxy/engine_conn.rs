@@ -51,8 +51,10 @@ type Conn = Connection<Io, UpstreamBody>;
 /// One engine connection: its sender and the connection itself, to drive.
 struct Leased {
     sender: SendRequest<UpstreamBody>,
-    /// `None` once the connection has ended (closed or broken).
-    conn: Option<Conn>,
+    /// `None` once the connection has ended (closed or broken). Boxed: a
+    /// connection is moved in and out of its pool with each request, and
+    /// hyper's is most of a kilobyte.
+    conn: Option<Box<Conn>>,
     tag: Option<Arc<ConnTag>>,
     key: Arc<str>,
     /// Taken from the pool (an engine may have closed it meanwhile).
@@ -64,7 +66,7 @@ impl Leased {
     /// dropped (which answers any request still waiting on it).
     fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Some(conn) = &mut self.conn else { return Poll::Ready(()) };
-        match Pin::new(conn).poll(cx) {
+        match Pin::new(&mut **conn).poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(ended) => {
                 if let Err(err) = ended {
@@ -175,7 +177,7 @@ impl PoolInner {
         let tag = io.inner().tag().cloned();
         let (sender, conn) =
             http1::handshake(io).await.map_err(|err| SendError::Connect(crate::logfmt::chain(&err)))?;
-        Ok(Leased { sender, conn: Some(conn), tag, key, reused: false })
+        Ok(Leased { sender, conn: Some(Box::new(conn)), tag, key, reused: false })
     }
 }
 

@@ -31,7 +31,7 @@ pub use config::{PrefixTokenizer, RoutingConfig, VtcTimeUnit};
 pub use filter::LabelSelector;
 
 use crate::discovery::{LoadClock, PodInfo};
-use crate::engine_metrics::{MetricsView, PodMetrics, Reading, Unfresh};
+use crate::engine_metrics::{Gauges, MetricsView, PodMetrics, Reading, Unfresh};
 use crate::metrics::RoutingMetrics;
 use ties::Lowest;
 
@@ -690,7 +690,7 @@ pub(crate) fn score_by_metrics(
     request: &RouteRequest<'_>,
     candidates: &[Arc<PodInfo>],
     scores: &mut Vec<f64>,
-    score: impl Fn(&PodMetrics, &PodInfo) -> Option<f64>,
+    score: impl Fn(&Gauges, &PodInfo) -> Option<f64>,
 ) -> Result<(), Unscored> {
     scores.clear();
     for pod in candidates {
