@@ -283,6 +283,12 @@ impl PodGauges {
         result
     }
 
+    /// The stamp alone (what [`PodGauges::read`] reads first): a cheap read
+    /// of the cache line the gauges are on.
+    pub fn stamp(&self) -> u64 {
+        self.stamp.load(Ordering::Relaxed) as u64
+    }
+
     /// The gauges held and when they were scraped, if no writer is busy
     /// with them. A reader does not wait for a writer: a writer the OS
     /// stopped halfway would keep it waiting for a time slice.

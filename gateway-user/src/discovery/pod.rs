@@ -59,8 +59,16 @@ pub const DEFAULT_PORT: u16 = 8000;
 /// of running and waiting requests at its last reading, moved by what the
 /// replicas started and finished since (this one's own, the others' as they
 /// report them). Each lapses when not renewed.
+///
+/// Laid out for routing, which reads many pods' per request: the gauges of
+/// the engine's latest metrics on the first cache line, the counts on the
+/// next (see [`PodLoad::warm`]).
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct PodLoad {
+    /// The gauges of the engine's latest metrics (below), on a cache line
+    /// of their own.
+    engine_gauges: PodGauges,
     in_flight: AtomicUsize,
     /// The other replicas' requests in flight on the pod, as they last said.
     others: AtomicUsize,
@@ -84,8 +92,6 @@ pub struct PodLoad {
     /// through the pod itself rather than looking it up by name among all
     /// the fleet's.
     engine_metrics: arc_swap::ArcSwapOption<PodMetrics>,
-    /// The gauges of those metrics, on a cache line of their own.
-    engine_gauges: PodGauges,
 }
 
 /// Milliseconds since the process first asked, never 0: the clock the
@@ -237,6 +243,16 @@ impl PodLoad {
             GaugeRead::Empty => None,
             GaugeRead::Busy => self.engine_metrics.load().as_deref().map(|m| (m.scraped_at, Gauges::from(m))),
         }
+    }
+
+    /// Starts bringing what routing reads of the pod into the CPU's cache,
+    /// so that a strategy comparing many pods waits for them all at once
+    /// rather than for each in turn (the reads of a scoring loop overlap
+    /// less: each does more work before the next). Returns what it read,
+    /// for the caller to keep (see [`std::hint::black_box`]).
+    pub fn warm(&self) -> u64 {
+        let stamp = self.engine_gauges.stamp();
+        stamp.wrapping_add(self.in_flight.load(Ordering::Relaxed) as u64)
     }
 
     /// Replaces the engine's latest metrics (and their gauges), returning

@@ -103,6 +103,31 @@ impl SeriesHandles {
         true
     }
 
+    /// Adds each `(handle, by)` to its series of `owner`'s when all are
+    /// held, and nothing otherwise: what one answer adds at once, with one
+    /// look at the handles. Each counter is read before any is added to, so
+    /// their cache misses (one per counter with a large fleet) overlap
+    /// instead of each waiting for the one before.
+    fn bump_all<const N: usize>(&self, owner: Owner, bumps: [(&Handle, u64); N]) -> bool {
+        let handles = self.0.load();
+        let Some(held) = handles.as_ref().filter(|held| held.owner == owner) else {
+            return false;
+        };
+        let mut found: [Option<(&Counter, u64)>; N] = [None; N];
+        for (slot, (handle, by)) in found.iter_mut().zip(bumps) {
+            let Some((_, counter)) = held.counters.iter().find(|(h, _)| h == handle) else {
+                return false;
+            };
+            *slot = Some((counter, by));
+        }
+        let found = found.into_iter().flatten();
+        std::hint::black_box(found.clone().fold(0u64, |sum, (counter, _)| sum.wrapping_add(counter.get())));
+        for (counter, by) in found {
+            counter.inc_by(by);
+        }
+        true
+    }
+
     /// Holds `counter` as the series `handle` of `owner`'s. Two answers
     /// adding at once may keep only one: the other is looked up again.
     fn keep(&self, owner: Owner, handle: Handle, counter: &Counter) {
@@ -618,16 +643,27 @@ impl AibrixMetrics {
 
     /// The usage a completed answer reported.
     pub fn tokens<P: PodIdentity + 'static>(&self, pod: &Arc<P>, prompt_tokens: u64, completion_tokens: u64) {
+        let (prompt, completion) = (token_bucket(prompt_tokens), token_bucket(completion_tokens));
+        if let Some(held) = pod.series() {
+            let owner = Owner { id: self.id, removals: self.removals.load(Ordering::Acquire) };
+            let bumps = [
+                (&Handle::InputTokens, prompt_tokens),
+                (&Handle::OutputTokens, completion_tokens),
+                (&Handle::PromptBucket(prompt), 1),
+                (&Handle::CompletionBucket(completion), 1),
+            ];
+            if held.bump_all(owner, bumps) {
+                return;
+            }
+        }
         let labels = || self.pod_labels(pod);
         let pods: fn(&mut PodSeries) -> &mut Vec<PodLabels> = |s| &mut s.pods;
         let buckets: fn(&mut PodSeries) -> &mut Vec<(PodLabels, BucketLabel)> = |s| &mut s.buckets;
         let some = Some(pod);
         self.count(some, || Handle::InputTokens, &self.input_tokens, labels, pods, prompt_tokens);
         self.count(some, || Handle::OutputTokens, &self.output_tokens, labels, pods, completion_tokens);
-        let prompt = token_bucket(prompt_tokens);
         let prompt_labels = || (labels(), BucketLabel { bucket: prompt });
         self.count(some, || Handle::PromptBucket(prompt), &self.prompt_buckets, prompt_labels, buckets, 1);
-        let completion = token_bucket(completion_tokens);
         let completion_labels = || (labels(), BucketLabel { bucket: completion });
         let handle = || Handle::CompletionBucket(completion);
         self.count(some, handle, &self.completion_buckets, completion_labels, buckets, 1);

@@ -622,7 +622,10 @@ impl Sample {
             return None;
         }
         let indices = rand::seq::index::sample(&mut rand::rng(), candidates.len(), SAMPLE_SIZE).into_vec();
-        let pods = indices.iter().map(|&i| Arc::clone(&candidates[i])).collect();
+        let pods: Vec<Arc<PodInfo>> = indices.iter().map(|&i| Arc::clone(&candidates[i])).collect();
+        // The strategy reads each sampled pod's load: with a large fleet
+        // few are still in cache, so start fetching them all now.
+        std::hint::black_box(pods.iter().fold(0u64, |sum, pod| sum.wrapping_add(pod.load.warm())));
         Some(Self { indices, pods })
     }
 }
