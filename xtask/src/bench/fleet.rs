@@ -32,6 +32,13 @@
 //! the smallest fleet's, the gateway's (1 replica) next to nginx's: how much of the gateway's
 //! growth any proxy pays (loopback wakeups, cold upstream sockets).
 //!
+//! With 1 replica among `--replicas` and more than one fleet size, the largest fleet's engines
+//! also measure that growth in turns: a replica discovering the smallest fleet's pods (the
+//! first of the engines') and one discovering all run side by side, each round measuring one
+//! then the other per strategy while the other is paused (SIGSTOP), so each round's ratio pairs
+//! two windows seconds apart. The per-size runs are minutes apart, and on a shared host a slow
+//! spell moves the large fleet's figure (its working set is out of cache) more than the small's.
+//!
 //! All replicas (or the nginx proxy) are pinned to CPU 0 together, the engines' nginx, Redis
 //! and the load generator to CPU 1: with 4 replicas one replica gets at most a quarter of a
 //! core. CPU 0's busy time (/proc/stat) less the replicas' shows what other processes took from
@@ -325,6 +332,7 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
     let most_replicas = args.fleet.replicas.iter().copied().max().unwrap_or(1);
     let mut runs = Vec::new();
     let mut baselines = Vec::new();
+    let mut turns: Option<std::result::Result<Turns, String>> = None;
     for &pods in &args.fleet.pods {
         stop::check()?;
         let step = ui::step(format!("bench fleet: {pods} pods on one nginx"));
@@ -355,6 +363,19 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
             runs.push(Run { pods, replicas, outcome: outcome.map_err(|err| format!("{err:#}")) });
             step.done();
         }
+        let smallest = args.fleet.pods.iter().copied().min().unwrap_or(pods);
+        let largest = args.fleet.pods.iter().copied().max().unwrap_or(pods);
+        if pods == largest && smallest < largest && args.fleet.replicas.contains(&1) {
+            stop::check()?;
+            let step = ui::step(format!("bench fleet: {smallest} and {pods} pods in turns, 1 replica each"));
+            let outcome = measure_turns(args, tools, pinning, &mut engines, smallest, &run_dir, &client).await;
+            stop::check()?;
+            if let Err(err) = &outcome {
+                ui::warn(format!("failed: {err:#}"));
+            }
+            turns = Some(outcome.map_err(|err| format!("{err:#}")));
+            step.done();
+        }
         stop::check()?;
         let step = ui::step(format!("bench fleet: {pods} pods, nginx as the proxy (baseline)"));
         let outcome = measure_nginx_proxy(args, tools, pinning, &mut engines, &run_dir).await;
@@ -383,10 +404,11 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
         rounds: args.fleet.rounds,
         open_files: tools.open_files,
     };
-    publish_report(&out_dir, "fleet.md", &render_markdown(&settings, &runs, &baselines))?;
+    let turns = turns.as_ref();
+    publish_report(&out_dir, "fleet.md", &render_markdown(&settings, &runs, &baselines, turns))?;
     let json_path = out_dir.join("fleet.json");
-    let json =
-        serde_json::to_string_pretty(&render_json(&settings, &runs, &baselines)).context("rendering fleet.json")?;
+    let json = serde_json::to_string_pretty(&render_json(&settings, &runs, &baselines, turns))
+        .context("rendering fleet.json")?;
     std::fs::write(&json_path, json + "\n").with_context(|| format!("writing {}", json_path.display()))?;
     ui::info(format!("raw numbers in {}", json_path.display()));
     if runs.iter().all(|run| run.outcome.is_err()) {
@@ -1014,24 +1036,11 @@ impl Replicas {
             extra_args.extend(["--redis-url".into(), format!("redis://127.0.0.1:{port}/").into()]);
         }
         extra_args.extend(args.fleet.gateway_args.iter().map(OsString::from));
-        // Per-request log lines would cost more than what is measured; RUST_LOG still wins.
-        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
         for index in 0..count {
             let log = run_dir.join(format!("gateway-{pods}-pods-{count}-replicas-{index}.log"));
-            let gateway = stack::start_gateway(
-                GatewaySpec {
-                    routing_algorithm: Some(STRATEGIES[0]),
-                    log_format: "json",
-                    // Userspace only: the bench measures scraping and routing, not kernel assist.
-                    env: vec![("RUST_LOG".into(), rust_log.clone()), ("TURNSTILE_EBPF".into(), "off".into())],
-                    cpu: pinning.gateway,
-                    extra_args: extra_args.clone(),
-                    ..GatewaySpec::on_free_ports(&tools.binaries.gateway, &engines.pods_file, log)?
-                },
-                client,
-            )
-            .await
-            .with_context(|| format!("starting replica {index}"))?;
+            let gateway = start_replica(tools, pinning, &engines.pods_file, log, extra_args.clone(), client)
+                .await
+                .with_context(|| format!("starting replica {index}"))?;
             ui::info(format!("replica {index} on {} (admin {})", gateway.listen, gateway.admin));
             started.gateways.push(gateway);
         }
@@ -1109,6 +1118,168 @@ impl Replicas {
         }
         Ok(())
     }
+}
+
+/// Starts one gateway replica discovering the pods of `pods_file`, pinned where replicas run,
+/// with `extra_args`; ready when it returns.
+async fn start_replica(
+    tools: &Tools,
+    pinning: Pinning,
+    pods_file: &Path,
+    log: PathBuf,
+    extra_args: Vec<OsString>,
+    client: &Client,
+) -> Result<Gateway> {
+    // Per-request log lines would cost more than what is measured; RUST_LOG still wins.
+    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    stack::start_gateway(
+        GatewaySpec {
+            routing_algorithm: Some(STRATEGIES[0]),
+            log_format: "json",
+            // Userspace only: the bench measures scraping and routing, not kernel assist.
+            env: vec![("RUST_LOG".into(), rust_log), ("TURNSTILE_EBPF".into(), "off".into())],
+            cpu: pinning.gateway,
+            extra_args,
+            ..GatewaySpec::on_free_ports(&tools.binaries.gateway, pods_file, log)?
+        },
+        client,
+    )
+    .await
+}
+
+/// CPU per request of one replica at the smallest fleet and at the largest, measured in turns
+/// on the largest fleet's engines: two replicas run at once, one discovering the first
+/// `small` pods and one all of them, and each round measures one then the other, per
+/// strategy, the other paused (SIGSTOP) meanwhile so it neither takes CPU nor cache from the
+/// one measured. The growth is each round's ratio, so a slow spell of the machine (other
+/// virtual machines on the host, which with a large fleet's working set matter more) weighs on
+/// both sides of it; the per-size runs, minutes apart, cannot pair their rounds so.
+struct Turns {
+    small: usize,
+    large: usize,
+    /// Per strategy, each round's CPU µs/request: (small fleet, large fleet).
+    strategies: Vec<(&'static str, Vec<(f64, f64)>)>,
+    log_warnings: usize,
+}
+
+impl Turns {
+    /// Each round's large ÷ small.
+    fn ratios(rounds: &[(f64, f64)]) -> Vec<f64> {
+        rounds.iter().filter(|(small, _)| *small > 0.0).map(|(small, large)| large / small).collect()
+    }
+
+    /// The median (the lower middle of an even count).
+    fn median(mut values: Vec<f64>) -> Option<f64> {
+        values.sort_by(f64::total_cmp);
+        values.get(values.len().checked_sub(1)? / 2).copied()
+    }
+}
+
+/// How long a replica resumed after a pause waits before its load starts: with a large
+/// fleet its scraper has readings older than the cut-off to renew first.
+const RESUME_SETTLE: Duration = Duration::from_secs(3);
+
+/// A paused process, resumed when dropped.
+struct Paused(rustix::process::Pid);
+
+impl Paused {
+    fn new(pid: u32) -> Result<Self> {
+        let pid = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw).context("no such process id")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::STOP).context("pausing a replica")?;
+        Ok(Self(pid))
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = rustix::process::kill_process(self.0, rustix::process::Signal::CONT);
+    }
+}
+
+/// [`Turns`] on running `engines` (the largest fleet): its first `small` pods, then all.
+async fn measure_turns(
+    args: &BenchArgs,
+    tools: &Tools,
+    pinning: Pinning,
+    engines: &mut Engines,
+    small: usize,
+    run_dir: &Path,
+    client: &Client,
+) -> Result<Turns> {
+    let large = engines.ports.len();
+    let small_file = run_dir.join(format!("pods-{small}-of-{large}.yaml"));
+    let specs: Vec<PodSpec> = (engines.ports.iter().take(small).enumerate())
+        .map(|(index, &port)| PodSpec::new(&format!("pod-{index:04}"), MODEL, port))
+        .collect();
+    stack::write_pods(&small_file, &specs)?;
+    let extra_args: Vec<OsString> = args.fleet.gateway_args.iter().map(OsString::from).collect();
+    let mut sides: Vec<(usize, Replicas)> = Vec::new();
+    for (pods, file) in [(small, &small_file), (large, &engines.pods_file)] {
+        let log = run_dir.join(format!("gateway-turns-{pods}-of-{large}-pods.log"));
+        let gateway = start_replica(tools, pinning, file, log, extra_args.clone(), client)
+            .await
+            .with_context(|| format!("starting the {pods}-pod replica"))?;
+        ui::info(format!("{pods}-pod replica on {} (admin {})", gateway.listen, gateway.admin));
+        sides.push((pods, Replicas { gateways: vec![gateway], redis: None }));
+    }
+    for (pods, side) in &mut sides {
+        let lacking = side.wait_all_scraped(client, *pods).await?;
+        if lacking > 0 {
+            bail!("the {pods}-pod replica had not scraped {lacking} pods after {}", ui::human(ALL_SCRAPED_TIMEOUT));
+        }
+    }
+    tokio::time::sleep(SETTLE).await;
+    let mut strategies: Vec<(&'static str, Vec<(f64, f64)>)> = STRATEGIES.iter().map(|s| (*s, Vec::new())).collect();
+    for round in 1..=args.fleet.rounds {
+        for (strategy, done) in &mut strategies {
+            let mut figures = [0.0; 2];
+            for (turn, figure) in figures.iter_mut().enumerate() {
+                stop::check()?;
+                let (measured, other) = (&sides[turn].1.gateways[0], &sides[1 - turn].1.gateways[0]);
+                let _paused = Paused::new(other.child.pid())?;
+                if turn == 1 {
+                    tokio::time::sleep(RESUME_SETTLE).await;
+                }
+                let spec = LoadSpec {
+                    targets: vec![measured.listen],
+                    connections: args.connections,
+                    model: MODEL.into(),
+                    stream: false,
+                    max_tokens: ANSWER_TOKENS,
+                    headers: vec![("routing-strategy".into(), (*strategy).into())],
+                };
+                let pids = [measured.child.pid()];
+                let (report, cpu_us, _) =
+                    measured_window(args, &spec, &pids, pinning, |used| used.first().copied().unwrap_or_default())
+                        .await?;
+                if report.errors > 0 {
+                    bail!("{} errors through the {}-pod replica", report.errors, sides[turn].0);
+                }
+                *figure = cpu_us;
+            }
+            let [at_small, at_large] = figures;
+            ui::info(format!(
+                "{strategy} in turns (round {round} of {}): {small} pods {at_small:.1} µs/request, {large} pods \
+                 {at_large:.1}, ratio {:.2}",
+                args.fleet.rounds,
+                at_large / at_small.max(f64::EPSILON)
+            ));
+            done.push((at_small, at_large));
+        }
+        for (_, side) in &mut sides {
+            side.check_alive(engines)?;
+        }
+    }
+    let logs: Vec<PathBuf> = sides.iter().map(|(_, side)| side.gateways[0].child.log().to_path_buf()).collect();
+    for (_, side) in sides {
+        side.stop().await?;
+    }
+    let log_warnings =
+        logs.iter().map(|log| scan_log_warnings(&std::fs::read_to_string(log).unwrap_or_default()).0).sum();
+    if log_warnings > 0 {
+        ui::warn(format!("{log_warnings} warnings or errors in the logs of the replicas measured in turns"));
+    }
+    Ok(Turns { small, large, strategies, log_warnings })
 }
 
 /// A throwaway `redis-server` on a free loopback port, without persistence (as the limits
@@ -1219,7 +1390,12 @@ struct Settings {
     open_files: u64,
 }
 
-fn render_markdown(settings: &Settings, runs: &[Run], baselines: &[Baseline]) -> String {
+fn render_markdown(
+    settings: &Settings,
+    runs: &[Run],
+    baselines: &[Baseline],
+    turns: Option<&std::result::Result<Turns, String>>,
+) -> String {
     let Settings {
         revision,
         cpus,
@@ -1312,8 +1488,55 @@ fn render_markdown(settings: &Settings, runs: &[Run], baselines: &[Baseline]) ->
             let _ = writeln!(out, "| {pods} | {} |", cells.join(" | "));
         }
     }
+    if let Some(turns) = turns {
+        write_turns(&mut out, turns, *rounds);
+    }
     let _ = write!(out, "\n```text\n{}\n```\n", ascii_chart(runs).trim_end());
     out
+}
+
+/// The growth measured in turns: per strategy, each size's median, each round's ratio and
+/// their median.
+fn write_turns(out: &mut String, turns: &std::result::Result<Turns, String>, rounds: usize) {
+    let turns = match turns {
+        Ok(turns) => turns,
+        Err(reason) => {
+            let _ = writeln!(out, "\nCPU per request growth in turns: not measured ({reason}).");
+            return;
+        }
+    };
+    let Turns { small, large, strategies, log_warnings } = turns;
+    let _ = writeln!(
+        out,
+        "\nThe same growth measured in turns, one replica: on the {large}-pod engines, a replica discovering \
+         the first {small} pods and one discovering all {large} run side by side, and each of {rounds} rounds \
+         measures the {small}-pod one, then the {large}-pod one, per strategy (the same load, warm-up and \
+         window as above), the other paused meanwhile (SIGSTOP: it takes no CPU and no cache); the \
+         {large}-pod one gets {} s after it resumes to renew its readings. Each round's ratio pairs two \
+         windows seconds apart, so a slow spell of the machine weighs on both sides of it.\n",
+        RESUME_SETTLE.as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "| strategy | {small} pods, µs/request (median) | {large} pods, µs/request (median) | ratio per round | median ratio |\n\
+         |---|---:|---:|---|---:|"
+    );
+    for (strategy, figures) in strategies {
+        let ratios = Turns::ratios(figures);
+        let per_round: Vec<String> = ratios.iter().map(|ratio| format!("{ratio:.2}")).collect();
+        let median = |values: Vec<f64>| Turns::median(values).map_or_else(|| "-".into(), |v| format!("{v:.1}"));
+        let _ = writeln!(
+            out,
+            "| {strategy} | {} | {} | {} | {} |",
+            median(figures.iter().map(|(at_small, _)| *at_small).collect()),
+            median(figures.iter().map(|(_, at_large)| *at_large).collect()),
+            per_round.join(", "),
+            Turns::median(ratios).map_or_else(|| "-".into(), |ratio| format!("{ratio:.2}")),
+        );
+    }
+    if *log_warnings > 0 {
+        let _ = writeln!(out, "\n- {log_warnings} warnings or errors in those two replicas' logs.");
+    }
 }
 
 /// A run's rows (one per strategy, or its failure), and its notes.
@@ -1498,7 +1721,12 @@ fn ascii_chart(runs: &[Run]) -> String {
 }
 
 /// Every number of the run, for tools.
-fn render_json(settings: &Settings, runs: &[Run], baselines: &[Baseline]) -> Value {
+fn render_json(
+    settings: &Settings,
+    runs: &[Run],
+    baselines: &[Baseline],
+    turns: Option<&std::result::Result<Turns, String>>,
+) -> Value {
     let growth = CpuGrowth::new(runs, baselines);
     let Settings {
         revision,
@@ -1615,6 +1843,41 @@ fn render_json(settings: &Settings, runs: &[Run], baselines: &[Baseline]) -> Val
             "replicas": 1,
             "rows": growth_rows,
         },
+        "cpu_per_request_growth_in_turns": turns.map(turns_json),
+    })
+}
+
+/// [`Turns`] for tools: per strategy, each round's figures and ratio, and the median ratio.
+fn turns_json(turns: &std::result::Result<Turns, String>) -> Value {
+    let turns = match turns {
+        Ok(turns) => turns,
+        Err(reason) => return json!({"error": reason}),
+    };
+    let strategies: Vec<Value> = turns
+        .strategies
+        .iter()
+        .map(|(strategy, figures)| {
+            let rounds: Vec<Value> = figures
+                .iter()
+                .map(|(at_small, at_large)| {
+                    json!({"small_cpu_us_per_request": at_small, "large_cpu_us_per_request": at_large})
+                })
+                .collect();
+            json!({
+                "strategy": strategy,
+                "rounds": rounds,
+                "ratios": Turns::ratios(figures),
+                "median_ratio": Turns::median(Turns::ratios(figures)),
+            })
+        })
+        .collect();
+    json!({
+        "small_pods": turns.small,
+        "large_pods": turns.large,
+        "replicas": 1,
+        "resume_settle_seconds": RESUME_SETTLE.as_secs(),
+        "strategies": strategies,
+        "log_warnings": turns.log_warnings,
     })
 }
 
@@ -1879,7 +2142,7 @@ mod tests {
             Run { pods: 100, replicas: 4, outcome: Ok(measured(vec![20.0, 30.0, 25.0, 25.0], 10_000, 600.0)) },
             Run { pods: 1000, replicas: 1, outcome: Err("nginx | died\nmore".into()) },
         ];
-        let markdown = render_markdown(&settings(), &runs, &[]);
+        let markdown = render_markdown(&settings(), &runs, &[], None);
         assert!(markdown.starts_with("# Turnstile fleet benchmark (abc1234)"), "{markdown}");
         assert!(markdown.contains("2 CPUs, Test CPU"), "{markdown}");
         assert!(markdown.contains("`--pod-metric-max-scrapes-per-second=2000`"), "{markdown}");
@@ -1898,7 +2161,7 @@ mod tests {
         assert!(markdown.contains(&format!("  100 pods × 4 |{:<40}| 25.0", "█".repeat(10))), "{markdown}");
         assert!(markdown.contains(&format!("  100 pods × 4 |{}| 600.0", "█".repeat(40))), "{markdown}");
 
-        let json = render_json(&settings(), &runs, &[]);
+        let json = render_json(&settings(), &runs, &[], None);
         assert_eq!(json["runs"][1]["idle"]["scrapes_per_engine_per_second"], 20.0);
         assert_eq!(json["runs"][1]["idle"]["cpu_percent_per_replica"].as_array().unwrap().len(), 4);
         assert_eq!(json["runs"][0]["loads"][1]["strategy"], "least-kv-cache");
@@ -1914,7 +2177,7 @@ mod tests {
             Run { pods: 1000, replicas: 4, outcome: Ok(measured(vec![10.0; 4], 400_000, 90.0)) },
         ];
         let baselines = vec![baseline(2, 20.0), baseline(1000, 25.0)];
-        let markdown = render_markdown(&settings(), &runs, &baselines);
+        let markdown = render_markdown(&settings(), &runs, &baselines, None);
         assert!(markdown.contains("Baseline (`nginx proxy (baseline)`)"), "{markdown}");
         // 60,000 requests in 5 s; others at 2% (no note), 2.5%.
         let nginx_2 = "| 2 | 1 |  |  |  | nginx proxy (baseline) | 12000 | 20.0 | 0.90 | 1.00 | 1 |";
@@ -1935,7 +2198,7 @@ mod tests {
         );
         assert!(markdown.contains("| 2 | 1.00 | 1.00 | 1.00 |\n| 1000 | 1.50 | 1.45 | 1.25 |\n"), "{markdown}");
 
-        let json = render_json(&settings(), &runs, &baselines);
+        let json = render_json(&settings(), &runs, &baselines, None);
         assert_eq!(json["nginx_proxy_baseline"][1]["pods"], 1000);
         assert_eq!(json["nginx_proxy_baseline"][1]["cpu_us_per_request"], 25.0);
         assert_eq!(json["nginx_proxy_baseline"][1]["upstream_keepalive"], 1032);
@@ -1949,16 +2212,50 @@ mod tests {
             Run { pods: 100, replicas: 4, outcome: Ok(measured(vec![3.0; 4], 800, 70.0)) },
         ];
         let baselines = vec![baseline(2, 20.0), Baseline { pods: 100, outcome: Err("no | worker\nmore".into()) }];
-        let markdown = render_markdown(&settings(), &runs, &baselines);
+        let markdown = render_markdown(&settings(), &runs, &baselines, None);
         assert!(
             markdown.contains("| 100 | 1 |  |  |  | nginx proxy (baseline): failed: no / worker | | | | | |"),
             "{markdown}"
         );
         assert!(markdown.contains("| 100 | - | - | - |"), "{markdown}");
         assert_eq!(
-            render_json(&settings(), &runs, &baselines)["nginx_proxy_baseline"][1]["error"],
+            render_json(&settings(), &runs, &baselines, None)["nginx_proxy_baseline"][1]["error"],
             "no | worker\nmore"
         );
+    }
+
+    #[test]
+    fn growth_in_turns_pairs_each_rounds_figures() {
+        let runs = vec![Run { pods: 2, replicas: 1, outcome: Ok(measured(vec![3.0], 200, 50.0)) }];
+        let turns = Ok(Turns {
+            small: 2,
+            large: 1000,
+            strategies: vec![
+                // A slow spell in round 2 lifts both sides: its ratio stays.
+                ("least-request", vec![(20.0, 24.0), (30.0, 36.6), (21.0, 25.2)]),
+                ("least-kv-cache", vec![(20.0, 26.0), (21.0, 27.3)]),
+            ],
+            log_warnings: 3,
+        });
+        let markdown = render_markdown(&settings(), &runs, &[], Some(&turns));
+        assert!(markdown.contains("the first 2 pods and one discovering all 1000"), "{markdown}");
+        assert!(markdown.contains("| least-request | 21.0 | 25.2 | 1.20, 1.22, 1.20 | 1.20 |"), "{markdown}");
+        assert!(markdown.contains("| least-kv-cache | 20.0 | 26.0 | 1.30, 1.30 | 1.30 |"), "{markdown}");
+        assert!(markdown.contains("- 3 warnings or errors in those two replicas' logs."), "{markdown}");
+        let json = render_json(&settings(), &runs, &[], Some(&turns));
+        let growth = &json["cpu_per_request_growth_in_turns"];
+        assert_eq!(growth["large_pods"], 1000);
+        assert_eq!(growth["strategies"][0]["rounds"][1]["large_cpu_us_per_request"], 36.6);
+        assert_eq!(growth["strategies"][0]["median_ratio"], 1.2);
+
+        let failed = Err("nginx | died".to_owned());
+        let markdown = render_markdown(&settings(), &runs, &[], Some(&failed));
+        assert!(markdown.contains("CPU per request growth in turns: not measured (nginx | died)."), "{markdown}");
+        assert_eq!(
+            render_json(&settings(), &runs, &[], Some(&failed))["cpu_per_request_growth_in_turns"]["error"],
+            "nginx | died"
+        );
+        assert!(render_json(&settings(), &runs, &[], None)["cpu_per_request_growth_in_turns"].is_null());
     }
 
     #[derive(Debug, Parser)]
