@@ -108,15 +108,9 @@ impl PoolInner {
     /// request; the ones that cannot are closed.
     fn checkout(&self, key: &str) -> Option<Leased> {
         loop {
-            let idle = {
-                let mut pools = self.idle();
-                let pool = pools.get_mut(key)?;
-                let idle = pool.pop();
-                if pool.is_empty() {
-                    pools.remove(key);
-                }
-                idle?
-            };
+            // An emptied pool stays (the sweep drops it) for its connection to
+            // come back to: no allocation per request, and no removal.
+            let idle = self.idle().get_mut(key)?.pop()?;
             let Idle { mut leased, since } = idle;
             if since.elapsed() < self.idle_timeout && leased.ready_for_more() {
                 leased.reused = true;
@@ -506,6 +500,21 @@ mod tests {
         let pools = pool.inner.idle();
         assert_eq!(pools.keys().map(|key| key.to_string()).collect::<Vec<_>>(), [staying.addr.to_string()]);
         assert_eq!(pools.values().map(Vec::len).sum::<usize>(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_emptied_pool_waits_for_its_connection_until_the_sweep() {
+        let engine = RawEngine::start(vec![(OK, false)]).await;
+        let pool = pool(4, Duration::from_secs(30));
+        answered_ok(&pool, &engine, None).await;
+        let key = engine.addr.to_string();
+        let leased = pool.inner.checkout(&key).expect("the idle connection");
+        assert_eq!(pool.inner.idle().get(key.as_str()).map(Vec::len), Some(0), "kept, empty, for the checkin");
+        pool.inner.checkin(leased);
+        assert_eq!(pool.inner.idle().get(key.as_str()).map(Vec::len), Some(1));
+        drop(pool.inner.checkout(&key));
+        pool.inner.sweep();
+        assert!(pool.inner.idle().is_empty(), "the sweep drops empty pools");
     }
 
     #[tokio::test]
