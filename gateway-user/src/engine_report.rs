@@ -3,8 +3,8 @@
 //! pod that holds its latest (`discovery`'s `PodLoad`) and the strategies
 //! and request path that read it; it uses no other module.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering, fence};
-use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// What one pod's engine reported at its last scrape, with recent-window
@@ -225,45 +225,65 @@ fn instant_of(stamp: i64) -> Instant {
     if stamp >= 0 { base.checked_add(offset) } else { base.checked_sub(offset) }.unwrap_or(base)
 }
 
-/// A pod's latest [`Gauges`] and when they were scraped, kept in one cache
-/// line beside its in-flight counts, so a strategy comparing many pods reads
-/// them with plain loads: no reference taken, no fence, and one pod's read
-/// need not wait for the last one's (taking a reference on each pod's full
-/// report serialises the reads, each a cache miss with a large fleet).
+/// A pod's latest [`Gauges`] and when they were scraped, in one cache line
+/// of their own (the pod keeps its in-flight counts on the next), so a
+/// strategy comparing many pods reads them with plain loads: no reference
+/// taken and no read-modify-write (on x86 not even a fence), and one pod's
+/// read need not wait for the last one's (taking a reference on each pod's
+/// full report serialises the reads, each a cache miss with a large fleet).
 ///
-/// A sequence lock: the stamp is the version. A writer sets it to
-/// `STAMP_WRITING`, writes the readings, then sets the new stamp; a reader
-/// that saw the stamp change while it read tries again, and one that finds
-/// a writer busy is told so (and reads the full report). Writers take turns
-/// (the mutex, on the next cache line) and each stamp differs from the one
-/// before it (its low bits count writes; the scrape time is kept to 256 ns),
-/// so a reader never mistakes two reports for one.
+/// A sequence lock: the stamp is the version. A writer takes its turn by
+/// setting the stamp to `STAMP_WRITING` (waiting while another writer has
+/// it), writes the readings, then sets the new stamp; a reader that saw the
+/// stamp change while it read tries again, and one that finds a writer busy
+/// is told so (and reads the full report). A stamp is the scrape time to
+/// 256 ns, its low bits counting writes: as scrape times only grow, a reader
+/// never mistakes two reports for one (with the same scrape time, only 256
+/// writes during one read could make it).
 #[derive(Debug)]
 #[repr(C, align(64))]
 pub struct PodGauges {
     stamp: AtomicI64,
     readings: [AtomicU64; GAUGES],
-    /// The generation of the last stamp written.
-    writer: Mutex<u8>,
 }
+
+const _: () = assert!(std::mem::size_of::<PodGauges>() == 64, "one cache line");
 
 impl Default for PodGauges {
     fn default() -> Self {
-        Self {
-            stamp: AtomicI64::new(STAMP_NONE),
-            readings: std::array::from_fn(|_| AtomicU64::new(MISSING)),
-            writer: Mutex::new(0),
-        }
+        Self { stamp: AtomicI64::new(STAMP_NONE), readings: std::array::from_fn(|_| AtomicU64::new(MISSING)) }
+    }
+}
+
+/// Sets a stamp when dropped: a writer's last step, taken even if what it
+/// ran meanwhile panicked, so no writer waits forever.
+struct SetStamp<'a> {
+    stamp: &'a AtomicI64,
+    to: i64,
+}
+
+impl Drop for SetStamp<'_> {
+    fn drop(&mut self) {
+        self.stamp.store(self.to, Ordering::Release);
     }
 }
 
 impl PodGauges {
     /// Holds `report`, gauges scraped at that instant (`None`: holds none),
     /// and runs `also` while no other writer can: what the pod keeps beside
-    /// them changes with them.
+    /// them changes with them. Writers are rare (a pod's scrapes, and its
+    /// replacement), so one that finds another busy yields until it is done.
     pub fn publish<R>(&self, report: Option<(Instant, Gauges)>, also: impl FnOnce() -> R) -> R {
-        let mut generation = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        self.stamp.store(STAMP_WRITING, Ordering::Relaxed);
+        let previous = loop {
+            let current = self.stamp.load(Ordering::Relaxed);
+            if current == STAMP_WRITING {
+                std::thread::yield_now();
+            } else if (self.stamp.compare_exchange_weak(current, STAMP_WRITING, Ordering::Acquire, Ordering::Relaxed))
+                .is_ok()
+            {
+                break current;
+            }
+        };
         // Readings written below are seen only with the stamp above (or a
         // later one), so a reader that saw any of them looks again.
         fence(Ordering::Release);
@@ -272,15 +292,13 @@ impl PodGauges {
                 for (slot, reading) in self.readings.iter().zip(gauges.to_array()) {
                     slot.store(reading_bits(reading), Ordering::Relaxed);
                 }
-                *generation = generation.wrapping_add(1);
-                (stamp_of(scraped_at) & !GENERATION_BITS | i64::from(*generation))
-                    .clamp(STAMP_NONE + 1, STAMP_WRITING - 1)
+                let generation = (previous & GENERATION_BITS).wrapping_add(1) & GENERATION_BITS;
+                (stamp_of(scraped_at) & !GENERATION_BITS | generation).clamp(STAMP_NONE + 1, STAMP_WRITING - 1)
             }
             None => STAMP_NONE,
         };
-        let result = also();
-        self.stamp.store(stamp, Ordering::Release);
-        result
+        let _set = SetStamp { stamp: &self.stamp, to: stamp };
+        also()
     }
 
     /// The stamp alone (what [`PodGauges::read`] reads first): a cheap read
@@ -366,6 +384,17 @@ mod tests {
     }
 
     #[test]
+    fn a_writer_that_panicked_does_not_hold_up_the_next() {
+        let gauges = PodGauges::default();
+        let now = Instant::now();
+        let panicked = std::panic::catch_unwind(|| gauges.publish(report(now, |_| {}), || panic!("while writing")));
+        assert!(panicked.is_err());
+        assert!(matches!(gauges.read(), GaugeRead::Held(..)), "what it wrote stands");
+        gauges.publish(None, || ());
+        assert_eq!(gauges.read(), GaugeRead::Empty);
+    }
+
+    #[test]
     fn old_scrapes_keep_their_time() {
         let gauges = PodGauges::default();
         let now = Instant::now();
@@ -402,9 +431,11 @@ mod tests {
                 })
             })
             .collect();
-        let now = Instant::now();
+        let start = Instant::now();
         for i in 0..200_000u32 {
             let v = Some(f64::from(i));
+            // Scrape times grow, as the scraper's do.
+            let now = start + Duration::from_nanos(256 * u64::from(i));
             let metrics = report(now, |m| {
                 m.kv_cache_usage = v;
                 m.gpu_cache_usage = v;

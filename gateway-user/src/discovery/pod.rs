@@ -94,6 +94,8 @@ pub struct PodLoad {
     engine_metrics: arc_swap::ArcSwapOption<PodMetrics>,
 }
 
+const _: () = assert!(std::mem::offset_of!(PodLoad, in_flight) == 64, "the counts on the gauges' next line");
+
 /// Milliseconds since the process first asked, never 0: the clock the
 /// lapsing parts of a [`PodLoad`] are timed by.
 fn clock_ms() -> u64 {

@@ -333,6 +333,10 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
     let mut runs = Vec::new();
     let mut baselines = Vec::new();
     let mut turns: Option<std::result::Result<Turns, String>> = None;
+    let smallest = args.fleet.pods.iter().copied().min().unwrap_or(0);
+    let largest = args.fleet.pods.iter().copied().max().unwrap_or(0);
+    // The growth in turns runs on the largest fleet's engines.
+    let in_turns = |pods: usize| pods == largest && smallest < largest && args.fleet.replicas.contains(&1);
     for &pods in &args.fleet.pods {
         stop::check()?;
         let step = ui::step(format!("bench fleet: {pods} pods on one nginx"));
@@ -347,6 +351,9 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
                 ui::warn(format!("skipped: {reason}"));
                 for &replicas in &args.fleet.replicas {
                     runs.push(Run { pods, replicas, outcome: Err(reason.clone()) });
+                }
+                if in_turns(pods) {
+                    turns = Some(Err(reason.clone()));
                 }
                 baselines.push(Baseline { pods, outcome: Err(reason) });
                 continue;
@@ -363,9 +370,7 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
             runs.push(Run { pods, replicas, outcome: outcome.map_err(|err| format!("{err:#}")) });
             step.done();
         }
-        let smallest = args.fleet.pods.iter().copied().min().unwrap_or(pods);
-        let largest = args.fleet.pods.iter().copied().max().unwrap_or(pods);
-        if pods == largest && smallest < largest && args.fleet.replicas.contains(&1) {
+        if in_turns(pods) {
             stop::check()?;
             let step = ui::step(format!("bench fleet: {smallest} and {pods} pods in turns, 1 replica each"));
             let outcome = measure_turns(args, tools, pinning, &mut engines, smallest, &run_dir, &client).await;
@@ -1159,6 +1164,9 @@ struct Turns {
     large: usize,
     /// Per strategy, each round's CPU µs/request: (small fleet, large fleet).
     strategies: Vec<(&'static str, Vec<(f64, f64)>)>,
+    /// Requests the strategies could not score (routed by least-request instead) in the
+    /// measured windows, both replicas together.
+    fallbacks: u64,
     log_warnings: usize,
 }
 
@@ -1175,9 +1183,44 @@ impl Turns {
     }
 }
 
-/// How long a replica resumed after a pause waits before its load starts: with a large
-/// fleet its scraper has readings older than the cut-off to renew first.
-const RESUME_SETTLE: Duration = Duration::from_secs(3);
+/// Longest wait for a replica resumed after a pause to renew its readings (with a large fleet
+/// they are older than the cut-off by then).
+const RENEW_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The oldest of the pods' metrics ages `gateway` reports, seconds.
+async fn oldest_reading(client: &Client, gateway: &Gateway) -> Result<f64> {
+    let reply = client.get(gateway.admin, "/metrics", ADMIN_TIMEOUT).await.context("reading /metrics")?;
+    Ok(pod_metric_ages(&reply.text()).into_iter().fold(0.0, f64::max))
+}
+
+/// Polls `gateway` until its oldest reading is at most `fresh` seconds old (bounded by
+/// [`RENEW_TIMEOUT`]); whether it got there.
+async fn wait_renewed(client: &Client, gateway: &Gateway, fresh: f64) -> Result<bool> {
+    let deadline = Instant::now() + RENEW_TIMEOUT;
+    loop {
+        if oldest_reading(client, gateway).await? <= fresh {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Requests `gateway` routed by least-request because its strategy could not score them.
+async fn fallbacks(client: &Client, gateway: &Gateway) -> Result<u64> {
+    let reply = client.get(gateway.admin, "/metrics", ADMIN_TIMEOUT).await.context("reading /metrics")?;
+    Ok(count_fallbacks(&reply.text()))
+}
+
+/// The sum of `aibrix_gateway_routing_fallbacks_total` over its series in a metrics page.
+fn count_fallbacks(text: &str) -> u64 {
+    text.lines()
+        .filter(|line| line.starts_with("aibrix_gateway_routing_fallbacks_total"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
 
 /// A paused process, resumed when dropped.
 struct Paused(rustix::process::Pid);
@@ -1230,16 +1273,24 @@ async fn measure_turns(
     }
     tokio::time::sleep(SETTLE).await;
     let mut strategies: Vec<(&'static str, Vec<(f64, f64)>)> = STRATEGIES.iter().map(|s| (*s, Vec::new())).collect();
+    let mut fallen_back = 0;
     for round in 1..=args.fleet.rounds {
         for (strategy, done) in &mut strategies {
             let mut figures = [0.0; 2];
+            // How old the large fleet's readings are while it runs: what it must get back to
+            // after its pause before it is measured (with a second of slack).
+            let steady = oldest_reading(client, &sides[1].1.gateways[0]).await? + 1.0;
             for (turn, figure) in figures.iter_mut().enumerate() {
                 stop::check()?;
                 let (measured, other) = (&sides[turn].1.gateways[0], &sides[1 - turn].1.gateways[0]);
                 let _paused = Paused::new(other.child.pid())?;
-                if turn == 1 {
-                    tokio::time::sleep(RESUME_SETTLE).await;
+                if turn == 1 && !wait_renewed(client, measured, steady).await? {
+                    ui::warn(format!(
+                        "the {large}-pod replica had readings older than {steady:.1} s {} after its pause",
+                        ui::human(RENEW_TIMEOUT)
+                    ));
                 }
+                let fallbacks_before = fallbacks(client, measured).await?;
                 let spec = LoadSpec {
                     targets: vec![measured.listen],
                     connections: args.connections,
@@ -1252,9 +1303,15 @@ async fn measure_turns(
                 let (report, cpu_us, _) =
                     measured_window(args, &spec, &pids, pinning, |used| used.first().copied().unwrap_or_default())
                         .await?;
-                if report.errors > 0 {
-                    bail!("{} errors through the {}-pod replica", report.errors, sides[turn].0);
+                if report.errors > 0 || report.completed == 0 {
+                    bail!(
+                        "{} errors and {} answers through the {}-pod replica",
+                        report.errors,
+                        report.completed,
+                        sides[turn].0
+                    );
                 }
+                fallen_back += fallbacks(client, measured).await?.saturating_sub(fallbacks_before);
                 *figure = cpu_us;
             }
             let [at_small, at_large] = figures;
@@ -1279,7 +1336,10 @@ async fn measure_turns(
     if log_warnings > 0 {
         ui::warn(format!("{log_warnings} warnings or errors in the logs of the replicas measured in turns"));
     }
-    Ok(Turns { small, large, strategies, log_warnings })
+    if fallen_back > 0 {
+        ui::warn(format!("{fallen_back} requests fell back to least-request in the windows measured in turns"));
+    }
+    Ok(Turns { small, large, strategies, fallbacks: fallen_back, log_warnings })
 }
 
 /// A throwaway `redis-server` on a free loopback port, without persistence (as the limits
@@ -1505,16 +1565,16 @@ fn write_turns(out: &mut String, turns: &std::result::Result<Turns, String>, rou
             return;
         }
     };
-    let Turns { small, large, strategies, log_warnings } = turns;
+    let Turns { small, large, strategies, fallbacks, log_warnings } = turns;
     let _ = writeln!(
         out,
         "\nThe same growth measured in turns, one replica: on the {large}-pod engines, a replica discovering \
          the first {small} pods and one discovering all {large} run side by side, and each of {rounds} rounds \
          measures the {small}-pod one, then the {large}-pod one, per strategy (the same load, warm-up and \
-         window as above), the other paused meanwhile (SIGSTOP: it takes no CPU and no cache); the \
-         {large}-pod one gets {} s after it resumes to renew its readings. Each round's ratio pairs two \
-         windows seconds apart, so a slow spell of the machine weighs on both sides of it.\n",
-        RESUME_SETTLE.as_secs()
+         window as above), the other paused meanwhile (SIGSTOP: it takes no CPU and no cache); once resumed, \
+         the {large}-pod one is measured when its readings are as fresh as before its pause. Each round's \
+         ratio pairs two windows seconds apart, so a slow spell of the machine weighs on both sides of it. \
+         Medians are the lower middle of an even count.\n"
     );
     let _ = writeln!(
         out,
@@ -1534,8 +1594,18 @@ fn write_turns(out: &mut String, turns: &std::result::Result<Turns, String>, rou
             Turns::median(ratios).map_or_else(|| "-".into(), |ratio| format!("{ratio:.2}")),
         );
     }
+    if *fallbacks > 0 {
+        let _ = writeln!(
+            out,
+            "\n- {fallbacks} requests in the measured windows could not be scored and went by least-request."
+        );
+    }
     if *log_warnings > 0 {
-        let _ = writeln!(out, "\n- {log_warnings} warnings or errors in those two replicas' logs.");
+        let _ = writeln!(
+            out,
+            "\n- {log_warnings} warnings or errors in those two replicas' logs (a replica resumed from a pause \
+             may log that a strategy fell back before its readings were renewed)."
+        );
     }
 }
 
@@ -1875,8 +1945,8 @@ fn turns_json(turns: &std::result::Result<Turns, String>) -> Value {
         "small_pods": turns.small,
         "large_pods": turns.large,
         "replicas": 1,
-        "resume_settle_seconds": RESUME_SETTLE.as_secs(),
         "strategies": strategies,
+        "fallbacks_in_windows": turns.fallbacks,
         "log_warnings": turns.log_warnings,
     })
 }
@@ -2235,13 +2305,20 @@ mod tests {
                 ("least-request", vec![(20.0, 24.0), (30.0, 36.6), (21.0, 25.2)]),
                 ("least-kv-cache", vec![(20.0, 26.0), (21.0, 27.3)]),
             ],
+            fallbacks: 5,
             log_warnings: 3,
         });
         let markdown = render_markdown(&settings(), &runs, &[], Some(&turns));
         assert!(markdown.contains("the first 2 pods and one discovering all 1000"), "{markdown}");
         assert!(markdown.contains("| least-request | 21.0 | 25.2 | 1.20, 1.22, 1.20 | 1.20 |"), "{markdown}");
         assert!(markdown.contains("| least-kv-cache | 20.0 | 26.0 | 1.30, 1.30 | 1.30 |"), "{markdown}");
-        assert!(markdown.contains("- 3 warnings or errors in those two replicas' logs."), "{markdown}");
+        assert!(markdown.contains("- 3 warnings or errors in those two replicas' logs"), "{markdown}");
+        assert!(markdown.contains("- 5 requests in the measured windows could not be scored"), "{markdown}");
+        let page = "# TYPE aibrix_gateway_routing_fallbacks counter\n\
+                    aibrix_gateway_routing_fallbacks_total{strategy=\"least-kv-cache\",reason=\"metrics_stale\"} 3\n\
+                    aibrix_gateway_routing_fallbacks_total{strategy=\"least-kv-cache\",reason=\"metrics_missing\"} 2\n\
+                    aibrix_gateway_routing_fallbacks_created 1.7e9\n";
+        assert_eq!(count_fallbacks(page), 5);
         let json = render_json(&settings(), &runs, &[], Some(&turns));
         let growth = &json["cpu_per_request_growth_in_turns"];
         assert_eq!(growth["large_pods"], 1000);
