@@ -1187,10 +1187,24 @@ impl Turns {
 /// they are older than the cut-off by then).
 const RENEW_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `gateway`'s metrics page. Tried three times: a replica just resumed from a pause closes
+/// the admin connections its idle timers ran out on meanwhile, and the client may reuse one.
+async fn admin_metrics(client: &Client, gateway: &Gateway) -> Result<String> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match client.get(gateway.admin, "/metrics", ADMIN_TIMEOUT).await {
+            Ok(reply) if reply.status.is_success() => return Ok(reply.text()),
+            Ok(reply) if tries >= 3 => bail!("reading /metrics: {}", reply.status),
+            Err(err) if tries >= 3 => return Err(err).context("reading /metrics"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 /// The oldest of the pods' metrics ages `gateway` reports, seconds.
 async fn oldest_reading(client: &Client, gateway: &Gateway) -> Result<f64> {
-    let reply = client.get(gateway.admin, "/metrics", ADMIN_TIMEOUT).await.context("reading /metrics")?;
-    Ok(pod_metric_ages(&reply.text()).into_iter().fold(0.0, f64::max))
+    Ok(pod_metric_ages(&admin_metrics(client, gateway).await?).into_iter().fold(0.0, f64::max))
 }
 
 /// Polls `gateway` until its oldest reading is at most `fresh` seconds old (bounded by
@@ -1210,8 +1224,7 @@ async fn wait_renewed(client: &Client, gateway: &Gateway, fresh: f64) -> Result<
 
 /// Requests `gateway` routed by least-request because its strategy could not score them.
 async fn fallbacks(client: &Client, gateway: &Gateway) -> Result<u64> {
-    let reply = client.get(gateway.admin, "/metrics", ADMIN_TIMEOUT).await.context("reading /metrics")?;
-    Ok(count_fallbacks(&reply.text()))
+    Ok(count_fallbacks(&admin_metrics(client, gateway).await?))
 }
 
 /// The sum of `aibrix_gateway_routing_fallbacks_total` over its series in a metrics page.
