@@ -225,6 +225,25 @@ fn instant_of(stamp: i64) -> Instant {
     if stamp >= 0 { base.checked_add(offset) } else { base.checked_sub(offset) }.unwrap_or(base)
 }
 
+/// When a report was scraped, to 256 ns, as [`PodGauges`] keeps it: compared
+/// as a number (a strategy judges many pods' staleness per request).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stamp(i64);
+
+impl Stamp {
+    /// Earlier than any scrape.
+    pub const EARLIEST: Self = Self(i64::MIN);
+
+    pub fn of(at: Instant) -> Self {
+        Self(stamp_of(at) & !GENERATION_BITS)
+    }
+
+    /// The instant, to 256 ns (rounded down).
+    pub fn instant(self) -> Instant {
+        instant_of(self.0)
+    }
+}
+
 /// A pod's latest [`Gauges`] and when they were scraped, in one cache line
 /// of their own (the pod keeps its in-flight counts on the next), so a
 /// strategy comparing many pods reads them with plain loads: no reference
@@ -321,7 +340,7 @@ impl PodGauges {
             let bits: [u64; GAUGES] = std::array::from_fn(|i| self.readings[i].load(Ordering::Relaxed));
             fence(Ordering::Acquire);
             if self.stamp.load(Ordering::Relaxed) == stamp {
-                return GaugeRead::Held(instant_of(stamp), Gauges::from_array(bits.map(reading_of)));
+                return GaugeRead::Held(Stamp(stamp & !GENERATION_BITS), Gauges::from_array(bits.map(reading_of)));
             }
         }
         GaugeRead::Busy
@@ -334,8 +353,8 @@ const READ_ATTEMPTS: usize = 2;
 /// What [`PodGauges::read`] found.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum GaugeRead {
-    /// Gauges scraped at that instant.
-    Held(Instant, Gauges),
+    /// Gauges scraped then.
+    Held(Stamp, Gauges),
     /// None held.
     Empty,
     /// A writer was busy: read the full report instead.
@@ -367,7 +386,9 @@ mod tests {
         });
         gauges.publish(first, || ());
         let GaugeRead::Held(at, read) = gauges.read() else { panic!("published") };
+        let at = at.instant();
         assert!(at <= now && now.duration_since(at) < Duration::from_nanos(256), "the scrape time, to 256 ns");
+        assert_eq!(Stamp::of(now).instant(), at);
         assert_eq!(read.kv_cache_usage, Some(0.25));
         assert_eq!(read.running, Some(3.0));
         assert!(read.waiting.is_some_and(f64::is_nan), "a reported NaN stays a reading");
@@ -375,7 +396,7 @@ mod tests {
         assert_eq!(Some(Gauges { waiting: None, ..read }), first.map(|(_, g)| Gauges { waiting: None, ..g }));
         gauges.publish(report(now, |m| m.gpu_cache_usage = Some(0.5)), || ());
         let GaugeRead::Held(again, read) = gauges.read() else { panic!("published") };
-        assert_eq!(again, at, "the same scrape time");
+        assert_eq!(again.instant(), at, "the same scrape time");
         assert_eq!((read.kv_cache_usage, read.gpu_cache_usage), (None, Some(0.5)), "nothing kept from before");
         let busy = gauges.publish(report(now, |_| {}), || gauges.read());
         assert_eq!(busy, GaugeRead::Busy, "a reader during a write is told to look elsewhere, not kept waiting");
@@ -401,11 +422,16 @@ mod tests {
         let old = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
         gauges.publish(report(old, |m| m.busy_fraction = Some(1.0)), || ());
         let GaugeRead::Held(at, read) = gauges.read() else { panic!("published") };
+        let at = at.instant();
         assert!(at <= old && old.duration_since(at) < Duration::from_nanos(256), "before the stamps' base too");
+        assert!(Stamp::of(old) < Stamp::of(now) && Stamp::EARLIEST < Stamp::of(old), "stamps order as instants");
         assert_eq!(read.busy_fraction, Some(1.0));
         gauges.publish(report(now, |_| {}), || ());
         gauges.publish(report(old, |_| {}), || ());
-        assert!(matches!(gauges.read(), GaugeRead::Held(at, _) if at <= old), "an older report after a newer one");
+        assert!(
+            matches!(gauges.read(), GaugeRead::Held(at, _) if at <= Stamp::of(old)),
+            "an older report after a newer one"
+        );
     }
 
     /// Readers racing a writer only ever see whole reports (or are told a

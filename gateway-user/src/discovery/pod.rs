@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::engine_report::{GaugeRead, Gauges, PodGauges, PodMetrics};
+use crate::engine_report::{GaugeRead, Gauges, PodGauges, PodMetrics, Stamp};
 
 /// Label (or annotation, for names containing `/`) naming the model a pod serves.
 pub const MODEL_NAME_LABEL: &str = "model.aibrix.ai/name";
@@ -239,11 +239,13 @@ impl PodLoad {
     /// strategies score pods by: read with plain loads from the pod's own
     /// memory, no reference taken (a strategy reads many pods' per request,
     /// from many threads at once).
-    pub fn engine_gauges(&self) -> Option<(Instant, Gauges)> {
+    pub fn engine_gauges(&self) -> Option<(Stamp, Gauges)> {
         match self.engine_gauges.read() {
             GaugeRead::Held(scraped_at, gauges) => Some((scraped_at, gauges)),
             GaugeRead::Empty => None,
-            GaugeRead::Busy => self.engine_metrics.load().as_deref().map(|m| (m.scraped_at, Gauges::from(m))),
+            GaugeRead::Busy => {
+                self.engine_metrics.load().as_deref().map(|m| (Stamp::of(m.scraped_at), Gauges::from(m)))
+            }
         }
     }
 

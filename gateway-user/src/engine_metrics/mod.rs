@@ -30,7 +30,7 @@ pub use self::{
     names::for_engine,
     parse::{Scraped, parse},
 };
-pub use crate::engine_report::{Gauges, LoraSlots, PodMetrics, lora_hash};
+pub use crate::engine_report::{Gauges, LoraSlots, PodMetrics, Stamp, lora_hash};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -117,6 +117,11 @@ impl PodSlot {
 
 type Slots = HashMap<String, Arc<PodSlot>>;
 
+/// The stamp before which readings are stale, judged at `now`.
+fn stale_before(now: Instant, stale_after: Duration) -> Stamp {
+    now.checked_sub(stale_after).map_or(Stamp::EARLIEST, Stamp::of)
+}
+
 /// Every scraped pod's latest metrics, keyed by pod key (`namespace/name`).
 #[derive(Debug)]
 pub struct EngineMetrics {
@@ -144,10 +149,12 @@ impl EngineMetrics {
 
     /// What a request reads: one atomic load, then plain lookups.
     pub fn view(&self) -> MetricsView {
+        let (now, stale_after) = (Instant::now(), self.stale_after());
         MetricsView {
             source: ViewSource::Slots(self.slots.load_full()),
-            now: Instant::now(),
-            stale_after: self.stale_after(),
+            now,
+            stale_after,
+            stale_before: stale_before(now, stale_after),
             any_sleeping: self.sleeping.load(Ordering::Relaxed) > 0,
         }
     }
@@ -259,6 +266,8 @@ pub struct MetricsView {
     source: ViewSource,
     now: Instant,
     stale_after: Duration,
+    /// Readings scraped before this are stale (`now` less `stale_after`).
+    stale_before: Stamp,
     /// Some pod's latest reading says it sleeps.
     any_sleeping: bool,
 }
@@ -273,7 +282,9 @@ impl MetricsView {
     pub fn fixed(pods: impl IntoIterator<Item = (String, PodMetrics)>, stale_after: Duration) -> Self {
         let map: HashMap<String, Arc<PodMetrics>> = pods.into_iter().map(|(k, m)| (k, Arc::new(m))).collect();
         let any_sleeping = map.values().any(|m| m.sleeping);
-        Self { source: ViewSource::Fixed(Arc::new(map)), now: Instant::now(), stale_after, any_sleeping }
+        let now = Instant::now();
+        let stale_before = stale_before(now, stale_after);
+        Self { source: ViewSource::Fixed(Arc::new(map)), now, stale_after, stale_before, any_sleeping }
     }
 
     /// Whether the pod `key` says it sleeps (vLLM's sleep-state gauge). Sleep
@@ -319,11 +330,11 @@ impl MetricsView {
     pub fn read_fresh<R>(&self, pod: &PodInfo, read: impl FnOnce(&Gauges) -> R) -> Result<R, Unfresh> {
         let latest = match &self.source {
             ViewSource::Slots(_) => pod.load.engine_gauges(),
-            ViewSource::Fixed(map) => map.get(&pod.key).map(|m| (m.scraped_at, Gauges::from(&**m))),
+            ViewSource::Fixed(map) => map.get(&pod.key).map(|m| (Stamp::of(m.scraped_at), Gauges::from(&**m))),
         };
         match latest {
             None => Err(Unfresh::Missing),
-            Some((scraped_at, _)) if self.is_stale(scraped_at) => Err(Unfresh::Stale),
+            Some((scraped_at, _)) if scraped_at < self.stale_before => Err(Unfresh::Stale),
             Some((_, gauges)) => Ok(read(&gauges)),
         }
     }
