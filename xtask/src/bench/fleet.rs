@@ -360,36 +360,18 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
             }
         };
         for &replicas in &args.fleet.replicas {
-            stop::check()?;
-            let step = ui::step(format!("bench fleet: {pods} pods, {replicas} gateway replica(s)"));
-            let outcome = measure(args, tools, pinning, &mut engines, replicas, &run_dir, &client).await;
-            stop::check()?;
-            if let Err(err) = &outcome {
-                ui::warn(format!("failed: {err:#}"));
-            }
-            runs.push(Run { pods, replicas, outcome: outcome.map_err(|err| format!("{err:#}")) });
-            step.done();
+            let title = format!("bench fleet: {pods} pods, {replicas} gateway replica(s)");
+            let measured = measure(args, tools, pinning, &mut engines, replicas, &run_dir, &client);
+            runs.push(Run { pods, replicas, outcome: in_step(title, measured).await? });
         }
         if in_turns(pods) {
-            stop::check()?;
-            let step = ui::step(format!("bench fleet: {smallest} and {pods} pods in turns, 1 replica each"));
-            let outcome = measure_turns(args, tools, pinning, &mut engines, smallest, &run_dir, &client).await;
-            stop::check()?;
-            if let Err(err) = &outcome {
-                ui::warn(format!("failed: {err:#}"));
-            }
-            turns = Some(outcome.map_err(|err| format!("{err:#}")));
-            step.done();
+            let title = format!("bench fleet: {smallest} and {pods} pods in turns, 1 replica each");
+            let measured = measure_turns(args, tools, pinning, &mut engines, smallest, &run_dir, &client);
+            turns = Some(in_step(title, measured).await?);
         }
-        stop::check()?;
-        let step = ui::step(format!("bench fleet: {pods} pods, nginx as the proxy (baseline)"));
-        let outcome = measure_nginx_proxy(args, tools, pinning, &mut engines, &run_dir).await;
-        stop::check()?;
-        if let Err(err) = &outcome {
-            ui::warn(format!("failed: {err:#}"));
-        }
-        baselines.push(Baseline { pods, outcome: outcome.map_err(|err| format!("{err:#}")) });
-        step.done();
+        let title = format!("bench fleet: {pods} pods, nginx as the proxy (baseline)");
+        let measured = measure_nginx_proxy(args, tools, pinning, &mut engines, &run_dir);
+        baselines.push(Baseline { pods, outcome: in_step(title, measured).await? });
         engines.stop().await?;
     }
 
@@ -420,6 +402,23 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
         bail!("no run measured anything; see the logs in {}", run_dir.display());
     }
     Ok(())
+}
+
+/// Runs `measured` as a step titled `title`: its outcome, or why it failed (and a warning);
+/// an error only when the run is to stop.
+async fn in_step<T>(
+    title: String,
+    measured: impl std::future::Future<Output = Result<T>>,
+) -> Result<std::result::Result<T, String>> {
+    stop::check()?;
+    let step = ui::step(title);
+    let outcome = measured.await;
+    stop::check()?;
+    if let Err(err) = &outcome {
+        ui::warn(format!("failed: {err:#}"));
+    }
+    step.done();
+    Ok(outcome.map_err(|err| format!("{err:#}")))
 }
 
 /// Connections nginx must hold: a listening socket per pod, a scrape connection per pod and
