@@ -404,6 +404,24 @@ async fn fleet_async(args: &BenchArgs, tools: &Tools, pinning: Pinning) -> Resul
     Ok(())
 }
 
+/// The load a strategy is measured with: `--connections` to `target`, the strategy named in
+/// the `routing-strategy` header.
+fn strategy_load(args: &BenchArgs, target: SocketAddr, strategy: &str) -> LoadSpec {
+    LoadSpec {
+        targets: vec![target],
+        connections: args.connections,
+        model: MODEL.into(),
+        stream: false,
+        max_tokens: ANSWER_TOKENS,
+        headers: vec![("routing-strategy".into(), strategy.into())],
+    }
+}
+
+/// The pods file's entries for `ports`, named `pod-0000` on.
+fn pod_specs(ports: &[u16]) -> Vec<PodSpec> {
+    ports.iter().enumerate().map(|(index, &port)| PodSpec::new(&format!("pod-{index:04}"), MODEL, port)).collect()
+}
+
 /// Runs `measured` as a step titled `title`: its outcome, or why it failed (and a warning);
 /// an error only when the run is to stop.
 async fn in_step<T>(
@@ -464,12 +482,7 @@ impl Engines {
         let mut child = spawn_nginx(tools, "nginx", &dir, &conf, pinning.others)?;
         wait_serving(&mut child, &ports, &tools.pages, client).await?;
         let pods_file = dir.join("pods.yaml");
-        let specs: Vec<PodSpec> = ports
-            .iter()
-            .enumerate()
-            .map(|(index, &port)| PodSpec::new(&format!("pod-{index:04}"), MODEL, port))
-            .collect();
-        stack::write_pods(&pods_file, &specs)?;
+        stack::write_pods(&pods_file, &pod_specs(&ports))?;
         ui::info(format!("nginx {} serving {pods} pods, configuration {}", tools.nginx_version, dir.display()));
         Ok(Self { ports, child, scrape_log, pods_file })
     }
@@ -753,14 +766,7 @@ async fn measure(
     for round in 1..=args.fleet.rounds {
         for (strategy, done) in STRATEGIES.into_iter().zip(&mut rounds) {
             stop::check()?;
-            let spec = LoadSpec {
-                targets: vec![fleet.gateways[0].listen],
-                connections: args.connections,
-                model: MODEL.into(),
-                stream: false,
-                max_tokens: ANSWER_TOKENS,
-                headers: vec![("routing-strategy".into(), strategy.into())],
-            };
+            let spec = strategy_load(args, fleet.gateways[0].listen, strategy);
             let (report, cpu_us, others_percent) =
                 measured_window(args, &spec, &pids, pinning, |used| used.first().copied().unwrap_or_default()).await?;
             ui::info(format!(
@@ -1263,10 +1269,7 @@ async fn measure_turns(
 ) -> Result<Turns> {
     let large = engines.ports.len();
     let small_file = run_dir.join(format!("pods-{small}-of-{large}.yaml"));
-    let specs: Vec<PodSpec> = (engines.ports.iter().take(small).enumerate())
-        .map(|(index, &port)| PodSpec::new(&format!("pod-{index:04}"), MODEL, port))
-        .collect();
-    stack::write_pods(&small_file, &specs)?;
+    stack::write_pods(&small_file, &pod_specs(&engines.ports[..small.min(engines.ports.len())]))?;
     let extra_args: Vec<OsString> = args.fleet.gateway_args.iter().map(OsString::from).collect();
     let mut sides: Vec<(usize, Replicas)> = Vec::new();
     for (pods, file) in [(small, &small_file), (large, &engines.pods_file)] {
@@ -1303,14 +1306,7 @@ async fn measure_turns(
                     ));
                 }
                 let fallbacks_before = fallbacks(client, measured).await?;
-                let spec = LoadSpec {
-                    targets: vec![measured.listen],
-                    connections: args.connections,
-                    model: MODEL.into(),
-                    stream: false,
-                    max_tokens: ANSWER_TOKENS,
-                    headers: vec![("routing-strategy".into(), (*strategy).into())],
-                };
+                let spec = strategy_load(args, measured.listen, strategy);
                 let pids = [measured.child.pid()];
                 let (report, cpu_us, _) =
                     measured_window(args, &spec, &pids, pinning, |used| used.first().copied().unwrap_or_default())
